@@ -1,0 +1,38 @@
+# The README's commands. Each target does its own set-up; `make setup` is a no-op once complete.
+PY      := .venv/bin/python
+STAMP   := .venv/.setup-complete
+FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+ACCEL   := .venv/bin/accelerate
+
+.PHONY: setup data demo test test-fast clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3.11 -m venv .venv || python3 -m venv .venv
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST is the real data for CPU runs (Debian package dataset-fashion-mnist).
+data:
+	@if [ ! -f $(FMNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', or pass data.root=/dir/with/idx.gz/files"; \
+	  fi; \
+	fi
+
+demo: setup
+	$(ACCEL) launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+	  pretrain/main.py --config configs/fmnist_cpu.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

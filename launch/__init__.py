@@ -1,0 +1,1 @@
+"""infomax launchers (SLURM via submitit): built by the SLURM issue; wraps pretrain.main.train."""

@@ -1,0 +1,1 @@
+"""infomax pretraining: config, data, models, bounds, objectives, distributed gather, engine, checkpoints, export."""

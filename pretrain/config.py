@@ -1,0 +1,252 @@
+"""The one configuration schema: typed dataclasses, merged from YAML and `key=value` overrides.
+
+Every field has a default, a type and a one-line help text (``field(metadata={"help": ...})``);
+the README's config reference is generated from these (``python -m pretrain.config``) and a test
+keeps it in sync. YAML files in ``configs/`` hold only differences from these defaults.
+
+Errors a user can cause (unknown key, wrong type, impossible value, missing data) raise
+:class:`ConfigError` with one line that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration a user wrote that cannot run; the message is one line with the fix."""
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a default (copied when mutable) and a one-line help text."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        import copy
+
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    dir: str = _f("runs/default", "run directory: config.yaml, tb/, checkpoints/, export/; re-running with the same dir resumes")
+    seed: int = _f(0, "base seed; each process uses seed + rank")
+    max_steps: int = _f(0, "stop after this many optimizer steps in total (0 = run all epochs); for smoke runs")
+    precision: str = _f("auto", "mixed precision: auto (take accelerate launch's setting) | no | bf16 | fp16")
+    deterministic: bool = _f(False, "deterministic kernels (torch.use_deterministic_algorithms); exact resume on CPU")
+    log_every: int = _f(10, "optimizer steps between TensorBoard scalar writes (metrics reduced across ranks)")
+    checkpoint_every: int = _f(500, "optimizer steps between checkpoints (also saved at each epoch end and on SIGTERM/SIGUSR1)")
+    keep_checkpoints: int = _f(3, "how many most recent checkpoints to keep")
+    export: bool = _f(True, "write export/encoder.safetensors + config.json at the end")
+
+
+@dataclass
+class ViewConfig:
+    size: int = _f(32, "output side length in pixels of this view")
+    crop_scale_min: float = _f(0.2, "random resized crop: smallest area fraction")
+    crop_scale_max: float = _f(1.0, "random resized crop: largest area fraction")
+    flip_p: float = _f(0.5, "probability of a horizontal flip")
+    jitter_p: float = _f(0.8, "probability of colour jitter")
+    brightness: float = _f(0.4, "colour jitter brightness strength")
+    contrast: float = _f(0.4, "colour jitter contrast strength")
+    saturation: float = _f(0.4, "colour jitter saturation strength (ignored for 1-channel data)")
+    hue: float = _f(0.1, "colour jitter hue strength (ignored for 1-channel data)")
+    grayscale_p: float = _f(0.2, "probability of converting to grayscale (ignored for 1-channel data)")
+    blur_p: float = _f(0.0, "probability of Gaussian blur")
+    blur_sigma_max: float = _f(2.0, "largest Gaussian blur sigma (smallest is 0.1)")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("synthetic", "fashion_mnist | imagefolder | synthetic")
+    root: str = _f("", "dataset directory; empty = the dataset's default (Fashion-MNIST: /usr/share/datasets/fashion-mnist)")
+    num_workers: int = _f(2, "DataLoader worker processes per training process")
+    synthetic_size: int = _f(2048, "synthetic: number of training images")
+    synthetic_classes: int = _f(8, "synthetic: number of latent classes the images are drawn from")
+    synthetic_image_size: int = _f(32, "synthetic: side length of the drawn images")
+    limit: int = _f(0, "use only the first N training images (0 = all)")
+    views: list[ViewConfig] = _f([ViewConfig(), ViewConfig()], "one augmentation recipe per view; V = len(views) >= 2")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _f("resnet18", "any timm encoder name (timm.create_model(arch, num_classes=0))")
+    small_input: bool = _f(True, "3x3 stride-1 first conv and no max-pool, for images of 64 px and below (ResNets)")
+    head_dims: list[int] = _f([512, 128], "projection MLP widths after the encoder feature: hidden..., output")
+    head_bn: bool = _f(True, "BatchNorm between the projection head's hidden layers")
+    shared_head: bool = _f(True, "one projection head for all views (false: one per view)")
+    encoder_per_view: bool = _f(False, "a separate encoder per view (CMC); false: one shared encoder")
+    channels_last: bool = _f(False, "channels_last memory format (faster convs on GPUs with bf16/fp16)")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = _f("infonce", "training objective: infonce (the bounds issue adds cmc, amdim, dim)")
+    temperature: float = _f(0.1, "temperature of the cosine critic: score = cos(z_a, z_b) / temperature")
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = _f(10, "training epochs")
+    batch_size: int = _f(256, "images per process per step (global batch = batch_size x processes)")
+    optimizer: str = _f("lars", "sgd | adamw | lars (timm.optim.create_optimizer_v2)")
+    lr: float = _f(0.3, "peak learning rate (after warmup)")
+    min_lr: float = _f(0.0, "final learning rate of the cosine schedule")
+    weight_decay: float = _f(1e-6, "weight decay (not applied to biases and norm layers)")
+    momentum: float = _f(0.9, "momentum for sgd and lars")
+    warmup_epochs: int = _f(1, "linear warmup epochs (stepped per optimizer step)")
+    grad_clip: float = _f(0.0, "max global gradient norm (0 = no clipping; the norm is logged either way)")
+    skip_nonfinite: bool = _f(False, "skip steps whose loss is NaN/inf (counted) instead of stopping the run")
+
+
+@dataclass
+class MonitorConfig:
+    knn_every: int = _f(1, "run the online kNN monitor every N epochs (0 = never)")
+    knn_k: int = _f(20, "neighbours of the online kNN monitor")
+    knn_temperature: float = _f(0.07, "temperature of the kNN monitor's weighted votes")
+    knn_bank: int = _f(5000, "labelled training images in the kNN memory bank")
+    knn_queries: int = _f(1000, "labelled held-out images classified by the kNN monitor")
+
+
+@dataclass
+class Config:
+    run: RunConfig = _f(RunConfig(), "run settings")
+    data: DataConfig = _f(DataConfig(), "data settings")
+    model: ModelConfig = _f(ModelConfig(), "model settings")
+    objective: ObjectiveConfig = _f(ObjectiveConfig(), "objective settings")
+    optim: OptimConfig = _f(OptimConfig(), "optimizer settings")
+    monitor: MonitorConfig = _f(MonitorConfig(), "online kNN monitor settings")
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "run.precision": ("auto", "no", "bf16", "fp16"),
+    "data.dataset": ("fashion_mnist", "imagefolder", "synthetic"),
+    "objective.name": ("infonce",),
+    "optim.optimizer": ("sgd", "adamw", "lars"),
+}
+
+
+def _valid_keys(node_path: str) -> list[str]:
+    """Field names of the dataclass at a dotted path ('' = top level)."""
+    cls: Any = Config
+    for part in filter(None, node_path.split(".")):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            return []
+        cls = type(fields[part].default_factory()) if fields[part].default_factory is not dataclasses.MISSING else None
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return []
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        valid = ", ".join(_valid_keys(parent))
+        where = f"under '{parent}'" if parent else "at the top level"
+        return ConfigError(f"unknown config key '{key}' (from {source}); valid keys {where}: {valid}")
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return ConfigError(f"bad value for config key '{key}' (from {source}): {msg}")
+    return ConfigError(f"config error at '{key}' (from {source}): {str(err).splitlines()[0]}")
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- dotted overrides, checked against the schema, then validated."""
+    cfg = OmegaConf.structured(Config)
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' not found; pass --config configs/<name>.yaml (see configs/)")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))  # OmegaConf.load uses yaml.SafeLoader
+        except OmegaConfBaseException as e:
+            raise _explain(e, path) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value, e.g. optim.lr=0.3")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"override '{item}'") from None
+    config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(config)
+    return config
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"bad value for config key '{key}': {message}")
+
+
+def validate(c: Config) -> None:
+    """Reject impossible values with one line naming the key and what is allowed."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(c, section), name)
+        _require(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
+    o, d, r, m = c.optim, c.data, c.run, c.model
+    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _require(o.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _require(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
+    _require(o.batch_size >= 2, "optim.batch_size", f"must be >= 2 (InfoNCE needs negatives), got {o.batch_size}")
+    _require(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
+    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {o.grad_clip}")
+    _require(len(d.views) >= 2, "data.views", f"needs at least 2 view recipes, got {len(d.views)}")
+    for i, v in enumerate(d.views):
+        k = f"data.views.{i}"
+        _require(v.size >= 8, f"{k}.size", f"must be >= 8 pixels, got {v.size}")
+        _require(0 < v.crop_scale_min <= v.crop_scale_max <= 1, f"{k}.crop_scale_min",
+                 f"need 0 < crop_scale_min <= crop_scale_max <= 1, got {v.crop_scale_min}..{v.crop_scale_max}")
+        for p in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
+            _require(0 <= getattr(v, p) <= 1, f"{k}.{p}", f"is a probability in [0, 1], got {getattr(v, p)}")
+    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _require(d.limit >= 0, "data.limit", f"must be >= 0, got {d.limit}")
+    _require(d.synthetic_classes >= 2, "data.synthetic_classes", f"must be >= 2, got {d.synthetic_classes}")
+    _require(len(m.head_dims) >= 1 and min(m.head_dims) >= 1, "model.head_dims",
+             f"needs at least one positive width, got {m.head_dims}")
+    _require(c.objective.temperature > 0, "objective.temperature", f"must be > 0, got {c.objective.temperature}")
+    _require(r.max_steps >= 0, "run.max_steps", f"must be >= 0, got {r.max_steps}")
+    _require(r.log_every >= 1, "run.log_every", f"must be >= 1, got {r.log_every}")
+    _require(r.checkpoint_every >= 1, "run.checkpoint_every", f"must be >= 1, got {r.checkpoint_every}")
+    _require(r.keep_checkpoints >= 1, "run.keep_checkpoints", f"must be >= 1, got {r.keep_checkpoints}")
+    _require(c.monitor.knn_k >= 1, "monitor.knn_k", f"must be >= 1, got {c.monitor.knn_k}")
+
+
+def to_yaml(c: Config) -> str:
+    """The resolved config as YAML (written to run.dir/config.yaml and TensorBoard)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(c))
+
+
+def from_yaml(text: str) -> Config:
+    """Inverse of :func:`to_yaml` (used for checkpoints and exports)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def reference_markdown() -> str:
+    """The README's config reference table, generated from the dataclasses."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for section in dataclasses.fields(Config):
+        cls = type(section.default_factory())  # type: ignore[misc]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if f.name == "views":
+                default = "2 x ViewConfig()"
+            lines.append(f"| `{section.name}.{f.name}` | `{default}` | {f.metadata['help']} |")
+    lines += ["", "Each entry of `data.views` is a view recipe (`data.views.0.size=64`):", "",
+              "| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(ViewConfig):
+        lines.append(f"| `data.views.N.{f.name}` | `{f.default}` | {f.metadata['help']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

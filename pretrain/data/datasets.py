@@ -1,0 +1,225 @@
+"""Dataset registry: ``data.dataset`` -> a map-style dataset of uint8 images (C x H x W) and labels.
+
+Labels are never used for training; they feed the online kNN monitor only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pretrain.config import Config, ConfigError
+
+FMNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DataError(ConfigError):
+    """Data a user pointed us at cannot be used; the message names the path and the fix."""
+
+
+class UnreadableImage(Exception):
+    """One image could not be decoded; carries its path so it can be reported."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Base: ``load(i)`` returns (uint8 C x H x W tensor, int label) or raises UnreadableImage."""
+
+    channels: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.load(index)
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an idx (optionally .gz) file as a numpy array (LeCun's MNIST format)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+class FashionMNIST(ImageDataset):
+    """Fashion-MNIST from the idx files (Debian package dataset-fashion-mnist): 1 x 28 x 28."""
+
+    channels, mean, std = 1, (0.2860,), (0.3530,)
+    files = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+
+    def __init__(self, root: str, split: str = "train") -> None:
+        base = Path(root or FMNIST_DEFAULT_ROOT)
+        stem = self.files[split]
+        images = next((base / (stem + s) for s in (".gz", "") if (base / (stem + s)).is_file()), None)
+        labels = next((base / (stem.replace("images-idx3", "labels-idx1") + s) for s in (".gz", "")
+                       if (base / (stem.replace("images-idx3", "labels-idx1") + s)).is_file()), None)
+        if images is None or labels is None:
+            raise DataError(
+                f"Fashion-MNIST {split} files ({stem}[.gz]) not found in '{base}': "
+                "install them with 'apt-get install dataset-fashion-mnist' or set data.root=/dir/with/idx/files"
+            )
+        self.images = torch.from_numpy(_read_idx(images).copy())  # N x 28 x 28 uint8
+        self.labels = torch.from_numpy(_read_idx(labels).astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index][None], int(self.labels[index])
+
+
+# --------------------------------------------------------------------------- synthetic
+class Synthetic(ImageDataset):
+    """Deterministic procedurally drawn images with a learnable class structure (for tests).
+
+    Image i belongs to class ``i % classes``. Each class has its own grating orientation and
+    frequency and its own colour; each image has its own phase, blob position and pixel noise,
+    all drawn from a generator seeded by (seed, i), so the same index always gives the same image.
+    """
+
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+    def __init__(self, size: int, classes: int, image_size: int, seed: int) -> None:
+        self.size, self.classes, self.image_size, self.seed = size, classes, image_size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        c = index % self.classes
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        s = self.image_size
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
+        angle = math.pi * c / self.classes
+        freq = 2.0 + 2.0 * (c % 3)
+        phase = float(torch.rand((), generator=g)) * 2 * math.pi
+        grating = torch.sin(freq * math.pi * (xx * math.cos(angle) + yy * math.sin(angle)) + phase)
+        cx, cy = (torch.rand(2, generator=g) * 1.2 - 0.6).tolist()
+        blob = torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.08)
+        hue = 2 * math.pi * c / self.classes
+        colour = torch.tensor([math.cos(hue), math.cos(hue - 2.094), math.cos(hue + 2.094)]) * 0.5 + 0.5
+        img = 0.5 + 0.3 * grating[None] * colour[:, None, None] + 0.3 * blob[None] * (1 - colour[:, None, None])
+        img = img + 0.05 * torch.randn(3, s, s, generator=g)
+        return (img.clamp(0, 1) * 255).round().to(torch.uint8), c
+
+
+# --------------------------------------------------------------------------- image folder
+class ImageFolder(ImageDataset):
+    """ImageNet layout ``<root>/<split>/<class>/<image>``; unreadable files raise UnreadableImage."""
+
+    def __init__(self, root: str, split: str = "train") -> None:
+        base = Path(root) / split
+        if not root or not base.is_dir():
+            raise DataError(
+                f"imagefolder split directory '{base}' does not exist: set data.root to a directory "
+                f"holding {split}/<class>/<image> (e.g. data.root=/datasets/imagenet)"
+            )
+        self.classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+        self.samples = [
+            (str(p), label)
+            for label, cls in enumerate(self.classes)
+            for p in sorted((base / cls).rglob("*"))
+            if p.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        if not self.samples:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under '{base}/<class>/': check data.root")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as im:
+                rgb = np.asarray(im.convert("RGB"))
+        except Exception as e:  # PIL raises many types for damaged files
+            raise UnreadableImage(path, f"{type(e).__name__}: {e}") from None
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous(), label
+
+    def check_readable(self) -> None:
+        """Fail at start when no image can be decoded (tries files in order until one works)."""
+        for i in range(len(self.samples)):
+            try:
+                self.load(i)
+                return
+            except UnreadableImage:
+                continue
+        raise DataError(f"none of the {len(self.samples)} images under '{self.samples[0][0].rsplit('/', 2)[0]}' "
+                        "can be decoded: check the files (e.g. with PIL) or data.root")
+
+
+# --------------------------------------------------------------------------- registry
+def _synthetic(cfg: Config, split: str) -> ImageDataset:
+    d = cfg.data
+    size = d.synthetic_size if split == "train" else max(d.synthetic_size // 4, 2 * d.synthetic_classes)
+    # The held-out split draws from another seed: different images, same classes.
+    return Synthetic(size, d.synthetic_classes, d.synthetic_image_size, seed=cfg.run.seed + (0 if split == "train" else 7919))
+
+
+REGISTRY: dict[str, Callable[[Config, str], ImageDataset]] = {
+    "fashion_mnist": lambda cfg, split: FashionMNIST(cfg.data.root, split),
+    "imagefolder": lambda cfg, split: ImageFolder(cfg.data.root, "train" if split == "train" else "val"),
+    "synthetic": _synthetic,
+}
+
+
+class _Subset(ImageDataset):
+    def __init__(self, base: ImageDataset, indices: list[int]) -> None:
+        self.base, self.indices = base, indices
+        self.channels, self.mean, self.std = base.channels, base.mean, base.std
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.base.load(self.indices[index])
+
+
+def build_dataset(cfg: Config, split: str = "train") -> ImageDataset:
+    """The training (or held-out) dataset named by ``data.dataset``; fails early on bad paths."""
+    ds = REGISTRY[cfg.data.dataset](cfg, split)
+    if isinstance(ds, ImageFolder):
+        ds.check_readable()
+    if split == "train" and cfg.data.limit:
+        ds = _Subset(ds, list(range(min(cfg.data.limit, len(ds)))))
+    return ds
+
+
+def build_knn_sets(cfg: Config, train: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
+    """(memory bank, queries) for the online kNN monitor: labelled, evenly spaced subsets.
+
+    Queries come from the held-out split when the dataset has one (Fashion-MNIST test,
+    ImageFolder val/, synthetic's second seed); otherwise from the training images not in the bank.
+    """
+    m = cfg.monitor
+
+    def spaced(ds: ImageDataset, n: int, offset: int = 0) -> ImageDataset:
+        n = min(n, len(ds))
+        return _Subset(ds, [(offset + i * len(ds) // n) % len(ds) for i in range(n)])
+
+    bank = spaced(train, m.knn_bank)
+    try:
+        held_out = REGISTRY[cfg.data.dataset](cfg, "test")
+    except DataError:
+        return bank, spaced(train, m.knn_queries, offset=1)
+    return bank, spaced(held_out, m.knn_queries)

@@ -1,0 +1,52 @@
+"""V augmented views per image, with augmentation randomness that is a pure function of
+(seed, epoch, index) and with unreadable images skipped and reported."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from pretrain.data.datasets import ImageDataset, UnreadableImage
+
+
+class MultiViewDataset(torch.utils.data.Dataset):
+    """Wraps an ImageDataset; item i -> dict(views=[V x (C x H x W)], label, index, skipped).
+
+    Each item seeds torch's RNG from (seed, epoch, index) inside ``fork_rng``: the augmentations
+    do not depend on worker count, worker seeding or how many batches ran before, which is what
+    makes a resumed run draw exactly the views the uninterrupted run would have drawn.
+
+    An unreadable image is replaced by the next readable one (so batches keep their size, which
+    the cross-rank gather needs) and its path is returned in ``skipped`` to be counted and reported.
+    """
+
+    def __init__(self, base: ImageDataset, transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]], seed: int) -> None:
+        self.base, self.transforms, self.seed = base, list(transforms), seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        skipped: list[str] = []
+        for attempt in range(len(self.base)):
+            try:
+                image, label = self.base.load((index + attempt) % len(self.base))
+                break
+            except UnreadableImage as e:
+                skipped.append(e.path)
+        else:
+            raise RuntimeError(f"no readable image in the dataset ({len(skipped)} tried); check data.root")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            views = [t(image) for t in self.transforms]
+        return {"views": views, "label": label, "index": index, "skipped": "\n".join(skipped)}
+
+
+def collate_skipped(batch_skipped: Sequence[str]) -> list[str]:
+    """Flatten the per-item ``skipped`` strings of a collated batch into a list of paths."""
+    return [p for s in batch_skipped for p in s.split("\n") if p]

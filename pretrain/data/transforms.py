@@ -1,0 +1,44 @@
+"""Per-view augmentation recipes (torchvision.transforms.v2 on uint8 C x H x W tensors)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torchvision.transforms import v2
+
+from pretrain.config import ViewConfig
+
+
+def build_view_transform(view: ViewConfig, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """One view's recipe: uint8 (C x H x W) -> normalised float32 (C x size x size).
+
+    One-channel data gets brightness/contrast jitter only and no grayscale step: it has no
+    colour to jitter or remove, and pretending otherwise would just be a no-op at best.
+    """
+    steps: list[v2.Transform] = [
+        v2.RandomResizedCrop(view.size, scale=(view.crop_scale_min, view.crop_scale_max), antialias=True),
+        v2.RandomHorizontalFlip(view.flip_p),
+    ]
+    if view.jitter_p > 0:
+        colour = channels == 3
+        jitter = v2.ColorJitter(view.brightness, view.contrast,
+                                view.saturation if colour else 0, view.hue if colour else 0)
+        steps.append(v2.RandomApply([jitter], p=view.jitter_p))
+    if channels == 3 and view.grayscale_p > 0:
+        steps.append(v2.RandomGrayscale(view.grayscale_p))
+    if view.blur_p > 0:
+        kernel = max(3, int(0.1 * view.size) // 2 * 2 + 1)
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, view.blur_sigma_max))], p=view.blur_p))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
+
+
+def build_eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """Deterministic: resize the short side to ``size``, centre crop, normalise."""
+    return v2.Compose([
+        v2.Resize(size, antialias=True),
+        v2.CenterCrop(size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+    ])

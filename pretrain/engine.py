@@ -1,0 +1,185 @@
+"""One training step under Accelerate, the stop flag, metrics and TensorBoard, the kNN monitor."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+
+from pretrain.data import ImageDataset, build_eval_transform
+from pretrain.distributed import all_reduce_max_
+from pretrain.knn import knn_predict
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf; the message names the step and what to change."""
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 (preemption, time limit, Ctrl-C-like stops from the scheduler).
+
+    The handler only sets a flag; ranks agree on it at the next step boundary (one all-reduce),
+    then all save a checkpoint and exit cleanly together.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+
+    def install(self) -> "StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # detached scalar
+    diag: dict[str, torch.Tensor]
+    grad_norm: torch.Tensor | None  # None when the step was skipped
+    stop: bool  # some rank asked to stop
+
+
+def train_step(
+    accelerator: Accelerator,
+    model: nn.Module,
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    views: Sequence[torch.Tensor],
+    *,
+    grad_clip: float,
+    skip_nonfinite: bool,
+    stop_requested: bool,
+    step: int,
+    channels_last: bool = False,
+) -> StepResult:
+    """Forward V views, InfoNCE in fp32, agree across ranks on (non-finite, stop), backward, clip, step.
+
+    Raises NonFiniteLoss on a NaN/inf loss unless ``skip_nonfinite`` (then no update is made).
+    """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    views = [v.to(memory_format=fmt) for v in views]
+    with accelerator.autocast():
+        z = model(views)
+    loss, diag = objective(z)
+    # One collective for both decisions, so every rank takes the same branch (no DDP hang).
+    flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(stop_requested)], device=loss.device)
+    nonfinite, stop = (bool(f) for f in all_reduce_max_(flags))
+    if nonfinite:
+        optimizer.zero_grad(set_to_none=True)
+        if not skip_nonfinite:
+            raise NonFiniteLoss(
+                f"loss is not finite at step {step} (local loss {loss.item()}): lower optim.lr, set optim.grad_clip, "
+                "prefer run.precision=bf16 over fp16, or set optim.skip_nonfinite=true to skip such steps"
+            )
+        return StepResult(loss.detach(), diag, None, stop)
+    accelerator.backward(loss)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss.detach(), diag, torch.as_tensor(grad_norm).detach(), stop)
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """An ImageDataset seen through the deterministic eval transform (for the kNN monitor)."""
+
+    def __init__(self, base: ImageDataset, size: int) -> None:
+        self.base, self.transform = base, build_eval_transform(size, base.mean, base.std)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base.load(i)
+        return self.transform(image), label
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, dataset: torch.utils.data.Dataset, accelerator: Accelerator,
+                     batch_size: int = 256, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder features (N x F, fp32, CPU) and labels (N) of a labelled dataset, in eval mode."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    feats, labels = [], []
+    was_training = encoder.training
+    encoder.eval()
+    for x, y in loader:
+        with accelerator.autocast():
+            feats.append(encoder(x.to(accelerator.device)).float().cpu())
+        labels.append(y)
+    encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_monitor(encoder: nn.Module, bank: torch.utils.data.Dataset, queries: torch.utils.data.Dataset,
+                accelerator: Accelerator, k: int, temperature: float, num_workers: int) -> float:
+    """Top-1 accuracy of a weighted kNN classifier on frozen features (monitoring, not eval)."""
+    fb, lb = extract_features(encoder, bank, accelerator, num_workers=num_workers)
+    fq, lq = extract_features(encoder, queries, accelerator, num_workers=num_workers)
+    num_classes = int(max(lb.max(), lq.max())) + 1
+    pred = knn_predict(fb, lb, fq, k, temperature, num_classes)
+    return (pred == lq).float().mean().item()
+
+
+class TensorBoard:
+    """Writes only on the main process (invariant 4); callers pass values already reduced."""
+
+    def __init__(self, log_dir: Path, enabled: bool) -> None:
+        self.writer = SummaryWriter(str(log_dir)) if enabled else None
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def text(self, tag: str, text: str) -> None:
+        if self.writer:
+            self.writer.add_text(tag, "```\n" + text + "\n```")
+
+    def views(self, views: Sequence[torch.Tensor], mean: Sequence[float], std: Sequence[float], n: int = 8) -> None:
+        """One grid: row v = the first n images of view v, un-normalised so a person sees the augmentations."""
+        if not self.writer:
+            return
+        m = torch.tensor(mean).view(1, -1, 1, 1)
+        s = torch.tensor(std).view(1, -1, 1, 1)
+        size = max(v.shape[-1] for v in views)
+        rows = [nn.functional.interpolate((v[:n].float().cpu() * s + m).clamp(0, 1), size=size) for v in views]
+        self.writer.add_image("views/first_batch", make_grid(torch.cat(rows), nrow=min(n, len(rows[0]))), 0)
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        if self.writer:
+            self.writer.add_hparams(hparams, metrics, run_name=".")
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+class Throughput:
+    """Images/s and the fraction of wall time spent waiting for the loader, since the last read."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.wait = 0.0
+        self.images = 0
+
+    def read(self) -> tuple[float, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = self.images / elapsed, self.wait / elapsed
+        self.reset()
+        return out

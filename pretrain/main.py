@@ -1,0 +1,314 @@
+"""Pretraining entry point.
+
+    accelerate launch pretrain/main.py --config configs/fmnist_cpu.yaml optim.lr=0.3 run.dir=runs/x
+    python pretrain/main.py --config ...          # one process
+
+Re-running with the same ``run.dir`` resumes from its newest checkpoint. Reads top to bottom:
+config, accelerator, data, model, objective, optimizer, resume, loop, export.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Running as a script puts pretrain/ first on sys.path, where config.py, models.py, ... would
+# shadow same-named top-level modules of other packages; the package is imported by name instead.
+_here = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Self-supervised pretraining by maximising an MI lower bound between views.",
+        epilog="Overrides are dotted keys, e.g. optim.lr=0.3 run.dir=runs/x data.views.0.size=64",
+    )
+    parser.add_argument("--config", help="YAML file with differences from the defaults (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied after the file")
+    return parser.parse_args(argv)
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_here, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def train(cfg: "Config") -> dict[str, Any]:  # noqa: C901 - one readable top-to-bottom function
+    """Run (or resume) pretraining as configured; returns the summary. Callable from SLURM jobs."""
+    import torch
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import gather_object, set_seed
+    from tqdm.auto import tqdm
+
+    from pretrain import checkpoint as ckpt
+    from pretrain.config import to_yaml
+    from pretrain.data import MultiViewDataset, build_dataset, build_knn_sets, build_view_transform, collate_skipped
+    from pretrain.engine import ImageListDataset, StopFlag, TensorBoard, Throughput, knn_monitor, train_step
+    from pretrain.export import export_encoder
+    from pretrain.models import MultiViewModel
+    from pretrain.objectives import build_objective
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    run_dir = Path(cfg.run.dir)
+    # ------------------------------------------------------------------ data (checked before any heavy work)
+    train_images = build_dataset(cfg, "train")
+    bank_images, query_images = build_knn_sets(cfg, train_images) if cfg.monitor.knn_every else (None, None)
+
+    # ------------------------------------------------------------------ processes, precision, seeds
+    accelerator = Accelerator(
+        mixed_precision=None if cfg.run.precision == "auto" else cfg.run.precision,
+        # Same shuffling seed on every rank; each rank reads its own shard of each global batch.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.run.seed),
+    )
+    set_seed(cfg.run.seed + accelerator.process_index)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not cfg.run.deterministic
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(f"# git revision: {git_revision()}\n" + to_yaml(cfg))
+    accelerator.wait_for_everyone()
+
+    transforms = [build_view_transform(v, train_images.channels, train_images.mean, train_images.std) for v in cfg.data.views]
+    train_set = MultiViewDataset(train_images, transforms, seed=cfg.run.seed)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True,
+        num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
+    )
+    if len(train_set) < cfg.optim.batch_size * accelerator.num_processes:
+        from pretrain.config import ConfigError
+
+        raise ConfigError(
+            f"bad value for config key 'optim.batch_size': {cfg.optim.batch_size} x {accelerator.num_processes} "
+            f"processes needs at least that many images, the dataset has {len(train_set)}; lower optim.batch_size"
+        )
+
+    # ------------------------------------------------------------------ model and objective
+    model = MultiViewModel(cfg.model, train_images.channels, len(cfg.data.views))
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    objective = build_objective(cfg.objective.name, cfg.objective.temperature)
+
+    # ------------------------------------------------------------------ optimizer and per-step schedule (timm)
+    optimizer = create_optimizer_v2(model, opt=cfg.optim.optimizer, lr=cfg.optim.lr,
+                                    weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    objective = objective.to(accelerator.device)
+    steps_per_epoch = len(loader)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched="cosine", num_epochs=cfg.optim.epochs, warmup_epochs=cfg.optim.warmup_epochs,
+        updates_per_epoch=steps_per_epoch, min_lr=cfg.optim.min_lr, warmup_lr=0.0, step_on_epochs=False,
+    )
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    if cfg.run.max_steps:
+        total_steps = min(total_steps, cfg.run.max_steps)
+
+    # ------------------------------------------------------------------ resume
+    progress = ckpt.Progress()
+    raw_model = accelerator.unwrap_model(model)
+    loaded = ckpt.load_latest(run_dir / "checkpoints")
+    if loaded:
+        state, path = loaded
+        raw_model.load_state_dict(state["model"])
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        progress = ckpt.Progress(**state["progress"])
+        rngs = state["rng"]
+        ckpt.set_rng_state(rngs[accelerator.process_index % len(rngs)])
+        accelerator.print(f"resumed from {path} (epoch {progress.epoch}, batch {progress.step_in_epoch}, "
+                          f"step {progress.global_step})")
+    scheduler.step_update(progress.global_step)
+
+    def save_checkpoint() -> Path | None:
+        rngs = gather_object([ckpt.rng_state()])  # every rank's RNG, written by rank 0 only
+        if not main:
+            return None
+        state = {
+            "model": raw_model.state_dict(),
+            "objective": objective.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "progress": vars(progress),
+            "rng": rngs,
+            "config": to_yaml(cfg),
+        }
+        return ckpt.save(run_dir / "checkpoints", state, progress.global_step, cfg.run.keep_checkpoints)
+
+    # ------------------------------------------------------------------ logging
+    tb = TensorBoard(run_dir / "tb", enabled=main)
+    tb.text("config", to_yaml(cfg))
+    stop = StopFlag().install()
+    meter = Throughput()
+    knn_top1, knn_step = float("nan"), -1
+    last: dict[str, float] = {}
+    bar = tqdm(total=total_steps, initial=progress.global_step, disable=not main, desc="pretrain", unit="step",
+               dynamic_ncols=True)
+    stopped_by: str = ""
+    started = time.perf_counter()
+    steps_this_run = 0
+
+    def run_knn() -> None:
+        nonlocal knn_top1, knn_step
+        if main:
+            size = cfg.data.views[0].size
+            knn_top1 = knn_monitor(raw_model.encoder_for(0), ImageListDataset(bank_images, size),
+                                   ImageListDataset(query_images, size), accelerator,
+                                   cfg.monitor.knn_k, cfg.monitor.knn_temperature, cfg.data.num_workers)
+            tb.scalars({"monitor/knn_top1": knn_top1}, progress.global_step)
+            bar.write(f"epoch {progress.epoch} step {progress.global_step}: kNN top-1 {knn_top1:.2%} (k={cfg.monitor.knn_k})")
+        knn_step = progress.global_step
+        accelerator.wait_for_everyone()
+        model.train()
+
+    # ------------------------------------------------------------------ loop
+    model.train()
+    while progress.epoch < cfg.optim.epochs and progress.global_step < total_steps and not stopped_by:
+        train_set.set_epoch(progress.epoch)
+        loader.set_epoch(progress.epoch)
+        batches = accelerator.skip_first_batches(loader, progress.step_in_epoch) if progress.step_in_epoch else loader
+        t_ready = time.perf_counter()
+        for batch in batches:
+            meter.wait += time.perf_counter() - t_ready
+            if progress.global_step == 0 and steps_this_run == 0:
+                tb.views(batch["views"], train_images.mean, train_images.std)
+            bad = collate_skipped(batch["skipped"])
+            if bad:
+                progress.unreadable_count += len(bad)
+                progress.unreadable = (progress.unreadable + bad)[:10]
+            result = train_step(accelerator, model, objective, optimizer, batch["views"],
+                                grad_clip=cfg.optim.grad_clip, skip_nonfinite=cfg.optim.skip_nonfinite,
+                                stop_requested=stop.requested, step=progress.global_step,
+                                channels_last=cfg.model.channels_last)
+            if result.grad_norm is None:
+                progress.skipped_steps += 1
+            progress.step_in_epoch += 1
+            progress.global_step += 1
+            steps_this_run += 1
+            scheduler.step_update(progress.global_step)
+            meter.images += batch["views"][0].shape[0] * accelerator.num_processes
+            bar.update(1)
+
+            if progress.global_step % cfg.run.log_every == 0 or progress.global_step == total_steps:
+                names = ["loss", *result.diag]
+                values = torch.stack([result.loss.float(), *(v.float() for v in result.diag.values())])
+                values = accelerator.reduce(values, reduction="mean").tolist()
+                last = dict(zip(names, values))
+                images_per_s, wait_frac = meter.read()
+                scalars = {f"train/{k}": v for k, v in last.items()}
+                scalars.update({
+                    "train/lr": optimizer.param_groups[0]["lr"],
+                    "perf/images_per_s": images_per_s,
+                    "perf/data_wait_frac": wait_frac,
+                    "train/skipped_steps": progress.skipped_steps,
+                })
+                if result.grad_norm is not None:
+                    scalars["train/grad_norm"] = float(result.grad_norm)
+                tb.scalars(scalars, progress.global_step)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", mi=f"{last['mi']:.2f}/{last['log_k']:.2f}",
+                                img_s=f"{images_per_s:.0f}")
+            if result.stop:
+                stopped_by = stop.signal_name or "signal on another rank"
+            elif progress.global_step % cfg.run.checkpoint_every == 0:
+                save_checkpoint()
+            if stopped_by or (progress.global_step >= total_steps and progress.step_in_epoch < steps_per_epoch):
+                break  # mid-epoch: a stop request or run.max_steps
+            t_ready = time.perf_counter()
+        else:  # the epoch ran to its end
+            progress.epoch += 1
+            progress.step_in_epoch = 0
+            if cfg.monitor.knn_every and progress.epoch % cfg.monitor.knn_every == 0:
+                run_knn()
+            if progress.global_step < total_steps:
+                save_checkpoint()
+    if cfg.monitor.knn_every and not stopped_by and knn_step != progress.global_step and steps_this_run:
+        run_knn()  # the final state is always measured (runs ending mid-epoch, e.g. run.max_steps)
+    bar.close()
+    checkpoint_path = save_checkpoint()
+    if progress.unreadable_count:
+        accelerator.print(f"warning: {progress.unreadable_count} unreadable images were skipped, e.g. "
+                          + ", ".join(progress.unreadable[:3]))
+
+    # ------------------------------------------------------------------ summary and export
+    elapsed = time.perf_counter() - started
+    summary: dict[str, Any] = {
+        "steps": progress.global_step,
+        "epochs_completed": progress.epoch,
+        "steps_this_run": steps_this_run,
+        "seconds_this_run": round(elapsed, 1),
+        "final_loss": last.get("loss"),
+        "mi_estimate_nats": last.get("mi"),
+        "log_k": last.get("log_k"),
+        "knn_top1": None if knn_top1 != knn_top1 else knn_top1,
+        "skipped_steps": progress.skipped_steps,
+        "unreadable_images": progress.unreadable_count,
+        "stopped_by": stopped_by or None,
+        "processes": accelerator.num_processes,
+    }
+    export_dir = run_dir / "export"
+    if main and not stopped_by and cfg.run.export:
+        encoder = raw_model.encoder_for(0)
+        export_encoder(encoder, export_dir, arch=cfg.model.arch, in_chans=train_images.channels,
+                       input_size=cfg.data.views[0].size, mean=train_images.mean, std=train_images.std,
+                       small_input=cfg.model.small_input, summary=summary)
+        hp = {k: v for k, v in {"arch": cfg.model.arch, "lr": cfg.optim.lr, "batch_size": cfg.optim.batch_size,
+                                "temperature": cfg.objective.temperature, "processes": accelerator.num_processes}.items()}
+        tb.hparams(hp, {"hparam/final_loss": float(last.get("loss", float("nan"))),
+                        "hparam/knn_top1": knn_top1, "hparam/mi_nats": float(last.get("mi", float("nan")))})
+    tb.close()
+    accelerator.wait_for_everyone()
+    if main:
+        fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+        lines = [
+            "",
+            f"infomax pretraining {'stopped (' + stopped_by + ')' if stopped_by else 'finished'}: "
+            f"step {progress.global_step}/{total_steps}, epoch {progress.epoch}/{cfg.optim.epochs}, "
+            f"{steps_this_run} steps in {elapsed:.0f}s on {accelerator.num_processes} process(es)",
+            f"  loss {fmt(summary['final_loss'], '.4f')}   MI bound {fmt(summary['mi_estimate_nats'], '.3f')} nats "
+            f"(ceiling log K = {fmt(summary['log_k'], '.3f')})   kNN top-1 {fmt(summary['knn_top1'], '.2%')}",
+            f"  skipped steps {progress.skipped_steps}   unreadable images {progress.unreadable_count}",
+            f"  run dir {run_dir}   checkpoint {checkpoint_path}",
+        ]
+        if stopped_by:
+            lines.append("  re-run the same command to resume from the checkpoint")
+        elif cfg.run.export:
+            lines.append(f"  export {export_dir}/encoder.safetensors   tensorboard --logdir {run_dir / 'tb'}")
+        print("\n".join(lines), flush=True)
+    accelerator.end_training()
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pretrain.config import ConfigError, load_config
+    from pretrain.engine import NonFiniteLoss
+
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
