@@ -33,7 +33,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # never all-reduce autograd's own buffer in place
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = dist.get_rank() * ctx.batch
         return grad[start : start + ctx.batch]

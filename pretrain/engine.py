@@ -13,9 +13,11 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summary
 from torchvision.utils import make_grid
 
 from pretrain.data import ImageDataset, build_eval_transform
+from pretrain.data.multiview import load_readable
 from pretrain.distributed import all_reduce_max_
 from pretrain.knn import knn_predict
 
@@ -103,7 +105,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image, label = self.base.load(i)
+        image, label, _ = load_readable(self.base, i)
         return self.transform(image), label
 
 
@@ -160,7 +162,11 @@ class TensorBoard:
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         if self.writer:
-            self.writer.add_hparams(hparams, metrics, run_name=".")
+            # Written into this run's own event file (add_hparams would open a second writer).
+            for summary in hparams_summary(hparams, metrics):
+                self.writer.file_writer.add_summary(summary)
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v)
 
     def close(self) -> None:
         if self.writer:

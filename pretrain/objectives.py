@@ -39,7 +39,7 @@ class InfoNCEObjective(nn.Module):
         """
         # Logits in fp32 even under bf16/fp16 autocast (invariant 2).
         with torch.autocast(device_type=z[0].device.type, enabled=False):
-            q = [F.normalize(v.float(), dim=1) for v in z]  # V x (B x D)
+            q = [F.normalize(v.to(torch.promote_types(v.dtype, torch.float32)), dim=1) for v in z]  # V x (B x D)
             keys = [gather_with_grad(v) for v in q]  # V x (W*B x D)
             b = q[0].shape[0]
             positives = torch.arange(b, device=q[0].device) + rank() * b  # positives at rank*B + i

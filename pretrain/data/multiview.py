@@ -10,6 +10,18 @@ import torch
 from pretrain.data.datasets import ImageDataset, UnreadableImage
 
 
+def load_readable(base: ImageDataset, index: int) -> tuple[torch.Tensor, int, list[str]]:
+    """Image ``index``, or the next readable one after it; also the paths that failed on the way."""
+    skipped: list[str] = []
+    for attempt in range(len(base)):
+        try:
+            image, label = base.load((index + attempt) % len(base))
+            return image, label, skipped
+        except UnreadableImage as e:
+            skipped.append(e.path)
+    raise RuntimeError(f"no readable image in the dataset ({len(skipped)} tried); check data.root")
+
+
 class MultiViewDataset(torch.utils.data.Dataset):
     """Wraps an ImageDataset; item i -> dict(views=[V x (C x H x W)], label, index, skipped).
 
@@ -32,15 +44,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        skipped: list[str] = []
-        for attempt in range(len(self.base)):
-            try:
-                image, label = self.base.load((index + attempt) % len(self.base))
-                break
-            except UnreadableImage as e:
-                skipped.append(e.path)
-        else:
-            raise RuntimeError(f"no readable image in the dataset ({len(skipped)} tried); check data.root")
+        image, label, skipped = load_readable(self.base, index)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
             views = [t(image) for t in self.transforms]

@@ -1,0 +1,71 @@
+"""Bad configuration fails at start with one readable line and a non-zero exit (invariant 6)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_main
+from pretrain.config import Config, ConfigError, load_config, reference_markdown
+
+
+def test_defaults_and_file_and_overrides_merge() -> None:
+    cfg = load_config(str(REPO / "configs" / "synthetic_tiny.yaml"), ["optim.lr=0.5", "data.views.1.size=24"])
+    assert isinstance(cfg, Config)
+    assert cfg.optim.lr == 0.5 and cfg.data.views[1].size == 24 and cfg.data.views[0].size == 16
+    assert cfg.model.arch == "test_resnet" and cfg.optim.weight_decay == Config().optim.weight_decay
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("optim.lrr=0.1", r"unknown config key 'optim.lrr'.*valid keys under 'optim':.*\blr\b"),
+        ("bogus.x=1", r"unknown config key 'bogus'"),
+        ("optim.lr=fast", r"bad value for config key 'optim.lr'"),
+        ("optim.lr=-1", r"'optim.lr': must be > 0"),
+        ("optim.batch_size=1", r"'optim.batch_size'"),
+        ("data.views=[]", r"'data.views': needs at least 2"),
+        ("data.dataset=cifar", r"'data.dataset': 'cifar' is not one of fashion_mnist, imagefolder, synthetic"),
+        ("run.precision=fp8", r"'run.precision'.*auto, no, bf16, fp16"),
+        ("optim.lr", r"not key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
+        (["optim.epochs=three"], "bad value for config key 'optim.epochs'"),
+        (["data.dataset=imagefolder", "data.root=/nonexistent/imagenet"], "'/nonexistent/imagenet/train' does not exist"),
+        (["data.dataset=fashion_mnist", "data.root=/nonexistent"], "Fashion-MNIST train files"),
+    ],
+)
+def test_cli_errors_are_one_line_before_training(overrides: list[str], needle: str, run_dir: Path) -> None:
+    proc = run_main(f"run.dir={run_dir}", *overrides, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+    assert not run_dir.exists()  # nothing was started
+
+
+def test_missing_config_file_is_reported(run_dir: Path) -> None:
+    proc = run_main(f"run.dir={run_dir}", config=Path("configs/nope.yaml"), check=False)
+    assert proc.returncode == 2 and "config file 'configs/nope.yaml' not found" in proc.stderr
+
+
+def test_every_field_has_help_and_readme_reference_is_current() -> None:
+    table = reference_markdown()
+    assert all(re.search(r"\| [^|]+ \|$", row) for row in table.splitlines() if row.startswith("| `"))
+    readme = (REPO / "README.md").read_text()
+    assert table in readme, "README config reference is stale: paste the output of `python -m pretrain.config`"
+
+
+def test_shipped_configs_validate() -> None:
+    for path in (REPO / "configs").glob("*.yaml"):
+        load_config(str(path))

@@ -1,0 +1,108 @@
+"""Datasets, multiview transforms, unreadable images."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_main
+from pretrain.config import ViewConfig, load_config
+from pretrain.data import DataError, MultiViewDataset, build_dataset, build_view_transform, collate_skipped
+from pretrain.data.datasets import FMNIST_DEFAULT_ROOT, ImageFolder, Synthetic
+
+
+def make_imagefolder(root: Path, good_per_class: int = 12, corrupt: int = 3) -> list[Path]:
+    rng = np.random.default_rng(0)
+    bad = []
+    for c in ("cat", "dog"):
+        d = root / "train" / c
+        d.mkdir(parents=True)
+        for i in range(good_per_class):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    for i in range(corrupt):
+        path = root / "train" / "dog" / f"broken{i}.jpg"
+        path.write_bytes(b"\xff\xd8 not really a jpeg" * (i + 1))
+        bad.append(path)
+    return bad
+
+
+def test_multiview_gives_v_views_of_the_recipe_shapes() -> None:
+    base = Synthetic(size=8, classes=4, image_size=20, seed=0)
+    views = [ViewConfig(size=16), ViewConfig(size=12, blur_p=1.0)]
+    ds = MultiViewDataset(base, [build_view_transform(v, 3, base.mean, base.std) for v in views], seed=0)
+    item = ds[3]
+    assert [tuple(v.shape) for v in item["views"]] == [(3, 16, 16), (3, 12, 12)]
+    assert item["label"] == 3 and item["skipped"] == ""
+    assert not torch.equal(item["views"][0][:, :12, :12], item["views"][1])
+
+
+def test_augmentations_depend_only_on_seed_epoch_and_index() -> None:
+    base = Synthetic(size=8, classes=4, image_size=20, seed=0)
+    t = [build_view_transform(ViewConfig(size=16), 3, base.mean, base.std)] * 2
+    a, b = MultiViewDataset(base, t, seed=0), MultiViewDataset(base, t, seed=0)
+    torch.manual_seed(123)
+    first = a[5]["views"][0]
+    torch.manual_seed(999)  # the global RNG does not matter...
+    assert torch.equal(b[5]["views"][0], first)
+    b.set_epoch(1)  # ...the epoch does
+    assert not torch.equal(b[5]["views"][0], first)
+
+
+def test_grayscale_data_keeps_one_channel() -> None:
+    t = build_view_transform(ViewConfig(size=16, jitter_p=1.0, grayscale_p=1.0), 1, (0.5,), (0.5,))
+    assert t(torch.randint(0, 255, (1, 28, 28), dtype=torch.uint8)).shape == (1, 16, 16)
+
+
+def test_synthetic_is_deterministic_and_class_structured() -> None:
+    a, b = Synthetic(16, 4, 16, seed=0), Synthetic(16, 4, 16, seed=0)
+    assert torch.equal(a[5][0], b[5][0]) and a[5][1] == 1
+    # images of one class are closer to each other than to other classes
+    x = torch.stack([a[i][0].float().flatten() for i in range(16)])
+    x = torch.nn.functional.normalize(x - x.mean(0), dim=1)
+    sim = x @ x.T
+    same = torch.tensor([[i % 4 == j % 4 and i != j for j in range(16)] for i in range(16)])
+    other = torch.tensor([[i % 4 != j % 4 for j in range(16)] for i in range(16)])
+    assert sim[same].mean() > sim[other].mean() + 0.2
+
+
+@pytest.mark.skipif(not Path(FMNIST_DEFAULT_ROOT).is_dir(), reason="make setup installs dataset-fashion-mnist")
+def test_fashion_mnist_reads_the_real_idx_files() -> None:
+    cfg = load_config(None, ["data.dataset=fashion_mnist"])
+    train, test = build_dataset(cfg, "train"), build_dataset(cfg, "test")
+    assert len(train) == 60000 and len(test) == 10000
+    image, label = train[0]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.uint8 and label == 9  # ankle boot
+    assert sorted(set(train.labels.tolist())) == list(range(10))
+
+
+def test_corrupt_images_are_replaced_and_reported(tmp_path: Path) -> None:
+    bad = make_imagefolder(tmp_path)
+    base = ImageFolder(str(tmp_path), "train")
+    ds = MultiViewDataset(base, [build_view_transform(ViewConfig(size=16), 3, base.mean, base.std)] * 2, seed=0)
+    index = base.samples.index((str(bad[0]), 1))
+    item = ds[index]
+    assert item["views"][0].shape == (3, 16, 16)
+    assert collate_skipped([item["skipped"]]) == [str(b) for b in bad]  # adjacent bad files, all skipped
+
+
+def test_dataset_without_readable_images_fails_at_start(tmp_path: Path) -> None:
+    d = tmp_path / "train" / "x"
+    d.mkdir(parents=True)
+    (d / "a.jpg").write_bytes(b"junk")
+    with pytest.raises(DataError, match="none of the 1 images"):
+        build_dataset(load_config(None, ["data.dataset=imagefolder", f"data.root={tmp_path}"]))
+
+
+@pytest.mark.slow
+def test_training_on_imagefolder_skips_and_reports_corrupt_files(tmp_path: Path) -> None:
+    bad = make_imagefolder(tmp_path / "data", good_per_class=20, corrupt=3)
+    proc = run_main(f"run.dir={tmp_path / 'run'}", "data.dataset=imagefolder", f"data.root={tmp_path / 'data'}",
+                    "optim.batch_size=8", "optim.epochs=2", "monitor.knn_bank=16", "monitor.knn_queries=8")
+    count = int(re.search(r"unreadable images (\d+)", proc.stdout).group(1))
+    assert 1 <= count <= 12  # failed reads: up to 3+2+1 per epoch (a bad file is retried past its bad neighbours)
+    assert "unreadable images were skipped" in proc.stdout and str(bad[0].parent) in proc.stdout

@@ -1,0 +1,87 @@
+"""Invariant 1: W processes x B images give exactly the loss and gradients of 1 process x W*B."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from pretrain import objectives
+from pretrain.objectives import InfoNCEObjective
+
+B, WORLD = 4, 2
+
+
+def tiny_model() -> nn.Module:
+    """A small encoder + head, float64, without BatchNorm (whose batch statistics differ by design)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 6)
+    ).double()
+
+
+def global_batch() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(WORLD * B, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+
+
+def loss_and_grads(model: nn.Module, views: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    loss, _ = InfoNCEObjective(temperature=0.5)([model(v) for v in views])
+    loss.backward()
+    return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+
+def naive_gather(x: torch.Tensor) -> torch.Tensor:
+    """The common mistake: all_gather (no gradient) with only the local slice carrying gradient."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def _worker(rank: int, tmp: str, naive: bool) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+    if naive:
+        objectives.gather_with_grad = naive_gather
+    model = nn.parallel.DistributedDataParallel(tiny_model())
+    views = [v[rank * B : (rank + 1) * B] for v in global_batch()]
+    loss, grads = loss_and_grads(model, views)  # DDP has averaged the gradients over ranks
+    torch.save({"loss": loss, "grads": grads}, f"{tmp}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def two_rank_result(tmp_path: Path, naive: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    mp.spawn(_worker, args=(str(tmp_path), naive), nprocs=WORLD, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for r in results[1:]:  # after DDP's all-reduce every rank holds the same gradient
+        assert all(torch.equal(a, b) for a, b in zip(results[0]["grads"], r["grads"]))
+    mean_loss = torch.stack([r["loss"] for r in results]).mean()
+    return mean_loss, results[0]["grads"]
+
+
+def test_two_ranks_match_one_rank_loss_and_gradients(tmp_path: Path) -> None:
+    loss1, grads1 = loss_and_grads(tiny_model(), global_batch())
+    loss2, grads2 = two_rank_result(tmp_path, naive=False)
+    assert torch.allclose(loss1, loss2, rtol=0, atol=1e-10)
+    for g1, g2 in zip(grads1, grads2):
+        assert torch.allclose(g1, g2, rtol=0, atol=1e-10), (g1 - g2).abs().max()
+
+
+def test_naive_gather_breaks_the_gradient_comparison(tmp_path: Path) -> None:
+    """The check above has teeth: gathering without cross-rank gradient gives a different gradient."""
+    loss1, grads1 = loss_and_grads(tiny_model(), global_batch())
+    loss2, grads2 = two_rank_result(tmp_path, naive=True)
+    assert torch.allclose(loss1, loss2, rtol=0, atol=1e-10)  # the forward pass is the same...
+    worst = max((g1 - g2).abs().max().item() for g1, g2 in zip(grads1, grads2))
+    assert worst > 1e-4  # ...but the gradients are wrong
+
+
+def test_gather_is_identity_without_process_group() -> None:
+    from pretrain.distributed import gather_with_grad
+
+    x = torch.randn(3, 2, requires_grad=True)
+    assert gather_with_grad(x) is x

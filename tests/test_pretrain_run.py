@@ -1,0 +1,109 @@
+"""End-to-end runs of the entry point: one process, two processes, TensorBoard contents, export round trip."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import run_main
+from pretrain.checkpoint import checkpoint_dirs
+from pretrain.config import load_config
+from pretrain.export import export_encoder, load_encoder
+from pretrain.models import MultiViewModel, create_encoder
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """2 epochs of the tiny synthetic config with timm's standard stem (so timm itself can load the export)."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    proc = run_main(f"run.dir={run_dir}", "model.small_input=false")
+    return run_dir, proc.stdout
+
+
+def test_run_prints_summary_and_writes_run_dir(tiny_run) -> None:
+    run_dir, out = tiny_run
+    assert "infomax pretraining finished: step 16/16, epoch 2/2" in out
+    assert "kNN top-1" in out and "MI bound" in out
+    assert (run_dir / "config.yaml").read_text().startswith("# git revision:")
+    assert load_config(None, []).__class__ is type(load_config(str(run_dir / "config.yaml")))  # resolved config reloads
+    assert checkpoint_dirs(run_dir / "checkpoints")[0].name == "step_00000016"
+
+
+def test_tensorboard_has_diagnostics_and_view_grid(tiny_run) -> None:
+    run_dir, _ = tiny_run
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = events.Tags()
+    for name in ["train/loss", "train/mi", "train/log_k", "train/pos", "train/neg", "train/top1", "train/lr",
+                 "train/grad_norm", "perf/images_per_s", "perf/data_wait_frac", "monitor/knn_top1"]:
+        assert name in tags["scalars"], name
+    assert "views/first_batch" in tags["images"]
+    log_k = events.Scalars("train/log_k")[-1].value
+    assert abs(log_k - torch.log(torch.tensor(32.0)).item()) < 1e-5  # K = batch of 32 on one process
+    assert all(s.value <= log_k + 1e-5 for s in events.Scalars("train/mi"))  # InfoNCE never exceeds log K
+    lrs = [s.value for s in events.Scalars("train/lr")]
+    assert max(lrs) <= 0.1 + 1e-9 and lrs[0] < max(lrs)  # warmup then cosine from timm's scheduler
+    assert any("config" in t for t in tags["tensors"])  # the resolved config as text
+
+
+def trained_encoder(run_dir: Path) -> torch.nn.Module:
+    cfg = load_config(str(run_dir / "config.yaml"))
+    model = MultiViewModel(cfg.model, in_chans=3, num_views=2)
+    state = torch.load(checkpoint_dirs(run_dir / "checkpoints")[0] / "state.pt", weights_only=True)["model"]
+    model.load_state_dict(state)
+    return model.encoders[0].eval()
+
+
+def test_export_loads_in_timm_and_load_encoder_with_identical_features(tiny_run) -> None:
+    run_dir, _ = tiny_run
+    meta = json.loads((run_dir / "export" / "config.json").read_text())
+    assert meta["architecture"] == "test_resnet" and meta["in_chans"] == 3 and meta["input_size"] == [3, 16, 16]
+    assert meta["num_features"] == 96 and len(meta["sha256"]) == 64 and meta["summary"]["steps"] == 16
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        expected = trained_encoder(run_dir)(x)
+        timm_model = timm.create_model(
+            "test_resnet", pretrained=True, num_classes=0,
+            pretrained_cfg_overlay=dict(file=str(run_dir / "export" / "encoder.safetensors")),
+        ).eval()
+        loaded, _ = load_encoder(run_dir / "export")
+        assert torch.equal(timm_model(x), expected)
+        assert torch.equal(loaded(x), expected)
+
+
+def test_load_encoder_rebuilds_small_input_stem_and_checks_hash(tmp_path: Path) -> None:
+    encoder = create_encoder("resnet18", 1, small_input=True).eval()
+    export_encoder(encoder, tmp_path, arch="resnet18", in_chans=1, input_size=28, mean=[0.5], std=[0.5],
+                   small_input=True, summary={})
+    loaded, meta = load_encoder(tmp_path)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), encoder(x))
+    assert loaded.conv1.kernel_size == (3, 3) and meta["small_input"] is True
+    weights = tmp_path / "encoder.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(Exception, match="does not match the sha256"):
+        load_encoder(tmp_path)
+
+
+def test_two_process_accelerate_launch_on_cpu(run_dir: Path) -> None:
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = run_main(f"run.dir={run_dir}", "run.max_steps=4", launcher=launcher, timeout=300)
+    assert proc.stdout.count("infomax pretraining finished") == 1  # rank 0 prints, rank 1 does not
+    assert "on 2 process(es)" in proc.stdout
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "export", "tb"]
+    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1  # one set of logs
+    events = EventAccumulator(str(run_dir / "tb")).Reload()
+    log_k = events.Scalars("train/log_k")[-1].value
+    assert abs(log_k - torch.log(torch.tensor(64.0)).item()) < 1e-5  # keys gathered from both ranks: K = 2 x 32
+    assert (run_dir / "export" / "encoder.safetensors").is_file()
