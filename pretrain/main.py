@@ -65,7 +65,11 @@ def train(cfg: "Config") -> dict[str, Any]:  # noqa: C901 - one readable top-to-
     bank_images, query_images = build_knn_sets(cfg, train_images) if cfg.monitor.knn_every else (None, None)
 
     # ------------------------------------------------------------------ processes, precision, seeds
+    # Without a GPU, Accelerate only builds a gloo process group for several processes when told
+    # cpu=True; otherwise every rank would think it is alone (and the main process).
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=multi_cpu,
         mixed_precision=None if cfg.run.precision == "auto" else cfg.run.precision,
         # Same shuffling seed on every rank; each rank reads its own shard of each global batch.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.run.seed),
@@ -170,12 +174,14 @@ def train(cfg: "Config") -> dict[str, Any]:  # noqa: C901 - one readable top-to-
                                    ImageListDataset(query_images, size), accelerator,
                                    cfg.monitor.knn_k, cfg.monitor.knn_temperature, cfg.data.num_workers)
             tb.scalars({"monitor/knn_top1": knn_top1}, progress.global_step)
-            bar.write(f"epoch {progress.epoch} step {progress.global_step}: kNN top-1 {knn_top1:.2%} (k={cfg.monitor.knn_k})")
+            bar.write(f"epoch {progress.epoch} (step {progress.global_step}): kNN top-1 {knn_top1:.2%} (k={cfg.monitor.knn_k})")
         knn_step = progress.global_step
         accelerator.wait_for_everyone()
         model.train()
 
     # ------------------------------------------------------------------ loop
+    if cfg.monitor.knn_every and progress.global_step == 0:
+        run_knn()  # the untrained encoder's score: the floor the monitor should climb from
     model.train()
     while progress.epoch < cfg.optim.epochs and progress.global_step < total_steps and not stopped_by:
         train_set.set_epoch(progress.epoch)
