@@ -26,13 +26,14 @@ data:
 
 demo: setup
 	$(ACCEL) launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+	  --num_cpu_threads_per_process $$(nproc) \
 	  pretrain/main.py --config configs/fmnist_cpu.yaml
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not gpu"
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not gpu"
 
 clean:
 	rm -rf runs .pytest_cache

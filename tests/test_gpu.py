@@ -1,0 +1,34 @@
+"""Checks that need a CUDA device; run by benchmarks/gpu_check.sh (deselected by `make test`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from pretrain.config import ModelConfig
+from pretrain.engine import train_step
+from pretrain.models import MultiViewModel
+from pretrain.objectives import InfoNCEObjective
+
+pytestmark = pytest.mark.gpu
+
+
+def test_bf16_channels_last_step_on_cuda_keeps_fp32_logits_and_learns() -> None:
+    assert torch.cuda.is_available(), "the gpu tests need a CUDA device"
+    accelerator = Accelerator(mixed_precision="bf16")
+    model = MultiViewModel(ModelConfig(arch="resnet18", small_input=True, channels_last=True), 3, 2)
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    objective = InfoNCEObjective(0.1)
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 32, 32, device="cuda")
+    views = [x + 0.05 * torch.randn_like(x), x + 0.05 * torch.randn_like(x)]
+    losses = []
+    for step in range(30):
+        r = train_step(accelerator, model, objective, optimizer, views, grad_clip=1.0, skip_nonfinite=False,
+                       stop_requested=False, step=step, channels_last=True)
+        assert r.loss.dtype == torch.float32
+        losses.append(r.loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
