@@ -10,13 +10,16 @@ Errors a user can cause (unknown key, wrong type, impossible value, missing data
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
 class ConfigError(ValueError):
@@ -26,8 +29,6 @@ class ConfigError(ValueError):
 def _f(default: Any, help: str) -> Any:
     """A dataclass field with a default (copied when mutable) and a one-line help text."""
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        import copy
-
         return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
@@ -132,21 +133,22 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def _valid_keys(node_path: str) -> list[str]:
-    """Field names of the dataclass at a dotted path ('' = top level)."""
+    """Field names of the dataclass at a dotted path ('' = top level; list indices are skipped)."""
     cls: Any = Config
-    for part in filter(None, node_path.split(".")):
+    for part in filter(lambda p: p and not p.isdigit(), node_path.split(".")):
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in fields:
+        if part not in fields or fields[part].default_factory is dataclasses.MISSING:
             return []
-        cls = type(fields[part].default_factory()) if fields[part].default_factory is not dataclasses.MISSING else None
-        if cls is None or not dataclasses.is_dataclass(cls):
+        default = fields[part].default_factory()
+        cls = type(default[0]) if isinstance(default, list) and default else type(default)
+        if not dataclasses.is_dataclass(cls):
             return []
     return [f.name for f in dataclasses.fields(cls)]
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
-    key = getattr(err, "full_key", None) or "?"
-    if isinstance(err, ConfigKeyError):
+    key = re.sub(r"\[(\d+)\]", r".\1", getattr(err, "full_key", None) or "?")  # views[0].x -> views.0.x
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         valid = ", ".join(_valid_keys(parent))
         where = f"under '{parent}'" if parent else "at the top level"
@@ -171,8 +173,9 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value, e.g. optim.lr=0.3")
+        key, value = item.split("=", 1)
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            OmegaConf.update(cfg, key.strip(), yaml.safe_load(value), merge=True)
         except OmegaConfBaseException as e:
             raise _explain(e, f"override '{item}'") from None
     config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]

@@ -21,7 +21,10 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+from typing import TYPE_CHECKING, Any, Sequence  # noqa: E402
+
+if TYPE_CHECKING:
+    from pretrain.config import Config
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -42,7 +45,7 @@ def git_revision() -> str:
         return "unknown"
 
 
-def train(cfg: "Config") -> dict[str, Any]:  # noqa: C901 - one readable top-to-bottom function
+def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bottom function
     """Run (or resume) pretraining as configured; returns the summary. Callable from SLURM jobs."""
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
@@ -50,7 +53,7 @@ def train(cfg: "Config") -> dict[str, Any]:  # noqa: C901 - one readable top-to-
     from tqdm.auto import tqdm
 
     from pretrain import checkpoint as ckpt
-    from pretrain.config import to_yaml
+    from pretrain.config import ConfigError, to_yaml
     from pretrain.data import MultiViewDataset, build_dataset, build_knn_sets, build_view_transform, collate_skipped
     from pretrain.engine import ImageListDataset, StopFlag, TensorBoard, Throughput, knn_monitor, train_step
     from pretrain.export import export_encoder
@@ -60,6 +63,8 @@ def train(cfg: "Config") -> dict[str, Any]:  # noqa: C901 - one readable top-to-
     from timm.scheduler import create_scheduler_v2
 
     run_dir = Path(cfg.run.dir)
+    if cfg.run.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("bad value for config key 'run.precision': fp16 needs a CUDA GPU; use bf16 or no on CPU")
     # ------------------------------------------------------------------ data (checked before any heavy work)
     train_images = build_dataset(cfg, "train")
     bank_images, query_images = build_knn_sets(cfg, train_images) if cfg.monitor.knn_every else (None, None)
@@ -91,8 +96,6 @@ def train(cfg: "Config") -> dict[str, Any]:  # noqa: C901 - one readable top-to-
         num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
     )
     if len(train_set) < cfg.optim.batch_size * accelerator.num_processes:
-        from pretrain.config import ConfigError
-
         raise ConfigError(
             f"bad value for config key 'optim.batch_size': {cfg.optim.batch_size} x {accelerator.num_processes} "
             f"processes needs at least that many images, the dataset has {len(train_set)}; lower optim.batch_size"
@@ -271,8 +274,8 @@ def train(cfg: "Config") -> dict[str, Any]:  # noqa: C901 - one readable top-to-
         export_encoder(encoder, export_dir, arch=cfg.model.arch, in_chans=train_images.channels,
                        input_size=cfg.data.views[0].size, mean=train_images.mean, std=train_images.std,
                        small_input=cfg.model.small_input, summary=summary)
-        hp = {k: v for k, v in {"arch": cfg.model.arch, "lr": cfg.optim.lr, "batch_size": cfg.optim.batch_size,
-                                "temperature": cfg.objective.temperature, "processes": accelerator.num_processes}.items()}
+        hp = {"arch": cfg.model.arch, "lr": cfg.optim.lr, "batch_size": cfg.optim.batch_size,
+              "temperature": cfg.objective.temperature, "processes": accelerator.num_processes}
         tb.hparams(hp, {"hparam/final_loss": float(last.get("loss", float("nan"))),
                         "hparam/knn_top1": knn_top1, "hparam/mi_nats": float(last.get("mi", float("nan")))})
     tb.close()

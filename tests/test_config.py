@@ -23,6 +23,7 @@ def test_defaults_and_file_and_overrides_merge() -> None:
     [
         ("optim.lrr=0.1", r"unknown config key 'optim.lrr'.*valid keys under 'optim':.*\blr\b"),
         ("bogus.x=1", r"unknown config key 'bogus'"),
+        ("data.views.0.sise=3", r"unknown config key 'data.views.0.sise'.*valid keys under 'data.views.0':.*\bsize\b"),
         ("optim.lr=fast", r"bad value for config key 'optim.lr'"),
         ("optim.lr=-1", r"'optim.lr': must be > 0"),
         ("optim.batch_size=1", r"'optim.batch_size'"),
@@ -44,6 +45,7 @@ def test_bad_values_name_the_key(override: str, pattern: str) -> None:
         (["optim.epochs=three"], "bad value for config key 'optim.epochs'"),
         (["data.dataset=imagefolder", "data.root=/nonexistent/imagenet"], "'/nonexistent/imagenet/train' does not exist"),
         (["data.dataset=fashion_mnist", "data.root=/nonexistent"], "Fashion-MNIST train files"),
+        (["run.precision=fp16"], "fp16 needs a CUDA GPU"),
     ],
 )
 def test_cli_errors_are_one_line_before_training(overrides: list[str], needle: str, run_dir: Path) -> None:
