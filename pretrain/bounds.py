@@ -1,7 +1,15 @@
 """Mutual-information lower bounds as pure functions of score matrices.
 
-No process groups, no global state: callers pass scores already computed against gathered keys.
-The bounds issue adds NWJ, DV, MINE, JS, SMILE and Barber-Agakov beside InfoNCE.
+Convention: ``S`` is K x K with ``S[i, j] = f(x_j, y_i)``; the diagonal holds the K positive pairs
+(samples of p(x, y)) and the K(K-1) off-diagonal entries stand in for samples of p(x)p(y).
+All values are in nats. No process groups, no global state: callers pass scores already computed
+against gathered keys. References: Poole et al. 2019 ("On Variational Bounds of Mutual
+Information"), Song & Ermon 2020 ("Understanding the Limitations of Variational MI Estimators"),
+Belghazi et al. 2018 (MINE), Hjelm et al. 2019 (Deep InfoMax).
+
+Which one to use: InfoNCE has low variance but can never read above log K; NWJ/TUBA and DV are
+unbiased-ish in the limit but their variance grows like e^I; SMILE trades the two with tau; JS is
+the most stable *training* signal (Deep InfoMax) and reads out through NWJ(S + 1).
 """
 
 from __future__ import annotations
@@ -9,13 +17,26 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
-def infonce(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """Per-query InfoNCE lower bound on I(x; y) in nats.
+def _offdiag(S: torch.Tensor) -> torch.Tensor:
+    """The K(K-1) off-diagonal entries of a square K x K matrix, flattened."""
+    k = S.shape[0]
+    return S.flatten()[1:].view(k - 1, k + 1)[:, :-1].flatten()
+
+
+def _log_mean_exp_offdiag(S: torch.Tensor) -> torch.Tensor:
+    off = _offdiag(S)
+    return torch.logsumexp(off, dim=0) - math.log(off.numel())
+
+
+def infonce_per_query(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Per-query InfoNCE bound for a rectangular score matrix (the training objectives' form).
 
     Args:
-        scores: B x K critic scores f(x_j, y_i) of B queries against K candidates (fp32).
+        scores: B x K critic scores of B queries against K candidates (fp32).
         positives: B long indices, the candidate column holding each query's positive.
 
     Returns:
@@ -24,3 +45,115 @@ def infonce(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     k = scores.shape[1]
     pos = scores.gather(1, positives[:, None]).squeeze(1)
     return math.log(k) + pos - torch.logsumexp(scores, dim=1)
+
+
+def infonce(S: torch.Tensor) -> torch.Tensor:
+    """InfoNCE (CPC): log K + mean_i (S_ii - logsumexp_j S_ij). Never above log K."""
+    return infonce_per_query(S, torch.arange(S.shape[0], device=S.device)).mean()
+
+
+def tuba(S: torch.Tensor, log_a: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """TUBA with baseline a(y_i) = e^{log_a[i]} (scalar or K): 1 + E_p[S - log a] - E_q[e^{S - log a}]."""
+    log_a = torch.as_tensor(log_a, dtype=S.dtype, device=S.device).expand(S.shape[0])
+    shifted = S - log_a[:, None]
+    return 1.0 + shifted.diagonal().mean() - _offdiag(shifted).exp().mean()
+
+
+def nwj(S: torch.Tensor) -> torch.Tensor:
+    """NWJ (f-divergence / MINE-f): E_p[S] - e^{-1} E_q[e^S]; equals tuba(S - 1)."""
+    return S.diagonal().mean() - _offdiag(S - 1.0).exp().mean()
+
+
+def dv(S: torch.Tensor) -> torch.Tensor:
+    """Donsker-Varadhan: E_p[S] - log E_q[e^S], with a stable log-mean-exp."""
+    return S.diagonal().mean() - _log_mean_exp_offdiag(S)
+
+
+def js_objective(S: torch.Tensor) -> torch.Tensor:
+    """The f-GAN Jensen-Shannon objective Deep InfoMax trains with: E_p[-sp(-S)] - E_q[sp(S)].
+
+    Not an MI bound itself (it bounds a JS divergence); see :func:`js` for the MI readout.
+    """
+    return -F.softplus(-S.diagonal()).mean() - F.softplus(_offdiag(S)).mean()
+
+
+def js(S: torch.Tensor) -> torch.Tensor:
+    """Value NWJ(S + 1), gradient of the JS objective.
+
+    The JS objective's optimal critic is S* = log p(x,y)/(p(x)p(y)), for which NWJ(S* + 1) = I
+    exactly. The Deep InfoMax reference code reads NWJ(S) instead and so reports I - 1/e at the
+    optimum; we read NWJ(S + 1) (Poole et al. 2019, Sec. 2.4), tight at the JS optimum.
+    """
+    objective = js_objective(S)
+    return objective + (nwj(S + 1.0) - objective).detach()
+
+
+def smile(S: torch.Tensor, tau: float) -> torch.Tensor:
+    """SMILE: DV with the scores clipped to [-tau, tau] inside the log-mean-exp; JS gradient.
+
+    tau = inf gives DV's value. Smaller tau lowers the variance and adds bias.
+    """
+    clipped = S if math.isinf(tau) else S.clamp(-tau, tau)
+    value = S.diagonal().mean() - _log_mean_exp_offdiag(clipped)
+    objective = js_objective(S)
+    return objective + (value - objective).detach()
+
+
+class MINE(nn.Module):
+    """MINE (Belghazi et al. Sec. 3.2): the DV value with a bias-corrected gradient.
+
+    The gradient of log E_q[e^S] is E_q[grad e^S] / E_q[e^S]; a minibatch denominator biases it,
+    so MINE divides by an exponential moving average of E_q[e^S] instead. The EMA (kept in log
+    space for stability) is a buffer, so it goes into checkpoints with the model.
+    """
+
+    def __init__(self, ema_rate: float = 0.1) -> None:
+        super().__init__()
+        self.ema_rate = ema_rate
+        self.register_buffer("log_ema", torch.tensor(float("nan"), dtype=torch.float64))
+
+    def forward(self, S: torch.Tensor) -> torch.Tensor:
+        log_m = _log_mean_exp_offdiag(S)  # log E_q[e^S] on this batch
+        with torch.no_grad():
+            lm = log_m.detach().to(self.log_ema.dtype)
+            if torch.isnan(self.log_ema):
+                self.log_ema.copy_(lm)
+            else:
+                self.log_ema.copy_(torch.logaddexp(self.log_ema + math.log1p(-self.ema_rate), lm + math.log(self.ema_rate)))
+        # Surrogate whose gradient is grad E_p[S] - grad E_q[e^S] / EMA.
+        surrogate = S.diagonal().mean() - (log_m - self.log_ema.to(S.dtype)).exp()
+        value = dv(S)
+        return surrogate + (value - surrogate).detach()
+
+
+def barber_agakov(log_q: torch.Tensor, entropy: float) -> torch.Tensor:
+    """Barber-Agakov: I(x; y) >= H(x) + E_p[log q(x | y)].
+
+    Args:
+        log_q: N values log q(x_n | y_n) from a decoder (e.g. :class:`GaussianDecoder`).
+        entropy: H(x) in nats. It must be *known* (e.g. d/2 log(2 pi e) for x ~ N(0, I_d), as in the
+            Gaussian benchmark); it is not estimated here, since an estimated H(x) would make the
+            result no longer a bound.
+    """
+    return entropy + log_q.mean()
+
+
+class GaussianDecoder(nn.Module):
+    """q(x | y) = N(mu(y), diag(sigma^2(y))) with an MLP; ``log_prob(x, y)`` returns N values."""
+
+    def __init__(self, y_dim: int, x_dim: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(y_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2 * x_dim))
+
+    def log_prob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        mu, log_var = self.net(y).chunk(2, dim=1)
+        return gaussian_log_prob(x, mu, log_var)
+
+
+def gaussian_log_prob(x: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor | float) -> torch.Tensor:
+    """Sum over dimensions of log N(x; mu, e^{log_var}); N x D inputs -> N values."""
+    log_var = torch.as_tensor(log_var, dtype=x.dtype, device=x.device)
+    return (-0.5 * (math.log(2 * math.pi) + log_var + (x - mu) ** 2 / log_var.exp())).sum(dim=1)
+
+
+ESTIMATORS = ("infonce", "nwj", "dv", "mine", "js", "smile", "ba")

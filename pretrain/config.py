@@ -83,6 +83,7 @@ class ModelConfig:
     shared_head: bool = _f(True, "one projection head for all views (false: one per view)")
     encoder_per_view: bool = _f(False, "a separate encoder per view (CMC); false: one shared encoder")
     channels_last: bool = _f(False, "channels_last memory format (faster convs on GPUs with bf16/fp16)")
+    sync_bn: bool = _f(True, "SyncBatchNorm across GPU processes (BN statistics over the global batch); CPU runs keep BatchNorm")
 
 
 @dataclass

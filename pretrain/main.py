@@ -103,6 +103,9 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
 
     # ------------------------------------------------------------------ model and objective
     model = MultiViewModel(cfg.model, train_images.channels, len(cfg.data.views))
+    if cfg.model.sync_bn and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        # Per-GPU BN statistics let a contrastive model find its positives through batch statistics.
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     objective = build_objective(cfg.objective.name, cfg.objective.temperature)

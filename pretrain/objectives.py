@@ -49,7 +49,7 @@ class InfoNCEObjective(nn.Module):
                     if a == c:
                         continue
                     cos = q[a] @ keys[c].T  # B x K, K = W*B
-                    bound = bounds.infonce(cos / self.temperature, positives)  # B
+                    bound = bounds.infonce_per_query(cos / self.temperature, positives)  # B
                     losses.append(-bound.mean())
                     with torch.no_grad():
                         mask = F.one_hot(positives, cos.shape[1]).bool()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from pretrain.bounds import infonce
+from pretrain.bounds import infonce_per_query as infonce
 from pretrain.engine import NonFiniteLoss, train_step
 from pretrain.objectives import InfoNCEObjective
 

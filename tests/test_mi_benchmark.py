@@ -1,0 +1,40 @@
+"""A short trained run of the Gaussian benchmark lands near the oracle values (the full staircase
+belongs to benchmarks/mi_gaussian.py, not the suite)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("mi_gaussian", REPO / "benchmarks" / "mi_gaussian.py")
+mi_gaussian = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mi_gaussian)
+
+ORACLE_AT_2 = {"infonce": 1.812, "smile5": 2.028}  # tests/test_bounds.py REFERENCE, true MI = 2
+
+
+@pytest.mark.parametrize("name", sorted(ORACLE_AT_2))
+def test_short_training_reaches_the_oracle_value(name: str) -> None:
+    trace = mi_gaussian.train_staircase(name, [2.0], steps=600, seed=0)
+    late = sum(trace[-200:]) / 200
+    assert abs(late - ORACLE_AT_2[name]) < 0.4, late
+
+
+def test_benchmark_cli_writes_table_json_and_png(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "mi_gaussian.py"), "--estimators", "infonce,mine,js,ba",
+         "--levels", "2,4", "--steps", "50", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    assert "log K = 4.16" in proc.stdout and "mine" in proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"infonce", "mine", "js", "ba", "recipe"}
+    assert set(results["ba"]) == {"2", "4", "wall_s"} and results["recipe"]["steps"] == 50
+    assert (tmp_path / "mi_gaussian.png").stat().st_size > 10_000
