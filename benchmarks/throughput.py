@@ -19,7 +19,7 @@ from timm.optim import create_optimizer_v2
 from pretrain.config import ModelConfig
 from pretrain.engine import train_step
 from pretrain.models import MultiViewModel
-from pretrain.objectives import InfoNCEObjective
+from pretrain.objectives import ContrastiveObjective
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(model, opt="lars", lr=0.1, momentum=0.9, weight_decay=1e-6)
     model, optimizer = accelerator.prepare(model, optimizer)
-    objective = InfoNCEObjective(0.1)
+    objective = ContrastiveObjective(0.1)
     views = [torch.randn(args.batch, 3, args.size, args.size, device=accelerator.device) for _ in range(2)]
 
     def window(steps: int) -> float:

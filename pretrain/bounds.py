@@ -2,6 +2,8 @@
 
 Convention: ``S`` is K x K with ``S[i, j] = f(x_j, y_i)``; the diagonal holds the K positive pairs
 (samples of p(x, y)) and the K(K-1) off-diagonal entries stand in for samples of p(x)p(y).
+Every bound also takes a rectangular B x K matrix with ``positives`` (B column indices), the form
+training uses: B local queries against K keys gathered from all ranks.
 All values are in nats. No process groups, no global state: callers pass scores already computed
 against gathered keys. References: Poole et al. 2019 ("On Variational Bounds of Mutual
 Information"), Song & Ermon 2020 ("Understanding the Limitations of Variational MI Estimators"),
@@ -21,15 +23,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _offdiag(S: torch.Tensor) -> torch.Tensor:
-    """The K(K-1) off-diagonal entries of a square K x K matrix, flattened."""
-    k = S.shape[0]
-    return S.flatten()[1:].view(k - 1, k + 1)[:, :-1].flatten()
+def _split(S: torch.Tensor, positives: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive scores: B, negative scores: B*(K-1) flattened) of a B x K score matrix.
+
+    ``positives`` gives each row's positive column; None means the diagonal of a square matrix.
+    """
+    if positives is None:
+        positives = torch.arange(S.shape[0], device=S.device)
+    mask = torch.zeros_like(S, dtype=torch.bool)
+    mask[torch.arange(S.shape[0], device=S.device), positives] = True
+    return S[mask], S[~mask]
 
 
-def _log_mean_exp_offdiag(S: torch.Tensor) -> torch.Tensor:
-    off = _offdiag(S)
-    return torch.logsumexp(off, dim=0) - math.log(off.numel())
+def _log_mean_exp(v: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(v, dim=0) - math.log(v.numel())
 
 
 def infonce_per_query(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -47,55 +54,61 @@ def infonce_per_query(scores: torch.Tensor, positives: torch.Tensor) -> torch.Te
     return math.log(k) + pos - torch.logsumexp(scores, dim=1)
 
 
-def infonce(S: torch.Tensor) -> torch.Tensor:
-    """InfoNCE (CPC): log K + mean_i (S_ii - logsumexp_j S_ij). Never above log K."""
-    return infonce_per_query(S, torch.arange(S.shape[0], device=S.device)).mean()
+def infonce(S: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE (CPC): log K + mean_i (S_i,pos - logsumexp_j S_ij). Never above log K."""
+    if positives is None:
+        positives = torch.arange(S.shape[0], device=S.device)
+    return infonce_per_query(S, positives).mean()
 
 
-def tuba(S: torch.Tensor, log_a: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """TUBA with baseline a(y_i) = e^{log_a[i]} (scalar or K): 1 + E_p[S - log a] - E_q[e^{S - log a}]."""
+def tuba(S: torch.Tensor, log_a: torch.Tensor | float = 0.0, positives: torch.Tensor | None = None) -> torch.Tensor:
+    """TUBA with baseline a(y_i) = e^{log_a[i]} (scalar or per row): 1 + E_p[S - log a] - E_q[e^{S - log a}]."""
     log_a = torch.as_tensor(log_a, dtype=S.dtype, device=S.device).expand(S.shape[0])
-    shifted = S - log_a[:, None]
-    return 1.0 + shifted.diagonal().mean() - _offdiag(shifted).exp().mean()
+    pos, neg = _split(S - log_a[:, None], positives)
+    return 1.0 + pos.mean() - neg.exp().mean()
 
 
-def nwj(S: torch.Tensor) -> torch.Tensor:
+def nwj(S: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
     """NWJ (f-divergence / MINE-f): E_p[S] - e^{-1} E_q[e^S]; equals tuba(S - 1)."""
-    return S.diagonal().mean() - _offdiag(S - 1.0).exp().mean()
+    pos, neg = _split(S, positives)
+    return pos.mean() - (neg - 1.0).exp().mean()
 
 
-def dv(S: torch.Tensor) -> torch.Tensor:
+def dv(S: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
     """Donsker-Varadhan: E_p[S] - log E_q[e^S], with a stable log-mean-exp."""
-    return S.diagonal().mean() - _log_mean_exp_offdiag(S)
+    pos, neg = _split(S, positives)
+    return pos.mean() - _log_mean_exp(neg)
 
 
-def js_objective(S: torch.Tensor) -> torch.Tensor:
+def js_objective(S: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
     """The f-GAN Jensen-Shannon objective Deep InfoMax trains with: E_p[-sp(-S)] - E_q[sp(S)].
 
     Not an MI bound itself (it bounds a JS divergence); see :func:`js` for the MI readout.
     """
-    return -F.softplus(-S.diagonal()).mean() - F.softplus(_offdiag(S)).mean()
+    pos, neg = _split(S, positives)
+    return -F.softplus(-pos).mean() - F.softplus(neg).mean()
 
 
-def js(S: torch.Tensor) -> torch.Tensor:
+def js(S: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
     """Value NWJ(S + 1), gradient of the JS objective.
 
     The JS objective's optimal critic is S* = log p(x,y)/(p(x)p(y)), for which NWJ(S* + 1) = I
     exactly. The Deep InfoMax reference code reads NWJ(S) instead and so reports I - 1/e at the
     optimum; we read NWJ(S + 1) (Poole et al. 2019, Sec. 2.4), tight at the JS optimum.
     """
-    objective = js_objective(S)
-    return objective + (nwj(S + 1.0) - objective).detach()
+    objective = js_objective(S, positives)
+    return objective + (nwj(S + 1.0, positives) - objective).detach()
 
 
-def smile(S: torch.Tensor, tau: float) -> torch.Tensor:
+def smile(S: torch.Tensor, tau: float, positives: torch.Tensor | None = None) -> torch.Tensor:
     """SMILE: DV with the scores clipped to [-tau, tau] inside the log-mean-exp; JS gradient.
 
     tau = inf gives DV's value. Smaller tau lowers the variance and adds bias.
     """
-    clipped = S if math.isinf(tau) else S.clamp(-tau, tau)
-    value = S.diagonal().mean() - _log_mean_exp_offdiag(clipped)
-    objective = js_objective(S)
+    pos, neg = _split(S, positives)
+    clipped = neg if math.isinf(tau) else neg.clamp(-tau, tau)
+    value = pos.mean() - _log_mean_exp(clipped)
+    objective = js_objective(S, positives)
     return objective + (value - objective).detach()
 
 
@@ -112,8 +125,9 @@ class MINE(nn.Module):
         self.ema_rate = ema_rate
         self.register_buffer("log_ema", torch.tensor(float("nan"), dtype=torch.float64))
 
-    def forward(self, S: torch.Tensor) -> torch.Tensor:
-        log_m = _log_mean_exp_offdiag(S)  # log E_q[e^S] on this batch
+    def forward(self, S: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
+        pos, neg = _split(S, positives)
+        log_m = _log_mean_exp(neg)  # log E_q[e^S] on this batch
         with torch.no_grad():
             lm = log_m.detach().to(self.log_ema.dtype)
             if torch.isnan(self.log_ema):
@@ -121,8 +135,8 @@ class MINE(nn.Module):
             else:
                 self.log_ema.copy_(torch.logaddexp(self.log_ema + math.log1p(-self.ema_rate), lm + math.log(self.ema_rate)))
         # Surrogate whose gradient is grad E_p[S] - grad E_q[e^S] / EMA.
-        surrogate = S.diagonal().mean() - (log_m - self.log_ema.to(S.dtype)).exp()
-        value = dv(S)
+        surrogate = pos.mean() - (log_m - self.log_ema.to(S.dtype)).exp()
+        value = pos.mean() - log_m
         return surrogate + (value - surrogate).detach()
 
 

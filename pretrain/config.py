@@ -88,8 +88,11 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = _f("infonce", "training objective: infonce (the bounds issue adds cmc, amdim, dim)")
+    name: str = _f("contrastive", "training objective: contrastive (cosine critic between all view pairs; cmc, amdim, dim to come)")
+    bound: str = _f("infonce", "MI lower bound maximised: infonce | nwj | dv | mine | js | smile (see README: Objectives and bounds)")
     temperature: float = _f(0.1, "temperature of the cosine critic: score = cos(z_a, z_b) / temperature")
+    smile_tau: float = _f(5.0, "SMILE: clip the scores to [-tau, tau] inside the log-mean-exp")
+    mine_ema: float = _f(0.1, "MINE: update weight of the moving average of the denominator")
 
 
 @dataclass
@@ -128,7 +131,8 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.precision": ("auto", "no", "bf16", "fp16"),
     "data.dataset": ("fashion_mnist", "imagefolder", "synthetic"),
-    "objective.name": ("infonce",),
+    "objective.name": ("contrastive",),
+    "objective.bound": ("infonce", "nwj", "dv", "mine", "js", "smile"),
     "optim.optimizer": ("sgd", "adamw", "lars"),
 }
 
@@ -216,6 +220,8 @@ def validate(c: Config) -> None:
     _require(d.synthetic_classes >= 2, "data.synthetic_classes", f"must be >= 2, got {d.synthetic_classes}")
     _require(len(m.head_dims) >= 1 and min(m.head_dims) >= 1, "model.head_dims",
              f"needs at least one positive width, got {m.head_dims}")
+    _require(c.objective.smile_tau > 0, "objective.smile_tau", f"must be > 0, got {c.objective.smile_tau}")
+    _require(0 < c.objective.mine_ema <= 1, "objective.mine_ema", f"must be in (0, 1], got {c.objective.mine_ema}")
     _require(c.objective.temperature > 0, "objective.temperature", f"must be > 0, got {c.objective.temperature}")
     _require(r.max_steps >= 0, "run.max_steps", f"must be >= 0, got {r.max_steps}")
     _require(r.log_every >= 1, "run.log_every", f"must be >= 1, got {r.log_every}")

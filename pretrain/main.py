@@ -108,7 +108,8 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    objective = build_objective(cfg.objective.name, cfg.objective.temperature)
+    o = cfg.objective
+    objective = build_objective(o.name, o.temperature, o.bound, len(cfg.data.views), o.smile_tau, o.mine_ema)
 
     # ------------------------------------------------------------------ optimizer and per-step schedule (timm)
     optimizer = create_optimizer_v2(model, opt=cfg.optim.optimizer, lr=cfg.optim.lr,
@@ -278,7 +279,7 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
                        input_size=cfg.data.views[0].size, mean=train_images.mean, std=train_images.std,
                        small_input=cfg.model.small_input, summary=summary)
         hp = {"arch": cfg.model.arch, "lr": cfg.optim.lr, "batch_size": cfg.optim.batch_size,
-              "temperature": cfg.objective.temperature, "processes": accelerator.num_processes}
+              "bound": cfg.objective.bound, "temperature": cfg.objective.temperature, "processes": accelerator.num_processes}
         tb.hparams(hp, {"hparam/final_loss": float(last.get("loss", float("nan"))),
                         "hparam/knn_top1": knn_top1, "hparam/mi_nats": float(last.get("mi", float("nan")))})
     tb.close()

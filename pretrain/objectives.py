@@ -1,12 +1,14 @@
 """Training objectives: views x critic x bound -> loss plus diagnostics.
 
-For now one objective, multiview InfoNCE with a temperature-scaled cosine critic (SimCLR / CMC
-"full graph" over V >= 2 views); the bounds issue adds CMC, AMDIM and DIM variants.
+For now one objective, ``contrastive``: a temperature-scaled cosine critic between every ordered
+pair of V >= 2 views (SimCLR / CMC "full graph"), with any bound from :mod:`pretrain.bounds`.
+The bounds issue adds CMC's core graph and Lab views, AMDIM and DIM beside it.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -15,17 +17,25 @@ from torch import nn
 from pretrain import bounds
 from pretrain.distributed import gather_with_grad, rank
 
+BOUNDS = ("infonce", "nwj", "dv", "mine", "js", "smile")
 
-class InfoNCEObjective(nn.Module):
-    """Symmetric InfoNCE between every ordered pair of views, negatives gathered across ranks.
 
-    A module (not a function) so that bounds with state (e.g. MINE's moving average) live in
-    its buffers and go into checkpoints with everything else.
+class ContrastiveObjective(nn.Module):
+    """Bound between every ordered pair of views, queries local, keys gathered across ranks.
+
+    A module (not a function) so that bounds with state (MINE's moving average, one per pair)
+    live in its buffers and go into checkpoints with everything else. MINE's EMA is per rank
+    (each rank averages its own batches' denominators); the checkpoint keeps rank 0's.
     """
 
-    def __init__(self, temperature: float) -> None:
+    def __init__(self, temperature: float, bound: str = "infonce", num_views: int = 2,
+                 smile_tau: float = 5.0, mine_ema: float = 0.1) -> None:
         super().__init__()
-        self.temperature = temperature
+        self.temperature, self.bound = temperature, bound
+        pairs = num_views * (num_views - 1)
+        self.mine = nn.ModuleList(bounds.MINE(mine_ema) for _ in range(pairs)) if bound == "mine" else None
+        self._fn = {"infonce": bounds.infonce, "nwj": bounds.nwj, "dv": bounds.dv, "js": bounds.js,
+                    "smile": partial(bounds.smile, tau=smile_tau)}.get(bound)
 
     def forward(self, z: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """
@@ -33,9 +43,9 @@ class InfoNCEObjective(nn.Module):
             z: V embeddings, each B x D (local to this rank, any dtype).
 
         Returns:
-            loss (scalar fp32) and detached diagnostics: ``mi`` (InfoNCE bound in nats, mean over
-            pairs), ``log_k`` (the bound's ceiling), ``pos`` / ``neg`` (mean positive / negative
-            cosine score), ``top1`` (fraction of queries whose positive scores highest).
+            loss (scalar, fp32 or wider) and detached diagnostics: ``mi`` (the bound in nats, mean over
+            pairs), ``log_k`` (InfoNCE's ceiling log K, K = W*B keys), ``pos`` / ``neg`` (mean
+            positive / negative cosine), ``top1`` (fraction of queries whose positive scores highest).
         """
         # Logits in fp32 even under bf16/fp16 autocast (invariant 2).
         with torch.autocast(device_type=z[0].device.type, enabled=False):
@@ -43,25 +53,28 @@ class InfoNCEObjective(nn.Module):
             keys = [gather_with_grad(v) for v in q]  # V x (W*B x D)
             b = q[0].shape[0]
             positives = torch.arange(b, device=q[0].device) + rank() * b  # positives at rank*B + i
-            losses, mis, pos, neg, top1 = [], [], [], [], []
+            values, pos, neg, top1 = [], [], [], []
+            pair = 0
             for a in range(len(q)):
                 for c in range(len(q)):
                     if a == c:
                         continue
                     cos = q[a] @ keys[c].T  # B x K, K = W*B
-                    bound = bounds.infonce_per_query(cos / self.temperature, positives)  # B
-                    losses.append(-bound.mean())
+                    scores = cos / self.temperature
+                    bound = self.mine[pair] if self.mine is not None else self._fn
+                    values.append(bound(scores, positives=positives))
+                    pair += 1
                     with torch.no_grad():
                         mask = F.one_hot(positives, cos.shape[1]).bool()
-                        mis.append(bound.mean())
                         pos.append(cos[mask].mean())
                         neg.append(cos[~mask].mean())
                         top1.append((cos.argmax(1) == positives).float().mean())
             log_k = math.log(keys[0].shape[0])
-            # The loss is -bound (+ constant log K), i.e. the usual cross-entropy.
-            loss = torch.stack(losses).mean() + log_k
+            mi = torch.stack(values).mean()
+            # InfoNCE's loss is shown as the usual cross-entropy, log K - bound.
+            loss = (log_k if self.bound == "infonce" else 0.0) - mi
             diag = {
-                "mi": torch.stack(mis).mean(),
+                "mi": mi.detach(),
                 "log_k": torch.tensor(log_k, device=loss.device),
                 "pos": torch.stack(pos).mean(),
                 "neg": torch.stack(neg).mean(),
@@ -70,7 +83,8 @@ class InfoNCEObjective(nn.Module):
         return loss, diag
 
 
-def build_objective(name: str, temperature: float) -> nn.Module:
-    if name == "infonce":
-        return InfoNCEObjective(temperature)
+def build_objective(name: str, temperature: float, bound: str = "infonce", num_views: int = 2,
+                    smile_tau: float = 5.0, mine_ema: float = 0.1) -> nn.Module:
+    if name == "contrastive":
+        return ContrastiveObjective(temperature, bound, num_views, smile_tau, mine_ema)
     raise ValueError(f"unknown objective '{name}'")

@@ -12,7 +12,7 @@ from torch import nn
 
 from pretrain.bounds import infonce_per_query as infonce
 from pretrain.engine import NonFiniteLoss, train_step
-from pretrain.objectives import InfoNCEObjective
+from pretrain.objectives import ContrastiveObjective
 
 
 def test_infonce_equals_log_k_minus_cross_entropy_and_never_exceeds_log_k() -> None:
@@ -26,7 +26,7 @@ def test_infonce_equals_log_k_minus_cross_entropy_and_never_exceeds_log_k() -> N
 
 
 def test_objective_diagnostics_for_identical_and_random_views() -> None:
-    objective = InfoNCEObjective(temperature=0.05)
+    objective = ContrastiveObjective(temperature=0.05)
     z = torch.randn(16, 8)
     loss, diag = objective([z, z.clone()])
     assert diag["top1"] == 1.0 and torch.isclose(diag["pos"], torch.tensor(1.0))
@@ -37,7 +37,7 @@ def test_objective_diagnostics_for_identical_and_random_views() -> None:
 
 def test_logits_stay_fp32_under_bf16_autocast() -> None:
     seen = []
-    objective = InfoNCEObjective(0.1)
+    objective = ContrastiveObjective(0.1)
     original = infonce.__globals__["torch"].logsumexp
 
     def spy(x, dim):
@@ -57,7 +57,7 @@ def test_logits_stay_fp32_under_bf16_autocast() -> None:
 def _step(model: nn.Module, views: list[torch.Tensor], skip: bool):
     accelerator = Accelerator(cpu=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return train_step(accelerator, model, InfoNCEObjective(0.1), optimizer, views, grad_clip=1.0,
+    return train_step(accelerator, model, ContrastiveObjective(0.1), optimizer, views, grad_clip=1.0,
                       skip_nonfinite=skip, stop_requested=False, step=7)
 
 

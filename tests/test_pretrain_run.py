@@ -106,3 +106,14 @@ def test_two_process_accelerate_launch_on_cpu(run_dir: Path) -> None:
     log_k = events.Scalars("train/log_k")[-1].value
     assert abs(log_k - torch.log(torch.tensor(64.0)).item()) < 1e-5  # keys gathered from both ranks: K = 2 x 32
     assert (run_dir / "export" / "encoder.safetensors").is_file()
+
+
+@pytest.mark.parametrize("bound", ["nwj", "dv", "mine", "js", "smile"])
+def test_every_bound_pretrains_and_logs_its_mi_estimate(bound: str, run_dir: Path) -> None:
+    run_main(f"run.dir={run_dir}", f"objective.bound={bound}", "run.max_steps=4", "monitor.knn_every=0",
+             "run.export=false")
+    events = EventAccumulator(str(run_dir / "tb")).Reload()
+    assert len(events.Scalars("train/mi")) == 2 and len(events.Scalars("train/log_k")) == 2
+    state = torch.load(checkpoint_dirs(run_dir / "checkpoints")[0] / "state.pt", weights_only=True)
+    if bound == "mine":
+        assert torch.isfinite(state["objective"]["mine.0.log_ema"])  # the EMA is checkpointed
