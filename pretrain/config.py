@@ -70,8 +70,9 @@ class DataConfig:
     synthetic_size: int = _f(2048, "synthetic: number of training images")
     synthetic_classes: int = _f(8, "synthetic: number of latent classes the images are drawn from")
     synthetic_image_size: int = _f(32, "synthetic: side length of the drawn images")
+    colour_split: str = _f("none", "none | lab: split each RGB view into an L view (1 channel) and an ab view (2 channels), on device (CMC)")
     limit: int = _f(0, "use only the first N training images (0 = all)")
-    views: list[ViewConfig] = _f([ViewConfig(), ViewConfig()], "one augmentation recipe per view; V = len(views) >= 2")
+    views: list[ViewConfig] = _f([ViewConfig(), ViewConfig()], "one augmentation recipe per view; V = len(views) >= 2 (>= 1 with colour_split=lab)")
 
 
 @dataclass
@@ -90,6 +91,7 @@ class ModelConfig:
 class ObjectiveConfig:
     name: str = _f("contrastive", "training objective: contrastive (cosine critic between all view pairs; cmc, amdim, dim to come)")
     bound: str = _f("infonce", "MI lower bound maximised: infonce | nwj | dv | mine | js | smile (see README: Objectives and bounds)")
+    graph: str = _f("full", "which view pairs: full (all pairs) | core (view 0 against each other view), as in CMC")
     temperature: float = _f(0.1, "temperature of the cosine critic: score = cos(z_a, z_b) / temperature")
     smile_tau: float = _f(5.0, "SMILE: clip the scores to [-tau, tau] inside the log-mean-exp")
     mine_ema: float = _f(0.1, "MINE: update weight of the moving average of the denominator")
@@ -132,6 +134,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.precision": ("auto", "no", "bf16", "fp16"),
     "data.dataset": ("fashion_mnist", "imagefolder", "synthetic"),
     "objective.name": ("contrastive",),
+    "objective.graph": ("full", "core"),
+    "data.colour_split": ("none", "lab"),
     "objective.bound": ("infonce", "nwj", "dv", "mine", "js", "smile"),
     "optim.optimizer": ("sgd", "adamw", "lars"),
 }
@@ -207,7 +211,12 @@ def validate(c: Config) -> None:
     _require(o.batch_size >= 2, "optim.batch_size", f"must be >= 2 (InfoNCE needs negatives), got {o.batch_size}")
     _require(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
     _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {o.grad_clip}")
-    _require(len(d.views) >= 2, "data.views", f"needs at least 2 view recipes, got {len(d.views)}")
+    lab = d.colour_split == "lab"
+    _require(len(d.views) >= (1 if lab else 2), "data.views",
+             f"needs at least {1 if lab else 2} view recipes, got {len(d.views)}")
+    _require(not lab or d.dataset != "fashion_mnist", "data.colour_split", "lab needs RGB data, Fashion-MNIST is grayscale")
+    _require(not lab or m.encoder_per_view, "model.encoder_per_view",
+             "must be true with data.colour_split=lab: the L and ab encoders see 1 and 2 channels")
     for i, v in enumerate(d.views):
         k = f"data.views.{i}"
         _require(v.size >= 8, f"{k}.size", f"must be >= 8 pixels, got {v.size}")

@@ -7,7 +7,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -111,25 +111,30 @@ class ImageListDataset(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset: torch.utils.data.Dataset, accelerator: Accelerator,
-                     batch_size: int = 256, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder features (N x F, fp32, CPU) and labels (N) of a labelled dataset, in eval mode."""
+                     batch_size: int = 256, num_workers: int = 0,
+                     input_fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder features (N x F, fp32, CPU) and labels (N) of a labelled dataset, in eval mode.
+
+    ``input_fn`` maps a device batch to the encoder's input (e.g. the L channel of Lab for CMC).
+    """
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     feats, labels = [], []
     was_training = encoder.training
     encoder.eval()
     for x, y in loader:
         with accelerator.autocast():
-            feats.append(encoder(x.to(accelerator.device)).float().cpu())
+            feats.append(encoder(input_fn(x.to(accelerator.device))).float().cpu())
         labels.append(y)
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
 
 
 def knn_monitor(encoder: nn.Module, bank: torch.utils.data.Dataset, queries: torch.utils.data.Dataset,
-                accelerator: Accelerator, k: int, temperature: float, num_workers: int) -> float:
+                accelerator: Accelerator, k: int, temperature: float, num_workers: int,
+                input_fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> float:
     """Top-1 accuracy of a weighted kNN classifier on frozen features (monitoring, not eval)."""
-    fb, lb = extract_features(encoder, bank, accelerator, num_workers=num_workers)
-    fq, lq = extract_features(encoder, queries, accelerator, num_workers=num_workers)
+    fb, lb = extract_features(encoder, bank, accelerator, num_workers=num_workers, input_fn=input_fn)
+    fq, lq = extract_features(encoder, queries, accelerator, num_workers=num_workers, input_fn=input_fn)
     num_classes = int(max(lb.max(), lq.max())) + 1
     pred = knn_predict(fb, lb, fq, k, temperature, num_classes)
     return (pred == lq).float().mean().item()

@@ -45,6 +45,7 @@ def export_encoder(
     std: Sequence[float],
     small_input: bool,
     summary: dict[str, Any],
+    input_transform: str = "normalise",
 ) -> Path:
     """Write encoder.safetensors + config.json into ``out_dir``; returns the weights path."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -59,6 +60,9 @@ def export_encoder(
         "std": list(std),
         "num_features": int(encoder.num_features),
         "small_input": small_input,
+        # normalise: RGB/gray in [0,1], then (x - mean) / std.  lab_L: that, un-normalised, converted
+        # to Lab, L / 50 - 1 as the single channel (pretrain.data.colour.split_lab).
+        "input_transform": input_transform,
         "summary": summary,
         "sha256": sha256(weights),
         "timm_version": timm.__version__,

@@ -54,6 +54,7 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
 
     from pretrain import checkpoint as ckpt
     from pretrain.config import ConfigError, to_yaml
+    from pretrain.data.colour import split_lab
     from pretrain.data import MultiViewDataset, build_dataset, build_knn_sets, build_view_transform, collate_skipped
     from pretrain.engine import ImageListDataset, StopFlag, TensorBoard, Throughput, knn_monitor, train_step
     from pretrain.export import export_encoder
@@ -102,14 +103,21 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
         )
 
     # ------------------------------------------------------------------ model and objective
-    model = MultiViewModel(cfg.model, train_images.channels, len(cfg.data.views))
+    lab = cfg.data.colour_split == "lab"
+    # With the Lab split each loaded RGB view becomes an L view (1 channel) and an ab view (2 channels).
+    view_chans = [1, 2] * len(cfg.data.views) if lab else [train_images.channels] * len(cfg.data.views)
+
+    def model_views(loaded: list[torch.Tensor]) -> list[torch.Tensor]:
+        return split_lab(loaded, train_images.mean, train_images.std) if lab else loaded
+
+    model = MultiViewModel(cfg.model, view_chans, len(view_chans))
     if cfg.model.sync_bn and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         # Per-GPU BN statistics let a contrastive model find its positives through batch statistics.
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     o = cfg.objective
-    objective = build_objective(o.name, o.temperature, o.bound, len(cfg.data.views), o.smile_tau, o.mine_ema)
+    objective = build_objective(o.name, o.temperature, o.bound, len(view_chans), o.smile_tau, o.mine_ema, o.graph)
 
     # ------------------------------------------------------------------ optimizer and per-step schedule (timm)
     optimizer = create_optimizer_v2(model, opt=cfg.optim.optimizer, lr=cfg.optim.lr,
@@ -179,7 +187,8 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
             size = cfg.data.views[0].size
             knn_top1 = knn_monitor(raw_model.encoder_for(0), ImageListDataset(bank_images, size),
                                    ImageListDataset(query_images, size), accelerator,
-                                   cfg.monitor.knn_k, cfg.monitor.knn_temperature, cfg.data.num_workers)
+                                   cfg.monitor.knn_k, cfg.monitor.knn_temperature, cfg.data.num_workers,
+                                   input_fn=lambda x: model_views([x])[0])
             tb.scalars({"monitor/knn_top1": knn_top1}, progress.global_step)
             bar.write(f"epoch {progress.epoch} (step {progress.global_step}): kNN top-1 {knn_top1:.2%} (k={cfg.monitor.knn_k})")
         knn_step = progress.global_step
@@ -203,7 +212,7 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
             if bad:
                 progress.unreadable_count += len(bad)
                 progress.unreadable = (progress.unreadable + bad)[:10]
-            result = train_step(accelerator, model, objective, optimizer, batch["views"],
+            result = train_step(accelerator, model, objective, optimizer, model_views(batch["views"]),
                                 grad_clip=cfg.optim.grad_clip, skip_nonfinite=cfg.optim.skip_nonfinite,
                                 stop_requested=stop.requested, step=progress.global_step,
                                 channels_last=cfg.model.channels_last)
@@ -275,9 +284,10 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
     export_dir = run_dir / "export"
     if main and not stopped_by and cfg.run.export:
         encoder = raw_model.encoder_for(0)
-        export_encoder(encoder, export_dir, arch=cfg.model.arch, in_chans=train_images.channels,
+        export_encoder(encoder, export_dir, arch=cfg.model.arch, in_chans=view_chans[0],
                        input_size=cfg.data.views[0].size, mean=train_images.mean, std=train_images.std,
-                       small_input=cfg.model.small_input, summary=summary)
+                       small_input=cfg.model.small_input, summary=summary,
+                       input_transform="lab_L" if lab else "normalise")
         hp = {"arch": cfg.model.arch, "lr": cfg.optim.lr, "batch_size": cfg.optim.batch_size,
               "bound": cfg.objective.bound, "temperature": cfg.objective.temperature, "processes": accelerator.num_processes}
         tb.hparams(hp, {"hparam/final_loss": float(last.get("loss", float("nan"))),

@@ -62,11 +62,12 @@ class MultiViewModel(nn.Module):
     ``encoders[v]`` / ``heads[v]`` may be the same module for all v (shared) or one per view.
     """
 
-    def __init__(self, cfg: ModelConfig, in_chans: int, num_views: int) -> None:
+    def __init__(self, cfg: ModelConfig, in_chans: int | list[int], num_views: int) -> None:
         super().__init__()
+        self.in_chans = in_chans if isinstance(in_chans, list) else [in_chans] * num_views
         n_enc = num_views if cfg.encoder_per_view else 1
         n_head = num_views if not cfg.shared_head else 1
-        self.encoders = nn.ModuleList(create_encoder(cfg.arch, in_chans, cfg.small_input) for _ in range(n_enc))
+        self.encoders = nn.ModuleList(create_encoder(cfg.arch, self.in_chans[v], cfg.small_input) for v in range(n_enc))
         self.feature_dim: int = self.encoders[0].num_features
         self.heads = nn.ModuleList(projection_head(self.feature_dim, list(cfg.head_dims), cfg.head_bn) for _ in range(n_head))
         self.num_views = num_views

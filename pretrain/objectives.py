@@ -29,11 +29,11 @@ class ContrastiveObjective(nn.Module):
     """
 
     def __init__(self, temperature: float, bound: str = "infonce", num_views: int = 2,
-                 smile_tau: float = 5.0, mine_ema: float = 0.1) -> None:
+                 smile_tau: float = 5.0, mine_ema: float = 0.1, graph: str = "full") -> None:
         super().__init__()
         self.temperature, self.bound = temperature, bound
-        pairs = num_views * (num_views - 1)
-        self.mine = nn.ModuleList(bounds.MINE(mine_ema) for _ in range(pairs)) if bound == "mine" else None
+        self.pairs = view_pairs(num_views, graph)
+        self.mine = nn.ModuleList(bounds.MINE(mine_ema) for _ in self.pairs) if bound == "mine" else None
         self._fn = {"infonce": bounds.infonce, "nwj": bounds.nwj, "dv": bounds.dv, "js": bounds.js,
                     "smile": partial(bounds.smile, tau=smile_tau)}.get(bound)
 
@@ -54,21 +54,16 @@ class ContrastiveObjective(nn.Module):
             b = q[0].shape[0]
             positives = torch.arange(b, device=q[0].device) + rank() * b  # positives at rank*B + i
             values, pos, neg, top1 = [], [], [], []
-            pair = 0
-            for a in range(len(q)):
-                for c in range(len(q)):
-                    if a == c:
-                        continue
-                    cos = q[a] @ keys[c].T  # B x K, K = W*B
-                    scores = cos / self.temperature
-                    bound = self.mine[pair] if self.mine is not None else self._fn
-                    values.append(bound(scores, positives=positives))
-                    pair += 1
-                    with torch.no_grad():
-                        mask = F.one_hot(positives, cos.shape[1]).bool()
-                        pos.append(cos[mask].mean())
-                        neg.append(cos[~mask].mean())
-                        top1.append((cos.argmax(1) == positives).float().mean())
+            for pair, (a, c) in enumerate(self.pairs):
+                cos = q[a] @ keys[c].T  # B x K, K = W*B: view-a queries against view-c keys
+                scores = cos / self.temperature
+                bound = self.mine[pair] if self.mine is not None else self._fn
+                values.append(bound(scores, positives=positives))
+                with torch.no_grad():
+                    mask = F.one_hot(positives, cos.shape[1]).bool()
+                    pos.append(cos[mask].mean())
+                    neg.append(cos[~mask].mean())
+                    top1.append((cos.argmax(1) == positives).float().mean())
             log_k = math.log(keys[0].shape[0])
             mi = torch.stack(values).mean()
             # InfoNCE's loss is shown as the usual cross-entropy, log K - bound.
@@ -79,12 +74,21 @@ class ContrastiveObjective(nn.Module):
                 "pos": torch.stack(pos).mean(),
                 "neg": torch.stack(neg).mean(),
                 "top1": torch.stack(top1).mean(),
+                **{f"mi_{a}_{c}": v.detach() for (a, c), v in zip(self.pairs, values)},  # per-pair diagnostics
             }
         return loss, diag
 
 
+def view_pairs(num_views: int, graph: str) -> list[tuple[int, int]]:
+    """Ordered (query view, key view) pairs: CMC's full graph (all pairs, both directions) or its
+    core graph (view 0 against every other view, both directions)."""
+    if graph == "core":
+        return [p for c in range(1, num_views) for p in ((0, c), (c, 0))]
+    return [(a, c) for a in range(num_views) for c in range(num_views) if a != c]
+
+
 def build_objective(name: str, temperature: float, bound: str = "infonce", num_views: int = 2,
-                    smile_tau: float = 5.0, mine_ema: float = 0.1) -> nn.Module:
+                    smile_tau: float = 5.0, mine_ema: float = 0.1, graph: str = "full") -> nn.Module:
     if name == "contrastive":
-        return ContrastiveObjective(temperature, bound, num_views, smile_tau, mine_ema)
+        return ContrastiveObjective(temperature, bound, num_views, smile_tau, mine_ema, graph)
     raise ValueError(f"unknown objective '{name}'")

@@ -31,6 +31,8 @@ def test_defaults_and_file_and_overrides_merge() -> None:
         ("data.dataset=cifar", r"'data.dataset': 'cifar' is not one of fashion_mnist, imagefolder, synthetic"),
         ("run.precision=fp8", r"'run.precision'.*auto, no, bf16, fp16"),
         ("optim.lr", r"not key=value"),
+        ("data.colour_split=lab", r"'model.encoder_per_view': must be true with data.colour_split=lab"),
+        ("objective.graph=star", r"'objective.graph': 'star' is not one of full, core"),
     ],
 )
 def test_bad_values_name_the_key(override: str, pattern: str) -> None:
