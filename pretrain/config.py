@@ -89,12 +89,15 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = _f("contrastive", "training objective: contrastive (cosine critic between all view pairs; cmc, amdim, dim to come)")
+    name: str = _f("contrastive", "training objective: contrastive (cosine critic between view pairs, CMC/SimCLR) | amdim | dim")
     bound: str = _f("infonce", "MI lower bound maximised: infonce | nwj | dv | mine | js | smile (see README: Objectives and bounds)")
     graph: str = _f("full", "which view pairs: full (all pairs) | core (view 0 against each other view), as in CMC")
     temperature: float = _f(0.1, "temperature of the cosine critic: score = cos(z_a, z_b) / temperature")
     smile_tau: float = _f(5.0, "SMILE: clip the scores to [-tau, tau] inside the log-mean-exp")
     mine_ema: float = _f(0.1, "MINE: update weight of the moving average of the denominator")
+    local_stages: list[int] = _f([3, 4], "amdim/dim: timm stage indices of the two local feature maps (forward_intermediates)")
+    amdim_tclip: float = _f(20.0, "amdim: soft clipping of scores, tclip * tanh(s / tclip)")
+    amdim_reg: float = _f(0.05, "amdim: weight of the mean squared raw score regulariser")
 
 
 @dataclass
@@ -133,7 +136,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.precision": ("auto", "no", "bf16", "fp16"),
     "data.dataset": ("fashion_mnist", "imagefolder", "synthetic"),
-    "objective.name": ("contrastive",),
+    "objective.name": ("contrastive", "amdim", "dim"),
     "objective.graph": ("full", "core"),
     "data.colour_split": ("none", "lab"),
     "objective.bound": ("infonce", "nwj", "dv", "mine", "js", "smile"),
@@ -231,6 +234,12 @@ def validate(c: Config) -> None:
              f"needs at least one positive width, got {m.head_dims}")
     _require(c.objective.smile_tau > 0, "objective.smile_tau", f"must be > 0, got {c.objective.smile_tau}")
     _require(0 < c.objective.mine_ema <= 1, "objective.mine_ema", f"must be in (0, 1], got {c.objective.mine_ema}")
+    ob = c.objective
+    if ob.name in ("amdim", "dim"):
+        _require(len(ob.local_stages) == 2, "objective.local_stages", f"needs two stage indices, got {ob.local_stages}")
+        _require(len(d.views) == 2 and not lab, "data.views", f"{ob.name} uses exactly 2 RGB/gray views, got {len(d.views)}")
+        _require(ob.name != "dim" or ob.bound in ("infonce", "nwj", "dv", "js", "smile"), "objective.bound",
+                 f"dim supports infonce, nwj, dv, js, smile, got {ob.bound}")
     _require(c.objective.temperature > 0, "objective.temperature", f"must be > 0, got {c.objective.temperature}")
     _require(r.max_steps >= 0, "run.max_steps", f"must be >= 0, got {r.max_steps}")
     _require(r.log_every >= 1, "run.log_every", f"must be >= 1, got {r.log_every}")

@@ -58,7 +58,7 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
     from pretrain.data import MultiViewDataset, build_dataset, build_knn_sets, build_view_transform, collate_skipped
     from pretrain.engine import ImageListDataset, StopFlag, TensorBoard, Throughput, knn_monitor, train_step
     from pretrain.export import export_encoder
-    from pretrain.models import MultiViewModel
+    from pretrain.models import LocalGlobalModel, MultiViewModel
     from pretrain.objectives import build_objective
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
@@ -110,14 +110,18 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
     def model_views(loaded: list[torch.Tensor]) -> list[torch.Tensor]:
         return split_lab(loaded, train_images.mean, train_images.std) if lab else loaded
 
-    model = MultiViewModel(cfg.model, view_chans, len(view_chans))
+    if cfg.objective.name in ("amdim", "dim"):
+        # DIM reads only the deepest map; building a head for the other would leave DDP an unused parameter.
+        stages = cfg.objective.local_stages if cfg.objective.name == "amdim" else cfg.objective.local_stages[-1:]
+        model = LocalGlobalModel(cfg.model, view_chans[0], len(view_chans), stages)
+    else:
+        model = MultiViewModel(cfg.model, view_chans, len(view_chans))
     if cfg.model.sync_bn and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         # Per-GPU BN statistics let a contrastive model find its positives through batch statistics.
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    o = cfg.objective
-    objective = build_objective(o.name, o.temperature, o.bound, len(view_chans), o.smile_tau, o.mine_ema, o.graph)
+    objective = build_objective(cfg.objective, len(view_chans))
 
     # ------------------------------------------------------------------ optimizer and per-step schedule (timm)
     optimizer = create_optimizer_v2(model, opt=cfg.optim.optimizer, lr=cfg.optim.lr,

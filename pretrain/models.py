@@ -82,3 +82,46 @@ class MultiViewModel(nn.Module):
             head = self.heads[v if len(self.heads) > 1 else 0]
             out.append(head(self.encoder_for(v)(x)))
         return out
+
+
+class LocalGlobalModel(nn.Module):
+    """Encoder(s) returning a global embedding and local embeddings at chosen stages (AMDIM, DIM).
+
+    The local feature maps come from timm's ``forward_intermediates`` (so any timm ResNet works and
+    the encoder keeps timm's key names for export); each stage gets a 1x1-conv embedding head
+    (AMDIM's "NIN" layers), the pooled feature the usual MLP head.
+
+    forward(views) -> per view a dict: ``global``: B x D, ``local``: list over stages of B x N_s x D
+    (N_s = H_s * W_s positions).
+    """
+
+    def __init__(self, cfg: ModelConfig, in_chans: int, num_views: int, local_stages: list[int]) -> None:
+        super().__init__()
+        n_enc = num_views if cfg.encoder_per_view else 1
+        self.encoders = nn.ModuleList(create_encoder(cfg.arch, in_chans, cfg.small_input) for _ in range(n_enc))
+        enc = self.encoders[0]
+        if not hasattr(enc, "forward_intermediates"):
+            raise ConfigError(f"'{cfg.arch}' has no forward_intermediates in timm; AMDIM/DIM need e.g. a ResNet")
+        self.local_stages = list(local_stages)
+        with torch.no_grad():
+            probe = torch.zeros(1, in_chans, 64, 64)
+            _, maps = enc.forward_intermediates(probe, indices=self.local_stages, intermediates_only=False)
+        self.feature_dim: int = enc.num_features
+        dim = cfg.head_dims[-1]
+        self.global_head = projection_head(self.feature_dim, list(cfg.head_dims), cfg.head_bn)
+        self.local_heads = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(m.shape[1], dim, 1), nn.ReLU(inplace=True), nn.Conv2d(dim, dim, 1)) for m in maps
+        )
+
+    def encoder_for(self, view: int) -> nn.Module:
+        return self.encoders[view if len(self.encoders) > 1 else 0]
+
+    def forward(self, views: list[torch.Tensor]) -> list[dict[str, torch.Tensor | list[torch.Tensor]]]:
+        out = []
+        for v, x in enumerate(views):
+            enc = self.encoder_for(v)
+            final, maps = enc.forward_intermediates(x, indices=self.local_stages, intermediates_only=False)
+            g = self.global_head(enc.forward_head(final, pre_logits=True))
+            local = [head(m).flatten(2).transpose(1, 2) for head, m in zip(self.local_heads, maps)]  # B x N x D
+            out.append({"global": g, "local": local})
+        return out

@@ -1,8 +1,9 @@
 """Training objectives: views x critic x bound -> loss plus diagnostics.
 
-For now one objective, ``contrastive``: a temperature-scaled cosine critic between every ordered
-pair of V >= 2 views (SimCLR / CMC "full graph"), with any bound from :mod:`pretrain.bounds`.
-The bounds issue adds CMC's core graph and Lab views, AMDIM and DIM beside it.
+- ``contrastive``: a temperature-scaled cosine critic between pairs of V >= 2 views (CMC's full or
+  core graph; SimCLR is the full graph of 2 views), with any bound from :mod:`pretrain.bounds`.
+- ``amdim``: multiscale global-vs-local NCE with score clipping and regularisation.
+- ``dim``: global-vs-local with the JS, DV or InfoNCE bound (Deep InfoMax).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain import bounds
+from pretrain.config import ObjectiveConfig
 from pretrain.distributed import gather_with_grad, rank
 
 BOUNDS = ("infonce", "nwj", "dv", "mine", "js", "smile")
@@ -79,6 +81,103 @@ class ContrastiveObjective(nn.Module):
         return loss, diag
 
 
+def multi_positive_nce(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
+                       tclip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AMDIM's NCE of query vectors against *all positions* of gathered local maps.
+
+    Args:
+        queries: Q x D (a global embedding per image, or one per local position).
+        keys: K x N x D local embeddings (K images gathered from all ranks, N positions each).
+        positives: Q indices into K: the image each query's positives come from.
+        tclip: scores are soft-clipped to ``tclip * tanh(s / tclip)``.
+
+    Returns:
+        (loss, mi, reg): loss = mean over queries and positive positions of -log softmax of that
+        positive against every position of every other image; mi = log(1 + (K-1) N) - loss (an
+        InfoNCE bound with that many candidates); reg = mean squared raw score (AMDIM's regulariser).
+    """
+    k, n, d = keys.shape
+    raw = torch.einsum("qd,knd->qkn", queries, keys) / math.sqrt(d)  # Q x K x N
+    scores = tclip * torch.tanh(raw / tclip)
+    rows = torch.arange(len(queries), device=queries.device)
+    pos = scores[rows, positives]  # Q x N
+    neg_mask = torch.ones_like(scores[:, :, 0], dtype=torch.bool)
+    neg_mask[rows, positives] = False
+    neg_lse = torch.logsumexp(scores[neg_mask].view(len(queries), (k - 1) * n), dim=1)  # Q
+    loss = -(pos - torch.logaddexp(pos, neg_lse[:, None])).mean()
+    return loss, math.log(1 + (k - 1) * n) - loss.detach(), (raw**2).mean()
+
+
+class AMDIMObjective(nn.Module):
+    """AMDIM (Bachman et al. 2019): multiscale NCE between two views, both directions.
+
+    With local stages (s1, s2), s2 the deeper one, the terms are global(a) -> local_s2(b) ("1->5"),
+    global(a) -> local_s1(b) ("1->7") and every local_s2(a) position -> local_s2(b) ("5->5"),
+    for (a, b) = (0, 1) and (1, 0); negatives are all positions of all other gathered images.
+    Loss = mean of the terms + reg_weight * mean squared raw score.
+    """
+
+    def __init__(self, tclip: float = 20.0, reg_weight: float = 0.05) -> None:
+        super().__init__()
+        self.tclip, self.reg_weight = tclip, reg_weight
+
+    def forward(self, out: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast(device_type=out[0]["global"].device.type, enabled=False):
+            f32 = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731
+            g = [f32(o["global"]) for o in out]
+            local = [[f32(m) for m in o["local"]] for o in out]
+            b = g[0].shape[0]
+            positives = torch.arange(b, device=g[0].device) + rank() * b
+            keys = [[gather_with_grad(m) for m in views_local] for views_local in local]  # K x N x D
+            terms: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+            for a, c in ((0, 1), (1, 0)):
+                deep, shallow = keys[c][-1], keys[c][0]
+                terms[f"1to{len(local[a]) - 1}_{a}{c}"] = multi_positive_nce(g[a], deep, positives, self.tclip)
+                terms[f"1to0_{a}{c}"] = multi_positive_nce(g[a], shallow, positives, self.tclip)
+                n = local[a][-1].shape[1]
+                q = local[a][-1].reshape(b * n, -1)  # every deep position of view a is a query
+                terms[f"lto{len(local[a]) - 1}_{a}{c}"] = multi_positive_nce(q, deep, positives.repeat_interleave(n), self.tclip)
+            nce = torch.stack([t[0] for t in terms.values()]).mean()
+            reg = torch.stack([t[2] for t in terms.values()]).mean()
+            loss = nce + self.reg_weight * reg
+            mis = {name: t[1] for name, t in terms.items()}
+            diag = {"mi": torch.stack(list(mis.values())).mean(), "nce": nce.detach(), "score_reg": reg.detach(),
+                    "log_k": torch.tensor(math.log(keys[0][-1].shape[0]), device=loss.device),
+                    **{f"mi_{k}": v for k, v in mis.items()}}
+        return loss, diag
+
+
+class DIMObjective(nn.Module):
+    """Deep InfoMax-style: global embedding of view a vs the deepest local map of view b, any bound.
+
+    For each position n the scores S_n[i, j] = g_a[i] . l_b[j, n] / sqrt(D) form a B x K matrix with
+    positives at rank*B + i; all positions' rows are stacked ((B*N) x K) and passed to the bound
+    (js as in DIM, dv, or infonce), for (a, b) = (0, 1) and (1, 0).
+    """
+
+    def __init__(self, bound: str = "js", smile_tau: float = 5.0) -> None:
+        super().__init__()
+        self.bound = bound
+        self._fn = {"infonce": bounds.infonce, "nwj": bounds.nwj, "dv": bounds.dv, "js": bounds.js,
+                    "smile": partial(bounds.smile, tau=smile_tau)}[bound]
+
+    def forward(self, out: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast(device_type=out[0]["global"].device.type, enabled=False):
+            f32 = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731
+            values = []
+            for a, c in ((0, 1), (1, 0)):
+                g = f32(out[a]["global"])  # B x D
+                keys = gather_with_grad(f32(out[c]["local"][-1]))  # K x N x D
+                b, (k, n, d) = g.shape[0], keys.shape
+                scores = torch.einsum("bd,knd->nbk", g, keys).reshape(n * b, k) / math.sqrt(d)  # row n*B + i
+                positives = (torch.arange(b, device=g.device) + rank() * b).repeat(n)
+                values.append(self._fn(scores, positives=positives))
+            mi = torch.stack(values).mean()
+            log_k = math.log(keys.shape[0])
+            loss = (log_k if self.bound == "infonce" else 0.0) - mi
+        return loss, {"mi": mi.detach(), "log_k": torch.tensor(log_k, device=loss.device)}
+
+
 def view_pairs(num_views: int, graph: str) -> list[tuple[int, int]]:
     """Ordered (query view, key view) pairs: CMC's full graph (all pairs, both directions) or its
     core graph (view 0 against every other view, both directions)."""
@@ -87,8 +186,12 @@ def view_pairs(num_views: int, graph: str) -> list[tuple[int, int]]:
     return [(a, c) for a in range(num_views) for c in range(num_views) if a != c]
 
 
-def build_objective(name: str, temperature: float, bound: str = "infonce", num_views: int = 2,
-                    smile_tau: float = 5.0, mine_ema: float = 0.1, graph: str = "full") -> nn.Module:
-    if name == "contrastive":
-        return ContrastiveObjective(temperature, bound, num_views, smile_tau, mine_ema, graph)
-    raise ValueError(f"unknown objective '{name}'")
+def build_objective(cfg: ObjectiveConfig, num_views: int) -> nn.Module:
+    """The objective named by ``objective.name``, configured from the rest of ``objective.*``."""
+    if cfg.name == "contrastive":
+        return ContrastiveObjective(cfg.temperature, cfg.bound, num_views, cfg.smile_tau, cfg.mine_ema, cfg.graph)
+    if cfg.name == "amdim":
+        return AMDIMObjective(cfg.amdim_tclip, cfg.amdim_reg)
+    if cfg.name == "dim":
+        return DIMObjective(cfg.bound, cfg.smile_tau)
+    raise ValueError(f"unknown objective '{cfg.name}'")
