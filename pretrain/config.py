@@ -92,6 +92,7 @@ class ObjectiveConfig:
     name: str = _f("contrastive", "training objective: contrastive (cosine critic between view pairs, CMC/SimCLR) | amdim | dim")
     bound: str = _f("infonce", "MI lower bound maximised: infonce | nwj | dv | mine | js | smile (see README: Objectives and bounds)")
     graph: str = _f("full", "which view pairs: full (all pairs) | core (view 0 against each other view), as in CMC")
+    critic: str = _f("cosine", "contrastive: cosine (/ temperature) | dot | bilinear (learned W) | concat (joint MLP)")
     temperature: float = _f(0.1, "temperature of the cosine critic: score = cos(z_a, z_b) / temperature")
     smile_tau: float = _f(5.0, "SMILE: clip the scores to [-tau, tau] inside the log-mean-exp")
     mine_ema: float = _f(0.1, "MINE: update weight of the moving average of the denominator")
@@ -138,6 +139,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("fashion_mnist", "imagefolder", "synthetic"),
     "objective.name": ("contrastive", "amdim", "dim"),
     "objective.graph": ("full", "core"),
+    "objective.critic": ("cosine", "dot", "bilinear", "concat"),
     "data.colour_split": ("none", "lab"),
     "objective.bound": ("infonce", "nwj", "dv", "mine", "js", "smile"),
     "optim.optimizer": ("sgd", "adamw", "lars"),

@@ -89,7 +89,8 @@ def train_step(
             )
         return StepResult(loss.detach(), diag, None, stop)
     accelerator.backward(loss)
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # model and any learned critic
+    grad_norm = accelerator.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss.detach(), diag, torch.as_tensor(grad_norm).detach(), stop)

@@ -121,13 +121,17 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    objective = build_objective(cfg.objective, len(view_chans))
+    objective = build_objective(cfg.objective, len(view_chans), cfg.model.head_dims[-1])
+    learned_critic = any(p.requires_grad for p in objective.parameters())
 
     # ------------------------------------------------------------------ optimizer and per-step schedule (timm)
-    optimizer = create_optimizer_v2(model, opt=cfg.optim.optimizer, lr=cfg.optim.lr,
+    trainable = torch.nn.ModuleDict({"model": model, "objective": objective})  # learned critics train too
+    optimizer = create_optimizer_v2(trainable, opt=cfg.optim.optimizer, lr=cfg.optim.lr,
                                     weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    objective = objective.to(accelerator.device)
+    # A critic with parameters gets its own DDP wrapper (DDP refuses a module without any).
+    objective = accelerator.prepare(objective) if learned_critic else objective.to(accelerator.device)
+    raw_objective = accelerator.unwrap_model(objective)
     steps_per_epoch = len(loader)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched="cosine", num_epochs=cfg.optim.epochs, warmup_epochs=cfg.optim.warmup_epochs,
@@ -144,7 +148,7 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
     if loaded:
         state, path = loaded
         raw_model.load_state_dict(state["model"])
-        objective.load_state_dict(state["objective"])
+        raw_objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if accelerator.scaler is not None and state.get("scaler"):
@@ -162,7 +166,7 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
             return None
         state = {
             "model": raw_model.state_dict(),
-            "objective": objective.state_dict(),
+            "objective": raw_objective.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,

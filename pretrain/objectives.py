@@ -17,23 +17,26 @@ from torch import nn
 
 from pretrain import bounds
 from pretrain.config import ObjectiveConfig
+from pretrain.critics import build_critic
 from pretrain.distributed import gather_with_grad, rank
 
 BOUNDS = ("infonce", "nwj", "dv", "mine", "js", "smile")
 
 
 class ContrastiveObjective(nn.Module):
-    """Bound between every ordered pair of views, queries local, keys gathered across ranks.
+    """A critic and a bound between pairs of views, queries local, keys gathered across ranks.
 
-    A module (not a function) so that bounds with state (MINE's moving average, one per pair)
-    live in its buffers and go into checkpoints with everything else. MINE's EMA is per rank
-    (each rank averages its own batches' denominators); the checkpoint keeps rank 0's.
+    A module (not a function) so that learned critics are trained with the model and bounds with
+    state (MINE's moving average, one per pair) live in buffers that go into checkpoints. MINE's EMA
+    is per rank (each rank averages its own batches' denominators); the checkpoint keeps rank 0's.
     """
 
     def __init__(self, temperature: float, bound: str = "infonce", num_views: int = 2,
-                 smile_tau: float = 5.0, mine_ema: float = 0.1, graph: str = "full") -> None:
+                 smile_tau: float = 5.0, mine_ema: float = 0.1, graph: str = "full",
+                 critic: str = "cosine", dim: int = 128) -> None:
         super().__init__()
-        self.temperature, self.bound = temperature, bound
+        self.bound = bound
+        self.critic = build_critic(critic, dim, temperature)
         self.pairs = view_pairs(num_views, graph)
         self.mine = nn.ModuleList(bounds.MINE(mine_ema) for _ in self.pairs) if bound == "mine" else None
         self._fn = {"infonce": bounds.infonce, "nwj": bounds.nwj, "dv": bounds.dv, "js": bounds.js,
@@ -46,26 +49,26 @@ class ContrastiveObjective(nn.Module):
 
         Returns:
             loss (scalar, fp32 or wider) and detached diagnostics: ``mi`` (the bound in nats, mean over
-            pairs), ``log_k`` (InfoNCE's ceiling log K, K = W*B keys), ``pos`` / ``neg`` (mean
-            positive / negative cosine), ``top1`` (fraction of queries whose positive scores highest).
+            pairs), ``log_k`` (InfoNCE's ceiling log K, K = W*B keys), ``pos`` / ``neg`` (mean critic
+            score of positives / negatives), ``top1`` (fraction of queries whose positive scores
+            highest), ``mi_A_B`` per ordered pair of views.
         """
         # Logits in fp32 even under bf16/fp16 autocast (invariant 2).
         with torch.autocast(device_type=z[0].device.type, enabled=False):
-            q = [F.normalize(v.to(torch.promote_types(v.dtype, torch.float32)), dim=1) for v in z]  # V x (B x D)
+            q = [v.to(torch.promote_types(v.dtype, torch.float32)) for v in z]  # V x (B x D)
             keys = [gather_with_grad(v) for v in q]  # V x (W*B x D)
             b = q[0].shape[0]
             positives = torch.arange(b, device=q[0].device) + rank() * b  # positives at rank*B + i
             values, pos, neg, top1 = [], [], [], []
             for pair, (a, c) in enumerate(self.pairs):
-                cos = q[a] @ keys[c].T  # B x K, K = W*B: view-a queries against view-c keys
-                scores = cos / self.temperature
+                scores = self.critic(q[a], keys[c])  # B x K, K = W*B: view-a queries against view-c keys
                 bound = self.mine[pair] if self.mine is not None else self._fn
                 values.append(bound(scores, positives=positives))
                 with torch.no_grad():
-                    mask = F.one_hot(positives, cos.shape[1]).bool()
-                    pos.append(cos[mask].mean())
-                    neg.append(cos[~mask].mean())
-                    top1.append((cos.argmax(1) == positives).float().mean())
+                    mask = F.one_hot(positives, scores.shape[1]).bool()
+                    pos.append(scores[mask].mean())
+                    neg.append(scores[~mask].mean())
+                    top1.append((scores.argmax(1) == positives).float().mean())
             log_k = math.log(keys[0].shape[0])
             mi = torch.stack(values).mean()
             # InfoNCE's loss is shown as the usual cross-entropy, log K - bound.
@@ -186,10 +189,11 @@ def view_pairs(num_views: int, graph: str) -> list[tuple[int, int]]:
     return [(a, c) for a in range(num_views) for c in range(num_views) if a != c]
 
 
-def build_objective(cfg: ObjectiveConfig, num_views: int) -> nn.Module:
+def build_objective(cfg: ObjectiveConfig, num_views: int, embed_dim: int) -> nn.Module:
     """The objective named by ``objective.name``, configured from the rest of ``objective.*``."""
     if cfg.name == "contrastive":
-        return ContrastiveObjective(cfg.temperature, cfg.bound, num_views, cfg.smile_tau, cfg.mine_ema, cfg.graph)
+        return ContrastiveObjective(cfg.temperature, cfg.bound, num_views, cfg.smile_tau, cfg.mine_ema, cfg.graph,
+                                    cfg.critic, embed_dim)
     if cfg.name == "amdim":
         return AMDIMObjective(cfg.amdim_tclip, cfg.amdim_reg)
     if cfg.name == "dim":

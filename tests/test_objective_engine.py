@@ -29,7 +29,7 @@ def test_objective_diagnostics_for_identical_and_random_views() -> None:
     objective = ContrastiveObjective(temperature=0.05)
     z = torch.randn(16, 8)
     loss, diag = objective([z, z.clone()])
-    assert diag["top1"] == 1.0 and torch.isclose(diag["pos"], torch.tensor(1.0))
+    assert diag["top1"] == 1.0 and torch.isclose(diag["pos"], torch.tensor(1.0 / 0.05))  # cos = 1, / temperature
     assert torch.isclose(diag["mi"], diag["log_k"] - loss) and diag["log_k"] == pytest.approx(math.log(16))
     _, diag_random = objective([torch.randn(16, 8), torch.randn(16, 8)])
     assert diag_random["mi"] < diag["mi"]
@@ -84,3 +84,15 @@ def test_nonfinite_loss_skips_without_touching_weights_when_configured() -> None
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     result = _step(model, [torch.randn(4, 4), torch.randn(4, 4)], skip=True)
     assert result.grad_norm is not None and not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("critic", ["cosine", "dot", "bilinear", "concat"])
+def test_every_critic_combines_with_every_bound(critic: str) -> None:
+    z = [torch.randn(6, 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    for bound in ("infonce", "nwj", "dv", "mine", "js", "smile"):
+        objective = ContrastiveObjective(0.5, bound, critic=critic, dim=4).double()
+        loss, diag = objective(z)
+        loss.backward()
+        assert torch.isfinite(loss) and z[0].grad is not None
+        if critic in ("bilinear", "concat"):
+            assert all(p.grad is not None for p in objective.critic.parameters())

@@ -117,3 +117,14 @@ def test_every_bound_pretrains_and_logs_its_mi_estimate(bound: str, run_dir: Pat
     state = torch.load(checkpoint_dirs(run_dir / "checkpoints")[0] / "state.pt", weights_only=True)
     if bound == "mine":
         assert torch.isfinite(state["objective"]["mine.0.log_ema"])  # the EMA is checkpointed
+
+
+def test_learned_critic_trains_across_two_processes(run_dir: Path) -> None:
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run_main(f"run.dir={run_dir}", "run.max_steps=3", "objective.critic=bilinear", "monitor.knn_every=0",
+             launcher=launcher, timeout=300)
+    state = torch.load(checkpoint_dirs(run_dir / "checkpoints")[0] / "state.pt", weights_only=True)
+    weight = state["objective"]["critic.weight"]
+    assert not torch.equal(weight, torch.eye(weight.shape[0]))  # the critic was optimised
