@@ -29,12 +29,12 @@ def test_short_training_reaches_the_oracle_value(name: str) -> None:
 
 def test_benchmark_cli_writes_table_json_and_png(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "mi_gaussian.py"), "--estimators", "infonce,mine,js,ba",
+        [sys.executable, str(REPO / "benchmarks" / "mi_gaussian.py"), "--estimators", "infonce,mine,js,ba,tuba",
          "--levels", "2,4", "--steps", "50", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=True,
     )
     assert "log K = 4.16" in proc.stdout and "mine" in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) == {"infonce", "mine", "js", "ba", "recipe"}
+    assert set(results) == {"infonce", "mine", "js", "ba", "tuba", "recipe"}
     assert set(results["ba"]) == {"2", "4", "wall_s"} and results["recipe"]["steps"] == 50
     assert (tmp_path / "mi_gaussian.png").stat().st_size > 10_000
