@@ -146,9 +146,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _valid_keys(node_path: str) -> list[str]:
+def _valid_keys(node_path: str, schema: type | None = None) -> list[str]:
     """Field names of the dataclass at a dotted path ('' = top level; list indices are skipped)."""
-    cls: Any = Config
+    cls: Any = schema or Config
     for part in filter(lambda p: p and not p.isdigit(), node_path.split(".")):
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if part not in fields or fields[part].default_factory is dataclasses.MISSING:
@@ -160,11 +160,11 @@ def _valid_keys(node_path: str) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+def _explain(err: OmegaConfBaseException, source: str, schema: type | None = None) -> ConfigError:
     key = re.sub(r"\[(\d+)\]", r".\1", getattr(err, "full_key", None) or "?")  # views[0].x -> views.0.x
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        valid = ", ".join(_valid_keys(parent))
+        valid = ", ".join(_valid_keys(parent, schema))
         where = f"under '{parent}'" if parent else "at the top level"
         return ConfigError(f"unknown config key '{key}' (from {source}); valid keys {where}: {valid}")
     if isinstance(err, ValidationError):
@@ -173,9 +173,15 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"config error at '{key}' (from {source}): {str(err).splitlines()[0]}")
 
 
-def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file <- dotted overrides, checked against the schema, then validated."""
-    cfg = OmegaConf.structured(Config)
+def load_config(path: str | None = None, overrides: Sequence[str] = (), schema: type | None = None,
+                check: Any = None) -> Any:
+    """Defaults <- YAML file <- dotted overrides, checked against the schema, then validated.
+
+    ``schema``/``check`` default to the pretraining :class:`Config` and :func:`validate`; the eval
+    stage passes its own.
+    """
+    schema, check = schema or Config, check or validate
+    cfg = OmegaConf.structured(schema)
     if path:
         p = Path(path)
         if not p.is_file():
@@ -183,7 +189,7 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(p))  # OmegaConf.load uses yaml.SafeLoader
         except OmegaConfBaseException as e:
-            raise _explain(e, path) from None
+            raise _explain(e, path, schema) from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value, e.g. optim.lr=0.3")
@@ -191,9 +197,9 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
         try:
             OmegaConf.update(cfg, key.strip(), yaml.safe_load(value), merge=True)
         except OmegaConfBaseException as e:
-            raise _explain(e, f"override '{item}'") from None
-    config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    validate(config)
+            raise _explain(e, f"override '{item}'", schema) from None
+    config = OmegaConf.to_object(cfg)
+    check(config)
     return config
 
 
