@@ -169,5 +169,3 @@ def gaussian_log_prob(x: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor |
     log_var = torch.as_tensor(log_var, dtype=x.dtype, device=x.device)
     return (-0.5 * (math.log(2 * math.pi) + log_var + (x - mu) ** 2 / log_var.exp())).sum(dim=1)
 
-
-ESTIMATORS = ("infonce", "nwj", "dv", "mine", "js", "smile", "ba")

@@ -20,7 +20,17 @@ from pretrain.config import ObjectiveConfig
 from pretrain.critics import build_critic
 from pretrain.distributed import gather_with_grad, rank
 
-BOUNDS = ("infonce", "nwj", "dv", "mine", "js", "smile")
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (keeps float64 for exactness tests); scores never run in bf16/fp16."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def stateless_bound(name: str, smile_tau: float):
+    """The bound function for ``objective.bound`` (MINE, which has state, is built separately)."""
+    return {"infonce": bounds.infonce, "nwj": bounds.nwj, "dv": bounds.dv, "js": bounds.js,
+            "smile": partial(bounds.smile, tau=smile_tau)}.get(name)
 
 
 class ContrastiveObjective(nn.Module):
@@ -39,8 +49,7 @@ class ContrastiveObjective(nn.Module):
         self.critic = build_critic(critic, dim, temperature)
         self.pairs = view_pairs(num_views, graph)
         self.mine = nn.ModuleList(bounds.MINE(mine_ema) for _ in self.pairs) if bound == "mine" else None
-        self._fn = {"infonce": bounds.infonce, "nwj": bounds.nwj, "dv": bounds.dv, "js": bounds.js,
-                    "smile": partial(bounds.smile, tau=smile_tau)}.get(bound)
+        self._fn = stateless_bound(bound, smile_tau)
 
     def forward(self, z: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """
@@ -55,7 +64,7 @@ class ContrastiveObjective(nn.Module):
         """
         # Logits in fp32 even under bf16/fp16 autocast (invariant 2).
         with torch.autocast(device_type=z[0].device.type, enabled=False):
-            q = [v.to(torch.promote_types(v.dtype, torch.float32)) for v in z]  # V x (B x D)
+            q = [_fp32(v) for v in z]  # V x (B x D)
             keys = [gather_with_grad(v) for v in q]  # V x (W*B x D)
             b = q[0].shape[0]
             positives = torch.arange(b, device=q[0].device) + rank() * b  # positives at rank*B + i
@@ -126,9 +135,8 @@ class AMDIMObjective(nn.Module):
 
     def forward(self, out: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.autocast(device_type=out[0]["global"].device.type, enabled=False):
-            f32 = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731
-            g = [f32(o["global"]) for o in out]
-            local = [[f32(m) for m in o["local"]] for o in out]
+            g = [_fp32(o["global"]) for o in out]
+            local = [[_fp32(m) for m in o["local"]] for o in out]
             b = g[0].shape[0]
             positives = torch.arange(b, device=g[0].device) + rank() * b
             keys = [[gather_with_grad(m) for m in views_local] for views_local in local]  # K x N x D
@@ -161,16 +169,14 @@ class DIMObjective(nn.Module):
     def __init__(self, bound: str = "js", smile_tau: float = 5.0) -> None:
         super().__init__()
         self.bound = bound
-        self._fn = {"infonce": bounds.infonce, "nwj": bounds.nwj, "dv": bounds.dv, "js": bounds.js,
-                    "smile": partial(bounds.smile, tau=smile_tau)}[bound]
+        self._fn = stateless_bound(bound, smile_tau)
 
     def forward(self, out: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.autocast(device_type=out[0]["global"].device.type, enabled=False):
-            f32 = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731
             values = []
             for a, c in ((0, 1), (1, 0)):
-                g = f32(out[a]["global"])  # B x D
-                keys = gather_with_grad(f32(out[c]["local"][-1]))  # K x N x D
+                g = _fp32(out[a]["global"])  # B x D
+                keys = gather_with_grad(_fp32(out[c]["local"][-1]))  # K x N x D
                 b, (k, n, d) = g.shape[0], keys.shape
                 scores = torch.einsum("bd,knd->nbk", g, keys).reshape(n * b, k) / math.sqrt(d)  # row n*B + i
                 positives = (torch.arange(b, device=g.device) + rank() * b).repeat(n)
