@@ -35,7 +35,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     from eval.probe import linear_probe
     from eval.report import write_report
     from pretrain.config import Config, ConfigError
-    from pretrain.data.datasets import REGISTRY, _Subset
+    from pretrain.data.datasets import REGISTRY, spaced_subset
     from pretrain.export import load_encoder
     from pretrain.knn import knn_predict
     from pretrain.models import create_encoder
@@ -53,9 +53,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
         ds = REGISTRY[cfg.dataset](data_cfg, name)
         if len(ds) == 0:
             raise ConfigError(f"the {name} split of {cfg.dataset} is empty: check root")
-        if limit and limit < len(ds):
-            ds = _Subset(ds, [i * len(ds) // limit for i in range(limit)])
-        return ds
+        return spaced_subset(ds, limit) if limit else ds
 
     train, test = split("train", cfg.limit_train), split("test", cfg.limit_test)
     for w, _, meta in exports:

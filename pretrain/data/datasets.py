@@ -61,6 +61,11 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+def _find_idx(base: Path, stem: str) -> Path | None:
+    """``stem.gz`` or ``stem`` under ``base``, whichever exists."""
+    return next((p for p in (base / f"{stem}.gz", base / stem) if p.is_file()), None)
+
+
 class FashionMNIST(ImageDataset):
     """Fashion-MNIST from the idx files (Debian package dataset-fashion-mnist): 1 x 28 x 28."""
 
@@ -70,9 +75,7 @@ class FashionMNIST(ImageDataset):
     def __init__(self, root: str, split: str = "train") -> None:
         base = Path(root or FMNIST_DEFAULT_ROOT)
         stem = self.files[split]
-        images = next((base / (stem + s) for s in (".gz", "") if (base / (stem + s)).is_file()), None)
-        labels = next((base / (stem.replace("images-idx3", "labels-idx1") + s) for s in (".gz", "")
-                       if (base / (stem.replace("images-idx3", "labels-idx1") + s)).is_file()), None)
+        images, labels = _find_idx(base, stem), _find_idx(base, stem.replace("images-idx3", "labels-idx1"))
         if images is None or labels is None:
             raise DataError(
                 f"Fashion-MNIST {split} files ({stem}[.gz]) not found in '{base}': "
@@ -183,7 +186,7 @@ REGISTRY: dict[str, Callable[[Config, str], ImageDataset]] = {
 }
 
 
-class _Subset(ImageDataset):
+class Subset(ImageDataset):
     def __init__(self, base: ImageDataset, indices: list[int]) -> None:
         self.base, self.indices = base, indices
         self.channels, self.mean, self.std = base.channels, base.mean, base.std
@@ -195,13 +198,19 @@ class _Subset(ImageDataset):
         return self.base.load(self.indices[index])
 
 
+def spaced_subset(ds: ImageDataset, n: int, offset: int = 0) -> ImageDataset:
+    """``min(n, len(ds))`` evenly spaced items of ``ds`` (spread over a class-sorted folder)."""
+    n = min(n, len(ds))
+    return Subset(ds, [(offset + i * len(ds) // n) % len(ds) for i in range(n)])
+
+
 def build_dataset(cfg: Config, split: str = "train") -> ImageDataset:
     """The training (or held-out) dataset named by ``data.dataset``; fails early on bad paths."""
     ds = REGISTRY[cfg.data.dataset](cfg, split)
     if isinstance(ds, ImageFolder):
         ds.check_readable()
     if split == "train" and cfg.data.limit:
-        ds = _Subset(ds, list(range(min(cfg.data.limit, len(ds)))))
+        ds = Subset(ds, list(range(min(cfg.data.limit, len(ds)))))
     return ds
 
 
@@ -212,14 +221,9 @@ def build_knn_sets(cfg: Config, train: ImageDataset) -> tuple[ImageDataset, Imag
     ImageFolder val/, synthetic's second seed); otherwise from the training images not in the bank.
     """
     m = cfg.monitor
-
-    def spaced(ds: ImageDataset, n: int, offset: int = 0) -> ImageDataset:
-        n = min(n, len(ds))
-        return _Subset(ds, [(offset + i * len(ds) // n) % len(ds) for i in range(n)])
-
-    bank = spaced(train, m.knn_bank)
+    bank = spaced_subset(train, m.knn_bank)
     try:
         held_out = REGISTRY[cfg.data.dataset](cfg, "test")
     except DataError:
-        return bank, spaced(train, m.knn_queries, offset=1)
-    return bank, spaced(held_out, m.knn_queries)
+        return bank, spaced_subset(train, m.knn_queries, offset=1)
+    return bank, spaced_subset(held_out, m.knn_queries)
