@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pretrain.config import ConfigError, _f
+
+
+@dataclass
+class SGDProbeConfig:
+    lr: float = _f(30.0, "imagenet protocol: SGD learning rate of the linear head (MoCo: 30 at batch 256)")
+    momentum: float = _f(0.9, "imagenet protocol: SGD momentum")
+    weight_decay: float = _f(0.0, "imagenet protocol: weight decay")
+    epochs: int = _f(100, "imagenet protocol: epochs")
+    milestones: list[int] = _f([60, 80], "imagenet protocol: epochs where the lr drops x0.1")
+    batch_size: int = _f(256, "imagenet protocol: global batch (split across processes)")
+    crop_scale_min: float = _f(0.08, "imagenet protocol: RandomResizedCrop smallest area (plus horizontal flip)")
+    checkpoint_every: int = _f(500, "imagenet protocol: checkpoint every N steps (and when stopped); rerun resumes")
+
+
+@dataclass
+class BaselinesConfig:
+    alexnet_supervised: bool = _f(True, "train torchvision's AlexNet with labels on the same split and report it")
+    alexnet_epochs: int = _f(1, "supervised AlexNet: epoch budget")
+    alexnet_max_steps: int = _f(0, "supervised AlexNet: step budget (0 = the whole epoch budget)")
+    alexnet_lr: float = _f(0.01, "supervised AlexNet: SGD lr (momentum 0.9, cosine decay)")
+    alexnet_weight_decay: float = _f(5e-4, "supervised AlexNet: weight decay")
+    alexnet_batch_size: int = _f(128, "supervised AlexNet: global batch")
+    alexnet_crop_scale_min: float = _f(0.08, "supervised AlexNet: RandomResizedCrop smallest area (plus horizontal flip)")
+    alexnet_weights: str = _f("", "an AlexNet state dict (e.g. torchvision's alexnet-owt-7be5be79.pth): adds conv1..5 probes")
+    alexnet_probe_size: int = _f(224, "conv1..5 probes: input side the images are resized to (>= 64)")
+    published: bool = _f(False, "add the quoted ImageNet reference rows (only comparable on ImageNet)")
 
 
 @dataclass
@@ -14,16 +40,19 @@ class EvalConfig:
     root: str = _f("", "dataset directory; empty = the dataset's default")
     limit_train: int = _f(0, "use only N evenly spaced training images (0 = all)")
     limit_test: int = _f(0, "use only N evenly spaced test images (0 = all)")
-    protocol: str = _f("fast", "fast: linear probe on cached frozen features")
+    center_crop_ratio: float = _f(1.0, "eval transform: resize to size / ratio, centre crop (ImageNet: 0.875 = 256 -> 224)")
+    protocol: str = _f("fast", "fast: L-BFGS probe on cached features | imagenet: SGD probe on augmented frozen features")
     weight_decays: list[float] = _f([1e-6, 1e-5, 1e-4, 1e-3], "fast probe: weight decays tried on the held-out 10% of train")
     probe_steps: int = _f(100, "fast probe: L-BFGS iterations per fit")
-    knn_k: list[int] = _f([20, 200], "kNN neighbour counts (cosine, temperature-weighted votes)")
+    sgd: SGDProbeConfig = field(default_factory=SGDProbeConfig)
+    knn_k: list[int] = _f([20, 200], "kNN neighbour counts (cosine, temperature-weighted votes); [] = no kNN")
     knn_temperature: float = _f(0.07, "kNN vote temperature")
     random_init: bool = _f(True, "add a row for a randomly initialised encoder of the same architecture")
     raw_pixels: bool = _f(True, "add a row for a probe on raw pixels (small images only)")
-    batch_size: int = _f(256, "feature extraction batch size")
-    num_workers: int = _f(2, "feature extraction loader workers")
-    seed: int = _f(0, "seed for the random-init encoder and the held-out split")
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    batch_size: int = _f(256, "feature extraction batch size (per process)")
+    num_workers: int = _f(2, "loader workers")
+    seed: int = _f(0, "seed for the random-init encoder, the held-out split and the SGD fits")
     out: str = _f("", "report directory; empty = beside the first export (its parent run dir)")
     synthetic_size: int = _f(2048, "synthetic: training images (test split: a quarter, another seed)")
     synthetic_classes: int = _f(8, "synthetic: classes")
@@ -38,7 +67,14 @@ def validate_eval(c: EvalConfig) -> None:
     require(len(c.weights) >= 1, "weights", "give at least one export directory, e.g. weights=runs/fmnist_cpu/export")
     require(c.dataset in ("fashion_mnist", "imagefolder", "synthetic"), "dataset",
             f"'{c.dataset}' is not one of fashion_mnist, imagefolder, synthetic")
-    require(c.protocol == "fast", "protocol", f"'{c.protocol}' is not one of fast (the imagenet protocol is not built yet)")
+    require(c.protocol in ("fast", "imagenet"), "protocol", f"'{c.protocol}' is not one of fast, imagenet")
     require(len(c.weight_decays) >= 1 and min(c.weight_decays) >= 0, "weight_decays", "needs values >= 0")
-    require(len(c.knn_k) >= 1 and min(c.knn_k) >= 1, "knn_k", "needs values >= 1")
+    require(all(k >= 1 for k in c.knn_k), "knn_k", "needs values >= 1")
     require(c.limit_train >= 0 and c.limit_test >= 0, "limit_train", "limits must be >= 0")
+    require(0 < c.center_crop_ratio <= 1, "center_crop_ratio", f"must be in (0, 1], got {c.center_crop_ratio}")
+    s, b = c.sgd, c.baselines
+    require(s.lr > 0 and s.epochs >= 1 and s.batch_size >= 1, "sgd", "lr, epochs and batch_size must be positive")
+    require(all(0 < m < s.epochs for m in s.milestones), "sgd.milestones", f"must lie inside (0, {s.epochs})")
+    require(b.alexnet_epochs >= 1 and b.alexnet_batch_size >= 1 and b.alexnet_lr > 0, "baselines",
+            "alexnet_epochs, alexnet_batch_size and alexnet_lr must be positive")
+    require(b.alexnet_probe_size >= 64, "baselines.alexnet_probe_size", f"must be >= 64, got {b.alexnet_probe_size}")

@@ -1,10 +1,11 @@
-"""Eval entry point: frozen exported encoders -> linear probe + kNN -> report.
+"""Eval entry point: frozen exported encoders -> linear probe + kNN, next to the AlexNet baselines -> report.
 
     python eval/main.py --config configs/probe_fmnist.yaml weights=runs/fmnist_cpu/export
-    python eval/main.py --config configs/probe_fmnist.yaml 'weights=[runs/a/export,runs/b/export]'
+    accelerate launch eval/main.py --config configs/probe_imagenet.yaml 'weights=[runs/a/export,runs/b/export]'
 
 Reads only exported artefacts (encoder.safetensors + config.json), never training code paths.
-Rows: each encoder, a random-init encoder of the same architecture, raw pixels (small images).
+Rows: each encoder, a random-init encoder of the same architecture, raw pixels (small images),
+supervised AlexNet trained here, AlexNet conv1..5 probes (given a weights file), published figures.
 """
 
 from __future__ import annotations
@@ -18,32 +19,52 @@ _here = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 import argparse  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
-PROTOCOL = "fast-v1: frozen encoder (eval mode), resize + centre crop, standardised features, " \
-           "L-BFGS logistic regression, weight decay chosen on 10% of train; kNN cosine, T-weighted votes"
+PROTOCOLS = {
+    "fast": "fast-v1: frozen encoder (eval mode), resize + centre crop, standardised cached features, "
+            "L-BFGS logistic regression, weight decay chosen on 10% of train",
+    "imagenet": "imagenet-v1: frozen encoder and BN, RandomResizedCrop + flip, linear head, SGD momentum 0.9, "
+                "lr drops x0.1 at the milestones, weight decay 0; resize + centre crop for scoring",
+}
+KNN = "kNN: cosine similarity, temperature-weighted votes over the cached train features"
 
 
-def evaluate(cfg: Any) -> list[dict[str, Any]]:
-    """Run every row of the report; returns the rows (also written to the report files)."""
+class Stopped(RuntimeError):
+    """A signal stopped a long probe; its checkpoint is saved and rerunning resumes."""
+
+
+def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top-to-bottom function
+    """Compute every row of the report; returns the rows (also written to the report files)."""
+    import hashlib
+    import os
+
     import torch
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
+    from omegaconf import OmegaConf
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from torchvision.transforms import v2
 
-    from eval.features import assert_unchanged, fingerprint, frozen_features, pixel_features
-    from eval.probe import linear_probe
+    from eval.baselines import (REFERENCE_ALEXNET_TOP1, AlexNetConvFeatures, load_alexnet_features,
+                                published_rows, supervised_alexnet)
+    from eval.classifier import FrozenEncoder, SGDSchedule, fit_classifier
+    from eval.features import assert_unchanged, fingerprint, pixel_features
+    from eval.probe import linear_probe, topk_accuracy
     from eval.report import write_report
     from pretrain.config import Config, ConfigError
+    from pretrain.data import MultiViewDataset
+    from pretrain.data.colour import split_lab
     from pretrain.data.datasets import REGISTRY, spaced_subset
+    from pretrain.engine import ImageListDataset, StopFlag, extract_features
     from pretrain.export import load_encoder
     from pretrain.knn import knn_predict
     from pretrain.models import create_encoder
 
-    # ------------------------------------------------------------------ exports (checked before any work)
+    # ------------------------------------------------------------------ exports and data (checked before any work)
     exports = [(w, *load_encoder(w)) for w in cfg.weights]  # (path, encoder, meta); checks sha256 and keys
-
-    # ------------------------------------------------------------------ data
+    if cfg.baselines.alexnet_weights:
+        alexnet_trunk = load_alexnet_features(cfg.baselines.alexnet_weights)
     data_cfg = Config()
     data_cfg.data.dataset, data_cfg.data.root = cfg.dataset, cfg.root
     data_cfg.data.synthetic_size, data_cfg.data.synthetic_classes = cfg.synthetic_size, cfg.synthetic_classes
@@ -61,67 +82,140 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
         if needs != train.channels:
             raise ConfigError(f"'{w}' expects {needs}-channel images but {cfg.dataset} has {train.channels}; "
                               "evaluate it on the dataset it was trained for")
+    size = exports[0][2]["input_size"][-1]
+    out = Path(cfg.out) if cfg.out else Path(cfg.weights[0]).resolve().parent
+    num_classes = train.num_classes
 
-    accelerator = Accelerator()
+    # ------------------------------------------------------------------ processes
+    # Without a GPU, Accelerate builds a gloo group for several processes only when told cpu=True.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=multi_cpu, dataloader_config=DataLoaderConfiguration(
+        use_seedable_sampler=True, data_seed=cfg.seed))
     torch.manual_seed(cfg.seed)
+    stop = StopFlag().install()
     rows: list[dict[str, Any]] = []
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg)) + "".join(m["sha256"] for _, _, m in exports)
 
-    def score(name: str, kind: str, train_xy, test_xy, sha: str | None) -> None:
+    def features(model, ds, image_size: int, input_fn=lambda x: x):
+        return extract_features(model, ImageListDataset(ds, image_size, cfg.center_crop_ratio), accelerator,
+                                cfg.batch_size, cfg.num_workers, input_fn=input_fn, shard=True)
+
+    def knn(train_xy, test_xy) -> dict[str, float]:
         (fx, fy), (tx, ty) = train_xy, test_xy
-        t0 = time.perf_counter()
-        probe = linear_probe(fx, fy, tx, ty, tuple(cfg.weight_decays), steps=cfg.probe_steps, seed=cfg.seed)
-        num_classes = int(max(fy.max(), ty.max())) + 1
-        knn = {str(k): (knn_predict(fx, fy, tx, k, cfg.knn_temperature, num_classes) == ty).float().mean().item()
-               for k in cfg.knn_k}
-        rows.append({"name": name, "kind": kind, "protocol": "fast", "top1": probe.top1, "top5": probe.top5,
-                     "knn": knn, "weight_decay": probe.weight_decay, "feature_dim": int(fx.shape[1]),
-                     "probe_seconds": round(time.perf_counter() - t0, 1), "weights_sha256": sha})
+        return {str(k): (knn_predict(fx, fy, tx, k, cfg.knn_temperature, num_classes) == ty).float().mean().item()
+                for k in cfg.knn_k}
 
-    bar = tqdm(total=len(exports) * (2 if cfg.random_init else 1) + int(cfg.raw_pixels), desc="eval", unit="row")
+    def fast_row(name: str, kind: str, train_xy, test_xy, **extra: Any) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        probe = linear_probe(*train_xy, *test_xy, tuple(cfg.weight_decays), steps=cfg.probe_steps, seed=cfg.seed)
+        return {"name": name, "kind": kind, "protocol": "fast", "top1": probe.top1, "top5": probe.top5,
+                "knn": knn(train_xy, test_xy), "weight_decay": probe.weight_decay, "feature_dim": int(train_xy[0].shape[1]),
+                "probe_seconds": round(time.perf_counter() - t0, 1), "scored": len(test_xy[1]), **extra}
+
+    def train_transform(image_size: int, scale_min: float) -> v2.Compose:
+        return v2.Compose([v2.RandomResizedCrop(image_size, scale=(scale_min, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(train.mean), list(train.std))])
+
+    def sgd_fit(slug: str, model, trainable, image_size: int, schedule: SGDSchedule, scale_min: float,
+                input_fn=lambda x: x) -> dict[str, Any]:
+        """Fit with the checkpointed SGD loop, then top-1/top-5 of ``model`` on the test split."""
+        train_set = MultiViewDataset(train, [train_transform(image_size, scale_min)], seed=cfg.seed)
+        # A checkpoint belongs to one configuration: another config (or other weights) starts afresh.
+        fit_id = hashlib.sha256(f"{config_yaml}{slug}".encode()).hexdigest()[:10]
+        progress = fit_classifier(accelerator, model, trainable, train_set, schedule, out / "checkpoints" / f"{slug}-{fit_id}",
+                              desc=slug, num_workers=cfg.num_workers, input_fn=input_fn, stop=stop)
+        if progress is None:
+            raise Stopped(f"stopped by {stop.signal_name or 'a signal on another rank'} during '{slug}'; "
+                          "its checkpoint is saved: rerun the same command to resume")
+        logits, y = features(accelerator.unwrap_model(model), test, image_size, input_fn)
+        budget = f"{progress.epoch} epochs" if progress.step_in_epoch == 0 else f"{progress.global_step} steps"
+        return {"top1": topk_accuracy(logits, y, 1), "top5": topk_accuracy(logits, y, 5), "trained": budget,
+                "scored": len(y)}
+
+    def encoder_row(name: str, kind: str, encoder, meta: dict, sha: str | None) -> dict[str, Any]:
+        lab = meta.get("input_transform") == "lab_L"
+        input_fn = (lambda x: split_lab([x], meta["mean"], meta["std"])[0]) if lab else (lambda x: x)
+        encoder = encoder.to(accelerator.device).eval().requires_grad_(False)
+        t0 = time.perf_counter()
+        feats = [features(encoder, ds, size, input_fn) for ds in (train, test)]
+        rate = round((len(train) + len(test)) / (time.perf_counter() - t0), 1)
+        extra = {"weights_sha256": sha, "extract_images_per_s": rate}
+        if cfg.protocol == "fast":
+            return fast_row(name, kind, *feats, **extra)
+        s = cfg.sgd
+        head = torch.nn.Linear(feats[0][0].shape[1], num_classes)
+        torch.nn.init.normal_(head.weight, std=0.01)
+        torch.nn.init.zeros_(head.bias)
+        schedule = SGDSchedule(lr=s.lr, epochs=s.epochs, batch_size=s.batch_size, momentum=s.momentum,
+                               weight_decay=s.weight_decay, milestones=tuple(s.milestones),
+                               checkpoint_every=s.checkpoint_every)
+        slug = "probe_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+        scores = sgd_fit(slug, torch.nn.Sequential(FrozenEncoder(encoder), head), head, size, schedule,
+                         s.crop_scale_min, input_fn)
+        return {"name": name, "kind": kind, "protocol": "imagenet", **scores, "knn": knn(*feats),
+                "feature_dim": int(feats[0][0].shape[1]), **extra}
+
+    b = cfg.baselines
+    jobs = len(exports) * (2 if cfg.random_init else 1) + cfg.raw_pixels + b.alexnet_supervised + 5 * bool(b.alexnet_weights)
+    accelerator.print(f"eval: {len(train)} train / {len(test)} test images of {cfg.dataset}, protocol {cfg.protocol}, "
+                      f"{jobs} rows to compute on {accelerator.num_processes} process(es)")
     # ------------------------------------------------------------------ our encoders (+ random init of each arch)
     for w, encoder, meta in exports:
         before = fingerprint(encoder)
-        t0 = time.perf_counter()
-        feats = [frozen_features(encoder, ds, meta, accelerator, cfg.batch_size, cfg.num_workers) for ds in (train, test)]
-        rate = (len(train) + len(test)) / (time.perf_counter() - t0)
-        score(Path(w).resolve().parent.name if Path(w).name == "export" else Path(w).name, "ours", *feats, meta["sha256"])
-        rows[-1]["extract_images_per_s"] = round(rate, 1)
+        name = Path(w).resolve().parent.name if Path(w).name == "export" else Path(w).name
+        rows.append(encoder_row(name, "ours", encoder, meta, meta["sha256"]))
         assert_unchanged(encoder, before, w)
-        bar.update()
         if cfg.random_init:
             random_encoder = create_encoder(meta["architecture"], meta["in_chans"], meta["small_input"])
-            feats = [frozen_features(random_encoder, ds, meta, accelerator, cfg.batch_size, cfg.num_workers)
-                     for ds in (train, test)]
-            score(f"random init {meta['architecture']}", "random_init", *feats, None)
-            bar.update()
+            before = fingerprint(random_encoder)
+            rows.append(encoder_row(f"random init {meta['architecture']}", "random_init", random_encoder, meta, None))
+            assert_unchanged(random_encoder, before, "the random-init encoder")
     # ------------------------------------------------------------------ raw pixels
-    if cfg.raw_pixels:
-        size = exports[0][2]["input_size"][-1]
-        if train.channels * size * size <= 4096:
-            score("raw pixels", "raw_pixels", pixel_features(train, size, cfg.batch_size),
-                  pixel_features(test, size, cfg.batch_size), None)
-        bar.update()
-    bar.close()
+    if cfg.raw_pixels and train.channels * size * size <= 4096:
+        rows.append(fast_row("raw pixels", "raw_pixels", pixel_features(train, size, cfg.batch_size),
+                             pixel_features(test, size, cfg.batch_size)))
+    # ------------------------------------------------------------------ AlexNet baselines
+    if b.alexnet_supervised:
+        alexnet = supervised_alexnet(train.channels, size, num_classes)
+        schedule = SGDSchedule(lr=b.alexnet_lr, epochs=b.alexnet_epochs, batch_size=b.alexnet_batch_size,
+                               weight_decay=b.alexnet_weight_decay, max_steps=b.alexnet_max_steps,
+                               checkpoint_every=cfg.sgd.checkpoint_every)
+        scores = sgd_fit("alexnet_supervised", alexnet, alexnet, size, schedule, b.alexnet_crop_scale_min)
+        rows.append({"name": f"AlexNet supervised ({scores['trained']})", "kind": "alexnet_supervised", "protocol": "supervised",
+                     **scores, "knn": None})
+    if b.alexnet_weights:
+        for layer in range(1, 6):
+            trunk = AlexNetConvFeatures(alexnet_trunk, layer, train.channels)
+            before = fingerprint(trunk)
+            feats = [features(trunk, ds, b.alexnet_probe_size) for ds in (train, test)]
+            rows.append(fast_row(f"AlexNet conv{layer} ({Path(b.alexnet_weights).name})", "alexnet_conv", *feats))
+            assert_unchanged(trunk, before, b.alexnet_weights)
+    if b.published:
+        rows.extend(published_rows())
 
-    # ------------------------------------------------------------------ report
+    # ------------------------------------------------------------------ delta vs supervised AlexNet, report
+    measured = [r["top1"] for r in rows if r["kind"] == "alexnet_supervised"]
+    reference = measured[0] if measured else (REFERENCE_ALEXNET_TOP1 if b.published else None)
+    for r in rows:
+        r["delta_vs_alexnet"] = None if reference is None or r["kind"] == "alexnet_supervised" else r["top1"] - reference
     if accelerator.is_main_process:
-        from omegaconf import OmegaConf
-
-        out = Path(cfg.out) if cfg.out else Path(cfg.weights[0]).resolve().parent
-        meta = {"dataset": cfg.dataset, "protocol": "fast-v1", "protocol_description": PROTOCOL, "seed": cfg.seed,
-                "train_images": len(train), "test_images": len(test),
-                "config": OmegaConf.to_yaml(OmegaConf.structured(cfg))}
+        meta = {"dataset": cfg.dataset, "protocol": PROTOCOLS[cfg.protocol].split(":")[0],
+                "protocol_description": f"{PROTOCOLS[cfg.protocol]}. {KNN}.", "seed": cfg.seed,
+                "train_images": len(train), "test_images": len(test), "processes": accelerator.num_processes,
+                "alexnet_reference_top1": reference, "config": OmegaConf.to_yaml(OmegaConf.structured(cfg))}
         table = write_report(out, rows, meta, list(cfg.knn_k))
         print(f"\n{table}\n\nreport: {out / 'report.md'}  {out / 'report.json'}  {out / 'report.png'}", flush=True)
+    accelerator.wait_for_everyone()
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from eval.classifier import NothingToTrain
     from eval.config import EvalConfig, validate_eval
     from eval.features import EncoderChanged
     from pretrain.config import ConfigError, load_config
 
-    parser = argparse.ArgumentParser(description="Linear probe + kNN of frozen exported encoders.")
+    parser = argparse.ArgumentParser(description="Linear probe + kNN of frozen exported encoders, beside AlexNet.")
     parser.add_argument("--config", help="YAML with differences from the eval defaults (configs/probe_*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. weights=runs/x/export")
     args = parser.parse_args(argv)
@@ -131,9 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides, schema=EvalConfig, check=validate_eval)
         evaluate(cfg)
-    except (ConfigError, EncoderChanged) as e:
+    except (ConfigError, EncoderChanged, NothingToTrain) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"eval {e}", file=sys.stderr)
+        return 1
     except RuntimeError as e:  # e.g. state-dict key mismatch between config.json and the weights
         if "state_dict" not in str(e) and "size mismatch" not in str(e):
             raise

@@ -8,14 +8,23 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
+KIND_COLOURS = {"ours": "C0", "random_init": "C7", "raw_pixels": "C8", "alexnet_supervised": "C3",
+                "alexnet_conv": "C1", "published": "C2"}
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.2f}"
+
 
 def markdown_table(rows: list[dict[str, Any]], knn_k: list[int]) -> str:
-    head = "| encoder | kind | protocol | top-1 | top-5 | " + " | ".join(f"kNN k={k}" for k in knn_k) + " |"
-    lines = [head, "|" + "---|" * (5 + len(knn_k))]
-    pct = lambda v: "–" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    """encoder / kind / protocol / top-1 / top-5 / kNN per k / delta vs supervised AlexNet (points)."""
+    head = "| encoder | kind | protocol | top-1 | top-5 | " + "".join(f"kNN k={k} | " for k in knn_k) + "Δ vs AlexNet |"
+    lines = [head, "|" + "---|" * (6 + len(knn_k))]
     for r in rows:
-        knn = " | ".join(pct((r.get("knn") or {}).get(str(k))) for k in knn_k)
-        lines.append(f"| {r['name']} | {r['kind']} | {r['protocol']} | {pct(r['top1'])} | {pct(r['top5'])} | {knn} |")
+        knn = "".join(f"{_pct((r.get('knn') or {}).get(str(k)))} | " for k in knn_k)
+        delta = r.get("delta_vs_alexnet")
+        delta = "–" if delta is None else f"{100 * delta:+.2f}"
+        lines.append(f"| {r['name']} | {r['kind']} | {r['protocol']} | {_pct(r['top1'])} | {_pct(r['top5'])} | {knn}{delta} |")
     return "\n".join(lines)
 
 
@@ -25,29 +34,36 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], kn
     table = markdown_table(rows, knn_k)
     (out / "report.json").write_text(json.dumps({"rows": rows, **meta}, indent=2) + "\n")
     sources = "\n".join(f"- `{r['name']}`: sha256 `{r['weights_sha256']}`" for r in rows if r.get("weights_sha256"))
+    quoted = "\n".join(f"- {r['name']}: {r['source']}" for r in rows if r["kind"] == "published")
+    reference = meta.get("alexnet_reference_top1")
     (out / "report.md").write_text(
-        f"# Linear evaluation on {meta['dataset']}\n\n{table}\n\nProtocol: {meta['protocol_description']}\n\n"
-        f"Weights:\n{sources or '- none'}\n\nConfig:\n\n```yaml\n{meta['config']}```\n"
+        f"# Linear evaluation on {meta['dataset']}\n\n{table}\n\n"
+        f"Δ vs AlexNet: top-1 points against "
+        f"{'no AlexNet row' if reference is None else f'supervised AlexNet at {_pct(reference)}%'}.\n\n"
+        f"Protocol: {meta['protocol_description']}\n\n"
+        + (f"Quoted, not measured here:\n{quoted}\n\n" if quoted else "")
+        + f"Weights:\n{sources or '- none'}\n\nConfig:\n\n```yaml\n{meta['config']}```\n"
     )
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(rows), 3.6))
-    ax.bar(range(len(rows)), [100 * (r["top1"] or 0) for r in rows], color="C0")
-    ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("linear probe top-1 (%)")
-    ax.set_title(f"{meta['dataset']}: linear probe on frozen features")
-    for r in rows:
-        if r["kind"] == "alexnet_supervised" and r["top1"] is not None:
-            ax.axhline(100 * r["top1"], color="C3", ls="--", label="supervised AlexNet")
-            ax.legend(fontsize=8)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(rows), 3.8))
+    ax.bar(range(len(rows)), [100 * (r["top1"] or 0) for r in rows],
+           color=[KIND_COLOURS.get(r["kind"], "C9") for r in rows])
+    ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=25, ha="right", fontsize=7)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{meta['dataset']}: linear probe on frozen features ({meta['protocol']})", fontsize=9)
+    if reference is not None:
+        ax.axhline(100 * reference, color="C3", ls="--", label=f"supervised AlexNet {_pct(reference)}%")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "report.png", dpi=120)
+    plt.close(fig)
     writer = SummaryWriter(str(out / "tb"))
     for r in rows:
-        if r["top1"] is not None:
+        if r["kind"] != "published" and r["top1"] is not None:
             writer.add_scalar(f"eval/{r['name']}/top1", r["top1"], 0)
             writer.add_scalar(f"eval/{r['name']}/top5", r["top5"], 0)
     writer.close()

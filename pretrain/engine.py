@@ -97,10 +97,10 @@ def train_step(
 
 
 class ImageListDataset(torch.utils.data.Dataset):
-    """An ImageDataset seen through the deterministic eval transform (for the kNN monitor)."""
+    """An ImageDataset seen through the deterministic eval transform (kNN monitor, eval stage)."""
 
-    def __init__(self, base: ImageDataset, size: int) -> None:
-        self.base, self.transform = base, build_eval_transform(size, base.mean, base.std)
+    def __init__(self, base: ImageDataset, size: int, crop_ratio: float = 1.0) -> None:
+        self.base, self.transform = base, build_eval_transform(size, base.mean, base.std, crop_ratio)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -113,19 +113,29 @@ class ImageListDataset(torch.utils.data.Dataset):
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset: torch.utils.data.Dataset, accelerator: Accelerator,
                      batch_size: int = 256, num_workers: int = 0,
-                     input_fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder features (N x F, fp32, CPU) and labels (N) of a labelled dataset, in eval mode.
+                     input_fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+                     shard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs (N x F, fp32, CPU) and labels (N) of a labelled dataset, in eval mode.
 
     ``input_fn`` maps a device batch to the encoder's input (e.g. the L channel of Lab for CMC).
+    With ``shard`` every process computes its shard and all receive the whole split:
+    ``gather_for_metrics`` drops the samples the sharded loader repeats to even out the last
+    batch, so each image counts exactly once whatever the process count. Without it the calling
+    process computes everything alone (the main-process kNN monitor).
     """
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    if shard:
+        loader = accelerator.prepare_data_loader(loader)
     feats, labels = [], []
     was_training = encoder.training
     encoder.eval()
     for x, y in loader:
         with accelerator.autocast():
-            feats.append(encoder(input_fn(x.to(accelerator.device))).float().cpu())
-        labels.append(y)
+            out = encoder(input_fn(x.to(accelerator.device))).float()
+        if shard:
+            out, y = accelerator.gather_for_metrics((out, y.to(accelerator.device)))
+        feats.append(out.cpu())
+        labels.append(y.cpu())
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
 

@@ -1,20 +1,33 @@
-"""The eval stage (fast protocol): probe honesty, the encoder-unchanged check, reports, bad input."""
+"""The eval stage: probe honesty, the encoder-unchanged check, both protocols, the AlexNet
+baselines, several processes, reports and bad input."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torchvision
+from accelerate import Accelerator, DataLoaderConfiguration
+from PIL import Image
 
 from conftest import REPO
+from eval.classifier import FrozenEncoder, SGDSchedule, fit_classifier
 from eval.features import EncoderChanged, assert_unchanged, fingerprint
 from eval.probe import linear_probe
+from pretrain.config import Config
+from pretrain.data import MultiViewDataset, build_view_transform
+from pretrain.data.datasets import REGISTRY, spaced_subset
+from pretrain.engine import ImageListDataset
 from pretrain.export import export_encoder
 from pretrain.models import create_encoder
+
+FAST = ["dataset=synthetic", "synthetic_size=96", "synthetic_image_size=16", "num_workers=0", "probe_steps=20",
+        "knn_k=[5]", "baselines.alexnet_supervised=false"]
 
 
 def planted(n: int, classes: int = 10, dim: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,14 +55,59 @@ def test_encoder_changed_check_fails_when_a_weight_moves() -> None:
         assert_unchanged(encoder, before, "x")
 
 
-def run_eval(*overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "eval" / "main.py"), "dataset=synthetic", "synthetic_size=96",
-           "synthetic_image_size=16", "num_workers=0", "probe_steps=20", "knn_k=[5]", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+class StopAfter:
+    """A stop flag that trips after ``n`` reads, like a SIGTERM arriving mid-epoch."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.signal_name = n, "SIGTERM"
+
+    @property
+    def requested(self) -> bool:
+        self.n -= 1
+        return self.n < 0
+
+
+def test_sgd_probe_stopped_and_resumed_ends_on_the_same_head(tmp_path: Path) -> None:
+    """The imagenet protocol's loop: frozen encoder + BN, checkpoint on stop, exact resume."""
+    cfg = Config()
+    cfg.data.dataset, cfg.data.synthetic_size, cfg.data.synthetic_image_size = "synthetic", 64, 16
+    images = REGISTRY["synthetic"](cfg, "train")
+    encoder = create_encoder("test_resnet", 3, small_input=True)
+    before = fingerprint(encoder)
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0))
+    schedule = SGDSchedule(lr=1.0, epochs=3, batch_size=16, milestones=(2,), checkpoint_every=100)
+
+    def fit(ckpt_dir: Path, stop: StopAfter | None) -> tuple[torch.nn.Linear, object]:
+        torch.manual_seed(0)
+        head = torch.nn.Linear(encoder.num_features, 8)
+        data = MultiViewDataset(images, [build_view_transform(cfg.data.views[0], 3, images.mean, images.std)], seed=0)
+        model = torch.nn.Sequential(FrozenEncoder(encoder), head)
+        return head, fit_classifier(accelerator, model, head, data, schedule, ckpt_dir, desc="t", stop=stop)
+
+    straight, progress = fit(tmp_path / "a", None)
+    assert progress.global_step == 12 and progress.epoch == 3
+    _, stopped = fit(tmp_path / "b", StopAfter(5))
+    assert stopped is None and (tmp_path / "b" / "step_00000006").is_dir()
+    resumed, progress = fit(tmp_path / "b", None)
+    assert progress.global_step == 12
+    assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)
+    assert fingerprint(encoder) == before  # the frozen encoder and its BN statistics did not move
+
+
+def run_eval(*overrides: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [*(launcher or [sys.executable]), str(REPO / "eval" / "main.py"), *FAST, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO, env=env)
+
+
+def report_of(proc: subprocess.CompletedProcess, out: Path) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "report.json").read_text())
 
 
 @pytest.fixture
 def export_dir(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
     encoder = create_encoder("test_resnet", 3, small_input=True)
     export_encoder(encoder, tmp_path / "run" / "export", arch="test_resnet", in_chans=3, input_size=16,
                    mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), small_input=True, summary={})
@@ -58,16 +116,108 @@ def export_dir(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_eval_writes_report_with_every_requested_row(export_dir: Path, tmp_path: Path) -> None:
-    proc = run_eval(f"weights={export_dir}", f"out={tmp_path / 'report'}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert [r["kind"] for r in report["rows"]] == ["ours", "random_init", "raw_pixels"]
-    for row in report["rows"]:
-        assert 0 <= row["top1"] <= row["top5"] <= 1 and set(row["knn"]) == {"5"}
+    out = tmp_path / "report"
+    proc = run_eval(f"weights={export_dir}", f"out={out}", "baselines.alexnet_supervised=true",
+                    "baselines.alexnet_max_steps=2", "baselines.alexnet_batch_size=16", "baselines.published=true")
+    report = report_of(proc, out)
+    kinds = [r["kind"] for r in report["rows"]]
+    assert kinds == ["ours", "random_init", "raw_pixels", "alexnet_supervised"] + ["published"] * 6
+    for row in report["rows"][:3]:
+        assert 0 <= row["top1"] <= row["top5"] <= 1 and set(row["knn"]) == {"5"} and row["scored"] == 24
+    alexnet = report["rows"][3]
+    assert report["alexnet_reference_top1"] == alexnet["top1"] and alexnet["name"] == "AlexNet supervised (2 steps)"
+    assert report["rows"][0]["delta_vs_alexnet"] == pytest.approx(report["rows"][0]["top1"] - alexnet["top1"])
+    quoted = {r["name"]: r["top1"] for r in report["rows"] if r["kind"] == "published"}
+    assert quoted["AlexNet supervised (as cited by CMC)"] == 0.593 and quoted["AMDIM"] == 0.681
     assert report["rows"][0]["weights_sha256"] and report["protocol"] == "fast-v1"
-    assert "| run | ours | fast |" in (tmp_path / "report" / "report.md").read_text()
-    assert (tmp_path / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "| run | ours | fast |" in md and "Δ vs AlexNet" in md and "Quoted, not measured here" in md
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| encoder | kind |" in proc.stdout  # the terminal ends with the table
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.slow
+def test_imagenet_protocol_runs_and_reports_sgd_rows(export_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    sgd = ["protocol=imagenet", "sgd.epochs=12", "sgd.milestones=[9]", "sgd.batch_size=32", "sgd.lr=10",
+           "sgd.crop_scale_min=0.5"]
+    report = report_of(run_eval(f"weights={export_dir}", f"out={out}", "raw_pixels=false", *sgd), out)
+    assert [r["protocol"] for r in report["rows"]] == ["imagenet", "imagenet"]
+    assert all(r["trained"] == "12 epochs" and r["scored"] == 24 for r in report["rows"])
+    assert report["rows"][0]["top1"] >= 0.3  # it learned: 8 balanced classes, chance is 1/8
+    assert report["protocol"] == "imagenet-v1" and len(list((out / "checkpoints").iterdir())) == 2
+
+
+@pytest.mark.slow
+def test_two_processes_score_the_same_as_one(export_dir: Path, tmp_path: Path) -> None:
+    """No duplicates from padding and no drops: 90 train / 22 test images over 2 ranks, batch 16."""
+    args = [f"weights={export_dir}", "synthetic_size=90", "batch_size=16", "random_init=false", "raw_pixels=false"]
+    one = report_of(run_eval(*args, f"out={tmp_path / 'one'}"), tmp_path / "one")
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = run_eval(*args, f"out={tmp_path / 'two'}", launcher=launcher)
+    two = report_of(proc, tmp_path / "two")
+    assert two["processes"] == 2 and one["processes"] == 1
+    (a,), (b,) = one["rows"], two["rows"]
+    assert a["scored"] == b["scored"] == 22
+    assert b["top1"] == a["top1"] and b["knn"] == a["knn"]
+    assert proc.stdout.count("| encoder | kind |") == 1  # rank 0 reports, rank 1 does not
+
+
+def train_supervised(encoder: torch.nn.Module, images, steps: int, size: int) -> None:
+    """A few hundred labelled steps: an encoder that has certainly learned the classes."""
+    head = torch.nn.Linear(encoder.num_features, images.num_classes)
+    opt = torch.optim.Adam([*encoder.parameters(), *head.parameters()], 3e-3)
+    loader = torch.utils.data.DataLoader(ImageListDataset(images, size), batch_size=64, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    encoder.train()
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            loss = torch.nn.functional.cross_entropy(head(encoder(x)), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            done += 1
+            if done == steps:
+                return
+
+
+@pytest.mark.slow
+def test_learned_encoder_beats_random_init_end_to_end(tmp_path: Path) -> None:
+    """Real Fashion-MNIST through the whole stage: an encoder that learned the classes must score
+    clearly above the random-init row, and the AlexNet trained here must beat chance."""
+    torch.manual_seed(0)
+    cfg = Config()
+    encoder = create_encoder("test_resnet", 1, small_input=True)
+    train_supervised(encoder, spaced_subset(REGISTRY["fashion_mnist"](cfg, "train"), 2000), steps=90, size=28)
+    export = tmp_path / "learned" / "export"
+    export_encoder(encoder, export, arch="test_resnet", in_chans=1, input_size=28, mean=(0.2860,), std=(0.3530,),
+                   small_input=True, summary={})
+    out = tmp_path / "report"
+    report = report_of(run_eval(f"weights={export}", f"out={out}", "dataset=fashion_mnist", "limit_train=2000",
+                                "limit_test=500", "raw_pixels=false", "baselines.alexnet_supervised=true",
+                                "baselines.alexnet_max_steps=100", "baselines.alexnet_batch_size=32",
+                                "baselines.alexnet_epochs=5", "baselines.alexnet_lr=0.03",
+                                "baselines.alexnet_crop_scale_min=1.0"), out)
+    ours, random_init, alexnet = report["rows"]
+    assert ours["top1"] > 0.8 and ours["top1"] > random_init["top1"] + 0.08, report["rows"]
+    assert alexnet["kind"] == "alexnet_supervised" and alexnet["top1"] > 0.2  # 10 classes: chance is 0.1
+
+
+@pytest.mark.slow
+def test_alexnet_conv_probes_from_a_weights_file(export_dir: Path, tmp_path: Path) -> None:
+    weights = tmp_path / "alexnet.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), weights)  # random init, saved like torchvision's file
+    out = tmp_path / "report"
+    report = report_of(run_eval(f"weights={export_dir}", f"out={out}", "random_init=false", "raw_pixels=false",
+                                f"baselines.alexnet_weights={weights}", "baselines.alexnet_probe_size=64"), out)
+    conv = [r for r in report["rows"] if r["kind"] == "alexnet_conv"]
+    assert [r["name"] for r in conv] == [f"AlexNet conv{i} (alexnet.pth)" for i in range(1, 6)]
+    assert [r["feature_dim"] for r in conv] == [9216, 9408, 9600, 9216, 9216]
+    assert all(0 <= r["top1"] <= 1 and r["scored"] == 24 for r in conv)
 
 
 @pytest.mark.slow
@@ -76,21 +226,35 @@ def test_eval_writes_report_with_every_requested_row(export_dir: Path, tmp_path:
     ("hash", "does not match the sha256"),
     ("arch", "do not match the architecture"),
     ("channels", "expects 1-channel images"),
+    ("alexnet_missing", "is not a file"),
+    ("alexnet_wrong", "is not a torchvision AlexNet state dict"),
+    ("empty_split", "no images"),
 ])
-def test_bad_exports_fail_with_one_line(export_dir: Path, damage: str, needle: str) -> None:
+def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage: str, needle: str) -> None:
     meta_path = export_dir / "config.json"
     meta = json.loads(meta_path.read_text())
+    extra: list[str] = []
     if damage == "missing":
         export_dir = export_dir.parent / "nope"
     elif damage == "hash":
         meta["sha256"] = "0" * 64
     elif damage == "arch":
         meta["architecture"] = "resnet18"
-    if damage != "channels":
-        meta_path.write_text(json.dumps(meta))
-    else:  # a valid grayscale export, evaluated on RGB data
+    elif damage == "channels":  # a valid grayscale export, evaluated on RGB data
         export_encoder(create_encoder("test_resnet", 1, small_input=True), export_dir, arch="test_resnet", in_chans=1,
                        input_size=16, mean=(0.5,), std=(0.25,), small_input=True, summary={})
-    proc = run_eval(f"weights={export_dir}")
+    elif damage.startswith("alexnet"):
+        path = tmp_path / "alexnet.pth"
+        if damage == "alexnet_wrong":
+            torch.save(torchvision.models.vgg11().state_dict(), path)
+        extra = [f"baselines.alexnet_weights={path}"]
+    elif damage == "empty_split":  # a val/ folder with its class folders but no images
+        for split in ("train", "val"):
+            (tmp_path / "data" / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (16, 16)).save(tmp_path / "data" / "train" / "cat" / "a.png")
+        extra = ["dataset=imagefolder", f"root={tmp_path / 'data'}"]
+    if damage in ("hash", "arch"):
+        meta_path.write_text(json.dumps(meta))
+    proc = run_eval(f"weights={export_dir}", *extra)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]

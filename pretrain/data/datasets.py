@@ -37,6 +37,7 @@ class ImageDataset(torch.utils.data.Dataset):
     """Base: ``load(i)`` returns (uint8 C x H x W tensor, int label) or raises UnreadableImage."""
 
     channels: int = 3
+    num_classes: int = 0
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
@@ -69,7 +70,7 @@ def _find_idx(base: Path, stem: str) -> Path | None:
 class FashionMNIST(ImageDataset):
     """Fashion-MNIST from the idx files (Debian package dataset-fashion-mnist): 1 x 28 x 28."""
 
-    channels, mean, std = 1, (0.2860,), (0.3530,)
+    channels, num_classes, mean, std = 1, 10, (0.2860,), (0.3530,)
     files = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
 
     def __init__(self, root: str, split: str = "train") -> None:
@@ -104,6 +105,7 @@ class Synthetic(ImageDataset):
 
     def __init__(self, size: int, classes: int, image_size: int, seed: int) -> None:
         self.size, self.classes, self.image_size, self.seed = size, classes, image_size, seed
+        self.num_classes = classes
 
     def __len__(self) -> int:
         return self.size
@@ -138,6 +140,7 @@ class ImageFolder(ImageDataset):
                 f"holding {split}/<class>/<image> (e.g. data.root=/datasets/imagenet)"
             )
         self.classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+        self.num_classes = len(self.classes)
         self.samples = [
             (str(p), label)
             for label, cls in enumerate(self.classes)
@@ -189,7 +192,7 @@ REGISTRY: dict[str, Callable[[Config, str], ImageDataset]] = {
 class Subset(ImageDataset):
     def __init__(self, base: ImageDataset, indices: list[int]) -> None:
         self.base, self.indices = base, indices
-        self.channels, self.mean, self.std = base.channels, base.mean, base.std
+        self.channels, self.num_classes, self.mean, self.std = base.channels, base.num_classes, base.mean, base.std
 
     def __len__(self) -> int:
         return len(self.indices)

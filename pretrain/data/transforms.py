@@ -34,10 +34,13 @@ def build_view_transform(view: ViewConfig, channels: int, mean: Sequence[float],
     return v2.Compose(steps)
 
 
-def build_eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """Deterministic: resize the short side to ``size``, centre crop, normalise."""
+def build_eval_transform(size: int, mean: Sequence[float], std: Sequence[float], crop_ratio: float = 1.0) -> v2.Compose:
+    """Deterministic: resize the short side to ``size / crop_ratio``, centre crop ``size``, normalise.
+
+    ``crop_ratio=0.875`` is ImageNet's resize 256 + centre crop 224.
+    """
     return v2.Compose([
-        v2.Resize(size, antialias=True),
+        v2.Resize(round(size / crop_ratio), antialias=True),
         v2.CenterCrop(size),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(list(mean), list(std)),

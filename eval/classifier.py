@@ -1,0 +1,157 @@
+"""A checkpointed, resumable SGD classifier loop under Accelerate, shared by the `imagenet` linear
+probe (a linear head on a frozen encoder) and the supervised AlexNet baseline (trained end to end).
+
+Resume follows pretraining: the newest checkpoint in ``ckpt_dir`` holds the trainable weights, the
+optimizer, the position inside the epoch and every rank's RNG; augmentations are a pure function of
+(seed, epoch, index) (``MultiViewDataset``), so a stopped and resumed fit ends on the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import nn
+from tqdm.auto import tqdm
+
+from pretrain import checkpoint as ckpt
+from pretrain.data import MultiViewDataset
+from pretrain.engine import StopFlag
+
+
+@dataclass
+class SGDSchedule:
+    """SGD with momentum; lr decays x0.1 at each epoch milestone, or follows a cosine when none are given."""
+
+    lr: float
+    epochs: int
+    batch_size: int  # global, split across processes
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    milestones: tuple[int, ...] = ()
+    max_steps: int = 0  # stop after this many steps in total (a budget); 0 = all epochs
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+    def factor(self, step: int, steps_per_epoch: int) -> float:
+        if self.milestones:
+            return 0.1 ** sum(step >= m * steps_per_epoch for m in self.milestones)
+        total = self.total_steps(steps_per_epoch)
+        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        total = self.epochs * steps_per_epoch
+        return min(total, self.max_steps) if self.max_steps else total
+
+
+class FrozenEncoder(nn.Module):
+    """An encoder that stays in eval mode (frozen BN statistics) and outside autograd."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenEncoder":
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.encoder(x).float()
+
+
+class NothingToTrain(RuntimeError):
+    pass
+
+
+def fit_classifier(
+    accelerator: Accelerator,
+    model: nn.Module,
+    trainable: nn.Module,
+    train_set: MultiViewDataset,
+    schedule: SGDSchedule,
+    ckpt_dir: Path,
+    *,
+    desc: str,
+    num_workers: int = 0,
+    input_fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    stop: StopFlag | None = None,
+) -> ckpt.Progress | None:
+    """Train ``trainable`` (a part of ``model``: B x C x H x W -> B x classes logits) with cross-entropy.
+
+    Returns where training ended, or None when ``stop`` asked to stop (a checkpoint is then
+    saved; calling again with the same ``ckpt_dir`` resumes).
+    """
+    per_process, rest = divmod(schedule.batch_size, accelerator.num_processes)
+    if rest or per_process < 1:
+        raise NothingToTrain(f"batch size {schedule.batch_size} does not split over {accelerator.num_processes} processes")
+    if len(train_set) < schedule.batch_size:
+        raise NothingToTrain(f"{desc}: the train split has {len(train_set)} images, fewer than one batch of "
+                             f"{schedule.batch_size}; lower the batch size")
+    loader = torch.utils.data.DataLoader(train_set, batch_size=per_process, shuffle=True, drop_last=True,
+                                         num_workers=num_workers, pin_memory=accelerator.device.type == "cuda")
+    optimizer = torch.optim.SGD([p for p in trainable.parameters() if p.requires_grad], lr=schedule.lr,
+                                momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = len(loader)
+    total = schedule.total_steps(steps_per_epoch)
+
+    progress = ckpt.Progress()
+    loaded = ckpt.load_latest(ckpt_dir)
+    if loaded:
+        state, path = loaded
+        trainable.load_state_dict(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        progress = ckpt.Progress(**state["progress"])
+        ckpt.set_rng_state(state["rng"][accelerator.process_index % len(state["rng"])])
+        accelerator.print(f"{desc}: resumed from {path} (epoch {progress.epoch}, step {progress.global_step})")
+
+    def save() -> None:
+        rngs = gather_object([ckpt.rng_state()])
+        if accelerator.is_main_process:
+            state = {"trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
+                     "progress": vars(progress), "rng": rngs}
+            ckpt.save(ckpt_dir, state, progress.global_step, schedule.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    bar = tqdm(total=total, initial=progress.global_step, desc=desc, unit="step", disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
+    stopped = False
+    model.train()
+    while progress.global_step < total and not stopped:
+        train_set.set_epoch(progress.epoch)
+        loader.set_epoch(progress.epoch)
+        batches = accelerator.skip_first_batches(loader, progress.step_in_epoch) if progress.step_in_epoch else loader
+        for batch in batches:
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.lr * schedule.factor(progress.global_step, steps_per_epoch)
+            with accelerator.autocast():
+                logits = model(input_fn(batch["views"][0]))
+            loss = F.cross_entropy(logits.float(), batch["label"])
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            progress.step_in_epoch += 1
+            progress.global_step += 1
+            if progress.step_in_epoch == steps_per_epoch:
+                progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
+            bar.update(1)
+            if progress.global_step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            flag = torch.tensor(float(stop is not None and stop.requested), device=accelerator.device)
+            stopped = accelerator.reduce(flag, reduction="sum").item() > 0
+            if stopped or progress.global_step >= total:
+                break
+            if progress.global_step % schedule.checkpoint_every == 0:
+                save()
+    bar.close()
+    save()
+    model.eval()
+    return None if stopped else progress
