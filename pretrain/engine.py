@@ -26,8 +26,12 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN/inf; the message names the step and what to change."""
 
 
+# submitit's preemption / time-limit signal (SLURM sends it `--signal-delay` seconds before the end).
+PREEMPT_SIGNAL = signal.SIGUSR2
+
+
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1 (preemption, time limit, Ctrl-C-like stops from the scheduler).
+    """Set by SIGTERM, SIGUSR1 or SIGUSR2 (cancel, preemption, time limit, a scheduler's stop).
 
     The handler only sets a flag; ranks agree on it at the next step boundary (one all-reduce),
     then all save a checkpoint and exit cleanly together.
@@ -38,7 +42,7 @@ class StopFlag:
         self.signal_name = ""
 
     def install(self) -> "StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, PREEMPT_SIGNAL):
             signal.signal(sig, self._handle)
         return self
 

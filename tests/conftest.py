@@ -27,3 +27,28 @@ def run_main(*overrides: str, config: Path = TINY, launcher: list[str] | None = 
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """The one-node SLURM cluster of tests/slurm/start.sh, up for the session, stopped even on failure."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("the SLURM tests need root to start slurmd; CI runs as root")
+        pytest.skip("the SLURM tests need root to start slurmd (run `make test` as root)")
+    state = tmp_path_factory.mktemp("slurm")
+    proc = subprocess.run(["bash", str(REPO / "tests" / "slurm" / "start.sh"), str(state)], capture_output=True,
+                          text=True, timeout=900)
+    if proc.returncode != 0:
+        subprocess.run(["bash", str(REPO / "tests" / "slurm" / "stop.sh"), str(state)], timeout=60)
+        pytest.fail(f"tests/slurm/start.sh failed:\n{proc.stderr[-4000:]}")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    try:
+        yield state
+    finally:
+        subprocess.run(["bash", str(REPO / "tests" / "slurm" / "stop.sh"), str(state)], timeout=60)
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old

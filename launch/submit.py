@@ -1,0 +1,235 @@
+"""Send pretraining (and optionally the eval stage after it) to SLURM through submitit.
+
+    python launch/submit.py --config configs/imagenet_resnet50.yaml --nodes 4 --gpus-per-node 8 \\
+        --partition gpu --time 72:00:00 --eval configs/probe_imagenet.yaml
+    python launch/submit.py --config configs/synthetic_tiny.yaml --cluster local      # no SLURM
+    python launch/submit.py --config configs/X.yaml --sweep optim.lr=0.1,0.3 --dry-run
+
+One SLURM task per GPU; each task calls the same ``pretrain.main.train`` as ``accelerate launch``.
+Preemption / time limit: checkpoint, requeue, resume (see launch/jobs.py). Every error a user can
+cause is reported in one line before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_here = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+# Keys that may change when a run dir is resubmitted (budgets and bookkeeping, not the experiment).
+RESUMABLE_CHANGES = {"run.max_steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints",
+                     "data.num_workers", "run.export"}
+
+
+class SubmitError(ValueError):
+    """A request that cannot be submitted; one line with the fix."""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Submit infomax pretraining (and eval) to SLURM via submitit.",
+                                epilog="Overrides are dotted keys, e.g. optim.lr=0.3 run.dir=runs/x")
+    p.add_argument("--config", required=True, help="pretraining YAML (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied after the file")
+    r = p.add_argument_group("resources")
+    r.add_argument("--nodes", type=int, default=1)
+    r.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU")
+    r.add_argument("--tasks-per-node", type=int, default=0, help="default: --gpus-per-node (or 1 without GPUs)")
+    r.add_argument("--cpus-per-task", type=int, default=1)
+    r.add_argument("--mem-gb", type=int, default=0, help="memory per node in GB (0 = the cluster default)")
+    r.add_argument("--partition", default="")
+    r.add_argument("--account", default="")
+    r.add_argument("--qos", default="")
+    r.add_argument("--constraint", default="")
+    r.add_argument("--time", default="72:00:00", help="time limit, [D-]HH:MM:SS or minutes")
+    r.add_argument("--job-name", default="", help="default: infomax-<run dir name>")
+    j = p.add_argument_group("job control")
+    j.add_argument("--max-requeues", type=int, default=10, help="preemptions / time limits survived by requeueing")
+    j.add_argument("--signal-delay", type=int, default=120, help="seconds before the end SLURM signals the job to save")
+    j.add_argument("--eval", default="", help="eval config (configs/probe_*.yaml): a second job after pretraining succeeds")
+    j.add_argument("--eval-override", action="append", default=[], help="key=value for the eval config (repeatable)")
+    j.add_argument("--sweep", action="append", default=[], help="key=v1,v2,...: one run per value (product of several)")
+    j.add_argument("--array-parallelism", type=int, default=16, help="sweep jobs running at once")
+    j.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm",
+                   help="slurm; local = submitit's local executor (no SLURM); debug = in this process")
+    j.add_argument("--logs", default="", help="submitit folder (default: <run dir>/slurm)")
+    j.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved configs; submit nothing")
+    return p.parse_intermixed_args(argv)
+
+
+def minutes(text: str) -> int:
+    """A SLURM time (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes, rounded up."""
+    try:
+        if "-" in text:
+            days, clock = text.split("-", 1)
+            h, m, sec = ([int(x) for x in clock.split(":")] + [0, 0])[:3]
+        else:
+            days, parts = "0", [int(x) for x in text.split(":")]
+            h, m, sec = {1: [0, *parts, 0], 2: [0, *parts], 3: parts}[len(parts)]
+        return int(days) * 1440 + h * 60 + m + (sec > 0)
+    except (ValueError, KeyError):
+        raise SubmitError(f"--time '{text}' is not a SLURM time: use HH:MM:SS, D-HH:MM:SS or minutes") from None
+
+
+def sweep_points(sweeps: list[str]) -> list[list[str]]:
+    """``["a=1,2", "b=x,y"]`` -> the product as override lists ``[["a=1", "b=x"], ...]``."""
+    axes = []
+    for s in sweeps:
+        key, sep, values = s.partition("=")
+        if not sep or not values:
+            raise SubmitError(f"--sweep '{s}' is not key=v1,v2,..., e.g. --sweep optim.lr=0.1,0.3")
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    return [list(point) for point in itertools.product(*axes)] if axes else [[]]
+
+
+def check_run_dir(cfg: Any) -> None:
+    """A run dir holds one experiment: resubmitting it may change budgets, not the config."""
+    from omegaconf import OmegaConf
+
+    from pretrain.config import to_yaml
+
+    saved = Path(cfg.run.dir) / "config.yaml"
+    if not saved.is_file():
+        return
+    old, new = OmegaConf.create(saved.read_text()), OmegaConf.create(to_yaml(cfg))
+    differing = sorted(k for k in _flat(new) if _flat(old).get(k) != _flat(new)[k] and k not in RESUMABLE_CHANGES)
+    if differing:
+        raise SubmitError(f"run dir '{cfg.run.dir}' belongs to a different config ({', '.join(differing[:4])} differ); "
+                          "pick a new run.dir, or resubmit with the config it was started with")
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        return {k: v for key in node for k, v in _flat(node[key], f"{prefix}{key}.").items()}
+    return {prefix[:-1]: OmegaConf.to_container(node) if not isinstance(node, (str, int, float, bool, type(None))) else node}
+
+
+def known_partitions() -> list[str]:
+    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise SubmitError(f"sinfo failed ({out.stderr.strip() or out.returncode}): is SLURM reachable from here "
+                          "(SLURM_CONF)? Use --cluster local to run without SLURM")
+    return [p.rstrip("*") for p in out.stdout.split()]
+
+
+def submit(args: argparse.Namespace) -> list[Any]:  # noqa: C901 - validation, then submission, in order
+    import submitit
+    from omegaconf import OmegaConf
+
+    from eval.config import EvalConfig, validate_eval
+    from launch.jobs import EvalJob, PretrainJob
+    from pretrain.config import load_config, to_yaml
+
+    # ------------------------------------------------------------------ everything checked before submitting
+    points = sweep_points(args.sweep)
+    runs = []
+    for point in points:
+        cfg = load_config(args.config, [*args.overrides, *point])
+        if len(points) > 1:  # one run dir per sweep value, under the configured one
+            cfg.run.dir = str(Path(cfg.run.dir) / "_".join(o.replace("/", "-") for o in point))
+        cfg.run.dir = str(Path(cfg.run.dir).resolve())
+        check_run_dir(cfg)
+        runs.append(cfg)
+    eval_cfgs = []
+    if args.eval:
+        for cfg in runs:
+            export = str(Path(cfg.run.dir) / "export")
+            eval_cfgs.append(load_config(args.eval, [*args.eval_override, f"weights=[{export}]"],
+                                         schema=EvalConfig, check=validate_eval))
+    gpus = args.gpus_per_node
+    tasks = args.tasks_per_node or max(1, gpus)
+    if gpus and tasks != gpus:
+        raise SubmitError(f"--tasks-per-node {tasks} with --gpus-per-node {gpus}: infomax runs one task per GPU")
+    if args.cluster == "local" and gpus:
+        import torch
+
+        if torch.cuda.device_count() < gpus:
+            raise SubmitError(f"--cluster local asks for {gpus} GPUs but this machine has {torch.cuda.device_count()}; "
+                              "use --gpus-per-node 0 (CPU processes) or submit to SLURM")
+    if args.cluster == "slurm" and not args.dry_run:
+        if shutil.which("sbatch") is None:
+            raise SubmitError("sbatch is not on PATH: run this on a SLURM login node, or use --cluster local")
+        if args.partition and args.partition not in (parts := known_partitions()):
+            raise SubmitError(f"--partition '{args.partition}' is not a partition of this cluster "
+                              f"(sinfo knows: {', '.join(parts)})")
+    if args.max_requeues < 0 or args.nodes < 1 or args.cpus_per_task < 1:
+        raise SubmitError("--nodes and --cpus-per-task must be >= 1 and --max-requeues >= 0")
+
+    # ------------------------------------------------------------------ executor
+    first = Path(runs[0].run.dir)
+    folder = Path(args.logs).resolve() if args.logs else (first if len(runs) == 1 else first.parent) / "slurm"
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=None if args.cluster == "slurm" else args.cluster,
+                                     slurm_max_num_timeout=args.max_requeues)
+    params: dict[str, Any] = {"nodes": args.nodes, "tasks_per_node": tasks, "cpus_per_task": args.cpus_per_task,
+                              "timeout_min": minutes(args.time),
+                              "name": args.job_name or f"infomax-{first.name}"}
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if args.mem_gb:
+        params["mem_gb"] = args.mem_gb
+    slurm = {"partition": args.partition, "account": args.account, "qos": args.qos, "constraint": args.constraint}
+    params.update({f"slurm_{k}": v for k, v in slurm.items() if v})
+    params.update(slurm_signal_delay_s=args.signal_delay, slurm_array_parallelism=args.array_parallelism)
+    executor.update_parameters(**params)
+
+    jobs = [PretrainJob(to_yaml(cfg), args.max_requeues) for cfg in runs]
+    if args.dry_run:
+        inner = getattr(executor, "_executor", executor)
+        script = inner._make_submission_file_text(inner._submitit_command_str, "dry-run") \
+            if hasattr(inner, "_submitit_command_str") else f"({args.cluster} executor: no sbatch script)"
+        print(f"# sbatch script ({len(runs)} job{'s' if len(runs) > 1 else ''})\n{script}")
+        for cfg in runs:
+            print(f"# resolved config for {cfg.run.dir}\n{to_yaml(cfg)}")
+        for ecfg in eval_cfgs:
+            print(f"# eval config (after pretraining succeeds)\n{OmegaConf.to_yaml(OmegaConf.structured(ecfg))}")
+        return []
+
+    # ------------------------------------------------------------------ submit
+    if len(jobs) > 1:
+        with executor.batch():
+            submitted = [executor.submit(job) for job in jobs]
+    else:
+        submitted = [executor.submit(jobs[0])]
+    eval_jobs = []
+    for job, ecfg in zip(submitted, eval_cfgs):
+        executor.update_parameters(name=f"{params['name']}-eval", **(
+            {"slurm_additional_parameters": {"dependency": f"afterok:{job.job_id}"}} if args.cluster == "slurm" else {}))
+        if args.cluster != "slurm":
+            job.result()  # local/debug: no scheduler to hold the eval back, so wait here
+        eval_jobs.append(executor.submit(EvalJob(OmegaConf.to_yaml(OmegaConf.structured(ecfg)))))
+
+    for cfg, job in zip(runs, submitted):
+        print(f"submitted {job.job_id}: run dir {cfg.run.dir}\n"
+              f"  logs     {job.paths.stdout}\n           {job.paths.stderr}")
+    for job in eval_jobs:
+        print(f"submitted {job.job_id}: eval after pretraining; report beside the export")
+    ids = ",".join(j.job_id for j in submitted + eval_jobs)
+    print(f"follow:   squeue -j {ids}   |   sacct -j {ids} -X -o JobID,JobName,State,Elapsed\n"
+          f"          tail -f {submitted[0].paths.stdout}   |   tensorboard --logdir {first if len(runs) == 1 else first.parent}\n"
+          f"cancel:   scancel {ids}  (a cancelled run keeps its checkpoint: resubmit the same command to resume)")
+    return submitted + eval_jobs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pretrain.config import ConfigError
+
+    args = parse_args(argv)
+    try:
+        submit(args)
+    except (ConfigError, SubmitError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""launch/submit.py against a real one-node SLURM (slurm-wlm + munge + slurmdbd/MariaDB), started
+by the `slurm_cluster` fixture: completion, two ranks, preemption + requeue, eval chain, sweep,
+cancel + resume, dry run and bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, TINY
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+
+
+def submit(*args: str, check: bool = True) -> tuple[subprocess.CompletedProcess, list[str]]:
+    cmd = [sys.executable, str(REPO / "launch" / "submit.py"), "--config", str(TINY), "--time", "20", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, re.findall(r"^submitted (\S+):", proc.stdout, flags=re.M)
+
+
+def sacct(job: str, *extra: str) -> list[str]:
+    out = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "JobID,State,Start,End", *extra],
+                         capture_output=True, text=True, timeout=30)
+    return [line for line in out.stdout.splitlines() if line]
+
+
+def wait_done(job: str, timeout: float = 240) -> str:
+    """The job's final state (sacct), once it has one."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        states = {line.split("|")[0]: line.split("|")[1] for line in sacct(job)}
+        if states.get(job, "").startswith(TERMINAL):
+            return states[job].split()[0]
+        time.sleep(1)
+    raise AssertionError(f"job {job} did not finish in {timeout}s: {sacct(job)}")
+
+
+def wait_for_step(run_dir: Path, job: str, step: int, timeout: float = 180) -> None:
+    """Until the job's rank-0 progress bar has passed ``step`` (tqdm writes to the .err log)."""
+    log = run_dir / "slurm" / job / f"{job}_0_log.err"
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if log.is_file() and re.search(rf"\| {step}/\d+ \[", log.read_text(errors="replace")):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} never reached step {step}: {log.read_text(errors='replace')[-2000:] if log.is_file() else 'no log'}")
+
+
+def log_of(run_dir: Path, job: str, rank: int = 0) -> str:
+    return (run_dir / "slurm" / job / f"{job}_{rank}_log.out").read_text(errors="replace")
+
+
+def test_tiny_run_completes_and_leaves_an_export(slurm_cluster: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc, (job,) = submit(f"run.dir={run}", "run.max_steps=4")
+    assert f"run dir {run}" in proc.stdout and "sacct -j" in proc.stdout and "tail -f" in proc.stdout
+    assert wait_done(job) == "COMPLETED", log_of(run, job)
+    assert (run / "export" / "encoder.safetensors").is_file()
+
+
+def test_two_tasks_form_one_process_group(slurm_cluster: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _, (job,) = submit(f"run.dir={run}", "run.max_steps=4", "--tasks-per-node", "2")
+    assert wait_done(job) == "COMPLETED", log_of(run, job)
+    assert "step 4/4" in log_of(run, job) and "on 2 process(es)" in log_of(run, job)
+    assert "global_rank=1(2)" in log_of(run, job, rank=1)  # the second task is rank 1 of 2
+    assert (run / "export" / "encoder.safetensors").is_file()
+
+
+def test_preempted_job_saves_requeues_and_resumes_without_losing_steps(slurm_cluster: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _, (job,) = submit(f"run.dir={run}", "optim.epochs=5", "run.checkpoint_every=1000")  # 40 steps
+    wait_for_step(run, job, 3)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)  # what SLURM sends before preempting
+    assert wait_done(job, timeout=300) == "COMPLETED", log_of(run, job)
+    log = log_of(run, job)  # both runs of the job append to the same log
+    stopped = re.search(r"infomax pretraining stopped \(SIGUSR2\): step (\d+)/40", log)
+    resumed = re.search(r"resumed from \S+step_(\d+) \(epoch \d+, batch \d+, step (\d+)\)", log)
+    finished = re.search(r"infomax pretraining finished: step 40/40, epoch 5/5, (\d+) steps in", log)
+    assert stopped and resumed and finished, log[-3000:]
+    k = int(stopped.group(1))
+    assert k >= 3 and int(resumed.group(1)) == int(resumed.group(2)) == k  # resumed from the step it stopped at
+    assert int(finished.group(1)) == 40 - k  # no step ran twice, none was skipped
+    assert "requeued 1 times" in log
+    assert any("REQUEUED" in line for line in sacct(job, "-D"))  # sacct's history holds the requeue
+
+
+def test_eval_job_waits_for_pretraining_and_writes_the_report(slurm_cluster: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    probe = tmp_path / "probe.yaml"
+    probe.write_text(yaml.safe_dump({"dataset": "synthetic", "synthetic_size": 96, "synthetic_image_size": 16,
+                                     "num_workers": 0, "probe_steps": 20, "knn_k": [5],
+                                     "baselines": {"alexnet_supervised": False}}))
+    _, (job, eval_job) = submit(f"run.dir={run}", "run.max_steps=4", "--eval", str(probe))
+    assert wait_done(eval_job) == "COMPLETED" and wait_done(job) == "COMPLETED"
+    (pre,), (post,) = sacct(job), sacct(eval_job)
+    assert post.split("|")[2] >= pre.split("|")[3]  # the eval started after pretraining ended (afterok)
+    report = json.loads((run / "report.json").read_text())
+    assert [r["kind"] for r in report["rows"]] == ["ours", "random_init", "raw_pixels"]
+
+
+def test_sweep_gives_one_run_per_value(slurm_cluster: Path, tmp_path: Path) -> None:
+    base = tmp_path / "sweep"
+    _, jobs = submit(f"run.dir={base}", "run.max_steps=2", "--sweep", "optim.lr=0.05,0.2")
+    assert len(jobs) == 2 and all("_" in j for j in jobs)  # one job array
+    for job in jobs:
+        assert wait_done(job) == "COMPLETED"
+    lrs = sorted(yaml.safe_load((d / "config.yaml").read_text())["optim"]["lr"] for d in base.glob("optim.lr=*"))
+    assert lrs == [0.05, 0.2]
+    assert all((d / "export" / "encoder.safetensors").is_file() for d in base.glob("optim.lr=*"))
+
+
+def test_cancelled_run_resumes_when_resubmitted(slurm_cluster: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = (f"run.dir={run}", "optim.epochs=5", "run.checkpoint_every=1000")
+    _, (job,) = submit(*args)
+    wait_for_step(run, job, 3)
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    assert wait_done(job) == "CANCELLED"
+    time.sleep(1)
+    assert list((run / "checkpoints").glob("step_*")), "the cancelled run left no checkpoint"
+    _, (again,) = submit(*args)
+    assert wait_done(again, timeout=300) == "COMPLETED", log_of(run, again)
+    assert "resumed from" in log_of(run, again) and "step 40/40" in log_of(run, again)
+
+
+def test_dry_run_prints_resources_and_submits_nothing(tmp_path: Path) -> None:
+    proc, jobs = submit(f"run.dir={tmp_path / 'run'}", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu",
+                        "--account", "acct", "--time", "2-00:00:00", "--signal-delay", "300", "--dry-run")
+    assert not jobs and not (tmp_path / "run").exists()
+    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--account=acct",
+                 "--time=2880", "--signal=USR2@300"):
+        assert f"#SBATCH {line}" in proc.stdout, line
+    assert f"dir: {tmp_path / 'run'}" in proc.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["optim.lrr=1"], "optim.lrr"),
+    (["--cluster", "local", "--gpus-per-node", "2"], "has 0"),
+    (["--partition", "nope"], "is not a partition of this cluster"),
+    (["--time", "soon"], "is not a SLURM time"),
+    (["--sweep", "optim.lr"], "is not key=v1,v2"),
+])
+def test_bad_input_fails_before_submitting(slurm_cluster: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+    proc, jobs = submit(f"run.dir={tmp_path / 'run'}", *args, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and not jobs and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+
+
+def test_run_dir_of_another_config_is_refused(slurm_cluster: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _, (job,) = submit(f"run.dir={run}", "run.max_steps=2")
+    wait_done(job)
+    proc, jobs = submit(f"run.dir={run}", "run.max_steps=2", "optim.lr=0.5", check=False)
+    assert proc.returncode == 2 and not jobs and "belongs to a different config (optim.lr differ)" in proc.stderr
+    _, (again,) = submit(f"run.dir={run}", "run.max_steps=4")  # a longer budget is the same experiment
+    assert wait_done(again) == "COMPLETED"
