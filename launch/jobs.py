@@ -12,7 +12,6 @@ checkpoint is saved; only then does rank 0 hand over to submitit's own handler, 
 
 from __future__ import annotations
 
-import os
 import signal
 from typing import Any
 
@@ -27,9 +26,9 @@ def export_distributed_env() -> submitit.JobEnvironment | None:
     except RuntimeError:  # in-process (debug executor) or not under submitit
         return None
     if env.num_tasks > 1:
-        # One GPU per task: each task sees only its own (a no-op without GPUs).
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=env.num_tasks > 1 and
-                                                              os.environ.get("CUDA_VISIBLE_DEVICES", "") != "")
+        # Every task sees all of its node's GPUs (we ask for --gpus-per-node); Accelerate picks
+        # cuda:LOCAL_RANK, so CUDA_VISIBLE_DEVICES is left alone.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     return env
 
 

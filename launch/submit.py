@@ -91,26 +91,29 @@ def sweep_points(sweeps: list[str]) -> list[list[str]]:
 
 def check_run_dir(cfg: Any) -> None:
     """A run dir holds one experiment: resubmitting it may change budgets, not the config."""
-    from omegaconf import OmegaConf
+    import yaml
 
     from pretrain.config import to_yaml
 
     saved = Path(cfg.run.dir) / "config.yaml"
     if not saved.is_file():
         return
-    old, new = OmegaConf.create(saved.read_text()), OmegaConf.create(to_yaml(cfg))
-    differing = sorted(k for k in _flat(new) if _flat(old).get(k) != _flat(new)[k] and k not in RESUMABLE_CHANGES)
+    old, new = _flat(yaml.safe_load(saved.read_text())), _flat(yaml.safe_load(to_yaml(cfg)))
+    differing = sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
     if differing:
         raise SubmitError(f"run dir '{cfg.run.dir}' belongs to a different config ({', '.join(differing[:4])} differ); "
                           "pick a new run.dir, or resubmit with the config it was started with")
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(node, DictConfig):
-        return {k: v for key in node for k, v in _flat(node[key], f"{prefix}{key}.").items()}
-    return {prefix[:-1]: OmegaConf.to_container(node) if not isinstance(node, (str, int, float, bool, type(None))) else node}
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def known_partitions() -> list[str]:

@@ -41,7 +41,7 @@ class RunConfig:
     precision: str = _f("auto", "mixed precision: auto (take accelerate launch's setting) | no | bf16 | fp16")
     deterministic: bool = _f(False, "deterministic kernels (torch.use_deterministic_algorithms); exact resume on CPU")
     log_every: int = _f(10, "optimizer steps between TensorBoard scalar writes (metrics reduced across ranks)")
-    checkpoint_every: int = _f(500, "optimizer steps between checkpoints (also saved at each epoch end and on SIGTERM/SIGUSR1)")
+    checkpoint_every: int = _f(500, "optimizer steps between checkpoints (also saved at each epoch end and on SIGTERM/SIGUSR1/SIGUSR2)")
     keep_checkpoints: int = _f(3, "how many most recent checkpoints to keep")
     export: bool = _f(True, "write export/encoder.safetensors + config.json at the end")
 
