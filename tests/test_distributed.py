@@ -51,6 +51,7 @@ def _worker(rank: int, tmp: str, naive: bool, bound: str) -> None:
     views = [v[rank * B : (rank + 1) * B] for v in global_batch()]
     loss, grads = loss_and_grads(model, views, bound)  # DDP has averaged the gradients over ranks
     torch.save({"loss": loss, "grads": grads}, f"{tmp}/rank{rank}.pt")
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort under load)
     dist.destroy_process_group()
 
 
