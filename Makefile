@@ -8,10 +8,22 @@ ACCEL   := .venv/bin/accelerate
 
 setup: $(STAMP) data
 
+# FFCV (the fast loading path) builds against opencv and libturbojpeg: installed with apt as root;
+# without them everything else is set up and data.format=ffcv says how to add it.
+FFCV_APT := libopencv-dev libturbojpeg0-dev pkg-config
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3.11 -m venv .venv || python3 -m venv .venv
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
+	@if ! pkg-config --exists opencv4 libturbojpeg 2>/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(FFCV_APT); \
+	fi
+	if pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then \
+	  $(PY) -m pip install -q -e '.[dev,ffcv]'; \
+	else \
+	  $(PY) -m pip install -q -e '.[dev]'; \
+	  echo "note: FFCV skipped (needs: apt-get install $(FFCV_APT)); the torchvision loader works without it"; \
+	fi
 	touch $(STAMP)
 
 # Fashion-MNIST is the real data for CPU runs (Debian package dataset-fashion-mnist).

@@ -38,6 +38,8 @@ class EvalConfig:
     weights: list[str] = _f([], "export directories to evaluate (weights=runs/x/export, or [a,b] for several)")
     dataset: str = _f("fashion_mnist", "fashion_mnist | imagefolder | synthetic (train split for fitting, test/val for scoring)")
     root: str = _f("", "dataset directory; empty = the dataset's default")
+    train_beton: str = _f("", "extract the train split's features from this .beton (FFCV) instead of decoding dataset/root")
+    test_beton: str = _f("", "extract the test split's features from this .beton (FFCV)")
     limit_train: int = _f(0, "use only N evenly spaced training images (0 = all)")
     limit_test: int = _f(0, "use only N evenly spaced test images (0 = all)")
     center_crop_ratio: float = _f(1.0, "eval transform: resize to size / ratio, centre crop (ImageNet: 0.875 = 256 -> 224)")
@@ -71,6 +73,8 @@ def validate_eval(c: EvalConfig) -> None:
     require(len(c.weight_decays) >= 1 and min(c.weight_decays) >= 0, "weight_decays", "needs values >= 0")
     require(all(k >= 1 for k in c.knn_k), "knn_k", "needs values >= 1")
     require(c.limit_train >= 0 and c.limit_test >= 0, "limit_train", "limits must be >= 0")
+    require(not ((c.train_beton or c.test_beton) and (c.limit_train or c.limit_test)), "limit_train",
+            "limits apply to dataset/root; write the .beton with --limit instead")
     require(0 < c.center_crop_ratio <= 1, "center_crop_ratio", f"must be in (0, 1], got {c.center_crop_ratio}")
     s, b = c.sgd, c.baselines
     require(s.lr > 0 and s.epochs >= 1 and s.batch_size >= 1, "sgd", "lr, epochs and batch_size must be positive")

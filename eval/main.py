@@ -96,7 +96,14 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
     rows: list[dict[str, Any]] = []
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg)) + "".join(m["sha256"] for _, _, m in exports)
 
+    betons = {id(train): cfg.train_beton, id(test): cfg.test_beton}
+
     def features(model, ds, image_size: int, input_fn=lambda x: x):
+        if betons.get(id(ds)):  # the FFCV path: decode + centre crop in FFCV, same normalisation
+            from pretrain.data.ffcv_loader import beton_features
+
+            return beton_features(model, betons[id(ds)], image_size, cfg.center_crop_ratio, cfg.batch_size,
+                                  accelerator, max(1, cfg.num_workers), input_fn)
         return extract_features(model, ImageListDataset(ds, image_size, cfg.center_crop_ratio), accelerator,
                                 cfg.batch_size, cfg.num_workers, input_fn=input_fn, shard=True)
 

@@ -66,7 +66,11 @@ class ViewConfig:
 class DataConfig:
     dataset: str = _f("synthetic", "fashion_mnist | imagefolder | synthetic")
     root: str = _f("", "dataset directory; empty = the dataset's default (Fashion-MNIST: /usr/share/datasets/fashion-mnist)")
-    num_workers: int = _f(2, "DataLoader worker processes per training process")
+    num_workers: int = _f(2, "DataLoader worker processes per training process (FFCV: decoding threads)")
+    format: str = _f("torchvision", "torchvision (decode with PIL/torchvision) | ffcv (read data.path, a .beton: the fast path)")
+    path: str = _f("", "ffcv: the .beton file (python -m pretrain.data.beton ... --out train.beton)")
+    os_cache: bool = _f(True, "ffcv: read through the OS page cache (false: ffcv's own process cache)")
+    batches_ahead: int = _f(3, "ffcv: batches prepared ahead of the training step")
     synthetic_size: int = _f(2048, "synthetic: number of training images")
     synthetic_classes: int = _f(8, "synthetic: number of latent classes the images are drawn from")
     synthetic_image_size: int = _f(32, "synthetic: side length of the drawn images")
@@ -141,6 +145,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "objective.graph": ("full", "core"),
     "objective.critic": ("cosine", "dot", "bilinear", "concat"),
     "data.colour_split": ("none", "lab"),
+    "data.format": ("torchvision", "ffcv"),
     "objective.bound": ("infonce", "nwj", "dv", "mine", "js", "smile"),
     "optim.optimizer": ("sgd", "adamw", "lars"),
 }
@@ -215,6 +220,8 @@ def validate(c: Config) -> None:
         value = getattr(getattr(c, section), name)
         _require(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
     o, d, r, m = c.optim, c.data, c.run, c.model
+    _require(d.format != "ffcv" or bool(d.path), "data.path",
+             "data.format=ffcv reads a .beton: give data.path=train.beton (write it with python -m pretrain.data.beton)")
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _require(o.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
     _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
@@ -267,6 +274,10 @@ def from_yaml(text: str) -> Config:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a bare | would end the table cell
+
+
 def reference_markdown() -> str:
     """The README's config reference table, generated from the dataclasses."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
@@ -276,11 +287,11 @@ def reference_markdown() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             if f.name == "views":
                 default = "2 x ViewConfig()"
-            lines.append(f"| `{section.name}.{f.name}` | `{default}` | {f.metadata['help']} |")
+            lines.append(f"| `{section.name}.{f.name}` | `{default}` | {_cell(f.metadata['help'])} |")
     lines += ["", "Each entry of `data.views` is a view recipe (`data.views.0.size=64`):", "",
               "| key | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(ViewConfig):
-        lines.append(f"| `data.views.N.{f.name}` | `{f.default}` | {f.metadata['help']} |")
+        lines.append(f"| `data.views.N.{f.name}` | `{f.default}` | {_cell(f.metadata['help'])} |")
     return "\n".join(lines)
 
 

@@ -67,8 +67,18 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
     if cfg.run.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("bad value for config key 'run.precision': fp16 needs a CUDA GPU; use bf16 or no on CPU")
     # ------------------------------------------------------------------ data (checked before any heavy work)
-    train_images = build_dataset(cfg, "train")
-    bank_images, query_images = build_knn_sets(cfg, train_images) if cfg.monitor.knn_every else (None, None)
+    ffcv = cfg.data.format == "ffcv"
+    if ffcv:
+        from pretrain.data.beton import require_ffcv
+        from pretrain.data.ffcv_loader import BetonInfo, FFCVMultiViewLoader
+
+        require_ffcv()
+        train_images = BetonInfo(cfg.data.path)  # count, channels, mean/std as written
+    else:
+        train_images = build_dataset(cfg, "train")
+    # The kNN monitor reads small labelled subsets of the source dataset through torchvision either way.
+    bank_images, query_images = (build_knn_sets(cfg, build_dataset(cfg, "train") if ffcv else train_images)
+                                 if cfg.monitor.knn_every else (None, None))
 
     # ------------------------------------------------------------------ processes, precision, seeds
     # Without a GPU, Accelerate only builds a gloo process group for several processes when told
@@ -90,16 +100,24 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
         (run_dir / "config.yaml").write_text(f"# git revision: {git_revision()}\n" + to_yaml(cfg))
     accelerator.wait_for_everyone()
 
-    transforms = [build_view_transform(v, train_images.channels, train_images.mean, train_images.std) for v in cfg.data.views]
-    train_set = MultiViewDataset(train_images, transforms, seed=cfg.run.seed)
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True,
-        num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
-    )
-    if len(train_set) < cfg.optim.batch_size * accelerator.num_processes:
+    if len(train_images) < cfg.optim.batch_size * accelerator.num_processes:
         raise ConfigError(
             f"bad value for config key 'optim.batch_size': {cfg.optim.batch_size} x {accelerator.num_processes} "
-            f"processes needs at least that many images, the dataset has {len(train_set)}; lower optim.batch_size"
+            f"processes needs at least that many images, the dataset has {len(train_images)}; lower optim.batch_size"
+        )
+    if ffcv:  # FFCV shards across processes itself (distributed=True) and delivers batches on the device
+        train_set = None
+        loader = FFCVMultiViewLoader(
+            cfg.data.path, cfg.data.views, cfg.optim.batch_size, accelerator.device, seed=cfg.run.seed,
+            distributed=accelerator.num_processes > 1, num_workers=max(1, cfg.data.num_workers),
+            os_cache=cfg.data.os_cache, batches_ahead=cfg.data.batches_ahead, info=train_images)
+    else:
+        transforms = [build_view_transform(v, train_images.channels, train_images.mean, train_images.std)
+                      for v in cfg.data.views]
+        train_set = MultiViewDataset(train_images, transforms, seed=cfg.run.seed)
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True,
+            num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
         )
 
     # ------------------------------------------------------------------ model and objective
@@ -128,7 +146,9 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
     trainable = torch.nn.ModuleDict({"model": model, "objective": objective})  # learned critics train too
     optimizer = create_optimizer_v2(trainable, opt=cfg.optim.optimizer, lr=cfg.optim.lr,
                                     weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if not ffcv:
+        loader = accelerator.prepare(loader)
     # A critic with parameters gets its own DDP wrapper (DDP refuses a module without any).
     objective = accelerator.prepare(objective) if learned_critic else objective.to(accelerator.device)
     raw_objective = accelerator.unwrap_model(objective)
@@ -208,9 +228,12 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
         run_knn()  # the untrained encoder's score: the floor the monitor should climb from
     model.train()
     while progress.epoch < cfg.optim.epochs and progress.global_step < total_steps and not stopped_by:
-        train_set.set_epoch(progress.epoch)
         loader.set_epoch(progress.epoch)
-        batches = accelerator.skip_first_batches(loader, progress.step_in_epoch) if progress.step_in_epoch else loader
+        if ffcv:
+            batches = loader.epoch_batches(progress.step_in_epoch)
+        else:
+            train_set.set_epoch(progress.epoch)
+            batches = accelerator.skip_first_batches(loader, progress.step_in_epoch) if progress.step_in_epoch else loader
         t_ready = time.perf_counter()
         for batch in batches:
             meter.wait += time.perf_counter() - t_ready

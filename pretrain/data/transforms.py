@@ -13,13 +13,26 @@ from pretrain.config import ViewConfig
 def build_view_transform(view: ViewConfig, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """One view's recipe: uint8 (C x H x W) -> normalised float32 (C x size x size).
 
-    One-channel data gets brightness/contrast jitter only and no grayscale step: it has no
-    colour to jitter or remove, and pretending otherwise would just be a no-op at best.
+    Crop and flip first, then the colour steps; the FFCV path does the first two while decoding
+    and the rest on the device with :func:`colour_steps`, so both paths share one recipe.
     """
-    steps: list[v2.Transform] = [
+    return v2.Compose([*crop_flip_steps(view), *colour_steps(view, channels, mean, std)])
+
+
+def crop_flip_steps(view: ViewConfig) -> list[v2.Transform]:
+    return [
         v2.RandomResizedCrop(view.size, scale=(view.crop_scale_min, view.crop_scale_max), antialias=True),
         v2.RandomHorizontalFlip(view.flip_p),
     ]
+
+
+def colour_steps(view: ViewConfig, channels: int, mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    """Colour jitter, grayscale, blur (random, per image), then to float and normalise.
+
+    One-channel data gets brightness/contrast jitter only and no grayscale step: it has no
+    colour to jitter or remove, and pretending otherwise would just be a no-op at best.
+    """
+    steps: list[v2.Transform] = []
     if view.jitter_p > 0:
         colour = channels == 3
         jitter = v2.ColorJitter(view.brightness, view.contrast,
@@ -30,8 +43,7 @@ def build_view_transform(view: ViewConfig, channels: int, mean: Sequence[float],
     if view.blur_p > 0:
         kernel = max(3, int(0.1 * view.size) // 2 * 2 + 1)
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, view.blur_sigma_max))], p=view.blur_p))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    return v2.Compose(steps)
+    return steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
 def build_eval_transform(size: int, mean: Sequence[float], std: Sequence[float], crop_ratio: float = 1.0) -> v2.Compose:

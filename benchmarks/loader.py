@@ -1,0 +1,117 @@
+"""Two-view loading speed: torchvision (PIL decode + v2 transforms in DataLoader workers) vs FFCV
+(.beton, jpg and raw) on this machine's CPU. A figure, not a test.
+
+    .venv/bin/python benchmarks/loader.py [--images 3000 --sizes 64 96 224 --rounds 3 --workers N]
+
+The data: RGB JPEGs of 96-160 px (drawn procedurally, saved as an image folder), written once to
+.beton files with jpg and raw modes. Each round times one epoch per loader, interleaved
+(torchvision, ffcv jpg, ffcv raw, ...), after a warm-up epoch that pays FFCV's JIT compile. Both
+sides do RandomResizedCrop + flip + normalise for two views, batch 256, drop_last. Reported: median
+images/s (wall) and images per CPU-second (user + system time of the process and its workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pretrain.config import ViewConfig
+from pretrain.data import MultiViewDataset, build_view_transform
+from pretrain.data.beton import validate, write_beton
+from pretrain.data.datasets import ImageFolder
+from pretrain.data.ffcv_loader import FFCVMultiViewLoader
+
+
+def cpu_seconds() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def make_folder(root: Path, n: int) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / "train" / f"c{i % 10}"
+        d.mkdir(parents=True, exist_ok=True)
+        h, w = rng.integers(96, 161, size=2)
+        yy, xx = np.mgrid[0:h, 0:w]
+        image = np.stack([(xx * (i % 7 + 1)) % 256, (yy * (i % 5 + 1)) % 256, (xx + yy + i) % 256], -1)
+        noisy = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(d / f"{i}.jpg", quality=90)
+
+
+def time_epoch(batches) -> tuple[float, float, int]:
+    c0, t0, n = cpu_seconds(), time.perf_counter(), 0
+    for b in batches:
+        n += b["views"][0].shape[0]
+    return n / (time.perf_counter() - t0), n / max(cpu_seconds() - c0, 1e-9), n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=3000)
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 224])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--out", default="", help="also write the figures as JSON here")
+    args = p.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="infomax-loader-"))
+    make_folder(tmp / "folder", args.images)
+    folder = ImageFolder(str(tmp / "folder"), "train")
+    betons = {}
+    for mode in ("jpg", "raw"):
+        out = tmp / f"{mode}.beton"
+        ns = argparse.Namespace(dataset="imagefolder", root=str(tmp / "folder"), split="train", out=str(out),
+                                write_mode=mode, max_resolution=256, jpeg_quality=90, compress_probability=0.5,
+                                workers=args.workers, limit=0, synthetic_size=0, synthetic_image_size=0,
+                                skip_unreadable=False, stall_timeout=300)
+        write_beton(ns, validate(ns))
+        betons[mode] = out
+
+    results = {}
+    for size in args.sizes:
+        views = [ViewConfig(size=size, jitter_p=0.0, grayscale_p=0.0)] * 2
+        transforms = [build_view_transform(v, 3, folder.mean, folder.std) for v in views]
+        tv = torch.utils.data.DataLoader(MultiViewDataset(folder, transforms, seed=0), batch_size=args.batch,
+                                         shuffle=True, drop_last=True, num_workers=args.workers)
+        loaders = {"torchvision": lambda: iter(tv)}
+        for mode, path in betons.items():
+            ff = FFCVMultiViewLoader(str(path), views, args.batch, torch.device("cpu"), seed=0, distributed=False,
+                                     num_workers=args.workers)
+            time_epoch(ff)  # warm-up: the JIT compile
+            loaders[f"ffcv {mode}"] = lambda ff=ff: iter(ff)
+        runs: dict[str, list[tuple[float, float]]] = {k: [] for k in loaders}
+        for _ in range(args.rounds):
+            for name, make in loaders.items():
+                wall, per_cpu, _ = time_epoch(make())
+                runs[name].append((wall, per_cpu))
+        for name, r in runs.items():
+            results[f"{name} @ {size}px"] = {"images_per_s": statistics.median(w for w, _ in r),
+                                             "images_per_cpu_s": statistics.median(c for _, c in r)}
+        base = results[f"torchvision @ {size}px"]["images_per_cpu_s"]
+        for name in runs:
+            ratio = results[f"{name} @ {size}px"]["images_per_cpu_s"] / base
+            results[f"{name} @ {size}px"]["vs_torchvision_per_cpu_s"] = round(ratio, 2)
+
+    print(f"{args.images} JPEGs 96-160 px, 2 views, batch {args.batch}, {args.workers} workers, "
+          f"median of {args.rounds} interleaved epochs")
+    print("| loader | images/s | images per CPU-second | vs torchvision (per CPU-s) |\n|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['images_per_s']:.0f} | {r['images_per_cpu_s']:.0f} | {r['vs_torchvision_per_cpu_s']:.2f}x |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

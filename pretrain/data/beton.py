@@ -1,0 +1,245 @@
+"""Write a dataset to an FFCV ``.beton`` file (the fast loading path), then read it back to check it.
+
+    python -m pretrain.data.beton --dataset imagefolder --root /datasets/imagenet --split train \\
+        --out /fast/imagenet_train.beton --write-mode jpg --max-resolution 256 --jpeg-quality 90 --workers 16
+
+Fields: ``image`` (RGB; one-channel datasets are stored as three equal channels and read back as
+one) and ``label``. The settings are stored beside the file (``<out>.json``), so a run records how
+its data was encoded. ffcv's writer waits forever when one of its workers dies; everything is
+validated before writing, unreadable images are caught inside the workers, and the write runs in a
+child process that is stopped when it makes no progress for ``--stall-timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pretrain.config import Config, ConfigError
+from pretrain.data.datasets import REGISTRY, DataError, ImageDataset, Subset, UnreadableImage
+
+WRITE_MODES = ("raw", "jpg", "proportion", "smart")
+FATAL = "FATAL"
+INSTALL = ("FFCV is not installed: apt-get install -y --no-install-recommends libopencv-dev libturbojpeg0-dev "
+           "pkg-config && pip install -e '.[ffcv]'")
+
+
+def require_ffcv() -> None:
+    try:
+        import ffcv  # noqa: F401
+    except ImportError:
+        raise ConfigError(INSTALL) from None
+
+
+class BetonSource:
+    """Indexable view for ffcv's writer: i -> (H x W x 3 uint8 array, label).
+
+    It never raises (a worker that raises hangs ffcv's writer): an unreadable image is replaced
+    by the next readable one and its path appended to ``failures``; ``done`` counts samples so
+    the parent can tell progress from a stall.
+    """
+
+    def __init__(self, base: ImageDataset, failures: Path, done: Any) -> None:
+        self.base, self.failures, self.done = base, failures, done
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        index = int(index)  # ffcv hands numpy integers
+        try:
+            for attempt in range(len(self.base)):
+                try:
+                    image, label = self.base.load((index + attempt) % len(self.base))
+                    break
+                except UnreadableImage as e:
+                    self._record(str(e))
+        except Exception as e:  # anything else: tell the parent, which stops the writer at once
+            self._record(f"{FATAL} image {index}: {type(e).__name__}: {e}")
+            raise
+        with self.done.get_lock():
+            self.done.value += 1
+        array = np.asarray(image).transpose(1, 2, 0)
+        return np.ascontiguousarray(np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array), int(label)
+
+    def _record(self, line: str) -> None:
+        with open(self.failures, "a") as f:
+            f.write(line.replace("\n", " ") + "\n")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Write a dataset to an FFCV .beton file and check it.")
+    p.add_argument("--dataset", required=True, choices=tuple(REGISTRY), help="dataset kind")
+    p.add_argument("--root", default="", help="dataset directory (imagefolder: holds <split>/<class>/<image>)")
+    p.add_argument("--split", default="train", choices=("train", "test", "val"), help="split to write (val = test)")
+    p.add_argument("--out", required=True, help="output .beton path")
+    p.add_argument("--write-mode", default="jpg", help=f"one of {', '.join(WRITE_MODES)}")
+    p.add_argument("--max-resolution", type=int, default=256, help="longer side is resized down to this (0 = keep)")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--compress-probability", type=float, default=0.5, help="proportion mode: share stored as JPEG")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--limit", type=int, default=0, help="write only the first N images (0 = all)")
+    p.add_argument("--synthetic-size", type=int, default=2048, help="synthetic: images")
+    p.add_argument("--synthetic-image-size", type=int, default=32, help="synthetic: image side")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="store the next readable image in place of an unreadable one (default: fail)")
+    p.add_argument("--stall-timeout", type=float, default=300, help="seconds without progress before giving up")
+    return p.parse_args(argv)
+
+
+def validate(args: argparse.Namespace) -> ImageDataset:
+    """Everything checked before the writer starts; returns the dataset to write."""
+    def bad(flag: str, msg: str) -> ConfigError:
+        return ConfigError(f"bad value for {flag}: {msg}")
+
+    if args.write_mode not in WRITE_MODES:
+        raise bad("--write-mode", f"'{args.write_mode}' is not one of {', '.join(WRITE_MODES)}")
+    if not 1 <= args.jpeg_quality <= 100:
+        raise bad("--jpeg-quality", f"{args.jpeg_quality} is not in 1..100")
+    if not 0 <= args.compress_probability <= 1:
+        raise bad("--compress-probability", f"{args.compress_probability} is not in [0, 1]")
+    if args.workers < 1 or args.max_resolution < 0 or args.limit < 0:
+        raise bad("--workers/--max-resolution/--limit", "workers must be >= 1, the others >= 0")
+    out = Path(args.out)
+    if out.suffix != ".beton":
+        raise bad("--out", f"'{out}' should end in .beton")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise bad("--out", f"directory '{out.parent}' does not exist or is not writable")
+    cfg = Config()
+    cfg.data.dataset, cfg.data.root = args.dataset, args.root
+    cfg.data.synthetic_size, cfg.data.synthetic_image_size = args.synthetic_size, args.synthetic_image_size
+    dataset = REGISTRY[args.dataset](cfg, "train" if args.split == "train" else "test")
+    if args.limit:
+        dataset = Subset(dataset, list(range(min(args.limit, len(dataset)))))
+    if len(dataset) == 0:
+        raise DataError(f"the {args.split} split of {args.dataset} is empty: check --root")
+    check = getattr(dataset, "check_readable", None) or getattr(getattr(dataset, "base", None), "check_readable", None)
+    if check:
+        check()
+    return dataset
+
+
+def _write(out: str, source: BetonSource, fields: dict[str, Any], workers: int) -> None:
+    os.setpgrp()  # the parent can stop the writer and all of its workers as one group
+    from ffcv.writer import DatasetWriter
+
+    DatasetWriter(out, fields, num_workers=workers).from_indexed_dataset(source, chunksize=64)
+
+
+def write_beton(args: argparse.Namespace, dataset: ImageDataset) -> dict[str, Any]:
+    """Write under a stall guard; returns the settings stored in ``<out>.json``."""
+    from ffcv.fields import IntField, RGBImageField
+    from tqdm.auto import tqdm
+
+    out = Path(args.out)
+    failures = out.with_name(out.name + ".unreadable")
+    failures.unlink(missing_ok=True)
+    # A fresh (spawned) writer process: forking one that already runs torch/numba thread pools can
+    # deadlock the writer's own forked workers.
+    ctx = mp.get_context("spawn")
+    done = ctx.Value("q", 0)
+    fields = {"image": RGBImageField(write_mode=args.write_mode, max_resolution=args.max_resolution or None,
+                                     jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability),
+              "label": IntField()}
+    child = ctx.Process(target=_write, args=(str(out), BetonSource(dataset, failures, done), fields,
+                                                  args.workers))
+    started = time.perf_counter()
+    child.start()
+    last, last_change = 0, time.monotonic()
+    with tqdm(total=len(dataset), desc=f"write {out.name}", unit="img") as bar:
+        while child.is_alive():
+            child.join(0.5)
+            fatal = [line for line in (failures.read_text().splitlines() if failures.is_file() else [])
+                     if line.startswith(FATAL)]
+            if fatal:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.join()
+                failures.unlink(missing_ok=True)
+                raise RuntimeError(f"the FFCV writer stopped: {fatal[0][len(FATAL) + 1:]}")
+            if done.value != last:
+                bar.update(done.value - last)
+                last, last_change = done.value, time.monotonic()
+            elif time.monotonic() - last_change > args.stall_timeout:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.join()
+                raise RuntimeError(f"the FFCV writer made no progress for {args.stall_timeout:.0f}s at "
+                                   f"{last}/{len(dataset)} images (a writer worker probably died); nothing usable "
+                                   f"was written to {out}")
+    if child.exitcode != 0:
+        raise RuntimeError(f"the FFCV writer failed (exit code {child.exitcode}); see the messages above")
+    unreadable = failures.read_text().splitlines() if failures.is_file() else []
+    failures.unlink(missing_ok=True)
+    if unreadable and not args.skip_unreadable:
+        out.unlink(missing_ok=True)
+        raise DataError(f"{len(unreadable)} unreadable images, e.g. {unreadable[0]}; fix or remove them, or pass "
+                        "--skip-unreadable to store the next readable image in their place")
+    settings = {"dataset": args.dataset, "root": str(Path(args.root).resolve()) if args.root else "",
+                "split": args.split, "count": len(dataset), "channels": dataset.channels,
+                "num_classes": dataset.num_classes, "mean": list(dataset.mean), "std": list(dataset.std),
+                "write_mode": args.write_mode, "max_resolution": args.max_resolution, "jpeg_quality": args.jpeg_quality,
+                "compress_probability": args.compress_probability, "unreadable_replaced": unreadable[:20],
+                "seconds": round(time.perf_counter() - started, 1), "bytes": out.stat().st_size}
+    Path(str(out) + ".json").write_text(json.dumps(settings, indent=2) + "\n")
+    return settings
+
+
+def read_back(out: Path, dataset: ImageDataset, samples: int = 8) -> None:
+    """Count, every label, and a few decoded images against the source."""
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    settings = json.loads(Path(str(out) + ".json").read_text())
+    loader = Loader(str(out), batch_size=256, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": None, "label": [IntDecoder()]})
+    labels = np.concatenate([batch[0].reshape(-1) for batch in loader])
+    if len(labels) != len(dataset):
+        raise RuntimeError(f"read-back: {out} holds {len(labels)} samples, expected {len(dataset)}")
+    expected = np.array([dataset.load(i)[1] for i in range(len(dataset))]) if not settings["unreadable_replaced"] else labels
+    if not np.array_equal(labels, expected):
+        raise RuntimeError(f"read-back: labels in {out} differ from the source at {int(np.argmax(labels != expected))}")
+    if settings["max_resolution"] == 0 or max(dataset.load(0)[0].shape[1:]) <= settings["max_resolution"]:
+        # Images kept at their size can be compared pixel for pixel (raw) or closely (jpg).
+        from ffcv.reader import Reader  # noqa: F401  (imported for its side effects on field registration)
+
+        images = Loader(str(out), batch_size=1, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                        indices=list(range(min(samples, len(dataset)))),
+                        pipelines={"image": [SimpleRGBImageDecoder()], "label": None})
+        for i, (image,) in enumerate(images):
+            source = dataset.load(i)[0].numpy().transpose(1, 2, 0)
+            decoded = image[0][..., : source.shape[2]].astype(np.int16)
+            error = np.abs(decoded - source).mean()
+            if error > (0 if settings["write_mode"] == "raw" else 12):
+                raise RuntimeError(f"read-back: image {i} of {out} differs from the source (mean abs error {error:.1f})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        require_ffcv()
+        dataset = validate(args)
+        settings = write_beton(args, dataset)
+        read_back(Path(args.out), dataset)
+    except (ConfigError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    mb = settings["bytes"] / 2**20
+    print(f"wrote {args.out}: {settings['count']} images ({settings['write_mode']}, max side "
+          f"{settings['max_resolution'] or 'as is'}), {mb:.1f} MiB in {settings['seconds']:.0f}s; read back: "
+          f"count, labels and sample images match; settings in {args.out}.json")
+    if settings["unreadable_replaced"]:
+        print(f"warning: {len(settings['unreadable_replaced'])} unreadable images were replaced by their next "
+              "readable neighbour (listed in the .json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

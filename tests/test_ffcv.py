@@ -1,0 +1,207 @@
+"""The FFCV fast path: .beton writer (read back, bad input that must not hang), the multiview loader
+against the torchvision recipe, disjoint shards under two processes, and training from a .beton.
+
+Each ffcv Loader JIT-compiles for ~15 s on its first batch, so these tests build few of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import REPO, run_main
+from pretrain.config import ViewConfig
+from pretrain.data import MultiViewDataset, build_view_transform
+from pretrain.data.datasets import ImageDataset
+
+pytestmark = pytest.mark.slow
+if os.environ.get("CI"):
+    import ffcv  # noqa: F401  (CI installs it with `make setup`: its absence must fail, not skip)
+else:
+    pytest.importorskip("ffcv", reason="FFCV is not installed (make setup installs it as root)")
+
+from pretrain.data.beton import main as beton_main, write_beton  # noqa: E402
+from pretrain.data.ffcv_loader import FFCVMultiViewLoader  # noqa: E402
+
+
+class Ramps(ImageDataset):
+    """Image i: red = x ramp, green = y ramp, blue = 128, label = i (so a batch names its samples)."""
+
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+    def __init__(self, n: int, side: int = 64) -> None:
+        self.n, self.side, self.num_classes = n, side, n
+        ramp = torch.linspace(0, 255, side).round().to(torch.uint8)
+        self.image = torch.stack([ramp.expand(side, side), ramp[:, None].expand(side, side),
+                                  torch.full((side, side), 128, dtype=torch.uint8)])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.image.clone(), index
+
+
+def write(dataset: ImageDataset, out: Path) -> Path:
+    args = argparse.Namespace(out=str(out), write_mode="raw", max_resolution=0, jpeg_quality=90, compress_probability=0.5,
+                              workers=2, skip_unreadable=False, stall_timeout=60, dataset="ramps", root="", split="train")
+    write_beton(args, dataset)
+    return out
+
+
+def crop_areas(views: torch.Tensor, mean: float = 0.5, std: float = 0.25) -> torch.Tensor:
+    """Crop area per image, read off the ramps' ranges (B x 3 x H x W normalised -> B)."""
+    pixels = views * std + mean
+    width = pixels[:, 0].amax((1, 2)) - pixels[:, 0].amin((1, 2))
+    height = pixels[:, 1].amax((1, 2)) - pixels[:, 1].amin((1, 2))
+    return width * height
+
+
+def test_writer_round_trip_and_json(tmp_path: Path) -> None:
+    syn, fm = tmp_path / "syn.beton", tmp_path / "fm.beton"
+    assert beton_main(["--dataset", "synthetic", "--synthetic-size", "64", "--synthetic-image-size", "16",
+                       "--out", str(syn), "--write-mode", "raw", "--workers", "2"]) == 0
+    # Fashion-MNIST subset as JPEG: the writer's own read-back compares count, labels and images (close).
+    assert beton_main(["--dataset", "fashion_mnist", "--limit", "300", "--out", str(fm), "--write-mode", "jpg",
+                       "--workers", "2"]) == 0
+    settings = json.loads(Path(f"{fm}.json").read_text())
+    assert settings["count"] == 300 and settings["channels"] == 1 and settings["write_mode"] == "jpg"
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    from pretrain.config import Config
+    from pretrain.data.datasets import REGISTRY
+
+    cfg = Config()
+    cfg.data.synthetic_size, cfg.data.synthetic_image_size = 64, 16
+    source = REGISTRY["synthetic"](cfg, "train")
+    loader = Loader(str(syn), batch_size=16, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+    images, labels = zip(*[(x, y) for x, y in loader])
+    images, labels = np.concatenate(images), np.concatenate(labels).reshape(-1)
+    assert len(images) == 64
+    for i in range(64):  # raw: equal to the source, pixel for pixel
+        image, label = source.load(i)
+        assert labels[i] == label and np.array_equal(images[i], image.numpy().transpose(1, 2, 0))
+
+
+def test_two_view_batches_follow_the_torchvision_recipe(tmp_path: Path) -> None:
+    data = Ramps(512)
+    path = write(data, tmp_path / "ramps.beton")
+    views = [ViewConfig(size=32, crop_scale_min=0.2, jitter_p=0.0, grayscale_p=0.0),
+             ViewConfig(size=24, crop_scale_min=0.5, jitter_p=0.0, grayscale_p=0.0)]
+    loader = FFCVMultiViewLoader(str(path), views, 128, torch.device("cpu"), seed=0, distributed=False, num_workers=2)
+    batches = list(loader)
+    assert len(batches) == 4
+    first = batches[0]
+    assert [v.shape for v in first["views"]] == [(128, 3, 32, 32), (128, 3, 24, 24)]
+    assert all(v.dtype == torch.float32 for v in first["views"]) and first["label"].dtype == torch.int64
+    ffcv_views = [torch.cat([b["views"][i] for b in batches]) for i in range(2)]
+    torch_set = MultiViewDataset(data, [build_view_transform(v, 3, data.mean, data.std) for v in views], seed=0)
+    torch_views = [torch.stack([torch_set[i]["views"][v] for i in range(512)]) for v in range(2)]
+    for v, view in enumerate(views):
+        a, b = crop_areas(ffcv_views[v]), crop_areas(torch_views[v])
+        assert a.min() >= view.crop_scale_min - 0.08 and b.min() >= view.crop_scale_min - 0.08
+        assert abs(a.mean() - b.mean()) < 0.05, (v, a.mean(), b.mean())  # same crop-area distribution
+        for stat in (torch.mean, torch.std):
+            assert torch.allclose(stat(ffcv_views[v], dim=(0, 2, 3)), stat(torch_views[v], dim=(0, 2, 3)), atol=0.08)
+    assert not torch.allclose(crop_areas(first["views"][0]), crop_areas(first["views"][1]))  # the views differ
+    # Restarting an epoch at batch 2 gives that epoch's remaining batches (resume).
+    loader.set_epoch(0)
+    rest = [b["label"] for b in loader.epoch_batches(2)]
+    assert torch.equal(torch.cat(rest), torch.cat([b["label"] for b in batches[2:]]))
+
+
+def _rank_labels(rank: int, path: str, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
+    loader = FFCVMultiViewLoader(path, [ViewConfig(size=16), ViewConfig(size=16)], 32, torch.device("cpu"), seed=3,
+                                 distributed=True, num_workers=1)
+    torch.save(torch.cat([b["label"] for b in loader]), f"{tmp}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_processes_see_disjoint_shards_covering_the_epoch(tmp_path: Path) -> None:
+    path = write(Ramps(256, side=16), tmp_path / "ramps.beton")
+    mp.spawn(_rank_labels, args=(str(path), str(tmp_path)), nprocs=2, join=True)
+    a, b = (set(torch.load(tmp_path / f"rank{r}.pt").tolist()) for r in range(2))
+    assert len(a) == len(b) == 128 and not a & b and a | b == set(range(256))
+
+
+def test_pretraining_reads_a_beton(tmp_path: Path) -> None:
+    path = tmp_path / "train.beton"
+    assert beton_main(["--dataset", "synthetic", "--synthetic-size", "256", "--synthetic-image-size", "16",
+                       "--out", str(path), "--write-mode", "raw", "--workers", "2", "--stall-timeout", "60"]) == 0
+    run = tmp_path / "run"
+    proc = run_main(f"run.dir={run}", "data.format=ffcv", f"data.path={path}", "run.max_steps=6")
+    assert "infomax pretraining finished: step 6/" in proc.stdout
+    assert (run / "export" / "encoder.safetensors").is_file()
+
+
+def beton_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain.data.beton", *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+
+
+@pytest.mark.timeout(300)
+def test_bad_input_is_a_clear_error_never_a_hang(tmp_path: Path) -> None:
+    from PIL import Image
+
+    out = str(tmp_path / "x.beton")
+    proc = beton_cli("--dataset", "synthetic", "--out", out, "--write-mode", "png")
+    assert proc.returncode == 2 and "'png' is not one of raw, jpg, proportion, smart" in proc.stderr
+    proc = beton_cli("--dataset", "imagefolder", "--root", str(tmp_path / "nope"), "--out", out)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    for i in range(4):
+        (tmp_path / "img" / "train" / "c").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(tmp_path / "img" / "train" / "c" / f"{i}.png")
+    (tmp_path / "img" / "train" / "c" / "broken.png").write_bytes(b"not a png")
+    proc = beton_cli("--dataset", "imagefolder", "--root", str(tmp_path / "img"), "--out", out, "--workers", "2")
+    assert proc.returncode == 2 and "1 unreadable images" in proc.stderr and "broken.png" in proc.stderr
+    assert not Path(out).exists()
+
+
+def test_asking_for_ffcv_without_it_names_the_install_line(tmp_path: Path) -> None:
+    code = ("import sys; sys.modules['ffcv'] = None; from pretrain.main import main; "
+            f"sys.exit(main(['--config', 'configs/synthetic_tiny.yaml', 'data.format=ffcv', 'data.path=x.beton', "
+            f"'run.dir={tmp_path / 'run'}']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "pip install -e '.[ffcv]'" in proc.stderr and "libturbojpeg0-dev" in proc.stderr
+
+
+def test_eval_reads_betons_and_scores_like_the_decoded_dataset(tmp_path: Path) -> None:
+    """Raw .beton files of the synthetic splits at the export's size: the same pixels, so the same scores."""
+    from pretrain.export import export_encoder
+    from pretrain.models import create_encoder
+
+    torch.manual_seed(0)
+    export = tmp_path / "run" / "export"
+    export_encoder(create_encoder("test_resnet", 3, small_input=True), export, arch="test_resnet", in_chans=3,
+                   input_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), small_input=True, summary={})
+    for split in ("train", "test"):
+        assert beton_main(["--dataset", "synthetic", "--synthetic-size", "96", "--synthetic-image-size", "16",
+                           "--split", split, "--out", str(tmp_path / f"{split}.beton"), "--write-mode", "raw",
+                           "--workers", "2", "--stall-timeout", "60"]) == 0
+    common = [sys.executable, str(REPO / "eval" / "main.py"), "dataset=synthetic", "synthetic_size=96",
+              "synthetic_image_size=16", "num_workers=1", "probe_steps=20", "knn_k=[5]", "random_init=false",
+              "raw_pixels=false", "baselines.alexnet_supervised=false", f"weights={export}"]
+    reports = []
+    for name, extra in (("decoded", []), ("beton", [f"train_beton={tmp_path / 'train.beton'}",
+                                                     f"test_beton={tmp_path / 'test.beton'}"])):
+        proc = subprocess.run([*common, f"out={tmp_path / name}", *extra], capture_output=True, text=True,
+                              timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports.append(json.loads((tmp_path / name / "report.json").read_text())["rows"][0])
+    decoded, beton = reports
+    assert beton["scored"] == decoded["scored"] == 24
+    assert beton["top1"] == decoded["top1"] and beton["knn"] == decoded["knn"]
