@@ -96,15 +96,16 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
     rows: list[dict[str, Any]] = []
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg)) + "".join(m["sha256"] for _, _, m in exports)
 
-    betons = {id(train): cfg.train_beton, id(test): cfg.test_beton}
+    splits, betons = {"train": train, "test": test}, {"train": cfg.train_beton, "test": cfg.test_beton}
 
-    def features(model, ds, image_size: int, input_fn=lambda x: x):
-        if betons.get(id(ds)):  # the FFCV path: decode + centre crop in FFCV, same normalisation
+    def features(model, split: str, image_size: int, input_fn=lambda x: x):
+        """N x F outputs of ``model`` and N labels for the train or test split, all processes sharing the work."""
+        if betons[split]:  # the FFCV path: decode + centre crop in FFCV, same normalisation
             from pretrain.data.ffcv_loader import beton_features
 
-            return beton_features(model, betons[id(ds)], image_size, cfg.center_crop_ratio, cfg.batch_size,
+            return beton_features(model, betons[split], image_size, cfg.center_crop_ratio, cfg.batch_size,
                                   accelerator, max(1, cfg.num_workers), input_fn)
-        return extract_features(model, ImageListDataset(ds, image_size, cfg.center_crop_ratio), accelerator,
+        return extract_features(model, ImageListDataset(splits[split], image_size, cfg.center_crop_ratio), accelerator,
                                 cfg.batch_size, cfg.num_workers, input_fn=input_fn, shard=True)
 
     def knn(train_xy, test_xy) -> dict[str, float]:
@@ -129,12 +130,13 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         train_set = MultiViewDataset(train, [train_transform(image_size, scale_min)], seed=cfg.seed)
         # A checkpoint belongs to one configuration: another config (or other weights) starts afresh.
         fit_id = hashlib.sha256(f"{config_yaml}{slug}".encode()).hexdigest()[:10]
-        progress = fit_classifier(accelerator, model, trainable, train_set, schedule, out / "checkpoints" / f"{slug}-{fit_id}",
-                              desc=slug, num_workers=cfg.num_workers, input_fn=input_fn, stop=stop)
+        progress = fit_classifier(accelerator, model, trainable, train_set, schedule,
+                                  out / "checkpoints" / f"{slug}-{fit_id}", desc=slug, num_workers=cfg.num_workers,
+                                  input_fn=input_fn, stop=stop)
         if progress is None:
             raise Stopped(f"stopped by {stop.signal_name or 'a signal on another rank'} during '{slug}'; "
                           "its checkpoint is saved: rerun the same command to resume")
-        logits, y = features(accelerator.unwrap_model(model), test, image_size, input_fn)
+        logits, y = features(accelerator.unwrap_model(model), "test", image_size, input_fn)
         budget = f"{progress.epoch} epochs" if progress.step_in_epoch == 0 else f"{progress.global_step} steps"
         return {"top1": topk_accuracy(logits, y, 1), "top5": topk_accuracy(logits, y, 5), "trained": budget,
                 "scored": len(y)}
@@ -144,7 +146,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         input_fn = (lambda x: split_lab([x], meta["mean"], meta["std"])[0]) if lab else (lambda x: x)
         encoder = encoder.to(accelerator.device).eval().requires_grad_(False)
         t0 = time.perf_counter()
-        feats = [features(encoder, ds, size, input_fn) for ds in (train, test)]
+        feats = [features(encoder, split, size, input_fn) for split in ("train", "test")]
         rate = round((len(train) + len(test)) / (time.perf_counter() - t0), 1)
         extra = {"weights_sha256": sha, "extract_images_per_s": rate}
         if cfg.protocol == "fast":
@@ -194,7 +196,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         for layer in range(1, 6):
             trunk = AlexNetConvFeatures(alexnet_trunk, layer, train.channels)
             before = fingerprint(trunk)
-            feats = [features(trunk, ds, b.alexnet_probe_size) for ds in (train, test)]
+            feats = [features(trunk, split, b.alexnet_probe_size) for split in ("train", "test")]
             rows.append(fast_row(f"AlexNet conv{layer} ({Path(b.alexnet_weights).name})", "alexnet_conv", *feats))
             assert_unchanged(trunk, before, b.alexnet_weights)
     if b.published:

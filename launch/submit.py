@@ -210,15 +210,22 @@ def submit(args: argparse.Namespace) -> list[Any]:  # noqa: C901 - validation, t
             job.result()  # local/debug: no scheduler to hold the eval back, so wait here
         eval_jobs.append(executor.submit(EvalJob(OmegaConf.to_yaml(OmegaConf.structured(ecfg)))))
 
+    if args.cluster == "debug":  # in this process: the jobs run when their results are asked for
+        for job in submitted + eval_jobs:
+            job.result()
     for cfg, job in zip(runs, submitted):
         print(f"submitted {job.job_id}: run dir {cfg.run.dir}\n"
               f"  logs     {job.paths.stdout}\n           {job.paths.stderr}")
     for job in eval_jobs:
         print(f"submitted {job.job_id}: eval after pretraining; report beside the export")
     ids = ",".join(j.job_id for j in submitted + eval_jobs)
-    print(f"follow:   squeue -j {ids}   |   sacct -j {ids} -X -o JobID,JobName,State,Elapsed\n"
-          f"          tail -f {submitted[0].paths.stdout}   |   tensorboard --logdir {first if len(runs) == 1 else first.parent}\n"
-          f"cancel:   scancel {ids}  (a cancelled run keeps its checkpoint: resubmit the same command to resume)")
+    logdir = first if len(runs) == 1 else first.parent
+    if args.cluster == "slurm":
+        print(f"follow:   squeue -j {ids}   |   sacct -j {ids} -X -o JobID,JobName,State,Elapsed\n"
+              f"          tail -f {submitted[0].paths.stdout}   |   tensorboard --logdir {logdir}\n"
+              f"cancel:   scancel {ids}  (a cancelled run keeps its checkpoint: resubmit the same command to resume)")
+    else:
+        print(f"follow:   tail -f {submitted[0].paths.stdout}   |   tensorboard --logdir {logdir}")
     return submitted + eval_jobs
 
 

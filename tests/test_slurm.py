@@ -165,3 +165,15 @@ def test_run_dir_of_another_config_is_refused(slurm_cluster: Path, tmp_path: Pat
     assert proc.returncode == 2 and not jobs and "belongs to a different config (optim.lr differ)" in proc.stderr
     _, (again,) = submit(f"run.dir={run}", "run.max_steps=4")  # a longer budget is the same experiment
     assert wait_done(again) == "COMPLETED"
+
+
+@pytest.mark.parametrize("cluster", ["local", "debug"])
+def test_same_callable_without_slurm(tmp_path: Path, cluster: str) -> None:
+    run = tmp_path / "run"
+    proc, (job,) = submit(f"run.dir={run}", "run.max_steps=2", "--cluster", cluster)
+    assert "squeue" not in proc.stdout
+    export = run / "export" / "encoder.safetensors"
+    end = time.monotonic() + 180  # the local executor's job runs on after the command returns
+    while not export.is_file() and time.monotonic() < end:
+        time.sleep(1)
+    assert export.is_file(), (run / "slurm").exists() and list((run / "slurm").rglob("*log*"))

@@ -47,6 +47,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
 
+    def label(self, index: int) -> int:
+        """The label alone (subclasses answer without decoding the image)."""
+        return self.load(index)[1]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.load(index)
 
@@ -91,6 +95,9 @@ class FashionMNIST(ImageDataset):
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index][None], int(self.labels[index])
 
+    def label(self, index: int) -> int:
+        return int(self.labels[index])
+
 
 # --------------------------------------------------------------------------- synthetic
 class Synthetic(ImageDataset):
@@ -109,6 +116,9 @@ class Synthetic(ImageDataset):
 
     def __len__(self) -> int:
         return self.size
+
+    def label(self, index: int) -> int:
+        return index % self.classes
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         c = index % self.classes
@@ -152,6 +162,9 @@ class ImageFolder(ImageDataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def label(self, index: int) -> int:
+        return self.samples[index][1]
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
@@ -199,6 +212,9 @@ class Subset(ImageDataset):
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         return self.base.load(self.indices[index])
+
+    def label(self, index: int) -> int:
+        return self.base.label(self.indices[index])
 
 
 def spaced_subset(ds: ImageDataset, n: int, offset: int = 0) -> ImageDataset:
