@@ -9,6 +9,7 @@ optimizer, the position inside the epoch and every rank's RNG; augmentations are
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,8 +37,11 @@ class SGDSchedule:
     weight_decay: float = 0.0
     milestones: tuple[int, ...] = ()
     max_steps: int = 0  # stop after this many steps in total (a budget); 0 = all epochs
+    max_seconds: float = 0.0  # stop after this much training wall time in total (a budget); 0 = none
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    eval_every: int = 0  # steps between held-out evaluations (0 = each epoch, or 10 over a shorter budget)
+    patience: int = 0  # stop when the held-out accuracy has not improved for this many evaluations (0 = never)
 
     def factor(self, step: int, steps_per_epoch: int) -> float:
         if self.milestones:
@@ -71,6 +75,25 @@ class NothingToTrain(RuntimeError):
     pass
 
 
+@dataclass
+class FitOutcome:
+    """Where a fit ended, its held-out curve and budget, and whether it had converged."""
+
+    progress: ckpt.Progress
+    held_out: list[tuple[int, float]]  # (global step, held-out top-1) at each evaluation
+    wall_s: float  # training wall time over all resumes
+    early_stopped: bool  # the patience rule ended it
+
+    @property
+    def converged(self) -> bool | None:
+        """True when early stopping ended it, or the held-out accuracy was no longer rising at the end
+        (the last evaluation is not a new best); None without a held-out curve."""
+        if self.early_stopped:
+            return True
+        accs = [a for _, a in self.held_out]
+        return None if len(accs) < 2 else accs[-1] <= max(accs[:-1])
+
+
 def fit_classifier(
     accelerator: Accelerator,
     model: nn.Module,
@@ -83,11 +106,15 @@ def fit_classifier(
     num_workers: int = 0,
     input_fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
     stop: StopFlag | None = None,
-) -> ckpt.Progress | None:
+    held_out: Callable[[nn.Module], float] | None = None,
+) -> FitOutcome | None:
     """Train ``trainable`` (a part of ``model``: B x C x H x W -> B x classes logits) with cross-entropy.
 
-    Returns where training ended, or None when ``stop`` asked to stop (a checkpoint is then
-    saved; calling again with the same ``ckpt_dir`` resumes).
+    ``held_out(model)`` (run on every process) scores the model on images it does not train on,
+    every ``schedule.eval_every`` steps (default: each epoch end) and at the end; with
+    ``schedule.patience`` it also stops training once that score stops improving.
+    Returns the outcome, or None when ``stop`` asked to stop (a checkpoint is then saved; calling
+    again with the same ``ckpt_dir`` resumes).
     """
     per_process, rest = divmod(schedule.batch_size, accelerator.num_processes)
     if rest or per_process < 1:
@@ -103,29 +130,46 @@ def fit_classifier(
     steps_per_epoch = len(loader)
     total = schedule.total_steps(steps_per_epoch)
 
-    progress = ckpt.Progress()
+    eval_every = schedule.eval_every or min(steps_per_epoch, max(1, total // 10))
+    progress, curve, wall_before, early_stopped = ckpt.Progress(), [], 0.0, False
     loaded = ckpt.load_latest(ckpt_dir)
     if loaded:
         state, path = loaded
         trainable.load_state_dict(state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         progress = ckpt.Progress(**state["progress"])
+        curve, wall_before = [tuple(p) for p in state.get("held_out", [])], float(state.get("wall_s", 0.0))
+        early_stopped = bool(state.get("early_stopped", False))
         ckpt.set_rng_state(state["rng"][accelerator.process_index % len(state["rng"])])
         accelerator.print(f"{desc}: resumed from {path} (epoch {progress.epoch}, step {progress.global_step})")
+    started = time.perf_counter()
+
+    def wall() -> float:
+        return wall_before + time.perf_counter() - started
+
+    def evaluate() -> None:
+        nonlocal early_stopped
+        if held_out is None or (curve and curve[-1][0] == progress.global_step):
+            return
+        curve.append((progress.global_step, held_out(accelerator.unwrap_model(model))))
+        model.train()
+        best = max(range(len(curve)), key=lambda i: curve[i][1])  # the first best
+        early_stopped = bool(schedule.patience) and len(curve) - 1 - best >= schedule.patience
 
     def save() -> None:
         rngs = gather_object([ckpt.rng_state()])
         if accelerator.is_main_process:
             state = {"trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
-                     "progress": vars(progress), "rng": rngs}
+                     "progress": vars(progress), "rng": rngs, "held_out": [list(p) for p in curve],
+                     "wall_s": wall(), "early_stopped": early_stopped}
             ckpt.save(ckpt_dir, state, progress.global_step, schedule.keep_checkpoints)
         accelerator.wait_for_everyone()
 
     bar = tqdm(total=total, initial=progress.global_step, desc=desc, unit="step", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
-    stopped = False
+    stopped = over_time = False
     model.train()
-    while progress.global_step < total and not stopped:
+    while progress.global_step < total and not (stopped or over_time or early_stopped):
         train_set.set_epoch(progress.epoch)
         loader.set_epoch(progress.epoch)
         batches = accelerator.skip_first_batches(loader, progress.step_in_epoch) if progress.step_in_epoch else loader
@@ -145,13 +189,21 @@ def fit_classifier(
             bar.update(1)
             if progress.global_step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            flag = torch.tensor(float(stop is not None and stop.requested), device=accelerator.device)
-            stopped = accelerator.reduce(flag, reduction="sum").item() > 0
-            if stopped or progress.global_step >= total:
+            # One collective for both decisions, so every rank takes the same branch.
+            over_time = bool(schedule.max_seconds) and wall() >= schedule.max_seconds
+            flags = torch.tensor([float(stop is not None and stop.requested), float(over_time)], device=accelerator.device)
+            stopped, over_time = (f > 0 for f in accelerator.reduce(flags, reduction="sum").tolist())
+            if stopped or over_time or progress.global_step >= total:
                 break
+            if progress.global_step % eval_every == 0:
+                evaluate()
+                if early_stopped:
+                    break
             if progress.global_step % schedule.checkpoint_every == 0:
                 save()
     bar.close()
+    if not stopped:
+        evaluate()  # the final point of the held-out curve
     save()
     model.eval()
-    return None if stopped else progress
+    return None if stopped else FitOutcome(progress, curve, round(wall(), 1), early_stopped)

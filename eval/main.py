@@ -51,11 +51,13 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
     from eval.classifier import FrozenEncoder, SGDSchedule, fit_classifier
     from eval.features import assert_unchanged, fingerprint, pixel_features
     from eval.probe import linear_probe, topk_accuracy
+    from eval.stored_baselines import data_fingerprint, find_stored, store_result
+    from pretrain.main import git_revision
     from eval.report import write_report
     from pretrain.config import Config, ConfigError
     from pretrain.data import MultiViewDataset
     from pretrain.data.colour import split_lab
-    from pretrain.data.datasets import REGISTRY, spaced_subset
+    from pretrain.data.datasets import REGISTRY, disjoint_subsets, spaced_subset
     from pretrain.engine import ImageListDataset, StopFlag, extract_features
     from pretrain.export import load_encoder
     from pretrain.knn import knn_predict
@@ -82,8 +84,8 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         if needs != train.channels:
             raise ConfigError(f"'{w}' expects {needs}-channel images but {cfg.dataset} has {train.channels}; "
                               "evaluate it on the dataset it was trained for")
-    size = exports[0][2]["input_size"][-1]
-    out = Path(cfg.out) if cfg.out else Path(cfg.weights[0]).resolve().parent
+    size = exports[0][2]["input_size"][-1] if exports else cfg.image_size
+    out = Path(cfg.out or (Path(cfg.weights[0]).resolve().parent if exports else cfg.baselines.store))
     num_classes = train.num_classes
 
     # ------------------------------------------------------------------ processes
@@ -125,21 +127,34 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
                            v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(train.mean), list(train.std))])
 
     def sgd_fit(slug: str, model, trainable, image_size: int, schedule: SGDSchedule, scale_min: float,
-                input_fn=lambda x: x) -> dict[str, Any]:
-        """Fit with the checkpointed SGD loop, then top-1/top-5 of ``model`` on the test split."""
-        train_set = MultiViewDataset(train, [train_transform(image_size, scale_min)], seed=cfg.seed)
+                input_fn=lambda x: x, held_out: int = 0) -> dict[str, Any]:
+        """Fit with the checkpointed SGD loop, then top-1/top-5 of ``model`` on the test split.
+
+        With ``held_out`` > 0 that many train images are kept out of the fit to draw its held-out
+        curve, which says whether it converged (and drives ``schedule.patience``)."""
+        fit_images, held_images = disjoint_subsets(train, len(train) - held_out, held_out) if held_out else (train, None)
+
+        def held_out_top1(m) -> float:
+            logits, y = extract_features(m, ImageListDataset(held_images, image_size, cfg.center_crop_ratio), accelerator,
+                                         cfg.batch_size, cfg.num_workers, input_fn=input_fn, shard=True)
+            return topk_accuracy(logits, y, 1)
+
+        train_set = MultiViewDataset(fit_images, [train_transform(image_size, scale_min)], seed=cfg.seed)
         # A checkpoint belongs to one configuration: another config (or other weights) starts afresh.
         fit_id = hashlib.sha256(f"{config_yaml}{slug}".encode()).hexdigest()[:10]
-        progress = fit_classifier(accelerator, model, trainable, train_set, schedule,
-                                  out / "checkpoints" / f"{slug}-{fit_id}", desc=slug, num_workers=cfg.num_workers,
-                                  input_fn=input_fn, stop=stop)
-        if progress is None:
+        outcome = fit_classifier(accelerator, model, trainable, train_set, schedule,
+                                 out / "checkpoints" / f"{slug}-{fit_id}", desc=slug, num_workers=cfg.num_workers,
+                                 input_fn=input_fn, stop=stop, held_out=held_out_top1 if held_out else None)
+        if outcome is None:
             raise Stopped(f"stopped by {stop.signal_name or 'a signal on another rank'} during '{slug}'; "
                           "its checkpoint is saved: rerun the same command to resume")
         logits, y = features(accelerator.unwrap_model(model), "test", image_size, input_fn)
-        budget = f"{progress.epoch} epochs" if progress.step_in_epoch == 0 else f"{progress.global_step} steps"
+        p = outcome.progress
+        steps_per_epoch = len(fit_images) // schedule.batch_size
+        budget = f"{p.epoch} epochs" if p.step_in_epoch == 0 else f"{p.global_step} steps"
         return {"top1": topk_accuracy(logits, y, 1), "top5": topk_accuracy(logits, y, 5), "trained": budget,
-                "scored": len(y)}
+                "scored": len(y), "epochs": round(p.global_step / max(steps_per_epoch, 1), 2), "steps": p.global_step,
+                "wall_s": outcome.wall_s, "converged": outcome.converged, "held_out_top1": outcome.held_out}
 
     def encoder_row(name: str, kind: str, encoder, meta: dict, sha: str | None) -> dict[str, Any]:
         lab = meta.get("input_transform") == "lab_L"
@@ -165,7 +180,55 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
                 "feature_dim": int(feats[0][0].shape[1]), **extra}
 
     b = cfg.baselines
-    jobs = len(exports) * (2 if cfg.random_init else 1) + cfg.raw_pixels + b.alexnet_supervised + 5 * bool(b.alexnet_weights)
+    alexnet_protocol = f"supervised-v1: {size} px, centre crop ratio {cfg.center_crop_ratio}, test split"
+
+    def alexnet_row() -> dict[str, Any]:
+        """The supervised AlexNet: a stored converged result when one matches, else trained here."""
+        data_sha = data_fingerprint(train, test) if (b.use_stored or cfg.store_baselines) else None
+        if b.use_stored and not cfg.store_baselines:
+            found = find_stored(Path(b.store), "alexnet_supervised", cfg.dataset, alexnet_protocol, data_sha)
+            if found:
+                accelerator.print(f"AlexNet supervised: using the stored result {found['stored_path']} ({found['date']})")
+                return {**{k: found[k] for k in ("kind", "protocol", "top1", "top5", "epochs", "steps", "wall_s",
+                                                  "converged", "trained")},
+                        "name": f"AlexNet supervised ({found['epochs']:g} epochs, stored {found['date'][:10]})", "knn": None,
+                        "stored": found["stored_path"], "stored_date": found["date"]}
+        alexnet = supervised_alexnet(train.channels, size, num_classes)
+        schedule = SGDSchedule(lr=b.alexnet_lr, epochs=b.alexnet_epochs, batch_size=b.alexnet_batch_size,
+                               weight_decay=b.alexnet_weight_decay, max_steps=b.alexnet_max_steps,
+                               checkpoint_every=cfg.sgd.checkpoint_every, eval_every=b.alexnet_eval_every,
+                               patience=b.alexnet_patience)
+        scores = sgd_fit("alexnet_supervised", alexnet, alexnet, size, schedule, b.alexnet_crop_scale_min,
+                         held_out=min(b.alexnet_held_out, len(train) // 2))
+        flag = {True: "", False: ", not converged", None: ", convergence unknown"}[scores["converged"]]
+        budget = f"{scores['trained']}, {scores['epochs']:g} epochs, {scores['wall_s']:.0f} s{flag}"
+        row = {"name": f"AlexNet supervised ({budget})", "kind": "alexnet_supervised",
+               "protocol": "supervised", **scores, "knn": None}
+        if cfg.store_baselines and accelerator.is_main_process:
+            path = store_result(Path(b.store), row, dataset=cfg.dataset, protocol=alexnet_protocol, data_sha256=data_sha,
+                                config=OmegaConf.to_yaml(OmegaConf.structured(cfg)), revision=git_revision())
+            print(f"stored {path}", flush=True)
+        return row
+
+    def supervised_encoder_row(w: str, meta: dict) -> dict[str, Any]:
+        """Our export's architecture trained end to end with labels for its pretraining's wall time, then
+        scored like our encoder (the upper reference SSL papers print beside their probes)."""
+        seconds = b.supervised_encoder_seconds or float(meta.get("summary", {}).get("seconds_this_run") or 0)
+        encoder = create_encoder(meta["architecture"], meta["in_chans"], meta["small_input"],
+                                 meta.get("stem_stride", 1), meta.get("timm_kwargs"))
+        head = torch.nn.Linear(encoder.num_features, num_classes)
+        schedule = SGDSchedule(lr=b.supervised_encoder_lr, epochs=b.supervised_encoder_max_epochs,
+                               batch_size=b.alexnet_batch_size, weight_decay=b.alexnet_weight_decay,
+                               max_seconds=seconds, checkpoint_every=cfg.sgd.checkpoint_every)
+        model = torch.nn.Sequential(encoder, head)
+        scores = sgd_fit("supervised_" + meta["architecture"], model, model, size, schedule, b.alexnet_crop_scale_min)
+        row = encoder_row(f"supervised {meta['architecture']} ({scores['wall_s']:.0f} s, {scores['trained']})",
+                          "supervised_encoder", encoder, meta, None)
+        return {**row, **{k: scores[k] for k in ("epochs", "steps", "wall_s")}, "supervised_top1": scores["top1"],
+                "budget_s": seconds}
+
+    jobs = len(exports) * (2 if cfg.random_init else 1) + cfg.raw_pixels + b.alexnet_supervised + 5 * bool(b.alexnet_weights) \
+        + len(exports) * b.supervised_encoder
     accelerator.print(f"eval: {len(train)} train / {len(test)} test images of {cfg.dataset}, protocol {cfg.protocol}, "
                       f"{jobs} rows to compute on {accelerator.num_processes} process(es)")
     # ------------------------------------------------------------------ our encoders (+ random init of each arch)
@@ -175,7 +238,8 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         rows.append(encoder_row(name, "ours", encoder, meta, meta["sha256"]))
         assert_unchanged(encoder, before, w)
         if cfg.random_init:
-            random_encoder = create_encoder(meta["architecture"], meta["in_chans"], meta["small_input"])
+            random_encoder = create_encoder(meta["architecture"], meta["in_chans"], meta["small_input"],
+                                            meta.get("stem_stride", 1), meta.get("timm_kwargs"))
             before = fingerprint(random_encoder)
             rows.append(encoder_row(f"random init {meta['architecture']}", "random_init", random_encoder, meta, None))
             assert_unchanged(random_encoder, before, "the random-init encoder")
@@ -185,13 +249,14 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
                              pixel_features(test, size, cfg.batch_size)))
     # ------------------------------------------------------------------ AlexNet baselines
     if b.alexnet_supervised:
-        alexnet = supervised_alexnet(train.channels, size, num_classes)
-        schedule = SGDSchedule(lr=b.alexnet_lr, epochs=b.alexnet_epochs, batch_size=b.alexnet_batch_size,
-                               weight_decay=b.alexnet_weight_decay, max_steps=b.alexnet_max_steps,
-                               checkpoint_every=cfg.sgd.checkpoint_every)
-        scores = sgd_fit("alexnet_supervised", alexnet, alexnet, size, schedule, b.alexnet_crop_scale_min)
-        rows.append({"name": f"AlexNet supervised ({scores['trained']})", "kind": "alexnet_supervised", "protocol": "supervised",
-                     **scores, "knn": None})
+        rows.append(alexnet_row())
+    if b.supervised_encoder:
+        for w, _, meta in exports:
+            if b.supervised_encoder_seconds or (meta.get("summary") or {}).get("seconds_this_run"):
+                rows.append(supervised_encoder_row(w, meta))
+            else:
+                accelerator.print(f"no supervised-encoder row for {w}: its export records no pretraining time; "
+                                  "set baselines.supervised_encoder_seconds")
     if b.alexnet_weights:
         for layer in range(1, 6):
             trunk = AlexNetConvFeatures(alexnet_trunk, layer, train.channels)

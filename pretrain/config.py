@@ -71,6 +71,7 @@ class DataConfig:
     path: str = _f("", "ffcv: the .beton file (python -m pretrain.data.beton ... --out train.beton)")
     os_cache: bool = _f(True, "ffcv: read through the OS page cache (false: ffcv's own process cache)")
     batches_ahead: int = _f(3, "ffcv: batches prepared ahead of the training step")
+    augment: str = _f("loader", "loader (torchvision, per image in the loader workers) | batch (whole batch at once on the training device: crop, flip, brightness, contrast; same-size images)")
     synthetic_size: int = _f(2048, "synthetic: number of training images")
     synthetic_classes: int = _f(8, "synthetic: number of latent classes the images are drawn from")
     synthetic_image_size: int = _f(32, "synthetic: side length of the drawn images")
@@ -82,12 +83,15 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = _f("resnet18", "any timm encoder name (timm.create_model(arch, num_classes=0))")
-    small_input: bool = _f(True, "3x3 stride-1 first conv and no max-pool, for images of 64 px and below (ResNets)")
+    small_input: bool = _f(True, "small-image stem for images of 64 px and below (ResNets): 3x3 first conv, no max-pool")
+    stem_stride: int = _f(1, "small_input: stride of the first conv (1: stage 1 at full resolution; 2: half, ~4x cheaper)")
+    width: float = _f(1.0, "ResNets: scale every stage's channels (and the stem) by this; 0.5 is ~3x cheaper on small images")
     head_dims: list[int] = _f([512, 128], "projection MLP widths after the encoder feature: hidden..., output")
     head_bn: bool = _f(True, "BatchNorm between the projection head's hidden layers")
     shared_head: bool = _f(True, "one projection head for all views (false: one per view)")
     encoder_per_view: bool = _f(False, "a separate encoder per view (CMC); false: one shared encoder")
     channels_last: bool = _f(False, "channels_last memory format (faster convs on GPUs with bf16/fp16)")
+    momentum: float = _f(0.99, "objective.queue_size > 0: EMA coefficient of the momentum (key) encoder and head, MoCo's m")
     sync_bn: bool = _f(True, "SyncBatchNorm across GPU processes (BN statistics over the global batch); CPU runs keep BatchNorm")
 
 
@@ -98,6 +102,7 @@ class ObjectiveConfig:
     graph: str = _f("full", "which view pairs: full (all pairs) | core (view 0 against each other view), as in CMC")
     critic: str = _f("cosine", "contrastive: cosine (/ temperature) | dot | bilinear (learned W) | concat (joint MLP)")
     temperature: float = _f(0.1, "temperature of the cosine critic: score = cos(z_a, z_b) / temperature")
+    queue_size: int = _f(0, "contrastive: keys from a momentum model (model.momentum) plus a queue of this many past keys per view, MoCo v2 (0 = off: in-batch keys)")
     smile_tau: float = _f(5.0, "SMILE: clip the scores to [-tau, tau] inside the log-mean-exp")
     mine_ema: float = _f(0.1, "MINE: update weight of the moving average of the denominator")
     local_stages: list[int] = _f([3, 4], "amdim/dim: timm stage indices of the two local feature maps (forward_intermediates)")
@@ -126,6 +131,8 @@ class MonitorConfig:
     knn_temperature: float = _f(0.07, "temperature of the kNN monitor's weighted votes")
     knn_bank: int = _f(5000, "labelled training images in the kNN memory bank")
     knn_queries: int = _f(1000, "labelled held-out images classified by the kNN monitor")
+    online_probe: bool = _f(True, "train a linear classifier on detached encoder features with labels (never reaching the encoder); scored with the kNN monitor")
+    online_probe_lr: float = _f(1e-3, "online probe: AdamW learning rate (its own optimizer, no weight decay)")
 
 
 @dataclass
@@ -146,6 +153,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "objective.critic": ("cosine", "dot", "bilinear", "concat"),
     "data.colour_split": ("none", "lab"),
     "data.format": ("torchvision", "ffcv"),
+    "data.augment": ("loader", "batch"),
     "objective.bound": ("infonce", "nwj", "dv", "mine", "js", "smile"),
     "optim.optimizer": ("sgd", "adamw", "lars"),
 }
@@ -242,9 +250,13 @@ def validate(c: Config) -> None:
                  f"need 0 < crop_scale_min <= crop_scale_max <= 1, got {v.crop_scale_min}..{v.crop_scale_max}")
         for p in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
             _require(0 <= getattr(v, p) <= 1, f"{k}.{p}", f"is a probability in [0, 1], got {getattr(v, p)}")
+    _require(d.augment == "loader" or (d.format != "ffcv" and d.dataset != "imagefolder"), "data.augment",
+             "batch needs same-size in-memory images (fashion_mnist, synthetic) and the torchvision format; use loader")
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _require(d.limit >= 0, "data.limit", f"must be >= 0, got {d.limit}")
     _require(d.synthetic_classes >= 2, "data.synthetic_classes", f"must be >= 2, got {d.synthetic_classes}")
+    _require(0 < m.width <= 4, "model.width", f"must be in (0, 4], got {m.width}")
+    _require(m.stem_stride in (1, 2), "model.stem_stride", f"must be 1 or 2, got {m.stem_stride}")
     _require(len(m.head_dims) >= 1 and min(m.head_dims) >= 1, "model.head_dims",
              f"needs at least one positive width, got {m.head_dims}")
     _require(c.objective.smile_tau > 0, "objective.smile_tau", f"must be > 0, got {c.objective.smile_tau}")
@@ -255,6 +267,10 @@ def validate(c: Config) -> None:
         _require(len(d.views) == 2 and not lab, "data.views", f"{ob.name} uses exactly 2 RGB/gray views, got {len(d.views)}")
         _require(ob.name != "dim" or ob.bound in ("infonce", "nwj", "dv", "js", "smile"), "objective.bound",
                  f"dim supports infonce, nwj, dv, js, smile, got {ob.bound}")
+    _require(ob.queue_size >= 0, "objective.queue_size", f"must be >= 0, got {ob.queue_size}")
+    _require(ob.queue_size == 0 or ob.name == "contrastive", "objective.queue_size",
+             f"the momentum queue works with objective.name=contrastive, not {ob.name}; set objective.queue_size=0")
+    _require(0 <= m.momentum < 1, "model.momentum", f"must be in [0, 1), got {m.momentum}")
     _require(c.objective.temperature > 0, "objective.temperature", f"must be > 0, got {c.objective.temperature}")
     _require(r.max_steps >= 0, "run.max_steps", f"must be >= 0, got {r.max_steps}")
     _require(r.log_every >= 1, "run.log_every", f"must be >= 1, got {r.log_every}")

@@ -56,6 +56,19 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
+@torch.no_grad()
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """All-gather ``x`` (B x D per rank) into (W*B x D) in rank order, *without* gradient.
+
+    For tensors that carry none by design: a momentum model's keys (pretrain.momentum).
+    """
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
 def all_reduce_max_(t: torch.Tensor) -> torch.Tensor:
     """In-place max over ranks (used to agree on stop / non-finite flags). No gradient."""
     if is_distributed():

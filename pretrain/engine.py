@@ -20,6 +20,8 @@ from pretrain.data import ImageDataset, build_eval_transform
 from pretrain.data.multiview import load_readable
 from pretrain.distributed import all_reduce_max_
 from pretrain.knn import knn_predict
+from pretrain.momentum import MomentumKeys
+from pretrain.online_probe import probe_accuracy, probe_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -57,6 +59,7 @@ class StepResult:
     diag: dict[str, torch.Tensor]
     grad_norm: torch.Tensor | None  # None when the step was skipped
     stop: bool  # some rank asked to stop
+    probe_loss: torch.Tensor | None = None  # the online probe's cross-entropy, when it trained
 
 
 def train_step(
@@ -71,16 +74,22 @@ def train_step(
     stop_requested: bool,
     step: int,
     channels_last: bool = False,
+    key_model: MomentumKeys | None = None,
+    probe: tuple[nn.Module, torch.optim.Optimizer, torch.Tensor] | None = None,
 ) -> StepResult:
     """Forward V views, InfoNCE in fp32, agree across ranks on (non-finite, stop), backward, clip, step.
 
-    Raises NonFiniteLoss on a NaN/inf loss unless ``skip_nonfinite`` (then no update is made).
+    With ``key_model`` (the momentum queue) the keys come from it, and after the optimizer step it
+    moves towards the online model. Raises NonFiniteLoss on a NaN/inf loss unless ``skip_nonfinite``
+    (then no update is made). ``probe`` = (online probe, its optimizer, labels): it trains on view 0's
+    detached encoder features after the encoder's step.
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     views = [v.to(memory_format=fmt) for v in views]
     with accelerator.autocast():
-        z = model(views)
-    loss, diag = objective(z)
+        z, features = model(views, with_features=True) if probe is not None else (model(views), None)
+        keys = key_model(views) if key_model is not None else None
+    loss, diag = objective(z) if keys is None else objective(z, keys)
     # One collective for both decisions, so every rank takes the same branch (no DDP hang).
     flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(stop_requested)], device=loss.device)
     nonfinite, stop = (bool(f) for f in all_reduce_max_(flags))
@@ -97,7 +106,10 @@ def train_step(
     grad_norm = accelerator.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss.detach(), diag, torch.as_tensor(grad_norm).detach(), stop)
+    if key_model is not None:
+        key_model.update(accelerator.unwrap_model(model))
+    probe_loss = probe_step(*probe[:2], features, probe[2]) if probe is not None else None
+    return StepResult(loss.detach(), diag, torch.as_tensor(grad_norm).detach(), stop, probe_loss)
 
 
 class ImageListDataset(torch.utils.data.Dataset):
@@ -146,13 +158,15 @@ def extract_features(encoder: nn.Module, dataset: torch.utils.data.Dataset, acce
 
 def knn_monitor(encoder: nn.Module, bank: torch.utils.data.Dataset, queries: torch.utils.data.Dataset,
                 accelerator: Accelerator, k: int, temperature: float, num_workers: int,
-                input_fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> float:
-    """Top-1 accuracy of a weighted kNN classifier on frozen features (monitoring, not eval)."""
+                input_fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+                probe: nn.Module | None = None) -> tuple[float, float | None]:
+    """Top-1 of a weighted kNN classifier on frozen features (monitoring, not eval), and the online
+    probe's top-1 on the same held-out queries (None without a probe)."""
     fb, lb = extract_features(encoder, bank, accelerator, num_workers=num_workers, input_fn=input_fn)
     fq, lq = extract_features(encoder, queries, accelerator, num_workers=num_workers, input_fn=input_fn)
     num_classes = int(max(lb.max(), lq.max())) + 1
     pred = knn_predict(fb, lb, fq, k, temperature, num_classes)
-    return (pred == lq).float().mean().item()
+    return (pred == lq).float().mean().item(), probe_accuracy(probe, fq, lq) if probe is not None else None
 
 
 class TensorBoard:

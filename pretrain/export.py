@@ -44,6 +44,8 @@ def export_encoder(
     mean: Sequence[float],
     std: Sequence[float],
     small_input: bool,
+    stem_stride: int = 1,
+    timm_kwargs: dict[str, Any] | None = None,
     summary: dict[str, Any],
     input_transform: str = "normalise",
 ) -> Path:
@@ -60,6 +62,8 @@ def export_encoder(
         "std": list(std),
         "num_features": int(encoder.num_features),
         "small_input": small_input,
+        "stem_stride": stem_stride,
+        "timm_kwargs": timm_kwargs or {},  # pass to timm.create_model as well (e.g. model.width's channels)
         # normalise: RGB/gray in [0,1], then (x - mean) / std.  lab_L: that, un-normalised, converted
         # to Lab, L / 50 - 1 as the single channel (pretrain.data.colour.split_lab).
         "input_transform": input_transform,
@@ -91,6 +95,7 @@ def load_encoder(path: str | Path, verify: bool = True) -> tuple[nn.Module, dict
     weights = export_dir / WEIGHTS
     if verify and sha256(weights) != meta["sha256"]:
         raise ConfigError(f"{weights} does not match the sha256 in {META}: the file was changed or damaged; re-export it")
-    encoder = create_encoder(meta["architecture"], meta["in_chans"], meta["small_input"])
+    encoder = create_encoder(meta["architecture"], meta["in_chans"], meta["small_input"], meta.get("stem_stride", 1),
+                             meta.get("timm_kwargs"))
     encoder.load_state_dict(load_file(str(weights)), strict=True)
     return encoder.eval(), meta

@@ -54,11 +54,14 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
 
     from pretrain import checkpoint as ckpt
     from pretrain.config import ConfigError, to_yaml
+    from pretrain.data.batch_views import BatchViews, check_batch_recipe
     from pretrain.data.colour import split_lab
     from pretrain.data import MultiViewDataset, build_dataset, build_knn_sets, build_view_transform, collate_skipped
     from pretrain.engine import ImageListDataset, StopFlag, TensorBoard, Throughput, knn_monitor, train_step
     from pretrain.export import export_encoder
-    from pretrain.models import LocalGlobalModel, MultiViewModel
+    from pretrain.models import LocalGlobalModel, MultiViewModel, width_kwargs
+    from pretrain.momentum import MomentumKeys
+    from pretrain.online_probe import OnlineProbe
     from pretrain.objectives import build_objective
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
@@ -100,6 +103,10 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
         (run_dir / "config.yaml").write_text(f"# git revision: {git_revision()}\n" + to_yaml(cfg))
     accelerator.wait_for_everyone()
 
+    batch_views = None
+    if cfg.data.augment == "batch":
+        check_batch_recipe(cfg.data.views, train_images.channels)
+        batch_views = BatchViews(cfg.data.views, train_images.mean, train_images.std, cfg.run.seed)
     if len(train_images) < cfg.optim.batch_size * accelerator.num_processes:
         raise ConfigError(
             f"bad value for config key 'optim.batch_size': {cfg.optim.batch_size} x {accelerator.num_processes} "
@@ -112,8 +119,11 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
             distributed=accelerator.num_processes > 1, num_workers=max(1, cfg.data.num_workers),
             os_cache=cfg.data.os_cache, batches_ahead=cfg.data.batches_ahead, info=train_images)
     else:
-        transforms = [build_view_transform(v, train_images.channels, train_images.mean, train_images.std)
-                      for v in cfg.data.views]
+        if batch_views is not None:  # the loader only collates uint8 images; views are drawn per batch below
+            transforms = [torch.nn.Identity()]
+        else:
+            transforms = [build_view_transform(v, train_images.channels, train_images.mean, train_images.std)
+                          for v in cfg.data.views]
         train_set = MultiViewDataset(train_images, transforms, seed=cfg.run.seed)
         loader = torch.utils.data.DataLoader(
             train_set, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True,
@@ -140,7 +150,14 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     objective = build_objective(cfg.objective, len(view_chans), cfg.model.head_dims[-1])
+    # MoCo's key encoder and head: an EMA copy of the online model, never DDP-wrapped (no gradient).
+    key_model = MomentumKeys(model, cfg.model.momentum).to(accelerator.device) if cfg.objective.queue_size else None
     learned_critic = any(p.requires_grad for p in objective.parameters())
+    # The online probe: labels train only this head, on detached features, with its own optimizer.
+    probe = probe_optimizer = None
+    if cfg.monitor.online_probe and train_images.num_classes >= 2:
+        probe = accelerator.prepare_model(OnlineProbe(model.feature_dim, train_images.num_classes))  # DDP: same on every rank
+        probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=cfg.monitor.online_probe_lr, weight_decay=0.0)
 
     # ------------------------------------------------------------------ optimizer and per-step schedule (timm)
     trainable = torch.nn.ModuleDict({"model": model, "objective": objective})  # learned critics train too
@@ -169,6 +186,11 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
         state, path = loaded
         raw_model.load_state_dict(state["model"])
         raw_objective.load_state_dict(state["objective"])
+        if key_model is not None:
+            key_model.load_state_dict(state["momentum_model"])
+        if probe is not None and state.get("online_probe"):
+            accelerator.unwrap_model(probe).load_state_dict(state["online_probe"])
+            probe_optimizer.load_state_dict(state["online_probe_optimizer"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if accelerator.scaler is not None and state.get("scaler"):
@@ -186,7 +208,10 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
             return None
         state = {
             "model": raw_model.state_dict(),
-            "objective": raw_objective.state_dict(),
+            "objective": raw_objective.state_dict(),  # includes the momentum queue
+            "momentum_model": key_model.state_dict() if key_model is not None else None,
+            "online_probe": accelerator.unwrap_model(probe).state_dict() if probe is not None else None,
+            "online_probe_optimizer": probe_optimizer.state_dict() if probe is not None else None,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
@@ -201,7 +226,7 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
     tb.text("config", to_yaml(cfg))
     stop = StopFlag().install()
     meter = Throughput()
-    knn_top1, knn_step = float("nan"), -1
+    knn_top1, probe_top1, knn_step = float("nan"), None, -1
     last: dict[str, float] = {}
     bar = tqdm(total=total_steps, initial=progress.global_step, disable=not main, desc="pretrain", unit="step",
                dynamic_ncols=True)
@@ -210,15 +235,19 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
     steps_this_run = 0
 
     def run_knn() -> None:
-        nonlocal knn_top1, knn_step
+        nonlocal knn_top1, probe_top1, knn_step
         if main:
             size = cfg.data.views[0].size
-            knn_top1 = knn_monitor(raw_model.encoder_for(0), ImageListDataset(bank_images, size),
-                                   ImageListDataset(query_images, size), accelerator,
-                                   cfg.monitor.knn_k, cfg.monitor.knn_temperature, cfg.data.num_workers,
-                                   input_fn=lambda x: model_views([x])[0])
+            knn_top1, probe_top1 = knn_monitor(
+                raw_model.encoder_for(0), ImageListDataset(bank_images, size), ImageListDataset(query_images, size),
+                accelerator, cfg.monitor.knn_k, cfg.monitor.knn_temperature, cfg.data.num_workers,
+                input_fn=lambda x: model_views([x])[0], probe=accelerator.unwrap_model(probe) if probe else None)
             tb.scalars({"monitor/knn_top1": knn_top1}, progress.global_step)
-            bar.write(f"epoch {progress.epoch} (step {progress.global_step}): kNN top-1 {knn_top1:.2%} (k={cfg.monitor.knn_k})")
+            line = f"epoch {progress.epoch} (step {progress.global_step}): kNN top-1 {knn_top1:.2%} (k={cfg.monitor.knn_k})"
+            if probe_top1 is not None and progress.global_step:  # an untrained probe's score means nothing
+                tb.scalars({"monitor/online_probe_top1": probe_top1}, progress.global_step)
+                line += f"   online probe top-1 {probe_top1:.2%}"
+            bar.write(line)
         knn_step = progress.global_step
         accelerator.wait_for_everyone()
         model.train()
@@ -237,16 +266,19 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
         t_ready = time.perf_counter()
         for batch in batches:
             meter.wait += time.perf_counter() - t_ready
+            views = batch["views"] if batch_views is None else batch_views(
+                batch["views"][0].to(accelerator.device), progress.epoch, progress.step_in_epoch, accelerator.process_index)
             if progress.global_step == 0 and steps_this_run == 0:
-                tb.views(batch["views"], train_images.mean, train_images.std)
+                tb.views(views, train_images.mean, train_images.std)
             bad = collate_skipped(batch["skipped"])
             if bad:
                 progress.unreadable_count += len(bad)
                 progress.unreadable = (progress.unreadable + bad)[:10]
-            result = train_step(accelerator, model, objective, optimizer, model_views(batch["views"]),
+            result = train_step(accelerator, model, objective, optimizer, model_views(views),
                                 grad_clip=cfg.optim.grad_clip, skip_nonfinite=cfg.optim.skip_nonfinite,
                                 stop_requested=stop.requested, step=progress.global_step,
-                                channels_last=cfg.model.channels_last)
+                                channels_last=cfg.model.channels_last, key_model=key_model,
+                                probe=(probe, probe_optimizer, batch["label"].to(accelerator.device)) if probe else None)
             if result.grad_norm is None:
                 progress.skipped_steps += 1
             progress.step_in_epoch += 1
@@ -257,8 +289,9 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
             bar.update(1)
 
             if progress.global_step % cfg.run.log_every == 0 or progress.global_step == total_steps:
-                names = ["loss", *result.diag]
-                values = torch.stack([result.loss.float(), *(v.float() for v in result.diag.values())])
+                extra = {"online_probe_loss": result.probe_loss} if result.probe_loss is not None else {}
+                names = ["loss", *result.diag, *extra]
+                values = torch.stack([result.loss.float(), *(v.float() for v in [*result.diag.values(), *extra.values()])])
                 values = accelerator.reduce(values, reduction="mean").tolist()
                 last = dict(zip(names, values))
                 images_per_s, wait_frac = meter.read()
@@ -307,6 +340,7 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
         "mi_estimate_nats": last.get("mi"),
         "log_k": last.get("log_k"),
         "knn_top1": None if knn_top1 != knn_top1 else knn_top1,
+        "online_probe_top1": probe_top1 if progress.global_step else None,
         "skipped_steps": progress.skipped_steps,
         "unreadable_images": progress.unreadable_count,
         "stopped_by": stopped_by or None,
@@ -317,7 +351,8 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
         encoder = raw_model.encoder_for(0)
         export_encoder(encoder, export_dir, arch=cfg.model.arch, in_chans=view_chans[0],
                        input_size=cfg.data.views[0].size, mean=train_images.mean, std=train_images.std,
-                       small_input=cfg.model.small_input, summary=summary,
+                       small_input=cfg.model.small_input, stem_stride=cfg.model.stem_stride,
+                       timm_kwargs=width_kwargs(cfg.model.arch, cfg.model.width), summary=summary,
                        input_transform="lab_L" if lab else "normalise")
         hp = {"arch": cfg.model.arch, "lr": cfg.optim.lr, "batch_size": cfg.optim.batch_size,
               "bound": cfg.objective.bound, "temperature": cfg.objective.temperature, "processes": accelerator.num_processes}
@@ -333,7 +368,8 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
             f"step {progress.global_step}/{total_steps}, epoch {progress.epoch}/{cfg.optim.epochs}, "
             f"{steps_this_run} steps in {elapsed:.0f}s on {accelerator.num_processes} process(es)",
             f"  loss {fmt(summary['final_loss'], '.4f')}   MI bound {fmt(summary['mi_estimate_nats'], '.3f')} nats "
-            f"(ceiling log K = {fmt(summary['log_k'], '.3f')})   kNN top-1 {fmt(summary['knn_top1'], '.2%')}",
+            f"(ceiling log K = {fmt(summary['log_k'], '.3f')})   kNN top-1 {fmt(summary['knn_top1'], '.2%')}"
+            + (f"   online probe top-1 {summary['online_probe_top1']:.2%}" if summary["online_probe_top1"] is not None else ""),
             f"  skipped steps {progress.skipped_steps}   unreadable images {progress.unreadable_count}",
             f"  run dir {run_dir}   checkpoint {checkpoint_path}",
         ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import timm
 import torch
 from torch import nn
@@ -9,13 +11,14 @@ from torch import nn
 from pretrain.config import ConfigError, ModelConfig
 
 
-def adapt_small_input(encoder: nn.Module, arch: str) -> nn.Module:
-    """Stride-1 stem and no max-pool (CIFAR-style) for images of 64 px and below.
+def adapt_small_input(encoder: nn.Module, arch: str, stride: int = 1) -> nn.Module:
+    """A small-image stem (CIFAR-style) for images of 64 px and below: no max-pool, first conv at ``stride``.
 
     For timm ResNet-family models: a single-conv stem (``conv1`` is a Conv2d, e.g. resnet50)
-    becomes 3x3 stride 1; a deep stem (``conv1`` is a Sequential, e.g. resnet50d) keeps its
-    convs with the first one at stride 1. ``maxpool`` becomes Identity. State-dict key names
-    stay timm's; only a single-conv stem's ``conv1.weight`` changes shape.
+    becomes 3x3 at ``stride``; a deep stem (``conv1`` is a Sequential, e.g. resnet10t) keeps its
+    convs with the first one at ``stride``. ``maxpool`` becomes Identity. Stride 1 feeds stage 1 at
+    full resolution (28 px in, 28 px maps); stride 2 at half (14 px), about 4x cheaper. State-dict
+    key names stay timm's; only a single-conv stem's ``conv1.weight`` changes shape.
     """
     conv1 = getattr(encoder, "conv1", None)
     if not hasattr(encoder, "maxpool") or not isinstance(conv1, (nn.Conv2d, nn.Sequential)):
@@ -24,23 +27,48 @@ def adapt_small_input(encoder: nn.Module, arch: str) -> nn.Module:
             "set model.small_input=false or use e.g. model.arch=resnet18"
         )
     if isinstance(conv1, nn.Conv2d):
-        encoder.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        encoder.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=stride, padding=1, bias=False)
     else:
         first = next(m for m in conv1.modules() if isinstance(m, nn.Conv2d))
-        first.stride = (1, 1)
+        first.stride = (stride, stride)
     encoder.maxpool = nn.Identity()
     return encoder
 
 
-def create_encoder(arch: str, in_chans: int, small_input: bool) -> nn.Module:
-    """``timm.create_model(arch, num_classes=0)``: images (B x C x H x W) -> features (B x F)."""
+def width_kwargs(arch: str, width: float) -> dict[str, Any]:
+    """timm ResNet keyword arguments that scale every stage's channels (and the stem) by ``width``.
+
+    ``{}`` for width 1. They are recorded in the export's config.json (``timm_kwargs``) because
+    ``timm.create_model`` needs them too: ``timm.create_model(arch, ..., **timm_kwargs)``.
+    """
+    if width == 1.0:
+        return {}
+    default = timm.create_model(arch, pretrained=False, num_classes=0)
+    if not hasattr(default, "layer4") or not hasattr(default, "conv1"):
+        raise ConfigError(f"model.width applies to timm ResNets (resnet18, resnet10t, ...), not '{arch}'; set model.width=1")
+    deep_stem = isinstance(default.conv1, nn.Sequential)  # timm's 'd'/'t' variants: stem_width 32, else 64
+    channels = [stage[0].conv1.out_channels if hasattr(stage[0], "conv1") else 0 for stage in
+                (default.layer1, default.layer2, default.layer3, default.layer4)]
+    if min(channels) <= 0:
+        raise ConfigError(f"model.width cannot read the stage widths of '{arch}'; set model.width=1")
+    return {"channels": [max(8, round(c * width)) for c in channels],
+            "stem_width": max(8, round((32 if deep_stem else 64) * width))}
+
+
+def create_encoder(arch: str, in_chans: int, small_input: bool, stem_stride: int = 1,
+                   timm_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """``timm.create_model(arch, num_classes=0, **timm_kwargs)``: images (B x C x H x W) -> features (B x F)."""
     try:
-        encoder = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans)
+        encoder = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans, **(timm_kwargs or {}))
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ConfigError(f"unknown timm model '{arch}' for model.arch; list them with timm.list_models()") from None
         raise
-    return adapt_small_input(encoder, arch) if small_input else encoder
+    return adapt_small_input(encoder, arch, stem_stride) if small_input else encoder
+
+
+def encoder_from_config(cfg: ModelConfig, in_chans: int) -> nn.Module:
+    return create_encoder(cfg.arch, in_chans, cfg.small_input, cfg.stem_stride, width_kwargs(cfg.arch, cfg.width))
 
 
 def projection_head(in_dim: int, dims: list[int], bn: bool) -> nn.Sequential:
@@ -67,7 +95,7 @@ class MultiViewModel(nn.Module):
         self.in_chans = in_chans if isinstance(in_chans, list) else [in_chans] * num_views
         n_enc = num_views if cfg.encoder_per_view else 1
         n_head = num_views if not cfg.shared_head else 1
-        self.encoders = nn.ModuleList(create_encoder(cfg.arch, self.in_chans[v], cfg.small_input) for v in range(n_enc))
+        self.encoders = nn.ModuleList(encoder_from_config(cfg, self.in_chans[v]) for v in range(n_enc))
         self.feature_dim: int = self.encoders[0].num_features
         self.heads = nn.ModuleList(projection_head(self.feature_dim, list(cfg.head_dims), cfg.head_bn) for _ in range(n_head))
         self.num_views = num_views
@@ -75,13 +103,16 @@ class MultiViewModel(nn.Module):
     def encoder_for(self, view: int) -> nn.Module:
         return self.encoders[view if len(self.encoders) > 1 else 0]
 
-    def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """V tensors (B x C x H x W) -> V embeddings (B x head_dims[-1])."""
-        out = []
+    def forward(self, views: list[torch.Tensor], with_features: bool = False):
+        """V tensors (B x C x H x W) -> V embeddings (B x head_dims[-1]); with ``with_features`` also
+        view 0's encoder features (B x feature_dim), for the online probe."""
+        out, features = [], None
         for v, x in enumerate(views):
             head = self.heads[v if len(self.heads) > 1 else 0]
-            out.append(head(self.encoder_for(v)(x)))
-        return out
+            h = self.encoder_for(v)(x)
+            features = h if v == 0 else features
+            out.append(head(h))
+        return (out, features) if with_features else out
 
 
 class LocalGlobalModel(nn.Module):
@@ -98,7 +129,7 @@ class LocalGlobalModel(nn.Module):
     def __init__(self, cfg: ModelConfig, in_chans: int, num_views: int, local_stages: list[int]) -> None:
         super().__init__()
         n_enc = num_views if cfg.encoder_per_view else 1
-        self.encoders = nn.ModuleList(create_encoder(cfg.arch, in_chans, cfg.small_input) for _ in range(n_enc))
+        self.encoders = nn.ModuleList(encoder_from_config(cfg, in_chans) for _ in range(n_enc))
         enc = self.encoders[0]
         if not hasattr(enc, "forward_intermediates"):
             raise ConfigError(f"'{cfg.arch}' has no forward_intermediates in timm; AMDIM/DIM need e.g. a ResNet")
@@ -116,12 +147,14 @@ class LocalGlobalModel(nn.Module):
     def encoder_for(self, view: int) -> nn.Module:
         return self.encoders[view if len(self.encoders) > 1 else 0]
 
-    def forward(self, views: list[torch.Tensor]) -> list[dict[str, torch.Tensor | list[torch.Tensor]]]:
-        out = []
+    def forward(self, views: list[torch.Tensor], with_features: bool = False):
+        out, features = [], None
         for v, x in enumerate(views):
             enc = self.encoder_for(v)
             final, maps = enc.forward_intermediates(x, indices=self.local_stages, intermediates_only=False)
-            g = self.global_head(enc.forward_head(final, pre_logits=True))
+            pooled = enc.forward_head(final, pre_logits=True)
+            features = pooled if v == 0 else features
+            g = self.global_head(pooled)
             local = [head(m).flatten(2).transpose(1, 2) for head, m in zip(self.local_heads, maps)]  # B x N x D
             out.append({"global": g, "local": local})
-        return out
+        return (out, features) if with_features else out

@@ -18,7 +18,8 @@ from torch import nn
 from pretrain import bounds
 from pretrain.config import ObjectiveConfig
 from pretrain.critics import build_critic
-from pretrain.distributed import gather_with_grad, rank
+from pretrain.distributed import gather, gather_with_grad, rank
+from pretrain.momentum import KeyQueue
 
 
 
@@ -39,38 +40,52 @@ class ContrastiveObjective(nn.Module):
     A module (not a function) so that learned critics are trained with the model and bounds with
     state (MINE's moving average, one per pair) live in buffers that go into checkpoints. MINE's EMA
     is per rank (each rank averages its own batches' denominators); the checkpoint keeps rank 0's.
+
+    With ``queue_size > 0`` (MoCo v2, :mod:`pretrain.momentum`) the keys are a momentum model's,
+    passed to ``forward``, and each query is also scored against the last ``queue_size`` keys of
+    the key view; the queue is a buffer, so it is checkpointed with the objective.
     """
 
     def __init__(self, temperature: float, bound: str = "infonce", num_views: int = 2,
                  smile_tau: float = 5.0, mine_ema: float = 0.1, graph: str = "full",
-                 critic: str = "cosine", dim: int = 128) -> None:
+                 critic: str = "cosine", dim: int = 128, queue_size: int = 0) -> None:
         super().__init__()
         self.bound = bound
         self.critic = build_critic(critic, dim, temperature)
         self.pairs = view_pairs(num_views, graph)
         self.mine = nn.ModuleList(bounds.MINE(mine_ema) for _ in self.pairs) if bound == "mine" else None
         self._fn = stateless_bound(bound, smile_tau)
+        self.queue = KeyQueue(num_views, queue_size, dim) if queue_size else None
 
-    def forward(self, z: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, z: list[torch.Tensor], keys: list[torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """
         Args:
-            z: V embeddings, each B x D (local to this rank, any dtype).
+            z: V query embeddings, each B x D (local to this rank, any dtype).
+            keys: V key embeddings (B x D) of a momentum model, without gradient; required with
+                the queue. Without them the queries are their own keys (SimCLR/CMC).
 
         Returns:
             loss (scalar, fp32 or wider) and detached diagnostics: ``mi`` (the bound in nats, mean over
-            pairs), ``log_k`` (InfoNCE's ceiling log K, K = W*B keys), ``pos`` / ``neg`` (mean critic
-            score of positives / negatives), ``top1`` (fraction of queries whose positive scores
-            highest), ``mi_A_B`` per ordered pair of views.
+            pairs), ``log_k`` (InfoNCE's ceiling log K, K = W*B keys + the filled queue), ``pos`` /
+            ``neg`` (mean critic score of positives / negatives), ``top1`` (fraction of queries whose
+            positive scores highest), ``mi_A_B`` per ordered pair of views.
         """
+        if self.queue is not None and keys is None:
+            raise ValueError("objective.queue_size > 0 needs the momentum model's keys")
         # Logits in fp32 even under bf16/fp16 autocast (invariant 2).
         with torch.autocast(device_type=z[0].device.type, enabled=False):
             q = [_fp32(v) for v in z]  # V x (B x D)
-            keys = [gather_with_grad(v) for v in q]  # V x (W*B x D)
+            if keys is None:
+                batch_keys = [gather_with_grad(v) for v in q]  # V x (W*B x D), gradient to every rank's rows
+            else:
+                batch_keys = [gather(_fp32(k)) for k in keys]  # momentum keys carry no gradient
             b = q[0].shape[0]
             positives = torch.arange(b, device=q[0].device) + rank() * b  # positives at rank*B + i
             values, pos, neg, top1 = [], [], [], []
             for pair, (a, c) in enumerate(self.pairs):
-                scores = self.critic(q[a], keys[c])  # B x K, K = W*B: view-a queries against view-c keys
+                candidates = batch_keys[c] if self.queue is None else torch.cat([batch_keys[c], self.queue.keys(c)])
+                scores = self.critic(q[a], candidates)  # B x K: view-a queries against view-c keys (+ queue)
                 bound = self.mine[pair] if self.mine is not None else self._fn
                 values.append(bound(scores, positives=positives))
                 with torch.no_grad():
@@ -78,7 +93,9 @@ class ContrastiveObjective(nn.Module):
                     pos.append(scores[mask].mean())
                     neg.append(scores[~mask].mean())
                     top1.append((scores.argmax(1) == positives).float().mean())
-            log_k = math.log(keys[0].shape[0])
+            log_k = math.log(scores.shape[1])
+            if self.queue is not None:
+                self.queue.push([k.detach() for k in batch_keys])  # after scoring: a key is never its own negative
             mi = torch.stack(values).mean()
             # InfoNCE's loss is shown as the usual cross-entropy, log K - bound.
             loss = (log_k if self.bound == "infonce" else 0.0) - mi
@@ -199,7 +216,7 @@ def build_objective(cfg: ObjectiveConfig, num_views: int, embed_dim: int) -> nn.
     """The objective named by ``objective.name``, configured from the rest of ``objective.*``."""
     if cfg.name == "contrastive":
         return ContrastiveObjective(cfg.temperature, cfg.bound, num_views, cfg.smile_tau, cfg.mine_ema, cfg.graph,
-                                    cfg.critic, embed_dim)
+                                    cfg.critic, embed_dim, cfg.queue_size)
     if cfg.name == "amdim":
         return AMDIMObjective(cfg.amdim_tclip, cfg.amdim_reg)
     if cfg.name == "dim":

@@ -106,3 +106,18 @@ def test_training_on_imagefolder_skips_and_reports_corrupt_files(tmp_path: Path)
     count = int(re.search(r"unreadable images (\d+)", proc.stdout).group(1))
     assert 1 <= count <= 12  # failed reads: up to 3+2+1 per epoch (a bad file is retried past its bad neighbours)
     assert "unreadable images were skipped" in proc.stdout and str(bad[0].parent) in proc.stdout
+
+
+def test_knn_monitor_queries_are_never_bank_images(tmp_path: Path) -> None:
+    from pretrain.data.datasets import build_knn_sets, disjoint_subsets
+
+    base = Synthetic(1300, 4, 8, seed=0)
+    for n_bank, n_queries in ((500, 200), (5000, 1000), (1300, 1300), (10, 5)):
+        bank, queries = disjoint_subsets(base, n_bank, n_queries)
+        assert not set(bank.indices) & set(queries.indices)
+        assert len(queries) == min(n_queries, 650) and len(bank) == min(n_bank, 1300 - len(queries))
+    make_imagefolder(tmp_path, good_per_class=12, corrupt=0)  # no val/: the queries come from train
+    cfg = load_config(None, ["data.dataset=imagefolder", f"data.root={tmp_path}", "monitor.knn_bank=500",
+                             "monitor.knn_queries=200"])
+    bank, queries = build_knn_sets(cfg, build_dataset(cfg))
+    assert not set(bank.indices) & set(queries.indices) and len(queries) == 12 and len(bank) == 12

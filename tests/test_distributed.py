@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,69 @@ def test_gather_is_identity_without_process_group() -> None:
 
     x = torch.randn(3, 2, requires_grad=True)
     assert gather_with_grad(x) is x
+
+
+# ---------------------------------------------------------------- the momentum queue (MoCo v2)
+QUEUE = 12  # smaller than 3 global batches of 8: the second push wraps around
+
+
+def queue_steps(model: nn.Module, views_per_step: list[list[torch.Tensor]]) -> dict[str, object]:
+    """Three optimizer steps with a momentum key model and a queue; the last step's loss and gradients,
+    the final queue and the final momentum weights."""
+    from pretrain.momentum import MomentumKeys
+
+    raw = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    keys = MomentumKeys(raw, momentum=0.9)
+    objective = ContrastiveObjective(temperature=0.5, queue_size=QUEUE, dim=6).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for views in views_per_step:
+        optimizer.zero_grad()
+        with torch.no_grad():  # the pipeline's model maps a list of views; this tiny one maps one view
+            key_embeddings = [keys.model(v) for v in views]
+        loss, diag = objective([model(v) for v in views], key_embeddings)
+        loss.backward()
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        optimizer.step()
+        keys.update(raw)
+    return {"loss": loss.detach(), "grads": grads, "log_k": diag["log_k"], "queue": objective.queue.queue.clone(),
+            "filled": objective.queue.filled.clone(), "momentum": [p.detach().clone() for p in keys.parameters()]}
+
+
+def three_global_batches() -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    return [[torch.randn(WORLD * B, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2)] for _ in range(3)]
+
+
+def _queue_worker(rank: int, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+    model = nn.parallel.DistributedDataParallel(tiny_model())
+    local = [[v[rank * B : (rank + 1) * B] for v in views] for views in three_global_batches()]
+    torch.save(queue_steps(model, local), f"{tmp}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_queue_is_identical_on_every_rank_and_matches_one_process(tmp_path: Path) -> None:
+    one = queue_steps(tiny_model(), three_global_batches())
+    mp.spawn(_queue_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert torch.equal(ranks[0]["queue"], ranks[1]["queue"])  # enqueued identically on every rank
+    assert torch.allclose(ranks[0]["queue"], one["queue"], rtol=0, atol=1e-10)  # == one process fed 2B
+    assert int(one["filled"]) == QUEUE and float(one["log_k"]) == pytest.approx(math.log(WORLD * B + QUEUE))
+    assert float(ranks[0]["log_k"]) == pytest.approx(math.log(WORLD * B + QUEUE))  # K counts the true candidates
+    mean_loss = torch.stack([r["loss"] for r in ranks]).mean()
+    assert torch.allclose(mean_loss, one["loss"], rtol=0, atol=1e-10)
+    for g1, g2 in zip(one["grads"], ranks[0]["grads"]):
+        assert torch.allclose(g1, g2, rtol=0, atol=1e-10), (g1 - g2).abs().max()
+    for m1, m2 in zip(one["momentum"], ranks[1]["momentum"]):
+        assert torch.allclose(m1, m2, rtol=0, atol=1e-10)
+
+
+def test_queue_wraps_around_keeping_the_newest_keys() -> None:
+    from pretrain.momentum import KeyQueue
+
+    q = KeyQueue(num_views=1, size=5, dim=1)
+    for start in (0, 3, 6):
+        q.push([torch.arange(start, start + 3, dtype=torch.float32)[:, None]])
+    assert sorted(q.keys(0).flatten().tolist()) == [4, 5, 6, 7, 8]  # the 5 newest of 0..8
+    assert int(q.filled) == 5

@@ -27,7 +27,8 @@ from pretrain.export import export_encoder
 from pretrain.models import create_encoder
 
 FAST = ["dataset=synthetic", "synthetic_size=96", "synthetic_image_size=16", "num_workers=0", "probe_steps=20",
-        "knn_k=[5]", "baselines.alexnet_supervised=false"]
+        "knn_k=[5]", "baselines.alexnet_supervised=false",
+        "baselines.supervised_encoder=false"]
 
 
 def planted(n: int, classes: int = 10, dim: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,12 +85,12 @@ def test_sgd_probe_stopped_and_resumed_ends_on_the_same_head(tmp_path: Path) -> 
         model = torch.nn.Sequential(FrozenEncoder(encoder), head)
         return head, fit_classifier(accelerator, model, head, data, schedule, ckpt_dir, desc="t", stop=stop)
 
-    straight, progress = fit(tmp_path / "a", None)
-    assert progress.global_step == 12 and progress.epoch == 3
+    straight, outcome = fit(tmp_path / "a", None)
+    assert outcome.progress.global_step == 12 and outcome.progress.epoch == 3
     _, stopped = fit(tmp_path / "b", StopAfter(5))
     assert stopped is None and (tmp_path / "b" / "step_00000006").is_dir()
-    resumed, progress = fit(tmp_path / "b", None)
-    assert progress.global_step == 12
+    resumed, outcome = fit(tmp_path / "b", None)
+    assert outcome.progress.global_step == 12
     assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)
     assert fingerprint(encoder) == before  # the frozen encoder and its BN statistics did not move
 
@@ -125,7 +126,9 @@ def test_eval_writes_report_with_every_requested_row(export_dir: Path, tmp_path:
     for row in report["rows"][:3]:
         assert 0 <= row["top1"] <= row["top5"] <= 1 and set(row["knn"]) == {"5"} and row["scored"] == 24
     alexnet = report["rows"][3]
-    assert report["alexnet_reference_top1"] == alexnet["top1"] and alexnet["name"] == "AlexNet supervised (2 steps)"
+    assert report["alexnet_reference_top1"] == alexnet["top1"] and alexnet["name"].startswith("AlexNet supervised (2 steps, ")
+    assert alexnet["steps"] == 2 and alexnet["wall_s"] > 0 and alexnet["epochs"] > 0 and "converged" in alexnet
+    assert len(alexnet["held_out_top1"]) == 2  # 10 checks over a 2-step budget: after each step
     assert report["rows"][0]["delta_vs_alexnet"] == pytest.approx(report["rows"][0]["top1"] - alexnet["top1"])
     quoted = {r["name"]: r["top1"] for r in report["rows"] if r["kind"] == "published"}
     assert quoted["AlexNet supervised (as cited by CMC)"] == 0.593 and quoted["AMDIM"] == 0.681

@@ -36,8 +36,8 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.T
     return final_model(run_dir)
 
 
-def start(run_dir: Path) -> subprocess.Popen:
-    cmd = [sys.executable, str(REPO / "pretrain" / "main.py"), "--config", str(TINY), f"run.dir={run_dir}", *SETTINGS]
+def start(run_dir: Path, settings: list[str] = SETTINGS) -> subprocess.Popen:
+    cmd = [sys.executable, str(REPO / "pretrain" / "main.py"), "--config", str(TINY), f"run.dir={run_dir}", *settings]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -94,3 +94,32 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(run_dir: Path) -> None
     assert "step_00000008 is unreadable" in proc.stderr
     assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
     assert "step 10/10" in proc.stdout
+
+
+# The momentum queue (48 keys = 1.5 global batches, so it wraps) and the momentum weights resume exactly too.
+QUEUE_SETTINGS = [*SETTINGS, "objective.queue_size=48", "model.momentum=0.9"]
+
+
+def final_state(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    newest = checkpoint_dirs(run_dir / "checkpoints")[0]
+    assert newest.name == f"step_{TOTAL:08d}"
+    state = torch.load(newest / "state.pt", weights_only=True)
+    return {part: state[part] for part in ("model", "momentum_model", "objective")}
+
+
+def test_sigkill_with_momentum_queue_resumes_queue_and_momentum_weights_exactly(tmp_path: Path) -> None:
+    reference = tmp_path / "uninterrupted"
+    run_main(f"run.dir={reference}", *QUEUE_SETTINGS)
+    expected = final_state(reference)
+    assert int(expected["objective"]["queue.filled"]) == 48
+
+    killed = tmp_path / "killed"
+    proc = start(killed, QUEUE_SETTINGS)
+    step = wait_for_checkpoint(killed, proc, min_step=6)
+    proc.kill()
+    proc.wait()
+    assert step < TOTAL and step % 8 != 0
+    assert "resumed from" in run_main(f"run.dir={killed}", *QUEUE_SETTINGS).stdout
+    resumed = final_state(killed)
+    for part in expected:
+        assert_same(resumed[part], expected[part])

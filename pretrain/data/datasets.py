@@ -237,12 +237,26 @@ def build_knn_sets(cfg: Config, train: ImageDataset) -> tuple[ImageDataset, Imag
     """(memory bank, queries) for the online kNN monitor: labelled, evenly spaced subsets.
 
     Queries come from the held-out split when the dataset has one (Fashion-MNIST test,
-    ImageFolder val/, synthetic's second seed); otherwise from the training images not in the bank.
+    ImageFolder val/, synthetic's second seed); otherwise from training images that are not in the
+    bank (a query that is also a bank image would find itself). Then at most half of the images
+    are queries, and the bank is at most the rest.
     """
     m = cfg.monitor
-    bank = spaced_subset(train, m.knn_bank)
     try:
         held_out = REGISTRY[cfg.data.dataset](cfg, "test")
     except DataError:
-        return bank, spaced_subset(train, m.knn_queries, offset=1)
-    return bank, spaced_subset(held_out, m.knn_queries)
+        return disjoint_subsets(train, m.knn_bank, m.knn_queries)
+    return spaced_subset(train, m.knn_bank), spaced_subset(held_out, m.knn_queries)
+
+
+def disjoint_subsets(ds: ImageDataset, n_first: int, n_second: int) -> tuple[ImageDataset, ImageDataset]:
+    """Two evenly spaced subsets of ``ds`` that share no index: up to ``n_first`` and ``n_second`` items
+    (the second capped at half of ``ds``, the first at what the second leaves)."""
+    n = len(ds)
+    n_second = min(n_second, n // 2)
+    n_first = min(n_first, n - n_second)
+    first = [i * n // n_first for i in range(n_first)]
+    taken = set(first)
+    rest = [i for i in range(n) if i not in taken]
+    second = [rest[j * len(rest) // n_second] for j in range(n_second)]
+    return Subset(ds, first), Subset(ds, second)

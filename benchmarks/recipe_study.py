@@ -1,0 +1,87 @@
+"""One row of the Fashion-MNIST recipe study: pretrain a recipe, probe its export, record the figures.
+
+    .venv/bin/python benchmarks/recipe_study.py --name r10t_s2_e4 model.arch=resnet10t model.stem_stride=2 optim.epochs=4
+
+Pretrains ``configs/fmnist_cpu.yaml`` with the given overrides into ``runs/study/<name>``, then runs
+the eval stage's fast protocol on the full Fashion-MNIST split (60k train / 10k test features; our
+encoder's row only), and appends a JSON line (recipe, seconds per epoch, linear probe, kNN k=20)
+to ``benchmarks/out/recipe_study.jsonl``. The table in benchmarks/README.md is made from that file
+(``--table``). Seconds per epoch are only comparable between rows run alone on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "out" / "recipe_study.jsonl"
+BASE = "configs/fmnist_cpu.yaml"
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def study_row(name: str, overrides: list[str], config: str) -> dict:
+    run_dir = REPO / "runs" / "study" / name
+    t0 = time.perf_counter()
+    run([sys.executable, "pretrain/main.py", "--config", config, f"run.dir={run_dir}", *overrides])
+    pretrain_s = time.perf_counter() - t0
+    meta = json.loads((run_dir / "export" / "config.json").read_text())
+    summary = meta["summary"]
+    eval_dir = run_dir / "eval"
+    run([sys.executable, "eval/main.py", "--config", "configs/probe_fmnist.yaml", f"weights={run_dir / 'export'}",
+         f"out={eval_dir}", "random_init=false", "raw_pixels=false", "baselines.alexnet_supervised=false",
+         "knn_k=[20]"])
+    ours = json.loads((eval_dir / "report.json").read_text())["rows"][0]
+    row = {
+        "name": name, "config": config, "overrides": overrides, "date": time.strftime("%Y-%m-%d"),
+        "epochs": summary["epochs_completed"], "steps": summary["steps"],
+        "seconds_per_epoch": round(summary["seconds_this_run"] / max(summary["epochs_completed"], 1), 1),
+        "pretrain_wall_s": round(pretrain_s, 1), "knn_monitor_top1": summary["knn_top1"],
+        "probe_top1": ours["top1"], "knn20_top1": ours["knn"]["20"], "loss": summary["final_loss"],
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def table() -> str:
+    lines = ["| recipe | overrides of configs/fmnist_cpu.yaml | s/epoch | linear probe | kNN k=20 |",
+             "|---|---|---|---|---|"]
+    for line in RESULTS.read_text().splitlines():
+        r = json.loads(line)
+        over = " ".join(r["overrides"]) or "(none)"
+        cfg = "" if r["config"] == BASE else f"--config {r['config']} "
+        lines.append(f"| {r['name']} | `{cfg}{over}` | {r['seconds_per_epoch']:.0f} | {100 * r['probe_top1']:.2f} | "
+                     f"{100 * r['knn20_top1']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", help="row name; also runs/study/<name>")
+    parser.add_argument("--config", default=BASE)
+    parser.add_argument("--table", action="store_true", help="print the markdown table of all rows so far")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    if args.table:
+        print(table())
+        return
+    if not args.name:
+        parser.error("--name is required (or --table)")
+    row = study_row(args.name, args.overrides, args.config)
+    print(f"\nrecipe {row['name']}: {row['seconds_per_epoch']} s/epoch, linear probe {100 * row['probe_top1']:.2f}%, "
+          f"kNN k=20 {100 * row['knn20_top1']:.2f}%")
+
+
+if __name__ == "__main__":
+    main()

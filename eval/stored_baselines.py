@@ -1,0 +1,63 @@
+"""Converged supervised baselines, trained once (``make baselines``) and stored under ``runs/baselines/``.
+
+A stored result is one JSON file: the row (top-1, top-5, epochs, steps, wall time, converged), the
+dataset, the protocol it was scored under, a hash of the data, the config and the code revision.
+The eval stage uses it when dataset, protocol and data hash all match, and marks the row as stored
+with its date; anything else (another dataset or protocol, a damaged file) is ignored, a damaged
+file with a warning, and the budgeted row is trained instead. No number is ever written into code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from pretrain.data import ImageDataset
+
+REQUIRED = ("kind", "dataset", "protocol", "data_sha256", "top1", "top5", "epochs", "steps", "wall_s", "converged")
+
+
+def data_fingerprint(train: ImageDataset, test: ImageDataset, max_images: int = 100_000) -> str:
+    """sha256 over both splits' sizes, every label and the pixels of up to ``max_images`` evenly spaced images each."""
+    h = hashlib.sha256()
+    for ds in (train, test):
+        n = len(ds)
+        h.update(f"{n}:".encode())
+        h.update(bytes(ds.label(i) % 256 for i in range(n)))
+        for i in range(0, n, max(1, n // max_images)):
+            h.update(ds.load(i)[0].numpy().tobytes())
+    return h.hexdigest()
+
+
+def find_stored(store: Path, kind: str, dataset: str, protocol: str, data_sha256: str) -> dict[str, Any] | None:
+    """The newest stored result of ``kind`` that matches dataset, protocol and data; None if none."""
+    matches = []
+    for path in sorted(store.glob("*.json")) if store.is_dir() else []:
+        try:
+            result = json.loads(path.read_text())
+            missing = [k for k in REQUIRED if k not in result]
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)}")
+        except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+            warnings.warn(f"stored baseline {path} is damaged ({e}); ignoring it", stacklevel=2)
+            continue
+        if (result["kind"], result["dataset"], result["protocol"], result["data_sha256"]) == (kind, dataset, protocol, data_sha256):
+            matches.append({**result, "stored_path": str(path)})
+    return max(matches, key=lambda r: r.get("date", "")) if matches else None
+
+
+def store_result(store: Path, row: dict[str, Any], *, dataset: str, protocol: str, data_sha256: str,
+                 config: str, revision: str) -> Path:
+    """Write one result as ``<store>/<dataset>-<kind>.json`` (atomically); returns the path."""
+    store.mkdir(parents=True, exist_ok=True)
+    result = {**row, "dataset": dataset, "protocol": protocol, "data_sha256": data_sha256,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_revision": revision, "config": config}
+    path = store / f"{dataset}-{row['kind']}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,89 @@
+"""Batched view augmentation on the training device (``data.augment=batch``).
+
+The torchvision path augments image by image in loader workers. On small images (Fashion-MNIST's
+28 px) that per-image Python work costs as much CPU as the training step itself, and on a
+2-core machine the workers take those cores from the step. Here the loader only collates uint8
+images, and each view is drawn for the whole batch at once: one ``affine_grid`` + ``grid_sample``
+for the random resized crop and flip, then per-image brightness and contrast factors as
+broadcast arithmetic. We own these ~60 lines rather than add kornia for them.
+
+Randomness is a pure function of (seed, epoch, batch index, rank), drawn from a private
+generator, so a resumed run draws exactly the views the uninterrupted run drew.
+
+Supported recipe fields: size, crop_scale_min/max, flip_p, jitter_p, brightness, contrast
+(jitter applied as brightness, then contrast). Saturation, hue, grayscale and blur need the
+loader path (``data.augment=loader``); :func:`check_batch_recipe` says so at start.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.config import ConfigError, ViewConfig
+
+
+def check_batch_recipe(views: Sequence[ViewConfig], channels: int) -> None:
+    """Fail at start on recipe fields the batched path does not implement."""
+    for i, v in enumerate(views):
+        colour = channels == 3 and v.jitter_p > 0 and (v.saturation > 0 or v.hue > 0)
+        for key, unsupported in (("saturation/hue", colour), ("grayscale_p", channels == 3 and v.grayscale_p > 0),
+                                 ("blur_p", v.blur_p > 0)):
+            if unsupported:
+                raise ConfigError(f"bad value for config key 'data.views.{i}.{key.split('/')[0]}': data.augment=batch "
+                                  f"implements crop, flip, brightness and contrast only; set it to 0 or use "
+                                  "data.augment=loader")
+
+
+def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + batch) * 1_009 + rank
+
+
+def random_resized_crop_flip(images: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
+    """B x C x H x W float -> B x C x size x size: a random crop of area fraction in
+    [crop_scale_min, crop_scale_max] and aspect ratio in [3/4, 4/3] (clipped to the image), resized
+    bilinearly, mirrored with probability flip_p."""
+    b = images.shape[0]
+    area = torch.empty(b).uniform_(view.crop_scale_min, view.crop_scale_max, generator=g)
+    log_ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)
+    w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop width / image width
+    h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    x0 = torch.rand(b, generator=g) * (1 - w)
+    y0 = torch.rand(b, generator=g) * (1 - h)
+    flip = torch.rand(b, generator=g) < view.flip_p
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = torch.where(flip, -w, w)  # output x in [-1, 1] -> input x of the crop, mirrored
+    theta[:, 0, 2] = 2 * x0 + w - 1
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = 2 * y0 + h - 1
+    grid = F.affine_grid(theta.to(images), [b, images.shape[1], view.size, view.size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def jitter(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
+    """Per image with probability jitter_p: brightness x * U(1 +- brightness), then contrast
+    (x - mean) * U(1 +- contrast) + mean, each clamped to [0, 1] as torchvision does. x: B x C x H x W in [0, 1]."""
+    b = x.shape[0]
+    on = (torch.rand(b, generator=g) < view.jitter_p).float()
+    bright = 1 + on * torch.empty(b).uniform_(-view.brightness, view.brightness, generator=g)
+    contrast = 1 + on * torch.empty(b).uniform_(-view.contrast, view.contrast, generator=g)
+    x = (x * bright.to(x).view(b, 1, 1, 1)).clamp(0, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)  # grey level of each image (1-channel; RGB: mean over channels)
+    return ((x - mean) * contrast.to(x).view(b, 1, 1, 1) + mean).clamp(0, 1)
+
+
+class BatchViews:
+    """uint8 images (B x C x H x W, any device) -> V normalised float32 views (B x C x size_v x size_v)."""
+
+    def __init__(self, views: Sequence[ViewConfig], mean: Sequence[float], std: Sequence[float], seed: int) -> None:
+        self.views, self.seed = list(views), seed
+        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+
+    def __call__(self, images: torch.Tensor, epoch: int, batch: int, rank: int = 0) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, batch, rank))
+        x = images.float() / 255
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return [(jitter(random_resized_crop_flip(x, v, g), v, g) - mean) / std for v in self.views]

@@ -1,0 +1,84 @@
+"""Baselines a reviewer accepts: AlexNet's budget and convergence, stored converged results, and the
+supervised same-encoder row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from eval.classifier import FitOutcome, SGDSchedule, fit_classifier
+from pretrain.checkpoint import Progress
+from pretrain.config import Config
+from pretrain.data import MultiViewDataset, build_view_transform
+from pretrain.data.datasets import REGISTRY
+from test_eval import export_dir, report_of, run_eval  # noqa: F401 (fixture)
+
+ALEXNET = ["baselines.alexnet_supervised=true", "baselines.alexnet_batch_size=16", "random_init=false",
+           "raw_pixels=false"]
+
+
+def test_converged_means_early_stopped_or_no_longer_rising() -> None:
+    p = Progress()
+    assert FitOutcome(p, [(1, 0.5), (2, 0.6)], 1.0, False).converged is False  # still rising at the end
+    assert FitOutcome(p, [(1, 0.6), (2, 0.6)], 1.0, False).converged is True
+    assert FitOutcome(p, [(1, 0.5)], 1.0, False).converged is None
+    assert FitOutcome(p, [(1, 0.5), (2, 0.9)], 1.0, True).converged is True
+
+
+def test_patience_stops_the_fit_when_held_out_accuracy_stalls(tmp_path: Path) -> None:
+    cfg = Config()
+    cfg.data.synthetic_size, cfg.data.synthetic_image_size = 64, 8
+    images = REGISTRY["synthetic"](cfg, "train")
+    data = MultiViewDataset(images, [build_view_transform(cfg.data.views[0], 3, images.mean, images.std)], seed=0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8))
+    scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])
+    schedule = SGDSchedule(lr=0.1, epochs=10, batch_size=16, eval_every=1, patience=2)
+    outcome = fit_classifier(Accelerator(cpu=True), model, model, data, schedule, tmp_path, desc="t",
+                             held_out=lambda m: next(scores))
+    assert outcome.early_stopped and outcome.converged
+    assert [s for s, _ in outcome.held_out] == [1, 2, 3, 4] and outcome.progress.global_step == 4
+
+
+@pytest.mark.slow
+def test_stored_alexnet_is_used_and_mismatched_or_damaged_ones_are_not(export_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    store = tmp_path / "store"
+    report_of(run_eval("store_baselines=true", "weights=[]", "image_size=16", f"baselines.store={store}", *ALEXNET,
+                       "baselines.alexnet_epochs=3", "baselines.alexnet_patience=1", f"out={tmp_path / 'b'}"),
+              tmp_path / "b")
+    path = store / "synthetic-alexnet_supervised.json"
+    stored = json.loads(path.read_text())
+    for key in ("top1", "top5", "epochs", "steps", "wall_s", "converged", "config", "git_revision", "data_sha256", "date"):
+        assert key in stored
+
+    def alexnet_row(*extra: str) -> tuple[dict, str]:
+        out = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
+        proc = run_eval(f"weights={export_dir}", f"baselines.store={store}", *ALEXNET, "baselines.alexnet_max_steps=2",
+                        f"out={out}", *extra)
+        return next(r for r in report_of(proc, out)["rows"] if r["kind"] == "alexnet_supervised"), proc.stderr
+
+    used, _ = alexnet_row()
+    assert used["stored"] == str(path) and used["top1"] == stored["top1"] and "stored" in used["name"]
+    assert used["epochs"] == stored["epochs"] and used["converged"] == stored["converged"]
+    other_protocol, _ = alexnet_row("center_crop_ratio=0.875")
+    assert "stored" not in other_protocol and other_protocol["steps"] == 2
+    path.write_text(json.dumps({**stored, "dataset": "fashion_mnist"}))  # another dataset's result
+    other_dataset, _ = alexnet_row()
+    assert "stored" not in other_dataset
+    path.write_text('{"kind": "alexnet_sup')  # damaged
+    damaged, stderr = alexnet_row()
+    assert "stored" not in damaged and f"stored baseline {path} is damaged" in stderr
+
+
+@pytest.mark.slow
+def test_supervised_encoder_row_trains_our_architecture_for_the_budget(export_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    out = tmp_path / "report"
+    report = report_of(run_eval(f"weights={export_dir}", "random_init=false", "raw_pixels=false", f"out={out}",
+                                "baselines.supervised_encoder=true", "baselines.supervised_encoder_seconds=3",
+                                "baselines.alexnet_batch_size=16"), out)
+    row = next(r for r in report["rows"] if r["kind"] == "supervised_encoder")
+    assert row["wall_s"] >= 3 and row["steps"] >= 1 and row["budget_s"] == 3
+    assert 0 <= row["top1"] <= 1 and row["feature_dim"] == report["rows"][0]["feature_dim"]
