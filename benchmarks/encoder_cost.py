@@ -25,6 +25,8 @@ from pretrain.objectives import ContrastiveObjective  # noqa: E402
 
 # name -> ModelConfig overrides
 RECIPES: dict[str, dict] = {
+    "resnet18 w0.5 timm stem": dict(arch="resnet18", small_input=False, width=0.5),
+    "resnet10t w0.5 deep s2 stem": dict(arch="resnet10t", small_input=True, stem_stride=2, width=0.5),
     "resnet18 timm stem": dict(arch="resnet18", small_input=False),
     "resnet18 3x3 s2 stem": dict(arch="resnet18", small_input=True, stem_stride=2),
     "resnet18 3x3 s1 stem": dict(arch="resnet18", small_input=True, stem_stride=1),
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (inductor, CPU C++ codegen)")
     parser.add_argument("--only", nargs="*", help="recipe names to run (default: all)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -64,17 +67,20 @@ def main() -> None:
         model = MultiViewModel(ModelConfig(**over), 1, 2).to(memory_format=fmt)
         objective = ContrastiveObjective(0.2)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        step_seconds(model, objective, opt, views, 1)  # warm-up
-        setups[name] = (model, objective, opt)
+        run = torch.compile(model) if args.compile else model
+        t0 = time.perf_counter()
+        step_seconds(run, objective, opt, views, 2)  # warm-up (and compilation)
+        print(f"{name}: warm-up {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        setups[name] = (run, objective, opt)
     times: dict[str, list[float]] = {name: [] for name in setups}
     for r in range(args.rounds):
         for name, setup in setups.items():
             times[name].append(step_seconds(*setup, views, args.steps))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-    print(f"| recipe | ms/step (median) | images/s | s per 60k epoch | params (M) |\n|---|---|---|---|---|")
+    print(f"| recipe | ms/step (median) | images/s | s per 60k epoch | params (M, encoder + head) |\n|---|---|---|---|---|")
     for name, ts in times.items():
         med = statistics.median(ts)
-        params = sum(p.numel() for p in setups[name][0].encoders.parameters()) / 1e6
+        params = sum(p.numel() for p in setups[name][2].param_groups[0]["params"]) / 1e6
         print(f"| {name} | {1000 * med:.0f} | {args.batch / med:.0f} | {60000 / args.batch * med:.0f} | {params:.1f} |")
 
 

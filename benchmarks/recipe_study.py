@@ -32,20 +32,22 @@ def run(cmd: list[str]) -> None:
 def study_row(name: str, overrides: list[str], config: str) -> dict:
     run_dir = REPO / "runs" / "study" / name
     t0 = time.perf_counter()
-    run([sys.executable, "pretrain/main.py", "--config", config, f"run.dir={run_dir}", *overrides])
+    if not (run_dir / "export" / "config.json").is_file():  # a finished pretraining is only evaluated again
+        run([sys.executable, "pretrain/main.py", "--config", config, f"run.dir={run_dir}", *overrides])
     pretrain_s = time.perf_counter() - t0
     meta = json.loads((run_dir / "export" / "config.json").read_text())
     summary = meta["summary"]
     eval_dir = run_dir / "eval"
     run([sys.executable, "eval/main.py", "--config", "configs/probe_fmnist.yaml", f"weights={run_dir / 'export'}",
          f"out={eval_dir}", "random_init=false", "raw_pixels=false", "baselines.alexnet_supervised=false",
+         "baselines.supervised_encoder=false",
          "knn_k=[20]"])
     ours = json.loads((eval_dir / "report.json").read_text())["rows"][0]
     row = {
         "name": name, "config": config, "overrides": overrides, "date": time.strftime("%Y-%m-%d"),
         "epochs": summary["epochs_completed"], "steps": summary["steps"],
         "seconds_per_epoch": round(summary["seconds_this_run"] / max(summary["epochs_completed"], 1), 1),
-        "pretrain_wall_s": round(pretrain_s, 1), "knn_monitor_top1": summary["knn_top1"],
+        "pretrain_wall_s": round(pretrain_s, 1) if pretrain_s > 60 else None, "knn_monitor_top1": summary["knn_top1"],
         "probe_top1": ours["top1"], "knn20_top1": ours["knn"]["20"], "loss": summary["final_loss"],
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
