@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/recipe_study.py --name r10t_s2_e4 model.arch=resnet10t model.stem_stride=2 optim.epochs=4
 
-Pretrains ``configs/fmnist_cpu.yaml`` with the given overrides into ``runs/study/<name>``, then runs
+Pretrains ``configs/fmnist_study_base.yaml`` (or ``--config``) with the given overrides into ``runs/study/<name>``, then runs
 the eval stage's fast protocol on the full Fashion-MNIST split (60k train / 10k test features; our
 encoder's row only), and appends a JSON line (recipe, seconds per epoch, linear probe, kNN k=20)
 to ``benchmarks/out/recipe_study.jsonl``. The table in benchmarks/README.md is made from that file
@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "out" / "recipe_study.jsonl"
-BASE = "configs/fmnist_cpu.yaml"
+BASE = "configs/fmnist_study_base.yaml"
 
 
 def run(cmd: list[str]) -> None:
@@ -43,7 +44,7 @@ def study_row(name: str, overrides: list[str], config: str) -> dict:
          "baselines.supervised_encoder=false",
          "knn_k=[20]"])
     ours = json.loads((eval_dir / "report.json").read_text())["rows"][0]
-    row = {
+    row = {"recipe": recipe_fields(run_dir / "config.yaml"),
         "name": name, "config": config, "overrides": overrides, "date": time.strftime("%Y-%m-%d"),
         "epochs": summary["epochs_completed"], "steps": summary["steps"],
         "seconds_per_epoch": round(summary["seconds_this_run"] / max(summary["epochs_completed"], 1), 1),
@@ -56,15 +57,33 @@ def study_row(name: str, overrides: list[str], config: str) -> dict:
     return row
 
 
+def recipe_fields(config_yaml: Path) -> dict[str, str]:
+    """The study table's columns, read from a run's resolved config."""
+    from pretrain.config import from_yaml
+
+    c = from_yaml(config_yaml.read_text().split("\n", 1)[1])  # first line: the git revision
+    m, v, o = c.model, c.data.views[0], c.optim
+    stem = f"3x3 s{m.stem_stride} stem" if m.small_input else "timm stem"
+    negatives = (f"{o.batch_size - 1} batch + {c.objective.queue_size} queue (m={m.momentum})" if c.objective.queue_size
+                 else f"{o.batch_size - 1} batch")
+    return {"encoder": f"{m.arch} w{m.width:g}, {stem}", "size": str(v.size), "epochs": str(o.epochs),
+            "batch": str(o.batch_size), "optimizer": f"{o.optimizer} {o.lr:g}", "temperature": f"{c.objective.temperature:g}",
+            "augment": f"crop {v.crop_scale_min:g}-{v.crop_scale_max:g}, flip {v.flip_p:g}, jitter {v.jitter_p:g} "
+                       f"(b {v.brightness:g}, c {v.contrast:g}), {c.data.augment}",
+            "negatives": negatives}
+
+
 def table() -> str:
-    lines = ["| recipe | overrides of configs/fmnist_cpu.yaml | s/epoch | linear probe | kNN k=20 |",
-             "|---|---|---|---|---|"]
+    cols = ["encoder", "size", "epochs", "batch", "optimizer", "temperature", "augment", "negatives"]
+    lines = ["| recipe | " + " | ".join(cols) + " | s/epoch | linear probe | kNN k=20 | command |",
+             "|---" * (len(cols) + 5) + "|"]
     for line in RESULTS.read_text().splitlines():
         r = json.loads(line)
-        over = " ".join(r["overrides"]) or "(none)"
-        cfg = "" if r["config"] == BASE else f"--config {r['config']} "
-        lines.append(f"| {r['name']} | `{cfg}{over}` | {r['seconds_per_epoch']:.0f} | {100 * r['probe_top1']:.2f} | "
-                     f"{100 * r['knn20_top1']:.2f} |")
+        command = f"`recipe_study.py --name {r['name']} {' '.join(r['overrides'])}`"
+        if r["config"] != BASE:
+            command = command.replace("--name", f"--config {r['config']} --name")
+        lines.append(f"| {r['name']} | " + " | ".join(r["recipe"][c] for c in cols)
+                     + f" | {r['seconds_per_epoch']:.0f} | {100 * r['probe_top1']:.2f} | {100 * r['knn20_top1']:.2f} | {command} |")
     return "\n".join(lines)
 
 

@@ -42,7 +42,8 @@ def test_tensorboard_has_diagnostics_and_view_grid(tiny_run) -> None:
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
     tags = events.Tags()
     for name in ["train/loss", "train/mi", "train/log_k", "train/pos", "train/neg", "train/top1", "train/lr",
-                 "train/grad_norm", "perf/images_per_s", "perf/data_wait_frac", "monitor/knn_top1"]:
+                 "train/grad_norm", "perf/images_per_s", "perf/data_wait_frac", "monitor/knn_top1",
+                 "monitor/online_probe_top1", "train/online_probe_loss"]:
         assert name in tags["scalars"], name
     assert "views/first_batch" in tags["images"]
     log_k = events.Scalars("train/log_k")[-1].value
