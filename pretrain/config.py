@@ -119,7 +119,7 @@ class OptimConfig:
     min_lr: float = _f(0.0, "final learning rate of the cosine schedule")
     weight_decay: float = _f(1e-6, "weight decay (not applied to biases and norm layers)")
     momentum: float = _f(0.9, "momentum for sgd and lars")
-    warmup_epochs: int = _f(1, "linear warmup epochs (stepped per optimizer step)")
+    warmup_epochs: float = _f(1.0, "linear warmup epochs, fractions allowed (stepped per optimizer step)")
     grad_clip: float = _f(0.0, "max global gradient norm (0 = no clipping; the norm is logged either way)")
     skip_nonfinite: bool = _f(False, "skip steps whose loss is NaN/inf (counted) instead of stopping the run")
 

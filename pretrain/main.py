@@ -79,6 +79,10 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
         train_images = BetonInfo(cfg.data.path)  # count, channels, mean/std as written
     else:
         train_images = build_dataset(cfg, "train")
+    batch_views = None  # data.augment=batch: views drawn per batch on the device
+    if cfg.data.augment == "batch":
+        check_batch_recipe(cfg.data.views, train_images.channels)
+        batch_views = BatchViews(cfg.data.views, train_images.mean, train_images.std, cfg.run.seed)
     # The kNN monitor reads small labelled subsets of the source dataset through torchvision either way.
     bank_images, query_images = (build_knn_sets(cfg, build_dataset(cfg, "train") if ffcv else train_images)
                                  if cfg.monitor.knn_every else (None, None))
@@ -103,10 +107,6 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
         (run_dir / "config.yaml").write_text(f"# git revision: {git_revision()}\n" + to_yaml(cfg))
     accelerator.wait_for_everyone()
 
-    batch_views = None
-    if cfg.data.augment == "batch":
-        check_batch_recipe(cfg.data.views, train_images.channels)
-        batch_views = BatchViews(cfg.data.views, train_images.mean, train_images.std, cfg.run.seed)
     if len(train_images) < cfg.optim.batch_size * accelerator.num_processes:
         raise ConfigError(
             f"bad value for config key 'optim.batch_size': {cfg.optim.batch_size} x {accelerator.num_processes} "
@@ -187,6 +187,9 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
         raw_model.load_state_dict(state["model"])
         raw_objective.load_state_dict(state["objective"])
         if key_model is not None:
+            if state.get("momentum_model") is None:
+                raise ConfigError(f"{path} was written without objective.queue_size; resume it without the queue "
+                                  "or start the queued run in a new run.dir")
             key_model.load_state_dict(state["momentum_model"])
         if probe is not None and state.get("online_probe"):
             accelerator.unwrap_model(probe).load_state_dict(state["online_probe"])

@@ -33,6 +33,10 @@ def test_defaults_and_file_and_overrides_merge() -> None:
         ("optim.lr", r"not key=value"),
         ("data.colour_split=lab", r"'model.encoder_per_view': must be true with data.colour_split=lab"),
         ("objective.graph=star", r"'objective.graph': 'star' is not one of full, core"),
+        ("objective.queue_size=-1", r"'objective.queue_size': must be >= 0"),
+        ("model.momentum=1.0", r"'model.momentum': must be in \[0, 1\)"),
+        ("model.stem_stride=3", r"'model.stem_stride': must be 1 or 2"),
+        ("data.augment=gpu", r"'data.augment': 'gpu' is not one of loader, batch"),
     ],
 )
 def test_bad_values_name_the_key(override: str, pattern: str) -> None:
@@ -48,6 +52,8 @@ def test_bad_values_name_the_key(override: str, pattern: str) -> None:
         (["data.dataset=imagefolder", "data.root=/nonexistent/imagenet"], "'/nonexistent/imagenet/train' does not exist"),
         (["data.dataset=fashion_mnist", "data.root=/nonexistent"], "Fashion-MNIST train files"),
         (["run.precision=fp16"], "fp16 needs a CUDA GPU"),
+        (["data.augment=batch"], "'data.views.0.saturation': data.augment=batch implements crop, flip"),
+        (["objective.name=amdim", "objective.queue_size=8"], "the momentum queue works with objective.name=contrastive"),
     ],
 )
 def test_cli_errors_are_one_line_before_training(overrides: list[str], needle: str, run_dir: Path) -> None:

@@ -121,3 +121,23 @@ def test_knn_monitor_queries_are_never_bank_images(tmp_path: Path) -> None:
                              "monitor.knn_queries=200"])
     bank, queries = build_knn_sets(cfg, build_dataset(cfg))
     assert not set(bank.indices) & set(queries.indices) and len(queries) == 12 and len(bank) == 12
+
+
+def test_batch_views_depend_only_on_seed_epoch_batch_and_rank() -> None:
+    from pretrain.data.batch_views import BatchViews
+
+    images = Synthetic(16, 4, 12, seed=0)
+    x = torch.stack([images.load(i)[0] for i in range(16)])
+    recipe = [ViewConfig(size=10, crop_scale_min=0.3, flip_p=0.5), ViewConfig(size=8, flip_p=0.0, jitter_p=0.0)]
+    views = BatchViews(recipe, images.mean, images.std, seed=3)
+    first = views(x, epoch=1, batch=2, rank=0)
+    assert [v.shape for v in first] == [(16, 3, 10, 10), (16, 3, 8, 8)]
+    assert all(torch.equal(a, b) for a, b in zip(first, views(x, epoch=1, batch=2, rank=0)))
+    for other in (dict(epoch=2, batch=2, rank=0), dict(epoch=1, batch=3, rank=0), dict(epoch=1, batch=2, rank=1)):
+        assert not torch.equal(first[0], views(x, **other)[0])
+    # flip_p=1 mirrors exactly the crop that flip_p=0 draws (the same generator draws the same crops)
+    plain = BatchViews([ViewConfig(size=12, crop_scale_min=0.5, flip_p=0.0, jitter_p=0.0)], (0.0,) * 3, (1.0,) * 3, 0)
+    mirror = BatchViews([ViewConfig(size=12, crop_scale_min=0.5, flip_p=1.0, jitter_p=0.0)], (0.0,) * 3, (1.0,) * 3, 0)
+    out, flipped = plain(x, 0, 0)[0], mirror(x, 0, 0)[0]
+    assert torch.allclose(flipped, out.flip(-1), atol=1e-6) and not torch.allclose(flipped, out, atol=1e-3)
+    assert out.min() >= 0 and out.max() <= 1

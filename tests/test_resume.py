@@ -96,8 +96,10 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(run_dir: Path) -> None
     assert "step 10/10" in proc.stdout
 
 
-# The momentum queue (48 keys = 1.5 global batches, so it wraps) and the momentum weights resume exactly too.
-QUEUE_SETTINGS = [*SETTINGS, "objective.queue_size=48", "model.momentum=0.9"]
+# The momentum queue (48 keys = 1.5 global batches, so it wraps), the momentum weights and the batched
+# on-device views (data.augment=batch: crop, flip, brightness, contrast) resume exactly too.
+QUEUE_SETTINGS = [*SETTINGS, "objective.queue_size=48", "model.momentum=0.9", "data.augment=batch",
+                  *(f"data.views.{v}.{k}=0" for v in (0, 1) for k in ("saturation", "hue", "grayscale_p"))]
 
 
 def final_state(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -107,7 +109,7 @@ def final_state(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {part: state[part] for part in ("model", "momentum_model", "objective")}
 
 
-def test_sigkill_with_momentum_queue_resumes_queue_and_momentum_weights_exactly(tmp_path: Path) -> None:
+def test_sigkill_with_queue_and_batch_views_resumes_queue_and_momentum_weights_exactly(tmp_path: Path) -> None:
     reference = tmp_path / "uninterrupted"
     run_main(f"run.dir={reference}", *QUEUE_SETTINGS)
     expected = final_state(reference)
