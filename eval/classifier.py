@@ -43,11 +43,16 @@ class SGDSchedule:
     eval_every: int = 0  # steps between held-out evaluations (0 = each epoch, or 10 over a shorter budget)
     patience: int = 0  # stop when the held-out accuracy has not improved for this many evaluations (0 = never)
 
-    def factor(self, step: int, steps_per_epoch: int) -> float:
+    def factor(self, step: int, steps_per_epoch: int, seconds: float = 0.0) -> float:
+        """The lr multiplier at ``step``; under a wall-time budget the cosine follows whichever of
+        steps and ``seconds`` (training time so far) is further along, so it spans the budget."""
         if self.milestones:
             return 0.1 ** sum(step >= m * steps_per_epoch for m in self.milestones)
         total = self.total_steps(steps_per_epoch)
-        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        done = min(step, total) / total
+        if self.max_seconds:
+            done = max(done, min(seconds / self.max_seconds, 1.0))
+        return 0.5 * (1 + math.cos(math.pi * done))
 
     def total_steps(self, steps_per_epoch: int) -> int:
         total = self.epochs * steps_per_epoch
@@ -175,7 +180,7 @@ def fit_classifier(
         batches = accelerator.skip_first_batches(loader, progress.step_in_epoch) if progress.step_in_epoch else loader
         for batch in batches:
             for group in optimizer.param_groups:
-                group["lr"] = schedule.lr * schedule.factor(progress.global_step, steps_per_epoch)
+                group["lr"] = schedule.lr * schedule.factor(progress.global_step, steps_per_epoch, wall())
             with accelerator.autocast():
                 logits = model(input_fn(batch["views"][0]))
             loss = F.cross_entropy(logits.float(), batch["label"])
