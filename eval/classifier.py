@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from pretrain import checkpoint as ckpt
 from pretrain.data import MultiViewDataset
+from pretrain.distributed import all_reduce_max_
 from pretrain.engine import StopFlag
 
 
@@ -173,6 +174,7 @@ def fit_classifier(
     bar = tqdm(total=total, initial=progress.global_step, desc=desc, unit="step", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     stopped = over_time = False
+    agreed_wall = wall_before  # training time as all ranks agree on it (each rank's own clock differs)
     model.train()
     while progress.global_step < total and not (stopped or over_time or early_stopped):
         train_set.set_epoch(progress.epoch)
@@ -180,7 +182,7 @@ def fit_classifier(
         batches = accelerator.skip_first_batches(loader, progress.step_in_epoch) if progress.step_in_epoch else loader
         for batch in batches:
             for group in optimizer.param_groups:
-                group["lr"] = schedule.lr * schedule.factor(progress.global_step, steps_per_epoch, wall())
+                group["lr"] = schedule.lr * schedule.factor(progress.global_step, steps_per_epoch, agreed_wall)
             with accelerator.autocast():
                 logits = model(input_fn(batch["views"][0]))
             loss = F.cross_entropy(logits.float(), batch["label"])
@@ -194,10 +196,12 @@ def fit_classifier(
             bar.update(1)
             if progress.global_step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            # One collective for both decisions, so every rank takes the same branch.
-            over_time = bool(schedule.max_seconds) and wall() >= schedule.max_seconds
-            flags = torch.tensor([float(stop is not None and stop.requested), float(over_time)], device=accelerator.device)
-            stopped, over_time = (f > 0 for f in accelerator.reduce(flags, reduction="sum").tolist())
+            # One collective for the stop flag and the clock, so every rank takes the same branch and lr.
+            flags = torch.tensor([float(stop is not None and stop.requested), wall()], dtype=torch.float64,
+                                 device=accelerator.device)
+            requested, agreed_wall = all_reduce_max_(flags).tolist()
+            stopped = requested > 0
+            over_time = bool(schedule.max_seconds) and agreed_wall >= schedule.max_seconds
             if stopped or over_time or progress.global_step >= total:
                 break
             if progress.global_step % eval_every == 0:

@@ -29,6 +29,7 @@ PROTOCOLS = {
     "imagenet": "imagenet-v1: frozen encoder and BN, RandomResizedCrop + flip, linear head, SGD momentum 0.9, "
                 "lr drops x0.1 at the milestones, weight decay 0; resize + centre crop for scoring",
 }
+CONVERGENCE = {True: "", False: ", not converged", None: ", convergence unknown"}  # held-out curve -> row name
 KNN = "kNN: cosine similarity, temperature-weighted votes over the cached train features"
 
 
@@ -157,8 +158,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
                 "wall_s": outcome.wall_s, "converged": outcome.converged, "held_out_top1": outcome.held_out}
 
     def encoder_row(name: str, kind: str, encoder, meta: dict, sha: str | None) -> dict[str, Any]:
-        lab = meta.get("input_transform") == "lab_L"
-        input_fn = (lambda x: split_lab([x], meta["mean"], meta["std"])[0]) if lab else (lambda x: x)
+        input_fn = input_fn_for(meta)
         encoder = encoder.to(accelerator.device).eval().requires_grad_(False)
         t0 = time.perf_counter()
         feats = [features(encoder, split, size, input_fn) for split in ("train", "test")]
@@ -184,14 +184,15 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
 
     def alexnet_row() -> dict[str, Any]:
         """The supervised AlexNet: a stored converged result when one matches, else trained here."""
-        data_sha = data_fingerprint(train, test) if (b.use_stored or cfg.store_baselines) else None
         if b.use_stored and not cfg.store_baselines:
-            found = find_stored(Path(b.store), "alexnet_supervised", cfg.dataset, alexnet_protocol, data_sha)
+            found = find_stored(Path(b.store), "alexnet_supervised", cfg.dataset, alexnet_protocol,
+                                lambda: data_fingerprint(train, test))
             if found:
                 accelerator.print(f"AlexNet supervised: using the stored result {found['stored_path']} ({found['date']})")
                 return {**{k: found[k] for k in ("kind", "protocol", "top1", "top5", "epochs", "steps", "wall_s",
                                                   "converged", "trained")},
-                        "name": f"AlexNet supervised ({found['epochs']:g} epochs, stored {found['date'][:10]})", "knn": None,
+                        "name": f"AlexNet supervised ({found['epochs']:g} epochs{CONVERGENCE[found['converged']]}, "
+                                f"stored {found['date'][:10]})", "knn": None,
                         "stored": found["stored_path"], "stored_date": found["date"]}
         alexnet = supervised_alexnet(train.channels, size, num_classes)
         schedule = SGDSchedule(lr=b.alexnet_lr, epochs=b.alexnet_epochs, batch_size=b.alexnet_batch_size,
@@ -200,30 +201,40 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
                                patience=b.alexnet_patience)
         scores = sgd_fit("alexnet_supervised", alexnet, alexnet, size, schedule, b.alexnet_crop_scale_min,
                          held_out=min(b.alexnet_held_out, len(train) // 2))
-        flag = {True: "", False: ", not converged", None: ", convergence unknown"}[scores["converged"]]
-        budget = f"{scores['trained']}, {scores['epochs']:g} epochs, {scores['wall_s']:.0f} s{flag}"
+        budget = f"{scores['trained']}, {scores['epochs']:g} epochs, {scores['wall_s']:.0f} s{CONVERGENCE[scores['converged']]}"
         row = {"name": f"AlexNet supervised ({budget})", "kind": "alexnet_supervised",
                "protocol": "supervised", **scores, "knn": None}
         if cfg.store_baselines and accelerator.is_main_process:
-            path = store_result(Path(b.store), row, dataset=cfg.dataset, protocol=alexnet_protocol, data_sha256=data_sha,
+            path = store_result(Path(b.store), row, dataset=cfg.dataset, protocol=alexnet_protocol,
+                                data_sha256=data_fingerprint(train, test),
                                 config=OmegaConf.to_yaml(OmegaConf.structured(cfg)), revision=git_revision())
             print(f"stored {path}", flush=True)
         return row
 
+    def input_fn_for(meta: dict):
+        """Loaded images -> the encoder's input: the L channel of Lab for CMC exports, else as is."""
+        if meta.get("input_transform") == "lab_L":
+            return lambda x: split_lab([x], meta["mean"], meta["std"])[0]
+        return lambda x: x
+
+    def pretrain_seconds(meta: dict) -> float:
+        summary = meta.get("summary") or {}
+        return float(summary.get("pretrain_seconds") or summary.get("seconds_this_run") or 0)
+
     def supervised_encoder_row(w: str, meta: dict) -> dict[str, Any]:
         """Our export's architecture trained end to end with labels for its pretraining's wall time, then
         scored like our encoder (the upper reference SSL papers print beside their probes)."""
-        seconds = b.supervised_encoder_seconds or float(meta.get("summary", {}).get("seconds_this_run") or 0)
+        seconds = b.supervised_encoder_seconds or pretrain_seconds(meta)
         encoder = create_encoder(meta["architecture"], meta["in_chans"], meta["small_input"],
                                  meta.get("stem_stride", 1), meta.get("timm_kwargs"))
-        head = torch.nn.Linear(encoder.num_features, num_classes)
+        model = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.num_features, num_classes))
         schedule = SGDSchedule(lr=b.supervised_encoder_lr, epochs=b.supervised_encoder_max_epochs,
                                batch_size=b.alexnet_batch_size, weight_decay=b.alexnet_weight_decay,
                                max_seconds=seconds, checkpoint_every=cfg.sgd.checkpoint_every)
-        model = torch.nn.Sequential(encoder, head)
-        scores = sgd_fit("supervised_" + meta["architecture"], model, model, size, schedule, b.alexnet_crop_scale_min)
-        row = encoder_row(f"supervised {meta['architecture']} ({scores['wall_s']:.0f} s, {scores['trained']})",
-                          "supervised_encoder", encoder, meta, None)
+        scores = sgd_fit(f"supervised_{meta['architecture']}_{meta['sha256'][:8]}", model, model, size, schedule,
+                         b.alexnet_crop_scale_min, input_fn=input_fn_for(meta))
+        row = encoder_row(f"supervised {meta['architecture']} ({seconds:.0f} s budget)", "supervised_encoder",
+                          encoder, meta, None)
         return {**row, **{k: scores[k] for k in ("epochs", "steps", "wall_s")}, "supervised_top1": scores["top1"],
                 "budget_s": seconds}
 
@@ -252,7 +263,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         rows.append(alexnet_row())
     if b.supervised_encoder:
         for w, _, meta in exports:
-            if b.supervised_encoder_seconds or (meta.get("summary") or {}).get("seconds_this_run"):
+            if b.supervised_encoder_seconds or pretrain_seconds(meta):
                 rows.append(supervised_encoder_row(w, meta))
             else:
                 accelerator.print(f"no supervised-encoder row for {w}: its export records no pretraining time; "

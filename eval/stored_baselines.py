@@ -14,7 +14,7 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pretrain.data import ImageDataset
 
@@ -33,9 +33,12 @@ def data_fingerprint(train: ImageDataset, test: ImageDataset, max_images: int = 
     return h.hexdigest()
 
 
-def find_stored(store: Path, kind: str, dataset: str, protocol: str, data_sha256: str) -> dict[str, Any] | None:
-    """The newest stored result of ``kind`` that matches dataset, protocol and data; None if none."""
-    matches = []
+def find_stored(store: Path, kind: str, dataset: str, protocol: str,
+                data_sha256: Callable[[], str]) -> dict[str, Any] | None:
+    """The newest stored result of ``kind`` that matches dataset, protocol and data; None if none.
+
+    ``data_sha256`` is called (it reads the whole dataset) only when some file matches the rest."""
+    matches, data_hash = [], None
     for path in sorted(store.glob("*.json")) if store.is_dir() else []:
         try:
             result = json.loads(path.read_text())
@@ -45,7 +48,10 @@ def find_stored(store: Path, kind: str, dataset: str, protocol: str, data_sha256
         except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
             warnings.warn(f"stored baseline {path} is damaged ({e}); ignoring it", stacklevel=2)
             continue
-        if (result["kind"], result["dataset"], result["protocol"], result["data_sha256"]) == (kind, dataset, protocol, data_sha256):
+        if (result["kind"], result["dataset"], result["protocol"]) != (kind, dataset, protocol):
+            continue
+        data_hash = data_hash or data_sha256()
+        if result["data_sha256"] == data_hash:
             matches.append({**result, "stored_path": str(path)})
     return max(matches, key=lambda r: r.get("date", "")) if matches else None
 

@@ -31,6 +31,7 @@ class Progress:
     skipped_steps: int = 0  # non-finite steps skipped (optim.skip_nonfinite)
     unreadable: list[str] = field(default_factory=list)  # first unreadable image paths seen
     unreadable_count: int = 0
+    train_seconds: float = 0.0  # wall time of the training loop over all resumes (checkpointed when saved)
 
 
 def rng_state() -> dict[str, Any]:

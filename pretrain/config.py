@@ -85,7 +85,7 @@ class ModelConfig:
     arch: str = _f("resnet18", "any timm encoder name (timm.create_model(arch, num_classes=0))")
     small_input: bool = _f(True, "small-image stem for images of 64 px and below (ResNets): 3x3 first conv, no max-pool")
     stem_stride: int = _f(1, "small_input: stride of the first conv (1: stage 1 at full resolution; 2: half, ~4x cheaper)")
-    width: float = _f(1.0, "ResNets: scale every stage's channels (and the stem) by this; 0.5 is ~3x cheaper on small images")
+    width: float = _f(1.0, "ResNets: scale every stage's channels (and a deep stem's) by this; 0.5 is ~3.5x cheaper on small images")
     head_dims: list[int] = _f([512, 128], "projection MLP widths after the encoder feature: hidden..., output")
     head_bn: bool = _f(True, "BatchNorm between the projection head's hidden layers")
     shared_head: bool = _f(True, "one projection head for all views (false: one per view)")

@@ -108,6 +108,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     if key_model is not None:
         key_model.update(accelerator.unwrap_model(model))
+        accelerator.unwrap_model(objective).enqueue_pending()
     probe_loss = probe_step(*probe[:2], features, probe[2]) if probe is not None else None
     return StepResult(loss.detach(), diag, torch.as_tensor(grad_norm).detach(), stop, probe_loss)
 

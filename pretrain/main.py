@@ -206,6 +206,7 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
     scheduler.step_update(progress.global_step)
 
     def save_checkpoint() -> Path | None:
+        progress.train_seconds = seconds_before + time.perf_counter() - started
         rngs = gather_object([ckpt.rng_state()])  # every rank's RNG, written by rank 0 only
         if not main:
             return None
@@ -234,7 +235,7 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
     bar = tqdm(total=total_steps, initial=progress.global_step, disable=not main, desc="pretrain", unit="step",
                dynamic_ncols=True)
     stopped_by: str = ""
-    started = time.perf_counter()
+    started, seconds_before = time.perf_counter(), progress.train_seconds
     steps_this_run = 0
 
     def run_knn() -> None:
@@ -339,6 +340,7 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
         "epochs_completed": progress.epoch,
         "steps_this_run": steps_this_run,
         "seconds_this_run": round(elapsed, 1),
+        "pretrain_seconds": round(progress.train_seconds, 1),  # over all resumes: the supervised-encoder budget
         "final_loss": last.get("loss"),
         "mi_estimate_nats": last.get("mi"),
         "log_k": last.get("log_k"),

@@ -36,23 +36,24 @@ def adapt_small_input(encoder: nn.Module, arch: str, stride: int = 1) -> nn.Modu
 
 
 def width_kwargs(arch: str, width: float) -> dict[str, Any]:
-    """timm ResNet keyword arguments that scale every stage's channels (and the stem) by ``width``.
+    """timm ResNet keyword arguments that scale every stage's width (and a deep stem's) by ``width``.
 
-    ``{}`` for width 1. They are recorded in the export's config.json (``timm_kwargs``) because
-    ``timm.create_model`` needs them too: ``timm.create_model(arch, ..., **timm_kwargs)``.
+    ``{}`` for width 1. timm keeps a single-conv stem at 64 channels whatever ``stem_width`` says,
+    so only deep stems ('d'/'t' variants) shrink there. The kwargs are recorded in the export's
+    config.json (``timm_kwargs``) because ``timm.create_model`` needs them too.
     """
     if width == 1.0:
         return {}
     default = timm.create_model(arch, pretrained=False, num_classes=0)
     if not hasattr(default, "layer4") or not hasattr(default, "conv1"):
         raise ConfigError(f"model.width applies to timm ResNets (resnet18, resnet10t, ...), not '{arch}'; set model.width=1")
-    deep_stem = isinstance(default.conv1, nn.Sequential)  # timm's 'd'/'t' variants: stem_width 32, else 64
-    channels = [stage[0].conv1.out_channels if hasattr(stage[0], "conv1") else 0 for stage in
-                (default.layer1, default.layer2, default.layer3, default.layer4)]
-    if min(channels) <= 0:
-        raise ConfigError(f"model.width cannot read the stage widths of '{arch}'; set model.width=1")
-    return {"channels": [max(8, round(c * width)) for c in channels],
-            "stem_width": max(8, round((32 if deep_stem else 64) * width))}
+    # A stage's width ("planes"): a Bottleneck's output over its expansion of 4, a BasicBlock's first conv.
+    planes = [stage[0].conv3.out_channels // 4 if hasattr(stage[0], "conv3") else stage[0].conv1.out_channels
+              for stage in (default.layer1, default.layer2, default.layer3, default.layer4)]
+    kwargs: dict[str, Any] = {"channels": [max(8, round(c * width)) for c in planes]}
+    if isinstance(default.conv1, nn.Sequential):  # deep stem: conv1[3] has stem_width channels
+        kwargs["stem_width"] = max(8, round(default.conv1[3].out_channels * width))
+    return kwargs
 
 
 def create_encoder(arch: str, in_chans: int, small_input: bool, stem_stride: int = 1,

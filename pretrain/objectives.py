@@ -56,6 +56,14 @@ class ContrastiveObjective(nn.Module):
         self.mine = nn.ModuleList(bounds.MINE(mine_ema) for _ in self.pairs) if bound == "mine" else None
         self._fn = stateless_bound(bound, smile_tau)
         self.queue = KeyQueue(num_views, queue_size, dim) if queue_size else None
+        self.pending_keys: list[torch.Tensor] | None = None
+
+    def enqueue_pending(self) -> None:
+        """Push the last forward's gathered keys into the queue (after scoring: a key is never its own
+        negative; and only for steps that were taken, so a skipped non-finite step leaves no keys)."""
+        if self.queue is not None and self.pending_keys is not None:
+            self.queue.push(self.pending_keys)
+            self.pending_keys = None
 
     def forward(self, z: list[torch.Tensor], keys: list[torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -94,8 +102,8 @@ class ContrastiveObjective(nn.Module):
                     neg.append(scores[~mask].mean())
                     top1.append((scores.argmax(1) == positives).float().mean())
             log_k = math.log(scores.shape[1])
-            if self.queue is not None:
-                self.queue.push([k.detach() for k in batch_keys])  # after scoring: a key is never its own negative
+            if self.queue is not None:  # enqueued by enqueue_pending() once the step is known to be finite
+                self.pending_keys = [k.detach() for k in batch_keys]
             mi = torch.stack(values).mean()
             # InfoNCE's loss is shown as the usual cross-entropy, log K - bound.
             loss = (log_k if self.bound == "infonce" else 0.0) - mi

@@ -114,6 +114,7 @@ def queue_steps(model: nn.Module, views_per_step: list[list[torch.Tensor]]) -> d
         grads = [p.grad.detach().clone() for p in model.parameters()]
         optimizer.step()
         keys.update(raw)
+        objective.enqueue_pending()
     return {"loss": loss.detach(), "grads": grads, "log_k": diag["log_k"], "queue": objective.queue.queue.clone(),
             "filled": objective.queue.filled.clone(), "momentum": [p.detach().clone() for p in keys.parameters()]}
 

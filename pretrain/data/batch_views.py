@@ -68,8 +68,8 @@ def jitter(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tenso
     (x - mean) * U(1 +- contrast) + mean, each clamped to [0, 1] as torchvision does. x: B x C x H x W in [0, 1]."""
     b = x.shape[0]
     on = (torch.rand(b, generator=g) < view.jitter_p).float()
-    bright = 1 + on * torch.empty(b).uniform_(-view.brightness, view.brightness, generator=g)
-    contrast = 1 + on * torch.empty(b).uniform_(-view.contrast, view.contrast, generator=g)
+    bright = (1 + on * torch.empty(b).uniform_(-view.brightness, view.brightness, generator=g)).clamp_min(0)
+    contrast = (1 + on * torch.empty(b).uniform_(-view.contrast, view.contrast, generator=g)).clamp_min(0)
     x = (x * bright.to(x).view(b, 1, 1, 1)).clamp(0, 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)  # grey level of each image (1-channel; RGB: mean over channels)
     return ((x - mean) * contrast.to(x).view(b, 1, 1, 1) + mean).clamp(0, 1)
