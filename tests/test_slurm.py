@@ -100,7 +100,7 @@ def test_eval_job_waits_for_pretraining_and_writes_the_report(slurm_cluster: Pat
     probe = tmp_path / "probe.yaml"
     probe.write_text(yaml.safe_dump({"dataset": "synthetic", "synthetic_size": 96, "synthetic_image_size": 16,
                                      "num_workers": 0, "probe_steps": 20, "knn_k": [5],
-                                     "baselines": {"alexnet_supervised": False}}))
+                                     "baselines": {"alexnet_supervised": False, "supervised_encoder": False}}))
     _, (job, eval_job) = submit(f"run.dir={run}", "run.max_steps=4", "--eval", str(probe))
     assert wait_done(eval_job) == "COMPLETED" and wait_done(job) == "COMPLETED"
     (pre,), (post,) = sacct(job), sacct(eval_job)
