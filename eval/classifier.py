@@ -138,7 +138,7 @@ def fit_classifier(
 
     eval_every = schedule.eval_every or min(steps_per_epoch, max(1, total // 10))
     progress, curve, wall_before, early_stopped = ckpt.Progress(), [], 0.0, False
-    loaded = ckpt.load_latest(ckpt_dir)
+    loaded = ckpt.load_latest(ckpt_dir, f"delete {ckpt_dir} to fit '{desc}' afresh")
     if loaded:
         state, path = loaded
         trainable.load_state_dict(state["trainable"])

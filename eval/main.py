@@ -298,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from eval.classifier import NothingToTrain
     from eval.config import EvalConfig, validate_eval
     from eval.features import EncoderChanged
+    from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(description="Linear probe + kNN of frozen exported encoders, beside AlexNet.")
@@ -313,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, EncoderChanged, NothingToTrain) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:  # every checkpoint of a fit damaged, or the disk full at a save
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except Stopped as e:
         print(f"eval {e}", file=sys.stderr)
         return 1

@@ -24,10 +24,6 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
-# Keys that may change when a run dir is resubmitted (budgets and bookkeeping, not the experiment).
-RESUMABLE_CHANGES = {"run.max_steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints",
-                     "data.num_workers", "run.export"}
-
 
 class SubmitError(ValueError):
     """A request that cannot be submitted; one line with the fix."""
@@ -89,33 +85,6 @@ def sweep_points(sweeps: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)] if axes else [[]]
 
 
-def check_run_dir(cfg: Any) -> None:
-    """A run dir holds one experiment: resubmitting it may change budgets, not the config."""
-    import yaml
-
-    from pretrain.config import to_yaml
-
-    saved = Path(cfg.run.dir) / "config.yaml"
-    if not saved.is_file():
-        return
-    old, new = _flat(yaml.safe_load(saved.read_text())), _flat(yaml.safe_load(to_yaml(cfg)))
-    differing = sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-    if differing:
-        raise SubmitError(f"run dir '{cfg.run.dir}' belongs to a different config ({', '.join(differing[:4])} differ); "
-                          "pick a new run.dir, or resubmit with the config it was started with")
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def known_partitions() -> list[str]:
     out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30)
     if out.returncode != 0:
@@ -131,6 +100,7 @@ def submit(args: argparse.Namespace) -> list[Any]:  # noqa: C901 - validation, t
     from eval.config import EvalConfig, validate_eval
     from launch.jobs import EvalJob, PretrainJob
     from pretrain.config import load_config, to_yaml
+    from pretrain.run_dir import check_run_dir, mark_ours
 
     # ------------------------------------------------------------------ everything checked before submitting
     points = sweep_points(args.sweep)
@@ -197,6 +167,8 @@ def submit(args: argparse.Namespace) -> list[Any]:  # noqa: C901 - validation, t
         return []
 
     # ------------------------------------------------------------------ submit
+    for cfg in runs:  # the job's own check then knows the dir (and its slurm/ logs) as infomax's
+        mark_ours(Path(cfg.run.dir))
     if len(jobs) > 1:
         with executor.batch():
             submitted = [executor.submit(job) for job in jobs]

@@ -1,15 +1,20 @@
-"""Full training state: atomic save, keep the last K, resume from the newest loadable checkpoint.
+"""Full training state: atomic save, keep the last K, resume from the newest intact checkpoint.
 
 We own this instead of ``accelerator.save_state`` because we need atomic directories, the
-position inside the epoch, a fallback past a damaged newest checkpoint, and loading with
-``weights_only=True`` throughout (invariant 6).
+position inside the epoch, a checksum that catches bit rot, a fallback past a damaged newest
+checkpoint, and loading with ``weights_only=True`` throughout (no pickle code runs on load).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
+import json
 import os
 import random
 import shutil
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +24,19 @@ import numpy as np
 import torch
 
 STATE_FILE = "state.pt"
+MANIFEST = "manifest.json"  # size and sha256 of state.pt, written last
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint problem the user has to act on; the message is one line that says how."""
+
+
+class DamagedCheckpoints(CheckpointError):
+    """Checkpoints exist but none of them is intact."""
+
+
+class DiskFull(CheckpointError):
+    """A save ran out of space; the previous checkpoints are untouched."""
 
 
 @dataclass
@@ -62,17 +80,50 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted((p for p in root.glob("step_*") if (p / STATE_FILE).is_file()), reverse=True)
 
 
+class _HashingWriter(io.RawIOBase):
+    """A file that hashes what is written to it, so the checksum costs no second read."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        n = self.f.write(data)
+        self.sha.update(memoryview(data)[:n])
+        self.size += n
+        return n
+
+
 def save(root: Path, state: dict[str, Any], global_step: int, keep: int) -> Path:
-    """Write ``state`` to ``root/step_XXXXXXXX/`` atomically (temp dir, then rename); prune to ``keep``."""
+    """Write ``state`` to ``root/step_XXXXXXXX/`` atomically (temp dir, then rename); prune to ``keep``.
+
+    The manifest (size and sha256 of state.pt) is written last, so an intact manifest vouches for
+    the whole file. Out of disk space, the temp dir is removed and ``DiskFull`` says how much is needed.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{global_step:08d}"
     tmp = root / f".tmp_step_{global_step:08d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with open(tmp / STATE_FILE, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    writer = None
+    try:
+        tmp.mkdir()
+        with open(tmp / STATE_FILE, "wb") as f:
+            writer = _HashingWriter(f)
+            torch.save(state, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        manifest = {STATE_FILE: {"bytes": writer.size, "sha256": writer.sha.hexdigest()}, "step": global_step}
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _out_of_space(e):
+            raise
+        raise _disk_full(root, final, writer.size if writer else 0) from None
     if final.exists():  # e.g. epoch end and step interval coincide after a resume
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -81,12 +132,65 @@ def save(root: Path, state: dict[str, Any], global_step: int, keep: int) -> Path
     return final
 
 
-def load_latest(root: Path) -> tuple[dict[str, Any], Path] | None:
-    """The newest checkpoint that loads; a damaged one is skipped with a warning. None if none."""
+def _out_of_space(e: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain: torch's zip writer re-raises a failed write as a RuntimeError."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _disk_full(root: Path, final: Path, written: int) -> DiskFull:
+    previous = checkpoint_dirs(root)
+    # Checkpoints of one run are all about the same size: the last one is the best estimate of the need.
+    needed = max(written, (previous[0] / STATE_FILE).stat().st_size if previous else 0)
+    free = shutil.disk_usage(root).free
+    safe = f"the last checkpoint {previous[0]} is intact" if previous else "no earlier checkpoint exists"
+    return DiskFull(f"no space left on the device of {root} while writing {final.name}: it needs about "
+                    f"{needed / 1e6:.0f} MB, {free / 1e6:.0f} MB are free; {safe} and the partial save was removed. "
+                    "Free some space and rerun the same command to resume")
+
+
+def _read_intact(path: Path) -> dict[str, Any]:
+    """Load ``path/state.pt`` after checking it against the manifest (checkpoints older than the
+    manifest load unchecked). Raises on any damage."""
+    data = (path / STATE_FILE).read_bytes()
+    if (path / MANIFEST).is_file():
+        expected = json.loads((path / MANIFEST).read_text())[STATE_FILE]
+        if len(data) != expected["bytes"]:
+            raise ValueError(f"{len(data)} bytes, the manifest says {expected['bytes']}")
+        if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise ValueError("sha256 differs from the manifest (bit rot or a partial copy)")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def load_latest(root: Path, fresh_start_hint: str) -> tuple[dict[str, Any], Path] | None:
+    """The newest intact checkpoint; a damaged one is skipped with a warning. None if there are none.
+
+    If checkpoints exist but none is intact, ``DamagedCheckpoints`` stops the caller: silently
+    starting from step 0 would throw a long job's progress away. ``fresh_start_hint`` says how
+    to start afresh instead."""
+    damaged = []
     for path in checkpoint_dirs(root):
         try:
-            return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True), path
-        except Exception as e:  # truncated zip, bad pickle, ...
-            warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                          "falling back to the previous one", stacklevel=2)
+            return _read_intact(path), path
+        except Exception as e:  # empty or truncated file, bad zip, checksum mismatch, ...
+            reason = (str(e).strip().splitlines() or ["empty file"])[0][:120]
+            warnings.warn(f"checkpoint {path} is damaged ({type(e).__name__}: {reason}); "
+                          "trying the one before it", stacklevel=2)
+            damaged.append(path.name)
+    if damaged:
+        raise DamagedCheckpoints(f"every checkpoint in {root} is damaged ({', '.join(damaged)}), so there is nothing "
+                                 f"to resume from and nothing was changed; {fresh_start_hint}")
     return None
+
+
+def move_aside(root: Path) -> Path | None:
+    """Rename ``root`` (a checkpoints dir) to ``root.old-TIMESTAMP`` so a fresh start cannot prune
+    or mix with it; the old files stay on disk. Returns the new name, or None if there was nothing."""
+    if not root.is_dir() or not any(root.iterdir()):
+        return None
+    target = root.with_name(f"{root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(root, target)
+    return target

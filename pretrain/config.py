@@ -44,6 +44,8 @@ class RunConfig:
     checkpoint_every: int = _f(500, "optimizer steps between checkpoints (also saved at each epoch end and on SIGTERM/SIGUSR1/SIGUSR2)")
     keep_checkpoints: int = _f(3, "how many most recent checkpoints to keep")
     export: bool = _f(True, "write export/encoder.safetensors + config.json at the end")
+    resume: str = _f("auto", "auto: continue from the newest readable checkpoint (stop if every one is damaged) | "
+                     "never: start afresh, moving the existing checkpoints aside")
 
 
 @dataclass
@@ -147,6 +149,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.precision": ("auto", "no", "bf16", "fp16"),
+    "run.resume": ("auto", "never"),
     "data.dataset": ("fashion_mnist", "imagefolder", "synthetic"),
     "objective.name": ("contrastive", "amdim", "dim"),
     "objective.graph": ("full", "core"),

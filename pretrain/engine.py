@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -40,16 +41,26 @@ class StopFlag:
     """
 
     def __init__(self) -> None:
-        self.requested = False
         self.signal_name = ""
+        self._signalled = False
+        # Under `accelerate launch` / torchrun the launcher is our parent. If it dies (kill -9), the
+        # ranks are re-parented and would run on unseen, racing any rerun: treat that as a stop.
+        launched = "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
+        self._launcher = os.getppid() if launched else None
 
     def install(self) -> "StopFlag":
         for sig in (signal.SIGTERM, signal.SIGUSR1, PREEMPT_SIGNAL):
             signal.signal(sig, self._handle)
         return self
 
+    @property
+    def requested(self) -> bool:
+        if not self._signalled and self._launcher is not None and os.getppid() != self._launcher:
+            self._signalled, self.signal_name = True, "launcher exited"
+        return self._signalled
+
     def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
+        self._signalled = True
         self.signal_name = signal.Signals(signum).name
 
 

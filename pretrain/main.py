@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence  # noqa: E402
 
 if TYPE_CHECKING:
     from pretrain.config import Config
+    from pretrain.run_dir import RunDirLock
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -45,8 +46,25 @@ def git_revision() -> str:
         return "unknown"
 
 
-def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bottom function
-    """Run (or resume) pretraining as configured; returns the summary. Callable from SLURM jobs."""
+def train(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) pretraining as configured; returns the summary. Callable from SLURM jobs.
+
+    Every process checks the run dir before anything is written (another experiment's or a foreign
+    dir is refused); the global rank 0 holds its lock for the whole run, so a second run on the
+    same dir stops at once instead of racing this one."""
+    from pretrain.run_dir import RunDirLock, check_run_dir
+
+    check_run_dir(cfg)
+    lock = RunDirLock(Path(cfg.run.dir))  # taken by rank 0 just before its first write
+    try:
+        return _train(cfg, lock)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bottom function
+    import json
+
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import gather_object, set_seed
@@ -63,6 +81,7 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
     from pretrain.momentum import MomentumKeys
     from pretrain.online_probe import OnlineProbe
     from pretrain.objectives import build_objective
+    from pretrain.run_dir import check_run_dir, mark_ours
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
@@ -103,8 +122,9 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
     torch.backends.cudnn.benchmark = not cfg.run.deterministic
     main = accelerator.is_main_process
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(f"# git revision: {git_revision()}\n" + to_yaml(cfg))
+        lock.acquire()
+        check_run_dir(cfg)  # again under the lock: the run that held it may have just written config.yaml
+        mark_ours(run_dir)
     accelerator.wait_for_everyone()
 
     if len(train_images) < cfg.optim.batch_size * accelerator.num_processes:
@@ -181,7 +201,13 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
     # ------------------------------------------------------------------ resume
     progress = ckpt.Progress()
     raw_model = accelerator.unwrap_model(model)
-    loaded = ckpt.load_latest(run_dir / "checkpoints")
+    loaded = None
+    if cfg.run.resume == "never":
+        if main and (aside := ckpt.move_aside(run_dir / "checkpoints")):
+            print(f"run.resume=never: starting afresh; the earlier checkpoints are kept in {aside}", flush=True)
+    else:
+        loaded = ckpt.load_latest(run_dir / "checkpoints", "rerun with run.resume=never to start afresh (they are "
+                                  "moved aside, not deleted), or copy an intact checkpoint back into that dir")
     if loaded:
         state, path = loaded
         raw_model.load_state_dict(state["model"])
@@ -204,6 +230,19 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
         accelerator.print(f"resumed from {path} (epoch {progress.epoch}, batch {progress.step_in_epoch}, "
                           f"step {progress.global_step})")
     scheduler.step_update(progress.global_step)
+    if main:  # written once resuming is certain to work, and only when new or with a new budget
+        saved, current = run_dir / "config.yaml", to_yaml(cfg)
+        if not saved.is_file() or saved.read_text().partition("\n")[2] != current:
+            saved.write_text(f"# git revision: {git_revision()}\n" + current)
+    export_json = run_dir / "export" / "config.json"
+    if loaded and (progress.global_step >= total_steps or progress.epoch >= cfg.optim.epochs) \
+            and (export_json.is_file() or not cfg.run.export):
+        # A finished run rerun with the same budget: report it and leave every file as it is.
+        accelerator.print(f"infomax pretraining: run dir {run_dir} is already complete (step {progress.global_step}"
+                          f"/{total_steps}, epoch {progress.epoch}/{cfg.optim.epochs}); nothing to do. Raise "
+                          "optim.epochs or run.max_steps to continue it, or pick a new run.dir")
+        accelerator.end_training()
+        return json.loads(export_json.read_text()).get("summary", {}) if export_json.is_file() else {}
 
     def save_checkpoint() -> Path | None:
         progress.train_seconds = seconds_before + time.perf_counter() - started
@@ -388,6 +427,7 @@ def train(cfg: Config) -> dict[str, Any]:  # noqa: C901 - one readable top-to-bo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError, load_config
     from pretrain.engine import NonFiniteLoss
 
@@ -401,6 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except CheckpointError as e:  # every checkpoint damaged, or the disk full at a save
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -91,7 +91,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(run_dir: Path) -> None
     newest = run_dir / "checkpoints" / "step_00000008" / "state.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as after a crash mid-copy
     proc = run_main(f"run.dir={run_dir}", "run.max_steps=10", "run.checkpoint_every=4", "monitor.knn_every=0")
-    assert "step_00000008 is unreadable" in proc.stderr
+    assert "step_00000008 is damaged" in proc.stderr
     assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
     assert "step 10/10" in proc.stdout
 

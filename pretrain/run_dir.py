@@ -1,0 +1,126 @@
+"""The run directory's rules: one experiment per directory, one writer at a time, nothing foreign overwritten.
+
+Shared by ``pretrain/main.py`` (checked before anything is written) and ``launch/submit.py``
+(checked before anything is submitted), so both refuse the same things with the same words.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pretrain.config import Config, ConfigError, to_yaml
+
+MARKER = "infomax-run.json"  # written into every run dir infomax creates
+LOCK_FILE = ".lock"
+# Keys that may change between runs of one directory: budgets (a larger one continues the run) and
+# settings that leave the trajectory alone. Everything else defines the experiment.
+BUDGET_KEYS = frozenset({"optim.epochs", "run.max_steps", "run.log_every", "run.checkpoint_every",
+                         "run.keep_checkpoints", "run.export", "run.resume", "data.num_workers", "run.dir"})
+
+
+class RunDirError(ConfigError):
+    """A run dir that this run must not use; the message says which and what to do instead."""
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(saved_yaml: str, cfg: Config) -> list[str]:
+    """Dotted keys whose values differ between a saved config.yaml and ``cfg``, budgets excepted."""
+    old, new = flatten(yaml.safe_load(saved_yaml) or {}), flatten(yaml.safe_load(to_yaml(cfg)))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in BUDGET_KEYS)
+
+
+def is_ours(run_dir: Path) -> bool:
+    """True for a run dir infomax created (its marker, or the config.yaml header of runs made before it)."""
+    if (run_dir / MARKER).is_file():
+        return True
+    saved = run_dir / "config.yaml"
+    return saved.is_file() and saved.read_text(errors="replace").startswith("# git revision:")
+
+
+def check_run_dir(cfg: Config) -> None:
+    """Refuse a non-empty directory infomax did not create, and one that holds another experiment."""
+    run_dir = Path(cfg.run.dir)
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise RunDirError(f"run.dir '{run_dir}' is a file, not a directory; pick another run.dir")
+    # The lock file alone is another run that is starting: the lock, not this check, answers it.
+    if any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not is_ours(run_dir):
+        raise RunDirError(f"run.dir '{run_dir}' is a non-empty directory that infomax did not create; "
+                          "pick a new or empty run.dir (nothing was written)")
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        differing = config_differences(saved.read_text(), cfg)
+        if differing:
+            shown = ", ".join(differing[:6]) + (f" and {len(differing) - 6} more" if len(differing) > 6 else "")
+            raise RunDirError(f"run.dir '{run_dir}' belongs to a different config ({shown} differ); pick a new "
+                              f"run.dir, or rerun with the config in {saved} (only budgets such as optim.epochs "
+                              "and run.max_steps may change)")
+
+
+def mark_ours(run_dir: Path) -> None:
+    """Create ``run_dir`` (if needed) and record that infomax owns it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker = run_dir / MARKER
+    if not marker.exists():
+        marker.write_text(json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+                                      "pid": os.getpid()}) + "\n")
+
+
+class RunDirLock:
+    """An exclusive ``flock`` on ``run_dir/.lock`` for the life of the run.
+
+    The kernel drops it when the process dies (even by SIGKILL), so a stale lock never blocks a
+    resume. The file names the holder, so the refusal can say who it is.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self._file: Any = None
+
+    def acquire(self) -> "RunDirLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunDirError(f"run.dir '{self.path.parent}' is in use by {holder}; wait for it to finish or stop it "
+                              "(a stopped run resumes when rerun), or pick another run.dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor releases the flock
+            self._file = None
+
+    def __enter__(self) -> "RunDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

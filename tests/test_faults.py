@@ -1,0 +1,181 @@
+"""Faults a user can cause, each reproduced: what infomax does must be one clear line and no lost work.
+
+The README's table "Faults and what happens" lists these tests."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, run_main
+from pretrain import checkpoint as ckpt
+from pretrain.run_dir import RunDirError, RunDirLock
+
+FAST = ["monitor.knn_every=0", "run.checkpoint_every=4"]
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file under ``run_dir`` with its bytes; tb/ (event files are named per process) and the
+    lock file (it names the current holder) aside."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and "tb" not in p.relative_to(run_dir).parts and p.name != ".lock"}
+
+
+def one_line_error(proc: subprocess.CompletedProcess, code: int) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return errors[0]
+
+
+def test_run_dir_with_another_config_is_refused_before_anything_is_written(run_dir: Path) -> None:
+    run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+    before = snapshot(run_dir)
+    proc = run_main(f"run.dir={run_dir}", "optim.lr=0.5", "objective.bound=nwj", "optim.epochs=3", *FAST, check=False)
+    line = one_line_error(proc, 2)
+    assert "belongs to a different config (objective.bound, optim.lr differ)" in line
+    assert snapshot(run_dir) == before  # config.yaml still records the first experiment
+    # Another head shape used to crash with a size-mismatch traceback after overwriting config.yaml.
+    proc = run_main(f"run.dir={run_dir}", "model.head_dims=[64,16]", *FAST, check=False)
+    assert "model.head_dims" in one_line_error(proc, 2) and snapshot(run_dir) == before
+    # Budgets may change: a larger one continues the run.
+    proc = run_main(f"run.dir={run_dir}", "run.max_steps=6", *FAST)
+    assert "resumed from" in proc.stdout and "step 6/6" in proc.stdout
+
+
+def test_foreign_directory_is_refused_and_left_alone(tmp_path: Path) -> None:
+    other = tmp_path / "some-other-project"
+    other.mkdir()
+    (other / "config.yaml").write_text("their: settings\n")
+    (other / "export").mkdir()
+    (other / "export" / "config.json").write_text("{}")
+    before = snapshot(other)
+    line = one_line_error(run_main(f"run.dir={other}", "run.max_steps=2", *FAST, check=False), 2)
+    assert "non-empty directory that infomax did not create" in line
+    assert snapshot(other) == before
+
+
+def test_zero_byte_newest_checkpoint_falls_back_to_the_previous_one(run_dir: Path) -> None:
+    run_main(f"run.dir={run_dir}", "run.max_steps=8", *FAST)
+    (run_dir / "checkpoints" / "step_00000008" / "state.pt").write_bytes(b"")
+    proc = run_main(f"run.dir={run_dir}", "run.max_steps=10", *FAST)
+    assert "step_00000008 is damaged" in proc.stderr and "IndexError" not in proc.stderr
+    assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout and "step 10/10" in proc.stdout
+
+
+def test_bit_rot_is_caught_by_the_checksum_and_the_previous_checkpoint_is_used(run_dir: Path) -> None:
+    run_main(f"run.dir={run_dir}", "run.max_steps=8", *FAST)
+    state = run_dir / "checkpoints" / "step_00000008" / "state.pt"
+    data = bytearray(state.read_bytes())
+    middle = len(data) // 2  # inside a tensor record: torch.load alone would not notice
+    data[middle:middle + 64] = bytes(b ^ 0x5A for b in data[middle:middle + 64])
+    state.write_bytes(bytes(data))
+    proc = run_main(f"run.dir={run_dir}", "run.max_steps=10", *FAST)
+    assert "step_00000008 is damaged" in proc.stderr and "sha256" in proc.stderr
+    assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
+
+
+def test_every_checkpoint_damaged_stops_with_their_names_unless_a_fresh_start_is_asked_for(run_dir: Path) -> None:
+    run_main(f"run.dir={run_dir}", "run.max_steps=8", *FAST)
+    for state in (run_dir / "checkpoints").glob("step_*/state.pt"):
+        state.write_bytes(state.read_bytes()[:100])
+    before = snapshot(run_dir)
+    line = one_line_error(run_main(f"run.dir={run_dir}", "run.max_steps=10", *FAST, check=False), 1)
+    assert "every checkpoint" in line and "step_00000004" in line and "step_00000008" in line
+    assert "run.resume=never" in line and snapshot(run_dir) == before
+    proc = run_main(f"run.dir={run_dir}", "run.max_steps=10", "run.resume=never", *FAST)
+    assert "starting afresh" in proc.stdout and "resumed from" not in proc.stdout and "step 10/10" in proc.stdout
+    kept = list(run_dir.glob("checkpoints.old-*/step_00000008/state.pt"))
+    assert len(kept) == 1 and len(kept[0].read_bytes()) == 100  # moved aside, not deleted
+
+
+def test_finished_run_rerun_changes_nothing_and_a_larger_budget_continues_it(run_dir: Path) -> None:
+    run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+    before = snapshot(run_dir)
+    proc = run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+    assert "already complete" in proc.stdout and snapshot(run_dir) == before
+    proc = run_main(f"run.dir={run_dir}", "run.max_steps=6", *FAST)
+    assert "resumed from" in proc.stdout and "step 6/6" in proc.stdout
+
+
+def test_second_run_on_a_locked_run_dir_stops_at_once_naming_the_holder(run_dir: Path) -> None:
+    cmd = [sys.executable, str(REPO / "pretrain" / "main.py"), "--config", str(TINY), f"run.dir={run_dir}",
+           "optim.epochs=400", *FAST]
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "checkpoints").is_dir():  # the first run is past its start, mid-training
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.05)
+        line = one_line_error(run_main(f"run.dir={run_dir}", "optim.epochs=400", *FAST, check=False), 2)
+        assert f"in use by pid {first.pid} on " in line
+        assert not list((run_dir / "checkpoints").glob(".tmp_step_*"))
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 0  # the first run was undisturbed: it saved and stopped on the signal
+
+
+def test_lock_is_exclusive_and_released_with_its_holder(tmp_path: Path) -> None:
+    with RunDirLock(tmp_path):
+        with pytest.raises(RunDirError, match=f"in use by pid {os.getpid()}"):
+            RunDirLock(tmp_path).acquire()
+    RunDirLock(tmp_path).acquire().release()  # free again once released
+
+
+def test_disk_full_at_a_save_removes_the_partial_dir_and_names_the_safe_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    state = {"weights": torch.randn(50_000)}
+    first = ckpt.save(tmp_path, state, 4, keep=2)
+    real_write = ckpt._HashingWriter.write
+
+    def write_until_full(self, data):
+        if self.size > 20_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(ckpt._HashingWriter, "write", write_until_full)
+    with pytest.raises(ckpt.DiskFull) as caught:
+        ckpt.save(tmp_path, state, 8, keep=2)
+    message = str(caught.value)
+    assert str(tmp_path) in message and "needs about 0 MB" in message and f"{first} is intact" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004"]  # no .tmp_step_* left behind
+    assert torch.equal(ckpt.load_latest(tmp_path, "")[0]["weights"], state["weights"])
+
+
+@pytest.mark.slow
+def test_ranks_whose_launcher_died_stop_at_the_next_step_with_a_checkpoint(run_dir: Path) -> None:
+    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                str(REPO / "pretrain" / "main.py"), "--config", str(TINY), f"run.dir={run_dir}", "optim.epochs=400",
+                "run.checkpoint_every=1000", "monitor.knn_every=0"]
+    proc = subprocess.Popen(launcher, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (run_dir / "tb").is_dir():  # both ranks are training
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.1)
+        time.sleep(3)
+        ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(ranks) == 2, ranks
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.time() + 120
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+                  for pid in ranks):
+            assert time.time() < deadline, "the orphaned ranks ran on"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        proc.communicate()
+    saved = ckpt.checkpoint_dirs(run_dir / "checkpoints")
+    assert saved, "the ranks stopped without saving"
+    assert ckpt.load_latest(run_dir / "checkpoints", "")[0]["progress"]["global_step"] > 0
