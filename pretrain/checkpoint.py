@@ -47,9 +47,15 @@ class Progress:
     step_in_epoch: int = 0
     global_step: int = 0
     skipped_steps: int = 0  # non-finite steps skipped (optim.skip_nonfinite)
-    unreadable: list[str] = field(default_factory=list)  # first unreadable image paths seen
-    unreadable_count: int = 0
+    unreadable: list[str] = field(default_factory=list)  # distinct unreadable image paths, in the order seen
+    unreadable_count: int = 0  # len(unreadable)
     train_seconds: float = 0.0  # wall time of the training loop over all resumes (checkpointed when saved)
+
+    def note_unreadable(self, paths: list[str]) -> None:
+        """Record skipped images; a file skipped again (next epoch, or past a bad neighbour) counts once."""
+        seen = set(self.unreadable)
+        self.unreadable += [p for p in dict.fromkeys(paths) if p not in seen]
+        self.unreadable_count = len(self.unreadable)
 
 
 def rng_state() -> dict[str, Any]:

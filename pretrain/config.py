@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
@@ -202,8 +202,9 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), schema: 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{path}' not found; pass --config configs/<name>.yaml (see configs/)")
+        loaded = _load_yaml(p)
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))  # OmegaConf.load uses yaml.SafeLoader
+            cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as e:
             raise _explain(e, path, schema) from None
     for item in overrides:
@@ -211,12 +212,35 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), schema: 
             raise ConfigError(f"override '{item}' is not key=value, e.g. optim.lr=0.3")
         key, value = item.split("=", 1)
         try:
-            OmegaConf.update(cfg, key.strip(), yaml.safe_load(value), merge=True)
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)}); quote it or "
+                              "fix the brackets, e.g. model.head_dims=[512,128]") from None
+        try:
+            OmegaConf.update(cfg, key.strip(), parsed, merge=True)
         except OmegaConfBaseException as e:
             raise _explain(e, f"override '{item}'", schema) from None
     config = OmegaConf.to_object(cfg)
     check(config)
     return config
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    """A config file as a mapping (OmegaConf's safe loader, which also rejects duplicate keys)."""
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {_yaml_problem(e)}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file '{path}' holds a {type(loaded).__name__.replace('Config', '').lower()}, not a "
+                          "mapping of sections; write it as keys such as 'optim:' with settings under them")
+    return loaded
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -279,7 +303,12 @@ def validate(c: Config) -> None:
     _require(r.log_every >= 1, "run.log_every", f"must be >= 1, got {r.log_every}")
     _require(r.checkpoint_every >= 1, "run.checkpoint_every", f"must be >= 1, got {r.checkpoint_every}")
     _require(r.keep_checkpoints >= 1, "run.keep_checkpoints", f"must be >= 1, got {r.keep_checkpoints}")
-    _require(c.monitor.knn_k >= 1, "monitor.knn_k", f"must be >= 1, got {c.monitor.knn_k}")
+    mo = c.monitor
+    _require(mo.knn_k >= 1, "monitor.knn_k", f"must be >= 1, got {mo.knn_k}")
+    _require(mo.knn_every >= 0, "monitor.knn_every", f"must be >= 0 (0 = monitor off), got {mo.knn_every}")
+    for key in ("knn_bank", "knn_queries"):
+        _require(mo.knn_every == 0 or getattr(mo, key) >= 1, f"monitor.{key}",
+                 f"must be >= 1 while the monitor is on, got {getattr(mo, key)}; set monitor.knn_every=0 to turn it off")
 
 
 def to_yaml(c: Config) -> str:

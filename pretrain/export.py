@@ -53,7 +53,9 @@ def export_encoder(
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    save_file(state, str(weights), metadata={"arch": arch, "format": "pt"})
+    # One metadata key: safetensors writes its metadata map in a per-process order, and the file's
+    # sha256 (in config.json and every eval report) must be the same for the same weights.
+    save_file(state, str(weights), metadata={"format": "pt"})
     meta = {
         "architecture": arch,
         "in_chans": in_chans,
@@ -75,13 +77,34 @@ def export_encoder(
     return weights
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """config.json of an export directory (or of the directory holding encoder.safetensors)."""
+REQUIRED_META = ("architecture", "in_chans", "input_size", "mean", "std", "small_input", "sha256")
+
+
+def export_dir_of(path: str | Path) -> Path:
+    """The export directory ``path`` names: the directory itself, or the one holding encoder.safetensors."""
     p = Path(path)
-    meta_path = (p if p.is_dir() else p.parent) / META
+    if p.is_dir():
+        return p
+    if p.is_file() and p.name == WEIGHTS:
+        return p.parent
+    raise ConfigError(f"no export found at '{path}': it is not a directory or a {WEIGHTS} file (exports are "
+                      f"written to <run.dir>/export/)")
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """config.json of an export directory (or of the directory holding encoder.safetensors), checked."""
+    meta_path = export_dir_of(path) / META
     if not meta_path.is_file():
         raise ConfigError(f"no export found at '{path}': expected {META} and {WEIGHTS} (written to <run.dir>/export/)")
-    return json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{meta_path} is not valid JSON ({e}); re-export the encoder or restore the file") from None
+    missing = [k for k in REQUIRED_META if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ConfigError(f"{meta_path} lacks {', '.join(missing)}: it was not written by infomax's export, or was "
+                          "edited; re-export the encoder")
+    return meta
 
 
 def load_encoder(path: str | Path, verify: bool = True) -> tuple[nn.Module, dict[str, Any]]:
@@ -89,10 +112,11 @@ def load_encoder(path: str | Path, verify: bool = True) -> tuple[nn.Module, dict
 
     With ``verify`` the weights' sha256 must match config.json; keys must match exactly.
     """
-    p = Path(path)
-    export_dir = p if p.is_dir() else p.parent
+    export_dir = export_dir_of(path)
     meta = read_meta(export_dir)
     weights = export_dir / WEIGHTS
+    if not weights.is_file():
+        raise ConfigError(f"{weights} is missing beside its {META}; re-export the encoder or restore the file")
     if verify and sha256(weights) != meta["sha256"]:
         raise ConfigError(f"{weights} does not match the sha256 in {META}: the file was changed or damaged; re-export it")
     encoder = create_encoder(meta["architecture"], meta["in_chans"], meta["small_input"], meta.get("stem_stride", 1),

@@ -81,7 +81,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
     from pretrain.momentum import MomentumKeys
     from pretrain.online_probe import OnlineProbe
     from pretrain.objectives import build_objective
-    from pretrain.run_dir import check_run_dir, mark_ours
+    from pretrain.run_dir import check_run_dir, check_writable, mark_ours
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
@@ -121,11 +121,6 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = not cfg.run.deterministic
     main = accelerator.is_main_process
-    if main:
-        lock.acquire()
-        check_run_dir(cfg)  # again under the lock: the run that held it may have just written config.yaml
-        mark_ours(run_dir)
-    accelerator.wait_for_everyone()
 
     if len(train_images) < cfg.optim.batch_size * accelerator.num_processes:
         raise ConfigError(
@@ -198,7 +193,13 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
     if cfg.run.max_steps:
         total_steps = min(total_steps, cfg.run.max_steps)
 
-    # ------------------------------------------------------------------ resume
+    # ------------------------------------------------------------------ claim the run dir, resume
+    if main:  # the first write of the run: everything above can still fail with a clean run dir
+        lock.acquire()
+        check_run_dir(cfg)  # again under the lock: the run that held it may have just written config.yaml
+        mark_ours(run_dir)
+        check_writable(run_dir)
+    accelerator.wait_for_everyone()
     progress = ckpt.Progress()
     raw_model = accelerator.unwrap_model(model)
     loaded = None
@@ -313,10 +314,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
                 batch["views"][0].to(accelerator.device), progress.epoch, progress.step_in_epoch, accelerator.process_index)
             if progress.global_step == 0 and steps_this_run == 0:
                 tb.views(views, train_images.mean, train_images.std)
-            bad = collate_skipped(batch["skipped"])
-            if bad:
-                progress.unreadable_count += len(bad)
-                progress.unreadable = (progress.unreadable + bad)[:10]
+            progress.note_unreadable(collate_skipped(batch["skipped"]))
             result = train_step(accelerator, model, objective, optimizer, model_views(views),
                                 grad_clip=cfg.optim.grad_clip, skip_nonfinite=cfg.optim.skip_nonfinite,
                                 stop_requested=stop.requested, step=progress.global_step,

@@ -135,6 +135,11 @@ class LocalGlobalModel(nn.Module):
         if not hasattr(enc, "forward_intermediates"):
             raise ConfigError(f"'{cfg.arch}' has no forward_intermediates in timm; AMDIM/DIM need e.g. a ResNet")
         self.local_stages = list(local_stages)
+        stages = len(getattr(enc, "feature_info", []))
+        if any(not 0 <= i < stages for i in self.local_stages):
+            raise ConfigError(f"bad value for config key 'objective.local_stages': {self.local_stages} is out of range "
+                              f"for {cfg.arch}, whose feature maps are numbered 0 to {stages - 1} (0 = stem); "
+                              "e.g. objective.local_stages=[3,4]")
         with torch.no_grad():
             probe = torch.zeros(1, in_chans, 64, 64)
             _, maps = enc.forward_intermediates(probe, indices=self.local_stages, intermediates_only=False)

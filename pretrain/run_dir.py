@@ -76,6 +76,24 @@ def check_run_dir(cfg: Config) -> None:
                               "and run.max_steps may change)")
 
 
+def check_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` and its checkpoints/ and write a file in each, so an unwritable place is found
+    at the start, not at the first save after hours of training."""
+    for d in (run_dir, run_dir / "checkpoints"):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".write_test_{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise not_writable(d, e) from None
+
+
+def not_writable(path: Path, e: OSError) -> RunDirError:
+    return RunDirError(f"'{path}' is not a writable directory ({e.strerror}), so no checkpoint could be saved; "
+                       "fix its permissions or pick another run.dir")
+
+
 def mark_ours(run_dir: Path) -> None:
     """Create ``run_dir`` (if needed) and record that infomax owns it."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -97,8 +115,11 @@ class RunDirLock:
         self._file: Any = None
 
     def acquire(self) -> "RunDirLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+")
+        except OSError as e:
+            raise not_writable(self.path.parent, e) from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

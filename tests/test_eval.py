@@ -232,6 +232,10 @@ def test_alexnet_conv_probes_from_a_weights_file(export_dir: Path, tmp_path: Pat
     ("alexnet_missing", "is not a file"),
     ("alexnet_wrong", "is not a torchvision AlexNet state dict"),
     ("empty_split", "no images"),
+    ("no_sha", "lacks sha256"),
+    ("bad_json", "is not valid JSON"),
+    ("no_weights", "encoder.safetensors is missing"),
+    ("missing_inside", "no export found at"),
 ])
 def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage: str, needle: str) -> None:
     meta_path = export_dir / "config.json"
@@ -256,8 +260,18 @@ def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage:
             (tmp_path / "data" / split / "cat").mkdir(parents=True)
         Image.new("RGB", (16, 16)).save(tmp_path / "data" / "train" / "cat" / "a.png")
         extra = ["dataset=imagefolder", f"root={tmp_path / 'data'}"]
-    if damage in ("hash", "arch"):
+    elif damage == "no_sha":
+        del meta["sha256"]
+    elif damage == "bad_json":
+        meta_path.write_text("{not json")
+    elif damage == "no_weights":
+        (export_dir / "encoder.safetensors").unlink()
+    elif damage == "missing_inside":  # used to score the parent export under this name, with rc 0
+        export_dir = export_dir / "nope"
+    if damage in ("hash", "arch", "no_sha"):
         meta_path.write_text(json.dumps(meta))
     proc = run_eval(f"weights={export_dir}", *extra)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+    if damage.startswith("missing"):
+        assert f"'{export_dir}'" in lines[0]  # the path the user gave, not its parent

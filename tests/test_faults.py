@@ -5,6 +5,7 @@ The README's table "Faults and what happens" lists these tests."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -179,3 +180,19 @@ def test_ranks_whose_launcher_died_stop_at_the_next_step_with_a_checkpoint(run_d
     saved = ckpt.checkpoint_dirs(run_dir / "checkpoints")
     assert saved, "the ranks stopped without saving"
     assert ckpt.load_latest(run_dir / "checkpoints", "")[0]["progress"]["global_step"] > 0
+
+
+def test_identical_weights_export_to_an_identical_file_in_every_process(tmp_path: Path) -> None:
+    # safetensors writes its metadata map in a per-process order: with two keys about 1 export in 6
+    # got another sha256. One process per export, as separate runs would be.
+    script = ("import sys, torch; from pretrain.export import export_encoder; from pretrain.models import create_encoder; from pathlib import Path;"
+              "torch.manual_seed(0); e = create_encoder('test_resnet', 1, small_input=True);"
+              "export_encoder(e, Path(sys.argv[1]), arch='test_resnet', in_chans=1, input_size=16, mean=(0.5,), std=(0.25,),"
+              " small_input=True, summary={})")
+    hashes = set()
+    for i in range(3):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / str(i))], check=True, cwd=REPO, timeout=120)
+        header = (tmp_path / str(i) / "encoder.safetensors").read_bytes()[8:200]
+        assert b'"__metadata__":{"format":"pt"}' in header
+        hashes.add(json.loads((tmp_path / str(i) / "config.json").read_text())["sha256"])
+    assert len(hashes) == 1

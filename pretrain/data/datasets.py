@@ -244,8 +244,10 @@ def build_knn_sets(cfg: Config, train: ImageDataset) -> tuple[ImageDataset, Imag
     m = cfg.monitor
     try:
         held_out = REGISTRY[cfg.data.dataset](cfg, "test")
-    except DataError:
+    except DataError:  # no held-out split
         return disjoint_subsets(train, m.knn_bank, m.knn_queries)
+    if isinstance(held_out, ImageFolder):  # a val/ split that exists but cannot be decoded is an error
+        held_out.check_readable()
     return spaced_subset(train, m.knn_bank), spaced_subset(held_out, m.knn_queries)
 
 
