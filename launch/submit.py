@@ -22,6 +22,7 @@ import argparse  # noqa: E402
 import itertools  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
+from unittest import mock  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
 
@@ -85,6 +86,18 @@ def sweep_points(sweeps: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)] if axes else [[]]
 
 
+def make_executor(cluster: str, folder: Path, max_requeues: int, dry_run: bool) -> Any:
+    """submitit's executor for ``cluster``. A SLURM dry run renders the sbatch script on any machine:
+    it submits nothing, so it must not need srun, which submitit's SlurmExecutor checks for at start."""
+    import submitit
+    from submitit.slurm.slurm import SlurmExecutor
+
+    if cluster == "slurm" and dry_run and SlurmExecutor.affinity() <= 0:
+        with mock.patch.object(SlurmExecutor, "affinity", classmethod(lambda cls: 1)):
+            return submitit.AutoExecutor(folder=str(folder), cluster="slurm", slurm_max_num_timeout=max_requeues)
+    return submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=max_requeues)
+
+
 def known_partitions() -> list[str]:
     out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30)
     if out.returncode != 0:
@@ -140,8 +153,7 @@ def submit(args: argparse.Namespace) -> list[Any]:  # noqa: C901 - validation, t
     # ------------------------------------------------------------------ executor
     first = Path(runs[0].run.dir)
     folder = Path(args.logs).resolve() if args.logs else (first if len(runs) == 1 else first.parent) / "slurm"
-    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=None if args.cluster == "slurm" else args.cluster,
-                                     slurm_max_num_timeout=args.max_requeues)
+    executor = make_executor(args.cluster, folder / "%j", args.max_requeues, dry_run=args.dry_run)
     params: dict[str, Any] = {"nodes": args.nodes, "tasks_per_node": tasks, "cpus_per_task": args.cpus_per_task,
                               "timeout_min": minutes(args.time),
                               "name": args.job_name or f"infomax-{first.name}"}

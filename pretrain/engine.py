@@ -34,7 +34,8 @@ PREEMPT_SIGNAL = signal.SIGUSR2
 
 
 class StopFlag:
-    """Set by SIGTERM, SIGUSR1 or SIGUSR2 (cancel, preemption, time limit, a scheduler's stop).
+    """Set by SIGTERM, SIGUSR1 or SIGUSR2 (cancel, preemption, time limit, a scheduler's stop) and by
+    Ctrl-C (SIGINT; a second Ctrl-C aborts at once, without saving).
 
     The handler only sets a flag; ranks agree on it at the next step boundary (one all-reduce),
     then all save a checkpoint and exit cleanly together.
@@ -49,7 +50,7 @@ class StopFlag:
         self._launcher = os.getppid() if launched else None
 
     def install(self) -> "StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGUSR1, PREEMPT_SIGNAL):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, PREEMPT_SIGNAL, signal.SIGINT):
             signal.signal(sig, self._handle)
         return self
 
@@ -60,6 +61,8 @@ class StopFlag:
         return self._signalled
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self._signalled:
+            raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the save
         self._signalled = True
         self.signal_name = signal.Signals(signum).name
 

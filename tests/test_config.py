@@ -54,6 +54,10 @@ def test_bad_values_name_the_key(override: str, pattern: str) -> None:
         (["run.precision=fp16"], "fp16 needs a CUDA GPU"),
         (["data.augment=batch"], "'data.views.0.saturation': data.augment=batch implements crop, flip"),
         (["objective.name=amdim", "objective.queue_size=8"], "the momentum queue works with objective.name=contrastive"),
+        (["monitor.knn_bank=0"], "'monitor.knn_bank': must be >= 1 while the monitor is on"),
+        (["monitor.knn_queries=0"], "'monitor.knn_queries': must be >= 1 while the monitor is on"),
+        (["objective.name=dim", "objective.local_stages=[9,10]"], "'objective.local_stages': [10] is out of range"),
+        (["model.head_dims=[64"], "override 'model.head_dims=[64': the value is not valid YAML"),
     ],
 )
 def test_cli_errors_are_one_line_before_training(overrides: list[str], needle: str, run_dir: Path) -> None:
@@ -62,6 +66,19 @@ def test_cli_errors_are_one_line_before_training(overrides: list[str], needle: s
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
     assert not run_dir.exists()  # nothing was started
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("optim:\n  lr: [0.1\n", "is not valid YAML: did not find expected ',' or ']' at line 3"),
+    ("optim:\n  lr: 0.1\n  lr: 0.2\n", "is not valid YAML: found duplicate key lr at line 3"),
+    ("- optim\n- run\n", "holds a list, not a mapping of sections"),
+])
+def test_broken_yaml_is_one_line(tmp_path: Path, text: str, needle: str) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_text(text)
+    proc = run_main(f"run.dir={tmp_path / 'run'}", config=config, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
 
 
 def test_missing_config_file_is_reported(run_dir: Path) -> None:

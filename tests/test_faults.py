@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,6 +63,14 @@ def test_foreign_directory_is_refused_and_left_alone(tmp_path: Path) -> None:
     line = one_line_error(run_main(f"run.dir={other}", "run.max_steps=2", *FAST, check=False), 2)
     assert "non-empty directory that infomax did not create" in line
     assert snapshot(other) == before
+
+
+def test_unwritable_checkpoint_dir_is_found_at_start(run_dir: Path) -> None:
+    run_main(f"run.dir={run_dir}", "run.max_steps=2", *FAST)
+    shutil.rmtree(run_dir / "checkpoints")
+    (run_dir / "checkpoints").write_text("")  # unwritable even for root (chmod would not stop root)
+    line = one_line_error(run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST, check=False), 2)
+    assert f"'{run_dir / 'checkpoints'}' is not a writable directory" in line
 
 
 def test_zero_byte_newest_checkpoint_falls_back_to_the_previous_one(run_dir: Path) -> None:
@@ -196,3 +205,16 @@ def test_identical_weights_export_to_an_identical_file_in_every_process(tmp_path
         assert b'"__metadata__":{"format":"pt"}' in header
         hashes.add(json.loads((tmp_path / str(i) / "config.json").read_text())["sha256"])
     assert len(hashes) == 1
+
+
+def test_slurm_dry_run_prints_the_script_on_a_machine_without_slurm(tmp_path: Path) -> None:
+    no_slurm = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no sbatch, srun or sinfo
+    args = [sys.executable, str(REPO / "launch" / "submit.py"), "--config", str(TINY), f"run.dir={tmp_path / 'r'}",
+            "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--time", "01:00:00"]
+    proc = subprocess.run([*args, "--dry-run"], capture_output=True, text=True, cwd=REPO, env=no_slurm, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "#SBATCH --nodes=2" in proc.stdout and "#SBATCH --partition=gpu" in proc.stdout
+    assert "# resolved config for" in proc.stdout
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=no_slurm, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: sbatch is not on PATH: run this on a SLURM login node, or use --cluster local"], proc.stderr

@@ -71,13 +71,14 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(uninterrupted, run_
     assert_same(final_model(run_dir), uninterrupted)
 
 
-def test_sigterm_saves_exits_zero_and_resumes(uninterrupted, run_dir: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])  # SIGINT: Ctrl-C saves too
+def test_stop_signal_saves_exits_zero_and_resumes(uninterrupted, run_dir: Path, sig: signal.Signals) -> None:
     proc = start(run_dir)
     wait_for_checkpoint(run_dir, proc, min_step=3)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
-    assert "stopped (SIGTERM)" in out
+    assert f"stopped ({sig.name})" in out and "KeyboardInterrupt" not in err
     stopped_at = int(checkpoint_dirs(run_dir / "checkpoints")[0].name.split("_")[1])
     assert 3 <= stopped_at < TOTAL
     assert not (run_dir / "export").exists()

@@ -216,8 +216,28 @@ def read_back(out: Path, dataset: ImageDataset, samples: int = 8) -> None:
             source = dataset.load(i)[0].numpy().transpose(1, 2, 0)
             decoded = image[0][..., : source.shape[2]].astype(np.int16)
             error = np.abs(decoded - source).mean()
-            if error > (0 if settings["write_mode"] == "raw" else 12):
-                raise RuntimeError(f"read-back: image {i} of {out} differs from the source (mean abs error {error:.1f})")
+            if error == 0 or settings["write_mode"] == "raw":  # stored raw (proportion mode stores some raw)
+                if error:
+                    raise RuntimeError(f"read-back: image {i} of {out} differs from the source (mean abs error {error:.1f})")
+                continue
+            # JPEG loses detail by design (9-13 levels on synthetic images at quality 90), so the reference
+            # is the source through the same encoder at the same quality. Only the decoder differs:
+            # ffcv's fast libjpeg-turbo path lands 1.0-1.2 levels (mean) from OpenCV's and PIL's.
+            reference = jpeg_round_trip(source, settings["jpeg_quality"])
+            error = np.abs(decoded - reference).mean()
+            if error > 2.0:
+                raise RuntimeError(f"read-back: image {i} of {out} differs from the source after JPEG at quality "
+                                   f"{settings['jpeg_quality']} (mean abs error {error:.2f} levels)")
+
+
+def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
+    """H x W x C uint8 -> the same after ffcv's JPEG encoding at ``quality`` and a decode (int16)."""
+    import cv2
+    from ffcv.fields.rgb_image import encode_jpeg
+
+    rgb = np.ascontiguousarray(np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image)
+    decoded = cv2.cvtColor(cv2.imdecode(encode_jpeg(rgb, quality), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return decoded[..., : image.shape[2]].astype(np.int16)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
