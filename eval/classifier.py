@@ -29,7 +29,8 @@ from pretrain.engine import StopFlag
 
 @dataclass
 class SGDSchedule:
-    """SGD with momentum; lr decays x0.1 at each epoch milestone, or follows a cosine when none are given."""
+    """SGD with momentum (or AdamW); lr decays x0.1 at each epoch milestone, or follows a cosine when none
+    are given, after an optional linear warmup."""
 
     lr: float
     epochs: int
@@ -43,17 +44,20 @@ class SGDSchedule:
     keep_checkpoints: int = 2
     eval_every: int = 0  # steps between held-out evaluations (0 = each epoch, or 10 over a shorter budget)
     patience: int = 0  # stop when the held-out accuracy has not improved for this many evaluations (0 = never)
+    optimizer: str = "sgd"  # sgd | adamw (AdamW ignores momentum)
+    warmup_steps: int = 0  # linear warmup from ~0 to lr over these first steps
 
     def factor(self, step: int, steps_per_epoch: int, seconds: float = 0.0) -> float:
         """The lr multiplier at ``step``; under a wall-time budget the cosine follows whichever of
         steps and ``seconds`` (training time so far) is further along, so it spans the budget."""
+        warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         if self.milestones:
-            return 0.1 ** sum(step >= m * steps_per_epoch for m in self.milestones)
+            return warmup * 0.1 ** sum(step >= m * steps_per_epoch for m in self.milestones)
         total = self.total_steps(steps_per_epoch)
         done = min(step, total) / total
         if self.max_seconds:
             done = max(done, min(seconds / self.max_seconds, 1.0))
-        return 0.5 * (1 + math.cos(math.pi * done))
+        return warmup * 0.5 * (1 + math.cos(math.pi * done))
 
     def total_steps(self, steps_per_epoch: int) -> int:
         total = self.epochs * steps_per_epoch
@@ -130,8 +134,10 @@ def fit_classifier(
                              f"{schedule.batch_size}; lower the batch size")
     loader = torch.utils.data.DataLoader(train_set, batch_size=per_process, shuffle=True, drop_last=True,
                                          num_workers=num_workers, pin_memory=accelerator.device.type == "cuda")
-    optimizer = torch.optim.SGD([p for p in trainable.parameters() if p.requires_grad], lr=schedule.lr,
-                                momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay) \
+        if schedule.optimizer == "adamw" else \
+        torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch = len(loader)
     total = schedule.total_steps(steps_per_epoch)

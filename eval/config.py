@@ -24,7 +24,10 @@ class BaselinesConfig:
     alexnet_supervised: bool = _f(True, "train torchvision's AlexNet with labels on the same split and report it")
     alexnet_epochs: int = _f(1, "supervised AlexNet: epoch budget")
     alexnet_max_steps: int = _f(0, "supervised AlexNet: step budget (0 = the whole epoch budget)")
-    alexnet_lr: float = _f(0.01, "supervised AlexNet: SGD lr (momentum 0.9, cosine decay)")
+    alexnet_lr: float = _f(0.01, "supervised AlexNet: lr (cosine decay; SGD with momentum 0.9, or AdamW)")
+    alexnet_optimizer: str = _f("sgd", "supervised AlexNet: sgd | adamw (AdamW leaves AlexNet's first plateau far "
+                                "sooner: the choice for a short budget)")
+    alexnet_warmup_steps: int = _f(0, "supervised AlexNet: linear lr warmup steps")
     alexnet_weight_decay: float = _f(5e-4, "supervised AlexNet: weight decay")
     alexnet_batch_size: int = _f(128, "supervised AlexNet and supervised encoder: global batch")
     alexnet_crop_scale_min: float = _f(0.08, "supervised AlexNet: RandomResizedCrop smallest area (plus horizontal flip)")
@@ -92,4 +95,7 @@ def validate_eval(c: EvalConfig) -> None:
     require(all(0 < m < s.epochs for m in s.milestones), "sgd.milestones", f"must lie inside (0, {s.epochs})")
     require(b.alexnet_epochs >= 1 and b.alexnet_batch_size >= 1 and b.alexnet_lr > 0, "baselines",
             "alexnet_epochs, alexnet_batch_size and alexnet_lr must be positive")
+    require(b.alexnet_optimizer in ("sgd", "adamw"), "baselines.alexnet_optimizer",
+            f"'{b.alexnet_optimizer}' is not one of sgd, adamw")
+    require(b.alexnet_warmup_steps >= 0, "baselines.alexnet_warmup_steps", f"must be >= 0, got {b.alexnet_warmup_steps}")
     require(b.alexnet_probe_size >= 64, "baselines.alexnet_probe_size", f"must be >= 64, got {b.alexnet_probe_size}")

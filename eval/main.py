@@ -198,12 +198,15 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         schedule = SGDSchedule(lr=b.alexnet_lr, epochs=b.alexnet_epochs, batch_size=b.alexnet_batch_size,
                                weight_decay=b.alexnet_weight_decay, max_steps=b.alexnet_max_steps,
                                checkpoint_every=cfg.sgd.checkpoint_every, eval_every=b.alexnet_eval_every,
-                               patience=b.alexnet_patience)
+                               patience=b.alexnet_patience, optimizer=b.alexnet_optimizer,
+                               warmup_steps=b.alexnet_warmup_steps)
         scores = sgd_fit("alexnet_supervised", alexnet, alexnet, size, schedule, b.alexnet_crop_scale_min,
                          held_out=min(b.alexnet_held_out, len(train) // 2))
         budget = f"{scores['trained']}, {scores['epochs']:g} epochs, {scores['wall_s']:.0f} s{CONVERGENCE[scores['converged']]}"
+        if b.alexnet_optimizer != "sgd":
+            budget = f"{b.alexnet_optimizer.replace('adamw', 'AdamW')}, {budget}"
         row = {"name": f"AlexNet supervised ({budget})", "kind": "alexnet_supervised",
-               "protocol": "supervised", **scores, "knn": None}
+               "protocol": "supervised", **scores, "optimizer": b.alexnet_optimizer, "knn": None}
         if cfg.store_baselines and accelerator.is_main_process:
             path = store_result(Path(b.store), row, dataset=cfg.dataset, protocol=alexnet_protocol,
                                 data_sha256=data_fingerprint(train, test),

@@ -3,6 +3,8 @@ supervised same-encoder row."""
 
 from __future__ import annotations
 
+import math
+
 import json
 from pathlib import Path
 
@@ -41,6 +43,23 @@ def test_patience_stops_the_fit_when_held_out_accuracy_stalls(tmp_path: Path) ->
                              held_out=lambda m: next(scores))
     assert outcome.early_stopped and outcome.converged
     assert [s for s, _ in outcome.held_out] == [1, 2, 3, 4] and outcome.progress.global_step == 4
+
+
+def test_warmup_and_adamw_for_a_short_budget(tmp_path: Path) -> None:
+    schedule = SGDSchedule(lr=1.0, epochs=1, batch_size=16, warmup_steps=4, optimizer="adamw")
+    assert [round(schedule.factor(s, 100), 3) for s in (0, 1, 3)] == [0.25, 0.5, round(0.5 * (1 + math.cos(0.03 * math.pi)), 3)]
+    cfg = Config()
+    cfg.data.synthetic_size, cfg.data.synthetic_image_size = 32, 8
+    images = REGISTRY["synthetic"](cfg, "train")
+    data = MultiViewDataset(images, [build_view_transform(cfg.data.views[0], 3, images.mean, images.std)], seed=0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8))
+    before = model[1].weight.detach().clone()
+    schedule = SGDSchedule(lr=1e-3, epochs=1, batch_size=16, max_steps=1, optimizer="adamw")
+    outcome = fit_classifier(Accelerator(cpu=True), model, model, data, schedule, tmp_path, desc="t")
+    state = torch.load(next(tmp_path.glob("step_*")) / "state.pt", weights_only=True)
+    assert outcome.progress.global_step == 1 and "exp_avg_sq" in state["optimizer"]["state"][0]  # AdamW's moments
+    # AdamW's first step moves every weight by about lr (sign of the gradient), whatever its scale
+    assert (model[1].weight.detach() - before).abs().max().item() == pytest.approx(1e-3, rel=0.05)
 
 
 @pytest.mark.slow

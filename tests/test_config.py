@@ -101,3 +101,14 @@ def test_shipped_configs_validate() -> None:
             load_config(str(path), ["weights=[runs/x/export]"], schema=EvalConfig, check=validate_eval)
         else:
             load_config(str(path))
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("baselines.alexnet_optimizer=adam", r"'baselines.alexnet_optimizer': 'adam' is not one of sgd, adamw"),
+    ("baselines.alexnet_warmup_steps=-1", r"'baselines.alexnet_warmup_steps': must be >= 0"),
+])
+def test_bad_eval_values_name_the_key(override: str, pattern: str) -> None:
+    from eval.config import EvalConfig, validate_eval
+
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, ["weights=[runs/x/export]", override], schema=EvalConfig, check=validate_eval)
