@@ -53,7 +53,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
     from eval.features import assert_unchanged, fingerprint, pixel_features
     from eval.probe import linear_probe, topk_accuracy
     from eval.stored_baselines import data_fingerprint, find_stored, store_result
-    from pretrain.main import git_revision
+    from pretrain.revision import git_revision
     from eval.report import write_report
     from pretrain.config import Config, ConfigError
     from pretrain.data import MultiViewDataset
@@ -120,7 +120,9 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         t0 = time.perf_counter()
         probe = linear_probe(*train_xy, *test_xy, tuple(cfg.weight_decays), steps=cfg.probe_steps, seed=cfg.seed)
         return {"name": name, "kind": kind, "protocol": "fast", "top1": probe.top1, "top5": probe.top5,
-                "knn": knn(train_xy, test_xy), "weight_decay": probe.weight_decay, "feature_dim": int(train_xy[0].shape[1]),
+                "knn": knn(train_xy, test_xy), "weight_decay": probe.weight_decay,
+                "weight_decay_at_edge": probe.at_edge, "weight_decays_tried": sorted(probe.val_top1),
+                "feature_dim": int(train_xy[0].shape[1]),
                 "probe_seconds": round(time.perf_counter() - t0, 1), "scored": len(test_xy[1]), **extra}
 
     def train_transform(image_size: int, scale_min: float) -> v2.Compose:
@@ -290,7 +292,8 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         meta = {"dataset": cfg.dataset, "protocol": PROTOCOLS[cfg.protocol].split(":")[0],
                 "protocol_description": f"{PROTOCOLS[cfg.protocol]}. {KNN}.", "seed": cfg.seed,
                 "train_images": len(train), "test_images": len(test), "processes": accelerator.num_processes,
-                "alexnet_reference_top1": reference, "config": OmegaConf.to_yaml(OmegaConf.structured(cfg))}
+                "alexnet_reference_top1": reference, "config": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+                "train_step": int((exports[0][2].get("summary") or {}).get("steps") or 0) if exports else 0}
         table = write_report(out, rows, meta, list(cfg.knn_k))
         print(f"\n{table}\n\nreport: {out / 'report.md'}  {out / 'report.json'}  {out / 'report.png'}", flush=True)
     accelerator.wait_for_everyone()

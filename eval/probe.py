@@ -7,6 +7,7 @@ the train split, then the classifier is retrained on the whole train split with 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ class ProbeResult:
     top5: float
     weight_decay: float
     val_top1: dict[float, float]  # held-out top-1 for each weight decay tried
+    at_edge: bool = False  # the chosen weight decay is still the largest (or smallest non-zero) one tried
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
@@ -43,10 +45,36 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay:
     return model
 
 
+def choose_weight_decay(score: Callable[[float], float], grid: Sequence[float],
+                        extend: int = 2) -> tuple[float, dict[float, float], bool]:
+    """The weight decay with the best ``score`` (ties: the larger), the scores of all values tried, and
+    whether the choice is still at the edge of them.
+
+    A choice at the edge of ``grid`` says the best value may lie beyond it, so the search looks a
+    decade further in that direction, ``extend`` times at most (from 0 upward: 1e-6)."""
+    scores = {wd: score(wd) for wd in grid}
+
+    def best() -> float:
+        return max(scores, key=lambda wd: (scores[wd], wd))
+
+    def beyond(wd: float) -> float | None:
+        if len(scores) > 1 and wd == max(scores) or len(scores) == 1:
+            return wd * 10 if wd > 0 else 1e-6
+        return wd / 10 if wd == min(scores) and wd > 0 else None
+
+    for _ in range(extend):
+        nxt = beyond(best())
+        if nxt is None or nxt in scores:
+            break
+        scores[nxt] = score(nxt)
+    return best(), scores, beyond(best()) is not None
+
+
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  weight_decays: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3), held_out: float = 0.1,
-                 steps: int = 100, seed: int = 0) -> ProbeResult:
-    """Standardise, choose weight decay on a held-out part of train, retrain on all of train, test.
+                 steps: int = 100, seed: int = 0, extend: int = 2) -> ProbeResult:
+    """Standardise, choose weight decay on a held-out part of train (extending the grid by up to
+    ``extend`` decades when the choice sits at its edge), retrain on all of train, test.
 
     Args:
         train_x: N x F features, train_y: N labels; test_x: M x F, test_y: M.
@@ -57,13 +85,13 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
     n_val = max(1, int(held_out * len(train_x)))
     val_idx, fit_idx = perm[:n_val], perm[n_val:]
-    val_top1 = {}
-    for wd in weight_decays:
+    def val_score(wd: float) -> float:
         clf = fit_linear(train_x[fit_idx], train_y[fit_idx], num_classes, wd, steps, seed)
         with torch.no_grad():
-            val_top1[wd] = topk_accuracy(clf(train_x[val_idx]), train_y[val_idx], 1)
-    best = max(weight_decays, key=lambda wd: (val_top1[wd], wd))
+            return topk_accuracy(clf(train_x[val_idx]), train_y[val_idx], 1)
+
+    best, val_top1, at_edge = choose_weight_decay(val_score, weight_decays, extend)
     clf = fit_linear(train_x, train_y, num_classes, best, steps, seed)
     with torch.no_grad():
         logits = clf(test_x)
-    return ProbeResult(topk_accuracy(logits, test_y, 1), topk_accuracy(logits, test_y, 5), best, val_top1)
+    return ProbeResult(topk_accuracy(logits, test_y, 1), topk_accuracy(logits, test_y, 5), best, val_top1, at_edge)

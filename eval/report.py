@@ -36,12 +36,16 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], kn
     sources = "\n".join(f"- `{r['name']}`: sha256 `{r['weights_sha256']}`" for r in rows if r.get("weights_sha256"))
     quoted = "\n".join(f"- {r['name']}: {r['source']}" for r in rows if r["kind"] == "published")
     reference = meta.get("alexnet_reference_top1")
+    edge = [f"- `{r['name']}`: weight decay {r['weight_decay']:g} is at the edge of the grid tried "
+            f"({', '.join(f'{w:g}' for w in sorted(r['weight_decays_tried']))}); its top-1 may be an underestimate"
+            for r in rows if r.get("weight_decay_at_edge")]
     (out / "report.md").write_text(
         f"# Linear evaluation on {meta['dataset']}\n\n{table}\n\n"
         f"Δ vs AlexNet: top-1 points against "
         f"{'no AlexNet row' if reference is None else f'supervised AlexNet at {_pct(reference)}%'}.\n\n"
         f"Protocol: {meta['protocol_description']}\n\n"
         + (f"Quoted, not measured here:\n{quoted}\n\n" if quoted else "")
+        + ("Warnings:\n" + "\n".join(edge) + "\n\n" if edge else "")
         + f"Weights:\n{sources or '- none'}\n\nConfig:\n\n```yaml\n{meta['config']}```\n"
     )
     import matplotlib
@@ -61,10 +65,12 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], kn
     fig.tight_layout()
     fig.savefig(out / "report.png", dpi=120)
     plt.close(fig)
-    writer = SummaryWriter(str(out / "tb"))
+    # A run of its own (tb/eval/) at the export's training step: evaluations of one run over time line
+    # up, and they do not sit as single points among the training curves.
+    writer = SummaryWriter(str(out / "tb" / "eval"))
     for r in rows:
         if r["kind"] != "published" and r["top1"] is not None:
-            writer.add_scalar(f"eval/{r['name']}/top1", r["top1"], 0)
-            writer.add_scalar(f"eval/{r['name']}/top5", r["top5"], 0)
+            writer.add_scalar(f"eval/{r['name']}/top1", r["top1"], meta.get("train_step", 0))
+            writer.add_scalar(f"eval/{r['name']}/top5", r["top5"], meta.get("train_step", 0))
     writer.close()
     return table

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,9 @@ class OptimConfig:
     epochs: int = _f(10, "training epochs")
     batch_size: int = _f(256, "images per process per step (global batch = batch_size x processes)")
     optimizer: str = _f("lars", "sgd | adamw | lars (timm.optim.create_optimizer_v2)")
-    lr: float = _f(0.3, "peak learning rate (after warmup)")
+    lr: float = _f(0.3, "peak learning rate (after warmup); per 256 images of global batch when optim.lr_scaling is not none")
+    lr_scaling: str = _f("none", "none: optim.lr as given | linear: optim.lr x global batch / 256 | sqrt: optim.lr x "
+                         "sqrt(global batch / 256) (SimCLR, MoCo); the effective lr is printed at start")
     min_lr: float = _f(0.0, "final learning rate of the cosine schedule")
     weight_decay: float = _f(1e-6, "weight decay (not applied to biases and norm layers)")
     momentum: float = _f(0.9, "momentum for sgd and lars")
@@ -159,6 +162,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.augment": ("loader", "batch"),
     "objective.bound": ("infonce", "nwj", "dv", "mine", "js", "smile"),
     "optim.optimizer": ("sgd", "adamw", "lars"),
+    "optim.lr_scaling": ("none", "linear", "sqrt"),
 }
 
 
@@ -309,6 +313,13 @@ def validate(c: Config) -> None:
     for key in ("knn_bank", "knn_queries"):
         _require(mo.knn_every == 0 or getattr(mo, key) >= 1, f"monitor.{key}",
                  f"must be >= 1 while the monitor is on, got {getattr(mo, key)}; set monitor.knn_every=0 to turn it off")
+
+
+def effective_lr(optim: OptimConfig, global_batch: int) -> float:
+    """The peak lr the optimizer gets: ``optim.lr`` scaled by the global batch per ``optim.lr_scaling``,
+    so one config is right for any number of processes."""
+    ratio = global_batch / 256
+    return optim.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[optim.lr_scaling]
 
 
 def to_yaml(c: Config) -> str:

@@ -67,7 +67,7 @@ def export_encoder(
         "stem_stride": stem_stride,
         "timm_kwargs": timm_kwargs or {},  # pass to timm.create_model as well (e.g. model.width's channels)
         # normalise: RGB/gray in [0,1], then (x - mean) / std.  lab_L: that, un-normalised, converted
-        # to Lab, L / 50 - 1 as the single channel (pretrain.data.colour.split_lab).
+        # to Lab, (L - 50) / 50 as the single channel (CMC's constants; pretrain.data.colour.split_lab).
         "input_transform": input_transform,
         "summary": summary,
         "sha256": sha256(weights),

@@ -19,7 +19,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 import argparse  # noqa: E402
 import os  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 from typing import TYPE_CHECKING, Any, Sequence  # noqa: E402
 
@@ -36,14 +35,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML file with differences from the defaults (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied after the file")
     return parser.parse_args(argv)
-
-
-def git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_here, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -71,7 +62,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
     from tqdm.auto import tqdm
 
     from pretrain import checkpoint as ckpt
-    from pretrain.config import ConfigError, to_yaml
+    from pretrain.config import ConfigError, effective_lr, to_yaml
     from pretrain.data.batch_views import BatchViews, check_batch_recipe
     from pretrain.data.colour import split_lab
     from pretrain.data import MultiViewDataset, build_dataset, build_knn_sets, build_view_transform, collate_skipped
@@ -81,6 +72,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
     from pretrain.momentum import MomentumKeys
     from pretrain.online_probe import OnlineProbe
     from pretrain.objectives import build_objective
+    from pretrain.revision import git_revision
     from pretrain.run_dir import check_run_dir, check_writable, mark_ours
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
@@ -176,7 +168,12 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
 
     # ------------------------------------------------------------------ optimizer and per-step schedule (timm)
     trainable = torch.nn.ModuleDict({"model": model, "objective": objective})  # learned critics train too
-    optimizer = create_optimizer_v2(trainable, opt=cfg.optim.optimizer, lr=cfg.optim.lr,
+    global_batch = cfg.optim.batch_size * accelerator.num_processes
+    lr = effective_lr(cfg.optim, global_batch)
+    if cfg.optim.lr_scaling != "none":
+        accelerator.print(f"lr {lr:g}: optim.lr {cfg.optim.lr:g} x {cfg.optim.lr_scaling} scaling for a global "
+                          f"batch of {global_batch} ({accelerator.num_processes} x {cfg.optim.batch_size})")
+    optimizer = create_optimizer_v2(trainable, opt=cfg.optim.optimizer, lr=lr,
                                     weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
     model, optimizer = accelerator.prepare(model, optimizer)
     if not ffcv:
@@ -396,7 +393,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
                        small_input=cfg.model.small_input, stem_stride=cfg.model.stem_stride,
                        timm_kwargs=width_kwargs(cfg.model.arch, cfg.model.width), summary=summary,
                        input_transform="lab_L" if lab else "normalise")
-        hp = {"arch": cfg.model.arch, "lr": cfg.optim.lr, "batch_size": cfg.optim.batch_size,
+        hp = {"arch": cfg.model.arch, "lr": lr, "batch_size": cfg.optim.batch_size,
               "bound": cfg.objective.bound, "temperature": cfg.objective.temperature, "processes": accelerator.num_processes}
         tb.hparams(hp, {"hparam/final_loss": float(last.get("loss", float("nan"))),
                         "hparam/knn_top1": knn_top1, "hparam/mi_nats": float(last.get("mi", float("nan")))})

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, run_main
-from pretrain.data.colour import lab_to_rgb, rgb_to_lab, split_lab
+from pretrain.data.colour import LAB_MEAN, LAB_STD, lab_to_rgb, rgb_to_lab, split_lab
 from pretrain.objectives import ContrastiveObjective, view_pairs
 
 
@@ -42,10 +42,18 @@ def test_lab_split_gives_one_and_two_channels_and_inverts_to_rgb() -> None:
     L, ab = split_lab([normalised], mean, std)
     assert L.shape == (4, 1, 8, 8) and ab.shape == (4, 2, 8, 8)
     assert L.min() >= -1 and L.max() <= 1 and ab.abs().max() <= 1
-    lab = torch.cat([(L + 1) * 50, ab * 110], dim=1)
+    lab = torch.cat([L, ab], dim=1) * torch.tensor(LAB_STD).view(1, 3, 1, 1) + torch.tensor(LAB_MEAN).view(1, 3, 1, 1)
     assert (lab_to_rgb(lab) - rgb).abs().max() < 1e-4
     white = rgb_to_lab(torch.ones(1, 3, 1, 1)).flatten()
     assert torch.allclose(white, torch.tensor([100.0, 0.0, 0.0]), atol=1e-3)
+
+
+def test_lab_views_use_cmc_normalisation() -> None:
+    # Pure red is Lab (53.24, 80.09, 67.20); CMC normalises with mean (50, 6.025, -6.6895) and
+    # std (50, 92.2075, 101.1675), not ab / 110.
+    L, ab = split_lab([torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    expected = torch.tensor([(53.24 - 50) / 50, (80.09 - 6.025) / 92.2075, (67.20 + 6.6895) / 101.1675])
+    assert torch.allclose(torch.cat([L, ab], dim=1).flatten(), expected, atol=1e-3)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, run_main
 from pretrain.config import Config, ConfigError, load_config, reference_markdown
@@ -112,3 +113,24 @@ def test_bad_eval_values_name_the_key(override: str, pattern: str) -> None:
 
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, ["weights=[runs/x/export]", override], schema=EvalConfig, check=validate_eval)
+
+
+def test_lr_scaling_makes_one_config_right_for_any_process_count() -> None:
+    from pretrain.config import effective_lr
+
+    optim = load_config(None, ["optim.lr=0.3", "optim.lr_scaling=linear"]).optim
+    assert effective_lr(optim, 2048) == pytest.approx(2.4) and effective_lr(optim, 512) == pytest.approx(0.6)
+    optim.lr_scaling = "sqrt"
+    assert effective_lr(optim, 1024) == pytest.approx(0.6)
+    optim.lr_scaling = "none"
+    assert effective_lr(optim, 2048) == pytest.approx(0.3)
+    imagenet = load_config(str(REPO / "configs" / "imagenet_resnet50.yaml")).optim
+    assert effective_lr(imagenet, 8 * imagenet.batch_size) == pytest.approx(2.4)  # what it hard-coded for 8 GPUs
+
+
+def test_effective_lr_is_printed_and_used(run_dir: Path) -> None:
+    proc = run_main(f"run.dir={run_dir}", "optim.lr=0.4", "optim.lr_scaling=linear", "optim.batch_size=32",
+                    "run.max_steps=1", "monitor.knn_every=0", "optim.warmup_epochs=0")
+    assert "lr 0.05: optim.lr 0.4 x linear scaling for a global batch of 32 (1 x 32)" in proc.stdout
+    state = torch.load(next((run_dir / "checkpoints").glob("step_*")) / "state.pt", weights_only=True)
+    assert state["scheduler"]["base_values"] == [pytest.approx(0.05)] * len(state["scheduler"]["base_values"])

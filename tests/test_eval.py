@@ -4,6 +4,7 @@ baselines, several processes, reports and bad input."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from PIL import Image
 from conftest import REPO
 from eval.classifier import FrozenEncoder, SGDSchedule, fit_classifier
 from eval.features import EncoderChanged, assert_unchanged, fingerprint
-from eval.probe import linear_probe
+from eval.probe import choose_weight_decay, linear_probe
 from pretrain.config import Config
 from pretrain.data import MultiViewDataset, build_view_transform
 from pretrain.data.datasets import REGISTRY, spaced_subset
@@ -44,6 +45,21 @@ def test_probe_finds_planted_linear_structure_and_is_at_chance_on_shuffled_label
     shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(2))]
     majority = torch.bincount(yt).max().item() / len(yt)  # chance: always guessing the commonest class
     assert linear_probe(x, shuffled, xt, yt).top1 < majority + 0.03
+
+
+def test_weight_decay_grid_extends_at_its_edge_and_flags_what_stays_there() -> None:
+    def peak_at(best: float):  # held-out accuracy that falls off with the distance in decades from ``best``
+        return lambda wd: 1.0 - abs(math.log10(max(wd, 1e-12)) - math.log10(best))
+
+    wd, tried, at_edge = choose_weight_decay(peak_at(1e-3), (1e-6, 1e-5))  # best beyond the top: two decades up
+    assert sorted(tried) == pytest.approx([1e-6, 1e-5, 1e-4, 1e-3]) and wd == pytest.approx(1e-3) and at_edge
+    wd, tried, at_edge = choose_weight_decay(peak_at(1e-9), (1e-6, 1e-5))  # and down
+    assert sorted(tried) == pytest.approx([1e-8, 1e-7, 1e-6, 1e-5]) and wd == pytest.approx(1e-8) and at_edge
+    wd, tried, at_edge = choose_weight_decay(peak_at(1e-5), (1e-6, 1e-5, 1e-4))  # inside: nothing added
+    assert sorted(tried) == [1e-6, 1e-5, 1e-4] and wd == 1e-5 and not at_edge
+    wd, tried, at_edge = choose_weight_decay(peak_at(1e-6), (1e-8, 1e-7))  # found one decade up
+    assert wd == pytest.approx(1e-6) and not at_edge and sorted(tried) == pytest.approx([1e-8, 1e-7, 1e-6, 1e-5])
+
 
 
 def test_encoder_changed_check_fails_when_a_weight_moves() -> None:
@@ -111,7 +127,7 @@ def export_dir(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     encoder = create_encoder("test_resnet", 3, small_input=True)
     export_encoder(encoder, tmp_path / "run" / "export", arch="test_resnet", in_chans=3, input_size=16,
-                   mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), small_input=True, summary={})
+                   mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), small_input=True, summary={"steps": 7})
     return tmp_path / "run" / "export"
 
 
@@ -137,7 +153,10 @@ def test_eval_writes_report_with_every_requested_row(export_dir: Path, tmp_path:
     assert "| run | ours | fast |" in md and "Δ vs AlexNet" in md and "Quoted, not measured here" in md
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| encoder | kind |" in proc.stdout  # the terminal ends with the table
-    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb" / "eval")).Reload()  # its own run, at the export's step
+    assert [e.step for e in events.Scalars(f"eval/{report['rows'][0]['name']}/top1")] == [7]
 
 
 @pytest.mark.slow
@@ -275,3 +294,16 @@ def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage:
     assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
     if damage.startswith("missing"):
         assert f"'{export_dir}'" in lines[0]  # the path the user gave, not its parent
+
+
+def test_report_warns_about_a_weight_decay_at_the_edge(tmp_path: Path) -> None:
+    from eval.report import write_report
+
+    row = {"name": "ours", "kind": "ours", "protocol": "fast", "top1": 0.5, "top5": 0.9, "knn": {"5": 0.4},
+           "delta_vs_alexnet": None, "weight_decay": 1e-3, "weight_decay_at_edge": True,
+           "weight_decays_tried": [1e-6, 1e-5, 1e-4, 1e-3]}
+    meta = {"dataset": "synthetic", "protocol": "fast-v1", "protocol_description": "p", "config": "c: 1\n"}
+    write_report(tmp_path, [row, {**row, "name": "raw", "weight_decay_at_edge": False}], meta, [5])
+    md = (tmp_path / "report.md").read_text()
+    assert "- `ours`: weight decay 0.001 is at the edge of the grid tried (1e-06, 1e-05, 0.0001, 0.001)" in md
+    assert "`raw`: weight decay" not in md

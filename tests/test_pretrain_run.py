@@ -101,7 +101,8 @@ def test_two_process_accelerate_launch_on_cpu(run_dir: Path) -> None:
     proc = run_main(f"run.dir={run_dir}", "run.max_steps=4", launcher=launcher, timeout=300)
     assert proc.stdout.count("infomax pretraining finished") == 1  # rank 0 prints, rank 1 does not
     assert "on 2 process(es)" in proc.stdout
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "export", "tb"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoints", "config.yaml", "export",
+                                                          "infomax-run.json", "tb"]
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1  # one set of logs
     events = EventAccumulator(str(run_dir / "tb")).Reload()
     log_k = events.Scalars("train/log_k")[-1].value

@@ -1,7 +1,8 @@
 """Batched colour-space conversion on the training device (CMC's Lab views).
 
 sRGB (D65) <-> CIE Lab, for B x 3 x H x W tensors in [0, 1]; float32 math whatever the input.
-Lab is then scaled to roughly [-1, 1]: L / 50 - 1 and ab / 110.
+Lab is then normalised with CMC's constants (HobbitLong/CMC's training script: ``RGB2Lab`` followed by
+``Normalize(mean, std)``), so our L and ab views are the inputs its encoders saw.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ _RGB_TO_XYZ = torch.tensor([[0.412453, 0.357580, 0.180423],
                             [0.019334, 0.119193, 0.950227]])
 _WHITE = torch.tensor([0.950456, 1.0, 1.088754])  # D65
 _EPS, _KAPPA = 216 / 24389, 24389 / 27
+LAB_MEAN = (50.0, 6.025, -6.6895)  # CMC's Normalize constants for (L, a, b)
+LAB_STD = (50.0, 92.2075, 101.1675)
 
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
@@ -48,12 +51,14 @@ def split_lab(views: Sequence[torch.Tensor], mean: Sequence[float], std: Sequenc
         views: V tensors B x 3 x H x W, normalised with ``mean``/``std`` by the loader.
 
     Returns:
-        2V tensors: B x 1 x H x W (L / 50 - 1) and B x 2 x H x W (ab / 110).
+        2V tensors: B x 1 x H x W and B x 2 x H x W, (Lab - LAB_MEAN) / LAB_STD.
     """
     out = []
     for v in views:
         m = torch.tensor(mean, device=v.device).view(1, -1, 1, 1)
         s = torch.tensor(std, device=v.device).view(1, -1, 1, 1)
         lab = rgb_to_lab(v.float() * s + m)
-        out += [lab[:, :1] / 50 - 1, lab[:, 1:] / 110]
+        lab = (lab - torch.tensor(LAB_MEAN, device=v.device).view(1, 3, 1, 1)) / \
+            torch.tensor(LAB_STD, device=v.device).view(1, 3, 1, 1)
+        out += [lab[:, :1], lab[:, 1:]]
     return out
