@@ -29,7 +29,15 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pretrain import bounds  # noqa: E402
 
-ALL_ESTIMATORS = "infonce,nwj,dv,mine,js,smile5,smile1,ba"
+ALL_ESTIMATORS = "infonce,nwj,dv,mine,js,js_nwj,smile5,smile1,ba"
+
+
+def js_reference_readout(s: torch.Tensor) -> torch.Tensor:
+    """JS training with the NWJ(S) readout of Poole et al.'s colab and smile-mi-estimator's
+    ``js_lower_bound``: I - 1/e at the JS optimum, so our ``js`` (NWJ(S + 1)) can be set beside the
+    papers' figures."""
+    objective = bounds.js_objective(s)
+    return objective + (bounds.nwj(s) - objective).detach()
 
 
 def rho_for(mi: float, d: int) -> float:
@@ -43,15 +51,18 @@ def sample(batch: int, d: int, mi: float, cubic: bool, g: torch.Generator) -> tu
     return x, (y**3 if cubic else y)
 
 
-def mlp(inp: int, hidden: int, out: int, layers: int = 1) -> nn.Sequential:
-    mods: list[nn.Module] = []
-    for i in range(layers):
-        mods += [nn.Linear(inp if i == 0 else hidden, hidden), nn.ReLU()]
+def mlp(inp: int, hidden: int, out: int, layers: int = 2) -> nn.Sequential:
+    """The reference critic network of Poole et al.'s colab and ermongroup/smile-mi-estimator
+    (``utils.mlp``): Linear-ReLU, then ``layers`` more Linear-ReLU, then a Linear output layer."""
+    mods: list[nn.Module] = [nn.Linear(inp, hidden), nn.ReLU()]
+    for _ in range(layers):
+        mods += [nn.Linear(hidden, hidden), nn.ReLU()]
     return nn.Sequential(*mods, nn.Linear(hidden, out))
 
 
 class SeparableCritic(nn.Module):
-    """f(x, y) = g(x) . h(y): S[i, j] = h(y_i) . g(x_j), K x K scores in one matmul."""
+    """f(x, y) = g(x) . h(y): S[i, j] = h(y_i) . g(x_j), K x K scores in one matmul; g and h are the
+    reference ``mlp(d, 256, 32, layers=2)``."""
 
     def __init__(self, d: int, hidden: int = 256, embed: int = 32) -> None:
         super().__init__()
@@ -62,11 +73,11 @@ class SeparableCritic(nn.Module):
 
 
 class ConcatCritic(nn.Module):
-    """f(x, y) = MLP([x, y]) over all K x K pairs (joint critic)."""
+    """f(x, y) = MLP([x, y]) over all K x K pairs (joint critic; the reference ``mlp(2 d, 256, 1, layers=2)``)."""
 
     def __init__(self, d: int, hidden: int = 256) -> None:
         super().__init__()
-        self.f = mlp(2 * d, hidden, 1, layers=2)
+        self.f = mlp(2 * d, hidden, 1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         k = x.shape[0]
@@ -87,7 +98,7 @@ def make_estimator(name: str, d: int, critic: str) -> tuple[nn.Module, Callable[
     if name == "mine":
         mine = bounds.MINE(ema_rate=0.1)
         return nn.ModuleList([f, mine]), lambda x, y: mine(f(x, y))
-    fns = {"infonce": bounds.infonce, "nwj": bounds.nwj, "dv": bounds.dv, "js": bounds.js,
+    fns = {"infonce": bounds.infonce, "nwj": bounds.nwj, "dv": bounds.dv, "js": bounds.js, "js_nwj": js_reference_readout,
            "smile5": lambda s: bounds.smile(s, 5.0), "smile1": lambda s: bounds.smile(s, 1.0)}
     if name not in fns:
         raise SystemExit(f"unknown estimator '{name}'; choose from {ALL_ESTIMATORS},tuba")

@@ -81,6 +81,23 @@ class FrozenEncoder(nn.Module):
             return self.encoder(x).float()
 
 
+class LinearProbeModel(nn.Module):
+    """A frozen encoder and a linear head, the head in fp32 whatever the launch's mixed precision.
+
+    Under a bf16/fp16 launch only the frozen encoder runs in low precision; the head, its logits and
+    so its loss stay fp32, as in MoCo's ``main_lincls.py`` (which has no autocast at all).
+    B x C x H x W images -> B x classes fp32 logits."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.frozen, self.head = FrozenEncoder(encoder), head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.frozen(x)
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.head(features.float())
+
+
 class NothingToTrain(RuntimeError):
     pass
 
@@ -117,6 +134,7 @@ def fit_classifier(
     input_fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
     stop: StopFlag | None = None,
     held_out: Callable[[nn.Module], float] | None = None,
+    drop_last: bool = True,
 ) -> FitOutcome | None:
     """Train ``trainable`` (a part of ``model``: B x C x H x W -> B x classes logits) with cross-entropy.
 
@@ -124,7 +142,9 @@ def fit_classifier(
     every ``schedule.eval_every`` steps (default: each epoch end) and at the end; with
     ``schedule.patience`` it also stops training once that score stops improving.
     Returns the outcome, or None when ``stop`` asked to stop (a checkpoint is then saved; calling
-    again with the same ``ckpt_dir`` resumes).
+    again with the same ``ckpt_dir`` resumes). ``drop_last=False`` trains on every image each epoch,
+    the last partial batch included (a linear probe, as MoCo's); a model with BatchNorm in train
+    mode keeps ``True``, since a last batch of one image would break its statistics.
     """
     per_process, rest = divmod(schedule.batch_size, accelerator.num_processes)
     if rest or per_process < 1:
@@ -132,7 +152,7 @@ def fit_classifier(
     if len(train_set) < schedule.batch_size:
         raise NothingToTrain(f"{desc}: the train split has {len(train_set)} images, fewer than one batch of "
                              f"{schedule.batch_size}; lower the batch size")
-    loader = torch.utils.data.DataLoader(train_set, batch_size=per_process, shuffle=True, drop_last=True,
+    loader = torch.utils.data.DataLoader(train_set, batch_size=per_process, shuffle=True, drop_last=drop_last,
                                          num_workers=num_workers, pin_memory=accelerator.device.type == "cuda")
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay) \

@@ -49,7 +49,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
 
     from eval.baselines import (REFERENCE_ALEXNET_TOP1, AlexNetConvFeatures, load_alexnet_features,
                                 published_rows, supervised_alexnet)
-    from eval.classifier import FrozenEncoder, SGDSchedule, fit_classifier
+    from eval.classifier import LinearProbeModel, SGDSchedule, fit_classifier
     from eval.features import assert_unchanged, fingerprint, pixel_features
     from eval.probe import linear_probe, topk_accuracy
     from eval.stored_baselines import data_fingerprint, find_stored, store_result
@@ -130,7 +130,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
                            v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(train.mean), list(train.std))])
 
     def sgd_fit(slug: str, model, trainable, image_size: int, schedule: SGDSchedule, scale_min: float,
-                input_fn=lambda x: x, held_out: int = 0) -> dict[str, Any]:
+                input_fn=lambda x: x, held_out: int = 0, drop_last: bool = True) -> dict[str, Any]:
         """Fit with the checkpointed SGD loop, then top-1/top-5 of ``model`` on the test split.
 
         With ``held_out`` > 0 that many train images are kept out of the fit to draw its held-out
@@ -147,13 +147,14 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         fit_id = hashlib.sha256(f"{config_yaml}{slug}".encode()).hexdigest()[:10]
         outcome = fit_classifier(accelerator, model, trainable, train_set, schedule,
                                  out / "checkpoints" / f"{slug}-{fit_id}", desc=slug, num_workers=cfg.num_workers,
-                                 input_fn=input_fn, stop=stop, held_out=held_out_top1 if held_out else None)
+                                 input_fn=input_fn, stop=stop, held_out=held_out_top1 if held_out else None,
+                                 drop_last=drop_last)
         if outcome is None:
             raise Stopped(f"stopped by {stop.signal_name or 'a signal on another rank'} during '{slug}'; "
                           "its checkpoint is saved: rerun the same command to resume")
         logits, y = features(accelerator.unwrap_model(model), "test", image_size, input_fn)
         p = outcome.progress
-        steps_per_epoch = len(fit_images) // schedule.batch_size
+        steps_per_epoch = len(fit_images) // schedule.batch_size if drop_last else -(-len(fit_images) // schedule.batch_size)
         budget = f"{p.epoch} epochs" if p.step_in_epoch == 0 else f"{p.global_step} steps"
         return {"top1": topk_accuracy(logits, y, 1), "top5": topk_accuracy(logits, y, 5), "trained": budget,
                 "scored": len(y), "epochs": round(p.global_step / max(steps_per_epoch, 1), 2), "steps": p.global_step,
@@ -176,8 +177,8 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
                                weight_decay=s.weight_decay, milestones=tuple(s.milestones),
                                checkpoint_every=s.checkpoint_every)
         slug = "probe_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-        scores = sgd_fit(slug, torch.nn.Sequential(FrozenEncoder(encoder), head), head, size, schedule,
-                         s.crop_scale_min, input_fn)
+        scores = sgd_fit(slug, LinearProbeModel(encoder, head), head, size, schedule, s.crop_scale_min, input_fn,
+                         drop_last=False)
         return {"name": name, "kind": kind, "protocol": "imagenet", **scores, "knn": knn(*feats),
                 "feature_dim": int(feats[0][0].shape[1]), **extra}
 

@@ -24,10 +24,15 @@ from torch import nn
 
 
 def _split(S: torch.Tensor, positives: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positive scores: B, negative scores: B*(K-1) flattened) of a B x K score matrix.
+    """(positive scores, negative scores), each flattened, of a B x K score matrix.
 
-    ``positives`` gives each row's positive column; None means the diagonal of a square matrix.
+    ``positives`` gives each row's positive column (B indices); None means the diagonal of a square
+    matrix. A B x K boolean mask instead marks several positives per row (Deep InfoMax's form: every
+    location of the query's own image), and the bounds that are means over the two sets (NWJ, DV,
+    JS, SMILE, TUBA, MINE) take it as they are; InfoNCE needs one positive per row.
     """
+    if positives is not None and positives.dtype == torch.bool:
+        return S[positives], S[~positives]
     if positives is None:
         positives = torch.arange(S.shape[0], device=S.device)
     mask = torch.zeros_like(S, dtype=torch.bool)
@@ -93,8 +98,10 @@ def js(S: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
     """Value NWJ(S + 1), gradient of the JS objective.
 
     The JS objective's optimal critic is S* = log p(x,y)/(p(x)p(y)), for which NWJ(S* + 1) = I
-    exactly. The Deep InfoMax reference code reads NWJ(S) instead and so reports I - 1/e at the
-    optimum; we read NWJ(S + 1) (Poole et al. 2019, Sec. 2.4), tight at the JS optimum.
+    exactly; we read NWJ(S + 1), tight at the JS optimum. Poole et al.'s colab and
+    ermongroup/smile-mi-estimator (``js_lower_bound``) read NWJ(S) instead, I - 1/e there; the
+    Gaussian benchmark reports that readout too (``js_nwj``). Deep InfoMax's code (rdevon/DIM)
+    trains the JS objective and has no MI readout of it.
     """
     objective = js_objective(S, positives)
     return objective + (nwj(S + 1.0, positives) - objective).detach()

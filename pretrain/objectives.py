@@ -119,14 +119,15 @@ class ContrastiveObjective(nn.Module):
 
 
 def multi_positive_nce(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
-                       tclip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """AMDIM's NCE of query vectors against *all positions* of gathered local maps.
+                       tclip: float | None, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NCE of query vectors against *all positions* of gathered local maps (AMDIM; DIM's ``nce_loss``).
 
     Args:
         queries: Q x D (a global embedding per image, or one per local position).
         keys: K x N x D local embeddings (K images gathered from all ranks, N positions each).
         positives: Q indices into K: the image each query's positives come from.
-        tclip: scores are soft-clipped to ``tclip * tanh(s / tclip)``.
+        tclip: scores are soft-clipped to ``tclip * tanh(s / tclip)`` (AMDIM); None: no clipping (DIM).
+        scaled: dot products divided by sqrt(D) (AMDIM); DIM's reference uses them as they are.
 
     Returns:
         (loss, mi, reg): loss = mean over queries and positive positions of -log softmax of that
@@ -134,8 +135,8 @@ def multi_positive_nce(queries: torch.Tensor, keys: torch.Tensor, positives: tor
         InfoNCE bound with that many candidates); reg = mean squared raw score (AMDIM's regulariser).
     """
     k, n, d = keys.shape
-    raw = torch.einsum("qd,knd->qkn", queries, keys) / math.sqrt(d)  # Q x K x N
-    scores = tclip * torch.tanh(raw / tclip)
+    raw = torch.einsum("qd,knd->qkn", queries, keys) / (math.sqrt(d) if scaled else 1.0)  # Q x K x N
+    scores = raw if tclip is None else tclip * torch.tanh(raw / tclip)
     rows = torch.arange(len(queries), device=queries.device)
     pos = scores[rows, positives]  # Q x N
     neg_mask = torch.ones_like(scores[:, :, 0], dtype=torch.bool)
@@ -184,11 +185,15 @@ class AMDIMObjective(nn.Module):
 
 
 class DIMObjective(nn.Module):
-    """Deep InfoMax-style: global embedding of view a vs the deepest local map of view b, any bound.
+    """Deep InfoMax: global embedding of view a vs every position of the deepest local map of view b.
 
-    For each position n the scores S_n[i, j] = g_a[i] . l_b[j, n] / sqrt(D) form a B x K matrix with
-    positives at rank*B + i; all positions' rows are stacked ((B*N) x K) and passed to the bound
-    (js as in DIM, dv, or infonce), for (a, b) = (0, 1) and (1, 0).
+    As in rdevon/DIM (``cortex_DIM/functions/dim_losses.py``), the scores are plain dot products
+    g_a[i] . l_b[j, m] (no 1/sqrt(D) scale) of every query against every position m of every gathered
+    image j; the positives are the N positions of the query's own image, the negatives all
+    positions of every other image. ``infonce`` is DIM's ``nce_loss``: each positive against the
+    (K-1) x N negatives, so K' = 1 + (K-1) N candidates. ``js``, ``dv``, ``nwj``, ``smile`` take the
+    means over those same positive and negative sets (``fenchel_dual_loss``, ``donsker_varadhan_loss``).
+    Both directions (a, b) = (0, 1) and (1, 0) are averaged.
     """
 
     def __init__(self, bound: str = "js", smile_tau: float = 5.0) -> None:
@@ -202,12 +207,17 @@ class DIMObjective(nn.Module):
             for a, c in ((0, 1), (1, 0)):
                 g = _fp32(out[a]["global"])  # B x D
                 keys = gather_with_grad(_fp32(out[c]["local"][-1]))  # K x N x D
-                b, (k, n, d) = g.shape[0], keys.shape
-                scores = torch.einsum("bd,knd->nbk", g, keys).reshape(n * b, k) / math.sqrt(d)  # row n*B + i
-                positives = (torch.arange(b, device=g.device) + rank() * b).repeat(n)
-                values.append(self._fn(scores, positives=positives))
+                (b, _), (k, n, _) = g.shape, keys.shape
+                positives = torch.arange(b, device=g.device) + rank() * b  # each query's own image
+                if self.bound == "infonce":
+                    nce, _, _ = multi_positive_nce(g, keys, positives, tclip=None, scaled=False)
+                    values.append(math.log(1 + (k - 1) * n) - nce)
+                else:
+                    scores = torch.einsum("bd,knd->bkn", g, keys).reshape(b, k * n)  # columns j * N + m
+                    mask = F.one_hot(positives, k).bool().repeat_interleave(n, dim=1)  # B x (K N)
+                    values.append(self._fn(scores, positives=mask))
             mi = torch.stack(values).mean()
-            log_k = math.log(keys.shape[0])
+            log_k = math.log(1 + (k - 1) * n)  # candidates per positive: itself and every other image's positions
             loss = (log_k if self.bound == "infonce" else 0.0) - mi
         return loss, {"mi": mi.detach(), "log_k": torch.tensor(log_k, device=loss.device)}
 

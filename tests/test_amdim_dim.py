@@ -48,6 +48,37 @@ def test_multi_positive_nce_equals_a_naive_loop() -> None:
     assert torch.isclose(reg, (torch.einsum("qd,knd->qkn", q, keys) / math.sqrt(5)).pow(2).mean())
 
 
+def dim_reference(g: torch.Tensor, local: torch.Tensor, bound: str) -> torch.Tensor:
+    """A loop over rdevon/DIM's definitions (dim_losses.py): g B x D, local B x N x D -> the bound.
+
+    nce_loss: each (image i, location n) positive g_i . l_in against every location of every other
+    image, unscaled; fenchel_dual_loss / donsker_varadhan_loss: means over the same two sets."""
+    b, n, _ = local.shape
+    u = torch.einsum("id,jnd->ijn", g, local)  # B x B x N
+    pos = torch.stack([u[i, i] for i in range(b)])  # B x N
+    neg = torch.stack([u[i, j] for i in range(b) for j in range(b) if j != i])  # B(B-1) x N
+    if bound == "infonce":
+        terms = [torch.cat([u[i, i, m : m + 1], torch.cat([u[i, j] for j in range(b) if j != i])]) for i in range(b)
+                 for m in range(n)]
+        assert all(len(t) == 1 + (b - 1) * n for t in terms)
+        return math.log(1 + (b - 1) * n) + torch.stack([torch.log_softmax(t, 0)[0] for t in terms]).mean()
+    if bound == "dv":
+        return pos.mean() - (torch.logsumexp(neg.flatten(), 0) - math.log(neg.numel()))
+    # js: DIM trains E_p[-softplus(-S)] - E_q[softplus(S)]; the value is NWJ(S + 1) over the same sets
+    return pos.mean() + 1 - neg.exp().mean()
+
+
+@pytest.mark.parametrize("bound", ["infonce", "dv", "js"])
+def test_dim_scores_every_location_of_every_other_image_as_the_reference(bound: str) -> None:
+    gen = torch.Generator().manual_seed(3)
+    out = [{"global": torch.randn(B, 5, generator=gen, dtype=torch.float64),
+            "local": [torch.randn(B, 6, 5, generator=gen, dtype=torch.float64)]} for _ in range(2)]
+    loss, diag = DIMObjective(bound)(out)
+    expected = torch.stack([dim_reference(out[a]["global"], out[c]["local"][-1], bound) for a, c in ((0, 1), (1, 0))]).mean()
+    assert torch.allclose(diag["mi"], expected, rtol=0, atol=1e-12)
+    assert diag["log_k"].item() == pytest.approx(math.log(1 + (B - 1) * 6))  # not log B: DIM's (B-1) x N negatives
+
+
 class TinyLocalGlobal(nn.Module):
     """Differentiable stand-in for LocalGlobalModel without BatchNorm: inputs B x 6."""
 

@@ -17,7 +17,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from PIL import Image
 
 from conftest import REPO
-from eval.classifier import FrozenEncoder, SGDSchedule, fit_classifier
+from eval.classifier import FrozenEncoder, LinearProbeModel, SGDSchedule, fit_classifier
 from eval.features import EncoderChanged, assert_unchanged, fingerprint
 from eval.probe import choose_weight_decay, linear_probe
 from pretrain.config import Config
@@ -109,6 +109,37 @@ def test_sgd_probe_stopped_and_resumed_ends_on_the_same_head(tmp_path: Path) -> 
     assert outcome.progress.global_step == 12
     assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)
     assert fingerprint(encoder) == before  # the frozen encoder and its BN statistics did not move
+
+
+def test_linear_probe_head_stays_fp32_under_bf16_autocast() -> None:
+    """MoCo's linear probe trains its head in fp32; a bf16 launch may only lower the frozen encoder."""
+    torch.manual_seed(0)
+    encoder = create_encoder("test_resnet", 3, small_input=True)
+    model = LinearProbeModel(encoder, torch.nn.Linear(encoder.num_features, 8))
+    x = torch.randn(4, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+        features = model.frozen(x)
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, model.head(features.float()), rtol=0, atol=0)  # the same fp32 matmul, bit for bit
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.Linear(encoder.num_features, 8)(features).dtype == torch.bfloat16  # what the head escaped
+
+
+def test_linear_probe_uses_every_image_each_epoch(tmp_path: Path) -> None:
+    """No drop_last for the probe: 40 images in batches of 16 are 3 steps per epoch, the last one of 8."""
+    cfg = Config()
+    cfg.data.dataset, cfg.data.synthetic_size, cfg.data.synthetic_image_size = "synthetic", 40, 16
+    images = REGISTRY["synthetic"](cfg, "train")
+    encoder = create_encoder("test_resnet", 3, small_input=True)
+    head = torch.nn.Linear(encoder.num_features, 8)
+    seen: list[int] = []
+    head.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    data = MultiViewDataset(images, [build_view_transform(cfg.data.views[0], 3, images.mean, images.std)], seed=0)
+    outcome = fit_classifier(Accelerator(cpu=True), LinearProbeModel(encoder, head), head, data,
+                             SGDSchedule(lr=0.1, epochs=2, batch_size=16), tmp_path / "ck", desc="t", drop_last=False)
+    assert outcome.progress.global_step == 6 and outcome.progress.epoch == 2
+    assert seen == [16, 16, 8] * 2
 
 
 def run_eval(*overrides: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
