@@ -85,7 +85,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         if needs != train.channels:
             raise ConfigError(f"'{w}' expects {needs}-channel images but {cfg.dataset} has {train.channels}; "
                               "evaluate it on the dataset it was trained for")
-    size = exports[0][2]["input_size"][-1] if exports else cfg.image_size
+    size = exports[0][2]["input_size"][-1] if exports else cfg.image_size  # rows without an export (AlexNet, pixels)
     out = Path(cfg.out or (Path(cfg.weights[0]).resolve().parent if exports else cfg.baselines.store))
     num_classes = train.num_classes
 
@@ -101,15 +101,20 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
 
     splits, betons = {"train": train, "test": test}, {"train": cfg.train_beton, "test": cfg.test_beton}
 
-    def features(model, split: str, image_size: int, input_fn=lambda x: x):
-        """N x F outputs of ``model`` and N labels for the train or test split, all processes sharing the work."""
-        if betons[split]:  # the FFCV path: decode + centre crop in FFCV, same normalisation
+    def norm_of(meta: dict) -> tuple[list[float], list[float]]:
+        """An export's own normalisation (its config.json), which its encoder was trained with."""
+        return list(meta["mean"]), list(meta["std"])
+
+    def features(model, split: str, image_size: int, input_fn=lambda x: x, norm=(None, None)):
+        """N x F outputs of ``model`` and N labels for the train or test split, all processes sharing the work;
+        images normalised with ``norm`` = (mean, std) (None: the dataset's)."""
+        if betons[split]:  # the FFCV path: decode + centre crop in FFCV, normalised in torch
             from pretrain.data.ffcv_loader import beton_features
 
             return beton_features(model, betons[split], image_size, cfg.center_crop_ratio, cfg.batch_size,
-                                  accelerator, max(1, cfg.num_workers), input_fn)
-        return extract_features(model, ImageListDataset(splits[split], image_size, cfg.center_crop_ratio), accelerator,
-                                cfg.batch_size, cfg.num_workers, input_fn=input_fn, shard=True)
+                                  accelerator, max(1, cfg.num_workers), input_fn, *norm)
+        return extract_features(model, ImageListDataset(splits[split], image_size, cfg.center_crop_ratio, *norm),
+                                accelerator, cfg.batch_size, cfg.num_workers, input_fn=input_fn, shard=True)
 
     def knn(train_xy, test_xy) -> dict[str, float]:
         (fx, fy), (tx, ty) = train_xy, test_xy
@@ -125,12 +130,13 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
                 "feature_dim": int(train_xy[0].shape[1]),
                 "probe_seconds": round(time.perf_counter() - t0, 1), "scored": len(test_xy[1]), **extra}
 
-    def train_transform(image_size: int, scale_min: float) -> v2.Compose:
+    def train_transform(image_size: int, scale_min: float, norm=(None, None)) -> v2.Compose:
+        mean, std = norm[0] or train.mean, norm[1] or train.std
         return v2.Compose([v2.RandomResizedCrop(image_size, scale=(scale_min, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(train.mean), list(train.std))])
+                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
     def sgd_fit(slug: str, model, trainable, image_size: int, schedule: SGDSchedule, scale_min: float,
-                input_fn=lambda x: x, held_out: int = 0, drop_last: bool = True) -> dict[str, Any]:
+                input_fn=lambda x: x, held_out: int = 0, drop_last: bool = True, norm=(None, None)) -> dict[str, Any]:
         """Fit with the checkpointed SGD loop, then top-1/top-5 of ``model`` on the test split.
 
         With ``held_out`` > 0 that many train images are kept out of the fit to draw its held-out
@@ -138,11 +144,11 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         fit_images, held_images = disjoint_subsets(train, len(train) - held_out, held_out) if held_out else (train, None)
 
         def held_out_top1(m) -> float:
-            logits, y = extract_features(m, ImageListDataset(held_images, image_size, cfg.center_crop_ratio), accelerator,
-                                         cfg.batch_size, cfg.num_workers, input_fn=input_fn, shard=True)
+            logits, y = extract_features(m, ImageListDataset(held_images, image_size, cfg.center_crop_ratio, *norm),
+                                         accelerator, cfg.batch_size, cfg.num_workers, input_fn=input_fn, shard=True)
             return topk_accuracy(logits, y, 1)
 
-        train_set = MultiViewDataset(fit_images, [train_transform(image_size, scale_min)], seed=cfg.seed)
+        train_set = MultiViewDataset(fit_images, [train_transform(image_size, scale_min, norm)], seed=cfg.seed)
         # A checkpoint belongs to one configuration: another config (or other weights) starts afresh.
         fit_id = hashlib.sha256(f"{config_yaml}{slug}".encode()).hexdigest()[:10]
         outcome = fit_classifier(accelerator, model, trainable, train_set, schedule,
@@ -152,7 +158,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         if outcome is None:
             raise Stopped(f"stopped by {stop.signal_name or 'a signal on another rank'} during '{slug}'; "
                           "its checkpoint is saved: rerun the same command to resume")
-        logits, y = features(accelerator.unwrap_model(model), "test", image_size, input_fn)
+        logits, y = features(accelerator.unwrap_model(model), "test", image_size, input_fn, norm)
         p = outcome.progress
         steps_per_epoch = len(fit_images) // schedule.batch_size if drop_last else -(-len(fit_images) // schedule.batch_size)
         budget = f"{p.epoch} epochs" if p.step_in_epoch == 0 else f"{p.global_step} steps"
@@ -161,12 +167,13 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
                 "wall_s": outcome.wall_s, "converged": outcome.converged, "held_out_top1": outcome.held_out}
 
     def encoder_row(name: str, kind: str, encoder, meta: dict, sha: str | None) -> dict[str, Any]:
-        input_fn = input_fn_for(meta)
+        """An encoder scored at its export's own input size and normalisation."""
+        input_fn, image_size, norm = input_fn_for(meta), meta["input_size"][-1], norm_of(meta)
         encoder = encoder.to(accelerator.device).eval().requires_grad_(False)
         t0 = time.perf_counter()
-        feats = [features(encoder, split, size, input_fn) for split in ("train", "test")]
+        feats = [features(encoder, split, image_size, input_fn, norm) for split in ("train", "test")]
         rate = round((len(train) + len(test)) / (time.perf_counter() - t0), 1)
-        extra = {"weights_sha256": sha, "extract_images_per_s": rate}
+        extra = {"weights_sha256": sha, "extract_images_per_s": rate, "input_size": image_size}
         if cfg.protocol == "fast":
             return fast_row(name, kind, *feats, **extra)
         s = cfg.sgd
@@ -177,8 +184,8 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
                                weight_decay=s.weight_decay, milestones=tuple(s.milestones),
                                checkpoint_every=s.checkpoint_every)
         slug = "probe_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-        scores = sgd_fit(slug, LinearProbeModel(encoder, head), head, size, schedule, s.crop_scale_min, input_fn,
-                         drop_last=False)
+        scores = sgd_fit(slug, LinearProbeModel(encoder, head), head, image_size, schedule, s.crop_scale_min, input_fn,
+                         drop_last=False, norm=norm)
         return {"name": name, "kind": kind, "protocol": "imagenet", **scores, "knn": knn(*feats),
                 "feature_dim": int(feats[0][0].shape[1]), **extra}
 
@@ -196,7 +203,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
                                                   "converged", "trained")},
                         "name": f"AlexNet supervised ({found['epochs']:g} epochs{CONVERGENCE[found['converged']]}, "
                                 f"stored {found['date'][:10]})", "knn": None,
-                        "stored": found["stored_path"], "stored_date": found["date"]}
+                        "stored": found["stored_path"], "stored_date": found["date"], "input_size": size}
         alexnet = supervised_alexnet(train.channels, size, num_classes)
         schedule = SGDSchedule(lr=b.alexnet_lr, epochs=b.alexnet_epochs, batch_size=b.alexnet_batch_size,
                                weight_decay=b.alexnet_weight_decay, max_steps=b.alexnet_max_steps,
@@ -209,7 +216,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         if b.alexnet_optimizer != "sgd":
             budget = f"{b.alexnet_optimizer.replace('adamw', 'AdamW')}, {budget}"
         row = {"name": f"AlexNet supervised ({budget})", "kind": "alexnet_supervised",
-               "protocol": "supervised", **scores, "optimizer": b.alexnet_optimizer, "knn": None}
+               "protocol": "supervised", **scores, "optimizer": b.alexnet_optimizer, "knn": None, "input_size": size}
         if cfg.store_baselines and accelerator.is_main_process:
             path = store_result(Path(b.store), row, dataset=cfg.dataset, protocol=alexnet_protocol,
                                 data_sha256=data_fingerprint(train, test),
@@ -237,8 +244,8 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         schedule = SGDSchedule(lr=b.supervised_encoder_lr, epochs=b.supervised_encoder_max_epochs,
                                batch_size=b.alexnet_batch_size, weight_decay=b.alexnet_weight_decay,
                                max_seconds=seconds, checkpoint_every=cfg.sgd.checkpoint_every)
-        scores = sgd_fit(f"supervised_{meta['architecture']}_{meta['sha256'][:8]}", model, model, size, schedule,
-                         b.alexnet_crop_scale_min, input_fn=input_fn_for(meta))
+        scores = sgd_fit(f"supervised_{meta['architecture']}_{meta['sha256'][:8]}", model, model, meta["input_size"][-1],
+                         schedule, b.alexnet_crop_scale_min, input_fn=input_fn_for(meta), norm=norm_of(meta))
         row = encoder_row(f"supervised {meta['architecture']} ({seconds:.0f} s budget)", "supervised_encoder",
                           encoder, meta, None)
         return {**row, **{k: scores[k] for k in ("epochs", "steps", "wall_s")}, "supervised_top1": scores["top1"],
@@ -263,7 +270,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
     # ------------------------------------------------------------------ raw pixels
     if cfg.raw_pixels and train.channels * size * size <= 4096:
         rows.append(fast_row("raw pixels", "raw_pixels", pixel_features(train, size, cfg.batch_size),
-                             pixel_features(test, size, cfg.batch_size)))
+                             pixel_features(test, size, cfg.batch_size), input_size=size))
     # ------------------------------------------------------------------ AlexNet baselines
     if b.alexnet_supervised:
         rows.append(alexnet_row())

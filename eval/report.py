@@ -17,14 +17,18 @@ def _pct(v: float | None) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]], knn_k: list[int]) -> str:
-    """encoder / kind / protocol / top-1 / top-5 / kNN per k / delta vs supervised AlexNet (points)."""
-    head = "| encoder | kind | protocol | top-1 | top-5 | " + "".join(f"kNN k={k} | " for k in knn_k) + "Δ vs AlexNet |"
-    lines = [head, "|" + "---|" * (6 + len(knn_k))]
+    """encoder / kind / protocol / input side / feature dim / top-1 / top-5 / kNN per k / delta vs
+    supervised AlexNet (points)."""
+    head = ("| encoder | kind | protocol | input px | features | top-1 | top-5 | "
+            + "".join(f"kNN k={k} | " for k in knn_k) + "Δ vs AlexNet |")
+    lines = [head, "|" + "---|" * (8 + len(knn_k))]
     for r in rows:
         knn = "".join(f"{_pct((r.get('knn') or {}).get(str(k)))} | " for k in knn_k)
         delta = r.get("delta_vs_alexnet")
         delta = "–" if delta is None else f"{100 * delta:+.2f}"
-        lines.append(f"| {r['name']} | {r['kind']} | {r['protocol']} | {_pct(r['top1'])} | {_pct(r['top5'])} | {knn}{delta} |")
+        size, dim = (r.get(k) or "–" for k in ("input_size", "feature_dim"))
+        lines.append(f"| {r['name']} | {r['kind']} | {r['protocol']} | {size} | {dim} | {_pct(r['top1'])} | "
+                     f"{_pct(r['top5'])} | {knn}{delta} |")
     return "\n".join(lines)
 
 

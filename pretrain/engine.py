@@ -128,10 +128,13 @@ def train_step(
 
 
 class ImageListDataset(torch.utils.data.Dataset):
-    """An ImageDataset seen through the deterministic eval transform (kNN monitor, eval stage)."""
+    """An ImageDataset seen through the deterministic eval transform (kNN monitor, eval stage),
+    normalised with ``mean``/``std`` (an export's own; default: the dataset's)."""
 
-    def __init__(self, base: ImageDataset, size: int, crop_ratio: float = 1.0) -> None:
-        self.base, self.transform = base, build_eval_transform(size, base.mean, base.std, crop_ratio)
+    def __init__(self, base: ImageDataset, size: int, crop_ratio: float = 1.0, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> None:
+        self.base = base
+        self.transform = build_eval_transform(size, mean or base.mean, std or base.std, crop_ratio)
 
     def __len__(self) -> int:
         return len(self.base)

@@ -219,6 +219,37 @@ def test_two_processes_score_the_same_as_one(export_dir: Path, tmp_path: Path) -
     assert proc.stdout.count("| encoder | kind |") == 1  # rank 0 reports, rank 1 does not
 
 
+def test_each_export_is_scored_at_its_own_size_and_normalisation(tmp_path: Path, monkeypatch) -> None:
+    """weights=[a,b], a 16 px export and a 24 px one with another mean/std: each split of each export is
+    read at that export's own size and normalisation, and each row says its input size."""
+    import pretrain.engine
+    from eval.config import EvalConfig, validate_eval
+    from eval.main import evaluate
+    from pretrain.config import load_config
+
+    torch.manual_seed(0)
+    encoder = create_encoder("test_resnet", 3, small_input=True)
+    recipes = {"a": (16, (0.5,) * 3, (0.25,) * 3), "b": (24, (0.3, 0.4, 0.5), (0.2, 0.3, 0.4))}
+    for name, (size, mean, std) in recipes.items():
+        export_encoder(encoder, tmp_path / name / "export", arch="test_resnet", in_chans=3, input_size=size,
+                       mean=mean, std=std, small_input=True, summary={"steps": 1})
+    seen = []
+
+    class Recording(pretrain.engine.ImageListDataset):
+        def __init__(self, base, size, crop_ratio=1.0, mean=None, std=None) -> None:
+            seen.append((size, tuple(mean), tuple(std)))
+            super().__init__(base, size, crop_ratio, mean, std)
+
+    monkeypatch.setattr(pretrain.engine, "ImageListDataset", Recording)
+    cfg = load_config(None, [*FAST, f"weights=[{tmp_path / 'a' / 'export'},{tmp_path / 'b' / 'export'}]",
+                             f"out={tmp_path / 'ab'}", "random_init=false", "raw_pixels=false"],
+                      schema=EvalConfig, check=validate_eval)
+    rows = evaluate(cfg)
+    assert seen == [recipes["a"]] * 2 + [recipes["b"]] * 2  # train and test split of each
+    assert [r["input_size"] for r in rows] == [16, 24]
+    assert "| a | ours | fast | 16 | 96 |" in (tmp_path / "ab" / "report.md").read_text()  # input px, features
+
+
 def train_supervised(encoder: torch.nn.Module, images, steps: int, size: int) -> None:
     """A few hundred labelled steps: an encoder that has certainly learned the classes."""
     head = torch.nn.Linear(encoder.num_features, images.num_classes)

@@ -119,11 +119,12 @@ class FFCVMultiViewLoader:
 @torch.no_grad()
 def beton_features(encoder: torch.nn.Module, path: str, size: int, crop_ratio: float, batch_size: int,
                    accelerator: Any, num_workers: int = 1,
-                   input_fn: Any = lambda x: x) -> tuple[torch.Tensor, torch.Tensor]:
+                   input_fn: Any = lambda x: x, mean: Sequence[float] | None = None,
+                   std: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen-encoder features (N x F, CPU) and labels (N) of every image of a .beton, in file order.
 
     Centre crop ``crop_ratio`` of the short side resized to ``size`` (FFCV's decoder), normalised in
-    torch. Several processes each read a ``DistributedSampler`` shard (index r, r + W, ...; the last
+    torch with ``mean``/``std`` (default: the .beton's own). Several processes each read a ``DistributedSampler`` shard (index r, r + W, ...; the last
     indices repeated to even the shards); the shards are gathered, interleaved back into file order
     and cut to N, so every image counts once.
     """
@@ -139,7 +140,7 @@ def beton_features(encoder: torch.nn.Module, path: str, size: int, crop_ratio: f
                     pipelines={"image": [CenterCropRGBImageDecoder((size, size), ratio=crop_ratio), ToTensor(),
                                          ToTorchImage()],
                                "label": [IntDecoder(), ToTensor(), Squeeze(1)]})
-    normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(info.mean), list(info.std))])
+    normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean or info.mean), list(std or info.std))])
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
