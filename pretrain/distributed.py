@@ -2,7 +2,8 @@
 
 We deliberately own :func:`gather_with_grad` instead of using a library's: ``accelerator.gather``
 carries no gradient, and ``torch.distributed.nn.all_gather`` returned wrong gradients in some
-releases. Its exactness is pinned by tests/test_distributed.py (2 processes == 1 process).
+releases. We also own :class:`GlobalBatchNorm`, because torch's SyncBatchNorm runs on GPUs only.
+Their exactness is pinned by tests/test_distributed.py (2 processes == 1 process).
 """
 
 from __future__ import annotations
@@ -74,3 +75,71 @@ def all_reduce_max_(t: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """Sum over ranks; backward sums the incoming gradients over ranks too (every rank's loss
+    reads the sum), the same argument as :func:`gather_with_grad`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch over all ranks, exactly.
+
+    We own it because torch's SyncBatchNorm refuses CPU tensors (gloo ranks); on CUDA, model.sync_bn
+    uses torch's. Each rank sums x and x^2 per channel, one all-reduce (with gradient) adds them up
+    with the count, and x is normalised with the global mean and biased variance: the forward and
+    backward of one process holding the whole W*B batch. Running statistics use the unbiased global
+    variance, as BatchNorm does. In eval mode, or with one process, it is plain BatchNorm.
+    Inputs B x C (x L) or B x C x H x W.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        dtype = x.dtype
+        x = x.to(torch.promote_types(dtype, torch.float32))  # statistics never in bf16/fp16
+        dims = [d for d in range(x.dim()) if d != 1]
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        stats = _AllReduceSumWithGrad.apply(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        c, n = x.shape[1], stats[-1]
+        mean, var = stats[:c] / n, stats[c : 2 * c] / n - (stats[:c] / n) ** 2
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+        return y.to(dtype)
+
+
+def convert_global_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Every BatchNorm1d/2d/3d in ``module`` becomes a :class:`GlobalBatchNorm` with its parameters and buffers."""
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        like = module.weight if module.affine else module.running_mean
+        where = {"device": like.device, "dtype": like.dtype} if like is not None else {}
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats, **where)
+        new.load_state_dict(module.state_dict())
+        return new.train(module.training)
+    for name, child in module.named_children():
+        module.add_module(name, convert_global_batchnorm(child))
+    return module

@@ -64,6 +64,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
     from pretrain import checkpoint as ckpt
     from pretrain.config import ConfigError, effective_lr, to_yaml
     from pretrain.data.batch_views import BatchViews, check_batch_recipe
+    from pretrain.distributed import convert_global_batchnorm
     from pretrain.data.colour import split_lab
     from pretrain.data import MultiViewDataset, build_dataset, build_knn_sets, build_view_transform, collate_skipped
     from pretrain.engine import ImageListDataset, StopFlag, TensorBoard, Throughput, knn_monitor, train_step
@@ -151,9 +152,11 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
         model = LocalGlobalModel(cfg.model, view_chans[0], len(view_chans), stages)
     else:
         model = MultiViewModel(cfg.model, view_chans, len(view_chans))
-    if cfg.model.sync_bn and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        # Per-GPU BN statistics let a contrastive model find its positives through batch statistics.
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.model.sync_bn and accelerator.num_processes > 1:
+        # Per-rank BN statistics let a contrastive model find its positives through batch statistics,
+        # and make W ranks differ from one process with the W*B batch. torch's SyncBatchNorm runs on GPUs.
+        model = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if accelerator.device.type == "cuda"
+                 else convert_global_batchnorm(model))
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     objective = build_objective(cfg.objective, len(view_chans), cfg.model.head_dims[-1])

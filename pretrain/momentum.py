@@ -13,7 +13,7 @@ the momentum model plus the filled part of the queue: K = W*B + filled candidate
 
 MoCo shuffles BatchNorm across GPUs because its only in-batch candidate is the positive, which BN
 statistics could single out. Here every batch key is a candidate (positive or negative), and on
-several GPUs ``model.sync_bn`` computes statistics over the global batch, so we do not shuffle.
+several processes ``model.sync_bn`` computes statistics over the global batch, so we do not shuffle.
 """
 
 from __future__ import annotations

@@ -85,6 +85,49 @@ def test_naive_gather_breaks_the_gradient_comparison(tmp_path: Path) -> None:
     assert worst > 1e-4  # ...but the gradients are wrong
 
 
+def tiny_bn_model() -> nn.Module:
+    """tiny_model with BatchNorm after the conv and in the head, as the default encoder and head have."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 8),
+        nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 6)
+    ).double()
+
+
+def _bn_worker(rank: int, tmp: str, global_bn: bool) -> None:
+    from pretrain.distributed import convert_global_batchnorm
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+    model = tiny_bn_model()
+    model = nn.parallel.DistributedDataParallel(convert_global_batchnorm(model) if global_bn else model)
+    views = [v[rank * B : (rank + 1) * B] for v in global_batch()]
+    loss, grads = loss_and_grads(model, views)
+    buffers = [b.clone() for b in model.module.buffers()]
+    torch.save({"loss": loss, "grads": grads, "buffers": buffers}, f"{tmp}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("global_bn", [True, False])
+def test_batchnorm_over_two_cpu_ranks_matches_one_process(tmp_path: Path, global_bn: bool) -> None:
+    """model.sync_bn on CPU ranks (GlobalBatchNorm): loss, gradients and running statistics of 2 x B
+    equal 1 x 2B in float64. Plain per-rank BatchNorm does not (the check has teeth)."""
+    model = tiny_bn_model()
+    loss1, grads1 = loss_and_grads(model, global_batch())
+    buffers1 = list(model.buffers())
+    mp.spawn(_bn_worker, args=(str(tmp_path), global_bn), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    loss2 = torch.stack([r["loss"] for r in ranks]).mean()
+    worst = max((g1 - g2).abs().max().item() for g1, g2 in zip(grads1, ranks[0]["grads"]))
+    if not global_bn:
+        assert abs(loss1 - loss2).item() > 1e-4 and worst > 1e-4
+        return
+    assert torch.allclose(loss1, loss2, rtol=0, atol=1e-10)
+    assert worst < 1e-10
+    for b1, b2 in zip(buffers1, ranks[1]["buffers"]):  # running mean/var (unbiased) and the batch count
+        assert torch.allclose(b1.double(), b2.double(), rtol=0, atol=1e-12)
+
+
 def test_gather_is_identity_without_process_group() -> None:
     from pretrain.distributed import gather_with_grad
 
