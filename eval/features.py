@@ -37,3 +37,17 @@ def pixel_features(dataset: ImageDataset, size: int, batch_size: int) -> tuple[t
         xs.append(x.flatten(1))
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)
+
+
+class ConcatViewEncoders(nn.Module):
+    """CMC's linear-evaluation input (HobbitLong/CMC ``LinearProbing.py``: ``torch.cat((feat_l, feat_ab), 1)``):
+    each view's encoder reads its own input (``input_fns``, e.g. the L and the ab channels of Lab) and
+    the features are concatenated. Loaded images B x C x H x W -> B x sum of the encoders' features."""
+
+    def __init__(self, encoders: list[nn.Module], input_fns: list) -> None:
+        super().__init__()
+        self.encoders, self.input_fns = nn.ModuleList(encoders), input_fns
+        self.num_features = sum(int(e.num_features) for e in encoders)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([encoder(fn(x)).float() for encoder, fn in zip(self.encoders, self.input_fns)], dim=1)

@@ -50,7 +50,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
     from eval.baselines import (REFERENCE_ALEXNET_TOP1, AlexNetConvFeatures, load_alexnet_features,
                                 published_rows, supervised_alexnet)
     from eval.classifier import LinearProbeModel, SGDSchedule, fit_classifier
-    from eval.features import assert_unchanged, fingerprint, pixel_features
+    from eval.features import ConcatViewEncoders, assert_unchanged, fingerprint, pixel_features
     from eval.probe import linear_probe, topk_accuracy
     from eval.stored_baselines import data_fingerprint, find_stored, store_result
     from pretrain.revision import git_revision
@@ -60,12 +60,13 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
     from pretrain.data.colour import split_lab
     from pretrain.data.datasets import REGISTRY, disjoint_subsets, spaced_subset
     from pretrain.engine import ImageListDataset, StopFlag, extract_features
-    from pretrain.export import load_encoder
+    from pretrain.export import load_encoder, load_view_encoders
     from pretrain.knn import knn_predict
     from pretrain.models import create_encoder
 
     # ------------------------------------------------------------------ exports and data (checked before any work)
     exports = [(w, *load_encoder(w)) for w in cfg.weights]  # (path, encoder, meta); checks sha256 and keys
+    view_encoders = {w: load_view_encoders(w, meta) for w, _, meta in exports}  # CMC's ab encoder, if any
     if cfg.baselines.alexnet_weights:
         alexnet_trunk = load_alexnet_features(cfg.baselines.alexnet_weights)
     data_cfg = Config()
@@ -225,10 +226,16 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         return row
 
     def input_fn_for(meta: dict):
-        """Loaded images -> the encoder's input: the L channel of Lab for CMC exports, else as is."""
-        if meta.get("input_transform") == "lab_L":
-            return lambda x: split_lab([x], meta["mean"], meta["std"])[0]
+        """Loaded images -> the encoder's input: the L (or ab) channels of Lab for CMC exports, else as is."""
+        channels = {"lab_L": 0, "lab_ab": 1}.get(meta.get("input_transform", "normalise"))
+        if channels is not None:
+            return lambda x: split_lab([x], meta["mean"], meta["std"])[channels]
         return lambda x: x
+
+    def all_views(encoder, meta: dict, views: list) -> tuple[ConcatViewEncoders, dict]:
+        """An export with one encoder per view as CMC evaluates it: every view's features concatenated."""
+        fns = [input_fn_for(meta), *(input_fn_for({**meta, **entry}) for entry, _ in views)]
+        return ConcatViewEncoders([encoder, *(e for _, e in views)], fns), {**meta, "input_transform": "normalise"}
 
     def pretrain_seconds(meta: dict) -> float:
         summary = meta.get("summary") or {}
@@ -251,21 +258,38 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         return {**row, **{k: scores[k] for k in ("epochs", "steps", "wall_s")}, "supervised_top1": scores["top1"],
                 "budget_s": seconds}
 
-    jobs = len(exports) * (2 if cfg.random_init else 1) + cfg.raw_pixels + b.alexnet_supervised + 5 * bool(b.alexnet_weights) \
+    jobs = len(exports) * (2 if cfg.random_init else 1) + sum(bool(v) for v in view_encoders.values()) + cfg.raw_pixels + b.alexnet_supervised + 5 * bool(b.alexnet_weights) \
         + len(exports) * b.supervised_encoder
     accelerator.print(f"eval: {len(train)} train / {len(test)} test images of {cfg.dataset}, protocol {cfg.protocol}, "
                       f"{jobs} rows to compute on {accelerator.num_processes} process(es)")
     # ------------------------------------------------------------------ our encoders (+ random init of each arch)
+    def view_label(meta: dict, v: int) -> str:
+        return {"lab_L": "L", "lab_ab": "ab"}.get(meta.get("input_transform", ""), f"view {v}")
+
+    def random_like(meta: dict, in_chans: int):
+        return create_encoder(meta["architecture"], in_chans, meta["small_input"], meta.get("stem_stride", 1),
+                              meta.get("timm_kwargs"))
+
     for w, encoder, meta in exports:
-        before = fingerprint(encoder)
         name = Path(w).resolve().parent.name if Path(w).name == "export" else Path(w).name
-        rows.append(encoder_row(name, "ours", encoder, meta, meta["sha256"]))
-        assert_unchanged(encoder, before, w)
+        views = view_encoders[w]
+        scored = [(name, encoder, meta)]
+        if views:  # CMC's protocol (every view's features concatenated) first, then the first view's alone
+            labels = [view_label(meta, 0), *(view_label(entry, v) for v, (entry, _) in enumerate(views, start=1))]
+            scored = [(f"{name} ({' + '.join(labels)} concatenated)", *all_views(encoder, meta, views)),
+                      (f"{name} ({labels[0]} only)", encoder, meta)]
+        for row_name, model, row_meta in scored:
+            before = fingerprint(model)
+            rows.append(encoder_row(row_name, "ours", model, row_meta, meta["sha256"]))
+            assert_unchanged(model, before, w)
         if cfg.random_init:
-            random_encoder = create_encoder(meta["architecture"], meta["in_chans"], meta["small_input"],
-                                            meta.get("stem_stride", 1), meta.get("timm_kwargs"))
+            random_encoder, random_meta = random_like(meta, meta["in_chans"]), meta
+            if views:
+                random_encoder, random_meta = all_views(random_encoder, meta,
+                                                        [(entry, random_like(meta, entry["in_chans"])) for entry, _ in views])
             before = fingerprint(random_encoder)
-            rows.append(encoder_row(f"random init {meta['architecture']}", "random_init", random_encoder, meta, None))
+            rows.append(encoder_row(f"random init {meta['architecture']}" + (" (concatenated)" if views else ""),
+                                    "random_init", random_encoder, random_meta, None))
             assert_unchanged(random_encoder, before, "the random-init encoder")
     # ------------------------------------------------------------------ raw pixels
     if cfg.raw_pixels and train.channels * size * size <= 4096:

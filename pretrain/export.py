@@ -48,14 +48,21 @@ def export_encoder(
     timm_kwargs: dict[str, Any] | None = None,
     summary: dict[str, Any],
     input_transform: str = "normalise",
+    view_encoders: Sequence[tuple[nn.Module, int, str]] = (),
 ) -> Path:
-    """Write encoder.safetensors + config.json into ``out_dir``; returns the weights path."""
+    """Write encoder.safetensors + config.json into ``out_dir``; returns the weights path.
+
+    ``view_encoders``: (encoder, in_chans, input_transform) of the other views of a model with one
+    encoder per view (CMC's ab encoder), written beside it as ``encoder_view<v>.safetensors`` and
+    listed in config.json under ``view_encoders``; the eval stage scores their concatenation."""
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS
-    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    # One metadata key: safetensors writes its metadata map in a per-process order, and the file's
-    # sha256 (in config.json and every eval report) must be the same for the same weights.
-    save_file(state, str(weights), metadata={"format": "pt"})
+    _save_weights(encoder, weights)
+    views = []
+    for v, (view_encoder, view_chans, view_transform) in enumerate(view_encoders, start=1):
+        path = out_dir / f"encoder_view{v}.safetensors"
+        views.append({"file": path.name, "in_chans": view_chans, "input_transform": view_transform,
+                      "num_features": int(view_encoder.num_features), "sha256": _save_weights(view_encoder, path)})
     meta = {
         "architecture": arch,
         "in_chans": in_chans,
@@ -69,12 +76,22 @@ def export_encoder(
         # normalise: RGB/gray in [0,1], then (x - mean) / std.  lab_L: that, un-normalised, converted
         # to Lab, (L - 50) / 50 as the single channel (CMC's constants; pretrain.data.colour.split_lab).
         "input_transform": input_transform,
+        **({"view_encoders": views} if views else {}),
         "summary": summary,
         "sha256": sha256(weights),
         "timm_version": timm.__version__,
     }
     (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
     return weights
+
+
+def _save_weights(encoder: nn.Module, path: Path) -> str:
+    """The encoder's state dict as safetensors at ``path``; returns the file's sha256."""
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    # One metadata key: safetensors writes its metadata map in a per-process order, and the file's
+    # sha256 (in config.json and every eval report) must be the same for the same weights.
+    save_file(state, str(path), metadata={"format": "pt"})
+    return sha256(path)
 
 
 REQUIRED_META = ("architecture", "in_chans", "input_size", "mean", "std", "small_input", "sha256")
@@ -119,7 +136,25 @@ def load_encoder(path: str | Path, verify: bool = True) -> tuple[nn.Module, dict
         raise ConfigError(f"{weights} is missing beside its {META}; re-export the encoder or restore the file")
     if verify and sha256(weights) != meta["sha256"]:
         raise ConfigError(f"{weights} does not match the sha256 in {META}: the file was changed or damaged; re-export it")
-    encoder = create_encoder(meta["architecture"], meta["in_chans"], meta["small_input"], meta.get("stem_stride", 1),
+    return _load_weights(weights, meta, meta["in_chans"]), meta
+
+
+def load_view_encoders(path: str | Path, meta: dict[str, Any], verify: bool = True) -> list[tuple[dict[str, Any], nn.Module]]:
+    """The other views' encoders listed in config.json (CMC's ab encoder), as (entry, encoder); [] when none."""
+    export_dir = export_dir_of(path)
+    out = []
+    for entry in meta.get("view_encoders", []):
+        weights = export_dir / entry["file"]
+        if not weights.is_file():
+            raise ConfigError(f"{weights} is missing beside its {META}, which lists it; re-export the encoders")
+        if verify and sha256(weights) != entry["sha256"]:
+            raise ConfigError(f"{weights} does not match the sha256 in {META}: the file was changed or damaged; re-export it")
+        out.append((entry, _load_weights(weights, meta, entry["in_chans"])))
+    return out
+
+
+def _load_weights(weights: Path, meta: dict[str, Any], in_chans: int) -> nn.Module:
+    encoder = create_encoder(meta["architecture"], in_chans, meta["small_input"], meta.get("stem_stride", 1),
                              meta.get("timm_kwargs"))
     encoder.load_state_dict(load_file(str(weights)), strict=True)
-    return encoder.eval(), meta
+    return encoder.eval()

@@ -395,7 +395,10 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
                        input_size=cfg.data.views[0].size, mean=train_images.mean, std=train_images.std,
                        small_input=cfg.model.small_input, stem_stride=cfg.model.stem_stride,
                        timm_kwargs=width_kwargs(cfg.model.arch, cfg.model.width), summary=summary,
-                       input_transform="lab_L" if lab else "normalise")
+                       input_transform="lab_L" if lab else "normalise",
+                       # one encoder per view (CMC): the others beside it, for the concatenated probe
+                       view_encoders=[(raw_model.encoder_for(v), view_chans[v], ("lab_L", "lab_ab")[v % 2] if lab
+                                       else "normalise") for v in range(1, len(raw_model.encoders))])
         hp = {"arch": cfg.model.arch, "lr": lr, "batch_size": cfg.optim.batch_size,
               "bound": cfg.objective.bound, "temperature": cfg.objective.temperature, "processes": accelerator.num_processes}
         tb.hparams(hp, {"hparam/final_loss": float(last.get("loss", float("nan"))),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,28 @@ def test_cmc_lab_config_pretrains_one_encoder_per_channel_group(run_dir: Path) -
     assert "finished: step 4/4" in out
     meta = json.loads((run_dir / "export" / "config.json").read_text())
     assert meta["in_chans"] == 1 and meta["input_transform"] == "lab_L"
+    # CMC's linear evaluation: the ab encoder is exported beside the L encoder, and timm loads both
+    (ab,) = meta["view_encoders"]
+    assert ab["in_chans"] == 2 and ab["input_transform"] == "lab_ab" and ab["file"] == "encoder_view1.safetensors"
+    from pretrain.export import load_encoder, load_view_encoders
+    import timm
+
+    L, _ = load_encoder(run_dir / "export")
+    ((_, ab_encoder),) = load_view_encoders(run_dir / "export", meta)
+    timm_ab = timm.create_model(meta["architecture"], pretrained=True, num_classes=0, in_chans=2,
+                                pretrained_cfg_overlay=dict(file=str(run_dir / "export" / ab["file"])))
+    assert all(torch.equal(a, b) for a, b in zip(timm_ab.state_dict().values(), ab_encoder.state_dict().values()))
+    first = lambda m: next(iter(m.state_dict().values()))  # noqa: E731 - the stem's first conv weight
+    assert first(L).shape[1] == 1 and first(ab_encoder).shape[1] == 2  # the L and the ab encoder
+    # The eval stage scores the concatenation (CMC's protocol) and the L encoder alone, each with its feature_dim
+    proc = subprocess.run([sys.executable, str(REPO / "eval" / "main.py"), f"weights={run_dir / 'export'}",
+                           "dataset=synthetic", "synthetic_size=96", "synthetic_image_size=16", "num_workers=0",
+                           "probe_steps=10", "knn_k=[5]", "raw_pixels=false", "baselines.alexnet_supervised=false",
+                           "baselines.supervised_encoder=false", f"out={run_dir / 'eval'}"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((run_dir / "eval" / "report.json").read_text())["rows"]
+    f = meta["num_features"]
+    assert [(r["name"].split(" (")[1], r["kind"], r["feature_dim"]) for r in rows] == [
+        ("L + ab concatenated)", "ours", f + ab["num_features"]), ("L only)", "ours", f),
+        ("concatenated)", "random_init", f + ab["num_features"])]
