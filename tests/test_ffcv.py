@@ -67,6 +67,63 @@ def crop_areas(views: torch.Tensor, mean: float = 0.5, std: float = 0.25) -> tor
     return width * height
 
 
+class Photo(ImageDataset):
+    """One ImageNet-sized (500 x 375) RGB image with detail near a 224 crop's Nyquist limit."""
+
+    mean, std, num_classes = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 1
+
+    def __len__(self) -> int:
+        return 1
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        y, x = torch.arange(375.0)[:, None], torch.arange(500.0)[None]
+        channels = [127 + 100 * torch.sin(x / 2 + c) * torch.cos(y / 2.6 + c) for c in range(3)]
+        return torch.stack(channels).clamp(0, 255).to(torch.uint8), 0
+
+
+def test_default_resolution_keeps_imagenet_images_so_crops_match_torchvision(tmp_path: Path) -> None:
+    """FFCV's ImageNet recipe is the writer's default; at max side 500 a 500 x 375 image is stored as it
+    is, so train and eval crops read as many source pixels per output pixel as torchvision's path and
+    the eval crop is as sharp. The old default (256) stores 256 x 192: crops are upsampled and blurred."""
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor, ToTorchImage
+    from torchvision.transforms import v2
+
+    from pretrain.data.beton import parse_args, stored_sizes
+
+    defaults = parse_args(["--dataset", "synthetic", "--out", "x.beton"])
+    assert (defaults.write_mode, defaults.max_resolution, defaults.compress_probability, defaults.jpeg_quality) == \
+        ("proportion", 500, 0.5, 90)
+    size, ratio = 224, 0.875  # a full-scale train crop and the eval centre crop (resize 256, crop 224)
+    source_short = 375
+    torchvision_eval = v2.Compose([v2.Resize(round(size / ratio), antialias=True), v2.CenterCrop(size)])(Photo().load(0)[0])
+    sharpness = lambda t: (t.float()[:, :, 1:] - t.float()[:, :, :-1]).abs().mean().item()  # noqa: E731
+    for max_resolution in (defaults.max_resolution, 256):
+        out = tmp_path / f"photo{max_resolution}.beton"
+        args = argparse.Namespace(out=str(out), write_mode="raw", max_resolution=max_resolution, jpeg_quality=90,
+                                  compress_probability=0.5, workers=1, skip_unreadable=False, stall_timeout=60,
+                                  dataset="photo", root="", split="train")
+        write_beton(args, Photo())
+        heights, widths = stored_sizes(out)
+        stored_short = int(min(heights[0], widths[0]))
+        # source pixels per output pixel: train crop (whole short side) and eval crop (ratio of it)
+        train_res, eval_res = stored_short / size, stored_short * ratio / size
+        loader = Loader(str(out), batch_size=1, num_workers=1, order=OrderOption.SEQUENTIAL,
+                        pipelines={"image": [CenterCropRGBImageDecoder((size, size), ratio=ratio), ToTensor(),
+                                             ToTorchImage()], "label": None})
+        ((ffcv_eval,),) = list(loader)
+        sharp = sharpness(ffcv_eval[0]) / sharpness(torchvision_eval)
+        if max_resolution == defaults.max_resolution:
+            assert (int(heights[0]), int(widths[0])) == (375, 500)
+            assert (train_res, eval_res) == (source_short / size, source_short * ratio / size)  # as torchvision
+            assert train_res > 1 and eval_res > 1  # downsampled, never upsampled
+            assert 0.97 < sharp < 1.05, sharp
+        else:
+            assert (int(heights[0]), int(widths[0])) == (192, 256) and eval_res < 1 and train_res < 1
+            assert sharp < 0.95, sharp  # upsampled from the smaller copy: visibly blurrier
+
+
 def test_writer_round_trip_and_json(tmp_path: Path) -> None:
     syn, fm = tmp_path / "syn.beton", tmp_path / "fm.beton"
     assert beton_main(["--dataset", "synthetic", "--synthetic-size", "64", "--synthetic-image-size", "16",

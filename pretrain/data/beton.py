@@ -82,8 +82,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--root", default="", help="dataset directory (imagefolder: holds <split>/<class>/<image>)")
     p.add_argument("--split", default="train", choices=("train", "test", "val"), help="split to write (val = test)")
     p.add_argument("--out", required=True, help="output .beton path")
-    p.add_argument("--write-mode", default="jpg", help=f"one of {', '.join(WRITE_MODES)}")
-    p.add_argument("--max-resolution", type=int, default=256, help="longer side is resized down to this (0 = keep)")
+    # The defaults are FFCV's own ImageNet recipe (max side 500, proportion mode, half JPEG at quality 90):
+    # a 500 x 375 ImageNet image is kept as it is, so a 224 crop is downsampled from the source pixels as
+    # torchvision's path does, never upsampled from a smaller stored copy (benchmarks/README.md: size vs speed).
+    p.add_argument("--write-mode", default="proportion", help=f"one of {', '.join(WRITE_MODES)}")
+    p.add_argument("--max-resolution", type=int, default=500, help="longer side is resized down to this (0 = keep)")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--compress-probability", type=float, default=0.5, help="proportion mode: share stored as JPEG")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -190,6 +193,15 @@ def write_beton(args: argparse.Namespace, dataset: ImageDataset) -> dict[str, An
                 "seconds": round(time.perf_counter() - started, 1), "bytes": out.stat().st_size}
     Path(str(out) + ".json").write_text(json.dumps(settings, indent=2) + "\n")
     return settings
+
+
+def stored_sizes(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(heights, widths) of every image as stored in a .beton (after --max-resolution)."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    meta = reader.metadata[f"f{reader.field_names.index('image')}"]  # ffcv names metadata columns f0, f1, ...
+    return np.asarray(meta["height"]), np.asarray(meta["width"])
 
 
 def read_back(out: Path, dataset: ImageDataset, samples: int = 8) -> None:
