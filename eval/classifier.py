@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from pretrain import checkpoint as ckpt
 from pretrain.data import MultiViewDataset
 from pretrain.distributed import all_reduce_max_
-from pretrain.engine import StopFlag
+from pretrain.stop import StopFlag
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pretrain.data import ImageDataset
-from pretrain.engine import ImageListDataset
+from pretrain.features import ImageListDataset
 
 
 class EncoderChanged(RuntimeError):

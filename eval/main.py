@@ -59,7 +59,8 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
     from pretrain.data import MultiViewDataset
     from pretrain.data.colour import split_lab
     from pretrain.data.datasets import REGISTRY, disjoint_subsets, spaced_subset
-    from pretrain.engine import ImageListDataset, StopFlag, extract_features
+    from pretrain.features import ImageListDataset, extract_features
+    from pretrain.stop import StopFlag
     from pretrain.export import load_encoder, load_view_encoders
     from pretrain.knn import knn_predict
     from pretrain.models import create_encoder
@@ -110,7 +111,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         """N x F outputs of ``model`` and N labels for the train or test split, all processes sharing the work;
         images normalised with ``norm`` = (mean, std) (None: the dataset's)."""
         if betons[split]:  # the FFCV path: decode + centre crop in FFCV, normalised in torch
-            from pretrain.data.ffcv_loader import beton_features
+            from pretrain.features import beton_features
 
             return beton_features(model, betons[split], image_size, cfg.center_crop_ratio, cfg.batch_size,
                                   accelerator, max(1, cfg.num_workers), input_fn, *norm)

@@ -40,7 +40,7 @@ class PretrainJob:
 
     def __call__(self) -> dict[str, Any]:
         from pretrain.config import from_yaml
-        from pretrain.engine import PREEMPT_SIGNAL
+        from pretrain.stop import PREEMPT_SIGNAL
         from pretrain.main import train
 
         env = export_distributed_env()

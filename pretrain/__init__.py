@@ -1,1 +1,2 @@
-"""infomax pretraining: config, data, models, bounds, objectives, distributed gather, engine, checkpoints, export."""
+"""infomax pretraining: config, data, models, bounds, objectives, distributed gather, the train step,
+frozen features, stop signals, tracking, checkpoints, export."""

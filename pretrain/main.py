@@ -67,7 +67,10 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
     from pretrain.distributed import convert_global_batchnorm
     from pretrain.data.colour import split_lab
     from pretrain.data import MultiViewDataset, build_dataset, build_knn_sets, build_view_transform, collate_skipped
-    from pretrain.engine import ImageListDataset, StopFlag, TensorBoard, Throughput, knn_monitor, train_step
+    from pretrain.engine import train_step
+    from pretrain.features import ImageListDataset, knn_monitor
+    from pretrain.stop import StopFlag
+    from pretrain.tracking import TensorBoard, Throughput
     from pretrain.export import export_encoder
     from pretrain.models import LocalGlobalModel, MultiViewModel, width_kwargs
     from pretrain.momentum import MomentumKeys

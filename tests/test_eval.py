@@ -23,7 +23,7 @@ from eval.probe import choose_weight_decay, linear_probe
 from pretrain.config import Config
 from pretrain.data import MultiViewDataset, build_view_transform
 from pretrain.data.datasets import REGISTRY, spaced_subset
-from pretrain.engine import ImageListDataset
+from pretrain.features import ImageListDataset
 from pretrain.export import export_encoder
 from pretrain.models import create_encoder
 
@@ -222,7 +222,7 @@ def test_two_processes_score_the_same_as_one(export_dir: Path, tmp_path: Path) -
 def test_each_export_is_scored_at_its_own_size_and_normalisation(tmp_path: Path, monkeypatch) -> None:
     """weights=[a,b], a 16 px export and a 24 px one with another mean/std: each split of each export is
     read at that export's own size and normalisation, and each row says its input size."""
-    import pretrain.engine
+    import pretrain.features
     from eval.config import EvalConfig, validate_eval
     from eval.main import evaluate
     from pretrain.config import load_config
@@ -235,12 +235,12 @@ def test_each_export_is_scored_at_its_own_size_and_normalisation(tmp_path: Path,
                        mean=mean, std=std, small_input=True, summary={"steps": 1})
     seen = []
 
-    class Recording(pretrain.engine.ImageListDataset):
+    class Recording(pretrain.features.ImageListDataset):
         def __init__(self, base, size, crop_ratio=1.0, mean=None, std=None) -> None:
             seen.append((size, tuple(mean), tuple(std)))
             super().__init__(base, size, crop_ratio, mean, std)
 
-    monkeypatch.setattr(pretrain.engine, "ImageListDataset", Recording)
+    monkeypatch.setattr(pretrain.features, "ImageListDataset", Recording)
     cfg = load_config(None, [*FAST, f"weights=[{tmp_path / 'a' / 'export'},{tmp_path / 'b' / 'export'}]",
                              f"out={tmp_path / 'ab'}", "random_init=false", "raw_pixels=false"],
                       schema=EvalConfig, check=validate_eval)

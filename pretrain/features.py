@@ -1,0 +1,170 @@
+"""Frozen-encoder features of a labelled split, in dataset order: the kNN monitor during pretraining,
+and every probe of the eval stage (decoded images or a .beton).
+
+Several processes each encode their shard; :func:`gather_rows` collects every process's rows with
+the dataset position of each, and :func:`in_dataset_order` puts them back in order, each image once
+(a sharded loader repeats a few images to even out the processes). Both loaders use that one path.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from pretrain.data import ImageDataset, build_eval_transform
+from pretrain.data.multiview import load_readable
+from pretrain.knn import knn_predict
+from pretrain.online_probe import probe_accuracy
+
+InputFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """An ImageDataset seen through the deterministic eval transform (kNN monitor, eval stage),
+    normalised with ``mean``/``std`` (an export's own; default: the dataset's). Items: (image, label)."""
+
+    def __init__(self, base: ImageDataset, size: int, crop_ratio: float = 1.0, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> None:
+        self.base = base
+        self.transform = build_eval_transform(size, mean or base.mean, std or base.std, crop_ratio)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label, _ = load_readable(self.base, i)
+        return self.transform(image), label
+
+
+class _WithPosition(torch.utils.data.Dataset):
+    """(image, label) items -> (image, label, position), so rows can be put back in order after sharding."""
+
+    def __init__(self, base: torch.utils.data.Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, int]:
+        return (*self.base[i], i)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def gather_rows(accelerator: Accelerator, feats: torch.Tensor, labels: torch.Tensor,
+                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every process's rows of one batch (B_r x F, B_r, B_r dataset positions) on every process; the
+    processes may hold different counts (a short last batch): padded rows carry position -1 and are dropped."""
+    if accelerator.num_processes == 1:
+        return feats, labels, positions
+    feats, labels = accelerator.pad_across_processes(feats), accelerator.pad_across_processes(labels)
+    positions = accelerator.pad_across_processes(positions, pad_index=-1)
+    feats, labels, positions = accelerator.gather((feats, labels, positions))
+    keep = positions >= 0
+    return feats[keep], labels[keep], positions[keep]
+
+
+def in_dataset_order(feats: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
+                     count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with their dataset positions -> (count x F, count) in dataset order. A repeated position
+    holds the same image's features again, so keeping either copy is right; a missing one is a bug."""
+    out = torch.empty(count, feats.shape[1], dtype=feats.dtype)
+    out_labels = torch.empty(count, dtype=torch.long)
+    seen = torch.zeros(count, dtype=torch.bool)
+    out[positions], out_labels[positions], seen[positions] = feats, labels.long(), True
+    if not bool(seen.all()):
+        raise RuntimeError(f"feature extraction lost {int((~seen).sum())} of {count} images")
+    return out, out_labels
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, dataset: torch.utils.data.Dataset, accelerator: Accelerator,
+                     batch_size: int = 256, num_workers: int = 0, input_fn: InputFn = lambda x: x,
+                     shard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs (N x F, fp32, CPU) and labels (N) of a labelled dataset of (image, label), in eval mode.
+
+    ``input_fn`` maps a device batch to the encoder's input (e.g. the L channel of Lab for CMC).
+    With ``shard`` every process computes its shard and all receive the whole split, each image
+    once whatever the process count. Without it the calling process computes everything alone
+    (the main-process kNN monitor).
+    """
+    loader = torch.utils.data.DataLoader(_WithPosition(dataset), batch_size=batch_size, num_workers=num_workers)
+    if shard:
+        loader = accelerator.prepare_data_loader(loader)
+    feats, labels, positions = [], [], []
+    with eval_mode(encoder):
+        for x, y, i in loader:
+            with accelerator.autocast():
+                out = encoder(input_fn(x.to(accelerator.device))).float()
+            rows = (out, y.to(accelerator.device), i.to(accelerator.device))
+            for kept, part in zip(gather_rows(accelerator, *rows) if shard else rows, (feats, labels, positions)):
+                part.append(kept.cpu())
+    return in_dataset_order(torch.cat(feats), torch.cat(labels), torch.cat(positions), len(dataset))
+
+
+@torch.no_grad()
+def beton_features(encoder: nn.Module, path: str, size: int, crop_ratio: float, batch_size: int,
+                   accelerator: Accelerator, num_workers: int = 1, input_fn: InputFn = lambda x: x,
+                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen-encoder features (N x F, CPU) and labels (N) of every image of a .beton, in file order.
+
+    Centre crop ``crop_ratio`` of the short side resized to ``size`` (FFCV's decoder), normalised in
+    torch with ``mean``/``std`` (default: the .beton's own). Several processes each read the shard
+    FFCV's ``distributed`` order gives them (positions r, r + W, ..., the first ones repeated to
+    even the shards), gathered as :func:`extract_features` does.
+    """
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+    from torchvision.transforms import v2
+
+    from pretrain.data.beton import require_ffcv
+    from pretrain.data.ffcv_loader import BetonInfo
+
+    require_ffcv()
+    info = BetonInfo(path)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    loader = Loader(path, batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
+                    distributed=world > 1, drop_last=False,
+                    pipelines={"image": [CenterCropRGBImageDecoder((size, size), ratio=crop_ratio), ToTensor(),
+                                         ToTorchImage()],
+                               "label": [IntDecoder(), ToTensor(), Squeeze(1)]})
+    normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean or info.mean),
+                                                                               list(std or info.std))])
+    shard = torch.arange(-(-info.count // world) * world)[rank::world] % info.count  # this rank's positions, in order
+    feats, labels, positions, done = [], [], [], 0
+    with eval_mode(encoder):
+        for image, label in loader:
+            x = normalise(image[:, : info.channels].to(accelerator.device))
+            with accelerator.autocast():
+                out = encoder(input_fn(x)).float()
+            where = shard[done : done + len(out)].to(accelerator.device)
+            done += len(out)
+            for kept, part in zip(gather_rows(accelerator, out, label.to(accelerator.device).long(), where),
+                                  (feats, labels, positions)):
+                part.append(kept.cpu())
+    return in_dataset_order(torch.cat(feats), torch.cat(labels), torch.cat(positions), info.count)
+
+
+def knn_monitor(encoder: nn.Module, bank: torch.utils.data.Dataset, queries: torch.utils.data.Dataset,
+                accelerator: Accelerator, k: int, temperature: float, num_workers: int,
+                input_fn: InputFn = lambda x: x, probe: nn.Module | None = None) -> tuple[float, float | None]:
+    """Top-1 of a weighted kNN classifier on frozen features (monitoring, not eval), and the online
+    probe's top-1 on the same held-out queries (None without a probe)."""
+    fb, lb = extract_features(encoder, bank, accelerator, num_workers=num_workers, input_fn=input_fn)
+    fq, lq = extract_features(encoder, queries, accelerator, num_workers=num_workers, input_fn=input_fn)
+    num_classes = int(max(lb.max(), lq.max())) + 1
+    pred = knn_predict(fb, lb, fq, k, temperature, num_classes)
+    return (pred == lq).float().mean().item(), probe_accuracy(probe, fq, lq) if probe is not None else None
