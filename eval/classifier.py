@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
-from tqdm.auto import tqdm
 
 from pretrain import checkpoint as ckpt
 from pretrain.data import MultiViewDataset
 from pretrain.distributed import all_reduce_max_
 from pretrain.stop import StopFlag
+from pretrain.tracking import progress_bar
 
 
 @dataclass
@@ -197,8 +197,7 @@ def fit_classifier(
             ckpt.save(ckpt_dir, state, progress.global_step, schedule.keep_checkpoints)
         accelerator.wait_for_everyone()
 
-    bar = tqdm(total=total, initial=progress.global_step, desc=desc, unit="step", disable=not accelerator.is_main_process,
-               dynamic_ncols=True)
+    bar = progress_bar(total, initial=progress.global_step, desc=desc, disable=not accelerator.is_main_process)
     stopped = over_time = False
     agreed_wall = wall_before  # training time as all ranks agree on it (each rank's own clock differs)
     model.train()

@@ -59,7 +59,6 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import gather_object, set_seed
-    from tqdm.auto import tqdm
 
     from pretrain import checkpoint as ckpt
     from pretrain.config import ConfigError, effective_lr, to_yaml
@@ -70,7 +69,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
     from pretrain.engine import train_step
     from pretrain.features import ImageListDataset, knn_monitor
     from pretrain.stop import StopFlag
-    from pretrain.tracking import TensorBoard, Throughput
+    from pretrain.tracking import TensorBoard, Throughput, progress_bar
     from pretrain.export import export_encoder
     from pretrain.models import LocalGlobalModel, MultiViewModel, width_kwargs
     from pretrain.momentum import MomentumKeys
@@ -275,8 +274,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
     meter = Throughput()
     knn_top1, probe_top1, knn_step = float("nan"), None, -1
     last: dict[str, float] = {}
-    bar = tqdm(total=total_steps, initial=progress.global_step, disable=not main, desc="pretrain", unit="step",
-               dynamic_ncols=True)
+    bar = progress_bar(total_steps, initial=progress.global_step, disable=not main, desc="pretrain")
     stopped_by: str = ""
     started, seconds_before = time.perf_counter(), progress.train_seconds
     steps_this_run = 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -67,3 +69,54 @@ class Throughput:
         out = self.images / elapsed, self.wait / elapsed
         self.reset()
         return out
+
+
+class LogProgress:
+    """tqdm's interface (update, set_postfix, write, close) as plain lines for a log file.
+
+    Off a terminal (SLURM's .err files, ``make demo > log``) tqdm would write a ``\\r`` frame for every
+    step; this prints ``desc: step n/total (p%), rate, postfix, ETA`` every ``every_s`` seconds and once
+    at the end."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "", unit: str = "step", every_s: float = 30.0,
+                 file: Any = None) -> None:
+        self.total, self.n, self.desc, self.unit, self.every_s = total, initial, desc, unit, every_s
+        self.file, self.postfix = file or sys.stderr, ""
+        self.start, self.start_n = time.perf_counter(), initial
+        self.last = self.start
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.perf_counter() - self.last >= self.every_s:
+            self._line()
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def write(self, line: str) -> None:
+        print(line, flush=True)
+
+    def close(self) -> None:
+        if self.n != self.start_n:
+            self._line()
+
+    def _line(self) -> None:
+        now = time.perf_counter()
+        self.last = now
+        rate = (self.n - self.start_n) / max(now - self.start, 1e-9)
+        eta = (self.total - self.n) / rate if rate > 0 and self.total else float("nan")
+        eta_text = "?" if eta != eta else time.strftime("%H:%M:%S", time.gmtime(eta))
+        percent = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        postfix = f", {self.postfix}" if self.postfix else ""
+        print(f"{self.desc}: {self.unit} {self.n}/{self.total}{percent}, {rate:.2f} {self.unit}/s{postfix}, ETA {eta_text}",
+              file=self.file, flush=True)
+
+
+def progress_bar(total: int, *, desc: str, unit: str = "step", initial: int = 0, disable: bool = False) -> Any:
+    """tqdm on a terminal; :class:`LogProgress` when stderr is not one (every ``INFOMAX_PROGRESS_SECONDS``,
+    default 30 s)."""
+    from tqdm.auto import tqdm
+
+    if disable or sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
+    return LogProgress(total, initial, desc, unit, float(os.environ.get("INFOMAX_PROGRESS_SECONDS", "30")))

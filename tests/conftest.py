@@ -14,10 +14,10 @@ TINY = REPO / "configs" / "synthetic_tiny.yaml"
 
 
 def run_main(*overrides: str, config: Path = TINY, launcher: list[str] | None = None, timeout: float = 300,
-             check: bool = True) -> subprocess.CompletedProcess:
+             check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python pretrain/main.py --config ... overrides` (or under `launcher`), captured."""
     cmd = [*(launcher or [sys.executable]), str(REPO / "pretrain" / "main.py"), "--config", str(config), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -21,15 +21,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     """2 epochs of the tiny synthetic config with timm's standard stem (so timm itself can load the export)."""
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    proc = run_main(f"run.dir={run_dir}", "model.small_input=false")
-    return run_dir, proc.stdout
+    proc = run_main(f"run.dir={run_dir}", "model.small_input=false", env={"INFOMAX_PROGRESS_SECONDS": "0"})
+    return run_dir, proc.stdout, proc.stderr
 
 
 def test_run_prints_summary_and_writes_run_dir(tiny_run) -> None:
-    run_dir, out = tiny_run
+    run_dir, out, _ = tiny_run
     assert "infomax pretraining finished: step 16/16, epoch 2/2" in out
     assert "kNN top-1" in out and "MI bound" in out
     assert (run_dir / "config.yaml").read_text().startswith("# git revision:")
@@ -37,8 +37,17 @@ def test_run_prints_summary_and_writes_run_dir(tiny_run) -> None:
     assert checkpoint_dirs(run_dir / "checkpoints")[0].name == "step_00000016"
 
 
+def test_progress_off_a_terminal_is_plain_lines(tiny_run) -> None:
+    """A log file gets one line per report (here every step), never tqdm's carriage-return frames."""
+    _, _, err = tiny_run
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("pretrain: step ")]
+    assert lines[0].startswith("pretrain: step 1/16 (6%), ") and "ETA" in lines[0]
+    assert lines[-1].startswith("pretrain: step 16/16 (100%), ") and "loss=" in lines[-1]
+
+
 def test_tensorboard_has_diagnostics_and_view_grid(tiny_run) -> None:
-    run_dir, _ = tiny_run
+    run_dir, _, _ = tiny_run
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
     tags = events.Tags()
     for name in ["train/loss", "train/mi", "train/log_k", "train/pos", "train/neg", "train/top1", "train/lr",
@@ -63,7 +72,7 @@ def trained_encoder(run_dir: Path) -> torch.nn.Module:
 
 
 def test_export_loads_in_timm_and_load_encoder_with_identical_features(tiny_run) -> None:
-    run_dir, _ = tiny_run
+    run_dir, _, _ = tiny_run
     meta = json.loads((run_dir / "export" / "config.json").read_text())
     assert meta["architecture"] == "test_resnet" and meta["in_chans"] == 3 and meta["input_size"] == [3, 16, 16]
     assert meta["num_features"] == 96 and len(meta["sha256"]) == 64 and meta["summary"]["steps"] == 16

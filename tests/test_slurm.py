@@ -5,6 +5,7 @@ cancel + resume, dry run and bad input."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -22,7 +23,9 @@ TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NOD
 
 def submit(*args: str, check: bool = True) -> tuple[subprocess.CompletedProcess, list[str]]:
     cmd = [sys.executable, str(REPO / "launch" / "submit.py"), "--config", str(TINY), "--time", "20", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    # A progress line per step in the job's .err log (off a terminal, every INFOMAX_PROGRESS_SECONDS)
+    env = {**os.environ, "INFOMAX_PROGRESS_SECONDS": "0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, re.findall(r"^submitted (\S+):", proc.stdout, flags=re.M)
@@ -46,11 +49,11 @@ def wait_done(job: str, timeout: float = 240) -> str:
 
 
 def wait_for_step(run_dir: Path, job: str, step: int, timeout: float = 180) -> None:
-    """Until the job's rank-0 progress bar has passed ``step`` (tqdm writes to the .err log)."""
+    """Until the job's rank-0 progress lines have passed ``step`` (written to the .err log)."""
     log = run_dir / "slurm" / job / f"{job}_0_log.err"
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if log.is_file() and re.search(rf"\| {step}/\d+ \[", log.read_text(errors="replace")):
+        if log.is_file() and re.search(rf"^pretrain: step {step}/\d+", log.read_text(errors="replace"), flags=re.M):
             return
         time.sleep(0.5)
     raise AssertionError(f"job {job} never reached step {step}: {log.read_text(errors='replace')[-2000:] if log.is_file() else 'no log'}")

@@ -141,7 +141,8 @@ def _write(out: str, source: BetonSource, fields: dict[str, Any], workers: int) 
 def write_beton(args: argparse.Namespace, dataset: ImageDataset) -> dict[str, Any]:
     """Write under a stall guard; returns the settings stored in ``<out>.json``."""
     from ffcv.fields import IntField, RGBImageField
-    from tqdm.auto import tqdm
+
+    from pretrain.tracking import progress_bar
 
     out = Path(args.out)
     failures = out.with_name(out.name + ".unreadable")
@@ -158,7 +159,8 @@ def write_beton(args: argparse.Namespace, dataset: ImageDataset) -> dict[str, An
     started = time.perf_counter()
     child.start()
     last, last_change = 0, time.monotonic()
-    with tqdm(total=len(dataset), desc=f"write {out.name}", unit="img") as bar:
+    bar = progress_bar(len(dataset), desc=f"write {out.name}", unit="img")
+    try:
         while child.is_alive():
             child.join(0.5)
             fatal = [line for line in (failures.read_text().splitlines() if failures.is_file() else [])
@@ -177,6 +179,8 @@ def write_beton(args: argparse.Namespace, dataset: ImageDataset) -> dict[str, An
                 raise RuntimeError(f"the FFCV writer made no progress for {args.stall_timeout:.0f}s at "
                                    f"{last}/{len(dataset)} images (a writer worker probably died); nothing usable "
                                    f"was written to {out}")
+    finally:
+        bar.close()
     if child.exitcode != 0:
         raise RuntimeError(f"the FFCV writer failed (exit code {child.exitcode}); see the messages above")
     unreadable = failures.read_text().splitlines() if failures.is_file() else []
