@@ -1,1 +1,1 @@
-"""infomax eval stage (linear probes, kNN, AlexNet baselines): built by the eval issue; reads only exported encoders."""
+"""infomax eval stage: linear probes and kNN on frozen exported encoders, beside supervised baselines; reads only exports."""

@@ -1,1 +1,1 @@
-"""infomax launchers (SLURM via submitit): built by the SLURM issue; wraps pretrain.main.train."""
+"""infomax launchers: SLURM (or local) jobs via submitit that call pretrain.main.train and eval.main.evaluate."""

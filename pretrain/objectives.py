@@ -81,7 +81,7 @@ class ContrastiveObjective(nn.Module):
         """
         if self.queue is not None and keys is None:
             raise ValueError("objective.queue_size > 0 needs the momentum model's keys")
-        # Logits in fp32 even under bf16/fp16 autocast (invariant 2).
+        # Logits in fp32 even under bf16/fp16 autocast (docs/DESIGN.md, invariant 2).
         with torch.autocast(device_type=z[0].device.type, enabled=False):
             q = [_fp32(v) for v in z]  # V x (B x D)
             if keys is None:

@@ -16,7 +16,7 @@ from torchvision.utils import make_grid
 
 
 class TensorBoard:
-    """Writes only on the main process (invariant 4); callers pass values already reduced."""
+    """Writes only on the main process (docs/DESIGN.md, invariant 4); callers pass values already reduced."""
 
     def __init__(self, log_dir: Path, enabled: bool) -> None:
         self.writer = SummaryWriter(str(log_dir)) if enabled else None

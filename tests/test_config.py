@@ -1,4 +1,4 @@
-"""Bad configuration fails at start with one readable line and a non-zero exit (invariant 6)."""
+"""Bad configuration fails at start with one readable line and a non-zero exit (docs/DESIGN.md, invariant 6)."""
 
 from __future__ import annotations
 

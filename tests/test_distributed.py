@@ -1,4 +1,4 @@
-"""Invariant 1: W processes x B images give exactly the loss and gradients of 1 process x W*B."""
+"""docs/DESIGN.md, invariant 1: W processes x B images give exactly the loss and gradients of 1 process x W*B."""
 
 from __future__ import annotations
 

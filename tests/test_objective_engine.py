@@ -1,4 +1,4 @@
-"""InfoNCE diagnostics and the non-finite-loss guard (invariant 2)."""
+"""InfoNCE diagnostics and the non-finite-loss guard (docs/DESIGN.md, invariant 2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Invariant 3: killing a run at any step and resuming gives the same final weights."""
+"""docs/DESIGN.md, invariant 3: killing a run at any step and resuming gives the same final weights."""
 
 from __future__ import annotations
 
