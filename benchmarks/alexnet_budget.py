@@ -10,16 +10,13 @@ the steps never draw.
 from __future__ import annotations
 
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eval.baselines import supervised_alexnet  # noqa: E402
-from pretrain.data.datasets import FashionMNIST  # noqa: E402
+from eval.baselines import supervised_alexnet
+from pretrain.data.datasets import FashionMNIST
 
 SETTINGS = [("sgd", 0.03, 0), ("sgd", 0.01, 0), ("sgd", 0.01, 10), ("sgd", 0.003, 0), ("adamw", 1e-3, 10)]
 

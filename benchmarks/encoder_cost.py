@@ -13,15 +13,12 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pretrain.config import ModelConfig  # noqa: E402
-from pretrain.models import MultiViewModel  # noqa: E402
-from pretrain.objectives import ContrastiveObjective  # noqa: E402
+from pretrain.config import ModelConfig
+from pretrain.models import MultiViewModel
+from pretrain.objectives import ContrastiveObjective
 
 # name -> ModelConfig overrides
 RECIPES: dict[str, dict] = {
@@ -77,7 +74,7 @@ def main() -> None:
         for name, setup in setups.items():
             times[name].append(step_seconds(*setup, views, args.steps))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-    print(f"| recipe | ms/step (median) | images/s | s per 60k epoch | params (M, encoder + head) |\n|---|---|---|---|---|")
+    print("| recipe | ms/step (median) | images/s | s per 60k epoch | params (M, encoder + head) |\n|---|---|---|---|---|")
     for name, ts in times.items():
         med = statistics.median(ts)
         params = sum(p.numel() for p in setups[name][2].param_groups[0]["params"]) / 1e6

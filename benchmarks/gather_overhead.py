@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pretrain import objectives  # noqa: E402
-from pretrain.config import ModelConfig  # noqa: E402
-from pretrain.models import MultiViewModel  # noqa: E402
+from pretrain import objectives
+from pretrain.config import ModelConfig
+from pretrain.models import MultiViewModel
 
 WORLD = 2
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,8 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pretrain import bounds  # noqa: E402
+from pretrain import bounds
 
 ALL_ESTIMATORS = "infonce,nwj,dv,mine,js,js_nwj,smile5,smile1,ba"
 

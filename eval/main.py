@@ -10,18 +10,12 @@ supervised AlexNet trained here, AlexNet conv1..5 probes (given a weights file),
 
 from __future__ import annotations
 
+import argparse
+import re
 import sys
+import time
 from pathlib import Path
-
-# Running as a script puts eval/ first on sys.path, where features.py, config.py, ... would shadow
-# same-named top-level modules; the package is imported by name instead.
-_here = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-
-import argparse  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+from typing import Any, Sequence
 
 PROTOCOLS = {
     "fast": "fast-v1: frozen encoder (eval mode), resize + centre crop, standardised cached features, "
@@ -43,27 +37,37 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
     import os
 
     import torch
-    from omegaconf import OmegaConf
     from accelerate import Accelerator, DataLoaderConfiguration
+    from omegaconf import OmegaConf
     from torchvision.transforms import v2
 
-    from eval.baselines import (REFERENCE_ALEXNET_TOP1, AlexNetConvFeatures, load_alexnet_features,
-                                published_rows, supervised_alexnet)
+    from eval.baselines import (
+        REFERENCE_ALEXNET_TOP1,
+        AlexNetConvFeatures,
+        load_alexnet_features,
+        published_rows,
+        supervised_alexnet,
+    )
     from eval.classifier import LinearProbeModel, SGDSchedule, fit_classifier
-    from eval.features import ConcatViewEncoders, assert_unchanged, fingerprint, pixel_features
+    from eval.features import (
+        ConcatViewEncoders,
+        assert_unchanged,
+        fingerprint,
+        pixel_features,
+    )
     from eval.probe import linear_probe, topk_accuracy
-    from eval.stored_baselines import data_fingerprint, find_stored, store_result
-    from pretrain.revision import git_revision
     from eval.report import write_report
+    from eval.stored_baselines import data_fingerprint, find_stored, store_result
     from pretrain.config import Config, ConfigError
     from pretrain.data import MultiViewDataset
     from pretrain.data.colour import split_lab
     from pretrain.data.datasets import REGISTRY, disjoint_subsets, spaced_subset
-    from pretrain.features import ImageListDataset, extract_features
-    from pretrain.stop import StopFlag
     from pretrain.export import load_encoder, load_view_encoders
+    from pretrain.features import ImageListDataset, extract_features
     from pretrain.knn import knn_predict
     from pretrain.models import create_encoder
+    from pretrain.revision import git_revision
+    from pretrain.stop import StopFlag
 
     # ------------------------------------------------------------------ exports and data (checked before any work)
     exports = [(w, *load_encoder(w)) for w in cfg.weights]  # (path, encoder, meta); checks sha256 and keys
@@ -368,4 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pretrain.entry import drop_script_dir
+
+    drop_script_dir()
     sys.exit(main())

@@ -12,18 +12,14 @@ cause is reported in one line before anything is submitted.
 
 from __future__ import annotations
 
+import argparse
+import itertools
+import shutil
+import subprocess
 import sys
 from pathlib import Path
-
-_here = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-
-import argparse  # noqa: E402
-import itertools  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-from unittest import mock  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+from typing import Any, Sequence
+from unittest import mock
 
 
 class SubmitError(ValueError):
@@ -226,4 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pretrain.entry import drop_script_dir
+
+    drop_script_dir()
     sys.exit(main())

@@ -9,18 +9,12 @@ config, accelerator, data, model, objective, optimizer, resume, loop, export.
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+import time
 from pathlib import Path
-
-# Running as a script puts pretrain/ first on sys.path, where config.py, models.py, ... would
-# shadow same-named top-level modules of other packages; the package is imported by name instead.
-_here = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-
-import argparse  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-from typing import TYPE_CHECKING, Any, Sequence  # noqa: E402
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     from pretrain.config import Config
@@ -59,26 +53,32 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import gather_object, set_seed
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
 
     from pretrain import checkpoint as ckpt
     from pretrain.config import ConfigError, effective_lr, to_yaml
+    from pretrain.data import (
+        MultiViewDataset,
+        build_dataset,
+        build_knn_sets,
+        build_view_transform,
+        collate_skipped,
+    )
     from pretrain.data.batch_views import BatchViews, check_batch_recipe
-    from pretrain.distributed import convert_global_batchnorm
     from pretrain.data.colour import split_lab
-    from pretrain.data import MultiViewDataset, build_dataset, build_knn_sets, build_view_transform, collate_skipped
+    from pretrain.distributed import convert_global_batchnorm
     from pretrain.engine import train_step
-    from pretrain.features import ImageListDataset, knn_monitor
-    from pretrain.stop import StopFlag
-    from pretrain.tracking import TensorBoard, Throughput, progress_bar
     from pretrain.export import export_encoder
+    from pretrain.features import ImageListDataset, knn_monitor
     from pretrain.models import LocalGlobalModel, MultiViewModel, width_kwargs
     from pretrain.momentum import MomentumKeys
-    from pretrain.online_probe import OnlineProbe
     from pretrain.objectives import build_objective
+    from pretrain.online_probe import OnlineProbe
     from pretrain.revision import git_revision
     from pretrain.run_dir import check_run_dir, check_writable, mark_ours
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
+    from pretrain.stop import StopFlag
+    from pretrain.tracking import TensorBoard, Throughput, progress_bar
 
     run_dir = Path(cfg.run.dir)
     if cfg.run.precision == "fp16" and not torch.cuda.is_available():
@@ -450,5 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pretrain.entry import drop_script_dir
+
+    drop_script_dir()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

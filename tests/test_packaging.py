@@ -13,3 +13,32 @@ def test_pins_are_consistent() -> None:
     expected = {"torch==2.14.1", "torchvision==0.29.1"}
     for name in ("pyproject.toml", "requirements.txt", "environment.yml", "Makefile"):
         assert pins((REPO / name).read_text()) == expected, name
+
+
+ENTRY_POINTS = {  # console script: (module for python -m, script path or None)
+    "infomax-pretrain": ("pretrain.main", "pretrain/main.py"),
+    "infomax-eval": ("eval.main", "eval/main.py"),
+    "infomax-submit": ("launch.submit", "launch/submit.py"),
+    "infomax-beton": ("pretrain.data.beton", None),
+}
+
+
+def test_every_entry_point_runs_as_console_script_module_and_script() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    for script, (module, path) in ENTRY_POINTS.items():
+        forms = [[str(bin_dir / script)], [sys.executable, "-m", module]]
+        forms += [[sys.executable, str(REPO / path)]] if path else []
+        for cmd in forms:
+            proc = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120, cwd=REPO)
+            assert proc.returncode == 0 and "usage:" in proc.stdout, (cmd, proc.stderr[-1000:])
+
+
+def test_only_the_documented_shim_edits_sys_path() -> None:
+    offenders = [str(p.relative_to(REPO)) for folder in ("pretrain", "eval", "launch", "benchmarks")
+                 for p in (REPO / folder).rglob("*.py")
+                 if re.search(r"sys\.path(\[.*\])?\s*(=|\.insert|\.append)", p.read_text()) and p.name != "entry.py"]
+    assert offenders == [], offenders
