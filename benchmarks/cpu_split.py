@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=256, help="must equal optim.batch_size of the config")
+    parser.add_argument("--batch", type=int, default=256, help="must equal optim.batch_size_per_process of the config")
     parser.add_argument("overrides", nargs="*", help="applied to every variant, e.g. model.width=0.5")
     args = parser.parse_args()
     rates: dict[str, list[float]] = {name: [] for name in VARIANTS}

@@ -34,7 +34,7 @@ class SGDSchedule:
 
     lr: float
     epochs: int
-    batch_size: int  # global, split across processes
+    global_batch_size: int  # split across processes
     momentum: float = 0.9
     weight_decay: float = 0.0
     milestones: tuple[int, ...] = ()
@@ -146,12 +146,12 @@ def fit_classifier(
     the last partial batch included (a linear probe, as MoCo's); a model with BatchNorm in train
     mode keeps ``True``, since a last batch of one image would break its statistics.
     """
-    per_process, rest = divmod(schedule.batch_size, accelerator.num_processes)
+    per_process, rest = divmod(schedule.global_batch_size, accelerator.num_processes)
     if rest or per_process < 1:
-        raise NothingToTrain(f"batch size {schedule.batch_size} does not split over {accelerator.num_processes} processes")
-    if len(train_set) < schedule.batch_size:
+        raise NothingToTrain(f"batch size {schedule.global_batch_size} does not split over {accelerator.num_processes} processes")
+    if len(train_set) < schedule.global_batch_size:
         raise NothingToTrain(f"{desc}: the train split has {len(train_set)} images, fewer than one batch of "
-                             f"{schedule.batch_size}; lower the batch size")
+                             f"{schedule.global_batch_size}; lower the batch size")
     loader = torch.utils.data.DataLoader(train_set, batch_size=per_process, shuffle=True, drop_last=drop_last,
                                          num_workers=num_workers, pin_memory=accelerator.device.type == "cuda")
     params = [p for p in trainable.parameters() if p.requires_grad]

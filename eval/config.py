@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from pretrain.config import ConfigError, _f
 
@@ -14,7 +15,7 @@ class SGDProbeConfig:
     weight_decay: float = _f(0.0, "imagenet protocol: weight decay")
     epochs: int = _f(100, "imagenet protocol: epochs")
     milestones: list[int] = _f([60, 80], "imagenet protocol: epochs where the lr drops x0.1")
-    batch_size: int = _f(256, "imagenet protocol: global batch (split across processes)")
+    global_batch_size: int = _f(256, "imagenet protocol: global batch (split across processes)")
     crop_scale_min: float = _f(0.08, "imagenet protocol: RandomResizedCrop smallest area (plus horizontal flip)")
     checkpoint_every: int = _f(500, "imagenet protocol: checkpoint every N steps (and when stopped); rerun resumes")
 
@@ -29,7 +30,7 @@ class BaselinesConfig:
                                 "sooner: the choice for a short budget)")
     alexnet_warmup_steps: int = _f(0, "supervised AlexNet: linear lr warmup steps")
     alexnet_weight_decay: float = _f(5e-4, "supervised AlexNet: weight decay")
-    alexnet_batch_size: int = _f(128, "supervised AlexNet and supervised encoder: global batch")
+    alexnet_global_batch_size: int = _f(128, "supervised AlexNet and supervised encoder: global batch")
     alexnet_crop_scale_min: float = _f(0.08, "supervised AlexNet: RandomResizedCrop smallest area (plus horizontal flip)")
     alexnet_held_out: int = _f(2000, "supervised AlexNet: train images kept out of its fit to draw its held-out curve (converged or not); 0 = none")
     alexnet_eval_every: int = _f(0, "supervised AlexNet: steps between held-out checks (0 = each epoch, or 10 checks over a shorter budget)")
@@ -66,13 +67,19 @@ class EvalConfig:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     store_baselines: bool = _f(False, "train the supervised AlexNet (to convergence with baselines.alexnet_patience) and store it under baselines.store; weights may be empty (make baselines)")
     image_size: int = _f(28, "image side for rows without an export (store_baselines with no weights)")
-    batch_size: int = _f(256, "feature extraction batch size (per process)")
+    batch_size_per_process: int = _f(256, "feature extraction: images per process per batch")
     num_workers: int = _f(2, "loader workers")
     seed: int = _f(0, "seed for the random-init encoder, the held-out split and the SGD fits")
     out: str = _f("", "report directory; empty = beside the first export (its parent run dir)")
     synthetic_size: int = _f(2048, "synthetic: training images (test split: a quarter, another seed)")
     synthetic_classes: int = _f(8, "synthetic: classes")
     synthetic_image_size: int = _f(32, "synthetic: image side")
+
+    RENAMED: ClassVar[dict[str, str]] = {  # the old name is refused with one line naming the new one
+        "batch_size": "batch_size_per_process",
+        "sgd.batch_size": "sgd.global_batch_size",
+        "baselines.alexnet_batch_size": "baselines.alexnet_global_batch_size",
+    }
 
 
 def validate_eval(c: EvalConfig) -> None:
@@ -91,10 +98,11 @@ def validate_eval(c: EvalConfig) -> None:
             "limits apply to dataset/root; write the .beton with --limit instead")
     require(0 < c.center_crop_ratio <= 1, "center_crop_ratio", f"must be in (0, 1], got {c.center_crop_ratio}")
     s, b = c.sgd, c.baselines
-    require(s.lr > 0 and s.epochs >= 1 and s.batch_size >= 1, "sgd", "lr, epochs and batch_size must be positive")
+    require(s.lr > 0 and s.epochs >= 1 and s.global_batch_size >= 1, "sgd",
+            "lr, epochs and global_batch_size must be positive")
     require(all(0 < m < s.epochs for m in s.milestones), "sgd.milestones", f"must lie inside (0, {s.epochs})")
-    require(b.alexnet_epochs >= 1 and b.alexnet_batch_size >= 1 and b.alexnet_lr > 0, "baselines",
-            "alexnet_epochs, alexnet_batch_size and alexnet_lr must be positive")
+    require(b.alexnet_epochs >= 1 and b.alexnet_global_batch_size >= 1 and b.alexnet_lr > 0, "baselines",
+            "alexnet_epochs, alexnet_global_batch_size and alexnet_lr must be positive")
     require(b.alexnet_optimizer in ("sgd", "adamw"), "baselines.alexnet_optimizer",
             f"'{b.alexnet_optimizer}' is not one of sgd, adamw")
     require(b.alexnet_warmup_steps >= 0, "baselines.alexnet_warmup_steps", f"must be >= 0, got {b.alexnet_warmup_steps}")

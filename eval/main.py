@@ -117,10 +117,10 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         if betons[split]:  # the FFCV path: decode + centre crop in FFCV, normalised in torch
             from pretrain.features import beton_features
 
-            return beton_features(model, betons[split], image_size, cfg.center_crop_ratio, cfg.batch_size,
+            return beton_features(model, betons[split], image_size, cfg.center_crop_ratio, cfg.batch_size_per_process,
                                   accelerator, max(1, cfg.num_workers), input_fn, *norm)
         return extract_features(model, ImageListDataset(splits[split], image_size, cfg.center_crop_ratio, *norm),
-                                accelerator, cfg.batch_size, cfg.num_workers, input_fn=input_fn, shard=True)
+                                accelerator, cfg.batch_size_per_process, cfg.num_workers, input_fn=input_fn, shard=True)
 
     def knn(train_xy, test_xy) -> dict[str, float]:
         (fx, fy), (tx, ty) = train_xy, test_xy
@@ -151,7 +151,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
 
         def held_out_top1(m) -> float:
             logits, y = extract_features(m, ImageListDataset(held_images, image_size, cfg.center_crop_ratio, *norm),
-                                         accelerator, cfg.batch_size, cfg.num_workers, input_fn=input_fn, shard=True)
+                                         accelerator, cfg.batch_size_per_process, cfg.num_workers, input_fn=input_fn, shard=True)
             return topk_accuracy(logits, y, 1)
 
         train_set = MultiViewDataset(fit_images, [train_transform(image_size, scale_min, norm)], seed=cfg.seed)
@@ -166,7 +166,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
                           "its checkpoint is saved: rerun the same command to resume")
         logits, y = features(accelerator.unwrap_model(model), "test", image_size, input_fn, norm)
         p = outcome.progress
-        steps_per_epoch = len(fit_images) // schedule.batch_size if drop_last else -(-len(fit_images) // schedule.batch_size)
+        steps_per_epoch = len(fit_images) // schedule.global_batch_size if drop_last else -(-len(fit_images) // schedule.global_batch_size)
         budget = f"{p.epoch} epochs" if p.step_in_epoch == 0 else f"{p.global_step} steps"
         return {"top1": topk_accuracy(logits, y, 1), "top5": topk_accuracy(logits, y, 5), "trained": budget,
                 "scored": len(y), "epochs": round(p.global_step / max(steps_per_epoch, 1), 2), "steps": p.global_step,
@@ -186,7 +186,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
         head = torch.nn.Linear(feats[0][0].shape[1], num_classes)
         torch.nn.init.normal_(head.weight, std=0.01)
         torch.nn.init.zeros_(head.bias)
-        schedule = SGDSchedule(lr=s.lr, epochs=s.epochs, batch_size=s.batch_size, momentum=s.momentum,
+        schedule = SGDSchedule(lr=s.lr, epochs=s.epochs, global_batch_size=s.global_batch_size, momentum=s.momentum,
                                weight_decay=s.weight_decay, milestones=tuple(s.milestones),
                                checkpoint_every=s.checkpoint_every)
         slug = "probe_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
@@ -211,7 +211,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
                                 f"stored {found['date'][:10]})", "knn": None,
                         "stored": found["stored_path"], "stored_date": found["date"], "input_size": size}
         alexnet = supervised_alexnet(train.channels, size, num_classes)
-        schedule = SGDSchedule(lr=b.alexnet_lr, epochs=b.alexnet_epochs, batch_size=b.alexnet_batch_size,
+        schedule = SGDSchedule(lr=b.alexnet_lr, epochs=b.alexnet_epochs, global_batch_size=b.alexnet_global_batch_size,
                                weight_decay=b.alexnet_weight_decay, max_steps=b.alexnet_max_steps,
                                checkpoint_every=cfg.sgd.checkpoint_every, eval_every=b.alexnet_eval_every,
                                patience=b.alexnet_patience, optimizer=b.alexnet_optimizer,
@@ -254,7 +254,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
                                  meta.get("stem_stride", 1), meta.get("timm_kwargs"))
         model = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.num_features, num_classes))
         schedule = SGDSchedule(lr=b.supervised_encoder_lr, epochs=b.supervised_encoder_max_epochs,
-                               batch_size=b.alexnet_batch_size, weight_decay=b.alexnet_weight_decay,
+                               global_batch_size=b.alexnet_global_batch_size, weight_decay=b.alexnet_weight_decay,
                                max_seconds=seconds, checkpoint_every=cfg.sgd.checkpoint_every)
         scores = sgd_fit(f"supervised_{meta['architecture']}_{meta['sha256'][:8]}", model, model, meta["input_size"][-1],
                          schedule, b.alexnet_crop_scale_min, input_fn=input_fn_for(meta), norm=norm_of(meta))
@@ -298,8 +298,8 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:  # noqa: C901 - one readable top
             assert_unchanged(random_encoder, before, "the random-init encoder")
     # ------------------------------------------------------------------ raw pixels
     if cfg.raw_pixels and train.channels * size * size <= 4096:
-        rows.append(fast_row("raw pixels", "raw_pixels", pixel_features(train, size, cfg.batch_size),
-                             pixel_features(test, size, cfg.batch_size), input_size=size))
+        rows.append(fast_row("raw pixels", "raw_pixels", pixel_features(train, size, cfg.batch_size_per_process),
+                             pixel_features(test, size, cfg.batch_size_per_process), input_size=size))
     # ------------------------------------------------------------------ AlexNet baselines
     if b.alexnet_supervised:
         rows.append(alexnet_row())

@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -116,7 +116,7 @@ class ObjectiveConfig:
 @dataclass
 class OptimConfig:
     epochs: int = _f(10, "training epochs")
-    batch_size: int = _f(256, "images per process per step (global batch = batch_size x processes)")
+    batch_size_per_process: int = _f(256, "images per process per step (global batch = this x processes)")
     optimizer: str = _f("lars", "sgd | adamw | lars (timm.optim.create_optimizer_v2)")
     lr: float = _f(0.3, "peak learning rate (after warmup); per 256 images of global batch when optim.lr_scaling is not none")
     lr_scaling: str = _f("none", "none: optim.lr as given | linear: optim.lr x global batch / 256 | sqrt: optim.lr x "
@@ -148,6 +148,9 @@ class Config:
     objective: ObjectiveConfig = _f(ObjectiveConfig(), "objective settings")
     optim: OptimConfig = _f(OptimConfig(), "optimizer settings")
     monitor: MonitorConfig = _f(MonitorConfig(), "online kNN monitor settings")
+
+    # Keys renamed to say what they mean; the old name is refused with one line naming the new one.
+    RENAMED: ClassVar[dict[str, str]] = {"optim.batch_size": "optim.batch_size_per_process"}
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -183,6 +186,9 @@ def _valid_keys(node_path: str, schema: type | None = None) -> list[str]:
 def _explain(err: OmegaConfBaseException, source: str, schema: type | None = None) -> ConfigError:
     key = re.sub(r"\[(\d+)\]", r".\1", getattr(err, "full_key", None) or "?")  # views[0].x -> views.0.x
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        renamed = getattr(schema or Config, "RENAMED", {}).get(key)
+        if renamed:
+            return ConfigError(f"config key '{key}' (from {source}) was renamed to '{renamed}'; use that name")
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         valid = ", ".join(_valid_keys(parent, schema))
         where = f"under '{parent}'" if parent else "at the top level"
@@ -265,7 +271,8 @@ def validate(c: Config) -> None:
     _require(o.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
     _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _require(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
-    _require(o.batch_size >= 2, "optim.batch_size", f"must be >= 2 (InfoNCE needs negatives), got {o.batch_size}")
+    _require(o.batch_size_per_process >= 2, "optim.batch_size_per_process",
+             f"must be >= 2 (InfoNCE needs negatives), got {o.batch_size_per_process}")
     _require(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
     _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {o.grad_clip}")
     lab = d.colour_split == "lab"

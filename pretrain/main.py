@@ -117,15 +117,15 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
     torch.backends.cudnn.benchmark = not cfg.run.deterministic
     main = accelerator.is_main_process
 
-    if len(train_images) < cfg.optim.batch_size * accelerator.num_processes:
+    if len(train_images) < cfg.optim.batch_size_per_process * accelerator.num_processes:
         raise ConfigError(
-            f"bad value for config key 'optim.batch_size': {cfg.optim.batch_size} x {accelerator.num_processes} "
-            f"processes needs at least that many images, the dataset has {len(train_images)}; lower optim.batch_size"
+            f"bad value for config key 'optim.batch_size_per_process': {cfg.optim.batch_size_per_process} x {accelerator.num_processes} "
+            f"processes needs at least that many images, the dataset has {len(train_images)}; lower optim.batch_size_per_process"
         )
     if ffcv:  # FFCV shards across processes itself (distributed=True) and delivers batches on the device
         train_set = None
         loader = FFCVMultiViewLoader(
-            cfg.data.path, cfg.data.views, cfg.optim.batch_size, accelerator.device, seed=cfg.run.seed,
+            cfg.data.path, cfg.data.views, cfg.optim.batch_size_per_process, accelerator.device, seed=cfg.run.seed,
             distributed=accelerator.num_processes > 1, num_workers=max(1, cfg.data.num_workers),
             os_cache=cfg.data.os_cache, batches_ahead=cfg.data.batches_ahead, info=train_images)
     else:
@@ -136,7 +136,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
                           for v in cfg.data.views]
         train_set = MultiViewDataset(train_images, transforms, seed=cfg.run.seed)
         loader = torch.utils.data.DataLoader(
-            train_set, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True,
+            train_set, batch_size=cfg.optim.batch_size_per_process, shuffle=True, drop_last=True,
             num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
         )
 
@@ -173,11 +173,11 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
 
     # ------------------------------------------------------------------ optimizer and per-step schedule (timm)
     trainable = torch.nn.ModuleDict({"model": model, "objective": objective})  # learned critics train too
-    global_batch = cfg.optim.batch_size * accelerator.num_processes
+    global_batch = cfg.optim.batch_size_per_process * accelerator.num_processes
     lr = effective_lr(cfg.optim, global_batch)
     if cfg.optim.lr_scaling != "none":
         accelerator.print(f"lr {lr:g}: optim.lr {cfg.optim.lr:g} x {cfg.optim.lr_scaling} scaling for a global "
-                          f"batch of {global_batch} ({accelerator.num_processes} x {cfg.optim.batch_size})")
+                          f"batch of {global_batch} ({accelerator.num_processes} x {cfg.optim.batch_size_per_process})")
     optimizer = create_optimizer_v2(trainable, opt=cfg.optim.optimizer, lr=lr,
                                     weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -400,7 +400,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:  # noqa: C901 - one
                        # one encoder per view (CMC): the others beside it, for the concatenated probe
                        view_encoders=[(raw_model.encoder_for(v), view_chans[v], ("lab_L", "lab_ab")[v % 2] if lab
                                        else "normalise") for v in range(1, len(raw_model.encoders))])
-        hp = {"arch": cfg.model.arch, "lr": lr, "batch_size": cfg.optim.batch_size,
+        hp = {"arch": cfg.model.arch, "lr": lr, "batch_size_per_process": cfg.optim.batch_size_per_process,
               "bound": cfg.objective.bound, "temperature": cfg.objective.temperature, "processes": accelerator.num_processes}
         tb.hparams(hp, {"hparam/final_loss": float(last.get("loss", float("nan"))),
                         "hparam/knn_top1": knn_top1, "hparam/mi_nats": float(last.get("mi", float("nan")))})

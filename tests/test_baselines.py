@@ -19,7 +19,7 @@ from pretrain.data import MultiViewDataset, build_view_transform
 from pretrain.data.datasets import REGISTRY
 from test_eval import export_dir, report_of, run_eval  # noqa: F401 (fixture)
 
-ALEXNET = ["baselines.alexnet_supervised=true", "baselines.alexnet_batch_size=16", "random_init=false",
+ALEXNET = ["baselines.alexnet_supervised=true", "baselines.alexnet_global_batch_size=16", "random_init=false",
            "raw_pixels=false"]
 
 
@@ -38,7 +38,7 @@ def test_patience_stops_the_fit_when_held_out_accuracy_stalls(tmp_path: Path) ->
     data = MultiViewDataset(images, [build_view_transform(cfg.data.views[0], 3, images.mean, images.std)], seed=0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8))
     scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])
-    schedule = SGDSchedule(lr=0.1, epochs=10, batch_size=16, eval_every=1, patience=2)
+    schedule = SGDSchedule(lr=0.1, epochs=10, global_batch_size=16, eval_every=1, patience=2)
     outcome = fit_classifier(Accelerator(cpu=True), model, model, data, schedule, tmp_path, desc="t",
                              held_out=lambda m: next(scores))
     assert outcome.early_stopped and outcome.converged
@@ -46,7 +46,7 @@ def test_patience_stops_the_fit_when_held_out_accuracy_stalls(tmp_path: Path) ->
 
 
 def test_warmup_and_adamw_for_a_short_budget(tmp_path: Path) -> None:
-    schedule = SGDSchedule(lr=1.0, epochs=1, batch_size=16, warmup_steps=4, optimizer="adamw")
+    schedule = SGDSchedule(lr=1.0, epochs=1, global_batch_size=16, warmup_steps=4, optimizer="adamw")
     assert [round(schedule.factor(s, 100), 3) for s in (0, 1, 3)] == [0.25, 0.5, round(0.5 * (1 + math.cos(0.03 * math.pi)), 3)]
     cfg = Config()
     cfg.data.synthetic_size, cfg.data.synthetic_image_size = 32, 8
@@ -54,7 +54,7 @@ def test_warmup_and_adamw_for_a_short_budget(tmp_path: Path) -> None:
     data = MultiViewDataset(images, [build_view_transform(cfg.data.views[0], 3, images.mean, images.std)], seed=0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8))
     before = model[1].weight.detach().clone()
-    schedule = SGDSchedule(lr=1e-3, epochs=1, batch_size=16, max_steps=1, optimizer="adamw")
+    schedule = SGDSchedule(lr=1e-3, epochs=1, global_batch_size=16, max_steps=1, optimizer="adamw")
     outcome = fit_classifier(Accelerator(cpu=True), model, model, data, schedule, tmp_path, desc="t")
     state = torch.load(next(tmp_path.glob("step_*")) / "state.pt", weights_only=True)
     assert outcome.progress.global_step == 1 and "exp_avg_sq" in state["optimizer"]["state"][0]  # AdamW's moments
@@ -97,7 +97,7 @@ def test_supervised_encoder_row_trains_our_architecture_for_the_budget(export_di
     out = tmp_path / "report"
     report = report_of(run_eval(f"weights={export_dir}", "random_init=false", "raw_pixels=false", f"out={out}",
                                 "baselines.supervised_encoder=true", "baselines.supervised_encoder_seconds=3",
-                                "baselines.alexnet_batch_size=16"), out)
+                                "baselines.alexnet_global_batch_size=16"), out)
     row = next(r for r in report["rows"] if r["kind"] == "supervised_encoder")
     assert row["wall_s"] >= 3 and row["steps"] >= 1 and row["budget_s"] == 3
     assert 0 <= row["top1"] <= 1 and row["feature_dim"] == report["rows"][0]["feature_dim"]

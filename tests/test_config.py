@@ -27,7 +27,7 @@ def test_defaults_and_file_and_overrides_merge() -> None:
         ("data.views.0.sise=3", r"unknown config key 'data.views.0.sise'.*valid keys under 'data.views.0':.*\bsize\b"),
         ("optim.lr=fast", r"bad value for config key 'optim.lr'"),
         ("optim.lr=-1", r"'optim.lr': must be > 0"),
-        ("optim.batch_size=1", r"'optim.batch_size'"),
+        ("optim.batch_size_per_process=1", r"'optim.batch_size_per_process'"),
         ("data.views=[]", r"'data.views': needs at least 2"),
         ("data.dataset=cifar", r"'data.dataset': 'cifar' is not one of fashion_mnist, imagefolder, synthetic"),
         ("run.precision=fp8", r"'run.precision'.*auto, no, bf16, fp16"),
@@ -38,11 +38,25 @@ def test_defaults_and_file_and_overrides_merge() -> None:
         ("model.momentum=1.0", r"'model.momentum': must be in \[0, 1\)"),
         ("model.stem_stride=3", r"'model.stem_stride': must be 1 or 2"),
         ("data.augment=gpu", r"'data.augment': 'gpu' is not one of loader, batch"),
+        ("optim.batch_size=64", r"'optim.batch_size' .* was renamed to 'optim.batch_size_per_process'"),
     ],
 )
 def test_bad_values_name_the_key(override: str, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("old, new", [("batch_size", "batch_size_per_process"), ("sgd.batch_size", "sgd.global_batch_size"),
+                                      ("baselines.alexnet_batch_size", "baselines.alexnet_global_batch_size")])
+def test_renamed_eval_keys_name_their_new_name_also_in_a_file(tmp_path, old: str, new: str) -> None:
+    from eval.config import EvalConfig, validate_eval
+
+    with pytest.raises(ConfigError, match=rf"'{old}' .* was renamed to '{new}'; use that name"):
+        load_config(None, [f"{old}=32", "weights=[x]"], schema=EvalConfig, check=validate_eval)
+    section, _, key = old.rpartition(".")
+    (tmp_path / "old.yaml").write_text(f"{section}:\n  {key}: 32\n" if section else f"{key}: 32\n")
+    with pytest.raises(ConfigError, match=rf"'{old}' \(from .*old.yaml\) was renamed to '{new}'"):
+        load_config(str(tmp_path / "old.yaml"), ["weights=[x]"], schema=EvalConfig, check=validate_eval)
 
 
 @pytest.mark.parametrize(
@@ -125,11 +139,11 @@ def test_lr_scaling_makes_one_config_right_for_any_process_count() -> None:
     optim.lr_scaling = "none"
     assert effective_lr(optim, 2048) == pytest.approx(0.3)
     imagenet = load_config(str(REPO / "configs" / "imagenet_resnet50.yaml")).optim
-    assert effective_lr(imagenet, 8 * imagenet.batch_size) == pytest.approx(2.4)  # what it hard-coded for 8 GPUs
+    assert effective_lr(imagenet, 8 * imagenet.batch_size_per_process) == pytest.approx(2.4)  # what it hard-coded for 8 GPUs
 
 
 def test_effective_lr_is_printed_and_used(run_dir: Path) -> None:
-    proc = run_main(f"run.dir={run_dir}", "optim.lr=0.4", "optim.lr_scaling=linear", "optim.batch_size=32",
+    proc = run_main(f"run.dir={run_dir}", "optim.lr=0.4", "optim.lr_scaling=linear", "optim.batch_size_per_process=32",
                     "run.max_steps=1", "monitor.knn_every=0", "optim.warmup_epochs=0")
     assert "lr 0.05: optim.lr 0.4 x linear scaling for a global batch of 32 (1 x 32)" in proc.stdout
     state = torch.load(next((run_dir / "checkpoints").glob("step_*")) / "state.pt", weights_only=True)

@@ -102,7 +102,7 @@ def test_dataset_without_readable_images_fails_at_start(tmp_path: Path) -> None:
 def test_training_on_imagefolder_skips_and_reports_corrupt_files(tmp_path: Path) -> None:
     bad = make_imagefolder(tmp_path / "data", good_per_class=20, corrupt=3)
     proc = run_main(f"run.dir={tmp_path / 'run'}", "data.dataset=imagefolder", f"data.root={tmp_path / 'data'}",
-                    "optim.batch_size=8", "optim.epochs=2", "monitor.knn_bank=16", "monitor.knn_queries=8")
+                    "optim.batch_size_per_process=8", "optim.epochs=2", "monitor.knn_bank=16", "monitor.knn_queries=8")
     count = int(re.search(r"unreadable images (\d+)", proc.stdout).group(1))
     assert 1 <= count <= 3  # distinct files, however often each was retried
     assert "unreadable images were skipped" in proc.stdout and str(bad[0].parent) in proc.stdout
@@ -125,7 +125,7 @@ def test_val_split_without_a_readable_image_is_one_line_at_start(tmp_path: Path)
     for i in range(3):
         (tmp_path / "data" / "val" / "cat" / f"{i}.jpg").write_bytes(b"not an image")
     proc = run_main(f"run.dir={tmp_path / 'run'}", "data.dataset=imagefolder", f"data.root={tmp_path / 'data'}",
-                    "optim.batch_size=4", "run.max_steps=1", check=False)
+                    "optim.batch_size_per_process=4", "run.max_steps=1", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: none of the 3 images under")
     assert "val" in proc.stderr and not (tmp_path / "run").exists()

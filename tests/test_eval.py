@@ -92,7 +92,7 @@ def test_sgd_probe_stopped_and_resumed_ends_on_the_same_head(tmp_path: Path) -> 
     encoder = create_encoder("test_resnet", 3, small_input=True)
     before = fingerprint(encoder)
     accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0))
-    schedule = SGDSchedule(lr=1.0, epochs=3, batch_size=16, milestones=(2,), checkpoint_every=100)
+    schedule = SGDSchedule(lr=1.0, epochs=3, global_batch_size=16, milestones=(2,), checkpoint_every=100)
 
     def fit(ckpt_dir: Path, stop: StopAfter | None) -> tuple[torch.nn.Linear, object]:
         torch.manual_seed(0)
@@ -137,7 +137,7 @@ def test_linear_probe_uses_every_image_each_epoch(tmp_path: Path) -> None:
     head.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
     data = MultiViewDataset(images, [build_view_transform(cfg.data.views[0], 3, images.mean, images.std)], seed=0)
     outcome = fit_classifier(Accelerator(cpu=True), LinearProbeModel(encoder, head), head, data,
-                             SGDSchedule(lr=0.1, epochs=2, batch_size=16), tmp_path / "ck", desc="t", drop_last=False)
+                             SGDSchedule(lr=0.1, epochs=2, global_batch_size=16), tmp_path / "ck", desc="t", drop_last=False)
     assert outcome.progress.global_step == 6 and outcome.progress.epoch == 2
     assert seen == [16, 16, 8] * 2
 
@@ -166,7 +166,7 @@ def export_dir(tmp_path: Path) -> Path:
 def test_eval_writes_report_with_every_requested_row(export_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
     proc = run_eval(f"weights={export_dir}", f"out={out}", "baselines.alexnet_supervised=true",
-                    "baselines.alexnet_max_steps=2", "baselines.alexnet_batch_size=16", "baselines.published=true")
+                    "baselines.alexnet_max_steps=2", "baselines.alexnet_global_batch_size=16", "baselines.published=true")
     report = report_of(proc, out)
     kinds = [r["kind"] for r in report["rows"]]
     assert kinds == ["ours", "random_init", "raw_pixels", "alexnet_supervised"] + ["published"] * 6
@@ -193,7 +193,7 @@ def test_eval_writes_report_with_every_requested_row(export_dir: Path, tmp_path:
 @pytest.mark.slow
 def test_imagenet_protocol_runs_and_reports_sgd_rows(export_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
-    sgd = ["protocol=imagenet", "sgd.epochs=12", "sgd.milestones=[9]", "sgd.batch_size=32", "sgd.lr=10",
+    sgd = ["protocol=imagenet", "sgd.epochs=12", "sgd.milestones=[9]", "sgd.global_batch_size=32", "sgd.lr=10",
            "sgd.crop_scale_min=0.5"]
     report = report_of(run_eval(f"weights={export_dir}", f"out={out}", "raw_pixels=false", *sgd), out)
     assert [r["protocol"] for r in report["rows"]] == ["imagenet", "imagenet"]
@@ -205,7 +205,7 @@ def test_imagenet_protocol_runs_and_reports_sgd_rows(export_dir: Path, tmp_path:
 @pytest.mark.slow
 def test_two_processes_score_the_same_as_one(export_dir: Path, tmp_path: Path) -> None:
     """No duplicates from padding and no drops: 90 train / 22 test images over 2 ranks, batch 16."""
-    args = [f"weights={export_dir}", "synthetic_size=90", "batch_size=16", "random_init=false", "raw_pixels=false"]
+    args = [f"weights={export_dir}", "synthetic_size=90", "batch_size_per_process=16", "random_init=false", "raw_pixels=false"]
     one = report_of(run_eval(*args, f"out={tmp_path / 'one'}"), tmp_path / "one")
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -283,7 +283,7 @@ def test_learned_encoder_beats_random_init_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "report"
     report = report_of(run_eval(f"weights={export}", f"out={out}", "dataset=fashion_mnist", "limit_train=2000",
                                 "limit_test=500", "raw_pixels=false", "baselines.alexnet_supervised=true",
-                                "baselines.alexnet_max_steps=100", "baselines.alexnet_batch_size=32",
+                                "baselines.alexnet_max_steps=100", "baselines.alexnet_global_batch_size=32",
                                 "baselines.alexnet_epochs=5", "baselines.alexnet_lr=0.03",
                                 "baselines.alexnet_crop_scale_min=1.0"), out)
     ours, random_init, alexnet = report["rows"]
