@@ -17,12 +17,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from torch import nn
 
 from pretrain import checkpoint as ckpt
+from pretrain.resumable import Resumable
 from pretrain.data import MultiViewDataset
-from pretrain.distributed import all_reduce_max_
 from pretrain.stop import StopFlag
 from pretrain.tracking import progress_bar
 
@@ -163,17 +162,17 @@ def fit_classifier(
     total = schedule.total_steps(steps_per_epoch)
 
     eval_every = schedule.eval_every or min(steps_per_epoch, max(1, total // 10))
-    progress, curve, wall_before, early_stopped = ckpt.Progress(), [], 0.0, False
-    loaded = ckpt.load_latest(ckpt_dir, f"delete {ckpt_dir} to fit '{desc}' afresh")
+    loop = Resumable(accelerator, ckpt_dir, schedule.keep_checkpoints)
+    curve, wall_before, early_stopped, finished = [], 0.0, False, False
+    loaded = loop.resume(f"delete {ckpt_dir} to fit '{desc}' afresh")
     if loaded:
         state, path = loaded
         trainable.load_state_dict(state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
-        progress = ckpt.Progress(**state["progress"])
         curve, wall_before = [tuple(p) for p in state.get("held_out", [])], float(state.get("wall_s", 0.0))
-        early_stopped = bool(state.get("early_stopped", False))
-        ckpt.set_rng_state(state["rng"][accelerator.process_index % len(state["rng"])])
-        accelerator.print(f"{desc}: resumed from {path} (epoch {progress.epoch}, step {progress.global_step})")
+        early_stopped, finished = bool(state.get("early_stopped", False)), bool(state.get("finished", False))
+        accelerator.print(f"{desc}: resumed from {path} (epoch {loop.progress.epoch}, step {loop.progress.global_step})")
+    progress = loop.progress
     started = time.perf_counter()
 
     def wall() -> float:
@@ -189,19 +188,15 @@ def fit_classifier(
         early_stopped = bool(schedule.patience) and len(curve) - 1 - best >= schedule.patience
 
     def save() -> None:
-        rngs = gather_object([ckpt.rng_state()])
-        if accelerator.is_main_process:
-            state = {"trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
-                     "progress": vars(progress), "rng": rngs, "held_out": [list(p) for p in curve],
-                     "wall_s": wall(), "early_stopped": early_stopped}
-            ckpt.save(ckpt_dir, state, progress.global_step, schedule.keep_checkpoints)
-        accelerator.wait_for_everyone()
+        loop.save({"trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
+                   "held_out": [list(p) for p in curve], "wall_s": wall(), "early_stopped": early_stopped,
+                   "finished": finished})
 
     bar = progress_bar(total, initial=progress.global_step, desc=desc, disable=not accelerator.is_main_process)
     stopped = over_time = False
     agreed_wall = wall_before  # training time as all ranks agree on it (each rank's own clock differs)
     model.train()
-    while progress.global_step < total and not (stopped or over_time or early_stopped):
+    while progress.global_step < total and not (stopped or over_time or early_stopped or finished):
         train_set.set_epoch(progress.epoch)
         loader.set_epoch(progress.epoch)
         batches = accelerator.skip_first_batches(loader, progress.step_in_epoch) if progress.step_in_epoch else loader
@@ -222,9 +217,7 @@ def fit_classifier(
             if progress.global_step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             # One collective for the stop flag and the clock, so every rank takes the same branch and lr.
-            flags = torch.tensor([float(stop is not None and stop.requested), wall()], dtype=torch.float64,
-                                 device=accelerator.device)
-            requested, agreed_wall = all_reduce_max_(flags).tolist()
+            requested, agreed_wall = loop.agree(float(stop is not None and stop.requested), wall())
             stopped = requested > 0
             over_time = bool(schedule.max_seconds) and agreed_wall >= schedule.max_seconds
             if stopped or over_time or progress.global_step >= total:
@@ -238,6 +231,7 @@ def fit_classifier(
     bar.close()
     if not stopped:
         evaluate()  # the final point of the held-out curve
+        finished = True  # a rerun of a finished fit (a wall-time budget, early stopping) takes no more steps
     save()
     model.eval()
     return None if stopped else FitOutcome(progress, curve, round(wall(), 1), early_stopped)

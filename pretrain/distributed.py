@@ -8,6 +8,9 @@ Their exactness is pinned by tests/test_distributed.py (2 processes == 1 process
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -143,3 +146,18 @@ def convert_global_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     for name, child in module.named_children():
         module.add_module(name, convert_global_batchnorm(child))
     return module
+
+
+def make_accelerator(seed: int, precision: str = "auto") -> Any:
+    """The Accelerator for this process: GPUs when there are, gloo CPU processes otherwise.
+
+    Without a GPU, Accelerate only builds a gloo process group for several processes when told
+    ``cpu=True``; otherwise every rank would think it is alone (and the main process). ``seed``: the
+    shuffling seed, the same on every rank (each rank reads its own shard of each global batch).
+    ``precision``: ``auto`` takes the launch config's mixed precision, else no | bf16 | fp16.
+    """
+    from accelerate import Accelerator, DataLoaderConfiguration
+
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=multi_cpu, mixed_precision=None if precision == "auto" else precision,
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))

@@ -45,6 +45,22 @@ def test_patience_stops_the_fit_when_held_out_accuracy_stalls(tmp_path: Path) ->
     assert [s for s, _ in outcome.held_out] == [1, 2, 3, 4] and outcome.progress.global_step == 4
 
 
+def test_a_finished_wall_time_budget_fit_takes_no_more_steps_when_rerun(tmp_path: Path) -> None:
+    """The supervised-encoder row's fit ends on its clock; rerunning it (a second make demo) resumes the
+    finished checkpoint and trains nothing more."""
+    cfg = Config()
+    cfg.data.synthetic_size, cfg.data.synthetic_image_size = 64, 8
+    images = REGISTRY["synthetic"](cfg, "train")
+    data = MultiViewDataset(images, [build_view_transform(cfg.data.views[0], 3, images.mean, images.std)], seed=0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8))
+    schedule = SGDSchedule(lr=0.1, epochs=1000, global_batch_size=16, max_seconds=0.3)
+    first = fit_classifier(Accelerator(cpu=True), model, model, data, schedule, tmp_path, desc="t")
+    weights = model[1].weight.detach().clone()
+    again = fit_classifier(Accelerator(cpu=True), model, model, data, schedule, tmp_path, desc="t")
+    assert 0 < first.progress.global_step == again.progress.global_step < 1000 * 4
+    assert torch.equal(model[1].weight, weights)
+
+
 def test_warmup_and_adamw_for_a_short_budget(tmp_path: Path) -> None:
     schedule = SGDSchedule(lr=1.0, epochs=1, global_batch_size=16, warmup_steps=4, optimizer="adamw")
     assert [round(schedule.factor(s, 100), 3) for s in (0, 1, 3)] == [0.25, 0.5, round(0.5 * (1 + math.cos(0.03 * math.pi)), 3)]

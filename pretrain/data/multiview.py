@@ -31,6 +31,8 @@ class MultiViewDataset(torch.utils.data.Dataset):
 
     An unreadable image is replaced by the next readable one (so batches keep their size, which
     the cross-rank gather needs) and its path is returned in ``skipped`` to be counted and reported.
+    No transforms: one view, the image as loaded (uint8; ``data.augment=batch`` draws the views per
+    batch on the device), with no per-image seeding.
     """
 
     def __init__(self, base: ImageDataset, transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]], seed: int) -> None:
@@ -45,6 +47,8 @@ class MultiViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label, skipped = load_readable(self.base, index)
+        if not self.transforms:
+            return {"views": [image], "label": label, "index": index, "skipped": "\n".join(skipped)}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
             views = [t(image) for t in self.transforms]

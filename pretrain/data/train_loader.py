@@ -1,0 +1,110 @@
+"""The pretraining input, built in one place: the training loader (FFCV fast path or torchvision)
+and the on-device view steps that turn a loaded batch into the model's views.
+
+On-device steps, in order: views drawn per batch (``data.augment=batch``, :mod:`batch_views`), then
+the Lab split (``data.colour_split=lab``: each RGB view becomes an L and an ab view, :mod:`colour`).
+The FFCV loader applies its own colour steps on the device before handing the batch over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from accelerate import Accelerator
+
+from pretrain.config import Config, ConfigError
+from pretrain.data.batch_views import BatchViews, check_batch_recipe
+from pretrain.data.colour import split_lab
+from pretrain.data.datasets import ImageDataset, build_dataset, build_knn_sets
+from pretrain.data.multiview import MultiViewDataset, collate_skipped
+from pretrain.data.transforms import build_view_transform
+
+
+@dataclass
+class TrainData:
+    """The training loader, the kNN monitor's labelled sets and the on-device view steps."""
+
+    images: Any  # the training ImageDataset, or the .beton's BetonInfo (count, channels, mean/std, classes)
+    loader: Any  # an Accelerate-prepared DataLoader, or an FFCVMultiViewLoader
+    train_set: MultiViewDataset | None  # the torchvision path's dataset (its epoch seeds the augmentations)
+    batch_views: BatchViews | None  # data.augment=batch
+    lab: bool  # data.colour_split=lab
+    view_chans: list[int]  # channels of each model view
+    knn_bank: ImageDataset | None
+    knn_queries: ImageDataset | None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch_batches(self, accelerator: Accelerator, epoch: int, start: int) -> Iterable[dict[str, Any]]:
+        """The batches of ``epoch`` from batch ``start`` on (resume inside an epoch)."""
+        self.loader.set_epoch(epoch)
+        if self.train_set is None:
+            return self.loader.epoch_batches(start)
+        self.train_set.set_epoch(epoch)
+        return accelerator.skip_first_batches(self.loader, start) if start else self.loader
+
+    def views(self, batch: dict[str, Any], epoch: int, step_in_epoch: int, accelerator: Accelerator) -> list[torch.Tensor]:
+        """A loaded batch -> the augmented, normalised views (before any Lab split): V x (B x C x H x W)."""
+        if self.batch_views is None:
+            return batch["views"]
+        return self.batch_views(batch["views"][0].to(accelerator.device), epoch, step_in_epoch, accelerator.process_index)
+
+    def model_views(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Augmented views -> the model's views (the Lab split turns each into L and ab)."""
+        return split_lab(views, self.images.mean, self.images.std) if self.lab else views
+
+    def first_view(self, x: torch.Tensor) -> torch.Tensor:
+        """An eval-transformed batch -> the first model view's input (the kNN monitor's)."""
+        return self.model_views([x])[0]
+
+    @staticmethod
+    def skipped(batch: dict[str, Any]) -> list[str]:
+        return collate_skipped(batch["skipped"])
+
+
+def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
+    """Datasets, loader and view steps for ``cfg.data``; every data error is raised here, before the model."""
+    d, batch = cfg.data, cfg.optim.batch_size_per_process
+    ffcv = d.format == "ffcv"
+    if ffcv:
+        from pretrain.data.beton import require_ffcv
+        from pretrain.data.ffcv_loader import BetonInfo
+
+        require_ffcv()
+        images = BetonInfo(d.path)
+    else:
+        images = build_dataset(cfg, "train")
+    batch_views = None
+    if d.augment == "batch":
+        check_batch_recipe(d.views, images.channels)
+        batch_views = BatchViews(d.views, images.mean, images.std, cfg.run.seed)
+    # The kNN monitor reads small labelled subsets of the source dataset through torchvision either way.
+    bank, queries = (build_knn_sets(cfg, build_dataset(cfg, "train") if ffcv else images)
+                     if cfg.monitor.knn_every else (None, None))
+    if len(images) < batch * accelerator.num_processes:
+        raise ConfigError(
+            f"bad value for config key 'optim.batch_size_per_process': {batch} x {accelerator.num_processes} "
+            f"processes needs at least that many images, the dataset has {len(images)}; lower it"
+        )
+    train_set = None
+    if ffcv:  # FFCV shards across processes itself (distributed=True) and delivers batches on the device
+        from pretrain.data.ffcv_loader import FFCVMultiViewLoader
+
+        loader = FFCVMultiViewLoader(
+            d.path, d.views, batch, accelerator.device, seed=cfg.run.seed, distributed=accelerator.num_processes > 1,
+            num_workers=max(1, d.num_workers), os_cache=d.os_cache, batches_ahead=d.batches_ahead, info=images)
+    else:
+        # data.augment=batch: the loader only collates uint8 images; the views are drawn per batch on the device
+        transforms = [] if batch_views is not None else [
+            build_view_transform(v, images.channels, images.mean, images.std) for v in d.views]
+        train_set = MultiViewDataset(images, transforms, seed=cfg.run.seed)
+        loader = accelerator.prepare(torch.utils.data.DataLoader(
+            train_set, batch_size=batch, shuffle=True, drop_last=True, num_workers=d.num_workers,
+            pin_memory=accelerator.device.type == "cuda"))
+    lab = d.colour_split == "lab"
+    # With the Lab split each loaded RGB view becomes an L view (1 channel) and an ab view (2 channels).
+    view_chans = [1, 2] * len(d.views) if lab else [images.channels] * len(d.views)
+    return TrainData(images, loader, train_set, batch_views, lab, view_chans, bank, queries)

@@ -1,0 +1,339 @@
+"""The pretraining loop's parts, which ``pretrain.main.train`` calls in order: the model and objective,
+the optimizer and schedule, resuming, one epoch, the kNN monitor, and the summary with the export.
+
+:class:`Run` holds what one run needs across them (the DINO ``train_one_epoch`` shape: the entry
+point builds, this module loops).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from pretrain.config import Config, ConfigError, effective_lr, to_yaml
+from pretrain.data.train_loader import TrainData
+from pretrain.distributed import convert_global_batchnorm
+from pretrain.engine import StepResult, train_step
+from pretrain.export import export_encoder
+from pretrain.features import ImageListDataset, knn_monitor
+from pretrain.models import LocalGlobalModel, MultiViewModel, width_kwargs
+from pretrain.momentum import MomentumKeys
+from pretrain.objectives import build_objective
+from pretrain.online_probe import OnlineProbe
+from pretrain.resumable import Resumable
+from pretrain.stop import StopFlag
+from pretrain.tracking import TensorBoard, Throughput, progress_bar
+
+
+@dataclass
+class Parts:
+    """The trainable parts: model, objective (with any learned critic and the queue), momentum key
+    model, online probe and its optimizer."""
+
+    model: nn.Module
+    objective: nn.Module
+    key_model: MomentumKeys | None
+    probe: nn.Module | None
+    probe_optimizer: torch.optim.Optimizer | None
+    learned_critic: bool
+
+
+def build_parts(cfg: Config, data: TrainData, accelerator: Accelerator) -> Parts:
+    """Model (one encoder per view or shared, heads), objective, MoCo's key model, the online probe."""
+    views = data.view_chans
+    if cfg.objective.name in ("amdim", "dim"):
+        # DIM reads only the deepest map; building a head for the other would leave DDP an unused parameter.
+        stages = cfg.objective.local_stages if cfg.objective.name == "amdim" else cfg.objective.local_stages[-1:]
+        model: nn.Module = LocalGlobalModel(cfg.model, views[0], len(views), stages)
+    else:
+        model = MultiViewModel(cfg.model, views, len(views))
+    if cfg.model.sync_bn and accelerator.num_processes > 1:
+        # Per-rank BN statistics let a contrastive model find its positives through batch statistics,
+        # and make W ranks differ from one process with the W*B batch. torch's SyncBatchNorm runs on GPUs.
+        model = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if accelerator.device.type == "cuda"
+                 else convert_global_batchnorm(model))
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    objective = build_objective(cfg.objective, len(views), cfg.model.head_dims[-1])
+    # MoCo's key encoder and head: an EMA copy of the online model, never DDP-wrapped (no gradient).
+    key_model = MomentumKeys(model, cfg.model.momentum).to(accelerator.device) if cfg.objective.queue_size else None
+    # The online probe: labels train only this head, on detached features, with its own optimizer.
+    probe = probe_optimizer = None
+    if cfg.monitor.online_probe and data.images.num_classes >= 2:
+        probe = accelerator.prepare_model(OnlineProbe(model.feature_dim, data.images.num_classes))  # DDP: same on every rank
+        probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=cfg.monitor.online_probe_lr, weight_decay=0.0)
+    learned_critic = any(p.requires_grad for p in objective.parameters())
+    return Parts(model, objective, key_model, probe, probe_optimizer, learned_critic)
+
+
+def build_optimizer(cfg: Config, parts: Parts, accelerator: Accelerator, steps_per_epoch: int) -> tuple[Any, Any, float]:
+    """(optimizer, per-step scheduler, effective lr) from timm; wraps model (and a learned critic) for DDP."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    trainable = torch.nn.ModuleDict({"model": parts.model, "objective": parts.objective})  # learned critics train too
+    global_batch = cfg.optim.batch_size_per_process * accelerator.num_processes
+    lr = effective_lr(cfg.optim, global_batch)
+    if cfg.optim.lr_scaling != "none":
+        accelerator.print(f"lr {lr:g}: optim.lr {cfg.optim.lr:g} x {cfg.optim.lr_scaling} scaling for a global batch "
+                          f"of {global_batch} ({accelerator.num_processes} x {cfg.optim.batch_size_per_process})")
+    optimizer = create_optimizer_v2(trainable, opt=cfg.optim.optimizer, lr=lr,
+                                    weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
+    parts.model, optimizer = accelerator.prepare(parts.model, optimizer)
+    # A critic with parameters gets its own DDP wrapper (DDP refuses a module without any).
+    parts.objective = (accelerator.prepare(parts.objective) if parts.learned_critic
+                       else parts.objective.to(accelerator.device))
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched="cosine", num_epochs=cfg.optim.epochs, warmup_epochs=cfg.optim.warmup_epochs,
+        updates_per_epoch=steps_per_epoch, min_lr=cfg.optim.min_lr, warmup_lr=0.0, step_on_epochs=False,
+    )
+    return optimizer, scheduler, lr
+
+
+@dataclass
+class Run:
+    """One pretraining run in progress: its config, parts, position and reporting."""
+
+    cfg: Config
+    accelerator: Accelerator
+    data: TrainData
+    parts: Parts
+    optimizer: Any
+    scheduler: Any
+    lr: float
+    loop: Resumable
+    total_steps: int
+    tb: TensorBoard | None = None
+    bar: Any = None
+    stop: StopFlag = field(default_factory=StopFlag)
+    meter: Throughput = field(default_factory=Throughput)
+    started: float = 0.0
+    seconds_before: float = 0.0
+    steps_this_run: int = 0
+    last: dict[str, float] = field(default_factory=dict)  # the last logged (rank-averaged) diagnostics
+    knn_top1: float = float("nan")
+    probe_top1: float | None = None
+    knn_step: int = -1
+    stopped_by: str = ""
+
+    @property
+    def progress(self) -> Any:
+        return self.loop.progress
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def raw_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.parts.model)
+
+    @property
+    def raw_objective(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.parts.objective)
+
+    def restore(self, state: dict[str, Any], path: Path) -> None:
+        """Load every part's state from a checkpoint (position and RNG: :meth:`Resumable.resume`)."""
+        p, acc = self.parts, self.accelerator
+        self.raw_model.load_state_dict(state["model"])
+        self.raw_objective.load_state_dict(state["objective"])
+        if p.key_model is not None:
+            if state.get("momentum_model") is None:
+                raise ConfigError(f"{path} was written without objective.queue_size; resume it without the queue "
+                                  "or start the queued run in a new run.dir")
+            p.key_model.load_state_dict(state["momentum_model"])
+        if p.probe is not None and state.get("online_probe"):
+            acc.unwrap_model(p.probe).load_state_dict(state["online_probe"])
+            p.probe_optimizer.load_state_dict(state["online_probe_optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if acc.scaler is not None and state.get("scaler"):
+            acc.scaler.load_state_dict(state["scaler"])
+
+    def save(self) -> Path | None:
+        """A checkpoint of everything (all ranks call; rank 0 writes); returns its path on rank 0."""
+        self.progress.train_seconds = self.seconds_before + time.perf_counter() - self.started
+        p, acc = self.parts, self.accelerator
+        return self.loop.save({
+            "model": self.raw_model.state_dict(),
+            "objective": self.raw_objective.state_dict(),  # includes the momentum queue
+            "momentum_model": p.key_model.state_dict() if p.key_model is not None else None,
+            "online_probe": acc.unwrap_model(p.probe).state_dict() if p.probe is not None else None,
+            "online_probe_optimizer": p.probe_optimizer.state_dict() if p.probe is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            "config": to_yaml(self.cfg),
+        })
+
+    def start_reporting(self, run_dir: Path) -> None:
+        self.tb = TensorBoard(run_dir / "tb", enabled=self.main)
+        self.tb.text("config", to_yaml(self.cfg))
+        self.stop.install()
+        self.bar = progress_bar(self.total_steps, initial=self.progress.global_step, disable=not self.main, desc="pretrain")
+        self.started, self.seconds_before = time.perf_counter(), self.progress.train_seconds
+
+    def run_knn(self) -> None:
+        """The kNN monitor and the online probe on the held-out queries (main process), logged and printed."""
+        cfg, progress = self.cfg, self.progress
+        if self.main:
+            size = cfg.data.views[0].size
+            probe = self.accelerator.unwrap_model(self.parts.probe) if self.parts.probe else None
+            self.knn_top1, self.probe_top1 = knn_monitor(
+                self.raw_model.encoder_for(0), ImageListDataset(self.data.knn_bank, size),
+                ImageListDataset(self.data.knn_queries, size), self.accelerator, cfg.monitor.knn_k,
+                cfg.monitor.knn_temperature, cfg.data.num_workers, input_fn=self.data.first_view, probe=probe)
+            self.tb.scalars({"monitor/knn_top1": self.knn_top1}, progress.global_step)
+            line = f"epoch {progress.epoch} (step {progress.global_step}): kNN top-1 {self.knn_top1:.2%} (k={cfg.monitor.knn_k})"
+            if self.probe_top1 is not None and progress.global_step:  # an untrained probe's score means nothing
+                self.tb.scalars({"monitor/online_probe_top1": self.probe_top1}, progress.global_step)
+                line += f"   online probe top-1 {self.probe_top1:.2%}"
+            self.bar.write(line)
+        self.knn_step = progress.global_step
+        self.accelerator.wait_for_everyone()
+        self.parts.model.train()
+
+
+def train_one_epoch(run: Run) -> bool:
+    """Train from the current position to the end of the epoch; False when it ended early (a stop
+    request, ``run.max_steps``). Checkpoints every ``run.checkpoint_every`` steps."""
+    cfg, acc, progress, parts, data = run.cfg, run.accelerator, run.progress, run.parts, run.data
+    t_ready = time.perf_counter()
+    for batch in data.epoch_batches(acc, progress.epoch, progress.step_in_epoch):
+        run.meter.wait += time.perf_counter() - t_ready
+        views = data.views(batch, progress.epoch, progress.step_in_epoch, acc)
+        if progress.global_step == 0 and run.steps_this_run == 0:
+            run.tb.views(views, data.images.mean, data.images.std)
+        progress.note_unreadable(data.skipped(batch))
+        probe = (parts.probe, parts.probe_optimizer, batch["label"].to(acc.device)) if parts.probe else None
+        result = train_step(acc, parts.model, parts.objective, run.optimizer, data.model_views(views),
+                            grad_clip=cfg.optim.grad_clip, skip_nonfinite=cfg.optim.skip_nonfinite,
+                            stop_requested=run.stop.requested, step=progress.global_step,
+                            channels_last=cfg.model.channels_last, key_model=parts.key_model, probe=probe)
+        if result.grad_norm is None:
+            progress.skipped_steps += 1
+        progress.step_in_epoch += 1
+        progress.global_step += 1
+        run.steps_this_run += 1
+        run.scheduler.step_update(progress.global_step)
+        run.meter.images += batch["views"][0].shape[0] * acc.num_processes
+        run.bar.update(1)
+        if progress.global_step % cfg.run.log_every == 0 or progress.global_step == run.total_steps:
+            log_step(run, result)
+        if result.stop:
+            run.stopped_by = run.stop.signal_name or "signal on another rank"
+        elif progress.global_step % cfg.run.checkpoint_every == 0:
+            run.save()
+        if run.stopped_by or (progress.global_step >= run.total_steps and progress.step_in_epoch < len(data)):
+            return False  # mid-epoch: a stop request or run.max_steps
+        t_ready = time.perf_counter()
+    return True
+
+
+def log_step(run: Run, result: StepResult) -> None:
+    """Rank-averaged diagnostics, lr, throughput -> TensorBoard and the progress bar."""
+    extra = {"online_probe_loss": result.probe_loss} if result.probe_loss is not None else {}
+    names = ["loss", *result.diag, *extra]
+    values = torch.stack([result.loss.float(), *(v.float() for v in [*result.diag.values(), *extra.values()])])
+    run.last = dict(zip(names, run.accelerator.reduce(values, reduction="mean").tolist()))
+    images_per_s, wait_frac = run.meter.read()
+    scalars = {f"train/{k}": v for k, v in run.last.items()}
+    scalars.update({"train/lr": run.optimizer.param_groups[0]["lr"], "perf/images_per_s": images_per_s,
+                    "perf/data_wait_frac": wait_frac, "train/skipped_steps": run.progress.skipped_steps})
+    if result.grad_norm is not None:
+        scalars["train/grad_norm"] = float(result.grad_norm)
+    run.tb.scalars(scalars, run.progress.global_step)
+    run.bar.set_postfix(loss=f"{run.last['loss']:.3f}", mi=f"{run.last['mi']:.2f}/{run.last['log_k']:.2f}",
+                        img_s=f"{images_per_s:.0f}")
+
+
+def finish(run: Run, run_dir: Path, checkpoint_path: Path | None) -> dict[str, Any]:
+    """The summary (returned, in the export and printed), the export and TensorBoard's hparams."""
+    cfg, acc, progress, last = run.cfg, run.accelerator, run.progress, run.last
+    elapsed = time.perf_counter() - run.started
+    summary: dict[str, Any] = {
+        "steps": progress.global_step,
+        "epochs_completed": progress.epoch,
+        "steps_this_run": run.steps_this_run,
+        "seconds_this_run": round(elapsed, 1),
+        "pretrain_seconds": round(progress.train_seconds, 1),  # over all resumes: the supervised-encoder budget
+        "final_loss": last.get("loss"),
+        "mi_estimate_nats": last.get("mi"),
+        "log_k": last.get("log_k"),
+        "knn_top1": None if math.isnan(run.knn_top1) else run.knn_top1,
+        "online_probe_top1": run.probe_top1 if progress.global_step else None,
+        "skipped_steps": progress.skipped_steps,
+        "unreadable_images": progress.unreadable_count,
+        "stopped_by": run.stopped_by or None,
+        "processes": acc.num_processes,
+    }
+    export_dir = run_dir / "export"
+    if run.main and not run.stopped_by and cfg.run.export:
+        export(run, export_dir, summary)
+    run.tb.close()
+    acc.wait_for_everyone()
+    if run.main:
+        print_summary(run, summary, elapsed, run_dir, checkpoint_path, export_dir)
+    return summary
+
+
+def export(run: Run, export_dir: Path, summary: dict[str, Any]) -> None:
+    """The first view's encoder for timm (and every other view's beside it), plus TensorBoard's hparams."""
+    cfg, data, model = run.cfg, run.data, run.raw_model
+    transform = (lambda v: ("lab_L", "lab_ab")[v % 2]) if data.lab else (lambda v: "normalise")
+    export_encoder(model.encoder_for(0), export_dir, arch=cfg.model.arch, in_chans=data.view_chans[0],
+                   input_size=cfg.data.views[0].size, mean=data.images.mean, std=data.images.std,
+                   small_input=cfg.model.small_input, stem_stride=cfg.model.stem_stride,
+                   timm_kwargs=width_kwargs(cfg.model.arch, cfg.model.width), summary=summary,
+                   input_transform=transform(0),
+                   # one encoder per view (CMC): the others beside it, for the concatenated probe
+                   view_encoders=[(model.encoder_for(v), data.view_chans[v], transform(v))
+                                  for v in range(1, len(model.encoders))])
+    hp = {"arch": cfg.model.arch, "lr": run.lr, "batch_size_per_process": cfg.optim.batch_size_per_process,
+          "bound": cfg.objective.bound, "temperature": cfg.objective.temperature,
+          "processes": run.accelerator.num_processes}
+    run.tb.hparams(hp, {"hparam/final_loss": float(run.last.get("loss", float("nan"))),
+                        "hparam/knn_top1": run.knn_top1, "hparam/mi_nats": float(run.last.get("mi", float("nan")))})
+
+
+def print_summary(run: Run, summary: dict[str, Any], elapsed: float, run_dir: Path, checkpoint_path: Path | None,
+                  export_dir: Path) -> None:
+    cfg, progress = run.cfg, run.progress
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    state = f"stopped ({run.stopped_by})" if run.stopped_by else "finished"
+    lines = [
+        "",
+        f"infomax pretraining {state}: step {progress.global_step}/{run.total_steps}, epoch {progress.epoch}/"
+        f"{cfg.optim.epochs}, {run.steps_this_run} steps in {elapsed:.0f}s on {run.accelerator.num_processes} process(es)",
+        f"  loss {fmt(summary['final_loss'], '.4f')}   MI bound {fmt(summary['mi_estimate_nats'], '.3f')} nats "
+        f"(ceiling log K = {fmt(summary['log_k'], '.3f')})   kNN top-1 {fmt(summary['knn_top1'], '.2%')}"
+        + (f"   online probe top-1 {summary['online_probe_top1']:.2%}" if summary["online_probe_top1"] is not None else ""),
+        f"  skipped steps {progress.skipped_steps}   unreadable images {progress.unreadable_count}",
+        f"  run dir {run_dir}   checkpoint {checkpoint_path}",
+    ]
+    if run.stopped_by:
+        lines.append("  re-run the same command to resume from the checkpoint")
+    elif cfg.run.export:
+        lines.append(f"  export {export_dir}/encoder.safetensors   tensorboard --logdir {run_dir / 'tb'}")
+    print("\n".join(lines), flush=True)
+
+
+def already_complete(run: Run, run_dir: Path) -> dict[str, Any] | None:
+    """A finished run rerun with the same budget: say so, change nothing, return its summary; else None."""
+    progress, cfg = run.progress, run.cfg
+    export_json = run_dir / "export" / "config.json"
+    if not ((progress.global_step >= run.total_steps or progress.epoch >= cfg.optim.epochs)
+            and (export_json.is_file() or not cfg.run.export)):
+        return None
+    run.accelerator.print(f"infomax pretraining: run dir {run_dir} is already complete (step {progress.global_step}"
+                          f"/{run.total_steps}, epoch {progress.epoch}/{cfg.optim.epochs}); nothing to do. Raise "
+                          "optim.epochs or run.max_steps to continue it, or pick a new run.dir")
+    return json.loads(export_json.read_text()).get("summary", {}) if export_json.is_file() else {}

@@ -1,0 +1,53 @@
+"""What every resumable loop shares: pretraining and the eval stage's SGD fits (the imagenet-protocol
+probe, the supervised baselines).
+
+A :class:`Resumable` owns the loop's checkpoint directory and position (:class:`Progress`): it
+resumes from the newest intact checkpoint (position and every rank's RNG restored, the caller's
+state returned), saves atomically from rank 0 with every rank's RNG and a barrier after, and gives
+the ranks one way to agree (the max over ranks of a few flags, e.g. a stop request and a clock), so
+every rank takes the same branch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from pretrain import checkpoint as ckpt
+from pretrain.distributed import all_reduce_max_
+
+
+class Resumable:
+    def __init__(self, accelerator: Accelerator, directory: Path, keep: int) -> None:
+        self.accelerator, self.directory, self.keep = accelerator, directory, keep
+        self.progress = ckpt.Progress()
+
+    def resume(self, fresh_start_hint: str) -> tuple[dict[str, Any], Path] | None:
+        """(the caller's state, its path) from the newest intact checkpoint, with the position and this
+        rank's RNG already restored; None when there is none. All damaged: CheckpointError naming them."""
+        loaded = ckpt.load_latest(self.directory, fresh_start_hint)
+        if loaded:
+            state, _ = loaded
+            self.progress = ckpt.Progress(**state["progress"])
+            rngs = state["rng"]
+            ckpt.set_rng_state(rngs[self.accelerator.process_index % len(rngs)])
+        return loaded
+
+    def save(self, state: dict[str, Any]) -> Path | None:
+        """Write ``state`` + position + every rank's RNG (rank 0 writes; all ranks call). Returns the path on rank 0."""
+        rngs = gather_object([ckpt.rng_state()])
+        path = None
+        if self.accelerator.is_main_process:
+            path = ckpt.save(self.directory, {**state, "progress": vars(self.progress), "rng": rngs},
+                             self.progress.global_step, self.keep)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def agree(self, *values: float) -> list[float]:
+        """The max over ranks of each value: one collective, so every rank decides alike."""
+        flags = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return all_reduce_max_(flags).tolist()
