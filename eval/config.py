@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from pretrain.config import ConfigError, _f
+from pretrain.config import CHOICES, ConfigError, _f
 
 
 @dataclass
@@ -49,7 +49,7 @@ class BaselinesConfig:
 @dataclass
 class EvalConfig:
     weights: list[str] = _f([], "export directories to evaluate (weights=runs/x/export, or [a,b] for several)")
-    dataset: str = _f("fashion_mnist", "fashion_mnist | imagefolder | synthetic (train split for fitting, test/val for scoring)")
+    dataset: str = _f("fashion_mnist", f"{' | '.join(CHOICES['data.dataset'])} (train split for fitting, test/val for scoring)")
     root: str = _f("", "dataset directory; empty = the dataset's default")
     train_beton: str = _f("", "extract the train split's features from this .beton (FFCV) instead of decoding dataset/root")
     test_beton: str = _f("", "extract the test split's features from this .beton (FFCV)")
@@ -88,8 +88,8 @@ def validate_eval(c: EvalConfig) -> None:
             raise ConfigError(f"bad value for config key '{key}': {msg}")
 
     require(len(c.weights) >= 1 or c.store_baselines, "weights", "give at least one export directory, e.g. weights=runs/fmnist_cpu/export")
-    require(c.dataset in ("fashion_mnist", "imagefolder", "synthetic"), "dataset",
-            f"'{c.dataset}' is not one of fashion_mnist, imagefolder, synthetic")
+    datasets = CHOICES["data.dataset"]
+    require(c.dataset in datasets, "dataset", f"'{c.dataset}' is not one of {', '.join(datasets)}")
     require(c.protocol in ("fast", "imagenet"), "protocol", f"'{c.protocol}' is not one of fast, imagenet")
     require(len(c.weight_decays) >= 1 and min(c.weight_decays) >= 0, "weight_decays", "needs values >= 0")
     require(all(k >= 1 for k in c.knn_k), "knn_k", "needs values >= 1")

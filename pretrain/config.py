@@ -67,7 +67,7 @@ class ViewConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("synthetic", "fashion_mnist | imagefolder | synthetic")
+    dataset: str = _f("synthetic", "fashion_mnist | imagefolder | synthetic (pretrain.data.datasets.REGISTRY)")
     root: str = _f("", "dataset directory; empty = the dataset's default (Fashion-MNIST: /usr/share/datasets/fashion-mnist)")
     num_workers: int = _f(2, "DataLoader worker processes per training process (FFCV: decoding threads)")
     format: str = _f("torchvision", "torchvision (decode with PIL/torchvision) | ffcv (read data.path, a .beton: the fast path)")

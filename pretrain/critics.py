@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.config import CHOICES
+
 
 class CosineCritic(nn.Module):
     """Separable: cos(q, k) / temperature (SimCLR, CMC)."""
@@ -56,7 +58,7 @@ class ConcatCritic(nn.Module):
         return self.net.to(q.dtype)(pairs).squeeze(-1)
 
 
-CRITICS = ("cosine", "dot", "bilinear", "concat")
+CRITICS = CHOICES["objective.critic"]
 
 
 def build_critic(name: str, dim: int, temperature: float) -> nn.Module:

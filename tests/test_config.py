@@ -148,3 +148,21 @@ def test_effective_lr_is_printed_and_used(run_dir: Path) -> None:
     assert "lr 0.05: optim.lr 0.4 x linear scaling for a global batch of 32 (1 x 32)" in proc.stdout
     state = torch.load(next((run_dir / "checkpoints").glob("step_*")) / "state.pt", weights_only=True)
     assert state["scheduler"]["base_values"] == [pytest.approx(0.05)] * len(state["scheduler"]["base_values"])
+
+
+def test_every_list_of_choices_has_one_source() -> None:
+    """CHOICES is the list; the dataset registry, the critics, the eval schema and each help text follow it."""
+    import dataclasses
+
+    from eval.config import EvalConfig, validate_eval
+    from pretrain.config import CHOICES, Config
+    from pretrain.critics import CRITICS
+    from pretrain.data.datasets import REGISTRY
+
+    assert tuple(REGISTRY) == CHOICES["data.dataset"] and CRITICS == CHOICES["objective.critic"]
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        field = {f.name: f for f in dataclasses.fields(getattr(Config(), section))}[name]
+        assert all(c in field.metadata["help"] for c in choices), key  # the help text names every choice
+    with pytest.raises(ConfigError, match="'mnist' is not one of fashion_mnist, imagefolder, synthetic"):
+        load_config(None, ["dataset=mnist", "weights=[x]"], schema=EvalConfig, check=validate_eval)

@@ -22,7 +22,7 @@ from eval.features import EncoderChanged, assert_unchanged, fingerprint
 from eval.probe import choose_weight_decay, linear_probe
 from pretrain.config import Config
 from pretrain.data import MultiViewDataset, build_view_transform
-from pretrain.data.datasets import REGISTRY, spaced_subset
+from pretrain.data.datasets import open_dataset, spaced_subset
 from pretrain.features import ImageListDataset
 from pretrain.export import export_encoder
 from pretrain.models import create_encoder
@@ -88,7 +88,8 @@ def test_sgd_probe_stopped_and_resumed_ends_on_the_same_head(tmp_path: Path) -> 
     """The imagenet protocol's loop: frozen encoder + BN, checkpoint on stop, exact resume."""
     cfg = Config()
     cfg.data.dataset, cfg.data.synthetic_size, cfg.data.synthetic_image_size = "synthetic", 64, 16
-    images = REGISTRY["synthetic"](cfg, "train")
+    images = open_dataset("synthetic", "train", synthetic_size=cfg.data.synthetic_size,
+                          synthetic_image_size=cfg.data.synthetic_image_size)
     encoder = create_encoder("test_resnet", 3, small_input=True)
     before = fingerprint(encoder)
     accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0))
@@ -130,7 +131,8 @@ def test_linear_probe_uses_every_image_each_epoch(tmp_path: Path) -> None:
     """No drop_last for the probe: 40 images in batches of 16 are 3 steps per epoch, the last one of 8."""
     cfg = Config()
     cfg.data.dataset, cfg.data.synthetic_size, cfg.data.synthetic_image_size = "synthetic", 40, 16
-    images = REGISTRY["synthetic"](cfg, "train")
+    images = open_dataset("synthetic", "train", synthetic_size=cfg.data.synthetic_size,
+                          synthetic_image_size=cfg.data.synthetic_image_size)
     encoder = create_encoder("test_resnet", 3, small_input=True)
     head = torch.nn.Linear(encoder.num_features, 8)
     seen: list[int] = []
@@ -274,9 +276,8 @@ def test_learned_encoder_beats_random_init_end_to_end(tmp_path: Path) -> None:
     """Real Fashion-MNIST through the whole stage: an encoder that learned the classes must score
     clearly above the random-init row, and the AlexNet trained here must beat chance."""
     torch.manual_seed(0)
-    cfg = Config()
     encoder = create_encoder("test_resnet", 1, small_input=True)
-    train_supervised(encoder, spaced_subset(REGISTRY["fashion_mnist"](cfg, "train"), 2000), steps=90, size=28)
+    train_supervised(encoder, spaced_subset(open_dataset("fashion_mnist", "train"), 2000), steps=90, size=28)
     export = tmp_path / "learned" / "export"
     export_encoder(encoder, export, arch="test_resnet", in_chans=1, input_size=28, mean=(0.2860,), std=(0.3530,),
                    small_input=True, summary={})

@@ -137,11 +137,12 @@ def test_writer_round_trip_and_json(tmp_path: Path) -> None:
     from ffcv.loader import Loader, OrderOption
 
     from pretrain.config import Config
-    from pretrain.data.datasets import REGISTRY
+    from pretrain.data.datasets import open_dataset
 
     cfg = Config()
     cfg.data.synthetic_size, cfg.data.synthetic_image_size = 64, 16
-    source = REGISTRY["synthetic"](cfg, "train")
+    source = open_dataset("synthetic", "train", synthetic_size=cfg.data.synthetic_size,
+                          synthetic_image_size=cfg.data.synthetic_image_size)
     loader = Loader(str(syn), batch_size=16, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
                     pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
     images, labels = zip(*[(x, y) for x, y in loader])

@@ -24,8 +24,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pretrain.config import Config, ConfigError
-from pretrain.data.datasets import REGISTRY, DataError, ImageDataset, Subset, UnreadableImage
+from pretrain.config import ConfigError
+from pretrain.data.datasets import REGISTRY, DataError, ImageDataset, Subset, UnreadableImage, open_dataset
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
 FATAL = "FATAL"
@@ -117,10 +117,8 @@ def validate(args: argparse.Namespace) -> ImageDataset:
         raise bad("--out", f"'{out}' should end in .beton")
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
         raise bad("--out", f"directory '{out.parent}' does not exist or is not writable")
-    cfg = Config()
-    cfg.data.dataset, cfg.data.root = args.dataset, args.root
-    cfg.data.synthetic_size, cfg.data.synthetic_image_size = args.synthetic_size, args.synthetic_image_size
-    dataset = REGISTRY[args.dataset](cfg, "train" if args.split == "train" else "test")
+    dataset = open_dataset(args.dataset, "train" if args.split == "train" else "test", args.root,
+                           synthetic_size=args.synthetic_size, synthetic_image_size=args.synthetic_image_size)
     if args.limit:
         dataset = Subset(dataset, list(range(min(args.limit, len(dataset)))))
     if len(dataset) == 0:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import gzip
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -188,18 +188,32 @@ class ImageFolder(ImageDataset):
 
 
 # --------------------------------------------------------------------------- registry
-def _synthetic(cfg: Config, split: str) -> ImageDataset:
-    d = cfg.data
-    size = d.synthetic_size if split == "train" else max(d.synthetic_size // 4, 2 * d.synthetic_classes)
+def _synthetic(split: str, root: str = "", *, synthetic_size: int = 2048, synthetic_classes: int = 8,
+               synthetic_image_size: int = 32, seed: int = 0) -> ImageDataset:
+    size = synthetic_size if split == "train" else max(synthetic_size // 4, 2 * synthetic_classes)
     # The held-out split draws from another seed: different images, same classes.
-    return Synthetic(size, d.synthetic_classes, d.synthetic_image_size, seed=cfg.run.seed + (0 if split == "train" else 7919))
+    return Synthetic(size, synthetic_classes, synthetic_image_size, seed=seed + (0 if split == "train" else 7919))
 
 
-REGISTRY: dict[str, Callable[[Config, str], ImageDataset]] = {
-    "fashion_mnist": lambda cfg, split: FashionMNIST(cfg.data.root, split),
-    "imagefolder": lambda cfg, split: ImageFolder(cfg.data.root, "train" if split == "train" else "val"),
+REGISTRY: dict[str, Callable[..., ImageDataset]] = {  # name -> builder(split, root, **options)
+    "fashion_mnist": lambda split, root="", **_: FashionMNIST(root, split),
+    "imagefolder": lambda split, root="", **_: ImageFolder(root, "train" if split == "train" else "val"),
     "synthetic": _synthetic,
 }
+
+
+def open_dataset(name: str, split: str, root: str = "", **options: Any) -> ImageDataset:
+    """The ``split`` ("train" or "test"; ImageFolder reads val/ for "test") of dataset ``name``.
+
+    Independent of any configuration; ``options`` are the synthetic dataset's (``synthetic_size``,
+    ``synthetic_classes``, ``synthetic_image_size``, ``seed``) and are ignored by the others."""
+    return REGISTRY[name](split, root, **options)
+
+
+def _pretrain_split(cfg: Config, split: str) -> ImageDataset:
+    d = cfg.data
+    return open_dataset(d.dataset, split, d.root, synthetic_size=d.synthetic_size, synthetic_classes=d.synthetic_classes,
+                        synthetic_image_size=d.synthetic_image_size, seed=cfg.run.seed)
 
 
 class Subset(ImageDataset):
@@ -225,7 +239,7 @@ def spaced_subset(ds: ImageDataset, n: int, offset: int = 0) -> ImageDataset:
 
 def build_dataset(cfg: Config, split: str = "train") -> ImageDataset:
     """The training (or held-out) dataset named by ``data.dataset``; fails early on bad paths."""
-    ds = REGISTRY[cfg.data.dataset](cfg, split)
+    ds = _pretrain_split(cfg, split)
     if isinstance(ds, ImageFolder):
         ds.check_readable()
     if split == "train" and cfg.data.limit:
@@ -243,7 +257,7 @@ def build_knn_sets(cfg: Config, train: ImageDataset) -> tuple[ImageDataset, Imag
     """
     m = cfg.monitor
     try:
-        held_out = REGISTRY[cfg.data.dataset](cfg, "test")
+        held_out = _pretrain_split(cfg, "test")
     except DataError:  # no held-out split
         return disjoint_subsets(train, m.knn_bank, m.knn_queries)
     if isinstance(held_out, ImageFolder):  # a val/ split that exists but cannot be decoded is an error

@@ -1,0 +1,264 @@
+"""Each row of the eval report, computed one way: our exports (CMC's concatenated views and the first
+view alone), random init, raw pixels, the supervised AlexNet (trained here or stored), our
+architecture trained with labels, AlexNet conv probes. ``eval.main.evaluate`` decides which rows.
+
+:class:`Rows` holds what every row needs: the splits, the accelerator, the output directory and the
+stop flag of the resumable SGD fits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from omegaconf import OmegaConf
+from torch import nn
+from torchvision.transforms import v2
+
+from eval.baselines import AlexNetConvFeatures, supervised_alexnet
+from eval.classifier import LinearProbeModel, SGDSchedule, fit_classifier
+from eval.features import ConcatViewEncoders, assert_unchanged, fingerprint, pixel_features
+from eval.probe import linear_probe, topk_accuracy
+from eval.stored_baselines import data_fingerprint, find_stored, store_result
+from pretrain.data import ImageDataset, MultiViewDataset
+from pretrain.data.colour import split_lab
+from pretrain.data.datasets import disjoint_subsets
+from pretrain.features import ImageListDataset, beton_features, extract_features
+from pretrain.knn import knn_predict
+from pretrain.models import create_encoder
+from pretrain.revision import git_revision
+from pretrain.stop import StopFlag
+
+CONVERGENCE = {True: "", False: ", not converged", None: ", convergence unknown"}  # held-out curve -> row name
+Norm = tuple[Any, Any]  # (mean, std); (None, None) = the dataset's own
+NO_NORM: Norm = (None, None)
+
+
+class Stopped(RuntimeError):
+    """A signal stopped a long probe; its checkpoint is saved and rerunning resumes."""
+
+
+def input_fn_for(meta: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Loaded images -> the encoder's input: the L (or ab) channels of Lab for CMC exports, else as is."""
+    channels = {"lab_L": 0, "lab_ab": 1}.get(meta.get("input_transform", "normalise"))
+    if channels is not None:
+        return lambda x: split_lab([x], meta["mean"], meta["std"])[channels]
+    return lambda x: x
+
+
+def norm_of(meta: dict) -> Norm:
+    """An export's own normalisation (its config.json), which its encoder was trained with."""
+    return list(meta["mean"]), list(meta["std"])
+
+
+def view_label(meta: dict, v: int) -> str:
+    return {"lab_L": "L", "lab_ab": "ab"}.get(meta.get("input_transform", ""), f"view {v}")
+
+
+def random_like(meta: dict, in_chans: int) -> nn.Module:
+    return create_encoder(meta["architecture"], in_chans, meta["small_input"], meta.get("stem_stride", 1),
+                          meta.get("timm_kwargs"))
+
+
+def all_views(encoder: nn.Module, meta: dict, views: list) -> tuple[ConcatViewEncoders, dict]:
+    """An export with one encoder per view as CMC evaluates it: every view's features concatenated."""
+    fns = [input_fn_for(meta), *(input_fn_for({**meta, **entry}) for entry, _ in views)]
+    return ConcatViewEncoders([encoder, *(e for _, e in views)], fns), {**meta, "input_transform": "normalise"}
+
+
+def pretrain_seconds(meta: dict) -> float:
+    summary = meta.get("summary") or {}
+    return float(summary.get("pretrain_seconds") or summary.get("seconds_this_run") or 0)
+
+
+class Rows:
+    def __init__(self, cfg: Any, accelerator: Accelerator, train: ImageDataset, test: ImageDataset, size: int,
+                 out: Path, fit_key: str) -> None:
+        self.cfg, self.b, self.accelerator = cfg, cfg.baselines, accelerator
+        self.train, self.test, self.size, self.out, self.fit_key = train, test, size, out, fit_key
+        self.splits, self.betons = {"train": train, "test": test}, {"train": cfg.train_beton, "test": cfg.test_beton}
+        self.num_classes = train.num_classes
+        self.stop = StopFlag().install()
+        self.alexnet_protocol = f"supervised-v1: {size} px, centre crop ratio {cfg.center_crop_ratio}, test split"
+
+    # ------------------------------------------------------------------ shared steps
+    def features(self, model: nn.Module, split: str, image_size: int, input_fn=lambda x: x, norm: Norm = NO_NORM):
+        """N x F outputs of ``model`` and N labels for the train or test split, all processes sharing the work;
+        images normalised with ``norm`` = (mean, std) (None: the dataset's)."""
+        cfg = self.cfg
+        if self.betons[split]:  # the FFCV path: decode + centre crop in FFCV, normalised in torch
+            return beton_features(model, self.betons[split], image_size, cfg.center_crop_ratio,
+                                  cfg.batch_size_per_process, self.accelerator, max(1, cfg.num_workers), input_fn, *norm)
+        return extract_features(model, ImageListDataset(self.splits[split], image_size, cfg.center_crop_ratio, *norm),
+                                self.accelerator, cfg.batch_size_per_process, cfg.num_workers, input_fn=input_fn,
+                                shard=True)
+
+    def knn(self, train_xy, test_xy) -> dict[str, float]:
+        (fx, fy), (tx, ty) = train_xy, test_xy
+        return {str(k): (knn_predict(fx, fy, tx, k, self.cfg.knn_temperature, self.num_classes) == ty).float().mean().item()
+                for k in self.cfg.knn_k}
+
+    def fast_row(self, name: str, kind: str, train_xy, test_xy, **extra: Any) -> dict[str, Any]:
+        cfg, t0 = self.cfg, time.perf_counter()
+        probe = linear_probe(*train_xy, *test_xy, tuple(cfg.weight_decays), steps=cfg.probe_steps, seed=cfg.seed)
+        return {"name": name, "kind": kind, "protocol": "fast", "top1": probe.top1, "top5": probe.top5,
+                "knn": self.knn(train_xy, test_xy), "weight_decay": probe.weight_decay,
+                "weight_decay_at_edge": probe.at_edge, "weight_decays_tried": sorted(probe.val_top1),
+                "feature_dim": int(train_xy[0].shape[1]),
+                "probe_seconds": round(time.perf_counter() - t0, 1), "scored": len(test_xy[1]), **extra}
+
+    def train_transform(self, image_size: int, scale_min: float, norm: Norm = NO_NORM) -> v2.Compose:
+        mean, std = norm[0] or self.train.mean, norm[1] or self.train.std
+        return v2.Compose([v2.RandomResizedCrop(image_size, scale=(scale_min, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+    def sgd_fit(self, slug: str, model: nn.Module, trainable: nn.Module, image_size: int, schedule: SGDSchedule,
+                scale_min: float, input_fn=lambda x: x, held_out: int = 0, drop_last: bool = True,
+                norm: Norm = NO_NORM) -> dict[str, Any]:
+        """Fit with the checkpointed SGD loop, then top-1/top-5 of ``model`` on the test split.
+
+        With ``held_out`` > 0 that many train images are kept out of the fit to draw its held-out
+        curve, which says whether it converged (and drives ``schedule.patience``)."""
+        cfg, acc, train = self.cfg, self.accelerator, self.train
+        fit_images, held_images = disjoint_subsets(train, len(train) - held_out, held_out) if held_out else (train, None)
+        held_set = ImageListDataset(held_images, image_size, cfg.center_crop_ratio, *norm) if held_out else None
+
+        def held_out_top1(m: nn.Module) -> float:
+            logits, y = extract_features(m, held_set, acc, cfg.batch_size_per_process, cfg.num_workers,
+                                         input_fn=input_fn, shard=True)
+            return topk_accuracy(logits, y, 1)
+
+        train_set = MultiViewDataset(fit_images, [self.train_transform(image_size, scale_min, norm)], seed=cfg.seed)
+        # A checkpoint belongs to one configuration: another config (or other weights) starts afresh.
+        fit_id = hashlib.sha256(f"{self.fit_key}{slug}".encode()).hexdigest()[:10]
+        outcome = fit_classifier(acc, model, trainable, train_set, schedule, self.out / "checkpoints" / f"{slug}-{fit_id}",
+                                 desc=slug, num_workers=cfg.num_workers, input_fn=input_fn, stop=self.stop,
+                                 held_out=held_out_top1 if held_out else None, drop_last=drop_last)
+        if outcome is None:
+            raise Stopped(f"stopped by {self.stop.signal_name or 'a signal on another rank'} during '{slug}'; "
+                          "its checkpoint is saved: rerun the same command to resume")
+        logits, y = self.features(acc.unwrap_model(model), "test", image_size, input_fn, norm)
+        p, batch = outcome.progress, schedule.global_batch_size
+        steps_per_epoch = len(fit_images) // batch if drop_last else -(-len(fit_images) // batch)
+        budget = f"{p.epoch} epochs" if p.step_in_epoch == 0 else f"{p.global_step} steps"
+        return {"top1": topk_accuracy(logits, y, 1), "top5": topk_accuracy(logits, y, 5), "trained": budget,
+                "scored": len(y), "epochs": round(p.global_step / max(steps_per_epoch, 1), 2), "steps": p.global_step,
+                "wall_s": outcome.wall_s, "converged": outcome.converged, "held_out_top1": outcome.held_out}
+
+    # ------------------------------------------------------------------ rows
+    def encoder_row(self, name: str, kind: str, encoder: nn.Module, meta: dict, sha: str | None) -> dict[str, Any]:
+        """An encoder scored at its export's own input size and normalisation, by the configured protocol."""
+        cfg, acc = self.cfg, self.accelerator
+        input_fn, image_size, norm = input_fn_for(meta), meta["input_size"][-1], norm_of(meta)
+        encoder = encoder.to(acc.device).eval().requires_grad_(False)
+        before, t0 = fingerprint(encoder), time.perf_counter()
+        feats = [self.features(encoder, split, image_size, input_fn, norm) for split in ("train", "test")]
+        rate = round((len(self.train) + len(self.test)) / (time.perf_counter() - t0), 1)
+        extra = {"weights_sha256": sha, "extract_images_per_s": rate, "input_size": image_size}
+        if cfg.protocol == "fast":
+            row = self.fast_row(name, kind, *feats, **extra)
+        else:
+            s = cfg.sgd
+            head = torch.nn.Linear(feats[0][0].shape[1], self.num_classes)
+            torch.nn.init.normal_(head.weight, std=0.01)
+            torch.nn.init.zeros_(head.bias)
+            schedule = SGDSchedule(lr=s.lr, epochs=s.epochs, global_batch_size=s.global_batch_size, momentum=s.momentum,
+                                   weight_decay=s.weight_decay, milestones=tuple(s.milestones),
+                                   checkpoint_every=s.checkpoint_every)
+            slug = "probe_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+            scores = self.sgd_fit(slug, LinearProbeModel(encoder, head), head, image_size, schedule, s.crop_scale_min,
+                                  input_fn, drop_last=False, norm=norm)
+            row = {"name": name, "kind": kind, "protocol": "imagenet", **scores, "knn": self.knn(*feats),
+                   "feature_dim": int(feats[0][0].shape[1]), **extra}
+        assert_unchanged(encoder, before, name)
+        return row
+
+    def export_rows(self, name: str, encoder: nn.Module, meta: dict, views: list) -> list[dict[str, Any]]:
+        """Our export's rows: CMC's protocol (every view's features concatenated) first when it has one
+        encoder per view, then the first view's encoder alone; then its random-init floor."""
+        scored = [(name, encoder, meta)]
+        if views:
+            labels = [view_label(meta, 0), *(view_label(entry, v) for v, (entry, _) in enumerate(views, start=1))]
+            scored = [(f"{name} ({' + '.join(labels)} concatenated)", *all_views(encoder, meta, views)),
+                      (f"{name} ({labels[0]} only)", encoder, meta)]
+        rows = [self.encoder_row(row_name, "ours", model, row_meta, meta["sha256"]) for row_name, model, row_meta in scored]
+        if self.cfg.random_init:
+            random_encoder, random_meta = random_like(meta, meta["in_chans"]), meta
+            if views:
+                random_encoder, random_meta = all_views(random_encoder, meta,
+                                                        [(entry, random_like(meta, entry["in_chans"])) for entry, _ in views])
+            rows.append(self.encoder_row(f"random init {meta['architecture']}" + (" (concatenated)" if views else ""),
+                                         "random_init", random_encoder, random_meta, None))
+        return rows
+
+    def raw_pixels_row(self) -> dict[str, Any]:
+        batch = self.cfg.batch_size_per_process
+        return self.fast_row("raw pixels", "raw_pixels", pixel_features(self.train, self.size, batch),
+                             pixel_features(self.test, self.size, batch), input_size=self.size)
+
+    def alexnet_row(self) -> dict[str, Any]:
+        """The supervised AlexNet: a stored converged result when one matches, else trained here."""
+        cfg, b, acc, size = self.cfg, self.b, self.accelerator, self.size
+        if b.use_stored and not cfg.store_baselines:
+            found = find_stored(Path(b.store), "alexnet_supervised", cfg.dataset, self.alexnet_protocol,
+                                lambda: data_fingerprint(self.train, self.test))
+            if found:
+                acc.print(f"AlexNet supervised: using the stored result {found['stored_path']} ({found['date']})")
+                return {**{k: found[k] for k in ("kind", "protocol", "top1", "top5", "epochs", "steps", "wall_s",
+                                                  "converged", "trained")},
+                        "name": f"AlexNet supervised ({found['epochs']:g} epochs{CONVERGENCE[found['converged']]}, "
+                                f"stored {found['date'][:10]})", "knn": None,
+                        "stored": found["stored_path"], "stored_date": found["date"], "input_size": size}
+        alexnet = supervised_alexnet(self.train.channels, size, self.num_classes)
+        schedule = SGDSchedule(lr=b.alexnet_lr, epochs=b.alexnet_epochs, global_batch_size=b.alexnet_global_batch_size,
+                               weight_decay=b.alexnet_weight_decay, max_steps=b.alexnet_max_steps,
+                               checkpoint_every=cfg.sgd.checkpoint_every, eval_every=b.alexnet_eval_every,
+                               patience=b.alexnet_patience, optimizer=b.alexnet_optimizer,
+                               warmup_steps=b.alexnet_warmup_steps)
+        scores = self.sgd_fit("alexnet_supervised", alexnet, alexnet, size, schedule, b.alexnet_crop_scale_min,
+                              held_out=min(b.alexnet_held_out, len(self.train) // 2))
+        budget = f"{scores['trained']}, {scores['epochs']:g} epochs, {scores['wall_s']:.0f} s{CONVERGENCE[scores['converged']]}"
+        if b.alexnet_optimizer != "sgd":
+            budget = f"{b.alexnet_optimizer.replace('adamw', 'AdamW')}, {budget}"
+        row = {"name": f"AlexNet supervised ({budget})", "kind": "alexnet_supervised",
+               "protocol": "supervised", **scores, "optimizer": b.alexnet_optimizer, "knn": None, "input_size": size}
+        if cfg.store_baselines and acc.is_main_process:
+            path = store_result(Path(b.store), row, dataset=cfg.dataset, protocol=self.alexnet_protocol,
+                                data_sha256=data_fingerprint(self.train, self.test),
+                                config=OmegaConf.to_yaml(OmegaConf.structured(cfg)), revision=git_revision())
+            print(f"stored {path}", flush=True)
+        return row
+
+    def supervised_encoder_row(self, meta: dict) -> dict[str, Any]:
+        """Our export's architecture trained end to end with labels for its pretraining's wall time, then
+        scored like our encoder (the upper reference SSL papers print beside their probes)."""
+        b = self.b
+        seconds = b.supervised_encoder_seconds or pretrain_seconds(meta)
+        encoder = random_like(meta, meta["in_chans"])
+        model = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.num_features, self.num_classes))
+        schedule = SGDSchedule(lr=b.supervised_encoder_lr, epochs=b.supervised_encoder_max_epochs,
+                               global_batch_size=b.alexnet_global_batch_size, weight_decay=b.alexnet_weight_decay,
+                               max_seconds=seconds, checkpoint_every=self.cfg.sgd.checkpoint_every)
+        scores = self.sgd_fit(f"supervised_{meta['architecture']}_{meta['sha256'][:8]}", model, model,
+                              meta["input_size"][-1], schedule, b.alexnet_crop_scale_min, input_fn=input_fn_for(meta),
+                              norm=norm_of(meta))
+        row = self.encoder_row(f"supervised {meta['architecture']} ({seconds:.0f} s budget)", "supervised_encoder",
+                               encoder, meta, None)
+        return {**row, **{k: scores[k] for k in ("epochs", "steps", "wall_s")}, "supervised_top1": scores["top1"],
+                "budget_s": seconds}
+
+    def alexnet_conv_rows(self, trunk: nn.Module) -> list[dict[str, Any]]:
+        """Linear probes of AlexNet conv1..conv5 (pooled ReLU outputs) from a weights file."""
+        rows, b = [], self.b
+        for layer in range(1, 6):
+            features = AlexNetConvFeatures(trunk, layer, self.train.channels)
+            before = fingerprint(features)
+            feats = [self.features(features, split, b.alexnet_probe_size) for split in ("train", "test")]
+            rows.append(self.fast_row(f"AlexNet conv{layer} ({Path(b.alexnet_weights).name})", "alexnet_conv", *feats))
+            assert_unchanged(features, before, b.alexnet_weights)
+        return rows
