@@ -38,3 +38,24 @@ def test_benchmark_cli_writes_table_json_and_png(tmp_path: Path) -> None:
     assert set(results) == {"infonce", "mine", "js", "ba", "tuba", "recipe"}
     assert set(results["ba"]) == {"2", "4", "wall_s"} and results["recipe"]["steps"] == 50
     assert (tmp_path / "mi_gaussian.png").stat().st_size > 10_000
+
+
+def test_the_critic_is_the_reference_network_and_js_nwj_reads_nwj_of_s() -> None:
+    """Poole et al.'s colab / smile-mi-estimator: mlp(dim, 256, 32, layers=2) = Linear-ReLU, then two more
+    Linear-ReLU, then the output; js_nwj trains like js and reads NWJ(S) (js reads NWJ(S + 1))."""
+    import torch
+    from torch import nn
+
+    from pretrain import bounds
+
+    net = mi_gaussian.SeparableCritic(20).g
+    shapes = [(m.in_features, m.out_features) for m in net if isinstance(m, nn.Linear)]
+    assert shapes == [(20, 256), (256, 256), (256, 256), (256, 32)]
+    assert sum(isinstance(m, nn.ReLU) for m in net) == 3
+    assert [m.in_features for m in mi_gaussian.ConcatCritic(20).f if isinstance(m, nn.Linear)] == [40, 256, 256, 256]
+    S = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
+    value = mi_gaussian.js_reference_readout(S)
+    assert torch.allclose(value, bounds.nwj(S)) and not torch.allclose(value, bounds.js(S))
+    (grad,) = torch.autograd.grad(value, S)
+    (expected,) = torch.autograd.grad(bounds.js_objective(S), S)
+    assert torch.allclose(grad, expected)
