@@ -170,7 +170,8 @@ class Rows:
             schedule = SGDSchedule(lr=s.lr, epochs=s.epochs, global_batch_size=s.global_batch_size, momentum=s.momentum,
                                    weight_decay=s.weight_decay, milestones=tuple(s.milestones),
                                    checkpoint_every=s.checkpoint_every)
-            slug = "probe_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+            # One checkpoint dir per row: two exports may share a run-dir name or an architecture.
+            slug = "probe_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + f"_{meta['sha256'][:8]}"
             scores = self.sgd_fit(slug, LinearProbeModel(encoder, head), head, image_size, schedule, s.crop_scale_min,
                                   input_fn, drop_last=False, norm=norm)
             row = {"name": name, "kind": kind, "protocol": "imagenet", **scores, "knn": self.knn(*feats),

@@ -334,9 +334,30 @@ def to_yaml(c: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(c))
 
 
+def upgrade_renamed(saved: dict[str, Any], schema: type = Config) -> dict[str, Any]:
+    """A config mapping saved by an older version (a run dir's config.yaml) with renamed keys moved to
+    their new names, so that such runs still resume; a user's *new* file or override with an old name
+    is refused instead (:func:`load_config`)."""
+    out = copy.deepcopy(saved)
+    for old, new in getattr(schema, "RENAMED", {}).items():
+        *old_path, old_key = old.split(".")
+        *new_path, new_key = new.split(".")
+        node = out
+        for part in old_path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and old_key in node:
+            value = node.pop(old_key)
+            target = out
+            for part in new_path:
+                target = target.setdefault(part, {})
+            target.setdefault(new_key, value)
+    return out
+
+
 def from_yaml(text: str) -> Config:
-    """Inverse of :func:`to_yaml` (used for checkpoints and exports)."""
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    """Inverse of :func:`to_yaml` (used for checkpoints and exports); older renamed keys are upgraded."""
+    saved = upgrade_renamed(yaml.safe_load(text) or {})
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(saved))
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 

@@ -101,9 +101,9 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the global batch over all ranks, exactly.
 
     We own it because torch's SyncBatchNorm refuses CPU tensors (gloo ranks); on CUDA, model.sync_bn
-    uses torch's. Each rank sums x and x^2 per channel, one all-reduce (with gradient) adds them up
-    with the count, and x is normalised with the global mean and biased variance: the forward and
-    backward of one process holding the whole W*B batch. Running statistics use the unbiased global
+    uses torch's. One all-reduce (with gradient) adds up every rank's per-channel sums and counts into
+    the global mean, a second one the squared deviations from it into the biased variance, and x is
+    normalised with both: the forward and backward of one process holding the whole W*B batch. Running statistics use the unbiased global
     variance, as BatchNorm does. In eval mode, or with one process, it is plain BatchNorm.
     Inputs B x C (x L) or B x C x H x W.
     """
@@ -118,31 +118,45 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         dtype = x.dtype
         x = x.to(torch.promote_types(dtype, torch.float32))  # statistics never in bf16/fp16
         dims = [d for d in range(x.dim()) if d != 1]
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        stats = _AllReduceSumWithGrad.apply(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
-        c, n = x.shape[1], stats[-1]
-        mean, var = stats[:c] / n, stats[c : 2 * c] / n - (stats[:c] / n) ** 2
+        c, shape = x.shape[1], [1, x.shape[1]] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() / c], dtype=x.dtype, device=x.device)
+        sums = _AllReduceSumWithGrad.apply(torch.cat([x.sum(dims), count]))
+        n = sums[-1]
+        mean = sums[:c] / n
+        # Two passes (the squared deviations from the global mean), not E[x^2] - E[x]^2, which loses
+        # its digits or turns negative in fp32 when a channel's mean is large against its spread.
+        var = _AllReduceSumWithGrad.apply(((x - mean.view(shape)) ** 2).sum(dims)) / n
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - m).add_(m * mean.detach())
                 self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
-        shape = [1, c] + [1] * (x.dim() - 2)
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         y = y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
         return y.to(dtype)
 
 
+PLAIN_BATCHNORM = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+
+
 def convert_global_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """Every BatchNorm1d/2d/3d in ``module`` becomes a :class:`GlobalBatchNorm` with its parameters and buffers."""
-    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+    """Every BatchNorm1d/2d/3d in ``module`` becomes a :class:`GlobalBatchNorm` with its parameters and buffers.
+
+    Other BatchNorm subclasses (timm's BatchNormAct2d carries an activation inside) would lose what they
+    add, so they are refused with the way out."""
+    from pretrain.config import ConfigError
+
+    if type(module) in PLAIN_BATCHNORM:
         like = module.weight if module.affine else module.running_mean
         where = {"device": like.device, "dtype": like.dtype} if like is not None else {}
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                               module.track_running_stats, **where)
         new.load_state_dict(module.state_dict())
         return new.train(module.training)
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        raise ConfigError(f"model.sync_bn on CPU processes replaces plain BatchNorm layers only, and this model has "
+                          f"a {type(module).__name__}; set model.sync_bn=false or use a ResNet (e.g. resnet18)")
     for name, child in module.named_children():
         module.add_module(name, convert_global_batchnorm(child))
     return module

@@ -180,6 +180,7 @@ class Run:
         self.stop.install()
         self.bar = progress_bar(self.total_steps, initial=self.progress.global_step, disable=not self.main, desc="pretrain")
         self.started, self.seconds_before = time.perf_counter(), self.progress.train_seconds
+        self.meter.reset()  # images/s from here, not from when the run was built
 
     def run_knn(self) -> None:
         """The kNN monitor and the online probe on the held-out queries (main process), logged and printed."""

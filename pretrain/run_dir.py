@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from pretrain.config import Config, ConfigError, to_yaml
+from pretrain.config import Config, ConfigError, to_yaml, upgrade_renamed
 
 MARKER = "infomax-run.json"  # written into every run dir infomax creates
 LOCK_FILE = ".lock"
@@ -43,7 +43,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved_yaml: str, cfg: Config) -> list[str]:
     """Dotted keys whose values differ between a saved config.yaml and ``cfg``, budgets excepted."""
-    old, new = flatten(yaml.safe_load(saved_yaml) or {}), flatten(yaml.safe_load(to_yaml(cfg)))
+    old = flatten(upgrade_renamed(yaml.safe_load(saved_yaml) or {}))  # written by an older version: new key names
+    new = flatten(yaml.safe_load(to_yaml(cfg)))
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in BUDGET_KEYS)
 
 

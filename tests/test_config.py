@@ -166,3 +166,15 @@ def test_every_list_of_choices_has_one_source() -> None:
         assert all(c in field.metadata["help"] for c in choices), key  # the help text names every choice
     with pytest.raises(ConfigError, match="'mnist' is not one of fashion_mnist, imagefolder, synthetic"):
         load_config(None, ["dataset=mnist", "weights=[x]"], schema=EvalConfig, check=validate_eval)
+
+
+def test_a_run_dir_saved_before_a_rename_still_matches_its_config() -> None:
+    """config.yaml written with optim.batch_size (before it was renamed) is the same experiment, so it resumes."""
+    from pretrain.config import from_yaml, to_yaml
+    from pretrain.run_dir import config_differences
+
+    cfg = load_config(None, ["optim.batch_size_per_process=64"])
+    old_yaml = to_yaml(cfg).replace("batch_size_per_process: 64", "batch_size: 64")
+    assert "batch_size: 64" in old_yaml and config_differences(old_yaml, cfg) == []
+    assert from_yaml(old_yaml).optim.batch_size_per_process == 64
+    assert config_differences(old_yaml.replace("batch_size: 64", "batch_size: 32"), cfg) == ["optim.batch_size_per_process"]

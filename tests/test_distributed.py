@@ -128,6 +128,41 @@ def test_batchnorm_over_two_cpu_ranks_matches_one_process(tmp_path: Path, global
         assert torch.allclose(b1.double(), b2.double(), rtol=0, atol=1e-12)
 
 
+def _offset_bn_worker(rank: int, tmp: str) -> None:
+    from pretrain.distributed import GlobalBatchNorm
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+    y = GlobalBatchNorm(3)(offset_batch()[rank * B : (rank + 1) * B])
+    torch.save({"y": y.detach()}, f"{tmp}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def offset_batch() -> torch.Tensor:
+    """fp32 channels with a mean of 1e4 and a spread of 1: E[x^2] - E[x]^2 loses every digit there."""
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(WORLD * B, 3, 4, 4, generator=g) + 1e4
+
+
+def test_global_batchnorm_keeps_fp32_variance_when_the_mean_is_large(tmp_path: Path) -> None:
+    mp.spawn(_offset_bn_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    y = torch.cat([torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["y"] for r in range(WORLD)])
+    expected = nn.BatchNorm2d(3)(offset_batch())
+    assert torch.allclose(y, expected, atol=2e-3), (y - expected).abs().max()
+
+
+def test_global_batchnorm_refuses_batchnorm_subclasses_it_would_strip() -> None:
+    from timm.layers import BatchNormAct2d
+
+    from pretrain.config import ConfigError
+    from pretrain.distributed import GlobalBatchNorm, convert_global_batchnorm
+
+    converted = convert_global_batchnorm(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)))
+    assert type(converted[1]) is GlobalBatchNorm
+    with pytest.raises(ConfigError, match="BatchNormAct2d; set model.sync_bn=false"):
+        convert_global_batchnorm(nn.Sequential(nn.Conv2d(1, 4, 3), BatchNormAct2d(4)))
+
+
 def test_gather_is_identity_without_process_group() -> None:
     from pretrain.distributed import gather_with_grad
 
