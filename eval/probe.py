@@ -58,7 +58,7 @@ def choose_weight_decay(score: Callable[[float], float], grid: Sequence[float],
         return max(scores, key=lambda wd: (scores[wd], wd))
 
     def beyond(wd: float) -> float | None:
-        if len(scores) > 1 and wd == max(scores) or len(scores) == 1:
+        if (len(scores) > 1 and wd == max(scores)) or len(scores) == 1:
             return wd * 10 if wd > 0 else 1e-6
         return wd / 10 if wd == min(scores) and wd > 0 else None
 

@@ -25,7 +25,8 @@ from eval.classifier import LinearProbeModel, SGDSchedule, fit_classifier
 from eval.features import ConcatViewEncoders, assert_unchanged, fingerprint, pixel_features
 from eval.probe import linear_probe, topk_accuracy
 from eval.stored_baselines import data_fingerprint, find_stored, store_result
-from pretrain.data import ImageDataset, MultiViewDataset
+from pretrain.config import ViewConfig
+from pretrain.data import ImageDataset, MultiViewDataset, build_view_transform
 from pretrain.data.colour import split_lab
 from pretrain.data.datasets import disjoint_subsets
 from pretrain.features import ImageListDataset, beton_features, extract_features
@@ -113,9 +114,10 @@ class Rows:
                 "probe_seconds": round(time.perf_counter() - t0, 1), "scored": len(test_xy[1]), **extra}
 
     def train_transform(self, image_size: int, scale_min: float, norm: Norm = NO_NORM) -> v2.Compose:
+        """The SGD fits' augmentation: RandomResizedCrop + flip + normalise, pretraining's view recipe without colour."""
         mean, std = norm[0] or self.train.mean, norm[1] or self.train.std
-        return v2.Compose([v2.RandomResizedCrop(image_size, scale=(scale_min, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+        view = ViewConfig(size=image_size, crop_scale_min=scale_min, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+        return build_view_transform(view, self.train.channels, mean, std)
 
     def sgd_fit(self, slug: str, model: nn.Module, trainable: nn.Module, image_size: int, schedule: SGDSchedule,
                 scale_min: float, input_fn=lambda x: x, held_out: int = 0, drop_last: bool = True,

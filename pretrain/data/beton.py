@@ -40,6 +40,11 @@ def require_ffcv() -> None:
         raise ConfigError(INSTALL) from None
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """H x W x C uint8 -> H x W x 3, contiguous: ffcv stores RGB, so one-channel images are repeated."""
+    return np.ascontiguousarray(np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image)
+
+
 class BetonSource:
     """Indexable view for ffcv's writer: i -> (H x W x 3 uint8 array, label).
 
@@ -68,8 +73,7 @@ class BetonSource:
             raise
         with self.done.get_lock():
             self.done.value += 1
-        array = np.asarray(image).transpose(1, 2, 0)
-        return np.ascontiguousarray(np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array), int(label)
+        return as_rgb(np.asarray(image).transpose(1, 2, 0)), int(label)
 
     def _record(self, line: str) -> None:
         with open(self.failures, "a") as f:
@@ -249,8 +253,7 @@ def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
     import cv2
     from ffcv.fields.rgb_image import encode_jpeg
 
-    rgb = np.ascontiguousarray(np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image)
-    decoded = cv2.cvtColor(cv2.imdecode(encode_jpeg(rgb, quality), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    decoded = cv2.cvtColor(cv2.imdecode(encode_jpeg(as_rgb(image), quality), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     return decoded[..., : image.shape[2]].astype(np.int16)
 
 
