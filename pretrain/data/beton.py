@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pretrain.config import ConfigError
-from pretrain.data.datasets import REGISTRY, DataError, ImageDataset, Subset, UnreadableImage, open_dataset
+from pretrain.data.datasets import REGISTRY, DataError, ImageDataset, Subset, next_readable, open_dataset
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
 FATAL = "FATAL"
@@ -62,15 +62,12 @@ class BetonSource:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         index = int(index)  # ffcv hands numpy integers
         try:
-            for attempt in range(len(self.base)):
-                try:
-                    image, label = self.base.load((index + attempt) % len(self.base))
-                    break
-                except UnreadableImage as e:
-                    self._record(str(e))
-        except Exception as e:  # anything else: tell the parent, which stops the writer at once
+            image, label, failures = next_readable(self.base, index)
+        except Exception as e:  # none readable, or anything else: tell the parent, which stops the writer at once
             self._record(f"{FATAL} image {index}: {type(e).__name__}: {e}")
             raise
+        for failure in failures:
+            self._record(str(failure))
         with self.done.get_lock():
             self.done.value += 1
         return as_rgb(np.asarray(image).transpose(1, 2, 0)), int(label)

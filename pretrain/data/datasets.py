@@ -33,6 +33,22 @@ class UnreadableImage(Exception):
         self.path = path
 
 
+def next_readable(base: "ImageDataset", index: int) -> tuple[torch.Tensor, int, list[UnreadableImage]]:
+    """Image ``index``, or the next readable one after it (wrapping around); also the failures on the way.
+
+    The one place that skips unreadable images: the training loader (which counts and reports them),
+    the eval features, the .beton writer and the start-up check all go through it."""
+    failures: list[UnreadableImage] = []
+    for attempt in range(len(base)):
+        try:
+            image, label = base.load((index + attempt) % len(base))
+            return image, label, failures
+        except UnreadableImage as e:
+            failures.append(e)
+    raise DataError(f"no image of the {len(base)} in the dataset can be decoded"
+                    + (f" (e.g. {failures[0]})" if failures else "") + "; check the files or data.root")
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Base: ``load(i)`` returns (uint8 C x H x W tensor, int label) or raises UnreadableImage."""
 
@@ -177,14 +193,11 @@ class ImageFolder(ImageDataset):
 
     def check_readable(self) -> None:
         """Fail at start when no image can be decoded (tries files in order until one works)."""
-        for i in range(len(self.samples)):
-            try:
-                self.load(i)
-                return
-            except UnreadableImage:
-                continue
-        raise DataError(f"none of the {len(self.samples)} images under '{self.samples[0][0].rsplit('/', 2)[0]}' "
-                        "can be decoded: check the files (e.g. with PIL) or data.root")
+        try:
+            next_readable(self, 0)
+        except DataError:
+            raise DataError(f"none of the {len(self.samples)} images under '{self.samples[0][0].rsplit('/', 2)[0]}' "
+                            "can be decoded: check the files (e.g. with PIL) or data.root") from None
 
 
 # --------------------------------------------------------------------------- registry

@@ -7,19 +7,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from pretrain.data.datasets import ImageDataset, UnreadableImage
+from pretrain.data.datasets import ImageDataset, next_readable
 
 
 def load_readable(base: ImageDataset, index: int) -> tuple[torch.Tensor, int, list[str]]:
     """Image ``index``, or the next readable one after it; also the paths that failed on the way."""
-    skipped: list[str] = []
-    for attempt in range(len(base)):
-        try:
-            image, label = base.load((index + attempt) % len(base))
-            return image, label, skipped
-        except UnreadableImage as e:
-            skipped.append(e.path)
-    raise RuntimeError(f"no readable image in the dataset ({len(skipped)} tried); check data.root")
+    image, label, failures = next_readable(base, index)
+    return image, label, [e.path for e in failures]
 
 
 class MultiViewDataset(torch.utils.data.Dataset):
