@@ -22,7 +22,9 @@ ORACLE_AT_2 = {"infonce": 1.812, "smile5": 2.028}  # tests/test_bounds.py REFERE
 
 @pytest.mark.parametrize("name", sorted(ORACLE_AT_2))
 def test_short_training_reaches_the_oracle_value(name: str) -> None:
-    trace = mi_gaussian.train_staircase(name, [2.0], steps=600, seed=0)
+    # The reference critic (three hidden layers) needs ~3000 steps to get there (600 were enough for
+    # the one-hidden-layer critic the benchmark used before): infonce reads 1.66, smile5 1.72 then.
+    trace = mi_gaussian.train_staircase(name, [2.0], steps=3000, seed=0)
     late = sum(trace[-200:]) / 200
     assert abs(late - ORACLE_AT_2[name]) < 0.4, late
 
