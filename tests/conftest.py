@@ -52,3 +52,14 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = old
+
+
+def synthetic_views(n: int, image_size: int):
+    """``n`` synthetic training images (8 classes, ``image_size`` px) through the default training view
+    (a 32 px crop): the input of the eval stage's SGD fits in unit tests."""
+    from pretrain.config import ViewConfig
+    from pretrain.data import MultiViewDataset, build_view_transform
+    from pretrain.data.datasets import open_dataset
+
+    images = open_dataset("synthetic", "train", synthetic_size=n, synthetic_image_size=image_size)
+    return MultiViewDataset(images, [build_view_transform(ViewConfig(), 3, images.mean, images.std)], seed=0)

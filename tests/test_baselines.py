@@ -14,9 +14,7 @@ from accelerate import Accelerator
 
 from eval.classifier import FitOutcome, SGDSchedule, fit_classifier
 from pretrain.checkpoint import Progress
-from pretrain.config import Config
-from pretrain.data import MultiViewDataset, build_view_transform
-from pretrain.data.datasets import open_dataset
+from conftest import synthetic_views
 from test_eval import export_dir, report_of, run_eval  # noqa: F401 (fixture)
 
 ALEXNET = ["baselines.alexnet_supervised=true", "baselines.alexnet_global_batch_size=16", "random_init=false",
@@ -32,11 +30,7 @@ def test_converged_means_early_stopped_or_no_longer_rising() -> None:
 
 
 def test_patience_stops_the_fit_when_held_out_accuracy_stalls(tmp_path: Path) -> None:
-    cfg = Config()
-    cfg.data.synthetic_size, cfg.data.synthetic_image_size = 64, 8
-    images = open_dataset("synthetic", "train", synthetic_size=cfg.data.synthetic_size,
-                          synthetic_image_size=cfg.data.synthetic_image_size)
-    data = MultiViewDataset(images, [build_view_transform(cfg.data.views[0], 3, images.mean, images.std)], seed=0)
+    data = synthetic_views(64, 8)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8))
     scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])
     schedule = SGDSchedule(lr=0.1, epochs=10, global_batch_size=16, eval_every=1, patience=2)
@@ -49,11 +43,7 @@ def test_patience_stops_the_fit_when_held_out_accuracy_stalls(tmp_path: Path) ->
 def test_a_finished_wall_time_budget_fit_takes_no_more_steps_when_rerun(tmp_path: Path) -> None:
     """The supervised-encoder row's fit ends on its clock; rerunning it (a second make demo) resumes the
     finished checkpoint and trains nothing more."""
-    cfg = Config()
-    cfg.data.synthetic_size, cfg.data.synthetic_image_size = 64, 8
-    images = open_dataset("synthetic", "train", synthetic_size=cfg.data.synthetic_size,
-                          synthetic_image_size=cfg.data.synthetic_image_size)
-    data = MultiViewDataset(images, [build_view_transform(cfg.data.views[0], 3, images.mean, images.std)], seed=0)
+    data = synthetic_views(64, 8)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8))
     schedule = SGDSchedule(lr=0.1, epochs=1000, global_batch_size=16, max_seconds=0.3)
     first = fit_classifier(Accelerator(cpu=True), model, model, data, schedule, tmp_path, desc="t")
@@ -66,11 +56,7 @@ def test_a_finished_wall_time_budget_fit_takes_no_more_steps_when_rerun(tmp_path
 def test_warmup_and_adamw_for_a_short_budget(tmp_path: Path) -> None:
     schedule = SGDSchedule(lr=1.0, epochs=1, global_batch_size=16, warmup_steps=4, optimizer="adamw")
     assert [round(schedule.factor(s, 100), 3) for s in (0, 1, 3)] == [0.25, 0.5, round(0.5 * (1 + math.cos(0.03 * math.pi)), 3)]
-    cfg = Config()
-    cfg.data.synthetic_size, cfg.data.synthetic_image_size = 32, 8
-    images = open_dataset("synthetic", "train", synthetic_size=cfg.data.synthetic_size,
-                          synthetic_image_size=cfg.data.synthetic_image_size)
-    data = MultiViewDataset(images, [build_view_transform(cfg.data.views[0], 3, images.mean, images.std)], seed=0)
+    data = synthetic_views(32, 8)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8))
     before = model[1].weight.detach().clone()
     schedule = SGDSchedule(lr=1e-3, epochs=1, global_batch_size=16, max_steps=1, optimizer="adamw")

@@ -16,12 +16,10 @@ import torchvision
 from accelerate import Accelerator, DataLoaderConfiguration
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, synthetic_views
 from eval.classifier import FrozenEncoder, LinearProbeModel, SGDSchedule, fit_classifier
 from eval.features import EncoderChanged, assert_unchanged, fingerprint
 from eval.probe import choose_weight_decay, linear_probe
-from pretrain.config import Config
-from pretrain.data import MultiViewDataset, build_view_transform
 from pretrain.data.datasets import open_dataset, spaced_subset
 from pretrain.features import ImageListDataset
 from pretrain.export import export_encoder
@@ -86,10 +84,6 @@ class StopAfter:
 
 def test_sgd_probe_stopped_and_resumed_ends_on_the_same_head(tmp_path: Path) -> None:
     """The imagenet protocol's loop: frozen encoder + BN, checkpoint on stop, exact resume."""
-    cfg = Config()
-    cfg.data.dataset, cfg.data.synthetic_size, cfg.data.synthetic_image_size = "synthetic", 64, 16
-    images = open_dataset("synthetic", "train", synthetic_size=cfg.data.synthetic_size,
-                          synthetic_image_size=cfg.data.synthetic_image_size)
     encoder = create_encoder("test_resnet", 3, small_input=True)
     before = fingerprint(encoder)
     accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0))
@@ -98,7 +92,7 @@ def test_sgd_probe_stopped_and_resumed_ends_on_the_same_head(tmp_path: Path) -> 
     def fit(ckpt_dir: Path, stop: StopAfter | None) -> tuple[torch.nn.Linear, object]:
         torch.manual_seed(0)
         head = torch.nn.Linear(encoder.num_features, 8)
-        data = MultiViewDataset(images, [build_view_transform(cfg.data.views[0], 3, images.mean, images.std)], seed=0)
+        data = synthetic_views(64, 16)
         model = torch.nn.Sequential(FrozenEncoder(encoder), head)
         return head, fit_classifier(accelerator, model, head, data, schedule, ckpt_dir, desc="t", stop=stop)
 
@@ -129,15 +123,11 @@ def test_linear_probe_head_stays_fp32_under_bf16_autocast() -> None:
 
 def test_linear_probe_uses_every_image_each_epoch(tmp_path: Path) -> None:
     """No drop_last for the probe: 40 images in batches of 16 are 3 steps per epoch, the last one of 8."""
-    cfg = Config()
-    cfg.data.dataset, cfg.data.synthetic_size, cfg.data.synthetic_image_size = "synthetic", 40, 16
-    images = open_dataset("synthetic", "train", synthetic_size=cfg.data.synthetic_size,
-                          synthetic_image_size=cfg.data.synthetic_image_size)
     encoder = create_encoder("test_resnet", 3, small_input=True)
     head = torch.nn.Linear(encoder.num_features, 8)
     seen: list[int] = []
     head.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
-    data = MultiViewDataset(images, [build_view_transform(cfg.data.views[0], 3, images.mean, images.std)], seed=0)
+    data = synthetic_views(40, 16)
     outcome = fit_classifier(Accelerator(cpu=True), LinearProbeModel(encoder, head), head, data,
                              SGDSchedule(lr=0.1, epochs=2, global_batch_size=16), tmp_path / "ck", desc="t", drop_last=False)
     assert outcome.progress.global_step == 6 and outcome.progress.epoch == 2
