@@ -43,7 +43,7 @@ demo: setup
 	$(PY) eval/main.py --config configs/probe_fmnist.yaml weights=runs/fmnist_cpu/export
 
 # The supervised AlexNet trained to convergence on Fashion-MNIST (hours on 2 CPU cores, minutes on a GPU),
-# stored under runs/baselines/; every later eval on the same data and protocol reports it instead of a budget.
+# stored in baselines/ (tracked); every later eval on the same data and protocol reports it instead of a budget.
 baselines: setup
 	$(PY) eval/main.py --config configs/baselines_fmnist.yaml
 

@@ -36,10 +36,12 @@ class BaselinesConfig:
     alexnet_eval_every: int = _f(0, "supervised AlexNet: steps between held-out checks (0 = each epoch, or 10 checks over a shorter budget)")
     alexnet_patience: int = _f(0, "supervised AlexNet: stop once the held-out top-1 has not improved for this many checks (0 = use the whole budget)")
     use_stored: bool = _f(True, "use a stored converged AlexNet result (make baselines) when dataset, protocol and data hash match")
-    store: str = _f("runs/baselines", "directory of stored baseline results")
+    store: str = _f("", "directory of stored baseline results; empty = the repository's baselines/ (tracked, so a "
+                    "fresh clone has them)")
     supervised_encoder: bool = _f(True, "add our encoder's architecture trained end to end with labels for the export's pretraining wall time")
     supervised_encoder_seconds: float = _f(0.0, "supervised encoder: wall-time budget in seconds (0 = the export's pretraining time)")
     supervised_encoder_lr: float = _f(0.05, "supervised encoder: SGD lr (momentum 0.9, cosine decay over the wall-time budget)")
+    supervised_encoder_weight_decay: float = _f(5e-4, "supervised encoder: SGD weight decay")
     supervised_encoder_max_epochs: int = _f(100, "supervised encoder: epoch cap (the wall-time budget usually ends it first)")
     alexnet_weights: str = _f("", "an AlexNet state dict (e.g. torchvision's alexnet-owt-7be5be79.pth): adds conv1..5 probes")
     alexnet_probe_size: int = _f(224, "conv1..5 probes: input side the images are resized to (>= 64)")
@@ -68,6 +70,8 @@ class EvalConfig:
     store_baselines: bool = _f(False, "train the supervised AlexNet (to convergence with baselines.alexnet_patience) and store it under baselines.store; weights may be empty (make baselines)")
     image_size: int = _f(28, "image side for rows without an export (store_baselines with no weights)")
     batch_size_per_process: int = _f(256, "feature extraction: images per process per batch")
+    precision: str = _f("auto", f"mixed precision of the fits and feature extraction: "
+                                f"{' | '.join(CHOICES['run.precision'])} (auto: accelerate launch's setting)")
     num_workers: int = _f(2, "loader workers")
     seed: int = _f(0, "seed for the random-init encoder, the held-out split and the SGD fits")
     out: str = _f("", "report directory; empty = beside the first export (its parent run dir)")
@@ -90,6 +94,8 @@ def validate_eval(c: EvalConfig) -> None:
     require(len(c.weights) >= 1 or c.store_baselines, "weights", "give at least one export directory, e.g. weights=runs/fmnist_cpu/export")
     datasets = CHOICES["data.dataset"]
     require(c.dataset in datasets, "dataset", f"'{c.dataset}' is not one of {', '.join(datasets)}")
+    require(c.precision in CHOICES["run.precision"], "precision",
+            f"'{c.precision}' is not one of {', '.join(CHOICES['run.precision'])}")
     require(c.protocol in ("fast", "imagenet"), "protocol", f"'{c.protocol}' is not one of fast, imagenet")
     require(len(c.weight_decays) >= 1 and min(c.weight_decays) >= 0, "weight_decays", "needs values >= 0")
     require(all(k >= 1 for k in c.knn_k), "knn_k", "needs values >= 1")

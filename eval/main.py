@@ -57,10 +57,10 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
             raise ConfigError(f"'{w}' expects {needs}-channel images but {cfg.dataset} has {train.channels}; "
                               "evaluate it on the dataset it was trained for")
     size = exports[0][2]["input_size"][-1] if exports else cfg.image_size  # rows without an export (AlexNet, pixels)
-    out = Path(cfg.out or (Path(cfg.weights[0]).resolve().parent if exports else b.store))
+    out = Path(cfg.out or (Path(cfg.weights[0]).resolve().parent if exports else "runs/baselines"))
 
     # ------------------------------------------------------------------ processes, rows
-    accelerator = make_accelerator(cfg.seed)
+    accelerator = make_accelerator(cfg.seed, cfg.precision)
     torch.manual_seed(cfg.seed)
     fit_key = OmegaConf.to_yaml(OmegaConf.structured(cfg)) + "".join(m["sha256"] for _, _, m in exports)
     make = Rows(cfg, accelerator, train, test, size, out, fit_key)

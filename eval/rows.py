@@ -24,7 +24,7 @@ from eval.baselines import AlexNetConvFeatures, supervised_alexnet
 from eval.classifier import LinearProbeModel, SGDSchedule, fit_classifier
 from eval.features import ConcatViewEncoders, assert_unchanged, fingerprint, pixel_features
 from eval.probe import linear_probe, topk_accuracy
-from eval.stored_baselines import data_fingerprint, find_stored, store_result
+from eval.stored_baselines import data_fingerprint, find_stored, store_dir, store_result
 from pretrain.config import ViewConfig
 from pretrain.data import ImageDataset, MultiViewDataset, build_view_transform
 from pretrain.data.colour import split_lab
@@ -208,7 +208,7 @@ class Rows:
         """The supervised AlexNet: a stored converged result when one matches, else trained here."""
         cfg, b, acc, size = self.cfg, self.b, self.accelerator, self.size
         if b.use_stored and not cfg.store_baselines:
-            found = find_stored(Path(b.store), "alexnet_supervised", cfg.dataset, self.alexnet_protocol,
+            found = find_stored(store_dir(b.store), "alexnet_supervised", cfg.dataset, self.alexnet_protocol,
                                 lambda: data_fingerprint(self.train, self.test))
             if found:
                 acc.print(f"AlexNet supervised: using the stored result {found['stored_path']} ({found['date']})")
@@ -231,7 +231,7 @@ class Rows:
         row = {"name": f"AlexNet supervised ({budget})", "kind": "alexnet_supervised",
                "protocol": "supervised", **scores, "optimizer": b.alexnet_optimizer, "knn": None, "input_size": size}
         if cfg.store_baselines and acc.is_main_process:
-            path = store_result(Path(b.store), row, dataset=cfg.dataset, protocol=self.alexnet_protocol,
+            path = store_result(store_dir(b.store), row, dataset=cfg.dataset, protocol=self.alexnet_protocol,
                                 data_sha256=data_fingerprint(self.train, self.test),
                                 config=OmegaConf.to_yaml(OmegaConf.structured(cfg)), revision=git_revision())
             print(f"stored {path}", flush=True)
@@ -245,8 +245,8 @@ class Rows:
         encoder = random_like(meta, meta["in_chans"])
         model = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.num_features, self.num_classes))
         schedule = SGDSchedule(lr=b.supervised_encoder_lr, epochs=b.supervised_encoder_max_epochs,
-                               global_batch_size=b.alexnet_global_batch_size, weight_decay=b.alexnet_weight_decay,
-                               max_seconds=seconds, checkpoint_every=self.cfg.sgd.checkpoint_every)
+                               global_batch_size=b.alexnet_global_batch_size,
+                               weight_decay=b.supervised_encoder_weight_decay, max_seconds=seconds, checkpoint_every=self.cfg.sgd.checkpoint_every)
         scores = self.sgd_fit(f"supervised_{meta['architecture']}_{meta['sha256'][:8]}", model, model,
                               meta["input_size"][-1], schedule, b.alexnet_crop_scale_min, input_fn=input_fn_for(meta),
                               norm=norm_of(meta))

@@ -1,4 +1,5 @@
-"""Converged supervised baselines, trained once (``make baselines``) and stored under ``runs/baselines/``.
+"""Converged supervised baselines, trained once (``make baselines``) and stored in the
+repository's ``baselines/`` directory, so that a fresh clone reports them without training.
 
 A stored result is one JSON file: the row (top-1, top-5, epochs, steps, wall time, converged), the
 dataset, the protocol it was scored under, a hash of the data, the config and the code revision.
@@ -18,6 +19,7 @@ from typing import Any, Callable
 
 from pretrain.data import ImageDataset
 
+REPO_STORE = Path(__file__).resolve().parents[1] / "baselines"
 REQUIRED = ("kind", "dataset", "protocol", "data_sha256", "top1", "top5", "epochs", "steps", "wall_s", "converged")
 
 
@@ -31,6 +33,11 @@ def data_fingerprint(train: ImageDataset, test: ImageDataset, max_images: int = 
         for i in range(0, n, max(1, n // max_images)):
             h.update(ds.load(i)[0].numpy().tobytes())
     return h.hexdigest()
+
+
+def store_dir(configured: str) -> Path:
+    """``baselines.store`` as a directory: the repository's ``baselines/`` when empty."""
+    return Path(configured) if configured else REPO_STORE
 
 
 def find_stored(store: Path, kind: str, dataset: str, protocol: str,
