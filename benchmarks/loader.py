@@ -30,6 +30,7 @@ from pretrain.data import MultiViewDataset, build_view_transform
 from pretrain.data.beton import validate, write_beton
 from pretrain.data.datasets import ImageFolder
 from pretrain.data.ffcv_loader import FFCVMultiViewLoader
+from pretrain.data.train_loader import DeviceColour
 
 
 def cpu_seconds() -> float:
@@ -90,7 +91,8 @@ def main() -> None:
             ff = FFCVMultiViewLoader(str(path), views, args.batch, torch.device("cpu"), seed=0, distributed=False,
                                      num_workers=args.workers)
             time_epoch(ff)  # warm-up: the JIT compile
-            loaders[f"ffcv {mode}"] = lambda ff=ff: iter(ff)
+            colour = DeviceColour(views, 3, folder.mean, folder.std)  # pretraining's on-device step
+            loaders[f"ffcv {mode}"] = lambda ff=ff, colour=colour: ({**b, "views": colour(b["views"])} for b in ff)
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in loaders}
         for _ in range(args.rounds):
             for name, make in loaders.items():

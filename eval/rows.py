@@ -24,7 +24,7 @@ from eval.baselines import AlexNetConvFeatures, supervised_alexnet
 from eval.classifier import LinearProbeModel, SGDSchedule, fit_classifier
 from eval.features import ConcatViewEncoders, assert_unchanged, fingerprint, pixel_features
 from eval.probe import linear_probe, topk_accuracy
-from eval.stored_baselines import data_fingerprint, find_stored, store_dir, store_result
+from eval.stored_baselines import alexnet_protocol, data_fingerprint, find_stored, store_dir, store_result
 from pretrain.config import ViewConfig
 from pretrain.data import ImageDataset, MultiViewDataset, build_view_transform
 from pretrain.data.colour import split_lab
@@ -85,7 +85,7 @@ class Rows:
         self.splits, self.betons = {"train": train, "test": test}, {"train": cfg.train_beton, "test": cfg.test_beton}
         self.num_classes = train.num_classes
         self.stop = StopFlag().install()
-        self.alexnet_protocol = f"supervised-v1: {size} px, centre crop ratio {cfg.center_crop_ratio}, test split"
+        self.alexnet_protocol = alexnet_protocol(size, cfg.center_crop_ratio)
 
     # ------------------------------------------------------------------ shared steps
     def features(self, model: nn.Module, split: str, image_size: int, input_fn=lambda x: x, norm: Norm = NO_NORM):

@@ -35,6 +35,11 @@ def data_fingerprint(train: ImageDataset, test: ImageDataset, max_images: int = 
     return h.hexdigest()
 
 
+def alexnet_protocol(size: int, center_crop_ratio: float) -> str:
+    """The supervised AlexNet's protocol string: a stored result is used only under the same one."""
+    return f"supervised-v1: {size} px, centre crop ratio {center_crop_ratio}, test split"
+
+
 def store_dir(configured: str) -> Path:
     """``baselines.store`` as a directory: the repository's ``baselines/`` when empty."""
     return Path(configured) if configured else REPO_STORE

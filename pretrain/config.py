@@ -34,19 +34,52 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+# Each list of choices, written once: validation, the help texts (so the README's reference) and the
+# registries (datasets, critics) all follow it. choice -> what it means ("" when its name says it).
+CHOICE_HELP: dict[str, dict[str, str]] = {
+    "run.precision": {"auto": "take accelerate launch's setting", "no": "", "bf16": "", "fp16": ""},
+    "run.resume": {"auto": "continue from the newest readable checkpoint; stop if every one is damaged",
+                   "never": "start afresh, moving the existing checkpoints aside"},
+    "data.dataset": {"fashion_mnist": "", "imagefolder": "", "synthetic": ""},
+    "data.format": {"torchvision": "decode with PIL/torchvision", "ffcv": "read data.path, a .beton: the fast path"},
+    "data.augment": {"loader": "torchvision, per image in the loader workers",
+                     "batch": "whole batch at once on the training device: crop, flip, brightness, contrast; "
+                              "same-size images"},
+    "data.colour_split": {"none": "", "lab": "split each RGB view into an L view (1 channel) and an ab view "
+                                             "(2 channels), on device (CMC)"},
+    "objective.name": {"contrastive": "a critic between view pairs, CMC/SimCLR", "amdim": "", "dim": ""},
+    "objective.bound": {"infonce": "", "nwj": "", "dv": "", "mine": "", "js": "", "smile": ""},
+    "objective.graph": {"full": "all pairs", "core": "view 0 against each other view, as in CMC"},
+    "objective.critic": {"cosine": "/ temperature", "dot": "", "bilinear": "learned W", "concat": "joint MLP"},
+    "optim.optimizer": {"sgd": "", "adamw": "", "lars": ""},
+    "optim.lr_scaling": {"none": "optim.lr as given", "linear": "optim.lr x global batch / 256",
+                         "sqrt": "optim.lr x sqrt(global batch / 256), SimCLR, MoCo"},
+}
+CHOICES: dict[str, tuple[str, ...]] = {key: tuple(choices) for key, choices in CHOICE_HELP.items()}
+
+
+def choices_help(key: str, table: dict[str, dict[str, str]] = CHOICE_HELP) -> str:
+    """``a (what a means) | b | ...`` for the choices of ``key`` in ``table``."""
+    return " | ".join(f"{c} ({d})" if d else c for c, d in table[key].items())
+
+
+def _choice(key: str, default: str, lead: str = "", tail: str = "") -> Any:
+    """A field whose value is one of ``CHOICES[key]``; its help text lists them."""
+    return _f(default, f"{lead}{choices_help(key)}{tail}")
+
+
 @dataclass
 class RunConfig:
     dir: str = _f("runs/default", "run directory: config.yaml, tb/, checkpoints/, export/; re-running with the same dir resumes")
     seed: int = _f(0, "base seed; each process uses seed + rank")
     max_steps: int = _f(0, "stop after this many optimizer steps in total (0 = run all epochs); for smoke runs")
-    precision: str = _f("auto", "mixed precision: auto (take accelerate launch's setting) | no | bf16 | fp16")
+    precision: str = _choice("run.precision", "auto", "mixed precision: ")
     deterministic: bool = _f(False, "deterministic kernels (torch.use_deterministic_algorithms); exact resume on CPU")
     log_every: int = _f(10, "optimizer steps between TensorBoard scalar writes (metrics reduced across ranks)")
     checkpoint_every: int = _f(500, "optimizer steps between checkpoints (also saved at each epoch end and on SIGTERM/SIGUSR1/SIGUSR2)")
     keep_checkpoints: int = _f(3, "how many most recent checkpoints to keep")
     export: bool = _f(True, "write export/encoder.safetensors + config.json at the end")
-    resume: str = _f("auto", "auto: continue from the newest readable checkpoint (stop if every one is damaged) | "
-                     "never: start afresh, moving the existing checkpoints aside")
+    resume: str = _choice("run.resume", "auto")
 
 
 @dataclass
@@ -67,18 +100,18 @@ class ViewConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("synthetic", "fashion_mnist | imagefolder | synthetic (pretrain.data.datasets.REGISTRY)")
+    dataset: str = _choice("data.dataset", "synthetic", tail=" (pretrain.data.datasets.REGISTRY)")
     root: str = _f("", "dataset directory; empty = the dataset's default (Fashion-MNIST: /usr/share/datasets/fashion-mnist)")
     num_workers: int = _f(2, "DataLoader worker processes per training process (FFCV: decoding threads)")
-    format: str = _f("torchvision", "torchvision (decode with PIL/torchvision) | ffcv (read data.path, a .beton: the fast path)")
+    format: str = _choice("data.format", "torchvision")
     path: str = _f("", "ffcv: the .beton file (python -m pretrain.data.beton ... --out train.beton)")
     os_cache: bool = _f(True, "ffcv: read through the OS page cache (false: ffcv's own process cache)")
     batches_ahead: int = _f(3, "ffcv: batches prepared ahead of the training step")
-    augment: str = _f("loader", "loader (torchvision, per image in the loader workers) | batch (whole batch at once on the training device: crop, flip, brightness, contrast; same-size images)")
+    augment: str = _choice("data.augment", "loader")
     synthetic_size: int = _f(2048, "synthetic: number of training images")
     synthetic_classes: int = _f(8, "synthetic: number of latent classes the images are drawn from")
     synthetic_image_size: int = _f(32, "synthetic: side length of the drawn images")
-    colour_split: str = _f("none", "none | lab: split each RGB view into an L view (1 channel) and an ab view (2 channels), on device (CMC)")
+    colour_split: str = _choice("data.colour_split", "none")
     limit: int = _f(0, "use only the first N training images (0 = all)")
     views: list[ViewConfig] = _f([ViewConfig(), ViewConfig()], "one augmentation recipe per view; V = len(views) >= 2 (>= 1 with colour_split=lab)")
 
@@ -100,10 +133,10 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = _f("contrastive", "training objective: contrastive (cosine critic between view pairs, CMC/SimCLR) | amdim | dim")
-    bound: str = _f("infonce", "MI lower bound maximised: infonce | nwj | dv | mine | js | smile (see README: Objectives and bounds)")
-    graph: str = _f("full", "which view pairs: full (all pairs) | core (view 0 against each other view), as in CMC")
-    critic: str = _f("cosine", "contrastive: cosine (/ temperature) | dot | bilinear (learned W) | concat (joint MLP)")
+    name: str = _choice("objective.name", "contrastive", "training objective: ")
+    bound: str = _choice("objective.bound", "infonce", "MI lower bound maximised: ", " (see README: Objectives and bounds)")
+    graph: str = _choice("objective.graph", "full", "which view pairs: ")
+    critic: str = _choice("objective.critic", "cosine", "contrastive: ")
     temperature: float = _f(0.1, "temperature of the cosine critic: score = cos(z_a, z_b) / temperature")
     queue_size: int = _f(0, "contrastive: keys from a momentum model (model.momentum) plus a queue of this many past keys per view, MoCo v2 (0 = off: in-batch keys)")
     smile_tau: float = _f(5.0, "SMILE: clip the scores to [-tau, tau] inside the log-mean-exp")
@@ -117,10 +150,9 @@ class ObjectiveConfig:
 class OptimConfig:
     epochs: int = _f(10, "training epochs")
     batch_size_per_process: int = _f(256, "images per process per step (global batch = this x processes)")
-    optimizer: str = _f("lars", "sgd | adamw | lars (timm.optim.create_optimizer_v2)")
+    optimizer: str = _choice("optim.optimizer", "lars", tail=" (timm.optim.create_optimizer_v2)")
     lr: float = _f(0.3, "peak learning rate (after warmup); per 256 images of global batch when optim.lr_scaling is not none")
-    lr_scaling: str = _f("none", "none: optim.lr as given | linear: optim.lr x global batch / 256 | sqrt: optim.lr x "
-                         "sqrt(global batch / 256) (SimCLR, MoCo); the effective lr is printed at start")
+    lr_scaling: str = _choice("optim.lr_scaling", "none", tail="; the effective lr is printed at start")
     min_lr: float = _f(0.0, "final learning rate of the cosine schedule")
     weight_decay: float = _f(1e-6, "weight decay (not applied to biases and norm layers)")
     momentum: float = _f(0.9, "momentum for sgd and lars")
@@ -151,22 +183,6 @@ class Config:
 
     # Keys renamed to say what they mean; the old name is refused with one line naming the new one.
     RENAMED: ClassVar[dict[str, str]] = {"optim.batch_size": "optim.batch_size_per_process"}
-
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "run.precision": ("auto", "no", "bf16", "fp16"),
-    "run.resume": ("auto", "never"),
-    "data.dataset": ("fashion_mnist", "imagefolder", "synthetic"),
-    "objective.name": ("contrastive", "amdim", "dim"),
-    "objective.graph": ("full", "core"),
-    "objective.critic": ("cosine", "dot", "bilinear", "concat"),
-    "data.colour_split": ("none", "lab"),
-    "data.format": ("torchvision", "ffcv"),
-    "data.augment": ("loader", "batch"),
-    "objective.bound": ("infonce", "nwj", "dv", "mine", "js", "smile"),
-    "optim.optimizer": ("sgd", "adamw", "lars"),
-    "optim.lr_scaling": ("none", "linear", "sqrt"),
-}
 
 
 def _valid_keys(node_path: str, schema: type | None = None) -> list[str]:

@@ -13,10 +13,15 @@ import torch
 from accelerate import Accelerator
 
 from eval.classifier import FitOutcome, SGDSchedule, fit_classifier
+from eval.config import EvalConfig, validate_eval
+from eval.stored_baselines import alexnet_protocol, data_fingerprint, find_stored, store_dir
+from pretrain.config import load_config
+from pretrain.data.datasets import FMNIST_DEFAULT_ROOT, open_dataset
 from pretrain.checkpoint import Progress
 from conftest import synthetic_views
 from test_eval import export_dir, report_of, run_eval  # noqa: F401 (fixture)
 
+REPO = Path(__file__).resolve().parents[1]
 ALEXNET = ["baselines.alexnet_supervised=true", "baselines.alexnet_global_batch_size=16", "random_init=false",
            "raw_pixels=false"]
 
@@ -97,12 +102,29 @@ def test_stored_alexnet_is_used_and_mismatched_or_damaged_ones_are_not(export_di
     assert "stored" not in damaged and f"stored baseline {path} is damaged" in stderr
 
 
+@pytest.mark.skipif(not Path(FMNIST_DEFAULT_ROOT).is_dir(), reason="make setup installs dataset-fashion-mnist")
+def test_the_demo_finds_the_stored_converged_alexnet() -> None:
+    """A fresh clone's `make demo` reports the tracked `make baselines` result instead of training a
+    budgeted AlexNet: the stored file must match the demo's dataset, protocol and data exactly."""
+    cfg = load_config(str(REPO / "configs" / "probe_fmnist.yaml"), ["weights=[x]"], schema=EvalConfig,
+                      check=validate_eval)
+    train, test = (open_dataset(cfg.dataset, split, cfg.root) for split in ("train", "test"))
+    found = find_stored(store_dir(cfg.baselines.store), "alexnet_supervised", cfg.dataset,
+                        alexnet_protocol(28, cfg.center_crop_ratio), lambda: data_fingerprint(train, test))
+    assert found is not None, "no stored AlexNet matches the demo: run `make baselines` and commit baselines/"
+    assert found["converged"] is True and found["stored_path"].startswith(str(REPO / "baselines"))
+    assert all(key in found["config"] for key in ("store_baselines: true", "alexnet_patience: 3"))
+
+
 @pytest.mark.slow
 def test_supervised_encoder_row_trains_our_architecture_for_the_budget(export_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     out = tmp_path / "report"
     report = report_of(run_eval(f"weights={export_dir}", "random_init=false", "raw_pixels=false", f"out={out}",
                                 "baselines.supervised_encoder=true", "baselines.supervised_encoder_seconds=3",
-                                "baselines.alexnet_global_batch_size=16"), out)
+                                "baselines.alexnet_global_batch_size=16",
+                                "baselines.supervised_encoder_weight_decay=0.0123"), out)
     row = next(r for r in report["rows"] if r["kind"] == "supervised_encoder")
+    state = torch.load(next(out.glob("checkpoints/supervised_*/step_*/state.pt")), weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.0123  # its own, not AlexNet's
     assert row["wall_s"] >= 3 and row["steps"] >= 1 and row["budget_s"] == 3
     assert 0 <= row["top1"] <= 1 and row["feature_dim"] == report["rows"][0]["feature_dim"]

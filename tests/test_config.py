@@ -121,6 +121,7 @@ def test_shipped_configs_validate() -> None:
 @pytest.mark.parametrize("override, pattern", [
     ("baselines.alexnet_optimizer=adam", r"'baselines.alexnet_optimizer': 'adam' is not one of sgd, adamw"),
     ("baselines.alexnet_warmup_steps=-1", r"'baselines.alexnet_warmup_steps': must be >= 0"),
+    ("precision=fp8", r"'precision': 'fp8' is not one of auto, no, bf16, fp16"),
 ])
 def test_bad_eval_values_name_the_key(override: str, pattern: str) -> None:
     from eval.config import EvalConfig, validate_eval
@@ -155,7 +156,7 @@ def test_every_list_of_choices_has_one_source() -> None:
     import dataclasses
 
     from eval.config import EvalConfig, validate_eval
-    from pretrain.config import CHOICES, Config
+    from pretrain.config import CHOICES, Config, choices_help
     from pretrain.critics import CRITICS
     from pretrain.data.datasets import REGISTRY
 
@@ -163,7 +164,16 @@ def test_every_list_of_choices_has_one_source() -> None:
     for key, choices in CHOICES.items():
         section, name = key.split(".")
         field = {f.name: f for f in dataclasses.fields(getattr(Config(), section))}[name]
-        assert all(c in field.metadata["help"] for c in choices), key  # the help text names every choice
+        assert choices_help(key) in field.metadata["help"], key  # the help text lists them from CHOICES
+    from eval.config import EVAL_CHOICES
+    from eval.main import PROTOCOLS
+
+    assert tuple(PROTOCOLS) == tuple(EVAL_CHOICES["protocol"])  # every protocol has its report description
+    for key in EVAL_CHOICES:
+        *section, name = key.split(".")
+        node = getattr(EvalConfig(), section[0]) if section else EvalConfig()
+        field = {f.name: f for f in dataclasses.fields(node)}[name]
+        assert choices_help(key, EVAL_CHOICES) in field.metadata["help"], key
     with pytest.raises(ConfigError, match="'mnist' is not one of fashion_mnist, imagefolder, synthetic"):
         load_config(None, ["dataset=mnist", "weights=[x]"], schema=EvalConfig, check=validate_eval)
 

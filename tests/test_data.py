@@ -164,3 +164,22 @@ def test_batch_views_depend_only_on_seed_epoch_batch_and_rank() -> None:
     out, flipped = plain(x, 0, 0)[0], mirror(x, 0, 0)[0]
     assert torch.allclose(flipped, out.flip(-1), atol=1e-6) and not torch.allclose(flipped, out, atol=1e-3)
     assert out.min() >= 0 and out.max() <= 1
+
+
+def test_device_colour_finishes_ffcv_crops_as_the_torchvision_recipe_does() -> None:
+    """FFCV hands over uint8 crops; the on-device step draws each image's colour jitter and normalises,
+    exactly as the torchvision recipe's ToDtype + Normalize, and leaves views FFCV normalised alone."""
+    from torchvision.transforms import v2
+
+    from pretrain.data.train_loader import DeviceColour
+
+    plain, jittered = ViewConfig(size=8, jitter_p=0.0), ViewConfig(size=8, jitter_p=1.0, brightness=0.4, contrast=0.0)
+    colour = DeviceColour([plain, jittered, plain], 1, (0.3,), (0.2,))
+    crops = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    normalised = torch.randn(16, 1, 8, 8)
+    out = colour([crops, crops, normalised])
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.3], [0.2])])(crops)
+    assert out[0].dtype == torch.float32 and torch.allclose(out[0], reference, atol=1e-6)
+    brightness = (out[1] * 0.2 + 0.3).mean((1, 2, 3)) / (reference * 0.2 + 0.3).mean((1, 2, 3))
+    assert brightness.std() > 0.05 and (brightness - 1).abs().max() <= 0.4 + 1e-3  # per image, within +-0.4
+    assert out[2] is normalised

@@ -180,6 +180,31 @@ def test_two_view_batches_follow_the_torchvision_recipe(tmp_path: Path) -> None:
     assert torch.equal(torch.cat(rest), torch.cat([b["label"] for b in batches[2:]]))
 
 
+class GreyRamps(Ramps):
+    """One channel: the x ramp (Fashion-MNIST's layout), stored as three equal channels in the .beton."""
+
+    channels, mean, std = 1, (0.4,), (0.3,)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.image[:1].clone(), index
+
+
+def test_one_channel_views_are_normalised_with_their_own_mean_and_std(tmp_path: Path) -> None:
+    """On a CPU FFCV normalises a view without colour steps itself; a one-channel dataset's single
+    mean/std must then apply to the one channel that comes out, as in the torchvision path."""
+    data = GreyRamps(256, side=32)
+    view = ViewConfig(size=16, crop_scale_min=0.5, jitter_p=0.0)
+    loader = FFCVMultiViewLoader(str(write(data, tmp_path / "grey.beton")), [view, view], 128, torch.device("cpu"),
+                                 seed=0, distributed=False, num_workers=1)
+    assert loader.normalised == [True, True]
+    ffcv_views = torch.cat([b["views"][0] for b in loader])
+    torch_set = MultiViewDataset(data, [build_view_transform(view, 1, data.mean, data.std)], seed=0)
+    torch_views = torch.stack([torch_set[i]["views"][0] for i in range(256)])
+    assert ffcv_views.shape == (256, 1, 16, 16) and ffcv_views.dtype == torch.float32
+    for stat in (torch.mean, torch.std):
+        assert torch.allclose(stat(ffcv_views), stat(torch_views), atol=0.05), stat
+
+
 def _rank_labels(rank: int, path: str, tmp: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
     loader = FFCVMultiViewLoader(path, [ViewConfig(size=16), ViewConfig(size=16)], 32, torch.device("cpu"), seed=3,

@@ -1,9 +1,13 @@
 """The FFCV fast path: V augmented views per image from a ``.beton`` file (see pretrain/data/beton.py).
 
-Batches have the torchvision path's structure (``views``: V tensors B x C x H x W, normalised
-float32 on the training device; ``label``; ``skipped``), made from the same per-view recipes:
-RandomResizedCrop and flip happen in FFCV's JIT-compiled decoder; colour jitter, grayscale, blur
-and normalisation run on the device in torch (no cupy needed), per image.
+Batches have the torchvision path's structure (``views``: V tensors B x C x H x W on the training
+device; ``label``; ``skipped``), made from the same per-view recipes. RandomResizedCrop and flip
+happen in FFCV's JIT-compiled decoder, which hands over uint8 crops; colour jitter, grayscale, blur
+and normalisation then run on the device in torch, per image (no cupy needed), as one of the
+on-device view steps of pretrain.data.train_loader (``DeviceColour``). On a CPU, a view without
+random colour steps is normalised inside FFCV's compiled per-image threads instead (NormalizeImage
+before ToTensor, ffcv's CPU placement) and comes out as float32: a pass over the batch in torch
+in the main process costs about a tenth of the CPU time per image at 96 px (benchmarks/README.md).
 
 ffcv 1.0.2 has no field mapper: each extra view is another ``PipelineSpec(source="image")``; the
 batch comes back as the stored fields first (image, label), then the extra views.
@@ -20,12 +24,12 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
-from torchvision.transforms import v2
 
 from pretrain.config import ConfigError, ViewConfig
 from pretrain.data.beton import require_ffcv
-from pretrain.data.transforms import colour_steps
+from pretrain.data.transforms import random_colour_steps
 
 
 class BetonInfo:
@@ -50,7 +54,10 @@ class BetonInfo:
 
 
 class FFCVMultiViewLoader:
-    """Iterate training batches of V views from a .beton; ``len()`` = batches per epoch on this rank."""
+    """Iterate training batches of V views from a .beton; ``len()`` = batches per epoch on this rank.
+
+    View i comes out normalised float32 when ``normalised[i]`` (CPU, no random colour steps), else
+    as uint8 crops for :class:`pretrain.data.train_loader.DeviceColour`."""
 
     def __init__(self, path: str, views: Sequence[ViewConfig], batch_size: int, device: torch.device, *,
                  seed: int, distributed: bool, num_workers: int, os_cache: bool = True, batches_ahead: int = 3,
@@ -61,32 +68,33 @@ class FFCVMultiViewLoader:
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
+        from ffcv.transforms import NormalizeImage
+
         self.info = info or BetonInfo(path)
         self.device, self.epoch = device, 0
-        non_blocking = device.type == "cuda"
+        on_cpu, c = device.type == "cpu", self.info.channels
+        self.normalised = [on_cpu and not random_colour_steps(view, c) for view in views]
+        # One-channel data is stored as three equal channels: the table repeats its mean/std.
+        mean, std = (np.resize(np.array(m, dtype=np.float64) * 255, 3) for m in (self.info.mean, self.info.std))
 
-        def image_pipeline(view: ViewConfig) -> list[Any]:
-            # NormalizeImage stays out: after ToTensor/ToTorchImage it hangs ffcv's CPU Loader; torch does it below.
+        def image_pipeline(view: ViewConfig, normalise: bool) -> list[Any]:
             decoder = RandomResizedCropRGBImageDecoder((view.size, view.size), scale=(view.crop_scale_min, view.crop_scale_max))
-            return [decoder, RandomHorizontalFlip(view.flip_p), ToTensor(), ToDevice(device, non_blocking=non_blocking),
-                    ToTorchImage()]
+            steps = [decoder, RandomHorizontalFlip(view.flip_p)]
+            if normalise:  # on the numpy side: after ToTensor/ToTorchImage it hangs ffcv's CPU Loader
+                steps.append(NormalizeImage(mean, std, np.float32))
+            steps.append(ToTensor())
+            if not on_cpu:  # on a CPU the batch already is where it is used: no copy
+                steps.append(ToDevice(device, non_blocking=True))
+            return steps + [ToTorchImage()]
 
-        pipelines: dict[str, Any] = {
-            "image": image_pipeline(views[0]),
-            "label": [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=non_blocking)],
-        }
+        label = [IntDecoder(), ToTensor(), Squeeze()] + ([] if on_cpu else [ToDevice(device, non_blocking=True)])
+        pipelines: dict[str, Any] = {"image": image_pipeline(views[0], self.normalised[0]), "label": label}
         for i, view in enumerate(views[1:], start=1):
-            first, *rest = image_pipeline(view)
+            first, *rest = image_pipeline(view, self.normalised[i])
             pipelines[f"view{i}"] = PipelineSpec(source="image", decoder=first, transforms=rest)
         self.loader = Loader(path, batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
                              distributed=distributed, seed=seed, drop_last=True, os_cache=os_cache,
                              batches_ahead=batches_ahead, pipelines=pipelines)
-        self.colour = [self._on_device(view) for view in views]
-
-    def _on_device(self, view: ViewConfig) -> tuple[list[v2.Transform], v2.Compose]:
-        """(per-image random colour steps, batched to-float + normalise)."""
-        *random_steps, to_float, normalise = colour_steps(view, self.info.channels, self.info.mean, self.info.std)
-        return random_steps, v2.Compose([to_float, normalise])
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -104,12 +112,7 @@ class FFCVMultiViewLoader:
         if self.loader.code is None:
             self.loader.generate_code()
         for image, label, *extra in EpochIterator(self.loader, order[start * bs:]):
-            views = []
-            for x, (random_steps, to_float) in zip([image, *extra], self.colour):
-                x = x[:, : self.info.channels]  # one-channel data is stored as three equal channels
-                if random_steps:  # random per image, as in the torchvision path
-                    x = torch.stack([v2.Compose(random_steps)(img) for img in x])
-                views.append(to_float(x))
+            views = [x[:, : self.info.channels] for x in (image, *extra)]  # one-channel data: stored as three
             yield {"views": views, "label": label.long(), "skipped": [""] * len(label)}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -1,25 +1,47 @@
 """The pretraining input, built in one place: the training loader (FFCV fast path or torchvision)
 and the on-device view steps that turn a loaded batch into the model's views.
 
-On-device steps, in order: views drawn per batch (``data.augment=batch``, :mod:`batch_views`), then
-the Lab split (``data.colour_split=lab``: each RGB view becomes an L and an ab view, :mod:`colour`).
-The FFCV loader applies its own colour steps on the device before handing the batch over.
+On-device steps, in order: the views' colour steps, either drawn per batch with the crops
+(``data.augment=batch``, :mod:`batch_views`) or per image on FFCV's uint8 crops
+(:class:`DeviceColour`); then the Lab split (``data.colour_split=lab``: each RGB view becomes an L
+and an ab view, :mod:`colour`). The torchvision path's loader workers do the colour steps themselves.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from accelerate import Accelerator
+from torchvision.transforms import v2
 
-from pretrain.config import Config, ConfigError
+from pretrain.config import Config, ConfigError, ViewConfig
 from pretrain.data.batch_views import BatchViews, check_batch_recipe
 from pretrain.data.colour import split_lab
 from pretrain.data.datasets import ImageDataset, build_dataset, build_knn_sets
 from pretrain.data.multiview import MultiViewDataset, collate_skipped
-from pretrain.data.transforms import build_view_transform
+from pretrain.data.transforms import build_view_transform, random_colour_steps
+
+
+class DeviceColour:
+    """The FFCV path's colour steps on the training device: per view, uint8 crops (B x C x H x W) ->
+    colour jitter, grayscale, blur (random per image, as the torchvision path draws them) ->
+    normalised float32. A view FFCV already normalised (float32) passes through."""
+
+    def __init__(self, views: Sequence[ViewConfig], channels: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.random_steps = [random_colour_steps(v, channels) for v in views]
+        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+
+    def __call__(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for x, steps in zip(views, self.random_steps):
+            if not x.is_floating_point():
+                if steps:
+                    x = torch.stack([v2.Compose(steps)(img) for img in x])
+                x = (x.float() / 255 - self.mean.to(x.device)) / self.std.to(x.device)
+            out.append(x)
+        return out
 
 
 @dataclass
@@ -30,6 +52,7 @@ class TrainData:
     loader: Any  # an Accelerate-prepared DataLoader, or an FFCVMultiViewLoader
     train_set: MultiViewDataset | None  # the torchvision path's dataset (its epoch seeds the augmentations)
     batch_views: BatchViews | None  # data.augment=batch
+    device_colour: DeviceColour | None  # the FFCV path
     lab: bool  # data.colour_split=lab
     view_chans: list[int]  # channels of each model view
     knn_bank: ImageDataset | None
@@ -48,9 +71,10 @@ class TrainData:
 
     def views(self, batch: dict[str, Any], epoch: int, step_in_epoch: int, accelerator: Accelerator) -> list[torch.Tensor]:
         """A loaded batch -> the augmented, normalised views (before any Lab split): V x (B x C x H x W)."""
-        if self.batch_views is None:
-            return batch["views"]
-        return self.batch_views(batch["views"][0].to(accelerator.device), epoch, step_in_epoch, accelerator.process_index)
+        if self.batch_views is not None:
+            return self.batch_views(batch["views"][0].to(accelerator.device), epoch, step_in_epoch,
+                                    accelerator.process_index)
+        return self.device_colour(batch["views"]) if self.device_colour is not None else batch["views"]
 
     def model_views(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """Augmented views -> the model's views (the Lab split turns each into L and ab)."""
@@ -89,13 +113,14 @@ def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
             f"bad value for config key 'optim.batch_size_per_process': {batch} x {accelerator.num_processes} "
             f"processes needs at least that many images, the dataset has {len(images)}; lower it"
         )
-    train_set = None
+    train_set, device_colour = None, None
     if ffcv:  # FFCV shards across processes itself (distributed=True) and delivers batches on the device
         from pretrain.data.ffcv_loader import FFCVMultiViewLoader
 
         loader = FFCVMultiViewLoader(
             d.path, d.views, batch, accelerator.device, seed=cfg.run.seed, distributed=accelerator.num_processes > 1,
             num_workers=max(1, d.num_workers), os_cache=d.os_cache, batches_ahead=d.batches_ahead, info=images)
+        device_colour = DeviceColour(d.views, images.channels, images.mean, images.std)
     else:
         # data.augment=batch: the loader only collates uint8 images; the views are drawn per batch on the device
         transforms = [] if batch_views is not None else [
@@ -107,4 +132,4 @@ def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
     lab = d.colour_split == "lab"
     # With the Lab split each loaded RGB view becomes an L view (1 channel) and an ab view (2 channels).
     view_chans = [1, 2] * len(d.views) if lab else [images.channels] * len(d.views)
-    return TrainData(images, loader, train_set, batch_views, lab, view_chans, bank, queries)
+    return TrainData(images, loader, train_set, batch_views, device_colour, lab, view_chans, bank, queries)

@@ -14,7 +14,7 @@ def build_view_transform(view: ViewConfig, channels: int, mean: Sequence[float],
     """One view's recipe: uint8 (C x H x W) -> normalised float32 (C x size x size).
 
     Crop and flip first, then the colour steps; the FFCV path does the first two while decoding
-    and the rest on the device with :func:`colour_steps`, so both paths share one recipe.
+    and the rest on the device (pretrain.data.train_loader.DeviceColour), so both paths share one recipe.
     """
     return v2.Compose([*crop_flip_steps(view), *colour_steps(view, channels, mean, std)])
 
@@ -27,7 +27,12 @@ def crop_flip_steps(view: ViewConfig) -> list[v2.Transform]:
 
 
 def colour_steps(view: ViewConfig, channels: int, mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
-    """Colour jitter, grayscale, blur (random, per image), then to float and normalise.
+    """The random colour steps of :func:`random_colour_steps`, then to float and normalise."""
+    return random_colour_steps(view, channels) + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def random_colour_steps(view: ViewConfig, channels: int) -> list[v2.Transform]:
+    """Colour jitter, grayscale, blur: random, per image, on uint8 images; [] when the recipe has none.
 
     One-channel data gets brightness/contrast jitter only and no grayscale step: it has no
     colour to jitter or remove, and pretending otherwise would just be a no-op at best.
@@ -43,7 +48,7 @@ def colour_steps(view: ViewConfig, channels: int, mean: Sequence[float], std: Se
     if view.blur_p > 0:
         kernel = max(3, int(0.1 * view.size) // 2 * 2 + 1)
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, view.blur_sigma_max))], p=view.blur_p))
-    return steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return steps
 
 
 def build_eval_transform(size: int, mean: Sequence[float], std: Sequence[float], crop_ratio: float = 1.0) -> v2.Compose:
