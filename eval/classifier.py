@@ -213,15 +213,16 @@ def fit_classifier(
             progress.global_step += 1
             if progress.step_in_epoch == steps_per_epoch:
                 progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
-            bar.update(1)
             # One collective for the stop flag and the clock, so every rank takes the same branch and lr.
             requested, agreed_wall = loop.agree(float(stop is not None and stop.requested), wall())
             stopped = requested > 0
             over_time = bool(schedule.max_seconds) and agreed_wall >= schedule.max_seconds
+            if schedule.max_seconds:  # the clock ends the fit: show the steps it will reach at this rate
+                reach = round(progress.global_step * schedule.max_seconds / max(agreed_wall, 1e-9))
+                bar.total = max(progress.global_step, min(total, reach))
             if progress.global_step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            if schedule.max_seconds:  # the clock ends the fit: show the steps it will reach at this rate
-                bar.total = min(total, round(progress.global_step * schedule.max_seconds / max(agreed_wall, 1e-9)))
+            bar.update(1)
             if stopped or over_time or progress.global_step >= total:
                 break
             if progress.global_step % eval_every == 0:

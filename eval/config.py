@@ -76,8 +76,7 @@ class EvalConfig:
     store_baselines: bool = _f(False, "train the supervised AlexNet (to convergence with baselines.alexnet_patience) and store it under baselines.store; weights may be empty (make baselines)")
     image_size: int = _f(28, "image side for rows without an export (store_baselines with no weights)")
     batch_size_per_process: int = _f(256, "feature extraction: images per process per batch")
-    precision: str = _f("auto", f"mixed precision of the fits and feature extraction: "
-                                f"{' | '.join(CHOICES['run.precision'])} (auto: accelerate launch's setting)")
+    precision: str = _f("auto", "mixed precision of the fits and feature extraction: " + choices_help("run.precision"))
     num_workers: int = _f(2, "loader workers")
     seed: int = _f(0, "seed for the random-init encoder, the held-out split and the SGD fits")
     out: str = _f("", "report directory; empty = beside the first export (its parent run dir)")

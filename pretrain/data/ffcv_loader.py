@@ -6,8 +6,10 @@ happen in FFCV's JIT-compiled decoder, which hands over uint8 crops; colour jitt
 and normalisation then run on the device in torch, per image (no cupy needed), as one of the
 on-device view steps of pretrain.data.train_loader (``DeviceColour``). On a CPU, a view without
 random colour steps is normalised inside FFCV's compiled per-image threads instead (NormalizeImage
-before ToTensor, ffcv's CPU placement) and comes out as float32: a pass over the batch in torch
-in the main process costs about a tenth of the CPU time per image at 96 px (benchmarks/README.md).
+before ToTensor, ffcv's CPU placement) and comes out as float32, saving a pass over the batch in
+torch in the main process (benchmarks/README.md, "Loading"). Such a view is FFCV's own buffer,
+reused about ``batches_ahead`` + 2 batches later, as FFCV's outputs always are: copy a batch to keep
+it longer.
 
 ffcv 1.0.2 has no field mapper: each extra view is another ``PipelineSpec(source="image")``; the
 batch comes back as the stored fields first (image, label), then the extra views.
@@ -66,13 +68,11 @@ class FFCVMultiViewLoader:
         from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.pipeline import PipelineSpec
-        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
-
-        from ffcv.transforms import NormalizeImage
+        from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
         self.info = info or BetonInfo(path)
         self.device, self.epoch = device, 0
-        on_cpu, c = device.type == "cpu", self.info.channels
+        on_cpu, c, non_blocking = device.type == "cpu", self.info.channels, device.type == "cuda"
         self.normalised = [on_cpu and not random_colour_steps(view, c) for view in views]
         # One-channel data is stored as three equal channels: the table repeats its mean/std.
         mean, std = (np.resize(np.array(m, dtype=np.float64) * 255, 3) for m in (self.info.mean, self.info.std))
@@ -84,10 +84,10 @@ class FFCVMultiViewLoader:
                 steps.append(NormalizeImage(mean, std, np.float32))
             steps.append(ToTensor())
             if not on_cpu:  # on a CPU the batch already is where it is used: no copy
-                steps.append(ToDevice(device, non_blocking=True))
+                steps.append(ToDevice(device, non_blocking=non_blocking))
             return steps + [ToTorchImage()]
 
-        label = [IntDecoder(), ToTensor(), Squeeze()] + ([] if on_cpu else [ToDevice(device, non_blocking=True)])
+        label = [IntDecoder(), ToTensor(), Squeeze()] + ([] if on_cpu else [ToDevice(device, non_blocking=non_blocking)])
         pipelines: dict[str, Any] = {"image": image_pipeline(views[0], self.normalised[0]), "label": label}
         for i, view in enumerate(views[1:], start=1):
             first, *rest = image_pipeline(view, self.normalised[i])

@@ -30,16 +30,17 @@ class DeviceColour:
     normalised float32. A view FFCV already normalised (float32) passes through."""
 
     def __init__(self, views: Sequence[ViewConfig], channels: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.random_steps = [random_colour_steps(v, channels) for v in views]
+        self.random_steps = [v2.Compose(steps) if (steps := random_colour_steps(v, channels)) else None for v in views]
         self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
 
     def __call__(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
-        for x, steps in zip(views, self.random_steps):
+        for x, steps in zip(views, self.random_steps, strict=True):
             if not x.is_floating_point():
-                if steps:
-                    x = torch.stack([v2.Compose(steps)(img) for img in x])
-                x = (x.float() / 255 - self.mean.to(x.device)) / self.std.to(x.device)
+                if steps is not None:
+                    x = torch.stack([steps(img) for img in x])
+                self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+                x = (x.float() / 255 - self.mean) / self.std
             out.append(x)
         return out
 
