@@ -1,13 +1,16 @@
 """Two-view loading speed: torchvision (PIL decode + v2 transforms in DataLoader workers) vs FFCV
 (.beton, jpg and raw) on this machine's CPU. A figure, not a test.
 
-    .venv/bin/python benchmarks/loader.py [--images 3000 --sizes 64 96 224 --rounds 3 --workers N]
+    .venv/bin/python benchmarks/loader.py [--images 3000 --sizes 64 96 224 --rounds 3 --workers N --breakdown]
 
 The data: RGB JPEGs of 96-160 px (drawn procedurally, saved as an image folder), written once to
 .beton files with jpg and raw modes. Each round times one epoch per loader, interleaved
 (torchvision, ffcv jpg, ffcv raw, ...), after a warm-up epoch that pays FFCV's JIT compile. Both
-sides do RandomResizedCrop + flip + normalise for two views, batch 256, drop_last. Reported: median
-images/s (wall) and images per CPU-second (user + system time of the process and its workers).
+sides do RandomResizedCrop + flip + normalise for two views, batch 256, drop_last; FFCV's batches go
+through pretraining's on-device step (DeviceColour) as in training. ``--breakdown`` adds FFCV handing
+uint8 crops to torch for normalising (the pipeline before FFCV normalised on the CPU itself).
+Reported: median images/s (wall) and images per CPU-second (user + system time of the process and
+its workers).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--out", default="", help="also write the figures as JSON here")
+    p.add_argument("--breakdown", action="store_true", help="also time FFCV handing uint8 crops to torch to normalise")
     args = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="infomax-loader-"))
@@ -87,12 +91,15 @@ def main() -> None:
         tv = torch.utils.data.DataLoader(MultiViewDataset(folder, transforms, seed=0), batch_size=args.batch,
                                          shuffle=True, drop_last=True, num_workers=args.workers)
         loaders = {"torchvision": lambda: iter(tv)}
+        colour = DeviceColour(views, 3, folder.mean, folder.std)  # pretraining's on-device step
         for mode, path in betons.items():
-            ff = FFCVMultiViewLoader(str(path), views, args.batch, torch.device("cpu"), seed=0, distributed=False,
-                                     num_workers=args.workers)
-            time_epoch(ff)  # warm-up: the JIT compile
-            colour = DeviceColour(views, 3, folder.mean, folder.std)  # pretraining's on-device step
-            loaders[f"ffcv {mode}"] = lambda ff=ff, colour=colour: ({**b, "views": colour(b["views"])} for b in ff)
+            # ours; and, for the breakdown, the same pipeline handing uint8 crops to torch for normalising
+            for name, in_ffcv in ((f"ffcv {mode}", True), (f"ffcv {mode}, normalised in torch", False)):
+                if in_ffcv or args.breakdown:
+                    ff = FFCVMultiViewLoader(str(path), views, args.batch, torch.device("cpu"), seed=0,
+                                             distributed=False, num_workers=args.workers, normalise_in_ffcv=in_ffcv)
+                    time_epoch(ff)  # warm-up: the JIT compile
+                    loaders[name] = lambda ff=ff: ({**b, "views": colour(b["views"])} for b in ff)
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in loaders}
         for _ in range(args.rounds):
             for name, make in loaders.items():

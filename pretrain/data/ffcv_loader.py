@@ -63,7 +63,7 @@ class FFCVMultiViewLoader:
 
     def __init__(self, path: str, views: Sequence[ViewConfig], batch_size: int, device: torch.device, *,
                  seed: int, distributed: bool, num_workers: int, os_cache: bool = True, batches_ahead: int = 3,
-                 info: BetonInfo | None = None) -> None:
+                 info: BetonInfo | None = None, normalise_in_ffcv: bool = True) -> None:
         require_ffcv()
         from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
@@ -73,7 +73,8 @@ class FFCVMultiViewLoader:
         self.info = info or BetonInfo(path)
         self.device, self.epoch = device, 0
         on_cpu, c, non_blocking = device.type == "cpu", self.info.channels, device.type == "cuda"
-        self.normalised = [on_cpu and not random_colour_steps(view, c) for view in views]
+        # normalise_in_ffcv=False: always uint8 crops (benchmarks/loader.py measures what it saves)
+        self.normalised = [normalise_in_ffcv and on_cpu and not random_colour_steps(view, c) for view in views]
         # One-channel data is stored as three equal channels: the table repeats its mean/std.
         mean, std = (np.resize(np.array(m, dtype=np.float64) * 255, 3) for m in (self.info.mean, self.info.std))
 
