@@ -217,6 +217,7 @@ class Rows:
                         "name": f"AlexNet supervised ({found['epochs']:g} epochs{CONVERGENCE[found['converged']]}, "
                                 f"stored {found['date'][:10]})", "knn": None,
                         "stored": found["stored_path"], "stored_date": found["date"], "input_size": size}
+        revision = git_revision()  # of the code that trains it (taken before the hour-long fit)
         alexnet = supervised_alexnet(self.train.channels, size, self.num_classes)
         schedule = SGDSchedule(lr=b.alexnet_lr, epochs=b.alexnet_epochs, global_batch_size=b.alexnet_global_batch_size,
                                weight_decay=b.alexnet_weight_decay, max_steps=b.alexnet_max_steps,
@@ -225,7 +226,8 @@ class Rows:
                                warmup_steps=b.alexnet_warmup_steps)
         scores = self.sgd_fit("alexnet_supervised", alexnet, alexnet, size, schedule, b.alexnet_crop_scale_min,
                               held_out=min(b.alexnet_held_out, len(self.train) // 2))
-        budget = f"{scores['trained']}, {scores['epochs']:g} epochs, {scores['wall_s']:.0f} s{CONVERGENCE[scores['converged']]}"
+        trained = scores["trained"] if scores["trained"].endswith("epochs") else f"{scores['trained']}, {scores['epochs']:g} epochs"
+        budget = f"{trained}, {scores['wall_s']:.0f} s{CONVERGENCE[scores['converged']]}"
         if b.alexnet_optimizer != "sgd":
             budget = f"{b.alexnet_optimizer.replace('adamw', 'AdamW')}, {budget}"
         row = {"name": f"AlexNet supervised ({budget})", "kind": "alexnet_supervised",
@@ -233,7 +235,7 @@ class Rows:
         if cfg.store_baselines and acc.is_main_process:
             path = store_result(store_dir(b.store), row, dataset=cfg.dataset, protocol=self.alexnet_protocol,
                                 data_sha256=data_fingerprint(self.train, self.test),
-                                config=OmegaConf.to_yaml(OmegaConf.structured(cfg)), revision=git_revision())
+                                config=OmegaConf.to_yaml(OmegaConf.structured(cfg)), revision=revision)
             print(f"stored {path}", flush=True)
         return row
 
