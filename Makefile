@@ -42,7 +42,7 @@ demo: setup
 	  pretrain/main.py --config configs/fmnist_cpu.yaml
 	$(PY) eval/main.py --config configs/probe_fmnist.yaml weights=runs/fmnist_cpu/export
 
-# The supervised AlexNet trained to convergence on Fashion-MNIST (about an hour on 2 CPU cores, minutes on a GPU),
+# The supervised AlexNet trained to convergence on Fashion-MNIST (1 to 1.5 hours on 2 CPU cores, minutes on a GPU),
 # stored in baselines/ (tracked); every later eval on the same data and protocol reports it instead of a budget.
 baselines: setup
 	$(PY) eval/main.py --config configs/baselines_fmnist.yaml

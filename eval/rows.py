@@ -212,8 +212,8 @@ class Rows:
                                 lambda: data_fingerprint(self.train, self.test))
             if found:
                 acc.print(f"AlexNet supervised: using the stored result {found['stored_path']} ({found['date']})")
-                return {**{k: found[k] for k in ("kind", "protocol", "top1", "top5", "epochs", "steps", "wall_s",
-                                                  "converged", "trained")},
+                return {**{k: found[k] for k in ("kind", "top1", "top5", "epochs", "steps", "wall_s", "converged",
+                                                  "trained")}, "protocol": "supervised", "stored_protocol": found["protocol"],
                         "name": f"AlexNet supervised ({found['epochs']:g} epochs{CONVERGENCE[found['converged']]}, "
                                 f"stored {found['date'][:10]})", "knn": None,
                         "stored": found["stored_path"], "stored_date": found["date"], "input_size": size}

@@ -105,6 +105,7 @@ def test_stored_alexnet_is_used_and_mismatched_or_damaged_ones_are_not(export_di
     used, _ = alexnet_row()
     assert used["stored"] == str(path) and used["top1"] == stored["top1"] and "stored" in used["name"]
     assert used["epochs"] == stored["epochs"] and used["converged"] == stored["converged"]
+    assert used["protocol"] == "supervised" and used["stored_protocol"] == stored["protocol"]
     other_protocol, _ = alexnet_row("center_crop_ratio=0.875")
     assert "stored" not in other_protocol and other_protocol["steps"] == 2
     path.write_text(json.dumps({**stored, "dataset": "fashion_mnist"}))  # another dataset's result
