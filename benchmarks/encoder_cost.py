@@ -30,14 +30,16 @@ RECIPES: dict[str, dict] = {
     "resnet10t deep s2 stem": dict(arch="resnet10t", small_input=True, stem_stride=2),
     "resnet14t deep s2 stem": dict(arch="resnet14t", small_input=True, stem_stride=2),
     "resnet10t deep s1 stem": dict(arch="resnet10t", small_input=True, stem_stride=1),
+    "resnet14t w0.5 deep s2 stem": dict(arch="resnet14t", small_input=True, stem_stride=2, width=0.5),
 }
 
 
 def step_seconds(model: torch.nn.Module, objective: torch.nn.Module, opt: torch.optim.Optimizer,
-                 views: list[torch.Tensor], steps: int) -> float:
+                 views: list[torch.Tensor], steps: int, bf16: bool = False) -> float:
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss, _ = objective(model(views))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # what run.precision=bf16 does on a CPU
+            loss, _ = objective(model(views))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -53,26 +55,29 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (inductor, CPU C++ codegen)")
     parser.add_argument("--only", nargs="*", help="recipe names to run (default: all)")
+    parser.add_argument("--bf16", action="store_true", help="also time each recipe under bf16 autocast, interleaved")
     args = parser.parse_args()
     torch.manual_seed(0)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     views = [torch.randn(args.batch, 1, args.size, args.size).to(memory_format=fmt) for _ in range(2)]
     setups = {}
-    for name, over in RECIPES.items():
+    for name, over, bf16 in [(n, o, b) for n, o in RECIPES.items() for b in (False, True)[:1 + args.bf16]]:
         if args.only and name not in args.only:
             continue
+        name += " bf16" if bf16 else ""
         model = MultiViewModel(ModelConfig(**over), 1, 2).to(memory_format=fmt)
         objective = ContrastiveObjective(0.2)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         run = torch.compile(model) if args.compile else model
         t0 = time.perf_counter()
-        step_seconds(run, objective, opt, views, 2)  # warm-up (and compilation)
+        step_seconds(run, objective, opt, views, 2, bf16)  # warm-up (and compilation)
         print(f"{name}: warm-up {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        setups[name] = (run, objective, opt)
+        setups[name] = (run, objective, opt, bf16)
     times: dict[str, list[float]] = {name: [] for name in setups}
     for r in range(args.rounds):
         for name, setup in setups.items():
-            times[name].append(step_seconds(*setup, views, args.steps))
+            run, objective, opt, bf16 = setup
+            times[name].append(step_seconds(run, objective, opt, views, args.steps, bf16))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     print("| recipe | ms/step (median) | images/s | s per 60k epoch | params (M, encoder + head) |\n|---|---|---|---|---|")
     for name, ts in times.items():

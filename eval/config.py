@@ -97,12 +97,12 @@ def validate_eval(c: EvalConfig) -> None:
             raise ConfigError(f"bad value for config key '{key}': {msg}")
 
     require(len(c.weights) >= 1 or c.store_baselines, "weights", "give at least one export directory, e.g. weights=runs/fmnist_cpu/export")
-    datasets = CHOICES["data.dataset"]
-    require(c.dataset in datasets, "dataset", f"'{c.dataset}' is not one of {', '.join(datasets)}")
-    require(c.precision in CHOICES["run.precision"], "precision",
-            f"'{c.precision}' is not one of {', '.join(CHOICES['run.precision'])}")
-    for key, value in (("protocol", c.protocol), ("baselines.alexnet_optimizer", c.baselines.alexnet_optimizer)):
-        require(value in EVAL_CHOICES[key], key, f"'{value}' is not one of {', '.join(EVAL_CHOICES[key])}")
+    for key, value, choices in (("dataset", c.dataset, CHOICES["data.dataset"]),
+                                ("precision", c.precision, CHOICES["run.precision"]),
+                                ("protocol", c.protocol, EVAL_CHOICES["protocol"]),
+                                ("baselines.alexnet_optimizer", c.baselines.alexnet_optimizer,
+                                 EVAL_CHOICES["baselines.alexnet_optimizer"])):
+        require(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
     require(len(c.weight_decays) >= 1 and min(c.weight_decays) >= 0, "weight_decays", "needs values >= 0")
     require(all(k >= 1 for k in c.knn_k), "knn_k", "needs values >= 1")
     require(c.limit_train >= 0 and c.limit_test >= 0, "limit_train", "limits must be >= 0")

@@ -247,8 +247,8 @@ class Rows:
         encoder = random_like(meta, meta["in_chans"])
         model = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.num_features, self.num_classes))
         schedule = SGDSchedule(lr=b.supervised_encoder_lr, epochs=b.supervised_encoder_max_epochs,
-                               global_batch_size=b.alexnet_global_batch_size,
-                               weight_decay=b.supervised_encoder_weight_decay, max_seconds=seconds, checkpoint_every=self.cfg.sgd.checkpoint_every)
+                               global_batch_size=b.alexnet_global_batch_size, weight_decay=b.supervised_encoder_weight_decay,
+                               max_seconds=seconds, checkpoint_every=self.cfg.sgd.checkpoint_every)
         scores = self.sgd_fit(f"supervised_{meta['architecture']}_{meta['sha256'][:8]}", model, model,
                               meta["input_size"][-1], schedule, b.alexnet_crop_scale_min, input_fn=input_fn_for(meta),
                               norm=norm_of(meta))

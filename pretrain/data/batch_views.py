@@ -22,8 +22,10 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
 from pretrain.config import ConfigError, ViewConfig
+from pretrain.data.transforms import normalise_steps
 
 
 def check_batch_recipe(views: Sequence[ViewConfig], channels: int) -> None:
@@ -80,10 +82,9 @@ class BatchViews:
 
     def __init__(self, views: Sequence[ViewConfig], mean: Sequence[float], std: Sequence[float], seed: int) -> None:
         self.views, self.seed = list(views), seed
-        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        self.normalise = v2.Compose(normalise_steps(mean, std))
 
     def __call__(self, images: torch.Tensor, epoch: int, batch: int, rank: int = 0) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, batch, rank))
         x = images.float() / 255
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
-        return [(jitter(random_resized_crop_flip(x, v, g), v, g) - mean) / std for v in self.views]
+        return [self.normalise(jitter(random_resized_crop_flip(x, v, g), v, g)) for v in self.views]

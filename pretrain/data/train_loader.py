@@ -21,7 +21,7 @@ from pretrain.data.batch_views import BatchViews, check_batch_recipe
 from pretrain.data.colour import split_lab
 from pretrain.data.datasets import ImageDataset, build_dataset, build_knn_sets
 from pretrain.data.multiview import MultiViewDataset, collate_skipped
-from pretrain.data.transforms import build_view_transform, random_colour_steps
+from pretrain.data.transforms import build_view_transform, normalise_steps, random_colour_steps
 
 
 class DeviceColour:
@@ -31,7 +31,7 @@ class DeviceColour:
 
     def __init__(self, views: Sequence[ViewConfig], channels: int, mean: Sequence[float], std: Sequence[float]) -> None:
         self.random_steps = [v2.Compose(steps) if (steps := random_colour_steps(v, channels)) else None for v in views]
-        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        self.normalise = v2.Compose(normalise_steps(mean, std))
 
     def __call__(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
@@ -39,8 +39,7 @@ class DeviceColour:
             if not x.is_floating_point():
                 if steps is not None:
                     x = torch.stack([steps(img) for img in x])
-                self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
-                x = (x.float() / 255 - self.mean) / self.std
+                x = self.normalise(x)
             out.append(x)
         return out
 

@@ -28,7 +28,13 @@ def crop_flip_steps(view: ViewConfig) -> list[v2.Transform]:
 
 def colour_steps(view: ViewConfig, channels: int, mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
     """The random colour steps of :func:`random_colour_steps`, then to float and normalise."""
-    return random_colour_steps(view, channels) + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return random_colour_steps(view, channels) + normalise_steps(mean, std)
+
+
+def normalise_steps(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    """uint8 (or [0, 1] float) image C x H x W, or batch B x C x H x W -> normalised float32: the last
+    steps of every training view and of the eval transform."""
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
 def random_colour_steps(view: ViewConfig, channels: int) -> list[v2.Transform]:
@@ -59,6 +65,5 @@ def build_eval_transform(size: int, mean: Sequence[float], std: Sequence[float],
     return v2.Compose([
         v2.Resize(round(size / crop_ratio), antialias=True),
         v2.CenterCrop(size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
+        *normalise_steps(mean, std),
     ])
