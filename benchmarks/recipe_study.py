@@ -71,7 +71,8 @@ def recipe_fields(config_yaml: Path) -> dict[str, str]:
     stem = f"3x3 s{m.stem_stride} stem" if m.small_input else "timm stem"
     negatives = (f"{o.batch_size_per_process - 1} batch + {c.objective.queue_size} queue (m={m.momentum})" if c.objective.queue_size
                  else f"{o.batch_size_per_process - 1} batch")
-    return {"encoder": f"{m.arch} w{m.width:g}, {stem}", "size": str(v.size), "epochs": str(o.epochs),
+    precision = f", {c.run.precision}" if c.run.precision in ("bf16", "fp16") else ""
+    return {"encoder": f"{m.arch} w{m.width:g}, {stem}{precision}", "size": str(v.size), "epochs": str(o.epochs),
             "batch": str(o.batch_size_per_process), "optimizer": f"{o.optimizer} {o.lr:g}", "temperature": f"{c.objective.temperature:g}",
             "augment": f"crop {v.crop_scale_min:g}-{v.crop_scale_max:g}, flip {v.flip_p:g}, jitter {v.jitter_p:g} "
                        f"(b {v.brightness:g}, c {v.contrast:g}), {c.data.augment}"

@@ -48,9 +48,9 @@ class ContrastiveObjective(nn.Module):
 
     def __init__(self, temperature: float, bound: str = "infonce", num_views: int = 2,
                  smile_tau: float = 5.0, mine_ema: float = 0.1, graph: str = "full",
-                 critic: str = "cosine", dim: int = 128, queue_size: int = 0) -> None:
+                 critic: str = "cosine", dim: int = 128, queue_size: int = 0, intra_view_negatives: bool = False) -> None:
         super().__init__()
-        self.bound = bound
+        self.bound, self.intra_view_negatives = bound, intra_view_negatives
         self.critic = build_critic(critic, dim, temperature)
         self.pairs = view_pairs(num_views, graph)
         self.mine = nn.ModuleList(bounds.MINE(mine_ema) for _ in self.pairs) if bound == "mine" else None
@@ -71,7 +71,9 @@ class ContrastiveObjective(nn.Module):
         Args:
             z: V query embeddings, each B x D (local to this rank, any dtype).
             keys: V key embeddings (B x D) of a momentum model, without gradient; required with
-                the queue. Without them the queries are their own keys (SimCLR/CMC).
+                the queue. Without them the queries are their own keys (SimCLR/CMC); with
+                ``intra_view_negatives`` a view-a query is also scored against view a's other W*B - 1
+                images (SimCLR's 2N - 2 negatives for 2 views), so K = 2*W*B - 1.
 
         Returns:
             loss (scalar, fp32 or wider) and detached diagnostics: ``mi`` (the bound in nats, mean over
@@ -94,6 +96,10 @@ class ContrastiveObjective(nn.Module):
             for pair, (a, c) in enumerate(self.pairs):
                 candidates = batch_keys[c] if self.queue is None else torch.cat([batch_keys[c], self.queue.keys(c)])
                 scores = self.critic(q[a], candidates)  # B x K: view-a queries against view-c keys (+ queue)
+                if self.intra_view_negatives:  # SimCLR's NT-Xent: view a's other images are negatives too
+                    own = F.one_hot(positives, batch_keys[a].shape[0]).bool()  # the query itself: no candidate
+                    same = self.critic(q[a], batch_keys[a])[~own].view(b, -1)  # B x (W*B - 1)
+                    scores = torch.cat([scores, same], dim=1)
                 bound = self.mine[pair] if self.mine is not None else self._fn
                 values.append(bound(scores, positives=positives))
                 with torch.no_grad():
@@ -234,7 +240,7 @@ def build_objective(cfg: ObjectiveConfig, num_views: int, embed_dim: int) -> nn.
     """The objective named by ``objective.name``, configured from the rest of ``objective.*``."""
     if cfg.name == "contrastive":
         return ContrastiveObjective(cfg.temperature, cfg.bound, num_views, cfg.smile_tau, cfg.mine_ema, cfg.graph,
-                                    cfg.critic, embed_dim, cfg.queue_size)
+                                    cfg.critic, embed_dim, cfg.queue_size, cfg.intra_view_negatives)
     if cfg.name == "amdim":
         return AMDIMObjective(cfg.amdim_tclip, cfg.amdim_reg)
     if cfg.name == "dim":

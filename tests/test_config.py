@@ -46,6 +46,12 @@ def test_bad_values_name_the_key(override: str, pattern: str) -> None:
         load_config(None, [override])
 
 
+def test_intra_view_negatives_need_in_batch_keys() -> None:
+    assert load_config(None, ["objective.intra_view_negatives=true"]).objective.intra_view_negatives
+    with pytest.raises(ConfigError, match=r"'objective.intra_view_negatives': works with .*objective.queue_size=0"):
+        load_config(None, ["objective.intra_view_negatives=true", "objective.queue_size=8"])
+
+
 @pytest.mark.parametrize("old, new", [("batch_size", "batch_size_per_process"), ("sgd.batch_size", "sgd.global_batch_size"),
                                       ("baselines.alexnet_batch_size", "baselines.alexnet_global_batch_size")])
 def test_renamed_eval_keys_name_their_new_name_also_in_a_file(tmp_path, old: str, new: str) -> None:
@@ -106,6 +112,7 @@ def test_every_field_has_help_and_readme_reference_is_current() -> None:
     assert all(re.search(r"\| [^|]+ \|$", row) for row in table.splitlines() if row.startswith("| `"))
     readme = (REPO / "README.md").read_text()
     assert table in readme, "README config reference is stale: paste the output of `python -m pretrain.config`"
+    assert all(readme.count(row) == 1 for row in table.splitlines() if row.startswith("| `")), "a key's row is in the README twice"
 
 
 def test_shipped_configs_validate() -> None:

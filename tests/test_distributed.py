@@ -30,8 +30,10 @@ def global_batch() -> list[torch.Tensor]:
     return [torch.randn(WORLD * B, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2)]
 
 
-def loss_and_grads(model: nn.Module, views: list[torch.Tensor], bound: str = "infonce") -> tuple[torch.Tensor, list[torch.Tensor]]:
-    loss, _ = ContrastiveObjective(temperature=0.5, bound=bound)([model(v) for v in views])
+def loss_and_grads(model: nn.Module, views: list[torch.Tensor], bound: str = "infonce",
+                   intra_view_negatives: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    objective = ContrastiveObjective(temperature=0.5, bound=bound, intra_view_negatives=intra_view_negatives)
+    loss, _ = objective([model(v) for v in views])
     loss.backward()
     return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
 
@@ -44,20 +46,21 @@ def naive_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _worker(rank: int, tmp: str, naive: bool, bound: str) -> None:
+def _worker(rank: int, tmp: str, naive: bool, bound: str, intra_view_negatives: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     if naive:
         objectives.gather_with_grad = naive_gather
     model = nn.parallel.DistributedDataParallel(tiny_model())
     views = [v[rank * B : (rank + 1) * B] for v in global_batch()]
-    loss, grads = loss_and_grads(model, views, bound)  # DDP has averaged the gradients over ranks
+    loss, grads = loss_and_grads(model, views, bound, intra_view_negatives)  # DDP has averaged the gradients over ranks
     torch.save({"loss": loss, "grads": grads}, f"{tmp}/rank{rank}.pt")
     dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort under load)
     dist.destroy_process_group()
 
 
-def two_rank_result(tmp_path: Path, naive: bool, bound: str = "infonce") -> tuple[torch.Tensor, list[torch.Tensor]]:
-    mp.spawn(_worker, args=(str(tmp_path), naive, bound), nprocs=WORLD, join=True)
+def two_rank_result(tmp_path: Path, naive: bool, bound: str = "infonce",
+                    intra_view_negatives: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    mp.spawn(_worker, args=(str(tmp_path), naive, bound, intra_view_negatives), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for r in results[1:]:  # after DDP's all-reduce every rank holds the same gradient
         assert all(torch.equal(a, b) for a, b in zip(results[0]["grads"], r["grads"]))
@@ -65,12 +68,13 @@ def two_rank_result(tmp_path: Path, naive: bool, bound: str = "infonce") -> tupl
     return mean_loss, results[0]["grads"]
 
 
-@pytest.mark.parametrize("bound", ["infonce", "nwj", "js"])
-def test_two_ranks_match_one_rank_loss_and_gradients(tmp_path: Path, bound: str) -> None:
+@pytest.mark.parametrize("bound, intra_view_negatives", [("infonce", False), ("nwj", False), ("js", False), ("infonce", True)])
+def test_two_ranks_match_one_rank_loss_and_gradients(tmp_path: Path, bound: str, intra_view_negatives: bool) -> None:
     """Exact for bounds that are means over queries/negatives. (DV, MINE and SMILE take the log of a
-    batch mean, so per-rank values are not the global one by construction.)"""
-    loss1, grads1 = loss_and_grads(tiny_model(), global_batch(), bound)
-    loss2, grads2 = two_rank_result(tmp_path, naive=False, bound=bound)
+    batch mean, so per-rank values are not the global one by construction.) With SimCLR's intra-view
+    negatives each rank must leave out its own queries at rank * B + i of the gathered keys."""
+    loss1, grads1 = loss_and_grads(tiny_model(), global_batch(), bound, intra_view_negatives)
+    loss2, grads2 = two_rank_result(tmp_path, naive=False, bound=bound, intra_view_negatives=intra_view_negatives)
     assert torch.allclose(loss1, loss2, rtol=0, atol=1e-10)
     for g1, g2 in zip(grads1, grads2):
         assert torch.allclose(g1, g2, rtol=0, atol=1e-10), (g1 - g2).abs().max()

@@ -33,6 +33,25 @@ def test_objective_diagnostics_for_identical_and_random_views() -> None:
     assert diag_random["mi"] < diag["mi"]
 
 
+def test_intra_view_negatives_are_simclrs_nt_xent() -> None:
+    """SimCLR's loss as its paper writes it: 2N x 2N cosine similarities over both views, the self-pairs
+    removed, each image's positive its other view; our two ordered pairs average the same 2N terms."""
+    torch.manual_seed(0)
+    n, t = 8, 0.2
+    z1, z2 = (torch.randn(n, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    loss, diag = ContrastiveObjective(t, intra_view_negatives=True)([z1, z2])
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    sim = (z @ z.T / t).masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    reference = F.cross_entropy(sim, torch.cat([torch.arange(n, 2 * n), torch.arange(n)]))
+    assert torch.allclose(loss, reference, rtol=0, atol=1e-12)
+    assert diag["log_k"] == pytest.approx(math.log(2 * n - 1))  # 2N - 1 candidates, the positive among them
+    grads = torch.autograd.grad(loss, [z1, z2])
+    for g, g_ref in zip(grads, torch.autograd.grad(reference, [z1, z2])):
+        assert torch.allclose(g, g_ref, rtol=0, atol=1e-12)
+    without, _ = ContrastiveObjective(t)([z1, z2])
+    assert not torch.isclose(without, loss)  # the option changes the loss: the comparison above can fail
+
+
 def test_logits_stay_fp32_under_bf16_autocast() -> None:
     seen = []
     objective = ContrastiveObjective(0.1)
