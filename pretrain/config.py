@@ -139,6 +139,7 @@ class ObjectiveConfig:
     critic: str = _choice("objective.critic", "cosine", "contrastive: ")
     temperature: float = _f(0.1, "temperature of the cosine critic: score = cos(z_a, z_b) / temperature")
     queue_size: int = _f(0, "contrastive: keys from a momentum model (model.momentum) plus a queue of this many past keys per view, MoCo v2 (0 = off: in-batch keys)")
+    nn_support_size: int = _f(0, "contrastive, in-batch keys: NNCLR, each query replaced by its nearest neighbour among this many past view-0 embeddings (0 = off)")
     intra_view_negatives: bool = _f(False, "contrastive, in-batch keys: also score each query against the other images of its own view (SimCLR's NT-Xent: 2N-2 negatives for 2 views)")
     smile_tau: float = _f(5.0, "SMILE: clip the scores to [-tau, tau] inside the log-mean-exp")
     mine_ema: float = _f(0.1, "MINE: update weight of the moving average of the denominator")
@@ -325,8 +326,10 @@ def validate(c: Config) -> None:
     _require(ob.queue_size >= 0, "objective.queue_size", f"must be >= 0, got {ob.queue_size}")
     _require(ob.queue_size == 0 or ob.name == "contrastive", "objective.queue_size",
              f"the momentum queue works with objective.name=contrastive, not {ob.name}; set objective.queue_size=0")
-    _require(not ob.intra_view_negatives or (ob.name == "contrastive" and ob.queue_size == 0), "objective.intra_view_negatives",
-             "works with objective.name=contrastive and in-batch keys (objective.queue_size=0) only")
+    for key, on in (("intra_view_negatives", ob.intra_view_negatives), ("nn_support_size", ob.nn_support_size)):
+        _require(not on or (ob.name == "contrastive" and ob.queue_size == 0), f"objective.{key}",
+                 "works with objective.name=contrastive and in-batch keys (objective.queue_size=0) only")
+    _require(ob.nn_support_size >= 0, "objective.nn_support_size", f"must be >= 0, got {ob.nn_support_size}")
     _require(0 <= m.momentum < 1, "model.momentum", f"must be in [0, 1), got {m.momentum}")
     _require(c.objective.temperature > 0, "objective.temperature", f"must be > 0, got {c.objective.temperature}")
     _require(r.max_steps >= 0, "run.max_steps", f"must be >= 0, got {r.max_steps}")

@@ -74,6 +74,8 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     if key_model is not None:
         key_model.update(accelerator.unwrap_model(model))
-        accelerator.unwrap_model(objective).enqueue_pending()
+    enqueue = getattr(accelerator.unwrap_model(objective), "enqueue_pending", None)  # MoCo's queue, NNCLR's support set
+    if enqueue is not None:
+        enqueue()
     probe_loss = probe_step(*probe[:2], features, probe[2]) if probe is not None else None
     return StepResult(loss.detach(), diag, torch.as_tensor(grad_norm).detach(), stop, probe_loss)

@@ -48,7 +48,8 @@ class ContrastiveObjective(nn.Module):
 
     def __init__(self, temperature: float, bound: str = "infonce", num_views: int = 2,
                  smile_tau: float = 5.0, mine_ema: float = 0.1, graph: str = "full",
-                 critic: str = "cosine", dim: int = 128, queue_size: int = 0, intra_view_negatives: bool = False) -> None:
+                 critic: str = "cosine", dim: int = 128, queue_size: int = 0, intra_view_negatives: bool = False,
+                 nn_support_size: int = 0) -> None:
         super().__init__()
         self.bound, self.intra_view_negatives = bound, intra_view_negatives
         self.critic = build_critic(critic, dim, temperature)
@@ -56,14 +57,28 @@ class ContrastiveObjective(nn.Module):
         self.mine = nn.ModuleList(bounds.MINE(mine_ema) for _ in self.pairs) if bound == "mine" else None
         self._fn = stateless_bound(bound, smile_tau)
         self.queue = KeyQueue(num_views, queue_size, dim) if queue_size else None
+        self.support = KeyQueue(1, nn_support_size, dim) if nn_support_size else None
         self.pending_keys: list[torch.Tensor] | None = None
+        self.pending_support: torch.Tensor | None = None
 
     def enqueue_pending(self) -> None:
-        """Push the last forward's gathered keys into the queue (after scoring: a key is never its own
-        negative; and only for steps that were taken, so a skipped non-finite step leaves no keys)."""
+        """Push the last forward's gathered keys into the queue, and its view-0 embeddings into the
+        support set (after scoring: a key is never its own negative, an embedding never its own
+        neighbour; and only for steps that were taken, so a skipped non-finite step leaves nothing)."""
         if self.queue is not None and self.pending_keys is not None:
             self.queue.push(self.pending_keys)
-            self.pending_keys = None
+        if self.support is not None and self.pending_support is not None:
+            self.support.push([self.pending_support])
+        self.pending_keys = self.pending_support = None
+
+    def nearest_in_support(self, z: torch.Tensor) -> torch.Tensor:
+        """NNCLR (Dwibedi et al. 2021): each of the B x D embeddings replaced by its cosine nearest
+        neighbour in the support set (no gradient); unchanged while the support set is empty."""
+        support = self.support.keys(0)
+        if support.shape[0] == 0:
+            return z
+        with torch.no_grad():
+            return support[(F.normalize(z, dim=1) @ support.T).argmax(1)]
 
     def forward(self, z: list[torch.Tensor], keys: list[torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -73,7 +88,9 @@ class ContrastiveObjective(nn.Module):
             keys: V key embeddings (B x D) of a momentum model, without gradient; required with
                 the queue. Without them the queries are their own keys (SimCLR/CMC); with
                 ``intra_view_negatives`` a view-a query is also scored against view a's other W*B - 1
-                images (SimCLR's 2N - 2 negatives for 2 views), so K = 2*W*B - 1.
+                images (SimCLR's 2N - 2 negatives for 2 views), so K = 2*W*B - 1. With a support set
+                (``nn_support_size``) each query is replaced by its nearest past view-0 embedding, so
+                the gradient reaches the model through the keys only (NNCLR).
 
         Returns:
             loss (scalar, fp32 or wider) and detached diagnostics: ``mi`` (the bound in nats, mean over
@@ -95,7 +112,8 @@ class ContrastiveObjective(nn.Module):
             values, pos, neg, top1 = [], [], [], []
             for pair, (a, c) in enumerate(self.pairs):
                 candidates = batch_keys[c] if self.queue is None else torch.cat([batch_keys[c], self.queue.keys(c)])
-                scores = self.critic(q[a], candidates)  # B x K: view-a queries against view-c keys (+ queue)
+                query = q[a] if self.support is None else self.nearest_in_support(q[a])
+                scores = self.critic(query, candidates)  # B x K: view-a queries against view-c keys (+ queue)
                 if self.intra_view_negatives:  # SimCLR's NT-Xent: view a's other images are negatives too
                     own = F.one_hot(positives, batch_keys[a].shape[0]).bool()  # the query itself: no candidate
                     same = self.critic(q[a], batch_keys[a])[~own].view(b, -1)  # B x (W*B - 1)
@@ -108,8 +126,11 @@ class ContrastiveObjective(nn.Module):
                     neg.append(scores[~mask].mean())
                     top1.append((scores.argmax(1) == positives).float().mean())
             log_k = math.log(scores.shape[1])
-            if self.queue is not None:  # enqueued by enqueue_pending() once the step is known to be finite
+            # enqueued by enqueue_pending() once the step is known to be finite
+            if self.queue is not None:
                 self.pending_keys = [k.detach() for k in batch_keys]
+            if self.support is not None:  # normalised, gathered: the same support set on every rank
+                self.pending_support = F.normalize(batch_keys[0].detach(), dim=1)
             mi = torch.stack(values).mean()
             # InfoNCE's loss is shown as the usual cross-entropy, log K - bound.
             loss = (log_k if self.bound == "infonce" else 0.0) - mi
@@ -240,7 +261,7 @@ def build_objective(cfg: ObjectiveConfig, num_views: int, embed_dim: int) -> nn.
     """The objective named by ``objective.name``, configured from the rest of ``objective.*``."""
     if cfg.name == "contrastive":
         return ContrastiveObjective(cfg.temperature, cfg.bound, num_views, cfg.smile_tau, cfg.mine_ema, cfg.graph,
-                                    cfg.critic, embed_dim, cfg.queue_size, cfg.intra_view_negatives)
+                                    cfg.critic, embed_dim, cfg.queue_size, cfg.intra_view_negatives, cfg.nn_support_size)
     if cfg.name == "amdim":
         return AMDIMObjective(cfg.amdim_tclip, cfg.amdim_reg)
     if cfg.name == "dim":

@@ -46,10 +46,12 @@ def test_bad_values_name_the_key(override: str, pattern: str) -> None:
         load_config(None, [override])
 
 
-def test_intra_view_negatives_need_in_batch_keys() -> None:
+def test_intra_view_negatives_and_nn_support_need_in_batch_keys() -> None:
     assert load_config(None, ["objective.intra_view_negatives=true"]).objective.intra_view_negatives
     with pytest.raises(ConfigError, match=r"'objective.intra_view_negatives': works with .*objective.queue_size=0"):
         load_config(None, ["objective.intra_view_negatives=true", "objective.queue_size=8"])
+    with pytest.raises(ConfigError, match=r"'objective.nn_support_size': works with .*objective.queue_size=0"):
+        load_config(None, ["objective.nn_support_size=1024", "objective.queue_size=8"])
 
 
 @pytest.mark.parametrize("old, new", [("batch_size", "batch_size_per_process"), ("sgd.batch_size", "sgd.global_batch_size"),

@@ -52,6 +52,32 @@ def test_intra_view_negatives_are_simclrs_nt_xent() -> None:
     assert not torch.isclose(without, loss)  # the option changes the loss: the comparison above can fail
 
 
+def test_nnclr_scores_each_querys_nearest_support_embedding() -> None:
+    torch.manual_seed(0)
+    n, d, t = 6, 8, 0.2
+    objective = ContrastiveObjective(t, dim=d, nn_support_size=32)
+    z1, z2 = torch.randn(n, d), torch.randn(n, d)
+    assert torch.equal(objective([z1, z2])[0], ContrastiveObjective(t)([z1, z2])[0])  # empty support: the queries themselves
+    objective.enqueue_pending()
+    assert torch.allclose(objective.support.keys(0), F.normalize(z1, dim=1))  # view 0, normalised, after scoring
+    assert "support.queue" in objective.state_dict()  # a buffer: checkpointed and resumed with the objective
+
+    support = F.normalize(torch.randn(32, d), dim=1)
+    objective.support.push([support])
+    picks = torch.tensor([3, 17, 5, 30, 0, 9])
+    q1 = (2 * support[picks] + 0.01 * torch.randn(n, d)).requires_grad_()  # near support rows `picks`
+    q2 = torch.randn(n, d, requires_grad=True)
+    loss, _ = objective([q1, q2])
+    nearest2 = support[(F.normalize(q2, dim=1) @ support.T).argmax(1)]
+    cos = lambda a, b: F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / t  # noqa: E731
+    target = torch.arange(n)
+    expected = (F.cross_entropy(cos(support[picks], q2), target) + F.cross_entropy(cos(nearest2, q1), target)) / 2
+    assert torch.allclose(loss, expected, atol=1e-6)
+    loss.backward()  # the neighbours carry no gradient: q1 gets it as a key of pair (1, 0) only
+    q1_as_key = torch.autograd.grad(F.cross_entropy(cos(nearest2, q1), target) / 2, q1)[0]
+    assert torch.allclose(q1.grad, q1_as_key, atol=1e-6)
+
+
 def test_logits_stay_fp32_under_bf16_autocast() -> None:
     seen = []
     objective = ContrastiveObjective(0.1)
