@@ -44,8 +44,8 @@ def study_row(name: str, overrides: list[str], config: str) -> dict:
     ours = json.loads(report.read_text())["rows"][0]
     row = {"recipe": recipe_fields(run_dir / "config.yaml"),
         "name": name, "config": config, "overrides": overrides, "date": time.strftime("%Y-%m-%d"),
-        "epochs": summary["epochs_completed"], "steps": summary["steps"],
-        "seconds_per_epoch": round(summary["seconds_this_run"] / max(summary["epochs_completed"], 1), 1),
+        "epochs": summary.get("epochs_trained", summary["epochs_completed"]), "steps": summary["steps"],
+        "seconds_per_epoch": round(summary["seconds_this_run"] / summary.get("epochs_trained", summary["epochs_completed"]), 1),
         "pretrain_wall_s": round(pretrain_s, 1) if pretrain_s > 60 else None, "knn_monitor_top1": summary["knn_top1"],
         "probe_top1": ours["top1"], "knn20_top1": ours["knn"]["20"], "loss": summary["final_loss"],
     }
@@ -59,7 +59,7 @@ def evaluate(run_dir: Path, eval_dir: Path) -> None:
     """The eval stage's fast protocol on the export, our encoder's row only."""
     run([sys.executable, "eval/main.py", "--config", "configs/probe_fmnist.yaml", f"weights={run_dir / 'export'}",
          f"out={eval_dir}", "random_init=false", "raw_pixels=false", "baselines.alexnet_supervised=false",
-         "baselines.supervised_encoder=false", "knn_k=[20]"])
+         "baselines.supervised_encoder=false", "knn_k=[20]", "precision=no"])  # fp32 features, as every row before
 
 
 def recipe_fields(config_yaml: Path) -> dict[str, str]:
@@ -72,7 +72,7 @@ def recipe_fields(config_yaml: Path) -> dict[str, str]:
     negatives = (f"{o.batch_size_per_process - 1} batch + {c.objective.queue_size} queue (m={m.momentum})" if c.objective.queue_size
                  else f"{o.batch_size_per_process - 1} batch")
     precision = f", {c.run.precision}" if c.run.precision in ("bf16", "fp16") else ""
-    return {"encoder": f"{m.arch} w{m.width:g}, {stem}{precision}", "size": str(v.size), "epochs": str(o.epochs),
+    return {"encoder": f"{m.arch} w{m.width:g}, {stem}{precision}", "size": str(v.size), "epochs": f"{o.epochs:g}",
             "batch": str(o.batch_size_per_process), "optimizer": f"{o.optimizer} {o.lr:g}", "temperature": f"{c.objective.temperature:g}",
             "augment": f"crop {v.crop_scale_min:g}-{v.crop_scale_max:g}, flip {v.flip_p:g}, jitter {v.jitter_p:g} "
                        f"(b {v.brightness:g}, c {v.contrast:g}), {c.data.augment}"

@@ -150,7 +150,7 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = _f(10, "training epochs")
+    epochs: float = _f(10, "training epochs; a fraction ends the last one early (the cosine schedule spans the whole run)")
     batch_size_per_process: int = _f(256, "images per process per step (global batch = this x processes)")
     optimizer: str = _choice("optim.optimizer", "lars", tail=" (timm.optim.create_optimizer_v2)")
     lr: float = _f(0.3, "peak learning rate (after warmup); per 256 images of global batch when optim.lr_scaling is not none")
@@ -288,7 +288,7 @@ def validate(c: Config) -> None:
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _require(o.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
     _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _require(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
+    _require(o.epochs > 0, "optim.epochs", f"must be > 0, got {o.epochs}")
     _require(o.batch_size_per_process >= 2, "optim.batch_size_per_process",
              f"must be >= 2 (InfoNCE needs negatives), got {o.batch_size_per_process}")
     _require(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")

@@ -263,6 +263,7 @@ def finish(run: Run, run_dir: Path, checkpoint_path: Path | None) -> dict[str, A
     summary: dict[str, Any] = {
         "steps": progress.global_step,
         "epochs_completed": progress.epoch,
+        "epochs_trained": round(progress.global_step / len(run.data), 3),  # fractional: optim.epochs=1.5
         "steps_this_run": run.steps_this_run,
         "seconds_this_run": round(elapsed, 1),
         "pretrain_seconds": round(progress.train_seconds, 1),  # over all resumes: the supervised-encoder budget
@@ -313,7 +314,7 @@ def print_summary(run: Run, summary: dict[str, Any], elapsed: float, run_dir: Pa
     lines = [
         "",
         f"infomax pretraining {state}: step {progress.global_step}/{run.total_steps}, epoch {progress.epoch}/"
-        f"{cfg.optim.epochs}, {run.steps_this_run} steps in {elapsed:.0f}s on {run.accelerator.num_processes} process(es)",
+        f"{cfg.optim.epochs:g}, {run.steps_this_run} steps in {elapsed:.0f}s on {run.accelerator.num_processes} process(es)",
         f"  loss {fmt(summary['final_loss'], '.4f')}   MI bound {fmt(summary['mi_estimate_nats'], '.3f')} nats "
         f"(ceiling log K = {fmt(summary['log_k'], '.3f')})   kNN top-1 {fmt(summary['knn_top1'], '.2%')}"
         + (f"   online probe top-1 {summary['online_probe_top1']:.2%}" if summary["online_probe_top1"] is not None else ""),
@@ -335,6 +336,6 @@ def already_complete(run: Run, run_dir: Path) -> dict[str, Any] | None:
             and (export_json.is_file() or not cfg.run.export)):
         return None
     run.accelerator.print(f"infomax pretraining: run dir {run_dir} is already complete (step {progress.global_step}"
-                          f"/{run.total_steps}, epoch {progress.epoch}/{cfg.optim.epochs}); nothing to do. Raise "
+                          f"/{run.total_steps}, epoch {progress.epoch}/{cfg.optim.epochs:g}); nothing to do. Raise "
                           "optim.epochs or run.max_steps to continue it, or pick a new run.dir")
     return json.loads(export_json.read_text()).get("summary", {}) if export_json.is_file() else {}

@@ -76,7 +76,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:
     data = build_train_data(cfg, accelerator)  # every data error is raised here, before the model
     parts = build_parts(cfg, data, accelerator)
     optimizer, scheduler, lr = build_optimizer(cfg, parts, accelerator, len(data))
-    total_steps = cfg.optim.epochs * len(data)
+    total_steps = max(1, round(cfg.optim.epochs * len(data)))
     if cfg.run.max_steps:
         total_steps = min(total_steps, cfg.run.max_steps)
 

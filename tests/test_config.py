@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -158,6 +159,17 @@ def test_effective_lr_is_printed_and_used(run_dir: Path) -> None:
     assert "lr 0.05: optim.lr 0.4 x linear scaling for a global batch of 32 (1 x 32)" in proc.stdout
     state = torch.load(next((run_dir / "checkpoints").glob("step_*")) / "state.pt", weights_only=True)
     assert state["scheduler"]["base_values"] == [pytest.approx(0.05)] * len(state["scheduler"]["base_values"])
+
+
+def test_fractional_epochs_end_the_run_and_its_cosine_schedule_together(run_dir: Path) -> None:
+    """256 images / 32 = 8 steps per epoch: optim.epochs=1.5 is 12 steps, the lr at 0 after the last."""
+    proc = run_main(f"run.dir={run_dir}", "optim.epochs=1.5", "optim.warmup_epochs=0", "monitor.knn_every=0")
+    assert "step 12/12, epoch 1/1.5" in proc.stdout
+    summary = json.loads((run_dir / "export" / "config.json").read_text())["summary"]
+    assert summary["steps"] == 12 and summary["epochs_trained"] == 1.5
+    state = torch.load(run_dir / "checkpoints" / "step_00000012" / "state.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-9)
+    assert state["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(0.1)
 
 
 def test_every_list_of_choices_has_one_source() -> None:
