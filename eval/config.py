@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from pretrain.config import CHOICES, ConfigError, _f, choices_help
+from pretrain.config import CHOICES, ConfigError, _f, choices_help, yaml_no
 
 # The eval stage's own lists of choices, written once (help texts and validation follow them).
 EVAL_CHOICES: dict[str, dict[str, str]] = {
@@ -97,6 +97,7 @@ def validate_eval(c: EvalConfig) -> None:
             raise ConfigError(f"bad value for config key '{key}': {msg}")
 
     require(len(c.weights) >= 1 or c.store_baselines, "weights", "give at least one export directory, e.g. weights=runs/fmnist_cpu/export")
+    c.precision = yaml_no(c.precision, CHOICES["run.precision"])
     for key, value, choices in (("dataset", c.dataset, CHOICES["data.dataset"]),
                                 ("precision", c.precision, CHOICES["run.precision"]),
                                 ("protocol", c.protocol, EVAL_CHOICES["protocol"]),

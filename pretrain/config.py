@@ -276,11 +276,18 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"bad value for config key '{key}': {message}")
 
 
+def yaml_no(value: str, choices: Sequence[str]) -> str:
+    """YAML reads an unquoted ``no`` (or ``off``, ``false``) as false, which a str field holds as 'False';
+    where 'no' is a choice (``run.precision=no``) that is what was meant."""
+    return "no" if value == "False" and "no" in choices else value
+
+
 def validate(c: Config) -> None:
     """Reject impossible values with one line naming the key and what is allowed."""
     for key, choices in CHOICES.items():
         section, name = key.split(".")
-        value = getattr(getattr(c, section), name)
+        value = yaml_no(getattr(getattr(c, section), name), choices)
+        setattr(getattr(c, section), name, value)
         _require(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
     o, d, r, m = c.optim, c.data, c.run, c.model
     _require(d.format != "ffcv" or bool(d.path), "data.path",

@@ -161,6 +161,16 @@ def test_effective_lr_is_printed_and_used(run_dir: Path) -> None:
     assert state["scheduler"]["base_values"] == [pytest.approx(0.05)] * len(state["scheduler"]["base_values"])
 
 
+def test_unquoted_no_is_the_precision_choice_not_false(tmp_path: Path) -> None:
+    """YAML reads `no` as false; `run.precision=no` (and `precision: no` in a file) must still mean no."""
+    from eval.config import EvalConfig, validate_eval
+
+    assert load_config(None, ["run.precision=no"]).run.precision == "no"
+    (tmp_path / "c.yaml").write_text("run:\n  precision: no\n")
+    assert load_config(str(tmp_path / "c.yaml")).run.precision == "no"
+    assert load_config(None, ["weights=[x]", "precision=no"], schema=EvalConfig, check=validate_eval).precision == "no"
+
+
 def test_fractional_epochs_end_the_run_and_its_cosine_schedule_together(run_dir: Path) -> None:
     """256 images / 32 = 8 steps per epoch: optim.epochs=1.5 is 12 steps, the lr at 0 after the last."""
     proc = run_main(f"run.dir={run_dir}", "optim.epochs=1.5", "optim.warmup_epochs=0", "monitor.knn_every=0")
