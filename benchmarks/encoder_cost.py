@@ -13,6 +13,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +33,15 @@ RECIPES: dict[str, dict] = {
     "resnet10t deep s1 stem": dict(arch="resnet10t", small_input=True, stem_stride=1),
     "resnet14t w0.5 deep s2 stem": dict(arch="resnet14t", small_input=True, stem_stride=2, width=0.5),
 }
+
+
+@dataclass
+class Setup:
+    """One timed recipe: the model (compiled or not), its objective and optimizer, and the autocast switch."""
+    model: torch.nn.Module
+    objective: torch.nn.Module
+    opt: torch.optim.Optimizer
+    bf16: bool
 
 
 def step_seconds(model: torch.nn.Module, objective: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -72,17 +82,16 @@ def main() -> None:
         t0 = time.perf_counter()
         step_seconds(run, objective, opt, views, 2, bf16)  # warm-up (and compilation)
         print(f"{name}: warm-up {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        setups[name] = (run, objective, opt, bf16)
+        setups[name] = Setup(run, objective, opt, bf16)
     times: dict[str, list[float]] = {name: [] for name in setups}
     for r in range(args.rounds):
-        for name, setup in setups.items():
-            run, objective, opt, bf16 = setup
-            times[name].append(step_seconds(run, objective, opt, views, args.steps, bf16))
+        for name, s in setups.items():
+            times[name].append(step_seconds(s.model, s.objective, s.opt, views, args.steps, s.bf16))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     print("| recipe | ms/step (median) | images/s | s per 60k epoch | params (M, encoder + head) |\n|---|---|---|---|---|")
     for name, ts in times.items():
         med = statistics.median(ts)
-        params = sum(p.numel() for p in setups[name][2].param_groups[0]["params"]) / 1e6
+        params = sum(p.numel() for p in setups[name].opt.param_groups[0]["params"]) / 1e6
         print(f"| {name} | {1000 * med:.0f} | {args.batch / med:.0f} | {60000 / args.batch * med:.0f} | {params:.1f} |")
 
 

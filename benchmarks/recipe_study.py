@@ -41,13 +41,15 @@ def study_row(name: str, overrides: list[str], config: str) -> dict:
     report = eval_dir / "report.json"
     if not report.is_file() or report.stat().st_mtime < (run_dir / "export" / "config.json").stat().st_mtime:
         evaluate(run_dir, eval_dir)
-    ours = json.loads(report.read_text())["rows"][0]
+    report_json = json.loads(report.read_text())
+    ours = report_json["rows"][0]
+    epochs = summary.get("epochs_trained", summary["epochs_completed"])  # runs before fractional epochs: whole ones
     row = {"recipe": recipe_fields(run_dir / "config.yaml"),
         "name": name, "config": config, "overrides": overrides, "date": time.strftime("%Y-%m-%d"),
-        "epochs": summary.get("epochs_trained", summary["epochs_completed"]), "steps": summary["steps"],
-        "seconds_per_epoch": round(summary["seconds_this_run"] / summary.get("epochs_trained", summary["epochs_completed"]), 1),
+        "epochs": epochs, "steps": summary["steps"], "seconds_per_epoch": round(summary["seconds_this_run"] / epochs, 1),
         "pretrain_wall_s": round(pretrain_s, 1) if pretrain_s > 60 else None, "knn_monitor_top1": summary["knn_top1"],
         "probe_top1": ours["top1"], "knn20_top1": ours["knn"]["20"], "loss": summary["final_loss"],
+        "probe_protocol": report_json["protocol"],
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with open(RESULTS, "a") as f:
@@ -73,7 +75,7 @@ def recipe_fields(config_yaml: Path) -> dict[str, str]:
                  else f"{o.batch_size_per_process - 1} batch")
     precision = f", {c.run.precision}" if c.run.precision in ("bf16", "fp16") else ""
     return {"encoder": f"{m.arch} w{m.width:g}, {stem}{precision}", "size": str(v.size), "epochs": f"{o.epochs:g}",
-            "batch": str(o.batch_size_per_process), "optimizer": f"{o.optimizer} {o.lr:g}", "temperature": f"{c.objective.temperature:g}",
+            "batch": str(o.batch_size_per_process), "optimizer": f"{o.optimizer} {o.lr:g}" + (f" ({o.lr_scaling} scaling)" if o.lr_scaling != "none" else ""), "temperature": f"{c.objective.temperature:g}",
             "augment": f"crop {v.crop_scale_min:g}-{v.crop_scale_max:g}, flip {v.flip_p:g}, jitter {v.jitter_p:g} "
                        f"(b {v.brightness:g}, c {v.contrast:g}), {c.data.augment}"
                        + "".join(f"; + {w.size} px crop {w.crop_scale_min:g}-{w.crop_scale_max:g}" for w in c.data.views[2:]),
@@ -82,15 +84,16 @@ def recipe_fields(config_yaml: Path) -> dict[str, str]:
 
 def table() -> str:
     cols = ["encoder", "size", "epochs", "batch", "optimizer", "temperature", "augment", "negatives"]
-    lines = ["| recipe | " + " | ".join(cols) + " | s/epoch | linear probe | kNN k=20 | command |",
-             "|---" * (len(cols) + 5) + "|"]
+    lines = ["| recipe | " + " | ".join(cols) + " | s/epoch | linear probe | kNN k=20 | probe protocol | command |",
+             "|---" * (len(cols) + 6) + "|"]
     for line in RESULTS.read_text().splitlines():
         r = json.loads(line)
         command = f"`recipe_study.py --name {r['name']} {' '.join(r['overrides'])}`"
         if r["config"] != BASE:
             command = command.replace("--name", f"--config {r['config']} --name")
         lines.append(f"| {r['name']} | " + " | ".join(r["recipe"][c] for c in cols)
-                     + f" | {r['seconds_per_epoch']:.0f} | {100 * r['probe_top1']:.2f} | {100 * r['knn20_top1']:.2f} | {command} |")
+                     + f" | {r['seconds_per_epoch']:.0f} | {100 * r['probe_top1']:.2f} | {100 * r['knn20_top1']:.2f}"
+                     + f" | {r.get('probe_protocol', 'fast-v1')} | {command} |")  # rows before fast-v2 carry none
     return "\n".join(lines)
 
 

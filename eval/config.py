@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from pretrain.config import CHOICES, ConfigError, _f, choices_help, yaml_no
+from pretrain.config import CHOICES, ConfigError, _f, choices_help
 
 # The eval stage's own lists of choices, written once (help texts and validation follow them).
 EVAL_CHOICES: dict[str, dict[str, str]] = {
@@ -76,6 +76,7 @@ class EvalConfig:
     store_baselines: bool = _f(False, "train the supervised AlexNet (to convergence with baselines.alexnet_patience) and store it under baselines.store; weights may be empty (make baselines)")
     image_size: int = _f(28, "image side for rows without an export (store_baselines with no weights)")
     batch_size_per_process: int = _f(256, "feature extraction: images per process per batch")
+    channels_last: bool = _f(True, "channels_last weights for feature extraction and the supervised fits (NHWC convs: faster on CPUs and GPUs)")
     precision: str = _f("auto", "mixed precision of the fits and feature extraction: " + choices_help("run.precision"))
     num_workers: int = _f(2, "loader workers")
     seed: int = _f(0, "seed for the random-init encoder, the held-out split and the SGD fits")
@@ -97,7 +98,6 @@ def validate_eval(c: EvalConfig) -> None:
             raise ConfigError(f"bad value for config key '{key}': {msg}")
 
     require(len(c.weights) >= 1 or c.store_baselines, "weights", "give at least one export directory, e.g. weights=runs/fmnist_cpu/export")
-    c.precision = yaml_no(c.precision, CHOICES["run.precision"])
     for key, value, choices in (("dataset", c.dataset, CHOICES["data.dataset"]),
                                 ("precision", c.precision, CHOICES["run.precision"]),
                                 ("protocol", c.protocol, EVAL_CHOICES["protocol"]),

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 PROTOCOLS = {
-    "fast": "fast-v1: frozen encoder (eval mode), resize + centre crop, standardised cached features, "
-            "L-BFGS logistic regression, weight decay chosen on 10% of train",
+    "fast": "fast-v2: frozen encoder (eval mode), resize + centre crop, standardised cached features, "
+            "L-BFGS logistic regression warm-started along the weight-decay path, weight decay chosen on 10% of train",
     "imagenet": "imagenet-v1: frozen encoder and BN, RandomResizedCrop + flip, linear head, SGD momentum 0.9, "
                 "lr drops x0.1 at the milestones, weight decay 0; resize + centre crop for scoring",
 }

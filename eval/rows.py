@@ -30,7 +30,7 @@ from pretrain.data import ImageDataset, MultiViewDataset, build_view_transform
 from pretrain.data.colour import split_lab
 from pretrain.data.datasets import disjoint_subsets
 from pretrain.features import ImageListDataset, beton_features, extract_features
-from pretrain.knn import knn_predict
+from pretrain.knn import knn_predict_many
 from pretrain.models import create_encoder
 from pretrain.revision import git_revision
 from pretrain.stop import StopFlag
@@ -88,6 +88,11 @@ class Rows:
         self.alexnet_protocol = alexnet_protocol(size, cfg.center_crop_ratio)
 
     # ------------------------------------------------------------------ shared steps
+    def memory_format(self, model: nn.Module) -> nn.Module:
+        """``model`` with channels_last weights (in place) when configured: its convs then run in NHWC, as
+        pretraining's do with model.channels_last (1.8x on the demo encoder's extraction, benchmarks/README.md)."""
+        return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
+
     def features(self, model: nn.Module, split: str, image_size: int, input_fn=lambda x: x, norm: Norm = NO_NORM):
         """N x F outputs of ``model`` and N labels for the train or test split, all processes sharing the work;
         images normalised with ``norm`` = (mean, std) (None: the dataset's)."""
@@ -101,8 +106,8 @@ class Rows:
 
     def knn(self, train_xy, test_xy) -> dict[str, float]:
         (fx, fy), (tx, ty) = train_xy, test_xy
-        return {str(k): (knn_predict(fx, fy, tx, k, self.cfg.knn_temperature, self.num_classes) == ty).float().mean().item()
-                for k in self.cfg.knn_k}
+        preds = knn_predict_many(fx, fy, tx, self.cfg.knn_k, self.cfg.knn_temperature, self.num_classes)
+        return {str(k): (pred == ty).float().mean().item() for k, pred in preds.items()}
 
     def fast_row(self, name: str, kind: str, train_xy, test_xy, **extra: Any) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.perf_counter()
@@ -110,6 +115,7 @@ class Rows:
         return {"name": name, "kind": kind, "protocol": "fast", "top1": probe.top1, "top5": probe.top5,
                 "knn": self.knn(train_xy, test_xy), "weight_decay": probe.weight_decay,
                 "weight_decay_at_edge": probe.at_edge, "weight_decays_tried": sorted(probe.val_top1),
+                "probe_grad_max": probe.grad_max,
                 "feature_dim": int(train_xy[0].shape[1]),
                 "probe_seconds": round(time.perf_counter() - t0, 1), "scored": len(test_xy[1]), **extra}
 
@@ -127,6 +133,7 @@ class Rows:
         With ``held_out`` > 0 that many train images are kept out of the fit to draw its held-out
         curve, which says whether it converged (and drives ``schedule.patience``)."""
         cfg, acc, train = self.cfg, self.accelerator, self.train
+        model = self.memory_format(model)  # in place: ``trainable`` is a part of it
         fit_images, held_images = disjoint_subsets(train, len(train) - held_out, held_out) if held_out else (train, None)
         held_set = ImageListDataset(held_images, image_size, cfg.center_crop_ratio, *norm) if held_out else None
 
@@ -157,7 +164,7 @@ class Rows:
         """An encoder scored at its export's own input size and normalisation, by the configured protocol."""
         cfg, acc = self.cfg, self.accelerator
         input_fn, image_size, norm = input_fn_for(meta), meta["input_size"][-1], norm_of(meta)
-        encoder = encoder.to(acc.device).eval().requires_grad_(False)
+        encoder = self.memory_format(encoder.to(acc.device)).eval().requires_grad_(False)
         before, t0 = fingerprint(encoder), time.perf_counter()
         feats = [self.features(encoder, split, image_size, input_fn, norm) for split in ("train", "test")]
         rate = round((len(self.train) + len(self.test)) / (time.perf_counter() - t0), 1)

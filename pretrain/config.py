@@ -18,9 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from ruamel.yaml import YAML, YAMLError
+
+# The one YAML reader of config files, overrides and saved configs: YAML 1.2, where only true/false are
+# booleans (YAML 1.1, which PyYAML and OmegaConf read, turns an unquoted no/off/yes/on into one, so
+# run.precision=no became 'False'), 1e-3 is a float, and a key given twice is an error.
+YAML_1_2 = YAML(typ="safe", pure=True)
 
 
 class ConfigError(ValueError):
@@ -240,8 +245,8 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), schema: 
             raise ConfigError(f"override '{item}' is not key=value, e.g. optim.lr=0.3")
         key, value = item.split("=", 1)
         try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as e:
+            parsed = YAML_1_2.load(value)
+        except YAMLError as e:
             raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)}); quote it or "
                               "fix the brackets, e.g. model.head_dims=[512,128]") from None
         try:
@@ -253,22 +258,23 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), schema: 
     return config
 
 
-def _yaml_problem(e: yaml.YAMLError) -> str:
+def _yaml_problem(e: YAMLError) -> str:
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
     return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
 
 
 def _load_yaml(path: Path) -> DictConfig:
-    """A config file as a mapping (OmegaConf's safe loader, which also rejects duplicate keys)."""
+    """A config file as a mapping (:data:`YAML_1_2`, which also rejects duplicate keys)."""
     try:
-        loaded = OmegaConf.load(path)
-    except yaml.YAMLError as e:
+        loaded = YAML_1_2.load(path)
+    except YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {_yaml_problem(e)}") from None
-    if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"config file '{path}' holds a {type(loaded).__name__.replace('Config', '').lower()}, not a "
-                          "mapping of sections; write it as keys such as 'optim:' with settings under them")
-    return loaded
+    if not isinstance(loaded, dict):
+        kind = {list: "list", type(None): "nothing"}.get(type(loaded), type(loaded).__name__)
+        raise ConfigError(f"config file '{path}' holds a {kind}, not a mapping of sections; write it as keys such "
+                          "as 'optim:' with settings under them")
+    return OmegaConf.create(loaded)
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -276,18 +282,11 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"bad value for config key '{key}': {message}")
 
 
-def yaml_no(value: str, choices: Sequence[str]) -> str:
-    """YAML reads an unquoted ``no`` (or ``off``, ``false``) as false, which a str field holds as 'False';
-    where 'no' is a choice (``run.precision=no``) that is what was meant."""
-    return "no" if value == "False" and "no" in choices else value
-
-
 def validate(c: Config) -> None:
     """Reject impossible values with one line naming the key and what is allowed."""
     for key, choices in CHOICES.items():
         section, name = key.split(".")
-        value = yaml_no(getattr(getattr(c, section), name), choices)
-        setattr(getattr(c, section), name, value)
+        value = getattr(getattr(c, section), name)
         _require(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
     o, d, r, m = c.optim, c.data, c.run, c.model
     _require(d.format != "ffcv" or bool(d.path), "data.path",
@@ -385,7 +384,7 @@ def upgrade_renamed(saved: dict[str, Any], schema: type = Config) -> dict[str, A
 
 def from_yaml(text: str) -> Config:
     """Inverse of :func:`to_yaml` (used for checkpoints and exports); older renamed keys are upgraded."""
-    saved = upgrade_renamed(yaml.safe_load(text) or {})
+    saved = upgrade_renamed(YAML_1_2.load(text) or {})
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(saved))
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 

@@ -109,11 +109,12 @@ class ContrastiveObjective(nn.Module):
                 batch_keys = [gather(_fp32(k)) for k in keys]  # momentum keys carry no gradient
             b = q[0].shape[0]
             positives = torch.arange(b, device=q[0].device) + rank() * b  # positives at rank*B + i
+            # NNCLR's queries: each view's nearest support embeddings, looked up once for all its pairs
+            queries = q if self.support is None else [self.nearest_in_support(v) for v in q]
             values, pos, neg, top1 = [], [], [], []
             for pair, (a, c) in enumerate(self.pairs):
                 candidates = batch_keys[c] if self.queue is None else torch.cat([batch_keys[c], self.queue.keys(c)])
-                query = q[a] if self.support is None else self.nearest_in_support(q[a])
-                scores = self.critic(query, candidates)  # B x K: view-a queries against view-c keys (+ queue)
+                scores = self.critic(queries[a], candidates)  # B x K: view-a queries against view-c keys (+ queue)
                 if self.intra_view_negatives:  # SimCLR's NT-Xent: view a's other images are negatives too
                     own = F.one_hot(positives, batch_keys[a].shape[0]).bool()  # the query itself: no candidate
                     same = self.critic(q[a], batch_keys[a])[~own].view(b, -1)  # B x (W*B - 1)

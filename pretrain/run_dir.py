@@ -14,9 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pretrain.config import Config, ConfigError, to_yaml, upgrade_renamed
+from pretrain.config import YAML_1_2, Config, ConfigError, to_yaml, upgrade_renamed
 
 MARKER = "infomax-run.json"  # written into every run dir infomax creates
 LOCK_FILE = ".lock"
@@ -43,8 +41,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved_yaml: str, cfg: Config) -> list[str]:
     """Dotted keys whose values differ between a saved config.yaml and ``cfg``, budgets excepted."""
-    old = flatten(upgrade_renamed(yaml.safe_load(saved_yaml) or {}))  # written by an older version: new key names
-    new = flatten(yaml.safe_load(to_yaml(cfg)))
+    old = flatten(upgrade_renamed(YAML_1_2.load(saved_yaml) or {}))  # written by an older version: new key names
+    new = flatten(YAML_1_2.load(to_yaml(cfg)))
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in BUDGET_KEYS)
 
 

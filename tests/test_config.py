@@ -93,8 +93,8 @@ def test_cli_errors_are_one_line_before_training(overrides: list[str], needle: s
 
 
 @pytest.mark.parametrize("text, needle", [
-    ("optim:\n  lr: [0.1\n", "is not valid YAML: did not find expected ',' or ']' at line 3"),
-    ("optim:\n  lr: 0.1\n  lr: 0.2\n", "is not valid YAML: found duplicate key lr at line 3"),
+    ("optim:\n  lr: [0.1\n", "is not valid YAML: expected ',' or ']', but got '<stream end>' at line 3"),
+    ("optim:\n  lr: 0.1\n  lr: 0.2\n", 'is not valid YAML: found duplicate key "lr" with value "0.2" (original value: "0.1") at line 3'),
     ("- optim\n- run\n", "holds a list, not a mapping of sections"),
 ])
 def test_broken_yaml_is_one_line(tmp_path: Path, text: str, needle: str) -> None:
@@ -162,13 +162,15 @@ def test_effective_lr_is_printed_and_used(run_dir: Path) -> None:
 
 
 def test_unquoted_no_is_the_precision_choice_not_false(tmp_path: Path) -> None:
-    """YAML reads `no` as false; `run.precision=no` (and `precision: no` in a file) must still mean no."""
+    """YAML 1.1 reads `no` as false; `run.precision=no` (and `precision: no` in a file) must still mean no,
+    while a bool field still takes yes/no (OmegaConf's conversion)."""
     from eval.config import EvalConfig, validate_eval
 
     assert load_config(None, ["run.precision=no"]).run.precision == "no"
     (tmp_path / "c.yaml").write_text("run:\n  precision: no\n")
     assert load_config(str(tmp_path / "c.yaml")).run.precision == "no"
     assert load_config(None, ["weights=[x]", "precision=no"], schema=EvalConfig, check=validate_eval).precision == "no"
+    assert load_config(None, ["model.channels_last=yes"]).model.channels_last is True
 
 
 def test_fractional_epochs_end_the_run_and_its_cosine_schedule_together(run_dir: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from accelerate import Accelerator, DataLoaderConfiguration
 from PIL import Image
@@ -19,10 +20,11 @@ from PIL import Image
 from conftest import REPO, synthetic_views
 from eval.classifier import FrozenEncoder, LinearProbeModel, SGDSchedule, fit_classifier
 from eval.features import EncoderChanged, assert_unchanged, fingerprint
-from eval.probe import choose_weight_decay, linear_probe
+from eval.probe import choose_weight_decay, fit_linear, linear_probe, loss_and_grad
 from pretrain.data.datasets import open_dataset, spaced_subset
 from pretrain.features import ImageListDataset
 from pretrain.export import export_encoder
+from pretrain.knn import knn_predict_many
 from pretrain.models import create_encoder
 
 FAST = ["dataset=synthetic", "synthetic_size=96", "synthetic_image_size=16", "num_workers=0", "probe_steps=20",
@@ -58,6 +60,45 @@ def test_weight_decay_grid_extends_at_its_edge_and_flags_what_stays_there() -> N
     wd, tried, at_edge = choose_weight_decay(peak_at(1e-6), (1e-8, 1e-7))  # found one decade up
     assert wd == pytest.approx(1e-6) and not at_edge and sorted(tried) == pytest.approx([1e-8, 1e-7, 1e-6, 1e-5])
 
+
+
+def test_fused_probe_loss_and_gradient_match_autograd() -> None:
+    x, y = planted(50, classes=4, dim=6)
+    model = torch.nn.Linear(6, 4)
+    loss = loss_and_grad(model, x, y, weight_decay=0.3, chunk=7)  # 7 blocks, the last one short
+    fused = model.weight.grad.clone(), model.bias.grad.clone()
+    model.zero_grad()
+    expected = torch.nn.functional.cross_entropy(model(x), y) + 0.3 * model.weight.pow(2).sum() / 2
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(fused, (model.weight.grad, model.bias.grad))
+
+
+def test_probe_fits_follow_the_weight_decay_path_and_end_nearer_the_optimum() -> None:
+    """Warm starts along the path: the same 5 L-BFGS iterations leave the final fit far nearer its
+    optimum (gradient 8x smaller here) than a fit from zero at the chosen weight decay."""
+    (x, y), (xt, yt) = planted(3000, dim=64), planted(500, seed=1, dim=64)
+    result = linear_probe(x, y, xt, yt, (1e-2, 1e-3, 1e-4), steps=5)
+    standardised = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+    cold = fit_linear(standardised, y, 10, result.weight_decay, steps=5)
+    loss_and_grad(cold, standardised, y, result.weight_decay)
+    assert 0 < result.grad_max < cold.weight.grad.abs().max().item() / 3
+
+
+def test_knn_of_several_k_in_one_pass_votes_as_each_k_alone() -> None:
+    bank, labels = planted(300, classes=5, dim=8)
+    queries, _ = planted(70, classes=5, dim=8, seed=1)
+
+    def alone(k: int) -> torch.Tensor:  # Wu et al.'s weighted vote, written out for one k
+        sim, idx = (F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T).topk(k, dim=1)
+        votes = torch.zeros(len(queries), 5).scatter_add_(1, labels[idx], (sim / 0.07).exp())
+        return votes.argmax(1)
+
+    many = knn_predict_many(bank, labels, queries, [1, 20, 200, 500], 0.07, 5, chunk=32)
+    for k in (1, 20, 200):
+        assert torch.equal(many[k], alone(k))
+    assert torch.equal(many[500], alone(300))  # more neighbours than the bank holds: the whole bank
+    assert knn_predict_many(bank, labels, queries, [], 0.07, 5) == {}
 
 
 def test_encoder_changed_check_fails_when_a_weight_moves() -> None:
@@ -171,7 +212,7 @@ def test_eval_writes_report_with_every_requested_row(export_dir: Path, tmp_path:
     assert report["rows"][0]["delta_vs_alexnet"] == pytest.approx(report["rows"][0]["top1"] - alexnet["top1"])
     quoted = {r["name"]: r["top1"] for r in report["rows"] if r["kind"] == "published"}
     assert quoted["AlexNet supervised (as cited by CMC)"] == 0.593 and quoted["AMDIM"] == 0.681
-    assert report["rows"][0]["weights_sha256"] and report["protocol"] == "fast-v1"
+    assert report["rows"][0]["weights_sha256"] and report["protocol"] == "fast-v2"
     md = (out / "report.md").read_text()
     assert "| run | ours | fast |" in md and "Δ vs AlexNet" in md and "Quoted, not measured here" in md
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -355,7 +396,7 @@ def test_report_warns_about_a_weight_decay_at_the_edge(tmp_path: Path) -> None:
     row = {"name": "ours", "kind": "ours", "protocol": "fast", "top1": 0.5, "top5": 0.9, "knn": {"5": 0.4},
            "delta_vs_alexnet": None, "weight_decay": 1e-3, "weight_decay_at_edge": True,
            "weight_decays_tried": [1e-6, 1e-5, 1e-4, 1e-3]}
-    meta = {"dataset": "synthetic", "protocol": "fast-v1", "protocol_description": "p", "config": "c: 1\n"}
+    meta = {"dataset": "synthetic", "protocol": "fast-v2", "protocol_description": "p", "config": "c: 1\n"}
     write_report(tmp_path, [row, {**row, "name": "raw", "weight_decay_at_edge": False}], meta, [5])
     md = (tmp_path / "report.md").read_text()
     assert "- `ours`: weight decay 0.001 is at the edge of the grid tried (1e-06, 1e-05, 0.0001, 0.001)" in md
