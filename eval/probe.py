@@ -5,8 +5,8 @@ the train split, then the classifier is retrained on the whole train split with 
 follow the regularisation path (as glmnet and scikit-learn's LogisticRegressionCV do): the grid from
 the strongest weight decay down, each fit starting from the solution of the nearest one already
 fitted, and the final fit from the chosen one's. A fixed iteration budget then lands much nearer the
-optimum than from zero: on the demo's features 100 iterations per fit read 88.35 % test top-1 against
-88.01 from zero, at 88.5 after 200 (benchmarks/README.md, eval stage).
+optimum than from zero: on a demo export's features 100 iterations per fit read 88.72 % test top-1
+against 87.98 from zero, which reaches 88.50 only after 200 (benchmarks/README.md, eval stage).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def loss_and_grad(model: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, weig
     Owned on purpose instead of autograd: the probe is bound by memory traffic over the cached
     features (54k x 1024 floats on Fashion-MNIST), and autograd reads them twice per evaluation, once
     for the logits and once for the weight gradient. Here each block of ``chunk`` rows yields both
-    while it is still in cache: 1.45x faster per L-BFGS evaluation on the 2-core machine
+    while it is still in cache: 1.27x faster per L-BFGS evaluation on the 2-core machine
     (benchmarks/README.md, eval stage). The gradient of softmax cross-entropy is softmax - one-hot.
     """
     weight, bias = model.weight, model.bias
@@ -101,9 +101,12 @@ def choose_weight_decay(score: Callable[[float], float], grid: Sequence[float],
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  weight_decays: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3), held_out: float = 0.1,
-                 steps: int = 100, seed: int = 0, extend: int = 2) -> ProbeResult:
+                 steps: int = 100, seed: int = 0, extend: int = 2, warm_start: bool = True) -> ProbeResult:
     """Standardise, choose weight decay on a held-out part of train (extending the grid by up to
-    ``extend`` decades when the choice sits at its edge), retrain on all of train, test.
+    ``extend`` decades when the choice sits at its edge), retrain on all of train, test. With
+    ``warm_start`` (protocol fast-v2) each fit starts from the nearest weight decay's solution and the
+    refit from the chosen one's; without it every fit starts from the seeded init (fast-v1, kept for
+    benchmarks/probe_convergence.py).
 
     Args:
         train_x: N x F features, train_y: N labels; test_x: M x F, test_y: M.
@@ -120,13 +123,13 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         return math.log10(max(wd, 1e-12))
 
     def val_score(wd: float) -> float:
-        start = fitted[min(fitted, key=lambda done: abs(decade(done) - decade(wd)))] if fitted else None
+        start = fitted[min(fitted, key=lambda done: abs(decade(done) - decade(wd)))] if fitted and warm_start else None
         clf = fitted[wd] = fit_linear(train_x[fit_idx], train_y[fit_idx], num_classes, wd, steps, seed, start)
         with torch.no_grad():
             return topk_accuracy(clf(train_x[val_idx]), train_y[val_idx], 1)
 
     best, val_top1, at_edge = choose_weight_decay(val_score, sorted(weight_decays, reverse=True), extend)
-    clf = fit_linear(train_x, train_y, num_classes, best, steps, seed, start=fitted[best])
+    clf = fit_linear(train_x, train_y, num_classes, best, steps, seed, start=fitted[best] if warm_start else None)
     loss_and_grad(clf, train_x, train_y, best)
     with torch.no_grad():
         logits = clf(test_x)

@@ -90,7 +90,7 @@ class Rows:
     # ------------------------------------------------------------------ shared steps
     def memory_format(self, model: nn.Module) -> nn.Module:
         """``model`` with channels_last weights (in place) when configured: its convs then run in NHWC, as
-        pretraining's do with model.channels_last (1.8x on the demo encoder's extraction, benchmarks/README.md)."""
+        pretraining's do with model.channels_last (1.8x on the demo encoder's forward pass, benchmarks/README.md)."""
         return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
 
     def features(self, model: nn.Module, split: str, image_size: int, input_fn=lambda x: x, norm: Norm = NO_NORM):

@@ -101,6 +101,22 @@ def test_knn_of_several_k_in_one_pass_votes_as_each_k_alone() -> None:
     assert knn_predict_many(bank, labels, queries, [], 0.07, 5) == {}
 
 
+def test_channels_last_extraction_keeps_the_weights_and_the_features() -> None:
+    from types import SimpleNamespace
+
+    from eval.rows import Rows
+
+    encoder = create_encoder("test_resnet", 1, True, 2).eval()
+    x = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    before, expected = fingerprint(encoder), encoder(x)
+    for on in (False, True):
+        Rows.memory_format(SimpleNamespace(cfg=SimpleNamespace(channels_last=on)), encoder)
+        conv = next(m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == on
+        assert fingerprint(encoder) == before
+        torch.testing.assert_close(encoder(x), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_encoder_changed_check_fails_when_a_weight_moves() -> None:
     encoder = create_encoder("test_resnet", 3, small_input=True)
     before = fingerprint(encoder)
@@ -205,6 +221,7 @@ def test_eval_writes_report_with_every_requested_row(export_dir: Path, tmp_path:
     assert kinds == ["ours", "random_init", "raw_pixels", "alexnet_supervised"] + ["published"] * 6
     for row in report["rows"][:3]:
         assert 0 <= row["top1"] <= row["top5"] <= 1 and set(row["knn"]) == {"5"} and row["scored"] == 24
+        assert row["probe_grad_max"] > 0  # how far the probe's final fit is from its optimum
     alexnet = report["rows"][3]
     assert report["alexnet_reference_top1"] == alexnet["top1"] and alexnet["name"].startswith("AlexNet supervised (2 steps, ")
     assert alexnet["steps"] == 2 and alexnet["wall_s"] > 0 and alexnet["epochs"] > 0 and "converged" in alexnet
