@@ -117,6 +117,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
     n_val = max(1, int(held_out * len(train_x)))
     val_idx, fit_idx = perm[:n_val], perm[n_val:]
+    val_x, val_y, fit_x, fit_y = train_x[val_idx], train_y[val_idx], train_x[fit_idx], train_y[fit_idx]
     fitted: dict[float, torch.nn.Linear] = {}
 
     def decade(wd: float) -> float:
@@ -124,13 +125,13 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
     def val_score(wd: float) -> float:
         start = fitted[min(fitted, key=lambda done: abs(decade(done) - decade(wd)))] if fitted and warm_start else None
-        clf = fitted[wd] = fit_linear(train_x[fit_idx], train_y[fit_idx], num_classes, wd, steps, seed, start)
+        clf = fitted[wd] = fit_linear(fit_x, fit_y, num_classes, wd, steps, seed, start)
         with torch.no_grad():
-            return topk_accuracy(clf(train_x[val_idx]), train_y[val_idx], 1)
+            return topk_accuracy(clf(val_x), val_y, 1)
 
     best, val_top1, at_edge = choose_weight_decay(val_score, sorted(weight_decays, reverse=True), extend)
     clf = fit_linear(train_x, train_y, num_classes, best, steps, seed, start=fitted[best] if warm_start else None)
-    loss_and_grad(clf, train_x, train_y, best)
+    loss_and_grad(clf, train_x, train_y, best)  # the final objective's gradient, for grad_max
     with torch.no_grad():
         logits = clf(test_x)
     return ProbeResult(topk_accuracy(logits, test_y, 1), topk_accuracy(logits, test_y, 5), best, val_top1, at_edge,
