@@ -325,7 +325,7 @@ def test_learned_encoder_beats_random_init_end_to_end(tmp_path: Path) -> None:
     clearly above the random-init row, and the AlexNet trained here must beat chance."""
     torch.manual_seed(0)
     encoder = create_encoder("test_resnet", 1, small_input=True)
-    train_supervised(encoder, spaced_subset(open_dataset("fashion_mnist", "train"), 2000), steps=90, size=28)
+    train_supervised(encoder, spaced_subset(open_dataset("fashion_mnist", "train"), 2000), steps=150, size=28)
     export = tmp_path / "learned" / "export"
     export_encoder(encoder, export, arch="test_resnet", in_chans=1, input_size=28, mean=(0.2860,), std=(0.3530,),
                    small_input=True, summary={})
