@@ -272,6 +272,7 @@ def test_two_processes_score_the_same_as_one(export_dir: Path, tmp_path: Path) -
 def test_each_export_is_scored_at_its_own_size_and_normalisation(tmp_path: Path, monkeypatch) -> None:
     """weights=[a,b], a 16 px export and a 24 px one with another mean/std: each split of each export is
     read at that export's own size and normalisation, and each row says its input size."""
+    import eval.rows
     import pretrain.features
     from eval.config import EvalConfig, validate_eval
     from eval.main import evaluate
@@ -291,6 +292,7 @@ def test_each_export_is_scored_at_its_own_size_and_normalisation(tmp_path: Path,
             super().__init__(base, size, crop_ratio, mean, std)
 
     monkeypatch.setattr(pretrain.features, "ImageListDataset", Recording)
+    monkeypatch.setattr(eval.rows, "ImageListDataset", Recording)  # its own name, bound when a test imported it
     cfg = load_config(None, [*FAST, f"weights=[{tmp_path / 'a' / 'export'},{tmp_path / 'b' / 'export'}]",
                              f"out={tmp_path / 'ab'}", "random_init=false", "raw_pixels=false"],
                       schema=EvalConfig, check=validate_eval)
