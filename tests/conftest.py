@@ -63,3 +63,21 @@ def synthetic_views(n: int, image_size: int):
 
     images = open_dataset("synthetic", "train", synthetic_size=n, synthetic_image_size=image_size)
     return MultiViewDataset(images, [build_view_transform(ViewConfig(), 3, images.mean, images.std)], seed=0)
+
+
+def spawn_ranks(worker, tmp_path: Path, *args, nprocs: int = 2) -> None:
+    """``torch.multiprocessing.spawn(worker, (str(tmp_path), *args))``, once more on a fresh rendezvous
+    when a rank was killed by a signal: gloo can abort (SIGABRT) while ranks tear down on a loaded
+    machine, as a CI run showed. A rank that raises (a failed check) is never retried."""
+    import torch.multiprocessing as mp
+
+    for attempt in (1, 2):
+        try:
+            mp.spawn(worker, args=(str(tmp_path), *args), nprocs=nprocs, join=True)
+            return
+        except mp.ProcessExitedException as e:
+            if e.signal_name is None or attempt == 2:
+                raise
+            for f in tmp_path.iterdir():  # the file store and any rank's results of the aborted attempt
+                if f.is_file():
+                    f.unlink()

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import REPO, run_main
+from conftest import REPO, run_main, spawn_ranks
 from pretrain.config import ModelConfig
 from pretrain.models import LocalGlobalModel
 from pretrain.objectives import AMDIMObjective, DIMObjective, multi_positive_nce
@@ -119,7 +118,7 @@ def _worker(rank: int, tmp: str, name: str) -> None:
 @pytest.mark.parametrize("name", ["amdim", "dim_js", "dim_infonce"])
 def test_two_ranks_match_one_rank(tmp_path: Path, name: str) -> None:
     loss1, grads1 = loss_and_grads(TinyLocalGlobal().double(), global_views(), name)
-    mp.spawn(_worker, args=(str(tmp_path), name), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, tmp_path, name, nprocs=WORLD)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert torch.allclose(loss1, torch.stack([r["loss"] for r in results]).mean(), rtol=0, atol=1e-10)
     for g1, g2 in zip(grads1, results[0]["grads"]):

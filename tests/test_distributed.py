@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import spawn_ranks
 from pretrain import objectives
 from pretrain.objectives import ContrastiveObjective
 
@@ -60,7 +60,7 @@ def _worker(rank: int, tmp: str, naive: bool, bound: str, intra_view_negatives: 
 
 def two_rank_result(tmp_path: Path, naive: bool, bound: str = "infonce",
                     intra_view_negatives: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    mp.spawn(_worker, args=(str(tmp_path), naive, bound, intra_view_negatives), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, tmp_path, naive, bound, intra_view_negatives, nprocs=WORLD)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for r in results[1:]:  # after DDP's all-reduce every rank holds the same gradient
         assert all(torch.equal(a, b) for a, b in zip(results[0]["grads"], r["grads"]))
@@ -119,7 +119,7 @@ def test_batchnorm_over_two_cpu_ranks_matches_one_process(tmp_path: Path, global
     model = tiny_bn_model()
     loss1, grads1 = loss_and_grads(model, global_batch())
     buffers1 = list(model.buffers())
-    mp.spawn(_bn_worker, args=(str(tmp_path), global_bn), nprocs=WORLD, join=True)
+    spawn_ranks(_bn_worker, tmp_path, global_bn, nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     loss2 = torch.stack([r["loss"] for r in ranks]).mean()
     worst = max((g1 - g2).abs().max().item() for g1, g2 in zip(grads1, ranks[0]["grads"]))
@@ -149,7 +149,7 @@ def offset_batch() -> torch.Tensor:
 
 
 def test_global_batchnorm_keeps_fp32_variance_when_the_mean_is_large(tmp_path: Path) -> None:
-    mp.spawn(_offset_bn_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    spawn_ranks(_offset_bn_worker, tmp_path, nprocs=WORLD)
     y = torch.cat([torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["y"] for r in range(WORLD)])
     expected = nn.BatchNorm2d(3)(offset_batch())
     assert torch.allclose(y, expected, atol=2e-3), (y - expected).abs().max()
@@ -217,7 +217,7 @@ def _queue_worker(rank: int, tmp: str) -> None:
 
 def test_queue_is_identical_on_every_rank_and_matches_one_process(tmp_path: Path) -> None:
     one = queue_steps(tiny_model(), three_global_batches())
-    mp.spawn(_queue_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    spawn_ranks(_queue_worker, tmp_path, nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert torch.equal(ranks[0]["queue"], ranks[1]["queue"])  # enqueued identically on every rank
     assert torch.allclose(ranks[0]["queue"], one["queue"], rtol=0, atol=1e-10)  # == one process fed 2B
