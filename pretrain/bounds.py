@@ -59,6 +59,35 @@ def infonce_per_query(scores: torch.Tensor, positives: torch.Tensor) -> torch.Te
     return math.log(k) + pos - torch.logsumexp(scores, dim=1)
 
 
+def debiased_infonce_per_query(scores: torch.Tensor, positives: torch.Tensor, tau_plus: float,
+                               min_score: float) -> torch.Tensor:
+    """Per-query debiased InfoNCE (Chuang et al. 2020, "Debiased Contrastive Learning").
+
+    With C classes about ``tau_plus = 1/C`` of the K - 1 negatives share the query's class. Their
+    share of the negatives' sum is estimated by the positive's own term and removed:
+    ``Ng = (sum_j e^{S_ij} - (K-1) tau_plus e^{S_i,pos}) / (1 - tau_plus)``, floored at its least
+    possible value ``(K-1) e^{min_score}`` (``-1/temperature`` for the cosine critic). It trains the
+    encoder; it is no longer a lower bound on I, so read MI out with :func:`infonce`.
+
+    Args:
+        scores: B x K critic scores (fp32). positives: B long indices of each row's positive column.
+
+    Returns:
+        B values ``log K + S_i,pos - log(e^{S_i,pos} + Ng)``; ``tau_plus = 0`` gives
+        :func:`infonce_per_query`.
+    """
+    b, k = scores.shape
+    pos = scores.gather(1, positives[:, None]).squeeze(1)
+    own = F.one_hot(positives, k).bool()
+    neg_lse = torch.logsumexp(scores.masked_fill(own, float("-inf")), dim=1)  # log sum_j e^{S_ij}, j negative
+    m = k - 1
+    # log(sum - m tau e^pos) = lse + log(1 - m tau e^{pos - lse}); the clamp only guards the log where the floor wins
+    share = (1 - m * tau_plus * (pos - neg_lse).exp()).clamp_min(1e-12)
+    log_ng = torch.maximum(neg_lse + share.log() - math.log(1 - tau_plus),
+                           torch.full_like(pos, math.log(m) + min_score))
+    return math.log(k) + pos - torch.logaddexp(pos, log_ng)
+
+
 def infonce(S: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE (CPC): log K + mean_i (S_i,pos - logsumexp_j S_ij). Never above log K."""
     if positives is None:

@@ -146,6 +146,7 @@ class ObjectiveConfig:
     queue_size: int = _f(0, "contrastive: keys from a momentum model (model.momentum) plus a queue of this many past keys per view, MoCo v2 (0 = off: in-batch keys)")
     nn_support_size: int = _f(0, "contrastive, in-batch keys: NNCLR, each query replaced by its nearest neighbour among this many past view-0 embeddings (0 = off)")
     intra_view_negatives: bool = _f(False, "contrastive, in-batch keys: also score each query against the other images of its own view (SimCLR's NT-Xent: 2N-2 negatives for 2 views)")
+    debias_tau_plus: float = _f(0.0, "contrastive, infonce bound, cosine critic: train on debiased InfoNCE (Chuang et al. 2020); the expected share of negatives from the query's own class, e.g. 0.1 for 10 balanced classes (0 = off; MI is still read out by InfoNCE)")
     smile_tau: float = _f(5.0, "SMILE: clip the scores to [-tau, tau] inside the log-mean-exp")
     mine_ema: float = _f(0.1, "MINE: update weight of the moving average of the denominator")
     local_stages: list[int] = _f([3, 4], "amdim/dim: timm stage indices of the two local feature maps (forward_intermediates)")
@@ -335,6 +336,10 @@ def validate(c: Config) -> None:
     for key, on in (("intra_view_negatives", ob.intra_view_negatives), ("nn_support_size", ob.nn_support_size)):
         _require(not on or (ob.name == "contrastive" and ob.queue_size == 0), f"objective.{key}",
                  "works with objective.name=contrastive and in-batch keys (objective.queue_size=0) only")
+    _require(0 <= ob.debias_tau_plus < 1, "objective.debias_tau_plus", f"must be in [0, 1), got {ob.debias_tau_plus}")
+    _require(not ob.debias_tau_plus or (ob.name, ob.bound, ob.critic) == ("contrastive", "infonce", "cosine"),
+             "objective.debias_tau_plus", "debiases InfoNCE with the cosine critic's score floor: it needs "
+             f"objective.name=contrastive, bound=infonce, critic=cosine (got {ob.name}, {ob.bound}, {ob.critic})")
     _require(ob.nn_support_size >= 0, "objective.nn_support_size", f"must be >= 0, got {ob.nn_support_size}")
     _require(0 <= m.momentum < 1, "model.momentum", f"must be in [0, 1), got {m.momentum}")
     _require(c.objective.temperature > 0, "objective.temperature", f"must be > 0, got {c.objective.temperature}")

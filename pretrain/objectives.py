@@ -49,9 +49,11 @@ class ContrastiveObjective(nn.Module):
     def __init__(self, temperature: float, bound: str = "infonce", num_views: int = 2,
                  smile_tau: float = 5.0, mine_ema: float = 0.1, graph: str = "full",
                  critic: str = "cosine", dim: int = 128, queue_size: int = 0, intra_view_negatives: bool = False,
-                 nn_support_size: int = 0) -> None:
+                 nn_support_size: int = 0, debias_tau_plus: float = 0.0) -> None:
         super().__init__()
         self.bound, self.intra_view_negatives = bound, intra_view_negatives
+        # debiased InfoNCE trains, InfoNCE still reads out MI; its floor is the cosine critic's least score
+        self.debias_tau_plus, self.min_score = debias_tau_plus, -1.0 / temperature
         self.critic = build_critic(critic, dim, temperature)
         self.pairs = view_pairs(num_views, graph)
         self.mine = nn.ModuleList(bounds.MINE(mine_ema) for _ in self.pairs) if bound == "mine" else None
@@ -111,7 +113,7 @@ class ContrastiveObjective(nn.Module):
             positives = torch.arange(b, device=q[0].device) + rank() * b  # positives at rank*B + i
             # NNCLR's queries: each view's nearest support embeddings, looked up once for all its pairs
             queries = q if self.support is None else [self.nearest_in_support(v) for v in q]
-            values, pos, neg, top1 = [], [], [], []
+            values, trained, pos, neg, top1 = [], [], [], [], []
             for pair, (a, c) in enumerate(self.pairs):
                 candidates = batch_keys[c] if self.queue is None else torch.cat([batch_keys[c], self.queue.keys(c)])
                 scores = self.critic(queries[a], candidates)  # B x K: view-a queries against view-c keys (+ queue)
@@ -121,6 +123,9 @@ class ContrastiveObjective(nn.Module):
                     scores = torch.cat([scores, same], dim=1)
                 bound = self.mine[pair] if self.mine is not None else self._fn
                 values.append(bound(scores, positives=positives))
+                if self.debias_tau_plus:
+                    trained.append(bounds.debiased_infonce_per_query(
+                        scores, positives, self.debias_tau_plus, self.min_score).mean())
                 with torch.no_grad():
                     mask = F.one_hot(positives, scores.shape[1]).bool()
                     pos.append(scores[mask].mean())
@@ -134,7 +139,7 @@ class ContrastiveObjective(nn.Module):
                 self.pending_support = F.normalize(batch_keys[0].detach(), dim=1)
             mi = torch.stack(values).mean()
             # InfoNCE's loss is shown as the usual cross-entropy, log K - bound.
-            loss = (log_k if self.bound == "infonce" else 0.0) - mi
+            loss = (log_k if self.bound == "infonce" else 0.0) - (torch.stack(trained).mean() if trained else mi)
             diag = {
                 "mi": mi.detach(),
                 "log_k": torch.tensor(log_k, device=loss.device),
@@ -262,7 +267,8 @@ def build_objective(cfg: ObjectiveConfig, num_views: int, embed_dim: int) -> nn.
     """The objective named by ``objective.name``, configured from the rest of ``objective.*``."""
     if cfg.name == "contrastive":
         return ContrastiveObjective(cfg.temperature, cfg.bound, num_views, cfg.smile_tau, cfg.mine_ema, cfg.graph,
-                                    cfg.critic, embed_dim, cfg.queue_size, cfg.intra_view_negatives, cfg.nn_support_size)
+                                    cfg.critic, embed_dim, cfg.queue_size, cfg.intra_view_negatives, cfg.nn_support_size,
+                                    cfg.debias_tau_plus)
     if cfg.name == "amdim":
         return AMDIMObjective(cfg.amdim_tclip, cfg.amdim_reg)
     if cfg.name == "dim":

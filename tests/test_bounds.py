@@ -141,3 +141,39 @@ def test_rectangular_scores_with_positive_columns_equal_the_square_form(name: st
     fn = (lambda s, p=None: bounds.smile(s, 2.0, p)) if name == "smile" else getattr(bounds, name)
     permuted, positives = S[:, perm], torch.argsort(perm)
     assert torch.allclose(fn(permuted, positives), fn(S))
+
+
+def reference_debiased(S: torch.Tensor, tau_plus: float, min_score: float) -> torch.Tensor:
+    """Chuang et al. 2020's estimator written as in the paper, in exp space (square S, positives on
+    the diagonal): Ng = max((sum_neg - N tau+ pos) / (1 - tau+), N e^{min_score})."""
+    k = S.shape[0]
+    e = S.exp()
+    pos, n = e.diagonal(), k - 1
+    ng = ((e.sum(1) - pos - n * tau_plus * pos) / (1 - tau_plus)).clamp_min(n * math.exp(min_score))
+    return math.log(k) + (pos / (pos + ng)).log()
+
+
+def test_debiased_infonce_matches_the_papers_estimator_and_is_infonce_at_tau_zero() -> None:
+    temperature, k = 0.2, 16
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(k, 8, generator=g, dtype=torch.float64), dim=1)
+    S = z @ z.T / temperature  # cosine scores in [-1/t, 1/t]; the diagonal at the top, so some rows hit the floor
+    S[:4] = S[:4] * 0.1  # and some rows with negatives as likely as the positive, above it
+    positives = torch.arange(k)
+    floor = -1.0 / temperature
+    assert torch.allclose(bounds.debiased_infonce_per_query(S, positives, 0.0, floor), bounds.infonce_per_query(S, positives))
+    ours = bounds.debiased_infonce_per_query(S, positives, 0.1, floor)
+    ref = reference_debiased(S, 0.1, floor)
+    assert torch.allclose(ours, ref)
+    e = S.exp()
+    unfloored = (e.sum(1) - e.diagonal() - (k - 1) * 0.1 * e.diagonal()) / 0.9
+    hits_floor = (unfloored < (k - 1) * math.exp(floor)).sum()
+    assert 0 < hits_floor < k  # both branches of the floor are exercised
+    gS = S.clone().requires_grad_()
+    gR = S.clone().requires_grad_()
+    bounds.debiased_infonce_per_query(gS, positives, 0.1, floor).sum().backward()
+    reference_debiased(gR, 0.1, floor).sum().backward()
+    assert torch.allclose(gS.grad, gR.grad)
+    # permuted columns: the rectangular training form
+    perm = torch.randperm(k, generator=g)
+    assert torch.allclose(bounds.debiased_infonce_per_query(S[:, perm], torch.argsort(perm), 0.1, floor), ours)

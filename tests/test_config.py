@@ -47,6 +47,14 @@ def test_bad_values_name_the_key(override: str, pattern: str) -> None:
         load_config(None, [override])
 
 
+def test_debiased_infonce_needs_the_infonce_bound_and_cosine_critic() -> None:
+    assert load_config(None, ["objective.debias_tau_plus=0.1"]).objective.debias_tau_plus == 0.1
+    with pytest.raises(ConfigError, match=r"'objective.debias_tau_plus': debiases InfoNCE .*got contrastive, nwj, cosine"):
+        load_config(None, ["objective.debias_tau_plus=0.1", "objective.bound=nwj"])
+    with pytest.raises(ConfigError, match=r"'objective.debias_tau_plus': must be in \[0, 1\)"):
+        load_config(None, ["objective.debias_tau_plus=1"])
+
+
 def test_intra_view_negatives_and_nn_support_need_in_batch_keys() -> None:
     assert load_config(None, ["objective.intra_view_negatives=true"]).objective.intra_view_negatives
     with pytest.raises(ConfigError, match=r"'objective.intra_view_negatives': works with .*objective.queue_size=0"):

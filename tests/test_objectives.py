@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pretrain.bounds import debiased_infonce_per_query as debiased_infonce
 from pretrain.bounds import infonce_per_query as infonce
 from pretrain.objectives import ContrastiveObjective
 
@@ -50,6 +51,18 @@ def test_intra_view_negatives_are_simclrs_nt_xent() -> None:
         assert torch.allclose(g, g_ref, rtol=0, atol=1e-12)
     without, _ = ContrastiveObjective(t)([z1, z2])
     assert not torch.isclose(without, loss)  # the option changes the loss: the comparison above can fail
+
+
+def test_debiased_objective_trains_on_the_debiased_loss_and_reads_mi_by_infonce() -> None:
+    torch.manual_seed(0)
+    t, n = 0.2, 12
+    z1, z2 = torch.randn(n, 16, dtype=torch.float64), torch.randn(n, 16, dtype=torch.float64)
+    plain_loss, plain = ContrastiveObjective(t)([z1, z2])
+    loss, diag = ContrastiveObjective(t, debias_tau_plus=0.1)([z1, z2])
+    assert torch.allclose(diag["mi"], plain["mi"])  # the diagnostic is still InfoNCE's bound
+    scores = [F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / t for a, b in ((z1, z2), (z2, z1))]
+    expected = math.log(n) - torch.stack([debiased_infonce(s, torch.arange(n), 0.1, -1 / t).mean() for s in scores]).mean()
+    assert torch.allclose(loss, expected) and not torch.isclose(loss, plain_loss)
 
 
 def test_nnclr_scores_each_querys_nearest_support_embedding() -> None:
