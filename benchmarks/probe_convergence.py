@@ -14,13 +14,16 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+
 from eval.config import EvalConfig, validate_eval
 from eval.probe import linear_probe
-from eval.rows import Rows, norm_of
+from eval.rows import norm_of
 from pretrain.config import load_config
 from pretrain.data.datasets import open_dataset
 from pretrain.distributed import make_accelerator
 from pretrain.export import load_encoder
+from pretrain.features import ImageListDataset, extract_features
 
 
 def main() -> None:
@@ -31,9 +34,12 @@ def main() -> None:
     cfg = load_config("configs/probe_fmnist.yaml", [f"weights=[{args.weights}]"], schema=EvalConfig, check=validate_eval)
     encoder, meta = load_encoder(args.weights)
     train, test = open_dataset(cfg.dataset, "train"), open_dataset(cfg.dataset, "test")
-    rows = Rows(cfg, make_accelerator(0, cfg.precision), train, test, meta["input_size"][-1], None, "")
-    encoder = rows.memory_format(encoder).eval()
-    (x, y), (tx, ty) = (rows.features(encoder, split, meta["input_size"][-1], norm=norm_of(meta)) for split in ("train", "test"))
+    accelerator, size = make_accelerator(0, cfg.precision), meta["input_size"][-1]
+    encoder = encoder.to(memory_format=torch.channels_last).eval()  # as the eval stage extracts (eval channels_last)
+    (x, y), (tx, ty) = (
+        extract_features(encoder, ImageListDataset(split, size, cfg.center_crop_ratio, *norm_of(meta)), accelerator,
+                         cfg.batch_size_per_process, cfg.num_workers)
+        for split in (train, test))
     grid = tuple(cfg.weight_decays)
     print("| L-BFGS iterations per fit | from zero (fast-v1) | warm-started path (fast-v2) |\n|---|---|---|")
     for steps in args.steps:
