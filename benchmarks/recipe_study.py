@@ -71,13 +71,20 @@ def recipe_fields(config_yaml: Path) -> dict[str, str]:
     c = from_yaml(config_yaml.read_text().split("\n", 1)[1])  # first line: the git revision
     m, v, o = c.model, c.data.views[0], c.optim
     stem = f"3x3 s{m.stem_stride} stem" if m.small_input else "timm stem"
-    negatives = (f"{o.batch_size_per_process - 1} batch + {c.objective.queue_size} queue (m={m.momentum})" if c.objective.queue_size
-                 else f"{o.batch_size_per_process - 1} batch")
+    ob, b = c.objective, o.batch_size_per_process
+    negatives = (f"{b - 1} batch + {ob.queue_size} queue (m={m.momentum})" if ob.queue_size
+                 else f"{2 * b - 2} batch, both views" if ob.intra_view_negatives else f"{b - 1} batch")
+    if ob.name != "contrastive":
+        negatives += f", every position ({ob.name})"
+    if ob.nn_support_size:
+        negatives += f", NN positives from {ob.nn_support_size}"
+    if ob.debias_tau_plus:
+        negatives += f", debiased (tau+ {ob.debias_tau_plus:g})"
     precision = f", {c.run.precision}" if c.run.precision in ("bf16", "fp16") else ""
     return {"encoder": f"{m.arch} w{m.width:g}, {stem}{precision}", "size": str(v.size), "epochs": f"{o.epochs:g}",
             "batch": str(o.batch_size_per_process), "optimizer": f"{o.optimizer} {o.lr:g}" + (f" ({o.lr_scaling} scaling)" if o.lr_scaling != "none" else ""), "temperature": f"{c.objective.temperature:g}",
             "augment": f"crop {v.crop_scale_min:g}-{v.crop_scale_max:g}, flip {v.flip_p:g}, jitter {v.jitter_p:g} "
-                       f"(b {v.brightness:g}, c {v.contrast:g}), {c.data.augment}"
+                       f"(b {v.brightness:g}, c {v.contrast:g}{f', gamma {v.gamma:g}' if v.gamma else ''}), {c.data.augment}"
                        + "".join(f"; + {w.size} px crop {w.crop_scale_min:g}-{w.crop_scale_max:g}" for w in c.data.views[2:]),
             "negatives": negatives}
 

@@ -166,6 +166,38 @@ def test_batch_views_depend_only_on_seed_epoch_batch_and_rank() -> None:
     assert out.min() >= 0 and out.max() <= 1
 
 
+def power_of(out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image of B, the mean of log(out) / log(x) over its pixels in (0.1, 0.8), and the largest
+    relative deviation from that mean: a deviation near 0 means out = x ** g for one g."""
+    means, spread = [], []
+    for o, i in zip(out.flatten(1), x.flatten(1)):
+        m = (i > 0.1) & (i < 0.8)
+        ratio = o[m].log() / i[m].log()
+        means.append(ratio.mean())
+        spread.append(((ratio - ratio.mean()).abs() / ratio.mean()).max())
+    return torch.stack(means), torch.stack(spread)
+
+
+@pytest.mark.parametrize("path", ["batch", "loader"])
+def test_gamma_raises_each_image_to_one_power_within_its_strength(path: str) -> None:
+    from pretrain.data.batch_views import BatchViews
+
+    s = 0.5
+    view = ViewConfig(size=8, crop_scale_min=1.0, flip_p=0.0, jitter_p=1.0, brightness=0.0, contrast=0.0, gamma=s)
+    x = (torch.linspace(0, 1, 64).view(1, 1, 8, 8).repeat(8, 1, 1, 1) * 255).round().to(torch.uint8)
+    if path == "batch":  # the same generator draws the same crops first; here gamma is the only difference
+        no_jitter = ViewConfig(size=8, crop_scale_min=1.0, flip_p=0.0, jitter_p=0.0)
+        base = BatchViews([no_jitter], (0.0,), (1.0,), 0)(x, 0, 0)[0]
+        out = BatchViews([view], (0.0,), (1.0,), 0)(x, 0, 0)[0]
+    else:
+        jitter_step = build_view_transform(view, 1, (0.0,), (1.0,)).transforms[2]  # RandomApply(jitter, gamma)
+        base, out = x.float() / 255, torch.stack([jitter_step(img) for img in x]).float() / 255
+    per_image, spread = power_of(out, base)
+    assert (spread < 0.03).all()  # one power per image
+    assert (per_image > 1 / (1 + s) - 0.02).all() and (per_image < 1 + s + 0.02).all()
+    assert per_image.std() > 0.05  # drawn per image, not once per batch
+
+
 def test_device_colour_finishes_ffcv_crops_as_the_torchvision_recipe_does() -> None:
     """FFCV hands over uint8 crops; the on-device step draws each image's colour jitter and normalises,
     exactly as the torchvision recipe's ToDtype + Normalize, and leaves views FFCV normalised alone."""

@@ -10,8 +10,8 @@ broadcast arithmetic. We own these ~60 lines rather than add kornia for them.
 Randomness is a pure function of (seed, epoch, batch index, rank), drawn from a private
 generator, so a resumed run draws exactly the views the uninterrupted run drew.
 
-Supported recipe fields: size, crop_scale_min/max, flip_p, jitter_p, brightness, contrast
-(jitter applied as brightness, then contrast). Saturation, hue, grayscale and blur need the
+Supported recipe fields: size, crop_scale_min/max, flip_p, jitter_p, brightness, contrast, gamma
+(jitter applied as brightness, then contrast, then gamma). Saturation, hue, grayscale and blur need the
 loader path (``data.augment=loader``); :func:`check_batch_recipe` says so at start.
 """
 
@@ -67,14 +67,19 @@ def random_resized_crop_flip(images: torch.Tensor, view: ViewConfig, g: torch.Ge
 
 def jitter(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
     """Per image with probability jitter_p: brightness x * U(1 +- brightness), then contrast
-    (x - mean) * U(1 +- contrast) + mean, each clamped to [0, 1] as torchvision does. x: B x C x H x W in [0, 1]."""
+    (x - mean) * U(1 +- contrast) + mean, each clamped to [0, 1] as torchvision does, then (with
+    ``view.gamma``) x ** g, log g ~ U(+-log(1 + gamma)). x: B x C x H x W in [0, 1]."""
     b = x.shape[0]
     on = (torch.rand(b, generator=g) < view.jitter_p).float()
     bright = (1 + on * torch.empty(b).uniform_(-view.brightness, view.brightness, generator=g)).clamp_min(0)
     contrast = (1 + on * torch.empty(b).uniform_(-view.contrast, view.contrast, generator=g)).clamp_min(0)
     x = (x * bright.to(x).view(b, 1, 1, 1)).clamp(0, 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)  # grey level of each image (1-channel; RGB: mean over channels)
-    return ((x - mean) * contrast.to(x).view(b, 1, 1, 1) + mean).clamp(0, 1)
+    x = ((x - mean) * contrast.to(x).view(b, 1, 1, 1) + mean).clamp(0, 1)
+    if view.gamma > 0:  # drawn only when asked, so recipes without it keep their random stream
+        log_g = on * torch.empty(b).uniform_(-math.log1p(view.gamma), math.log1p(view.gamma), generator=g)
+        x = x ** log_g.exp().to(x).view(b, 1, 1, 1)
+    return x
 
 
 class BatchViews:

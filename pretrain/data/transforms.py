@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 import torch
 from torchvision.transforms import v2
@@ -46,15 +47,29 @@ def random_colour_steps(view: ViewConfig, channels: int) -> list[v2.Transform]:
     steps: list[v2.Transform] = []
     if view.jitter_p > 0:
         colour = channels == 3
-        jitter = v2.ColorJitter(view.brightness, view.contrast,
-                                view.saturation if colour else 0, view.hue if colour else 0)
-        steps.append(v2.RandomApply([jitter], p=view.jitter_p))
+        jitter = [v2.ColorJitter(view.brightness, view.contrast,
+                                 view.saturation if colour else 0, view.hue if colour else 0)]
+        if view.gamma > 0:
+            jitter.append(RandomGamma(view.gamma))
+        steps.append(v2.RandomApply(jitter, p=view.jitter_p))
     if channels == 3 and view.grayscale_p > 0:
         steps.append(v2.RandomGrayscale(view.grayscale_p))
     if view.blur_p > 0:
         kernel = max(3, int(0.1 * view.size) // 2 * 2 + 1)
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, view.blur_sigma_max))], p=view.blur_p))
     return steps
+
+
+class RandomGamma(v2.Transform):
+    """x ** g for an image in [0, 1] (uint8 scaled), one g per call with log g ~ U(-log(1 + s), log(1 + s))."""
+
+    def __init__(self, strength: float) -> None:
+        super().__init__()
+        self.log_max = math.log1p(strength)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        g = math.exp(float(torch.empty(()).uniform_(-self.log_max, self.log_max)))
+        return v2.functional.adjust_gamma(inpt, g)
 
 
 def build_eval_transform(size: int, mean: Sequence[float], std: Sequence[float], crop_ratio: float = 1.0) -> v2.Compose:
