@@ -76,7 +76,7 @@ def debiased_infonce_per_query(scores: torch.Tensor, positives: torch.Tensor, ta
         B values ``log K + S_i,pos - log(e^{S_i,pos} + Ng)``; ``tau_plus = 0`` gives
         :func:`infonce_per_query`.
     """
-    b, k = scores.shape
+    k = scores.shape[1]
     pos = scores.gather(1, positives[:, None]).squeeze(1)
     own = F.one_hot(positives, k).bool()
     neg_lse = torch.logsumexp(scores.masked_fill(own, float("-inf")), dim=1)  # log sum_j e^{S_ij}, j negative

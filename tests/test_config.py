@@ -229,3 +229,17 @@ def test_a_run_dir_saved_before_a_rename_still_matches_its_config() -> None:
     assert "batch_size: 64" in old_yaml and config_differences(old_yaml, cfg) == []
     assert from_yaml(old_yaml).optim.batch_size_per_process == 64
     assert config_differences(old_yaml.replace("batch_size: 64", "batch_size: 32"), cfg) == ["optim.batch_size_per_process"]
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads_and_validates(path: str) -> None:
+    """A shipped config that fails its own validation would be the first thing a user runs into."""
+    from eval.config import EvalConfig, validate_eval
+
+    file = str(REPO / "configs" / path)
+    if path.startswith("probe_"):  # the exports to probe come from the command line
+        load_config(file, ["weights=[runs/x/export]"], schema=EvalConfig, check=validate_eval)
+    elif path.startswith("baselines_"):
+        load_config(file, [], schema=EvalConfig, check=validate_eval)
+    else:
+        load_config(file, [])

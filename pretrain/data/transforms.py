@@ -67,9 +67,11 @@ class RandomGamma(v2.Transform):
         super().__init__()
         self.log_max = math.log1p(strength)
 
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:  # one draw for every input of the call
+        return {"gamma": math.exp(float(torch.empty(()).uniform_(-self.log_max, self.log_max)))}
+
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        g = math.exp(float(torch.empty(()).uniform_(-self.log_max, self.log_max)))
-        return v2.functional.adjust_gamma(inpt, g)
+        return v2.functional.adjust_gamma(inpt, params["gamma"])
 
 
 def build_eval_transform(size: int, mean: Sequence[float], std: Sequence[float], crop_ratio: float = 1.0) -> v2.Compose:
