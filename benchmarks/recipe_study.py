@@ -64,29 +64,43 @@ def evaluate(run_dir: Path, eval_dir: Path) -> None:
          "baselines.supervised_encoder=false", "knn_k=[20]", "precision=no"])  # fp32 features, as every row before
 
 
+def view_text(v) -> str:
+    """One view recipe as the study table's augment column writes it."""
+    extra = (f", gamma {v.gamma:g}" if v.gamma else "") + (f", tone {v.tone:g}" if v.tone else "")
+    blur = f", blur {v.blur_p:g} (sigma 0.1-{v.blur_sigma_max:g})" if v.blur_p else ""
+    return (f"crop {v.crop_scale_min:g}-{v.crop_scale_max:g}, flip {v.flip_p:g}, jitter {v.jitter_p:g} "
+            f"(b {v.brightness:g}, c {v.contrast:g}{extra}){blur}")
+
+
 def recipe_fields(config_yaml: Path) -> dict[str, str]:
     """The study table's columns, read from a run's resolved config."""
     from pretrain.config import from_yaml
 
     c = from_yaml(config_yaml.read_text().split("\n", 1)[1])  # first line: the git revision
-    m, v, o = c.model, c.data.views[0], c.optim
+    m, (v, *others), o = c.model, c.data.views, c.optim
     stem = f"3x3 s{m.stem_stride} stem" if m.small_input else "timm stem"
     ob, b = c.objective, o.batch_size_per_process
-    negatives = (f"{b - 1} batch + {ob.queue_size} queue (m={m.momentum})" if ob.queue_size
-                 else f"{2 * b - 2} batch, both views" if ob.intra_view_negatives else f"{b - 1} batch")
+    if ob.queue_size:
+        negatives = f"{b - 1} batch + {ob.queue_size} queue (m={m.momentum})"
+    elif ob.intra_view_negatives:
+        negatives = f"{2 * b - 2} batch, both views"
+    else:
+        negatives = f"{b - 1} batch"
     if ob.name != "contrastive":
         negatives += f", every position ({ob.name})"
     if ob.nn_support_size:
         negatives += f", NN positives from {ob.nn_support_size}"
     if ob.debias_tau_plus:
         negatives += f", debiased (tau+ {ob.debias_tau_plus:g})"
+    augment = f"{view_text(v)}, {c.data.augment}"
+    if others and view_text(others[0]) != view_text(v):  # an asymmetric pair (BYOL-style)
+        augment += f"; view 1: {view_text(others[0])}"
+    augment += "".join(f"; + {w.size} px crop {w.crop_scale_min:g}-{w.crop_scale_max:g}" for w in others[1:])
     precision = f", {c.run.precision}" if c.run.precision in ("bf16", "fp16") else ""
+    scaling = f" ({o.lr_scaling} scaling)" if o.lr_scaling != "none" else ""
     return {"encoder": f"{m.arch} w{m.width:g}, {stem}{precision}", "size": str(v.size), "epochs": f"{o.epochs:g}",
-            "batch": str(o.batch_size_per_process), "optimizer": f"{o.optimizer} {o.lr:g}" + (f" ({o.lr_scaling} scaling)" if o.lr_scaling != "none" else ""), "temperature": f"{c.objective.temperature:g}",
-            "augment": f"crop {v.crop_scale_min:g}-{v.crop_scale_max:g}, flip {v.flip_p:g}, jitter {v.jitter_p:g} "
-                       f"(b {v.brightness:g}, c {v.contrast:g}{f', gamma {v.gamma:g}' if v.gamma else ''}), {c.data.augment}"
-                       + "".join(f"; + {w.size} px crop {w.crop_scale_min:g}-{w.crop_scale_max:g}" for w in c.data.views[2:]),
-            "negatives": negatives}
+            "batch": str(b), "optimizer": f"{o.optimizer} {o.lr:g}{scaling}",
+            "temperature": f"{ob.temperature:g}", "augment": augment, "negatives": negatives}
 
 
 def table() -> str:

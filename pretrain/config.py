@@ -48,7 +48,7 @@ CHOICE_HELP: dict[str, dict[str, str]] = {
     "data.dataset": {"fashion_mnist": "", "imagefolder": "", "synthetic": ""},
     "data.format": {"torchvision": "decode with PIL/torchvision", "ffcv": "read data.path, a .beton: the fast path"},
     "data.augment": {"loader": "torchvision, per image in the loader workers",
-                     "batch": "whole batch at once on the training device: crop, flip, brightness, contrast, gamma; "
+                     "batch": "whole batch at once on the training device: crop, flip, brightness, contrast, gamma, tone, blur; "
                               "same-size images"},
     "data.colour_split": {"none": "", "lab": "split each RGB view into an L view (1 channel) and an ab view "
                                              "(2 channels), on device (CMC)"},
@@ -99,6 +99,7 @@ class ViewConfig:
     saturation: float = _f(0.4, "colour jitter saturation strength (ignored for 1-channel data)")
     hue: float = _f(0.1, "colour jitter hue strength (ignored for 1-channel data)")
     gamma: float = _f(0.0, "random gamma strength, with the jitter: x ** g, log g ~ U(+-log(1 + gamma)); bends the grey-level histogram, which brightness and contrast only shift and stretch (0 = off)")
+    tone: float = _f(0.0, "random tone curve strength, with the jitter (after gamma): a monotone piecewise-linear map of [0, 1] onto itself whose 4 segments' slopes are scaled by log-uniform factors in [1/(1 + tone), 1 + tone], then renormalised; bends the histogram in ways one gamma cannot (0 = off)")
     grayscale_p: float = _f(0.2, "probability of converting to grayscale (ignored for 1-channel data)")
     blur_p: float = _f(0.0, "probability of Gaussian blur")
     blur_sigma_max: float = _f(2.0, "largest Gaussian blur sigma (smallest is 0.1)")
@@ -314,7 +315,8 @@ def validate(c: Config) -> None:
                  f"need 0 < crop_scale_min <= crop_scale_max <= 1, got {v.crop_scale_min}..{v.crop_scale_max}")
         for p in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
             _require(0 <= getattr(v, p) <= 1, f"{k}.{p}", f"is a probability in [0, 1], got {getattr(v, p)}")
-        _require(v.gamma >= 0, f"{k}.gamma", f"must be >= 0 (0 = off), got {v.gamma}")
+        for strength in ("gamma", "tone"):
+            _require(getattr(v, strength) >= 0, f"{k}.{strength}", f"must be >= 0 (0 = off), got {getattr(v, strength)}")
     _require(d.augment == "loader" or (d.format != "ffcv" and d.dataset != "imagefolder"), "data.augment",
              "batch needs same-size in-memory images (fashion_mnist, synthetic) and the torchvision format; use loader")
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")

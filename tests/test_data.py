@@ -198,6 +198,62 @@ def test_gamma_raises_each_image_to_one_power_within_its_strength(path: str) -> 
     assert per_image.std() > 0.05  # drawn per image, not once per batch
 
 
+def test_tone_curve_is_monotone_onto_and_bends_by_its_slopes() -> None:
+    from pretrain.data.transforms import random_tone_slopes, tone_curve
+
+    x = torch.linspace(0, 1, 101).repeat(6, 1)
+    slopes = random_tone_slopes(6, 1.0, torch.Generator().manual_seed(0))
+    y = tone_curve(x, slopes)
+    assert torch.allclose(y[:, 0], torch.zeros(6)) and torch.allclose(y[:, -1], torch.ones(6))
+    assert (y.diff(dim=1) > 0).all()  # strictly increasing: order of grey levels kept
+    # on each quarter the slope is the drawn one, renormalised: (y(b) - y(a)) / (b - a) = 4 s_k / sum s
+    quarter = y[:, [25, 50, 75, 100]] - y[:, [0, 25, 50, 75]]
+    assert torch.allclose(quarter, slopes / slopes.sum(1, keepdim=True), atol=1e-6)
+    assert (slopes.max(1).values / slopes.min(1).values <= 4 + 1e-5).all()  # each within [1/2, 2]
+    assert torch.equal(tone_curve(x, torch.ones(6, 4)), x)  # equal slopes: the identity
+
+
+@pytest.mark.parametrize("path", ["batch", "loader"])
+def test_tone_curve_maps_each_image_monotonically_and_differently(path: str) -> None:
+    from pretrain.data.batch_views import BatchViews
+
+    view = ViewConfig(size=8, crop_scale_min=1.0, flip_p=0.0, jitter_p=1.0, brightness=0.0, contrast=0.0, tone=1.0)
+    x = (torch.linspace(0, 1, 64).view(1, 1, 8, 8).repeat(8, 1, 1, 1) * 255).round().to(torch.uint8)
+    if path == "batch":
+        no_jitter = ViewConfig(size=8, crop_scale_min=1.0, flip_p=0.0, jitter_p=0.0)
+        base = BatchViews([no_jitter], (0.0,), (1.0,), 0)(x, 0, 0)[0]
+        out = BatchViews([view], (0.0,), (1.0,), 0)(x, 0, 0)[0]
+    else:
+        jitter_step = build_view_transform(view, 1, (0.0,), (1.0,)).transforms[2]  # RandomApply(jitter, tone)
+        base, out = x.float() / 255, torch.stack([jitter_step(img) for img in x]).float() / 255
+    order = base[0].flatten().argsort()
+    assert (out.flatten(1)[:, order].diff(dim=1) >= 0).all()  # a monotone map of each image's grey levels
+    assert (out - base).abs().amax(dim=(1, 2, 3)).min() > 0.02  # every image bent
+    assert (out[1:] - out[:1]).abs().amax(dim=(1, 2, 3)).min() > 0.02  # by its own curve
+
+
+def test_batch_blur_is_torchvisions_gaussian_blur_per_image() -> None:
+    """Each blurred image equals torchvision's GaussianBlur at the sigma drawn for it (kernel and reflect
+    padding included); with blur_p=0.5 the others are left exactly as they were."""
+    from torchvision.transforms import v2
+
+    from pretrain.data.batch_views import blur
+    from pretrain.data.transforms import blur_kernel_size
+
+    x = torch.rand(16, 1, 28, 28)
+    view = ViewConfig(size=28, blur_p=0.5, blur_sigma_max=2.0)
+    out = blur(x, view, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the same draws, in blur's order
+    on, sigma = torch.rand(16, generator=g) < 0.5, torch.empty(16).uniform_(0.1, 2.0, generator=g)
+    assert 0 < on.sum() < 16
+    k = blur_kernel_size(28)
+    for img, res, o, s in zip(x, out, on, sigma):
+        expected = v2.functional.gaussian_blur(img, [k, k], [float(s)] * 2) if o else img
+        assert torch.allclose(res, expected, atol=1e-5)
+    assert not torch.allclose(out[on], x[on], atol=1e-3)
+    assert blur(x, ViewConfig(size=28, blur_p=0.0), torch.Generator()) is x
+
+
 def test_device_colour_finishes_ffcv_crops_as_the_torchvision_recipe_does() -> None:
     """FFCV hands over uint8 crops; the on-device step draws each image's colour jitter and normalises,
     exactly as the torchvision recipe's ToDtype + Normalize, and leaves views FFCV normalised alone."""

@@ -10,8 +10,9 @@ broadcast arithmetic. We own these ~60 lines rather than add kornia for them.
 Randomness is a pure function of (seed, epoch, batch index, rank), drawn from a private
 generator, so a resumed run draws exactly the views the uninterrupted run drew.
 
-Supported recipe fields: size, crop_scale_min/max, flip_p, jitter_p, brightness, contrast, gamma
-(jitter applied as brightness, then contrast, then gamma). Saturation, hue, grayscale and blur need the
+Supported recipe fields: size, crop_scale_min/max, flip_p, jitter_p, brightness, contrast, gamma, tone
+(jitter applied as brightness, then contrast, then gamma, then the tone curve), blur_p and
+blur_sigma_max (after the jitter, as in the loader path). Saturation, hue and grayscale need the
 loader path (``data.augment=loader``); :func:`check_batch_recipe` says so at start.
 """
 
@@ -25,18 +26,17 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from pretrain.config import ConfigError, ViewConfig
-from pretrain.data.transforms import normalise_steps
+from pretrain.data.transforms import blur_kernel_size, normalise_steps, random_tone_slopes, tone_curve
 
 
 def check_batch_recipe(views: Sequence[ViewConfig], channels: int) -> None:
     """Fail at start on recipe fields the batched path does not implement."""
     for i, v in enumerate(views):
         colour = channels == 3 and v.jitter_p > 0 and (v.saturation > 0 or v.hue > 0)
-        for key, unsupported in (("saturation/hue", colour), ("grayscale_p", channels == 3 and v.grayscale_p > 0),
-                                 ("blur_p", v.blur_p > 0)):
+        for key, unsupported in (("saturation/hue", colour), ("grayscale_p", channels == 3 and v.grayscale_p > 0)):
             if unsupported:
                 raise ConfigError(f"bad value for config key 'data.views.{i}.{key.split('/')[0]}': data.augment=batch "
-                                  f"implements crop, flip, brightness and contrast only; set it to 0 or use "
+                                  "implements crop, flip, brightness, contrast, gamma and blur only; set it to 0 or use "
                                   "data.augment=loader")
 
 
@@ -68,7 +68,8 @@ def random_resized_crop_flip(images: torch.Tensor, view: ViewConfig, g: torch.Ge
 def jitter(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
     """Per image with probability jitter_p: brightness x * U(1 +- brightness), then contrast
     (x - mean) * U(1 +- contrast) + mean, each clamped to [0, 1] as torchvision does, then (with
-    ``view.gamma``) x ** g, log g ~ U(+-log(1 + gamma)). x: B x C x H x W in [0, 1]."""
+    ``view.gamma``) x ** g, log g ~ U(+-log(1 + gamma)), then (with ``view.tone``) a random tone curve.
+    x: B x C x H x W in [0, 1]."""
     b = x.shape[0]
     on = (torch.rand(b, generator=g) < view.jitter_p).float()
     bright = (1 + on * torch.empty(b).uniform_(-view.brightness, view.brightness, generator=g)).clamp_min(0)
@@ -79,7 +80,28 @@ def jitter(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tenso
     if view.gamma > 0:  # drawn only when asked, so recipes without it keep their random stream
         log_g = on * torch.empty(b).uniform_(-math.log1p(view.gamma), math.log1p(view.gamma), generator=g)
         x = x ** log_g.exp().to(x).view(b, 1, 1, 1)
+    if view.tone > 0:
+        curved = tone_curve(x, random_tone_slopes(b, view.tone, g))
+        x = torch.where(on.bool().to(x.device).view(b, 1, 1, 1), curved, x)
     return x
+
+
+def blur(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
+    """Per image with probability blur_p: a Gaussian blur of sigma ~ U(0.1, blur_sigma_max), the
+    kernel and reflect padding of torchvision's GaussianBlur. x: B x C x H x W -> same shape."""
+    if view.blur_p <= 0:  # drawn only when asked, so recipes without it keep their random stream
+        return x
+    b, c, h, w = x.shape
+    on = torch.rand(b, generator=g) < view.blur_p
+    sigma = torch.empty(b).uniform_(0.1, view.blur_sigma_max, generator=g)
+    k = blur_kernel_size(view.size)
+    d = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
+    kern = torch.exp(-0.5 * (d / sigma[:, None]) ** 2)
+    kern = (kern / kern.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0).to(x)  # B*C x k: one per image and channel
+    y = F.pad(x.reshape(1, b * c, h, w), [k // 2] * 4, mode="reflect")
+    y = F.conv2d(y, kern.view(b * c, 1, 1, k), groups=b * c)  # separable: rows, then columns
+    y = F.conv2d(y, kern.view(b * c, 1, k, 1), groups=b * c).view(b, c, h, w)
+    return torch.where(on.to(x.device).view(b, 1, 1, 1), y, x)
 
 
 class BatchViews:
@@ -92,4 +114,4 @@ class BatchViews:
     def __call__(self, images: torch.Tensor, epoch: int, batch: int, rank: int = 0) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, batch, rank))
         x = images.float() / 255
-        return [self.normalise(jitter(random_resized_crop_flip(x, v, g), v, g)) for v in self.views]
+        return [self.normalise(blur(jitter(random_resized_crop_flip(x, v, g), v, g), v, g)) for v in self.views]

@@ -38,6 +38,11 @@ def normalise_steps(mean: Sequence[float], std: Sequence[float]) -> list[v2.Tran
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
+def blur_kernel_size(size: int) -> int:
+    """Odd Gaussian kernel side for a view of ``size`` px: about a tenth of it (SimCLR), at least 3."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
 def random_colour_steps(view: ViewConfig, channels: int) -> list[v2.Transform]:
     """Colour jitter, grayscale, blur: random, per image, on uint8 images; [] when the recipe has none.
 
@@ -51,12 +56,13 @@ def random_colour_steps(view: ViewConfig, channels: int) -> list[v2.Transform]:
                                  view.saturation if colour else 0, view.hue if colour else 0)]
         if view.gamma > 0:
             jitter.append(RandomGamma(view.gamma))
+        if view.tone > 0:
+            jitter.append(RandomToneCurve(view.tone))
         steps.append(v2.RandomApply(jitter, p=view.jitter_p))
     if channels == 3 and view.grayscale_p > 0:
         steps.append(v2.RandomGrayscale(view.grayscale_p))
     if view.blur_p > 0:
-        kernel = max(3, int(0.1 * view.size) // 2 * 2 + 1)
-        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, view.blur_sigma_max))], p=view.blur_p))
+        steps.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(view.size), sigma=(0.1, view.blur_sigma_max))], p=view.blur_p))
     return steps
 
 
@@ -72,6 +78,50 @@ class RandomGamma(v2.Transform):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return v2.functional.adjust_gamma(inpt, params["gamma"])
+
+
+TONE_SEGMENTS = 4
+
+
+def random_tone_slopes(n: int, strength: float, g: torch.Generator | None = None) -> torch.Tensor:
+    """n x TONE_SEGMENTS relative slopes of random tone curves, each log-uniform in [1/(1 + s), 1 + s]."""
+    log_max = math.log1p(strength)
+    return torch.empty(n, TONE_SEGMENTS).uniform_(-log_max, log_max, generator=g).exp()
+
+
+def tone_curve(x: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+    """Per image, the monotone piecewise-linear map of [0, 1] onto itself with equal-width segments of
+    the given relative slopes (renormalised so that 0 -> 0 and 1 -> 1).
+
+    Args:
+        x: B x ... values in [0, 1]. slopes: B x S positive.
+
+    Returns:
+        x's shape, in [0, 1].
+    """
+    b, s = slopes.shape
+    knots = torch.cat([slopes.new_zeros(b, 1), slopes.cumsum(1)], 1)
+    knots = (knots / knots[:, -1:]).to(x)  # B x (S + 1): the curve's value at 0, 1/S, ..., 1
+    t = x.reshape(b, -1) * s
+    seg = t.floor().clamp(0, s - 1)
+    lo, hi = knots.gather(1, seg.long()), knots.gather(1, seg.long() + 1)
+    return (lo + (t - seg) * (hi - lo)).view_as(x)
+
+
+class RandomToneCurve(v2.Transform):
+    """A random tone curve (:func:`tone_curve`) for an image in [0, 1] or uint8, one curve per call."""
+
+    def __init__(self, strength: float) -> None:
+        super().__init__()
+        self.strength = strength
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:  # one draw for every input of the call
+        return {"slopes": random_tone_slopes(1, self.strength)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if inpt.dtype == torch.uint8:
+            return (tone_curve(inpt[None].float() / 255, params["slopes"])[0] * 255).round().to(torch.uint8)
+        return tone_curve(inpt[None], params["slopes"])[0]
 
 
 def build_eval_transform(size: int, mean: Sequence[float], std: Sequence[float], crop_ratio: float = 1.0) -> v2.Compose:
