@@ -18,6 +18,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for the annotation only; recipe_fields imports the config where it reads one
+    from pretrain.config import ViewConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "out" / "recipe_study.jsonl"
@@ -64,8 +68,8 @@ def evaluate(run_dir: Path, eval_dir: Path) -> None:
          "baselines.supervised_encoder=false", "knn_k=[20]", "precision=no"])  # fp32 features, as every row before
 
 
-def view_text(v) -> str:
-    """One view recipe as the study table's augment column writes it."""
+def view_text(v: ViewConfig) -> str:
+    """One view recipe as the study table's augment column writes it (the fields Fashion-MNIST recipes vary)."""
     extra = (f", gamma {v.gamma:g}" if v.gamma else "") + (f", tone {v.tone:g}" if v.tone else "")
     blur = f", blur {v.blur_p:g} (sigma 0.1-{v.blur_sigma_max:g})" if v.blur_p else ""
     return (f"crop {v.crop_scale_min:g}-{v.crop_scale_max:g}, flip {v.flip_p:g}, jitter {v.jitter_p:g} "

@@ -315,6 +315,7 @@ def validate(c: Config) -> None:
                  f"need 0 < crop_scale_min <= crop_scale_max <= 1, got {v.crop_scale_min}..{v.crop_scale_max}")
         for p in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
             _require(0 <= getattr(v, p) <= 1, f"{k}.{p}", f"is a probability in [0, 1], got {getattr(v, p)}")
+        _require(v.blur_sigma_max >= 0.1, f"{k}.blur_sigma_max", f"must be >= 0.1 (the smallest sigma), got {v.blur_sigma_max}")
         for strength in ("gamma", "tone"):
             _require(getattr(v, strength) >= 0, f"{k}.{strength}", f"must be >= 0 (0 = off), got {getattr(v, strength)}")
     _require(d.augment == "loader" or (d.format != "ffcv" and d.dataset != "imagefolder"), "data.augment",

@@ -4,8 +4,9 @@ The torchvision path augments image by image in loader workers. On small images 
 28 px) that per-image Python work costs as much CPU as the training step itself, and on a
 2-core machine the workers take those cores from the step. Here the loader only collates uint8
 images, and each view is drawn for the whole batch at once: one ``affine_grid`` + ``grid_sample``
-for the random resized crop and flip, then per-image brightness and contrast factors as
-broadcast arithmetic. We own these ~60 lines rather than add kornia for them.
+for the random resized crop and flip, per-image brightness, contrast and gamma as broadcast
+arithmetic, a tone curve as a gather, a blur as one grouped convolution. We own these ~90 lines
+rather than add kornia for them.
 
 Randomness is a pure function of (seed, epoch, batch index, rank), drawn from a private
 generator, so a resumed run draws exactly the views the uninterrupted run drew.
@@ -36,7 +37,7 @@ def check_batch_recipe(views: Sequence[ViewConfig], channels: int) -> None:
         for key, unsupported in (("saturation/hue", colour), ("grayscale_p", channels == 3 and v.grayscale_p > 0)):
             if unsupported:
                 raise ConfigError(f"bad value for config key 'data.views.{i}.{key.split('/')[0]}': data.augment=batch "
-                                  "implements crop, flip, brightness, contrast, gamma and blur only; set it to 0 or use "
+                                  "implements crop, flip, brightness, contrast, gamma, tone and blur only; set it to 0 or use "
                                   "data.augment=loader")
 
 

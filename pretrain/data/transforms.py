@@ -6,6 +6,7 @@ import math
 from typing import Any, Sequence
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from pretrain.config import ViewConfig
@@ -103,8 +104,9 @@ def tone_curve(x: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
     knots = torch.cat([slopes.new_zeros(b, 1), slopes.cumsum(1)], 1)
     knots = (knots / knots[:, -1:]).to(x)  # B x (S + 1): the curve's value at 0, 1/S, ..., 1
     t = x.reshape(b, -1) * s
-    seg = t.floor().clamp(0, s - 1)
-    lo, hi = knots.gather(1, seg.long()), knots.gather(1, seg.long() + 1)
+    seg = t.floor().clamp(0, s - 1)  # x = 1 falls in the last segment, at its end
+    i = seg.long()
+    lo, hi = knots.gather(1, i), knots.gather(1, i + 1)
     return (lo + (t - seg) * (hi - lo)).view_as(x)
 
 
@@ -119,9 +121,9 @@ class RandomToneCurve(v2.Transform):
         return {"slopes": random_tone_slopes(1, self.strength)}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if inpt.dtype == torch.uint8:
-            return (tone_curve(inpt[None].float() / 255, params["slopes"])[0] * 255).round().to(torch.uint8)
-        return tone_curve(inpt[None], params["slopes"])[0]
+        x = v2.functional.to_dtype(inpt.as_subclass(torch.Tensor), torch.float32, scale=True)
+        out = v2.functional.to_dtype(tone_curve(x[None], params["slopes"])[0], inpt.dtype, scale=True)
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
 
 
 def build_eval_transform(size: int, mean: Sequence[float], std: Sequence[float], crop_ratio: float = 1.0) -> v2.Compose:
