@@ -5,7 +5,9 @@
 On Fashion-MNIST with a random-init encoder of configs/fmnist_cpu.yaml's architecture (timings do not
 depend on the weights), under bf16 autocast as configs/probe_fmnist.yaml runs:
 
-- feature extraction of the test split: contiguous weights against channels_last (eval ``channels_last``);
+- feature extraction of the test split: contiguous weights against channels_last (eval ``channels_last``),
+  and (both channels_last) the eval transform image by image against once per batch
+  (``ImageDataset.load_many``);
 - one loss-and-gradient evaluation of the fast probe's L-BFGS on the standardised train features:
   autograd against :func:`eval.probe.loss_and_grad`;
 - kNN k=20 and k=200 over the 60k train features for the 10k test features: one similarity pass per
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from pretrain.config import load_config
-from pretrain.data.datasets import open_dataset
+from pretrain.data.datasets import Subset, open_dataset
 from pretrain.features import ImageListDataset, extract_features
 from pretrain.knn import knn_predict_many
 from pretrain.models import encoder_from_config
@@ -40,6 +42,16 @@ def autograd_loss_and_grad(model: torch.nn.Linear, x: torch.Tensor, y: torch.Ten
     loss = F.cross_entropy(model(x), y) + weight_decay * model.weight.pow(2).sum() / 2
     loss.backward()
     return loss.detach()
+
+
+class OneByOne(Subset):
+    """The whole dataset with its batched load hidden: the DataLoader transforms image by image."""
+
+    def __init__(self, base) -> None:
+        super().__init__(base, list(range(len(base))))
+
+    def load_many(self, indices: list[int]) -> None:
+        return None
 
 
 def seconds(fn: Callable[[], object]) -> float:
@@ -71,6 +83,8 @@ def main() -> None:
     probe = torch.nn.Linear(x.shape[1], train.num_classes)
     rows: list[tuple[str, Callable[[], object], Callable[[], object]]] = [
         (f"extraction, {len(test)} images", lambda: extract(encoder, test), lambda: extract(channels_last, test)),
+        (f"extraction transforms, {len(test)} images", lambda: extract(channels_last, OneByOne(test)),
+         lambda: extract(channels_last, test)),
         (f"probe loss + gradient, {x.shape[0]} x {x.shape[1]}",
          lambda: autograd_loss_and_grad(probe, xs, y, 1e-4), lambda: loss_and_grad(probe, xs, y, 1e-4)),
         (f"kNN k=20 and 200, {len(ty)} x {len(y)}",

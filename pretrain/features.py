@@ -39,6 +39,15 @@ class ImageListDataset(torch.utils.data.Dataset):
         image, label, _ = load_readable(self.base, i)
         return self.transform(image), label
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """A DataLoader batch at once. In-memory datasets (``ImageDataset.load_many``) are transformed
+        as one B x C x H x W tensor instead of image by image; the others item by item."""
+        loaded = self.base.load_many(indices)
+        if loaded is None:
+            return [self[i] for i in indices]
+        images, labels = loaded
+        return list(zip(self.transform(images).unbind(0), labels.tolist()))
+
 
 class _WithPosition(torch.utils.data.Dataset):
     """(image, label) items -> (image, label, position), so rows can be put back in order after sharding."""
@@ -51,6 +60,10 @@ class _WithPosition(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[Any, Any, int]:
         return (*self.base[i], i)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Any, Any, int]]:
+        items = self.base.__getitems__(indices) if hasattr(self.base, "__getitems__") else [self.base[i] for i in indices]
+        return [(*item, i) for item, i in zip(items, indices)]
 
 
 @contextmanager

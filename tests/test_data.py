@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import run_main
 from pretrain.config import ViewConfig, load_config
 from pretrain.data import DataError, MultiViewDataset, build_dataset, build_view_transform, collate_skipped
-from pretrain.data.datasets import FMNIST_DEFAULT_ROOT, ImageFolder, Synthetic
+from pretrain.data.datasets import FMNIST_DEFAULT_ROOT, ImageFolder, Synthetic, spaced_subset
 
 
 def make_imagefolder(root: Path, good_per_class: int = 12, corrupt: int = 3) -> list[Path]:
@@ -78,6 +78,27 @@ def test_fashion_mnist_reads_the_real_idx_files() -> None:
     image, label = train[0]
     assert image.shape == (1, 28, 28) and image.dtype == torch.uint8 and label == 9  # ankle boot
     assert sorted(set(train.labels.tolist())) == list(range(10))
+
+
+@pytest.mark.skipif(not Path(FMNIST_DEFAULT_ROOT).is_dir(), reason="make setup installs dataset-fashion-mnist")
+@pytest.mark.parametrize("size, crop_ratio", [(28, 1.0), (32, 0.875)])
+def test_in_memory_batches_are_transformed_exactly_as_single_images(size: int, crop_ratio: float) -> None:
+    """The eval transform on a whole Fashion-MNIST batch (``load_many``) gives each image's per-item
+    result bit for bit, through a Subset (the kNN monitor's) too, and the DataLoader takes that path."""
+    from pretrain.features import ImageListDataset, _WithPosition
+
+    test = build_dataset(load_config(None, ["data.dataset=fashion_mnist"]), "test")
+    for base in (test, spaced_subset(test, 135, offset=5000)):
+        ds, picks = ImageListDataset(base, size, crop_ratio), [3, 0, 17, 101, 64]
+        batched = ds.__getitems__(picks)
+        assert all(torch.equal(a, ds[i][0]) and b == ds[i][1] for (a, b), i in zip(batched, picks))
+        assert batched[0][0].shape == (1, size, size)
+        x, y, pos = next(iter(torch.utils.data.DataLoader(_WithPosition(ds), batch_size=8)))
+        assert torch.equal(x, torch.stack([ds[i][0] for i in range(8)])) and pos.tolist() == list(range(8))
+    calls = []
+    test.load_many = lambda idx: calls.append(idx) or type(test).load_many(test, idx)  # the loader batches through it
+    next(iter(torch.utils.data.DataLoader(_WithPosition(ImageListDataset(test, 28)), batch_size=4)))
+    assert calls == [[0, 1, 2, 3]]
 
 
 def test_corrupt_images_are_replaced_and_reported(tmp_path: Path) -> None:

@@ -67,6 +67,11 @@ class ImageDataset(torch.utils.data.Dataset):
         """The label alone (subclasses answer without decoding the image)."""
         return self.load(index)[1]
 
+    def load_many(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """B same-size images (B x C x H x W uint8) and labels (B) in one step, for in-memory datasets
+        whose images are all readable; None (the default) where images are loaded one by one."""
+        return None
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.load(index)
 
@@ -110,6 +115,12 @@ class FashionMNIST(ImageDataset):
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index][None], int(self.labels[index])
+
+    def load_many(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """B images (B x 1 x 28 x 28 uint8) and labels (B) in one indexing step: the eval transform then
+        runs once per batch (:class:`pretrain.features.ImageListDataset`) instead of once per image."""
+        i = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[i][:, None], self.labels[i]
 
     def label(self, index: int) -> int:
         return int(self.labels[index])
@@ -242,6 +253,9 @@ class Subset(ImageDataset):
 
     def label(self, index: int) -> int:
         return self.base.label(self.indices[index])
+
+    def load_many(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.base.load_many([self.indices[i] for i in indices])
 
 
 def spaced_subset(ds: ImageDataset, n: int, offset: int = 0) -> ImageDataset:
