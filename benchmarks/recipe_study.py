@@ -72,8 +72,9 @@ def view_text(v: ViewConfig) -> str:
     """One view recipe as the study table's augment column writes it (the fields Fashion-MNIST recipes vary)."""
     extra = (f", gamma {v.gamma:g}" if v.gamma else "") + (f", tone {v.tone:g}" if v.tone else "")
     blur = f", blur {v.blur_p:g} (sigma 0.1-{v.blur_sigma_max:g})" if v.blur_p else ""
+    solarize = f", solarize {v.solarize_p:g}" if v.solarize_p else ""
     return (f"crop {v.crop_scale_min:g}-{v.crop_scale_max:g}, flip {v.flip_p:g}, jitter {v.jitter_p:g} "
-            f"(b {v.brightness:g}, c {v.contrast:g}{extra}){blur}")
+            f"(b {v.brightness:g}, c {v.contrast:g}{extra}){blur}{solarize}")
 
 
 def recipe_fields(config_yaml: Path) -> dict[str, str]:

@@ -48,7 +48,7 @@ CHOICE_HELP: dict[str, dict[str, str]] = {
     "data.dataset": {"fashion_mnist": "", "imagefolder": "", "synthetic": ""},
     "data.format": {"torchvision": "decode with PIL/torchvision", "ffcv": "read data.path, a .beton: the fast path"},
     "data.augment": {"loader": "torchvision, per image in the loader workers",
-                     "batch": "whole batch at once on the training device: crop, flip, brightness, contrast, gamma, tone, blur; "
+                     "batch": "whole batch at once on the training device: crop, flip, brightness, contrast, gamma, tone, blur, solarize; "
                               "same-size images"},
     "data.colour_split": {"none": "", "lab": "split each RGB view into an L view (1 channel) and an ab view "
                                              "(2 channels), on device (CMC)"},
@@ -103,6 +103,7 @@ class ViewConfig:
     grayscale_p: float = _f(0.2, "probability of converting to grayscale (ignored for 1-channel data)")
     blur_p: float = _f(0.0, "probability of Gaussian blur")
     blur_sigma_max: float = _f(2.0, "largest Gaussian blur sigma (smallest is 0.1)")
+    solarize_p: float = _f(0.0, "probability of solarizing, after the blur (BYOL: 0 on one view, 0.2 on the other): pixels at or above half of full scale become 1 - x; unlike gamma and tone it is not monotone")
 
 
 @dataclass
@@ -313,7 +314,7 @@ def validate(c: Config) -> None:
         _require(v.size >= 8, f"{k}.size", f"must be >= 8 pixels, got {v.size}")
         _require(0 < v.crop_scale_min <= v.crop_scale_max <= 1, f"{k}.crop_scale_min",
                  f"need 0 < crop_scale_min <= crop_scale_max <= 1, got {v.crop_scale_min}..{v.crop_scale_max}")
-        for p in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
+        for p in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             _require(0 <= getattr(v, p) <= 1, f"{k}.{p}", f"is a probability in [0, 1], got {getattr(v, p)}")
         _require(v.blur_sigma_max >= 0.1, f"{k}.blur_sigma_max", f"must be >= 0.1 (the smallest sigma), got {v.blur_sigma_max}")
         for strength in ("gamma", "tone"):

@@ -41,6 +41,7 @@ def test_defaults_and_file_and_overrides_merge() -> None:
         ("data.views.1.gamma=-0.5", r"'data.views.1.gamma': must be >= 0"),
         ("data.views.0.tone=-1", r"'data.views.0.tone': must be >= 0"),
         ("data.views.0.blur_sigma_max=0.05", r"'data.views.0.blur_sigma_max': must be >= 0.1"),
+        ("data.views.1.solarize_p=1.5", r"'data.views.1.solarize_p': is a probability in \[0, 1\]"),
         ("data.augment=gpu", r"'data.augment': 'gpu' is not one of loader, batch"),
         ("optim.batch_size=64", r"'optim.batch_size' .* was renamed to 'optim.batch_size_per_process'"),
     ],

@@ -274,6 +274,30 @@ def test_batch_blur_is_torchvisions_gaussian_blur_per_image() -> None:
     check_batch_recipe([ViewConfig(size=28, blur_p=0.5, jitter_p=0.0)], channels=1)  # the batch path takes blur now
 
 
+def test_batch_solarize_is_torchvisions_per_image_and_keeps_the_stream_when_off() -> None:
+    """With solarize_p=0.5 each image is either torchvision's RandomSolarize of its uint8 self (pixels
+    >= 128 become 255 - x) or untouched, as its draw says; with solarize_p=0 nothing is drawn."""
+    from torchvision.transforms import v2
+
+    from pretrain.data.batch_views import check_batch_recipe, solarize
+    from pretrain.data.transforms import random_colour_steps
+
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    view = ViewConfig(size=8, jitter_p=0.0, solarize_p=0.5)
+    out = solarize(x.float() / 255, view, torch.Generator().manual_seed(3))
+    on = torch.rand(16, generator=torch.Generator().manual_seed(3)) < 0.5
+    assert 0 < on.sum() < 16
+    always = v2.Compose(random_colour_steps(ViewConfig(size=8, jitter_p=0.0, solarize_p=1.0), 3))
+    for img, res, o in zip(x, out, on):
+        expected = always(img) if o else img
+        assert torch.allclose(res, expected.float() / 255, atol=1e-6)
+    assert not torch.equal(out[on], x[on].float() / 255)
+    g = torch.Generator().manual_seed(3)
+    solarize(x.float(), ViewConfig(size=8), g)
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(3).get_state())
+    check_batch_recipe([view], channels=1)  # the batch path takes solarize
+
+
 def test_batch_views_draw_as_before_for_recipes_without_blur_or_tone() -> None:
     """Blur and tone draw from the view generator only when asked, so older recipes keep their views
     (and resumed runs of them their exact stream): a recipe with both off equals one built by hand."""

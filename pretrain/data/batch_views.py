@@ -13,7 +13,7 @@ generator, so a resumed run draws exactly the views the uninterrupted run drew.
 
 Supported recipe fields: size, crop_scale_min/max, flip_p, jitter_p, brightness, contrast, gamma, tone
 (jitter applied as brightness, then contrast, then gamma, then the tone curve), blur_p and
-blur_sigma_max (after the jitter, as in the loader path). Saturation, hue and grayscale need the
+blur_sigma_max (after the jitter), solarize_p (last), in the loader path's order. Saturation, hue and grayscale need the
 loader path (``data.augment=loader``); :func:`check_batch_recipe` says so at start.
 """
 
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from pretrain.config import ConfigError, ViewConfig
-from pretrain.data.transforms import blur_kernel_size, normalise_steps, random_tone_slopes, tone_curve
+from pretrain.data.transforms import (SOLARIZE_THRESHOLD_UINT8, blur_kernel_size, normalise_steps, random_tone_slopes,
+                                       tone_curve)
 
 
 def check_batch_recipe(views: Sequence[ViewConfig], channels: int) -> None:
@@ -37,7 +38,7 @@ def check_batch_recipe(views: Sequence[ViewConfig], channels: int) -> None:
         for key, unsupported in (("saturation/hue", colour), ("grayscale_p", channels == 3 and v.grayscale_p > 0)):
             if unsupported:
                 raise ConfigError(f"bad value for config key 'data.views.{i}.{key.split('/')[0]}': data.augment=batch "
-                                  "implements crop, flip, brightness, contrast, gamma, tone and blur only; set it to 0 or use "
+                                  "implements crop, flip, brightness, contrast, gamma, tone, blur and solarize only; set it to 0 or use "
                                   "data.augment=loader")
 
 
@@ -105,6 +106,16 @@ def blur(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
     return torch.where(on.to(x.device).view(b, 1, 1, 1), y, x)
 
 
+def solarize(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
+    """Per image with probability solarize_p: pixels at or above SOLARIZE_THRESHOLD_UINT8 / 255
+    become 1 - x, as torchvision's RandomSolarize does on the loader path's uint8 images.
+    x: B x C x H x W in [0, 1] -> same shape."""
+    if view.solarize_p <= 0:  # drawn only when asked, so recipes without it keep their random stream
+        return x
+    on = (torch.rand(x.shape[0], generator=g) < view.solarize_p).to(x.device).view(-1, 1, 1, 1)
+    return torch.where(on & (x >= SOLARIZE_THRESHOLD_UINT8 / 255), 1 - x, x)
+
+
 class BatchViews:
     """uint8 images (B x C x H x W, any device) -> V normalised float32 views (B x C x size_v x size_v)."""
 
@@ -115,4 +126,5 @@ class BatchViews:
     def __call__(self, images: torch.Tensor, epoch: int, batch: int, rank: int = 0) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, batch, rank))
         x = images.float() / 255
-        return [self.normalise(blur(jitter(random_resized_crop_flip(x, v, g), v, g), v, g)) for v in self.views]
+        return [self.normalise(solarize(blur(jitter(random_resized_crop_flip(x, v, g), v, g), v, g), v, g))
+                for v in self.views]

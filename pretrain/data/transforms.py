@@ -44,8 +44,11 @@ def blur_kernel_size(size: int) -> int:
     return max(3, int(0.1 * size) // 2 * 2 + 1)
 
 
+SOLARIZE_THRESHOLD_UINT8 = 128  # BYOL's: half of full scale (0.5 in [0, 1]); these steps see uint8 images
+
+
 def random_colour_steps(view: ViewConfig, channels: int) -> list[v2.Transform]:
-    """Colour jitter, grayscale, blur: random, per image, on uint8 images; [] when the recipe has none.
+    """Colour jitter, grayscale, blur, solarize: random, per image, on uint8 images; [] when the recipe has none.
 
     One-channel data gets brightness/contrast jitter only and no grayscale step: it has no
     colour to jitter or remove, and pretending otherwise would just be a no-op at best.
@@ -64,6 +67,8 @@ def random_colour_steps(view: ViewConfig, channels: int) -> list[v2.Transform]:
         steps.append(v2.RandomGrayscale(view.grayscale_p))
     if view.blur_p > 0:
         steps.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(view.size), sigma=(0.1, view.blur_sigma_max))], p=view.blur_p))
+    if view.solarize_p > 0:
+        steps.append(v2.RandomSolarize(SOLARIZE_THRESHOLD_UINT8, p=view.solarize_p))
     return steps
 
 
