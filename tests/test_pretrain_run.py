@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import timm
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_main
+from conftest import REPO, run_main
 from pretrain.checkpoint import checkpoint_dirs
 from pretrain.config import load_config
 from pretrain.export import export_encoder, load_encoder
@@ -139,3 +140,15 @@ def test_learned_critic_trains_across_two_processes(run_dir: Path) -> None:
     state = torch.load(checkpoint_dirs(run_dir / "checkpoints")[0] / "state.pt", weights_only=True)
     weight = state["objective"]["critic.weight"]
     assert not torch.equal(weight, torch.eye(weight.shape[0]))  # the critic was optimised
+
+
+def test_demo_recipe_learns_on_real_fashion_mnist(run_dir: Path) -> None:
+    """The demo's own config (its augmentations, encoder, optimizer and bf16) on 3840 real Fashion-MNIST
+    images for 60 steps: the kNN monitor must rise well above its untrained floor (69.3 -> 77.5 when
+    written; solarizing every image of both views instead reached only 73.3, a broken objective stays flat)."""
+    proc = run_main(f"run.dir={run_dir}", "data.limit=3840", "optim.epochs=2", "monitor.knn_bank=2000",
+                    "monitor.knn_queries=1000", "monitor.online_probe=false", config=REPO / "configs" / "fmnist_cpu.yaml",
+                    env={"INFOMAX_PROGRESS_SECONDS": "0"})
+    knn = [float(m) for m in re.findall(r"epoch \d \(step \d+\): kNN top-1 ([\d.]+)%", proc.stdout)]
+    assert len(knn) == 3, proc.stdout[-2000:]
+    assert knn[-1] > knn[0] + 6, knn  # percentage points over the untrained floor

@@ -13,8 +13,8 @@ generator, so a resumed run draws exactly the views the uninterrupted run drew.
 
 Supported recipe fields: size, crop_scale_min/max, flip_p, jitter_p, brightness, contrast, gamma, tone
 (jitter applied as brightness, then contrast, then gamma, then the tone curve), blur_p and
-blur_sigma_max (after the jitter), solarize_p (last), in the loader path's order. Saturation, hue and grayscale need the
-loader path (``data.augment=loader``); :func:`check_batch_recipe` says so at start.
+blur_sigma_max (after the jitter), solarize_p (last): the loader path's order. Saturation, hue and
+grayscale need the loader path (``data.augment=loader``); :func:`check_batch_recipe` says so at start.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def check_batch_recipe(views: Sequence[ViewConfig], channels: int) -> None:
         for key, unsupported in (("saturation/hue", colour), ("grayscale_p", channels == 3 and v.grayscale_p > 0)):
             if unsupported:
                 raise ConfigError(f"bad value for config key 'data.views.{i}.{key.split('/')[0]}': data.augment=batch "
-                                  "implements crop, flip, brightness, contrast, gamma, tone, blur and solarize only; set it to 0 or use "
-                                  "data.augment=loader")
+                                  "implements crop, flip, brightness, contrast, gamma, tone, blur and solarize only; set it "
+                                  "to 0 or use data.augment=loader")
 
 
 def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
