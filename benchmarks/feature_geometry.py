@@ -33,10 +33,10 @@ from pretrain.knn import knn_predict_many
 @torch.no_grad()
 def recompute_batchnorm(encoder: nn.Module, images: torch.utils.data.Dataset, accelerator, batch_size: int) -> None:
     """Population BN statistics of ``encoder`` over ``images`` (cumulative average, as precise BN), in place."""
-    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
+    for m in encoder.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over all batches
     encoder.train()
     for x, _ in torch.utils.data.DataLoader(images, batch_size=batch_size):
         with accelerator.autocast():
@@ -53,10 +53,9 @@ def main() -> None:
     cfg = load_config("configs/probe_fmnist.yaml", [f"weights=[{args.weights}]"], schema=EvalConfig, check=validate_eval)
     train, test = open_dataset(cfg.dataset, "train", cfg.root), open_dataset(cfg.dataset, "test", cfg.root)
     accelerator = make_accelerator(0, cfg.precision)
-    variants = [("as exported", 0)] + ([(f"BN statistics of {args.precise_bn} clean train images", args.precise_bn)]
-                                       if args.precise_bn else [])
     k, t = cfg.knn_k[0] if cfg.knn_k else 20, cfg.knn_temperature
-    for name, n_bn in variants:
+    for n_bn in sorted({0, args.precise_bn}):
+        name = f"BN statistics of {n_bn} clean train images" if n_bn else "as exported"
         encoder, meta = load_encoder(args.weights)
         if meta.get("input_transform", "normalise") != "normalise":
             raise SystemExit(f"error: {args.weights} takes {meta['input_transform']} inputs; this diagnostic feeds "
