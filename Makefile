@@ -37,7 +37,7 @@ data:
 	fi
 
 demo: setup
-	$(ACCEL) launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
+	$(ACCEL) launch --num_processes 1 --num_machines 1 --dynamo_backend no \
 	  --num_cpu_threads_per_process $$(nproc) \
 	  pretrain/main.py --config configs/fmnist_cpu.yaml
 	$(PY) eval/main.py --config configs/probe_fmnist.yaml weights=runs/fmnist_cpu/export

@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config("configs/probe_fmnist.yaml", [f"weights=[{args.weights}]"], schema=EvalConfig, check=validate_eval)
     train, test = open_dataset(cfg.dataset, "train", cfg.root), open_dataset(cfg.dataset, "test", cfg.root)
-    accelerator = make_accelerator(0, cfg.precision)
+    accelerator, _ = make_accelerator(0, cfg.precision)
     k, t = cfg.knn_k[0] if cfg.knn_k else 20, cfg.knn_temperature
     for n_bn in sorted({0, args.precise_bn}):
         name = f"BN statistics of {n_bn} clean train images" if n_bn else "as exported"

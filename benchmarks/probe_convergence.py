@@ -34,7 +34,7 @@ def main() -> None:
     cfg = load_config("configs/probe_fmnist.yaml", [f"weights=[{args.weights}]"], schema=EvalConfig, check=validate_eval)
     encoder, meta = load_encoder(args.weights)
     train, test = open_dataset(cfg.dataset, "train"), open_dataset(cfg.dataset, "test")
-    accelerator, size = make_accelerator(0, cfg.precision), meta["input_size"][-1]
+    (accelerator, _), size = make_accelerator(0, cfg.precision), meta["input_size"][-1]
     encoder = encoder.to(memory_format=torch.channels_last).eval()  # as the eval stage extracts (eval channels_last)
     (x, y), (tx, ty) = (
         extract_features(encoder, ImageListDataset(split, size, cfg.center_crop_ratio, *norm_of(meta)), accelerator,

@@ -44,11 +44,10 @@ class BaselinesConfig:
     use_stored: bool = _f(True, "use a stored converged AlexNet result (make baselines) when dataset, protocol and data hash match")
     store: str = _f("", "directory of stored baseline results; empty = the repository's baselines/ (tracked, so a "
                     "fresh clone has them)")
-    supervised_encoder: bool = _f(True, "add our encoder's architecture trained end to end with labels for the export's pretraining wall time")
-    supervised_encoder_seconds: float = _f(0.0, "supervised encoder: wall-time budget in seconds (0 = the export's pretraining time)")
-    supervised_encoder_lr: float = _f(0.05, "supervised encoder: SGD lr (momentum 0.9, cosine decay over the wall-time budget)")
+    supervised_encoder: bool = _f(True, "add our encoder's architecture trained end to end with labels for as many epochs as the export's pretraining")
+    supervised_encoder_epochs: float = _f(0.0, "supervised encoder: epoch budget, fractions allowed (0 = the export's pretraining epochs)")
+    supervised_encoder_lr: float = _f(0.05, "supervised encoder: SGD lr (momentum 0.9, cosine decay over the epoch budget)")
     supervised_encoder_weight_decay: float = _f(5e-4, "supervised encoder: SGD weight decay")
-    supervised_encoder_max_epochs: int = _f(100, "supervised encoder: epoch cap (the wall-time budget usually ends it first)")
     alexnet_weights: str = _f("", "an AlexNet state dict (e.g. torchvision's alexnet-owt-7be5be79.pth): adds conv1..5 probes")
     alexnet_probe_size: int = _f(224, "conv1..5 probes: input side the images are resized to (>= 64)")
     published: bool = _f(False, "add the quoted ImageNet reference rows (only comparable on ImageNet)")
@@ -116,5 +115,7 @@ def validate_eval(c: EvalConfig) -> None:
     require(all(0 < m < s.epochs for m in s.milestones), "sgd.milestones", f"must lie inside (0, {s.epochs})")
     require(b.alexnet_epochs >= 1 and b.alexnet_global_batch_size >= 1 and b.alexnet_lr > 0, "baselines",
             "alexnet_epochs, alexnet_global_batch_size and alexnet_lr must be positive")
+    require(b.supervised_encoder_epochs >= 0, "baselines.supervised_encoder_epochs",
+            f"must be >= 0 (0 = the export's pretraining epochs), got {b.supervised_encoder_epochs}")
     require(b.alexnet_warmup_steps >= 0, "baselines.alexnet_warmup_steps", f"must be >= 0, got {b.alexnet_warmup_steps}")
     require(b.alexnet_probe_size >= 64, "baselines.alexnet_probe_size", f"must be >= 64, got {b.alexnet_probe_size}")

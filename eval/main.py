@@ -31,10 +31,11 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
 
     from eval.baselines import REFERENCE_ALEXNET_TOP1, load_alexnet_features, published_rows
     from eval.report import write_report
-    from eval.rows import Rows, pretrain_seconds
+    from eval.rows import Rows, pretrain_epochs
     from pretrain.config import ConfigError
     from pretrain.data.datasets import open_dataset, spaced_subset
     from pretrain.distributed import make_accelerator
+    from pretrain.hardware import describe_machine
     from pretrain.export import load_encoder, load_view_encoders
 
     # ------------------------------------------------------------------ exports and data (checked before any work)
@@ -60,7 +61,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     out = Path(cfg.out or (Path(cfg.weights[0]).resolve().parent if exports else "runs/baselines"))
 
     # ------------------------------------------------------------------ processes, rows
-    accelerator = make_accelerator(cfg.seed, cfg.precision)
+    accelerator, precision = make_accelerator(cfg.seed, cfg.precision)
     torch.manual_seed(cfg.seed)
     fit_key = OmegaConf.to_yaml(OmegaConf.structured(cfg)) + "".join(m["sha256"] for _, _, m in exports)
     make = Rows(cfg, accelerator, train, test, size, out, fit_key)
@@ -78,11 +79,11 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
         rows.append(make.alexnet_row())
     if b.supervised_encoder:
         for w, _, meta in exports:
-            if b.supervised_encoder_seconds or pretrain_seconds(meta):
+            if b.supervised_encoder_epochs or pretrain_epochs(meta):
                 rows.append(make.supervised_encoder_row(meta))
             else:
                 accelerator.print(f"no supervised-encoder row for {w}: its export records no pretraining time; "
-                                  "set baselines.supervised_encoder_seconds")
+                                  "set baselines.supervised_encoder_epochs")
     if alexnet_trunk is not None:
         rows += make.alexnet_conv_rows(alexnet_trunk)
     if b.published:
@@ -97,6 +98,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
         meta = {"dataset": cfg.dataset, "protocol": PROTOCOLS[cfg.protocol].split(":")[0],
                 "protocol_description": f"{PROTOCOLS[cfg.protocol]}. {KNN}.", "seed": cfg.seed,
                 "train_images": len(train), "test_images": len(test), "processes": accelerator.num_processes,
+                "precision": precision.mode, "precision_reason": precision.reason, "machine": describe_machine(),
                 "alexnet_reference_top1": reference, "config": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
                 "train_step": int((exports[0][2].get("summary") or {}).get("steps") or 0) if exports else 0}
         table = write_report(out, rows, meta, list(cfg.knn_k))

@@ -48,6 +48,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], kn
         f"Δ vs AlexNet: top-1 points against "
         f"{'no AlexNet row' if reference is None else f'supervised AlexNet at {_pct(reference)}%'}.\n\n"
         f"Protocol: {meta['protocol_description']}\n\n"
+        f"Precision: {meta['precision']} ({meta['precision_reason']}); measured on {meta['machine']}.\n\n"
         + (f"Quoted, not measured here:\n{quoted}\n\n" if quoted else "")
         + ("Warnings:\n" + "\n".join(edge) + "\n\n" if edge else "")
         + f"Weights:\n{sources or '- none'}\n\nConfig:\n\n```yaml\n{meta['config']}```\n"

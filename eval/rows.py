@@ -8,6 +8,7 @@ stop flag of the resumable SGD fits.
 
 from __future__ import annotations
 
+import math
 import hashlib
 import re
 import time
@@ -72,9 +73,9 @@ def all_views(encoder: nn.Module, meta: dict, views: list) -> tuple[ConcatViewEn
     return ConcatViewEncoders([encoder, *(e for _, e in views)], fns), {**meta, "input_transform": "normalise"}
 
 
-def pretrain_seconds(meta: dict) -> float:
-    summary = meta.get("summary") or {}
-    return float(summary.get("pretrain_seconds") or summary.get("seconds_this_run") or 0)
+def pretrain_epochs(meta: dict) -> float:
+    """The epochs (fractional) the export was pretrained for, 0 when its summary does not say."""
+    return float((meta.get("summary") or {}).get("epochs_trained") or 0)
 
 
 class Rows:
@@ -247,22 +248,24 @@ class Rows:
         return row
 
     def supervised_encoder_row(self, meta: dict) -> dict[str, Any]:
-        """Our export's architecture trained end to end with labels for its pretraining's wall time, then
-        scored like our encoder (the upper reference SSL papers print beside their probes)."""
+        """Our export's architecture trained end to end with labels for as many epochs as its pretraining
+        (an epoch budget, not seconds, so the row means the same on every machine), then scored like our
+        encoder: the upper reference SSL papers print beside their probes."""
         b = self.b
-        seconds = b.supervised_encoder_seconds or pretrain_seconds(meta)
+        epochs = b.supervised_encoder_epochs or pretrain_epochs(meta)
         encoder = random_like(meta, meta["in_chans"])
         model = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.num_features, self.num_classes))
-        schedule = SGDSchedule(lr=b.supervised_encoder_lr, epochs=b.supervised_encoder_max_epochs,
+        steps = max(1, round(epochs * (len(self.train) // b.alexnet_global_batch_size)))  # the cosine spans them
+        schedule = SGDSchedule(lr=b.supervised_encoder_lr, epochs=math.ceil(epochs), max_steps=steps,
                                global_batch_size=b.alexnet_global_batch_size, weight_decay=b.supervised_encoder_weight_decay,
-                               max_seconds=seconds, checkpoint_every=self.cfg.sgd.checkpoint_every)
+                               checkpoint_every=self.cfg.sgd.checkpoint_every)
         scores = self.sgd_fit(f"supervised_{meta['architecture']}_{meta['sha256'][:8]}", model, model,
                               meta["input_size"][-1], schedule, b.alexnet_crop_scale_min, input_fn=input_fn_for(meta),
                               norm=norm_of(meta))
-        row = self.encoder_row(f"supervised {meta['architecture']} ({seconds:.0f} s budget)", "supervised_encoder",
-                               encoder, meta, None)
+        row = self.encoder_row(f"supervised {meta['architecture']} ({epochs:g} epochs, {scores['wall_s']:.0f} s)",
+                               "supervised_encoder", encoder, meta, None)
         return {**row, **{k: scores[k] for k in ("epochs", "steps", "wall_s")}, "supervised_top1": scores["top1"],
-                "budget_s": seconds}
+                "budget_epochs": epochs}
 
     def alexnet_conv_rows(self, trunk: nn.Module) -> list[dict[str, Any]]:
         """Linear probes of AlexNet conv1..conv5 (pooled ReLU outputs) from a weights file."""

@@ -42,7 +42,8 @@ def _f(default: Any, help: str) -> Any:
 # Each list of choices, written once: validation, the help texts (so the README's reference) and the
 # registries (datasets, critics) all follow it. choice -> what it means ("" when its name says it).
 CHOICE_HELP: dict[str, dict[str, str]] = {
-    "run.precision": {"auto": "take accelerate launch's setting", "no": "", "bf16": "", "fp16": ""},
+    "run.precision": {"auto": "the hardware decides (bf16 on GPUs that have it, else fp16; bf16 on CPUs with native "
+                              "bf16, else fp32); accelerate launch's bf16/fp16 is taken", "no": "", "bf16": "", "fp16": ""},
     "run.resume": {"auto": "continue from the newest readable checkpoint; stop if every one is damaged",
                    "never": "start afresh, moving the existing checkpoints aside"},
     "data.dataset": {"fashion_mnist": "", "imagefolder": "", "synthetic": ""},

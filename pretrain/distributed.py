@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pretrain.hardware import Precision, choose_precision
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -162,16 +164,22 @@ def convert_global_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def make_accelerator(seed: int, precision: str = "auto") -> Any:
-    """The Accelerator for this process: GPUs when there are, gloo CPU processes otherwise.
+def make_accelerator(seed: int, precision: str = "auto") -> tuple[Any, Precision]:
+    """The Accelerator for this process (GPUs when there are, gloo CPU processes otherwise) and the
+    precision it runs in, chosen by :func:`pretrain.hardware.choose_precision` and printed in one line.
 
     Without a GPU, Accelerate only builds a gloo process group for several processes when told
     ``cpu=True``; otherwise every rank would think it is alone (and the main process). ``seed``: the
     shuffling seed, the same on every rank (each rank reads its own shard of each global batch).
-    ``precision``: ``auto`` takes the launch config's mixed precision, else no | bf16 | fp16.
+    ``precision``: auto | no | bf16 | fp16, as ``run.precision``.
     """
     from accelerate import Accelerator, DataLoaderConfiguration
 
+    chosen = choose_precision(precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=multi_cpu, mixed_precision=None if precision == "auto" else precision,
-                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
+    accelerator = Accelerator(cpu=multi_cpu, mixed_precision=chosen.mode,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
+    accelerator.print(chosen.line(), flush=True)
+    if chosen.warning:
+        accelerator.print(chosen.warning, flush=True)
+    return accelerator, chosen

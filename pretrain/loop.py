@@ -24,6 +24,7 @@ from pretrain.distributed import convert_global_batchnorm
 from pretrain.engine import StepResult, train_step
 from pretrain.export import export_encoder
 from pretrain.features import ImageListDataset, knn_monitor
+from pretrain.hardware import Precision, describe_machine
 from pretrain.models import LocalGlobalModel, MultiViewModel, width_kwargs
 from pretrain.momentum import MomentumKeys
 from pretrain.objectives import build_objective
@@ -256,7 +257,7 @@ def log_step(run: Run, result: StepResult) -> None:
                         img_s=f"{images_per_s:.0f}")
 
 
-def finish(run: Run, run_dir: Path, checkpoint_path: Path | None) -> dict[str, Any]:
+def finish(run: Run, run_dir: Path, checkpoint_path: Path | None, precision: Precision) -> dict[str, Any]:
     """The summary (returned, in the export and printed), the export and TensorBoard's hparams."""
     cfg, acc, progress, last = run.cfg, run.accelerator, run.progress, run.last
     elapsed = time.perf_counter() - run.started
@@ -276,6 +277,9 @@ def finish(run: Run, run_dir: Path, checkpoint_path: Path | None) -> dict[str, A
         "unreadable_images": progress.unreadable_count,
         "stopped_by": run.stopped_by or None,
         "processes": acc.num_processes,
+        "precision": precision.mode,
+        "precision_reason": precision.reason,
+        "machine": describe_machine(),  # what the times above were measured on
     }
     export_dir = run_dir / "export"
     if run.main and not run.stopped_by and cfg.run.export:
@@ -301,7 +305,7 @@ def export(run: Run, export_dir: Path, summary: dict[str, Any]) -> None:
                                   for v in range(1, len(model.encoders))])
     hp = {"arch": cfg.model.arch, "lr": run.lr, "batch_size_per_process": cfg.optim.batch_size_per_process,
           "bound": cfg.objective.bound, "temperature": cfg.objective.temperature,
-          "processes": run.accelerator.num_processes}
+          "processes": run.accelerator.num_processes, "precision": summary["precision"]}
     run.tb.hparams(hp, {"hparam/final_loss": float(run.last.get("loss", float("nan"))),
                         "hparam/knn_top1": run.knn_top1, "hparam/mi_nats": float(run.last.get("mi", float("nan")))})
 
@@ -318,7 +322,8 @@ def print_summary(run: Run, summary: dict[str, Any], elapsed: float, run_dir: Pa
         f"  loss {fmt(summary['final_loss'], '.4f')}   MI bound {fmt(summary['mi_estimate_nats'], '.3f')} nats "
         f"(ceiling log K = {fmt(summary['log_k'], '.3f')})   kNN top-1 {fmt(summary['knn_top1'], '.2%')}"
         + (f"   online probe top-1 {summary['online_probe_top1']:.2%}" if summary["online_probe_top1"] is not None else ""),
-        f"  skipped steps {progress.skipped_steps}   unreadable images {progress.unreadable_count}",
+        f"  skipped steps {progress.skipped_steps}   unreadable images {progress.unreadable_count}   "
+        f"precision {summary['precision']} ({summary['precision_reason']})",
         f"  run dir {run_dir}   checkpoint {checkpoint_path}",
     ]
     if run.stopped_by:

@@ -53,7 +53,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from pretrain import checkpoint as ckpt
-    from pretrain.config import ConfigError, to_yaml
+    from pretrain.config import to_yaml
     from pretrain.data.train_loader import build_train_data
     from pretrain.distributed import make_accelerator
     from pretrain.loop import Run, already_complete, build_optimizer, build_parts, finish, train_one_epoch
@@ -62,10 +62,8 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:
     from pretrain.run_dir import check_run_dir, check_writable, mark_ours
 
     run_dir = Path(cfg.run.dir)
-    if cfg.run.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("bad value for config key 'run.precision': fp16 needs a CUDA GPU; use bf16 or no on CPU")
     # ------------------------------------------------------------------ processes, precision, seeds
-    accelerator = make_accelerator(cfg.run.seed, cfg.run.precision)
+    accelerator, precision = make_accelerator(cfg.run.seed, cfg.run.precision)  # prints its choice and why
     set_seed(cfg.run.seed + accelerator.process_index)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -132,7 +130,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:
                           + ", ".join(progress.unreadable[:3]))
 
     # ------------------------------------------------------------------ summary and export
-    summary = finish(run, run_dir, checkpoint_path)
+    summary = finish(run, run_dir, checkpoint_path, precision)
     accelerator.end_training()
     return summary
 

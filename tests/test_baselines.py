@@ -14,6 +14,7 @@ from accelerate import Accelerator
 
 from eval.classifier import FitOutcome, SGDSchedule, fit_classifier
 from eval.config import EvalConfig, validate_eval
+from eval.rows import pretrain_epochs
 from eval.stored_baselines import alexnet_protocol, data_fingerprint, find_stored, store_dir
 from pretrain.config import load_config
 from pretrain.data.datasets import FMNIST_DEFAULT_ROOT, open_dataset
@@ -130,15 +131,22 @@ def test_the_demo_finds_the_stored_converged_alexnet() -> None:
     assert all(key in found["config"] for key in ("store_baselines: true", "alexnet_patience: 3"))
 
 
+def test_supervised_encoder_budget_defaults_to_the_pretraining_epochs() -> None:
+    assert pretrain_epochs({"summary": {"epochs_trained": 2.4, "pretrain_seconds": 300.0}}) == 2.4
+    assert pretrain_epochs({"summary": {"steps": 7}}) == 0  # eval/main.py then says which key to set
+
+
 @pytest.mark.slow
-def test_supervised_encoder_row_trains_our_architecture_for_the_budget(export_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_supervised_encoder_row_trains_our_architecture_for_the_epoch_budget(export_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     out = tmp_path / "report"
     report = report_of(run_eval(f"weights={export_dir}", "random_init=false", "raw_pixels=false", f"out={out}",
-                                "baselines.supervised_encoder=true", "baselines.supervised_encoder_seconds=3",
+                                "baselines.supervised_encoder=true", "baselines.supervised_encoder_epochs=1.5",
                                 "baselines.alexnet_global_batch_size=16",
                                 "baselines.supervised_encoder_weight_decay=0.0123"), out)
     row = next(r for r in report["rows"] if r["kind"] == "supervised_encoder")
     state = torch.load(next(out.glob("checkpoints/supervised_*/step_*/state.pt")), weights_only=True)
     assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.0123  # its own, not AlexNet's
-    assert row["wall_s"] >= 3 and row["steps"] >= 1 and row["budget_s"] == 3
+    steps_per_epoch = report["train_images"] // 16
+    assert row["steps"] == round(1.5 * steps_per_epoch) and row["budget_epochs"] == 1.5 and row["wall_s"] > 0
+    assert row["name"] == f"supervised test_resnet (1.5 epochs, {row['wall_s']:.0f} s)"  # both budget and time
     assert 0 <= row["top1"] <= 1 and row["feature_dim"] == report["rows"][0]["feature_dim"]

@@ -24,6 +24,7 @@ from eval.probe import choose_weight_decay, fit_linear, linear_probe, loss_and_g
 from pretrain.data.datasets import open_dataset, spaced_subset
 from pretrain.features import ImageListDataset
 from pretrain.export import export_encoder
+from pretrain.hardware import choose_precision
 from pretrain.knn import knn_predict_many
 from pretrain.models import create_encoder
 
@@ -219,6 +220,8 @@ def test_eval_writes_report_with_every_requested_row(export_dir: Path, tmp_path:
     report = report_of(proc, out)
     kinds = [r["kind"] for r in report["rows"]]
     assert kinds == ["ours", "random_init", "raw_pixels", "alexnet_supervised"] + ["published"] * 6
+    assert report["precision"] == choose_precision("auto").mode and "native bf16: " in report["machine"]
+    assert f"Precision: {report['precision']} (" in (out / "report.md").read_text()
     for row in report["rows"][:3]:
         assert 0 <= row["top1"] <= row["top5"] <= 1 and set(row["knn"]) == {"5"} and row["scored"] == 24
         assert row["probe_grad_max"] > 0  # how far the probe's final fit is from its optimum

@@ -11,11 +11,13 @@ import pytest
 import timm
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from conftest import REPO, run_main
 from pretrain.checkpoint import checkpoint_dirs
 from pretrain.config import load_config
 from pretrain.export import export_encoder, load_encoder
+from pretrain.hardware import choose_precision
 from pretrain.models import MultiViewModel, create_encoder
 
 pytestmark = pytest.mark.slow
@@ -62,6 +64,13 @@ def test_tensorboard_has_diagnostics_and_view_grid(tiny_run) -> None:
     lrs = [s.value for s in events.Scalars("train/lr")]
     assert max(lrs) <= 0.1 + 1e-9 and lrs[0] < max(lrs)  # warmup then cosine from timm's scheduler
     assert any("config" in t for t in tags["tensors"])  # the resolved config as text
+    start = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["precision"].string_value == choose_precision("auto").mode
+
+
+def test_run_prints_its_precision_and_why(tiny_run) -> None:
+    _, out, _ = tiny_run
+    assert choose_precision("auto").line() + "\n" in out  # e.g. precision: no (auto: this CPU has no native bf16; ...)
 
 
 def trained_encoder(run_dir: Path) -> torch.nn.Module:
@@ -77,6 +86,7 @@ def test_export_loads_in_timm_and_load_encoder_with_identical_features(tiny_run)
     meta = json.loads((run_dir / "export" / "config.json").read_text())
     assert meta["architecture"] == "test_resnet" and meta["in_chans"] == 3 and meta["input_size"] == [3, 16, 16]
     assert meta["num_features"] == 96 and len(meta["sha256"]) == 64 and meta["summary"]["steps"] == 16
+    assert meta["summary"]["precision"] == choose_precision("auto").mode  # the hardware's choice, recorded
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         expected = trained_encoder(run_dir)(x)
@@ -143,7 +153,7 @@ def test_learned_critic_trains_across_two_processes(run_dir: Path) -> None:
 
 
 def test_demo_recipe_learns_on_real_fashion_mnist(run_dir: Path) -> None:
-    """The demo's own config (its augmentations, encoder, optimizer and bf16) on 3840 real Fashion-MNIST
+    """The demo's own config (its augmentations, encoder, optimizer and precision) on 3840 real Fashion-MNIST
     images for 60 steps: the kNN monitor must rise well above its untrained floor (69.3 -> 77.5 when
     written; solarizing every image of both views instead reached only 73.3)."""
     proc = run_main(f"run.dir={run_dir}", "data.limit=3840", "optim.epochs=2", "monitor.knn_bank=2000",

@@ -1,0 +1,104 @@
+"""What this machine supports, and the mixed precision it should train and evaluate in.
+
+``run.precision=auto`` (the default) asks :func:`choose_precision`: on CUDA, bf16 where the card has
+it, otherwise fp16 with Accelerate's gradient scaler; on a CPU, bf16 only where the CPU computes it
+natively (AVX-512 BF16 or AMX), otherwise fp32, since emulated bf16 runs several times slower than
+fp32 (7.8x on an AVX2-only AMD EPYC, benchmarks/README.md, "CPU speed"). The same rule serves
+``accelerate launch``, plain ``python``, SLURM jobs (which start without a launcher) and the eval stage.
+
+We own this small rule on purpose: Accelerate takes one precision as given and has no hardware default.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# oneDNN ISA limits (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: under them oneDNN emulates bf16.
+_ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision a run uses: ``mode`` is Accelerate's mixed_precision (no | bf16 | fp16)."""
+
+    mode: str
+    reason: str  # why, in a few words
+    warning: str = ""  # one line when the choice will be slow or unusual
+
+    def line(self) -> str:
+        return f"precision: {self.mode} ({self.reason})"
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name with its family/model numbers (AMD EPYC names one name for several generations)."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    family = f" (family {info['cpu family']}, model {info['model']})" if "cpu family" in info and "model" in info else ""
+    return info.get("model name", platform.machine()) + family
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX in hardware, and not masked by ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA
+    (the variables that emulate an older CPU: see benchmarks/README.md, "CPU speed")."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_ISAS_WITHOUT_BF16:
+        return False
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def describe_cpu() -> str:
+    """One line naming the CPU a figure was measured on: model, the ISA PyTorch dispatches to, native bf16.
+
+    e.g. ``AMD EPYC (family 25, model 17), AVX512, native bf16: yes, 2 cores``."""
+    return (f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, native bf16: "
+            f"{'yes' if cpu_has_native_bf16() else 'no'}, {os.cpu_count()} cores")
+
+
+def describe_machine() -> str:
+    """:func:`describe_cpu`, preceded by the GPUs when there are: the machine a run's times were measured on."""
+    if not torch.cuda.is_available():
+        return describe_cpu()
+    return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}, host {describe_cpu()}"
+
+
+def choose_precision(requested: str, launch: str | None = None) -> Precision:
+    """The precision for ``run.precision`` (or the eval's ``precision``) on this machine.
+
+    ``requested``: auto | no | bf16 | fp16. ``launch``: what ``accelerate launch --mixed_precision``
+    exported (ACCELERATE_MIXED_PRECISION), None without a launcher. Under ``auto`` a launcher's bf16 or
+    fp16 is taken as given; its ``no`` is also its default when the flag is absent, so it cannot be told
+    from "not set" and the hardware decides (``run.precision=no`` forces fp32). An explicit choice wins.
+    Raises ConfigError for fp16 without a GPU."""
+    from pretrain.config import ConfigError
+
+    cuda = torch.cuda.is_available()
+    if requested != "auto":
+        mode, reason = requested, f"run.precision={requested}"
+    elif launch in ("bf16", "fp16"):
+        mode, reason = launch, f"accelerate launch --mixed_precision {launch}"
+    elif cuda and torch.cuda.is_bf16_supported():
+        mode, reason = "bf16", f"auto: {torch.cuda.get_device_name()} supports bf16"
+    elif cuda:
+        mode, reason = "fp16", f"auto: {torch.cuda.get_device_name()} has no bf16; fp16 with a gradient scaler"
+    elif cpu_has_native_bf16():
+        mode, reason = "bf16", "auto: this CPU has native bf16"
+    else:
+        mode, reason = "no", "auto: this CPU has no native bf16; bf16 would run several times slower"
+    if mode == "fp16" and not cuda:
+        raise ConfigError("bad value for config key 'run.precision': fp16 needs a CUDA GPU; use auto, bf16 or no on CPU")
+    warning = ""
+    if mode == "bf16" and not cuda and not cpu_has_native_bf16():
+        warning = (f"warning: bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}) runs several "
+                   "times slower than fp32; run.precision=auto picks fp32 here")
+    return Precision(mode, reason, warning)

@@ -1,0 +1,91 @@
+"""run.precision=auto: the hardware decides, an explicit choice wins, and the choice is printed and recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_main
+from pretrain import hardware
+from pretrain.config import ConfigError
+from pretrain.hardware import choose_precision
+
+# What an AVX2-only CPU (no AVX-512, no native bf16) looks like to PyTorch and oneDNN on any x86 machine.
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+@pytest.fixture
+def cpu_only(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("native, mode", [(True, "bf16"), (False, "no")])
+def test_auto_on_a_cpu_takes_bf16_only_where_it_is_native(cpu_only, native: bool, mode: str) -> None:
+    cpu_only.setattr(hardware, "cpu_has_native_bf16", lambda: native)
+    chosen = choose_precision("auto")
+    assert chosen.mode == mode and not chosen.warning
+    assert chosen.line() == ("precision: bf16 (auto: this CPU has native bf16)" if native else
+                             "precision: no (auto: this CPU has no native bf16; bf16 would run several times slower)")
+
+
+def test_explicit_bf16_on_a_cpu_without_native_bf16_runs_with_a_warning(cpu_only) -> None:
+    cpu_only.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    chosen = choose_precision("bf16")
+    assert chosen.mode == "bf16" and chosen.reason == "run.precision=bf16"
+    assert chosen.warning.startswith("warning: bf16 on a CPU without native bf16") and "\n" not in chosen.warning
+
+
+def test_a_launchers_low_precision_is_taken_and_its_default_no_leaves_it_to_the_hardware(cpu_only) -> None:
+    cpu_only.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    assert choose_precision("auto", launch="bf16").reason == "accelerate launch --mixed_precision bf16"
+    assert choose_precision("auto", launch="no").mode == "bf16"  # `no` is also accelerate launch's default
+    assert choose_precision("no", launch="bf16").mode == "no"  # the config's explicit choice wins
+
+
+def test_fp16_without_a_gpu_is_refused_with_the_way_out(cpu_only) -> None:
+    for requested, launch in (("fp16", None), ("auto", "fp16")):
+        with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU; use auto, bf16 or no on CPU"):
+            choose_precision(requested, launch)
+
+
+@pytest.mark.parametrize("bf16_card, mode", [(True, "bf16"), (False, "fp16")])
+def test_auto_on_cuda_takes_bf16_where_the_card_has_it_else_fp16(monkeypatch, bf16_card: bool, mode: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_card)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100" if not bf16_card else "H100")
+    chosen = choose_precision("auto")
+    assert chosen.mode == mode and ("gradient scaler" in chosen.reason) == (mode == "fp16")
+
+
+def test_avx2_emulation_reads_as_no_native_bf16() -> None:
+    """The variables benchmarks/README.md uses to emulate an AVX2-only CPU mask native bf16 from our check
+    (torch.cpu._is_avx512_bf16_supported() alone still reads the hardware)."""
+    code = "from pretrain.hardware import cpu_has_native_bf16, describe_cpu; print(cpu_has_native_bf16(), describe_cpu())"
+    for env in (AVX2_ONLY, {"ONEDNN_MAX_CPU_ISA": "AVX2"}):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
+                             env={**os.environ, **env}).stdout
+        assert out.startswith("False ") and "native bf16: no" in out, (env, out)
+
+
+@pytest.mark.slow
+def test_pretraining_on_an_avx2_only_cpu_chooses_fp32_and_records_it(run_dir: Path) -> None:
+    proc = run_main(f"run.dir={run_dir}", "run.max_steps=2", "monitor.knn_every=0", env=AVX2_ONLY)
+    assert "precision: no (auto: this CPU has no native bf16; bf16 would run several times slower)" in proc.stdout
+    summary = json.loads((run_dir / "export" / "config.json").read_text())["summary"]
+    assert summary["precision"] == "no" and "no native bf16" in summary["precision_reason"]
+    assert ", AVX2, native bf16: no, " in summary["machine"]
+
+
+@pytest.mark.slow
+def test_explicit_bf16_on_an_avx2_only_cpu_warns_and_still_runs(run_dir: Path) -> None:
+    proc = run_main(f"run.dir={run_dir}", "run.max_steps=1", "monitor.knn_every=0", "run.precision=bf16",
+                    "run.export=false", env=AVX2_ONLY)
+    assert "precision: bf16 (run.precision=bf16)" in proc.stdout
+    assert "warning: bf16 on a CPU without native bf16 (AVX2) runs several times slower" in proc.stdout
