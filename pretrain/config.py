@@ -49,8 +49,8 @@ CHOICE_HELP: dict[str, dict[str, str]] = {
     "data.dataset": {"fashion_mnist": "", "imagefolder": "", "synthetic": ""},
     "data.format": {"torchvision": "decode with PIL/torchvision", "ffcv": "read data.path, a .beton: the fast path"},
     "data.augment": {"loader": "torchvision, per image in the loader workers",
-                     "batch": "whole batch at once on the training device: crop, flip, brightness, contrast, gamma, tone, blur, solarize; "
-                              "same-size images"},
+                     "batch": "whole batch at once on the training device, every recipe step; same-size images (FFCV "
+                              "crops while decoding, and its colour steps are batched either way)"},
     "data.colour_split": {"none": "", "lab": "split each RGB view into an L view (1 channel) and an ab view "
                                              "(2 channels), on device (CMC)"},
     "objective.name": {"contrastive": "a critic between view pairs, CMC/SimCLR", "amdim": "", "dim": ""},
@@ -320,8 +320,8 @@ def validate(c: Config) -> None:
         _require(v.blur_sigma_max >= 0.1, f"{k}.blur_sigma_max", f"must be >= 0.1 (the smallest sigma), got {v.blur_sigma_max}")
         for strength in ("gamma", "tone"):
             _require(getattr(v, strength) >= 0, f"{k}.{strength}", f"must be >= 0 (0 = off), got {getattr(v, strength)}")
-    _require(d.augment == "loader" or (d.format != "ffcv" and d.dataset != "imagefolder"), "data.augment",
-             "batch needs same-size in-memory images (fashion_mnist, synthetic) and the torchvision format; use loader")
+    _require(d.augment == "loader" or d.format == "ffcv" or d.dataset != "imagefolder", "data.augment",
+             "batch needs same-size images: fashion_mnist, synthetic, or a .beton (data.format=ffcv); use loader")
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _require(d.limit >= 0, "data.limit", f"must be >= 0, got {d.limit}")
     _require(d.synthetic_classes >= 2, "data.synthetic_classes", f"must be >= 2, got {d.synthetic_classes}")

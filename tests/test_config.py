@@ -88,7 +88,7 @@ def test_renamed_eval_keys_name_their_new_name_also_in_a_file(tmp_path, old: str
         (["data.dataset=imagefolder", "data.root=/nonexistent/imagenet"], "'/nonexistent/imagenet/train' does not exist"),
         (["data.dataset=fashion_mnist", "data.root=/nonexistent"], "Fashion-MNIST train files"),
         (["run.precision=fp16"], "fp16 needs a CUDA GPU"),
-        (["data.augment=batch"], "'data.views.0.saturation': data.augment=batch implements crop, flip"),
+        (["data.dataset=imagefolder", "data.root=/tmp", "data.augment=batch"], "'data.augment': batch needs same-size images"),
         (["objective.name=amdim", "objective.queue_size=8"], "the momentum queue works with objective.name=contrastive"),
         (["monitor.knn_bank=0"], "'monitor.knn_bank': must be >= 1 while the monitor is on"),
         (["monitor.knn_queries=0"], "'monitor.knn_queries': must be >= 1 while the monitor is on"),

@@ -255,7 +255,7 @@ def test_batch_blur_is_torchvisions_gaussian_blur_per_image() -> None:
     padding included); with blur_p=0.5 the others are left exactly as they were."""
     from torchvision.transforms import v2
 
-    from pretrain.data.batch_views import blur, check_batch_recipe
+    from pretrain.data.batch_views import blur
     from pretrain.data.transforms import blur_kernel_size
 
     x = torch.rand(16, 3, 64, 64)  # 3 channels: each image's kernel must reach each of its channels
@@ -271,7 +271,6 @@ def test_batch_blur_is_torchvisions_gaussian_blur_per_image() -> None:
         assert torch.allclose(res, expected, atol=1e-5)
     assert not torch.allclose(out[on], x[on], atol=1e-3)
     assert blur(x, ViewConfig(size=28, blur_p=0.0), torch.Generator()) is x
-    check_batch_recipe([ViewConfig(size=28, blur_p=0.5, jitter_p=0.0)], channels=1)  # the batch path takes blur now
 
 
 def test_batch_solarize_is_torchvisions_per_image_and_keeps_the_stream_when_off() -> None:
@@ -279,7 +278,7 @@ def test_batch_solarize_is_torchvisions_per_image_and_keeps_the_stream_when_off(
     >= 128 become 255 - x) or untouched, as its draw says; with solarize_p=0 nothing is drawn."""
     from torchvision.transforms import v2
 
-    from pretrain.data.batch_views import check_batch_recipe, solarize
+    from pretrain.data.batch_views import solarize
     from pretrain.data.transforms import random_colour_steps
 
     x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -295,7 +294,6 @@ def test_batch_solarize_is_torchvisions_per_image_and_keeps_the_stream_when_off(
     g = torch.Generator().manual_seed(3)
     solarize(x.float(), ViewConfig(size=8), g)
     assert torch.equal(g.get_state(), torch.Generator().manual_seed(3).get_state())
-    check_batch_recipe([view], channels=1)  # the batch path takes solarize
 
 
 def test_batch_views_draw_as_before_for_recipes_without_blur_or_tone() -> None:
@@ -313,20 +311,64 @@ def test_batch_views_draw_as_before_for_recipes_without_blur_or_tone() -> None:
     assert not torch.equal(blurred[1], by_hand[1])  # with blur on, view 0 draws more and view 1 changes
 
 
-def test_device_colour_finishes_ffcv_crops_as_the_torchvision_recipe_does() -> None:
-    """FFCV hands over uint8 crops; the on-device step draws each image's colour jitter and normalises,
-    exactly as the torchvision recipe's ToDtype + Normalize, and leaves views FFCV normalised alone."""
+def test_batch_jitter_on_rgb_is_torchvisions_colour_jitter_per_image() -> None:
+    """Brightness, contrast, saturation and hue, drawn per image with jitter_p=0.5, each equal to
+    torchvision's functional op at the factor drawn for that image (contrast and saturation blend with
+    the luma grey); undrawn images are left as they were."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from pretrain.data.batch_views import jitter
+
+    x = torch.rand(16, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    view = ViewConfig(size=12, jitter_p=0.5, brightness=0.4, contrast=0.4, saturation=0.6, hue=0.3)
+    out = jitter(x, view, torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)  # the same draws, in jitter's order
+    on = (torch.rand(16, generator=g) < 0.5).float()
+    factors = [1 + on * torch.empty(16).uniform_(-s, s, generator=g) for s in (0.4, 0.4, 0.6)]
+    hue = on * torch.empty(16).uniform_(-0.3, 0.3, generator=g)
+    assert 0 < on.sum() < 16
+    for i, img in enumerate(x):
+        ref = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(
+            img, float(factors[0][i])), float(factors[1][i])), float(factors[2][i])), float(hue[i]))
+        assert torch.allclose(out[i], ref, atol=1e-5), i
+    assert torch.equal(out[on == 0], x[on == 0])
+
+
+def test_batch_grayscale_is_torchvisions_per_image_and_grey_images_draw_nothing() -> None:
+    from torchvision.transforms.v2 import functional as TF
+
+    from pretrain.data.batch_views import grayscale
+
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = grayscale(x, ViewConfig(size=8, grayscale_p=0.5), torch.Generator().manual_seed(2))
+    on = torch.rand(16, generator=torch.Generator().manual_seed(2)) < 0.5
+    assert 0 < on.sum() < 16
+    for img, res, o in zip(x, out, on):
+        assert torch.allclose(res, TF.rgb_to_grayscale(img, 3) if o else img, atol=1e-6)
+    g = torch.Generator().manual_seed(2)  # 1 channel: no grayscale step, no saturation or hue, no draws
+    grayscale(x[:, :1], ViewConfig(size=8, grayscale_p=0.5), g)
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(2).get_state())
+
+
+def test_ffcv_crops_get_the_batch_paths_colour_steps_in_one_pass() -> None:
+    """FFCV hands over uint8 crops; BatchViews.colour draws each view's colour steps for the whole batch
+    (the batch path's own steps, from the same per-batch generator) and normalises, and leaves views
+    FFCV normalised alone. Without colour steps it is exactly the recipe's ToDtype + Normalize."""
     from torchvision.transforms import v2
 
-    from pretrain.data.train_loader import DeviceColour
+    from pretrain.data.batch_views import BatchViews, batch_seed, colour_steps
 
-    plain, jittered = ViewConfig(size=8, jitter_p=0.0), ViewConfig(size=8, jitter_p=1.0, brightness=0.4, contrast=0.0)
-    colour = DeviceColour([plain, jittered, plain], 1, (0.3,), (0.2,))
-    crops = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
-    normalised = torch.randn(16, 1, 8, 8)
-    out = colour([crops, crops, normalised])
-    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.3], [0.2])])(crops)
-    assert out[0].dtype == torch.float32 and torch.allclose(out[0], reference, atol=1e-6)
-    brightness = (out[1] * 0.2 + 0.3).mean((1, 2, 3)) / (reference * 0.2 + 0.3).mean((1, 2, 3))
-    assert brightness.std() > 0.05 and (brightness - 1).abs().max() <= 0.4 + 1e-3  # per image, within +-0.4
+    plain = ViewConfig(size=8, jitter_p=0.0, grayscale_p=0.0)
+    jittered = ViewConfig(size=8, jitter_p=1.0, brightness=0.4, contrast=0.2, saturation=0.4, hue=0.1, blur_p=0.5)
+    crops = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    normalised = torch.randn(16, 3, 8, 8)
+    mean, std = (0.3, 0.4, 0.5), (0.2, 0.2, 0.2)
+    out = BatchViews([plain, jittered, plain], mean, std, seed=7).colour([crops, crops, normalised], epoch=1, batch=2)
+    normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    assert out[0].dtype == torch.float32 and torch.allclose(out[0], normalise(crops), atol=1e-6)
+    g = torch.Generator().manual_seed(batch_seed(7, 1, 2, 0))
+    colour_steps(crops.float() / 255, plain, g)  # view 0 draws first
+    assert torch.allclose(out[1], normalise(colour_steps(crops.float() / 255, jittered, g)), atol=1e-6)
+    brightness = (out[1] * 0.2 + 0.4).mean((1, 2, 3)) / (out[0] * 0.2 + 0.4).mean((1, 2, 3))
+    assert brightness.std() > 0.05  # per image, not once per batch
     assert out[2] is normalised

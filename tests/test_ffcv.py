@@ -245,6 +245,17 @@ def test_pretraining_reads_a_beton(tmp_path: Path) -> None:
     assert (run / "export" / "encoder.safetensors").is_file()
 
 
+def test_the_demo_recipe_composes_with_a_beton(tmp_path: Path) -> None:
+    """configs/fmnist_cpu.yaml (data.augment=batch) on a Fashion-MNIST .beton: FFCV crops while decoding and
+    the batch path's colour steps (gamma, blur, solarize) finish the crops on the device."""
+    path = tmp_path / "fm.beton"
+    assert beton_main(["--dataset", "fashion_mnist", "--limit", "512", "--out", str(path), "--write-mode", "raw",
+                       "--workers", "2"]) == 0
+    proc = run_main(f"run.dir={tmp_path / 'run'}", "data.format=ffcv", f"data.path={path}", "run.max_steps=3",
+                    "monitor.knn_every=0", config=REPO / "configs" / "fmnist_cpu.yaml")
+    assert "infomax pretraining finished: step 3/" in proc.stdout
+
+
 def beton_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pretrain.data.beton", *args], capture_output=True, text=True,
                           timeout=120, cwd=REPO)

@@ -152,6 +152,15 @@ def test_learned_critic_trains_across_two_processes(run_dir: Path) -> None:
     assert not torch.equal(weight, torch.eye(weight.shape[0]))  # the critic was optimised
 
 
+def test_demo_recipe_runs_on_colour_images(run_dir: Path) -> None:
+    """configs/fmnist_cpu.yaml on 3-channel images: the batch path draws the default saturation, hue and
+    grayscale too (they have no effect on grey images), so a recipe never has to change with the data."""
+    proc = run_main(f"run.dir={run_dir}", "data.dataset=synthetic", "data.synthetic_size=256", "run.max_steps=2",
+                    "monitor.knn_every=0", config=REPO / "configs" / "fmnist_cpu.yaml")
+    assert "infomax pretraining finished: step 2/" in proc.stdout
+    assert json.loads((run_dir / "export" / "config.json").read_text())["in_chans"] == 3
+
+
 def test_demo_recipe_learns_on_real_fashion_mnist(run_dir: Path) -> None:
     """The demo's own config (its augmentations, encoder, optimizer and precision) on 3840 real Fashion-MNIST
     images for 60 steps: the kNN monitor must rise well above its untrained floor (69.3 -> 77.5 when

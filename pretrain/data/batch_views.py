@@ -4,17 +4,18 @@ The torchvision path augments image by image in loader workers. On small images 
 28 px) that per-image Python work costs as much CPU as the training step itself, and on a
 2-core machine the workers take those cores from the step. Here the loader only collates uint8
 images, and each view is drawn for the whole batch at once: one ``affine_grid`` + ``grid_sample``
-for the random resized crop and flip, per-image brightness, contrast and gamma as broadcast
-arithmetic, a tone curve as a gather, a blur as one grouped convolution. We own these ~90 lines
-rather than add kornia for them.
+for the random resized crop and flip, per-image brightness, contrast, saturation, gamma and
+grayscale as broadcast arithmetic, a hue rotation through HSV, a tone curve as a gather, a blur as
+one grouped convolution. Each op equals torchvision's per-image op for the same drawn parameters
+(tests/test_data.py). We own these ~130 lines rather than add kornia for them.
 
 Randomness is a pure function of (seed, epoch, batch index, rank), drawn from a private
 generator, so a resumed run draws exactly the views the uninterrupted run drew.
 
-Supported recipe fields: size, crop_scale_min/max, flip_p, jitter_p, brightness, contrast, gamma, tone
-(jitter applied as brightness, then contrast, then gamma, then the tone curve), blur_p and
-blur_sigma_max (after the jitter), solarize_p (last): the loader path's order. Saturation, hue and
-grayscale need the loader path (``data.augment=loader``); :func:`check_batch_recipe` says so at start.
+Every recipe field, on grey or colour images: crop and flip, then the jitter (brightness, contrast,
+saturation, hue, then gamma and the tone curve; saturation and hue on 3 channels only), grayscale
+(3 channels), blur, solarize: the loader path's order, except that torchvision's ColorJitter shuffles
+its four steps per image and this path keeps them in that fixed order.
 """
 
 from __future__ import annotations
@@ -26,20 +27,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from pretrain.config import ConfigError, ViewConfig
+from pretrain.config import ViewConfig
 from pretrain.data.transforms import (SOLARIZE_THRESHOLD_UINT8, blur_kernel_size, normalise_steps, random_tone_slopes,
                                        tone_curve)
-
-
-def check_batch_recipe(views: Sequence[ViewConfig], channels: int) -> None:
-    """Fail at start on recipe fields the batched path does not implement."""
-    for i, v in enumerate(views):
-        colour = channels == 3 and v.jitter_p > 0 and (v.saturation > 0 or v.hue > 0)
-        for key, unsupported in (("saturation/hue", colour), ("grayscale_p", channels == 3 and v.grayscale_p > 0)):
-            if unsupported:
-                raise ConfigError(f"bad value for config key 'data.views.{i}.{key.split('/')[0]}': data.augment=batch "
-                                  "implements crop, flip, brightness, contrast, gamma, tone, blur and solarize only; set it "
-                                  "to 0 or use data.augment=loader")
 
 
 def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
@@ -67,18 +57,52 @@ def random_resized_crop_flip(images: torch.Tensor, view: ViewConfig, g: torch.Ge
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def grey(x: torch.Tensor) -> torch.Tensor:
+    """B x C x H x W -> B x 1 x H x W: torchvision's luma grey (0.299 R + 0.587 G + 0.114 B), or the one channel."""
+    return v2.functional.rgb_to_grayscale(x) if x.shape[1] == 3 else x
+
+
+def blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's blend of each image with ``other`` by its own factor: factor * x + (1 - factor) * other,
+    clamped to [0, 1]. x: B x C x H x W; other broadcasts to it; factor: B."""
+    f = factor.to(x).view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * other).clamp(0, 1)
+
+
+def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Each RGB image's hue rotated by its own ``shift`` (in turns), as torchvision's adjust_hue does
+    through HSV; saturation and value stay. x: B x 3 x H x W in [0, 1]; shift: B in [-0.5, 0.5].
+
+    torchvision's adjust_hue takes one factor per call and its HSV helpers are private, so we own the
+    conversion: the hue of torchvision's rgb -> hsv, and hsv -> rgb as v - (v - min) * clamp(min(k, 4 - k), 0, 1)
+    with k = (n + 6 h) mod 6, n = 5, 3, 1 for R, G, B."""
+    r, g, b = x.unbind(1)
+    hi, lo = x.amax(1), x.amin(1)
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))  # hue is irrelevant where the pixel is grey
+    sector = torch.where(hi == r, (g - b) / span, torch.where(hi == g, 2 + (b - r) / span, 4 + (r - g) / span))
+    hue = (sector / 6 + shift.to(x).view(-1, 1, 1)).remainder(1)
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1) + 6 * hue[:, None]).remainder(6)
+    return hi[:, None] - (hi - lo)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
 def jitter(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
     """Per image with probability jitter_p: brightness x * U(1 +- brightness), then contrast
-    (x - mean) * U(1 +- contrast) + mean, each clamped to [0, 1] as torchvision does, then (with
-    ``view.gamma``) x ** g, log g ~ U(+-log(1 + gamma)), then (with ``view.tone``) a random tone curve.
-    x: B x C x H x W in [0, 1]."""
+    (x - mean grey) * U(1 +- contrast) + mean grey, then on RGB saturation (a blend with the luma grey
+    by U(1 +- saturation)) and hue (a rotation by U(+-hue) turns), each clamped to [0, 1] as torchvision
+    does, then (with ``view.gamma``) x ** g, log g ~ U(+-log(1 + gamma)), then (with ``view.tone``) a
+    random tone curve. x: B x C x H x W in [0, 1]."""
     b = x.shape[0]
     on = (torch.rand(b, generator=g) < view.jitter_p).float()
     bright = (1 + on * torch.empty(b).uniform_(-view.brightness, view.brightness, generator=g)).clamp_min(0)
     contrast = (1 + on * torch.empty(b).uniform_(-view.contrast, view.contrast, generator=g)).clamp_min(0)
-    x = (x * bright.to(x).view(b, 1, 1, 1)).clamp(0, 1)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)  # grey level of each image (1-channel; RGB: mean over channels)
-    x = ((x - mean) * contrast.to(x).view(b, 1, 1, 1) + mean).clamp(0, 1)
+    x = blend(x, 0.0, bright)
+    x = blend(x, grey(x).mean(dim=(1, 2, 3), keepdim=True), contrast)
+    rgb = x.shape[1] == 3
+    if rgb and view.saturation > 0:  # drawn only when they act, so grey recipes keep their random stream
+        x = blend(x, grey(x), (1 + on * torch.empty(b).uniform_(-view.saturation, view.saturation, generator=g)).clamp_min(0))
+    if rgb and view.hue > 0:  # through HSV even a zero shift is not exact: images without the jitter skip it
+        shifted = shift_hue(x, on * torch.empty(b).uniform_(-view.hue, view.hue, generator=g))
+        x = torch.where(on.bool().to(x.device).view(b, 1, 1, 1), shifted, x)
     if view.gamma > 0:  # drawn only when asked, so recipes without it keep their random stream
         log_g = on * torch.empty(b).uniform_(-math.log1p(view.gamma), math.log1p(view.gamma), generator=g)
         x = x ** log_g.exp().to(x).view(b, 1, 1, 1)
@@ -86,6 +110,15 @@ def jitter(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tenso
         curved = tone_curve(x, random_tone_slopes(b, view.tone, g))
         x = torch.where(on.bool().to(x.device).view(b, 1, 1, 1), curved, x)
     return x
+
+
+def grayscale(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
+    """Per RGB image with probability grayscale_p: its luma grey in all 3 channels (torchvision's
+    RandomGrayscale). x: B x C x H x W -> same shape; 1-channel images pass through, drawing nothing."""
+    if x.shape[1] != 3 or view.grayscale_p <= 0:
+        return x
+    on = (torch.rand(x.shape[0], generator=g) < view.grayscale_p).to(x.device).view(-1, 1, 1, 1)
+    return torch.where(on, grey(x).expand_as(x), x)
 
 
 def blur(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
@@ -117,14 +150,28 @@ def solarize(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Ten
 
 
 class BatchViews:
-    """uint8 images (B x C x H x W, any device) -> V normalised float32 views (B x C x size_v x size_v)."""
+    """The views of a batch, drawn on its device: from whole uint8 images (``__call__``: crop, flip and
+    colour steps) or from FFCV's uint8 crops (:meth:`colour`: the colour steps only)."""
 
     def __init__(self, views: Sequence[ViewConfig], mean: Sequence[float], std: Sequence[float], seed: int) -> None:
         self.views, self.seed = list(views), seed
         self.normalise = v2.Compose(normalise_steps(mean, std))
 
     def __call__(self, images: torch.Tensor, epoch: int, batch: int, rank: int = 0) -> list[torch.Tensor]:
+        """uint8 images B x C x H x W (any device) -> V normalised float32 views B x C x size_v x size_v."""
         g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, batch, rank))
         x = images.float() / 255
-        return [self.normalise(solarize(blur(jitter(random_resized_crop_flip(x, v, g), v, g), v, g), v, g))
-                for v in self.views]
+        return [self.normalise(colour_steps(random_resized_crop_flip(x, v, g), v, g)) for v in self.views]
+
+    def colour(self, crops: list[torch.Tensor], epoch: int, batch: int, rank: int = 0) -> list[torch.Tensor]:
+        """V uint8 crops B x C x size_v x size_v (FFCV cropped and flipped them while decoding) -> V
+        normalised float32 views. A view FFCV already normalised (float32: no colour steps) passes through."""
+        g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, batch, rank))
+        return [x if x.is_floating_point() else self.normalise(colour_steps(x.float() / 255, v, g))
+                for x, v in zip(crops, self.views, strict=True)]
+
+
+def colour_steps(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
+    """One view's random colour steps on a batch, in the loader path's order: jitter, grayscale, blur,
+    solarize. x: B x C x H x W in [0, 1] -> same shape."""
+    return solarize(blur(grayscale(jitter(x, view, g), view, g), view, g), view, g)

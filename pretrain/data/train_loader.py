@@ -1,47 +1,26 @@
 """The pretraining input, built in one place: the training loader (FFCV fast path or torchvision)
 and the on-device view steps that turn a loaded batch into the model's views.
 
-On-device steps, in order: the views' colour steps, either drawn per batch with the crops
-(``data.augment=batch``, :mod:`batch_views`) or per image on FFCV's uint8 crops
-(:class:`DeviceColour`); then the Lab split (``data.colour_split=lab``: each RGB view becomes an L
-and an ab view, :mod:`colour`). The torchvision path's loader workers do the colour steps themselves.
+On-device steps, in order: the views' colour steps, drawn per batch by :mod:`batch_views`, either
+with the crops (``data.augment=batch``) or on the uint8 crops FFCV decoded (every FFCV run); then the
+Lab split (``data.colour_split=lab``: each RGB view becomes an L and an ab view, :mod:`colour`).
+With ``data.augment=loader`` on the torchvision format the loader workers do the colour steps themselves.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 from accelerate import Accelerator
-from torchvision.transforms import v2
 
-from pretrain.config import Config, ConfigError, ViewConfig
-from pretrain.data.batch_views import BatchViews, check_batch_recipe
+from pretrain.config import Config, ConfigError
+from pretrain.data.batch_views import BatchViews
 from pretrain.data.colour import split_lab
 from pretrain.data.datasets import ImageDataset, build_dataset, build_knn_sets
 from pretrain.data.multiview import MultiViewDataset, collate_skipped
-from pretrain.data.transforms import build_view_transform, normalise_steps, random_colour_steps
-
-
-class DeviceColour:
-    """The FFCV path's colour steps on the training device: per view, uint8 crops (B x C x H x W) ->
-    colour jitter, grayscale, blur (random per image, as the torchvision path draws them) ->
-    normalised float32. A view FFCV already normalised (float32) passes through."""
-
-    def __init__(self, views: Sequence[ViewConfig], channels: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.random_steps = [v2.Compose(steps) if (steps := random_colour_steps(v, channels)) else None for v in views]
-        self.normalise = v2.Compose(normalise_steps(mean, std))
-
-    def __call__(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = []
-        for x, steps in zip(views, self.random_steps, strict=True):
-            if not x.is_floating_point():
-                if steps is not None:
-                    x = torch.stack([steps(img) for img in x])
-                x = self.normalise(x)
-            out.append(x)
-        return out
+from pretrain.data.transforms import build_view_transform
 
 
 @dataclass
@@ -51,8 +30,7 @@ class TrainData:
     images: Any  # the training ImageDataset, or the .beton's BetonInfo (count, channels, mean/std, classes)
     loader: Any  # an Accelerate-prepared DataLoader, or an FFCVMultiViewLoader
     train_set: MultiViewDataset | None  # the torchvision path's dataset (its epoch seeds the augmentations)
-    batch_views: BatchViews | None  # data.augment=batch
-    device_colour: DeviceColour | None  # the FFCV path
+    batch_views: BatchViews | None  # data.augment=batch, and every FFCV run (its crops' colour steps)
     lab: bool  # data.colour_split=lab
     view_chans: list[int]  # channels of each model view
     knn_bank: ImageDataset | None
@@ -71,10 +49,12 @@ class TrainData:
 
     def views(self, batch: dict[str, Any], epoch: int, step_in_epoch: int, accelerator: Accelerator) -> list[torch.Tensor]:
         """A loaded batch -> the augmented, normalised views (before any Lab split): V x (B x C x H x W)."""
-        if self.batch_views is not None:
-            return self.batch_views(batch["views"][0].to(accelerator.device), epoch, step_in_epoch,
-                                    accelerator.process_index)
-        return self.device_colour(batch["views"]) if self.device_colour is not None else batch["views"]
+        if self.batch_views is None:
+            return batch["views"]
+        if self.train_set is None:  # FFCV: cropped while decoding, on the device already
+            return self.batch_views.colour(batch["views"], epoch, step_in_epoch, accelerator.process_index)
+        return self.batch_views(batch["views"][0].to(accelerator.device), epoch, step_in_epoch,
+                                accelerator.process_index)
 
     def model_views(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """Augmented views -> the model's views (the Lab split turns each into L and ab)."""
@@ -101,10 +81,7 @@ def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
         images = BetonInfo(d.path)
     else:
         images = build_dataset(cfg, "train")
-    batch_views = None
-    if d.augment == "batch":
-        check_batch_recipe(d.views, images.channels)
-        batch_views = BatchViews(d.views, images.mean, images.std, cfg.run.seed)
+    batch_views = BatchViews(d.views, images.mean, images.std, cfg.run.seed) if d.augment == "batch" or ffcv else None
     # The kNN monitor reads small labelled subsets of the source dataset through torchvision either way.
     bank, queries = (build_knn_sets(cfg, build_dataset(cfg, "train") if ffcv else images)
                      if cfg.monitor.knn_every else (None, None))
@@ -113,17 +90,16 @@ def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
             f"bad value for config key 'optim.batch_size_per_process': {batch} x {accelerator.num_processes} "
             f"processes needs at least that many images, the dataset has {len(images)}; lower it"
         )
-    train_set, device_colour = None, None
+    train_set = None
     if ffcv:  # FFCV shards across processes itself (distributed=True) and delivers batches on the device
         from pretrain.data.ffcv_loader import FFCVMultiViewLoader
 
         loader = FFCVMultiViewLoader(
             d.path, d.views, batch, accelerator.device, seed=cfg.run.seed, distributed=accelerator.num_processes > 1,
             num_workers=max(1, d.num_workers), os_cache=d.os_cache, batches_ahead=d.batches_ahead, info=images)
-        device_colour = DeviceColour(d.views, images.channels, images.mean, images.std)
     else:
         # data.augment=batch: the loader only collates uint8 images; the views are drawn per batch on the device
-        transforms = [] if batch_views is not None else [
+        transforms = [] if d.augment == "batch" else [
             build_view_transform(v, images.channels, images.mean, images.std) for v in d.views]
         train_set = MultiViewDataset(images, transforms, seed=cfg.run.seed)
         loader = accelerator.prepare(torch.utils.data.DataLoader(
@@ -132,4 +108,4 @@ def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
     lab = d.colour_split == "lab"
     # With the Lab split each loaded RGB view becomes an L view (1 channel) and an ab view (2 channels).
     view_chans = [1, 2] * len(d.views) if lab else [images.channels] * len(d.views)
-    return TrainData(images, loader, train_set, batch_views, device_colour, lab, view_chans, bank, queries)
+    return TrainData(images, loader, train_set, batch_views, lab, view_chans, bank, queries)
