@@ -7,7 +7,7 @@ The data: RGB JPEGs of 96-160 px (drawn procedurally, saved as an image folder),
 .beton files with jpg and raw modes. Each round times one epoch per loader, interleaved
 (torchvision, ffcv jpg, ffcv raw, ...), after a warm-up epoch that pays FFCV's JIT compile. Both
 sides do RandomResizedCrop + flip + normalise for two views, batch 256, drop_last; FFCV's batches go
-through pretraining's on-device step (DeviceColour) as in training. ``--breakdown`` adds FFCV handing
+through pretraining's on-device step (BatchViews.colour) as in training. ``--breakdown`` adds FFCV handing
 uint8 crops to torch for normalising (the pipeline before FFCV normalised on the CPU itself).
 Reported: median images/s (wall) and images per CPU-second (user + system time of the process and
 its workers).
@@ -33,7 +33,7 @@ from pretrain.data import MultiViewDataset, build_view_transform
 from pretrain.data.beton import validate, write_beton
 from pretrain.data.datasets import ImageFolder
 from pretrain.data.ffcv_loader import FFCVMultiViewLoader
-from pretrain.data.train_loader import DeviceColour
+from pretrain.data.batch_views import BatchViews
 
 
 def cpu_seconds() -> float:
@@ -91,7 +91,7 @@ def main() -> None:
         tv = torch.utils.data.DataLoader(MultiViewDataset(folder, transforms, seed=0), batch_size=args.batch,
                                          shuffle=True, drop_last=True, num_workers=args.workers)
         loaders = {"torchvision": lambda: iter(tv)}
-        colour = DeviceColour(views, 3, folder.mean, folder.std)  # pretraining's on-device step
+        colour = BatchViews(views, folder.mean, folder.std, seed=0).colour  # pretraining's on-device step
         for mode, path in betons.items():
             # ours; and, for the breakdown, the same pipeline handing uint8 crops to torch for normalising
             for name, in_ffcv in ((f"ffcv {mode}", True), (f"ffcv {mode}, normalised in torch", False)):
@@ -99,7 +99,7 @@ def main() -> None:
                     ff = FFCVMultiViewLoader(str(path), views, args.batch, torch.device("cpu"), seed=0,
                                              distributed=False, num_workers=args.workers, normalise_in_ffcv=in_ffcv)
                     time_epoch(ff)  # warm-up: the JIT compile
-                    loaders[name] = lambda ff=ff: ({**b, "views": colour(b["views"])} for b in ff)
+                    loaders[name] = lambda ff=ff: ({**b, "views": colour(b["views"], 0, 0)} for b in ff)
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in loaders}
         for _ in range(args.rounds):
             for name, make in loaders.items():

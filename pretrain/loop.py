@@ -99,6 +99,15 @@ def build_optimizer(cfg: Config, parts: Parts, accelerator: Accelerator, steps_p
     return optimizer, scheduler, lr
 
 
+TIMED_STEPS = 20  # steps timed (after the first) before the run prints how long it should take
+
+
+def format_duration(seconds: float) -> str:
+    """e.g. 4 min 05 s, 38 s."""
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes} min {s:02d} s" if minutes else f"{s} s"
+
+
 @dataclass
 class Run:
     """One pretraining run in progress: its config, parts, position and reporting."""
@@ -123,6 +132,8 @@ class Run:
     knn_top1: float = float("nan")
     probe_top1: float | None = None
     knn_step: int = -1
+    knn_seconds: float = 0.0  # the last kNN monitor pass
+    first_step_done: float = 0.0  # when this run's first (warm-up) step ended
     stopped_by: str = ""
 
     @property
@@ -185,7 +196,7 @@ class Run:
 
     def run_knn(self) -> None:
         """The kNN monitor and the online probe on the held-out queries (main process), logged and printed."""
-        cfg, progress = self.cfg, self.progress
+        cfg, progress, t0 = self.cfg, self.progress, time.perf_counter()
         if self.main:
             size = cfg.data.views[0].size
             probe = self.accelerator.unwrap_model(self.parts.probe) if self.parts.probe else None
@@ -202,6 +213,26 @@ class Run:
         self.knn_step = progress.global_step
         self.accelerator.wait_for_everyone()
         self.parts.model.train()
+        self.knn_seconds = time.perf_counter() - t0
+
+    def knn_passes_ahead(self) -> int:
+        """kNN monitor passes still to come: at every knn_every-th epoch end, and once more at the last step
+        unless that is such an epoch end (pretrain/main.py's epoch loop)."""
+        every, n = self.cfg.monitor.knn_every, len(self.data)
+        if not every:
+            return 0
+        last_full_epoch = self.total_steps // n
+        ends = sum(k % every == 0 for k in range(self.progress.epoch + 1, last_full_epoch + 1))
+        return ends + (not (self.total_steps % n == 0 and last_full_epoch % every == 0))
+
+    def expected_duration(self) -> str:
+        """One line, printed once after the first timed steps: how long the rest of the run should take."""
+        step_s = (time.perf_counter() - self.first_step_done) / (self.steps_this_run - 1)
+        steps_left, passes = self.total_steps - self.progress.global_step, self.knn_passes_ahead()
+        seconds = steps_left * step_s + passes * self.knn_seconds
+        knn = f", {passes} kNN passes of {self.knn_seconds:.0f} s" if passes else ""
+        return (f"expected: pretraining ends in about {format_duration(seconds)} ({steps_left} steps at {step_s:.3f} s"
+                f"{knn}) on {describe_machine()}")
 
 
 def train_one_epoch(run: Run) -> bool:
@@ -228,6 +259,10 @@ def train_one_epoch(run: Run) -> bool:
         run.scheduler.step_update(progress.global_step)
         run.meter.images += batch["views"][0].shape[0] * acc.num_processes
         run.bar.update(1)
+        if run.steps_this_run == 1:
+            run.first_step_done = time.perf_counter()  # the first step warms up: time the ones after it
+        elif run.steps_this_run == TIMED_STEPS + 1 and progress.global_step < run.total_steps and run.main:
+            run.bar.write(run.expected_duration())
         if progress.global_step % cfg.run.log_every == 0 or progress.global_step == run.total_steps:
             log_step(run, result)
         if result.stop:

@@ -1,4 +1,5 @@
-"""run.precision=auto: the hardware decides, an explicit choice wins, and the choice is printed and recorded."""
+"""The machine decides: run.precision=auto (an explicit choice wins; the choice is printed and recorded), and the
+expected duration a run prints after its first steps."""
 
 from __future__ import annotations
 
@@ -89,3 +90,20 @@ def test_explicit_bf16_on_an_avx2_only_cpu_warns_and_still_runs(run_dir: Path) -
                     "run.export=false", env=AVX2_ONLY)
     assert "precision: bf16 (run.precision=bf16)" in proc.stdout
     assert "warning: bf16 on a CPU without native bf16 (AVX2) runs several times slower" in proc.stdout
+
+
+@pytest.mark.parametrize("every, batches, total, epoch, passes", [
+    (1, 468, 936, 0, 2),  # the demo: after epochs 1 and 2, the last of which is the final state
+    (2, 8, 24, 0, 2),  # after epoch 2, then once more at the end of epoch 3
+    (1, 10, 15, 0, 2),  # optim.epochs=1.5: after epoch 1 and at the last step
+    (1, 10, 30, 2, 1),  # resumed inside the last epoch
+    (0, 10, 30, 0, 0),  # monitor off
+])
+def test_the_expected_duration_counts_the_knn_passes_still_ahead(every, batches, total, epoch, passes) -> None:
+    from types import SimpleNamespace
+
+    from pretrain.loop import Run
+
+    run = SimpleNamespace(cfg=SimpleNamespace(monitor=SimpleNamespace(knn_every=every)), data=range(batches),
+                          total_steps=total, progress=SimpleNamespace(epoch=epoch))
+    assert Run.knn_passes_ahead(run) == passes

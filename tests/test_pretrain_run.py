@@ -168,6 +168,8 @@ def test_demo_recipe_learns_on_real_fashion_mnist(run_dir: Path) -> None:
     proc = run_main(f"run.dir={run_dir}", "data.limit=3840", "optim.epochs=2", "monitor.knn_bank=2000",
                     "monitor.knn_queries=1000", "monitor.online_probe=false", config=REPO / "configs" / "fmnist_cpu.yaml",
                     env={"INFOMAX_PROGRESS_SECONDS": "0"})
+    assert re.search(r"expected: pretraining ends in about \d+ s \(39 steps at [\d.]+ s, 2 kNN passes of \d+ s\) on .*"
+                     r"native bf16: (yes|no)", proc.stdout), proc.stdout[:2000]  # after 1 + 20 of 60 steps
     knn = [float(m) for m in re.findall(r"epoch \d \(step \d+\): kNN top-1 ([\d.]+)%", proc.stdout)]
     assert len(knn) == 3, proc.stdout[-2000:]
     assert knn[-1] > knn[0] + 6, knn  # percentage points over the untrained floor

@@ -2,9 +2,9 @@
 
 Batches have the torchvision path's structure (``views``: V tensors B x C x H x W on the training
 device; ``label``; ``skipped``), made from the same per-view recipes. RandomResizedCrop and flip
-happen in FFCV's JIT-compiled decoder, which hands over uint8 crops; colour jitter, grayscale, blur
-and normalisation then run on the device in torch, per image (no cupy needed), as one of the
-on-device view steps of pretrain.data.train_loader (``DeviceColour``). On a CPU, a view without
+happen in FFCV's JIT-compiled decoder, which hands over uint8 crops; colour jitter, grayscale, blur,
+solarize and normalisation then run on the device in torch, batched over the whole batch (no cupy
+needed): ``BatchViews.colour`` of pretrain.data.batch_views. On a CPU, a view without
 random colour steps is normalised inside FFCV's compiled per-image threads instead (NormalizeImage
 before ToTensor, ffcv's CPU placement) and comes out as float32, saving a pass over the batch in
 torch in the main process (benchmarks/README.md, "Loading"). Such a view is FFCV's own buffer,
@@ -59,7 +59,7 @@ class FFCVMultiViewLoader:
     """Iterate training batches of V views from a .beton; ``len()`` = batches per epoch on this rank.
 
     View i comes out normalised float32 when ``normalised[i]`` (CPU, no random colour steps), else
-    as uint8 crops for :class:`pretrain.data.train_loader.DeviceColour`."""
+    as uint8 crops for :meth:`pretrain.data.batch_views.BatchViews.colour`."""
 
     def __init__(self, path: str, views: Sequence[ViewConfig], batch_size: int, device: torch.device, *,
                  seed: int, distributed: bool, num_workers: int, os_cache: bool = True, batches_ahead: int = 3,

@@ -15,8 +15,8 @@ from pretrain.config import ViewConfig
 def build_view_transform(view: ViewConfig, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """One view's recipe: uint8 (C x H x W) -> normalised float32 (C x size x size).
 
-    Crop and flip first, then the colour steps; the FFCV path does the first two while decoding
-    and the rest on the device (pretrain.data.train_loader.DeviceColour), so both paths share one recipe.
+    Crop and flip first, then the colour steps. The FFCV path crops and flips while decoding and draws
+    the colour steps batched on the device (pretrain.data.batch_views, equal to these per image).
     """
     return v2.Compose([*crop_flip_steps(view), *colour_steps(view, channels, mean, std)])
 
