@@ -35,8 +35,8 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     from pretrain.config import ConfigError
     from pretrain.data.datasets import open_dataset, spaced_subset
     from pretrain.distributed import make_accelerator
-    from pretrain.hardware import describe_machine
     from pretrain.export import load_encoder, load_view_encoders
+    from pretrain.hardware import describe_machine
 
     # ------------------------------------------------------------------ exports and data (checked before any work)
     exports = [(w, *load_encoder(w)) for w in cfg.weights]  # (path, encoder, meta); checks sha256 and keys
@@ -82,7 +82,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
             if b.supervised_encoder_epochs or pretrain_epochs(meta):
                 rows.append(make.supervised_encoder_row(meta))
             else:
-                accelerator.print(f"no supervised-encoder row for {w}: its export records no pretraining time; "
+                accelerator.print(f"no supervised-encoder row for {w}: its export records no pretraining epochs; "
                                   "set baselines.supervised_encoder_epochs")
     if alexnet_trunk is not None:
         rows += make.alexnet_conv_rows(alexnet_trunk)

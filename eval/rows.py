@@ -8,8 +8,8 @@ stop flag of the resumable SGD fits.
 
 from __future__ import annotations
 
-import math
 import hashlib
+import math
 import re
 import time
 from pathlib import Path

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Precision on both CPU kinds of this project, side by side on one machine: natively, and with oneDNN and
+# ATen limited to AVX2 (what an AVX2-only CPU without native bf16 runs; benchmarks/README.md, "CPU speed").
+#   bash benchmarks/cpu_kinds.sh            # about 10 minutes on 2 cores
+# For each kind: the machine line, the demo encoder's compute step in fp32 and bf16 autocast, with and
+# without channels_last (encoder_cost.py, interleaved rounds), and 12 steps of the demo's whole
+# pretraining (loader, batch views, step; start-up excluded, the first step's warm-up included) under
+# run.precision=no, bf16 and auto.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+OUT=${OUT:-$(mktemp -d)}
+for kind in native avx2; do
+  if [ "$kind" = avx2 ]; then export ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2; fi
+  echo "== $kind: $($PY benchmarks/machine.py)"
+  for layout in --channels-last ""; do
+    echo "  encoder_cost.py ${layout:-(contiguous)}:"
+    $PY benchmarks/encoder_cost.py --batch 128 --rounds 3 --steps 3 $layout --bf16 \
+      --only "resnet14t w0.5 deep s2 stem" 2>/dev/null | tail -2 | sed "s/^/  /"
+  done
+  for precision in no bf16 auto; do
+    rm -rf "$OUT/run"
+    $PY pretrain/main.py --config configs/fmnist_cpu.yaml run.dir="$OUT/run" run.precision=$precision \
+      run.max_steps=12 run.export=false monitor.knn_every=0 monitor.online_probe=false 2>/dev/null \
+      | grep -E "^precision:|steps in" | sed -E "s/^infomax pretraining finished: (step [0-9/]+).*(12 steps in [0-9]+s).*/  \1: \2/" \
+      | sed "s/^/  run.precision=$precision: /"
+  done
+done
