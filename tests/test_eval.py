@@ -297,7 +297,8 @@ def test_each_export_is_scored_at_its_own_size_and_normalisation(tmp_path: Path,
     monkeypatch.setattr(pretrain.features, "ImageListDataset", Recording)
     monkeypatch.setattr(eval.rows, "ImageListDataset", Recording)  # its own name, bound when a test imported it
     cfg = load_config(None, [*FAST, f"weights=[{tmp_path / 'a' / 'export'},{tmp_path / 'b' / 'export'}]",
-                             f"out={tmp_path / 'ab'}", "random_init=false", "raw_pixels=false"],
+                             f"out={tmp_path / 'ab'}", "random_init=false", "raw_pixels=false",
+                             "precision=no"],  # in-process: earlier tests' Accelerator fixed this process's precision
                       schema=EvalConfig, check=validate_eval)
     rows = evaluate(cfg)
     assert seen == [recipes["a"]] * 2 + [recipes["b"]] * 2  # train and test split of each
@@ -418,7 +419,8 @@ def test_report_warns_about_a_weight_decay_at_the_edge(tmp_path: Path) -> None:
     row = {"name": "ours", "kind": "ours", "protocol": "fast", "top1": 0.5, "top5": 0.9, "knn": {"5": 0.4},
            "delta_vs_alexnet": None, "weight_decay": 1e-3, "weight_decay_at_edge": True,
            "weight_decays_tried": [1e-6, 1e-5, 1e-4, 1e-3]}
-    meta = {"dataset": "synthetic", "protocol": "fast-v2", "protocol_description": "p", "config": "c: 1\n"}
+    meta = {"dataset": "synthetic", "protocol": "fast-v2", "protocol_description": "p", "config": "c: 1\n",
+            "precision": "no", "precision_reason": "run.precision=no", "machine": "a CPU"}
     write_report(tmp_path, [row, {**row, "name": "raw", "weight_decay_at_edge": False}], meta, [5])
     md = (tmp_path / "report.md").read_text()
     assert "- `ours`: weight decay 0.001 is at the edge of the grid tried (1e-06, 1e-05, 0.0001, 0.001)" in md
