@@ -134,6 +134,7 @@ def fit_classifier(
     stop: StopFlag | None = None,
     held_out: Callable[[nn.Module], float] | None = None,
     drop_last: bool = True,
+    augment: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
 ) -> FitOutcome | None:
     """Train ``trainable`` (a part of ``model``: B x C x H x W -> B x classes logits) with cross-entropy.
 
@@ -144,6 +145,9 @@ def fit_classifier(
     again with the same ``ckpt_dir`` resumes). ``drop_last=False`` trains on every image each epoch,
     the last partial batch included (a linear probe, as MoCo's); a model with BatchNorm in train
     mode keeps ``True``, since a last batch of one image would break its statistics.
+    ``augment(images, epoch, step_in_epoch)`` draws the input on the device from a loaded uint8 batch
+    (B x C x H x W -> B x C x S x S float, ``BatchViews``) when ``train_set`` has no transforms; it must be
+    a pure function of its arguments, so a resumed fit draws the batches the uninterrupted one drew.
     """
     per_process, rest = divmod(schedule.global_batch_size, accelerator.num_processes)
     if rest or per_process < 1:
@@ -203,8 +207,9 @@ def fit_classifier(
         for batch in batches:
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr * schedule.factor(progress.global_step, steps_per_epoch, agreed_wall)
+            x = batch["views"][0] if augment is None else augment(batch["views"][0], progress.epoch, progress.step_in_epoch)
             with accelerator.autocast():
-                logits = model(input_fn(batch["views"][0]))
+                logits = model(input_fn(x))
             loss = F.cross_entropy(logits.float(), batch["label"])
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)

@@ -30,6 +30,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     from omegaconf import OmegaConf
 
     from eval.baselines import REFERENCE_ALEXNET_TOP1, load_alexnet_features, published_rows
+    from eval.progress import SUPERVISED_STEP_PER_PRETRAIN_STEP, RowClock, pretrain_step_seconds
     from eval.report import write_report
     from eval.rows import Rows, pretrain_epochs
     from pretrain.config import ConfigError
@@ -69,23 +70,27 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
             + b.alexnet_supervised + 5 * bool(b.alexnet_weights) + len(exports) * b.supervised_encoder)
     accelerator.print(f"eval: {len(train)} train / {len(test)} test images of {cfg.dataset}, protocol {cfg.protocol}, "
                       f"{jobs} rows to compute on {accelerator.num_processes} process(es)")
+    supervised = [(w, meta) for w, _, meta in exports if b.supervised_encoder]
+    for w, meta in supervised:
+        if not (b.supervised_encoder_epochs or pretrain_epochs(meta)):
+            accelerator.print(f"no supervised-encoder row for {w}: its export records no pretraining epochs; "
+                              "set baselines.supervised_encoder_epochs")
+    supervised = [(w, meta) for w, meta in supervised if b.supervised_encoder_epochs or pretrain_epochs(meta)]
+    clock = RowClock(jobs - b.alexnet_supervised - len(exports) * b.supervised_encoder + len(supervised),
+                     [make.supervised_budget(meta)[1] * pretrain_step_seconds(meta) * SUPERVISED_STEP_PER_PRETRAIN_STEP
+                      for _, meta in supervised], accelerator.print)
     rows: list[dict[str, Any]] = []
     for w, encoder, meta in exports:  # ours (+ random init of each architecture)
         name = Path(w).resolve().parent.name if Path(w).name == "export" else Path(w).name
-        rows += make.export_rows(name, encoder, meta, view_encoders[w])
+        rows += [clock.done(row) for row in make.export_rows(name, encoder, meta, view_encoders[w])]
     if cfg.raw_pixels and train.channels * size * size <= 4096:
-        rows.append(make.raw_pixels_row())
+        rows.append(clock.done(make.raw_pixels_row()))
     if b.alexnet_supervised:
-        rows.append(make.alexnet_row())
-    if b.supervised_encoder:
-        for w, _, meta in exports:
-            if b.supervised_encoder_epochs or pretrain_epochs(meta):
-                rows.append(make.supervised_encoder_row(meta))
-            else:
-                accelerator.print(f"no supervised-encoder row for {w}: its export records no pretraining epochs; "
-                                  "set baselines.supervised_encoder_epochs")
+        rows.append(clock.done(make.alexnet_row()))
+    for _, meta in supervised:
+        rows.append(clock.done(make.supervised_encoder_row(meta)))
     if alexnet_trunk is not None:
-        rows += make.alexnet_conv_rows(alexnet_trunk)
+        rows += [clock.done(row) for row in make.alexnet_conv_rows(alexnet_trunk)]
     if b.published:
         rows.extend(published_rows())
 

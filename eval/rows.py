@@ -13,13 +13,12 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 from torch import nn
-from torchvision.transforms import v2
 
 from eval.baselines import AlexNetConvFeatures, supervised_alexnet
 from eval.classifier import LinearProbeModel, SGDSchedule, fit_classifier
@@ -28,6 +27,7 @@ from eval.probe import linear_probe, topk_accuracy
 from eval.stored_baselines import alexnet_protocol, data_fingerprint, find_stored, store_dir, store_result
 from pretrain.config import ViewConfig
 from pretrain.data import ImageDataset, MultiViewDataset, build_view_transform
+from pretrain.data.batch_views import BatchViews
 from pretrain.data.colour import split_lab
 from pretrain.data.datasets import disjoint_subsets
 from pretrain.features import ImageListDataset, beton_features, extract_features
@@ -39,6 +39,7 @@ from pretrain.stop import StopFlag
 CONVERGENCE = {True: "", False: ", not converged", None: ", convergence unknown"}  # held-out curve -> row name
 Norm = tuple[Any, Any]  # (mean, std); (None, None) = the dataset's own
 NO_NORM: Norm = (None, None)
+Augment = Callable[[torch.Tensor, int, int], torch.Tensor]  # (uint8 batch, epoch, step in epoch) -> augmented input
 
 
 class Stopped(RuntimeError):
@@ -112,7 +113,8 @@ class Rows:
 
     def fast_row(self, name: str, kind: str, train_xy, test_xy, **extra: Any) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.perf_counter()
-        probe = linear_probe(*train_xy, *test_xy, tuple(cfg.weight_decays), steps=cfg.probe_steps, seed=cfg.seed)
+        probe = linear_probe(*train_xy, *test_xy, tuple(cfg.weight_decays), steps=cfg.probe_steps, seed=cfg.seed,
+                             path_steps=cfg.probe_path_steps or cfg.probe_steps)
         return {"name": name, "kind": kind, "protocol": "fast", "top1": probe.top1, "top5": probe.top5,
                 "knn": self.knn(train_xy, test_xy), "weight_decay": probe.weight_decay,
                 "weight_decay_at_edge": probe.at_edge, "weight_decays_tried": sorted(probe.val_top1),
@@ -120,11 +122,23 @@ class Rows:
                 "feature_dim": int(train_xy[0].shape[1]),
                 "probe_seconds": round(time.perf_counter() - t0, 1), "scored": len(test_xy[1]), **extra}
 
-    def train_transform(self, image_size: int, scale_min: float, norm: Norm = NO_NORM) -> v2.Compose:
-        """The SGD fits' augmentation: RandomResizedCrop + flip + normalise, pretraining's view recipe without colour."""
+    def train_input(self, images: ImageDataset, image_size: int, scale_min: float,
+                    norm: Norm = NO_NORM) -> tuple[MultiViewDataset, Augment | None, int]:
+        """The SGD fits' augmentation, RandomResizedCrop + flip + normalise (pretraining's view recipe without
+        colour): (the fit's dataset, its on-device augment or None, its loader workers).
+
+        Same-size images are drawn per batch on the device by ``BatchViews``, as pretraining's
+        data.augment=batch does: the loader only collates uint8 images and needs no workers, which on a
+        2-core CPU would take the cores from the step (benchmarks/README.md, "Eval stage"). Other images
+        go through torchvision per image in the loader workers."""
+        cfg = self.cfg
         mean, std = norm[0] or self.train.mean, norm[1] or self.train.std
         view = ViewConfig(size=image_size, crop_scale_min=scale_min, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
-        return build_view_transform(view, self.train.channels, mean, std)
+        if not images.same_size:
+            transform = build_view_transform(view, self.train.channels, mean, std)
+            return MultiViewDataset(images, [transform], seed=cfg.seed), None, cfg.num_workers
+        views, rank = BatchViews([view], mean, std, cfg.seed), self.accelerator.process_index
+        return MultiViewDataset(images, [], seed=cfg.seed), lambda x, epoch, step: views(x, epoch, step, rank)[0], 0
 
     def sgd_fit(self, slug: str, model: nn.Module, trainable: nn.Module, image_size: int, schedule: SGDSchedule,
                 scale_min: float, input_fn=lambda x: x, held_out: int = 0, drop_last: bool = True,
@@ -143,12 +157,12 @@ class Rows:
                                          input_fn=input_fn, shard=True)
             return topk_accuracy(logits, y, 1)
 
-        train_set = MultiViewDataset(fit_images, [self.train_transform(image_size, scale_min, norm)], seed=cfg.seed)
+        train_set, augment, workers = self.train_input(fit_images, image_size, scale_min, norm)
         # A checkpoint belongs to one configuration: another config (or other weights) starts afresh.
         fit_id = hashlib.sha256(f"{self.fit_key}{slug}".encode()).hexdigest()[:10]
         outcome = fit_classifier(acc, model, trainable, train_set, schedule, self.out / "checkpoints" / f"{slug}-{fit_id}",
-                                 desc=slug, num_workers=cfg.num_workers, input_fn=input_fn, stop=self.stop,
-                                 held_out=held_out_top1 if held_out else None, drop_last=drop_last)
+                                 desc=slug, num_workers=workers, input_fn=input_fn, stop=self.stop,
+                                 held_out=held_out_top1 if held_out else None, drop_last=drop_last, augment=augment)
         if outcome is None:
             raise Stopped(f"stopped by {self.stop.signal_name or 'a signal on another rank'} during '{slug}'; "
                           "its checkpoint is saved: rerun the same command to resume")
@@ -158,7 +172,8 @@ class Rows:
         budget = f"{p.epoch} epochs" if p.step_in_epoch == 0 else f"{p.global_step} steps"
         return {"top1": topk_accuracy(logits, y, 1), "top5": topk_accuracy(logits, y, 5), "trained": budget,
                 "scored": len(y), "epochs": round(p.global_step / max(steps_per_epoch, 1), 2), "steps": p.global_step,
-                "wall_s": outcome.wall_s, "converged": outcome.converged, "held_out_top1": outcome.held_out}
+                "wall_s": outcome.wall_s, "converged": outcome.converged, "held_out_top1": outcome.held_out,
+                "augment": "loader" if augment is None else "batch"}
 
     # ------------------------------------------------------------------ rows
     def encoder_row(self, name: str, kind: str, encoder: nn.Module, meta: dict, sha: str | None) -> dict[str, Any]:
@@ -189,23 +204,24 @@ class Rows:
         assert_unchanged(encoder, before, name)
         return row
 
-    def export_rows(self, name: str, encoder: nn.Module, meta: dict, views: list) -> list[dict[str, Any]]:
-        """Our export's rows: CMC's protocol (every view's features concatenated) first when it has one
-        encoder per view, then the first view's encoder alone; then its random-init floor."""
+    def export_rows(self, name: str, encoder: nn.Module, meta: dict, views: list) -> Iterator[dict[str, Any]]:
+        """Our export's rows, each computed as it is taken: CMC's protocol (every view's features
+        concatenated) first when it has one encoder per view, then the first view's encoder alone; then
+        its random-init floor."""
         scored = [(name, encoder, meta)]
         if views:
             labels = [view_label(meta, 0), *(view_label(entry, v) for v, (entry, _) in enumerate(views, start=1))]
             scored = [(f"{name} ({' + '.join(labels)} concatenated)", *all_views(encoder, meta, views)),
                       (f"{name} ({labels[0]} only)", encoder, meta)]
-        rows = [self.encoder_row(row_name, "ours", model, row_meta, meta["sha256"]) for row_name, model, row_meta in scored]
+        for row_name, model, row_meta in scored:
+            yield self.encoder_row(row_name, "ours", model, row_meta, meta["sha256"])
         if self.cfg.random_init:
             random_encoder, random_meta = random_like(meta, meta["in_chans"]), meta
             if views:
                 random_encoder, random_meta = all_views(random_encoder, meta,
                                                         [(entry, random_like(meta, entry["in_chans"])) for entry, _ in views])
-            rows.append(self.encoder_row(f"random init {meta['architecture']}" + (" (concatenated)" if views else ""),
-                                         "random_init", random_encoder, random_meta, None))
-        return rows
+            yield self.encoder_row(f"random init {meta['architecture']}" + (" (concatenated)" if views else ""),
+                                   "random_init", random_encoder, random_meta, None)
 
     def raw_pixels_row(self) -> dict[str, Any]:
         batch = self.cfg.batch_size_per_process
@@ -247,15 +263,19 @@ class Rows:
             print(f"stored {path}", flush=True)
         return row
 
+    def supervised_budget(self, meta: dict) -> tuple[float, int]:
+        """(epochs, steps) of the supervised-encoder fit for an export: as many epochs as its pretraining."""
+        epochs = self.b.supervised_encoder_epochs or pretrain_epochs(meta)
+        return epochs, max(1, round(epochs * (len(self.train) // self.b.alexnet_global_batch_size)))
+
     def supervised_encoder_row(self, meta: dict) -> dict[str, Any]:
         """Our export's architecture trained end to end with labels for as many epochs as its pretraining
         (an epoch budget, not seconds, so the row means the same on every machine), then scored like our
         encoder: the upper reference SSL papers print beside their probes."""
         b = self.b
-        epochs = b.supervised_encoder_epochs or pretrain_epochs(meta)
+        epochs, steps = self.supervised_budget(meta)  # the cosine spans the steps
         encoder = random_like(meta, meta["in_chans"])
         model = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.num_features, self.num_classes))
-        steps = max(1, round(epochs * (len(self.train) // b.alexnet_global_batch_size)))  # the cosine spans them
         schedule = SGDSchedule(lr=b.supervised_encoder_lr, epochs=math.ceil(epochs), max_steps=steps,
                                global_batch_size=b.alexnet_global_batch_size, weight_decay=b.supervised_encoder_weight_decay,
                                checkpoint_every=self.cfg.sgd.checkpoint_every)
@@ -264,16 +284,16 @@ class Rows:
                               norm=norm_of(meta))
         row = self.encoder_row(f"supervised {meta['architecture']} ({epochs:g} epochs, {scores['wall_s']:.0f} s)",
                                "supervised_encoder", encoder, meta, None)
-        return {**row, **{k: scores[k] for k in ("epochs", "steps", "wall_s")}, "supervised_top1": scores["top1"],
+        return {**row, **{k: scores[k] for k in ("epochs", "steps", "wall_s", "augment")}, "supervised_top1": scores["top1"],
                 "budget_epochs": epochs}
 
-    def alexnet_conv_rows(self, trunk: nn.Module) -> list[dict[str, Any]]:
-        """Linear probes of AlexNet conv1..conv5 (pooled ReLU outputs) from a weights file."""
-        rows, b = [], self.b
+    def alexnet_conv_rows(self, trunk: nn.Module) -> Iterator[dict[str, Any]]:
+        """Linear probes of AlexNet conv1..conv5 (pooled ReLU outputs) from a weights file, each computed as it is taken."""
+        b = self.b
         for layer in range(1, 6):
             features = AlexNetConvFeatures(trunk, layer, self.train.channels)
             before = fingerprint(features)
             feats = [self.features(features, split, b.alexnet_probe_size) for split in ("train", "test")]
-            rows.append(self.fast_row(f"AlexNet conv{layer} ({Path(b.alexnet_weights).name})", "alexnet_conv", *feats))
+            row = self.fast_row(f"AlexNet conv{layer} ({Path(b.alexnet_weights).name})", "alexnet_conv", *feats)
             assert_unchanged(features, before, b.alexnet_weights)
-        return rows
+            yield row

@@ -31,7 +31,7 @@ from pretrain.objectives import build_objective
 from pretrain.online_probe import OnlineProbe
 from pretrain.resumable import Resumable
 from pretrain.stop import StopFlag
-from pretrain.tracking import TensorBoard, Throughput, progress_bar
+from pretrain.tracking import TensorBoard, Throughput, format_duration, progress_bar
 
 
 @dataclass
@@ -100,12 +100,6 @@ def build_optimizer(cfg: Config, parts: Parts, accelerator: Accelerator, steps_p
 
 
 TIMED_STEPS = 20  # steps timed (after the first) before the run prints how long it should take
-
-
-def format_duration(seconds: float) -> str:
-    """e.g. 4 min 05 s, 38 s."""
-    minutes, s = divmod(round(seconds), 60)
-    return f"{minutes} min {s:02d} s" if minutes else f"{s} s"
 
 
 @dataclass

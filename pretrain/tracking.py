@@ -112,6 +112,12 @@ class LogProgress:
               file=self.file, flush=True)
 
 
+def format_duration(seconds: float) -> str:
+    """e.g. 4 min 05 s, 38 s."""
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes} min {s:02d} s" if minutes else f"{s} s"
+
+
 def progress_bar(total: int, *, desc: str, unit: str = "step", initial: int = 0, disable: bool = False) -> Any:
     """tqdm on a terminal; :class:`LogProgress` when stderr is not one (every ``INFOMAX_PROGRESS_SECONDS``,
     default 30 s)."""

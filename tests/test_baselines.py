@@ -150,3 +150,4 @@ def test_supervised_encoder_row_trains_our_architecture_for_the_epoch_budget(exp
     assert row["steps"] == round(1.5 * steps_per_epoch) and row["budget_epochs"] == 1.5 and row["wall_s"] > 0
     assert row["name"] == f"supervised test_resnet (1.5 epochs, {row['wall_s']:.0f} s)"  # both budget and time
     assert 0 <= row["top1"] <= 1 and row["feature_dim"] == report["rows"][0]["feature_dim"]
+    assert row["augment"] == "batch"  # same-size images: crops drawn per batch on the device, no loader workers

@@ -21,6 +21,9 @@ from conftest import REPO, synthetic_views
 from eval.classifier import FrozenEncoder, LinearProbeModel, SGDSchedule, fit_classifier
 from eval.features import EncoderChanged, assert_unchanged, fingerprint
 from eval.probe import choose_weight_decay, fit_linear, linear_probe, loss_and_grad
+from pretrain.config import ViewConfig
+from pretrain.data import MultiViewDataset
+from pretrain.data.batch_views import BatchViews
 from pretrain.data.datasets import open_dataset, spaced_subset
 from pretrain.features import ImageListDataset
 from pretrain.export import export_encoder
@@ -86,6 +89,25 @@ def test_probe_fits_follow_the_weight_decay_path_and_end_nearer_the_optimum() ->
     assert 0 < result.grad_max < cold.weight.grad.abs().max().item() / 3
 
 
+def test_path_fits_take_their_own_iterations_and_the_final_fit_the_full_budget(monkeypatch) -> None:
+    """probe_path_steps: the fits that only choose the weight decay take fewer L-BFGS iterations, the
+    final fit on all of train takes probe_steps, from the chosen fit's solution."""
+    import eval.probe
+
+    calls: list[tuple[int, int, bool]] = []  # (rows fitted, iterations, warm-started)
+
+    def recording(x, y, num_classes, weight_decay, steps=100, seed=0, start=None):
+        calls.append((len(x), steps, start is not None))
+        return fit_linear(x, y, num_classes, weight_decay, steps, seed, start)
+
+    monkeypatch.setattr(eval.probe, "fit_linear", recording)
+    (x, y), (xt, yt) = planted(1000), planted(200, seed=1)
+    linear_probe(x, y, xt, yt, (1e-2, 1e-3, 1e-4), steps=7, path_steps=3)
+    *path, final = calls
+    assert len(path) >= 3 and all(n == 900 and steps == 3 for n, steps, _ in path)
+    assert final == (1000, 7, True)
+
+
 def test_knn_of_several_k_in_one_pass_votes_as_each_k_alone() -> None:
     bank, labels = planted(300, classes=5, dim=8)
     queries, _ = planted(70, classes=5, dim=8, seed=1)
@@ -140,19 +162,31 @@ class StopAfter:
         return self.n < 0
 
 
-def test_sgd_probe_stopped_and_resumed_ends_on_the_same_head(tmp_path: Path) -> None:
-    """The imagenet protocol's loop: frozen encoder + BN, checkpoint on stop, exact resume."""
+@pytest.mark.parametrize("on_device", [False, True], ids=["loader_transforms", "batch_views"])
+def test_sgd_probe_stopped_and_resumed_ends_on_the_same_head(tmp_path: Path, on_device: bool) -> None:
+    """The imagenet protocol's loop: frozen encoder + BN, checkpoint on stop, exact resume, with the crops
+    drawn per image in the loader or per batch on the device (``BatchViews``, the eval's path for
+    same-size images)."""
     encoder = create_encoder("test_resnet", 3, small_input=True)
     before = fingerprint(encoder)
     accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0))
     schedule = SGDSchedule(lr=1.0, epochs=3, global_batch_size=16, milestones=(2,), checkpoint_every=100)
+    images = open_dataset("synthetic", "train", synthetic_size=64, synthetic_image_size=16)
+    views = BatchViews([ViewConfig(size=16, jitter_p=0.0, grayscale_p=0.0)], images.mean, images.std, seed=0)
+    drawn: list[torch.Tensor] = []
+
+    def augment(x: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        assert x.dtype == torch.uint8 and x.shape[1:] == (3, 16, 16)  # the loader only collated the images
+        drawn.append(views(x, epoch, step)[0])
+        return drawn[-1]
 
     def fit(ckpt_dir: Path, stop: StopAfter | None) -> tuple[torch.nn.Linear, object]:
         torch.manual_seed(0)
         head = torch.nn.Linear(encoder.num_features, 8)
-        data = synthetic_views(64, 16)
+        data = MultiViewDataset(images, [], seed=0) if on_device else synthetic_views(64, 16)
         model = torch.nn.Sequential(FrozenEncoder(encoder), head)
-        return head, fit_classifier(accelerator, model, head, data, schedule, ckpt_dir, desc="t", stop=stop)
+        return head, fit_classifier(accelerator, model, head, data, schedule, ckpt_dir, desc="t", stop=stop,
+                                    augment=augment if on_device else None)
 
     straight, outcome = fit(tmp_path / "a", None)
     assert outcome.progress.global_step == 12 and outcome.progress.epoch == 3
@@ -162,6 +196,8 @@ def test_sgd_probe_stopped_and_resumed_ends_on_the_same_head(tmp_path: Path) -> 
     assert outcome.progress.global_step == 12
     assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)
     assert fingerprint(encoder) == before  # the frozen encoder and its BN statistics did not move
+    if on_device:  # 12 + 6 + 6 steps; the resumed fit redrew the stopped one's last 6 batches as the first run drew them
+        assert len(drawn) == 24 and all(torch.equal(a, b) for a, b in zip(drawn[18:], drawn[6:12]))
 
 
 def test_linear_probe_head_stays_fp32_under_bf16_autocast() -> None:

@@ -56,6 +56,7 @@ class ImageDataset(torch.utils.data.Dataset):
     num_classes: int = 0
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    same_size: bool = False  # every image has one size, so loaded batches collate: views can be drawn per batch
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -95,7 +96,7 @@ def _find_idx(base: Path, stem: str) -> Path | None:
 class FashionMNIST(ImageDataset):
     """Fashion-MNIST from the idx files (Debian package dataset-fashion-mnist): 1 x 28 x 28."""
 
-    channels, num_classes, mean, std = 1, 10, (0.2860,), (0.3530,)
+    channels, num_classes, mean, std, same_size = 1, 10, (0.2860,), (0.3530,), True
     files = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
 
     def __init__(self, root: str, split: str = "train") -> None:
@@ -135,7 +136,7 @@ class Synthetic(ImageDataset):
     all drawn from a generator seeded by (seed, i), so the same index always gives the same image.
     """
 
-    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    mean, std, same_size = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True
 
     def __init__(self, size: int, classes: int, image_size: int, seed: int) -> None:
         self.size, self.classes, self.image_size, self.seed = size, classes, image_size, seed
@@ -244,6 +245,7 @@ class Subset(ImageDataset):
     def __init__(self, base: ImageDataset, indices: list[int]) -> None:
         self.base, self.indices = base, indices
         self.channels, self.num_classes, self.mean, self.std = base.channels, base.num_classes, base.mean, base.std
+        self.same_size = base.same_size
 
     def __len__(self) -> int:
         return len(self.indices)
