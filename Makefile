@@ -48,7 +48,7 @@ baselines: setup
 	$(PY) eval/main.py --config configs/baselines_fmnist.yaml
 
 test: setup
-	$(PY) -m pytest -q -m "not gpu"
+	$(PY) -m pytest -q -m "not gpu" --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not gpu"

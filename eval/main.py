@@ -66,19 +66,20 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     torch.manual_seed(cfg.seed)
     fit_key = OmegaConf.to_yaml(OmegaConf.structured(cfg)) + "".join(m["sha256"] for _, _, m in exports)
     make = Rows(cfg, accelerator, train, test, size, out, fit_key)
-    jobs = (len(exports) * (2 if cfg.random_init else 1) + sum(map(bool, view_encoders.values())) + cfg.raw_pixels
-            + b.alexnet_supervised + 5 * bool(b.alexnet_weights) + len(exports) * b.supervised_encoder)
-    accelerator.print(f"eval: {len(train)} train / {len(test)} test images of {cfg.dataset}, protocol {cfg.protocol}, "
-                      f"{jobs} rows to compute on {accelerator.num_processes} process(es)")
-    supervised = [(w, meta) for w, _, meta in exports if b.supervised_encoder]
-    for w, meta in supervised:
-        if not (b.supervised_encoder_epochs or pretrain_epochs(meta)):
+    supervised = []  # the exports that get a supervised-encoder row
+    for w, _, meta in exports if b.supervised_encoder else []:
+        if b.supervised_encoder_epochs or pretrain_epochs(meta):
+            supervised.append(meta)
+        else:
             accelerator.print(f"no supervised-encoder row for {w}: its export records no pretraining epochs; "
                               "set baselines.supervised_encoder_epochs")
-    supervised = [(w, meta) for w, meta in supervised if b.supervised_encoder_epochs or pretrain_epochs(meta)]
-    clock = RowClock(jobs - b.alexnet_supervised - len(exports) * b.supervised_encoder + len(supervised),
+    jobs = (len(exports) * (2 if cfg.random_init else 1) + sum(map(bool, view_encoders.values())) + cfg.raw_pixels
+            + b.alexnet_supervised + 5 * bool(b.alexnet_weights) + len(supervised))
+    accelerator.print(f"eval: {len(train)} train / {len(test)} test images of {cfg.dataset}, protocol {cfg.protocol}, "
+                      f"{jobs} rows to compute on {accelerator.num_processes} process(es)")
+    clock = RowClock(jobs - b.alexnet_supervised,  # the AlexNet is stored, or its fit shows its own progress
                      [make.supervised_budget(meta)[1] * pretrain_step_seconds(meta) * SUPERVISED_STEP_PER_PRETRAIN_STEP
-                      for _, meta in supervised], accelerator.print)
+                      for meta in supervised], accelerator.print)
     rows: list[dict[str, Any]] = []
     for w, encoder, meta in exports:  # ours (+ random init of each architecture)
         name = Path(w).resolve().parent.name if Path(w).name == "export" else Path(w).name
@@ -87,7 +88,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
         rows.append(clock.done(make.raw_pixels_row()))
     if b.alexnet_supervised:
         rows.append(clock.done(make.alexnet_row()))
-    for _, meta in supervised:
+    for meta in supervised:
         rows.append(clock.done(make.supervised_encoder_row(meta)))
     if alexnet_trunk is not None:
         rows += [clock.done(row) for row in make.alexnet_conv_rows(alexnet_trunk)]

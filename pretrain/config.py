@@ -137,7 +137,7 @@ class ModelConfig:
     encoder_per_view: bool = _f(False, "a separate encoder per view (CMC); false: one shared encoder")
     channels_last: bool = _f(False, "channels_last memory format (faster convs on GPUs with bf16/fp16)")
     momentum: float = _f(0.99, "objective.queue_size > 0: EMA coefficient of the momentum (key) encoder and head, MoCo's m")
-    sync_bn: bool = _f(True, "BN statistics over the global batch with several processes: torch's SyncBatchNorm on GPUs, our GlobalBatchNorm on CPU ranks")
+    sync_bn: bool = _f(True, "BN statistics over the global batch with several processes: SyncBatchNorm on GPUs (timm's conversion, which keeps BatchNormAct2d's activation), our GlobalBatchNorm on CPU ranks")
 
 
 @dataclass

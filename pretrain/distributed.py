@@ -164,6 +164,16 @@ def convert_global_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def sync_batchnorm(module: torch.nn.Module, device_type: str) -> torch.nn.Module:
+    """BatchNorm statistics over the global batch (``model.sync_bn``): on GPUs timm's
+    ``convert_sync_batchnorm``, which turns timm's BatchNormAct2d into SyncBatchNormAct with its
+    activation (torch's own conversion makes it a plain SyncBatchNorm and silently drops the ReLU of a
+    resnetv2 or efficientnet); on CPU ranks, where torch's SyncBatchNorm does not run, GlobalBatchNorm."""
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(module) if device_type == "cuda" else convert_global_batchnorm(module)
+
+
 def make_accelerator(seed: int, precision: str = "auto") -> tuple[Any, Precision]:
     """The Accelerator for this process (GPUs when there are, gloo CPU processes otherwise) and the
     precision it runs in, chosen by :func:`pretrain.hardware.choose_precision` and printed in one line.

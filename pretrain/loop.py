@@ -20,7 +20,7 @@ from torch import nn
 
 from pretrain.config import Config, ConfigError, effective_lr, to_yaml
 from pretrain.data.train_loader import TrainData
-from pretrain.distributed import convert_global_batchnorm
+from pretrain.distributed import sync_batchnorm
 from pretrain.engine import StepResult, train_step
 from pretrain.export import export_encoder
 from pretrain.features import ImageListDataset, knn_monitor
@@ -48,7 +48,8 @@ class Parts:
 
 
 def build_parts(cfg: Config, data: TrainData, accelerator: Accelerator) -> Parts:
-    """Model (one encoder per view or shared, heads), objective, MoCo's key model, the online probe."""
+    """Model (one encoder per view or shared, heads), objective, the online probe; MoCo's key model is
+    copied once DDP has synchronised the model (:func:`build_optimizer`)."""
     views = data.view_chans
     if cfg.objective.name in ("amdim", "dim"):
         # DIM reads only the deepest map; building a head for the other would leave DDP an unused parameter.
@@ -58,25 +59,23 @@ def build_parts(cfg: Config, data: TrainData, accelerator: Accelerator) -> Parts
         model = MultiViewModel(cfg.model, views, len(views))
     if cfg.model.sync_bn and accelerator.num_processes > 1:
         # Per-rank BN statistics let a contrastive model find its positives through batch statistics,
-        # and make W ranks differ from one process with the W*B batch. torch's SyncBatchNorm runs on GPUs.
-        model = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if accelerator.device.type == "cuda"
-                 else convert_global_batchnorm(model))
+        # and make W ranks differ from one process with the W*B batch.
+        model = sync_batchnorm(model, accelerator.device.type)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     objective = build_objective(cfg.objective, len(views), cfg.model.head_dims[-1])
-    # MoCo's key encoder and head: an EMA copy of the online model, never DDP-wrapped (no gradient).
-    key_model = MomentumKeys(model, cfg.model.momentum).to(accelerator.device) if cfg.objective.queue_size else None
     # The online probe: labels train only this head, on detached features, with its own optimizer.
     probe = probe_optimizer = None
     if cfg.monitor.online_probe and data.images.num_classes >= 2:
         probe = accelerator.prepare_model(OnlineProbe(model.feature_dim, data.images.num_classes))  # DDP: same on every rank
         probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=cfg.monitor.online_probe_lr, weight_decay=0.0)
     learned_critic = any(p.requires_grad for p in objective.parameters())
-    return Parts(model, objective, key_model, probe, probe_optimizer, learned_critic)
+    return Parts(model, objective, None, probe, probe_optimizer, learned_critic)
 
 
 def build_optimizer(cfg: Config, parts: Parts, accelerator: Accelerator, steps_per_epoch: int) -> tuple[Any, Any, float]:
-    """(optimizer, per-step scheduler, effective lr) from timm; wraps model (and a learned critic) for DDP."""
+    """(optimizer, per-step scheduler, effective lr) from timm; wraps model (and a learned critic) for DDP,
+    then copies the momentum key model (objective.queue_size) from the synchronised model."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
@@ -92,6 +91,11 @@ def build_optimizer(cfg: Config, parts: Parts, accelerator: Accelerator, steps_p
     # A critic with parameters gets its own DDP wrapper (DDP refuses a module without any).
     parts.objective = (accelerator.prepare(parts.objective) if parts.learned_critic
                        else parts.objective.to(accelerator.device))
+    if cfg.objective.queue_size:
+        # MoCo's key encoder and head: an EMA copy of the online model, never DDP-wrapped (no gradient). Copied
+        # from the model DDP has just synchronised, as DINO's teacher loads student.module: a copy taken before
+        # the wrap would hold each rank's own seed's weights and fill the queue with other networks' keys.
+        parts.key_model = MomentumKeys(accelerator.unwrap_model(parts.model), cfg.model.momentum).to(accelerator.device)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched="cosine", num_epochs=cfg.optim.epochs, warmup_epochs=cfg.optim.warmup_epochs,
         updates_per_epoch=steps_per_epoch, min_lr=cfg.optim.min_lr, warmup_lr=0.0, step_on_epochs=False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -167,6 +168,27 @@ def test_global_batchnorm_refuses_batchnorm_subclasses_it_would_strip() -> None:
         convert_global_batchnorm(nn.Sequential(nn.Conv2d(1, 4, 3), BatchNormAct2d(4)))
 
 
+def test_gpu_sync_batchnorm_keeps_the_activation_of_timms_batchnorm_act() -> None:
+    """model.sync_bn on GPUs: timm's BatchNormAct2d (resnetv2, efficientnet) becomes SyncBatchNormAct with its
+    ReLU; torch's own conversion would make it a plain SyncBatchNorm without it (the check has teeth). The
+    conversion needs no GPU: only running SyncBatchNorm does."""
+    from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+    from pretrain.distributed import sync_batchnorm
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 4, 3), BatchNormAct2d(4, act_layer=nn.ReLU), nn.BatchNorm2d(4))
+
+    reference = model().eval()
+    converted = sync_batchnorm(copy.deepcopy(reference), "cuda").eval()
+    assert type(converted[1]) is SyncBatchNormAct and isinstance(converted[1].act, nn.ReLU)
+    assert type(converted[2]) is nn.SyncBatchNorm
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(converted(x), reference(x))  # eval mode: the same function, activation included
+    torch_converted = nn.SyncBatchNorm.convert_sync_batchnorm(model())
+    assert not hasattr(torch_converted[1], "act")  # what torch's conversion loses
+
+
 def test_gather_is_identity_without_process_group() -> None:
     from pretrain.distributed import gather_with_grad
 
@@ -239,3 +261,50 @@ def test_queue_wraps_around_keeping_the_newest_keys() -> None:
         q.push([torch.arange(start, start + 3, dtype=torch.float32)[:, None]])
     assert sorted(q.keys(0).flatten().tolist()) == [4, 5, 6, 7, 8]  # the 5 newest of 0..8
     assert int(q.filled) == 5
+
+
+def _key_model_worker(rank: int, tmp: str, port: int) -> None:
+    import os
+
+    from accelerate.utils import set_seed
+
+    from conftest import REPO
+    from pretrain.config import load_config
+    from pretrain.data.train_loader import build_train_data
+    from pretrain.distributed import make_accelerator
+    from pretrain.loop import build_optimizer, build_parts
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    cfg = load_config(str(REPO / "configs" / "synthetic_tiny.yaml"),
+                      ["objective.queue_size=64", "monitor.knn_every=0", "monitor.online_probe=false"])
+    accelerator, _ = make_accelerator(cfg.run.seed, "no")
+    assert accelerator.num_processes == WORLD
+    set_seed(cfg.run.seed + accelerator.process_index)  # as pretrain/main.py seeds each rank
+    data = build_train_data(cfg, accelerator)
+    parts = build_parts(cfg, data, accelerator)
+    built = {k: v.clone() for k, v in parts.model.state_dict().items()}  # this rank's own seed's weights
+    build_optimizer(cfg, parts, accelerator, len(data))
+    torch.save({"built": built, "online": accelerator.unwrap_model(parts.model).state_dict(),
+                "keys": parts.key_model.model.state_dict()}, f"{tmp}/rank{rank}.pt")
+    accelerator.wait_for_everyone()
+    dist.destroy_process_group()
+
+
+def test_momentum_key_model_is_rank_zeros_online_model_on_every_rank(tmp_path: Path) -> None:
+    """Issue 25: ranks seeded seed + rank build different networks; DDP's broadcast makes the online
+    models equal, and the key model, copied after it, must be that same network on every rank at step 0
+    (a copy taken before the wrap held each rank's own weights and filled the queue with their keys)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn_ranks(_key_model_worker, tmp_path, port, nprocs=WORLD)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    weights = [k for k, v in ranks[0]["built"].items() if v.is_floating_point() and "running" not in k]
+    assert any(not torch.equal(ranks[0]["built"][k], ranks[1]["built"][k]) for k in weights)  # the seeds differ
+    for r in ranks:
+        assert r["keys"].keys() == ranks[0]["online"].keys()
+        for k, v in ranks[0]["online"].items():
+            assert torch.equal(r["online"][k], v) and torch.equal(r["keys"][k], v), k

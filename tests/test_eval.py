@@ -461,3 +461,25 @@ def test_report_warns_about_a_weight_decay_at_the_edge(tmp_path: Path) -> None:
     md = (tmp_path / "report.md").read_text()
     assert "- `ours`: weight decay 0.001 is at the edge of the grid tried (1e-06, 1e-05, 0.0001, 0.001)" in md
     assert "`raw`: weight decay" not in md
+
+
+def test_eval_prints_each_row_and_the_time_left_from_the_rows_so_far(monkeypatch) -> None:
+    """After each scored row: its score and seconds, and the rows left at the mean cost so far plus the
+    supervised fits still ahead; a supervised row's own fit is not counted as scoring time; a stored row
+    is printed but not timed."""
+    import eval.progress
+
+    clock_times = iter([0.0, 40.0, 100.0, 100.5, 300.0])
+    monkeypatch.setattr(eval.progress.time, "perf_counter", lambda: next(clock_times))
+    lines: list[str] = []
+    clock = eval.progress.RowClock(3, [120.0], lines.append)
+    scored = {"kind": "ours", "probe_seconds": 1.0, "top1": 0.9, "knn": {"20": 0.8, "200": 0.7}}
+    clock.done({**scored, "name": "ours"})  # 40 s
+    clock.done({**scored, "name": "random init", "kind": "random_init"})  # 60 s
+    clock.done({"name": "AlexNet (stored)", "kind": "alexnet_supervised", "protocol": "supervised", "top1": 0.91})
+    clock.done({**scored, "name": "supervised", "kind": "supervised_encoder", "wall_s": 150.0})  # 199.5 s, 150 fitting
+    assert lines[0] == "eval: ours: top-1 90.00%, kNN k=20 80.00% (40 s)"
+    assert lines[1] == "expected: eval ends in about 3 min 20 s (2 row(s) to score at 40 s each, and 1 supervised fit(s) of about 2 min 00 s)"
+    assert lines[3] == "expected: eval ends in about 2 min 50 s (1 row(s) to score at 50 s each, and 1 supervised fit(s) of about 2 min 00 s)"
+    assert lines[4] == "eval: AlexNet (stored): top-1 91.00% (0 s)" and lines[5].startswith("eval: supervised: top-1")
+    assert len(lines) == 6  # nothing left to expect after the last row
