@@ -65,9 +65,7 @@ class EvalConfig:
     center_crop_ratio: float = _f(1.0, "eval transform: resize to size / ratio, centre crop (ImageNet: 0.875 = 256 -> 224)")
     protocol: str = _f("fast", choices_help("protocol", EVAL_CHOICES))
     weight_decays: list[float] = _f([1e-6, 1e-5, 1e-4, 1e-3], "fast probe: weight decays tried on the held-out 10% of train")
-    probe_steps: int = _f(100, "fast probe: L-BFGS iterations of the final fit (all of train, the chosen weight decay)")
-    probe_path_steps: int = _f(0, "fast probe: L-BFGS iterations of each fit along the weight-decay path, which only "
-                                  "choose the weight decay (0 = probe_steps)")
+    probe_steps: int = _f(100, "fast probe: L-BFGS iterations per fit")
     sgd: SGDProbeConfig = field(default_factory=SGDProbeConfig)
     knn_k: list[int] = _f([20, 200], "kNN neighbour counts (cosine, temperature-weighted votes); [] = no kNN")
     knn_temperature: float = _f(0.07, "kNN vote temperature")
@@ -106,8 +104,7 @@ def validate_eval(c: EvalConfig) -> None:
                                  EVAL_CHOICES["baselines.alexnet_optimizer"])):
         require(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
     require(len(c.weight_decays) >= 1 and min(c.weight_decays) >= 0, "weight_decays", "needs values >= 0")
-    require(c.probe_steps >= 1 and c.probe_path_steps >= 0, "probe_steps",
-            f"needs probe_steps >= 1 and probe_path_steps >= 0, got {c.probe_steps} and {c.probe_path_steps}")
+    require(c.probe_steps >= 1, "probe_steps", f"must be >= 1, got {c.probe_steps}")
     require(all(k >= 1 for k in c.knn_k), "knn_k", "needs values >= 1")
     require(c.limit_train >= 0 and c.limit_test >= 0, "limit_train", "limits must be >= 0")
     require(not ((c.train_beton or c.test_beton) and (c.limit_train or c.limit_test)), "limit_train",

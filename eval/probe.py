@@ -101,14 +101,12 @@ def choose_weight_decay(score: Callable[[float], float], grid: Sequence[float],
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  weight_decays: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3), held_out: float = 0.1,
-                 steps: int = 100, seed: int = 0, extend: int = 2, warm_start: bool = True,
-                 path_steps: int | None = None) -> ProbeResult:
+                 steps: int = 100, seed: int = 0, extend: int = 2, warm_start: bool = True) -> ProbeResult:
     """Standardise, choose weight decay on a held-out part of train (extending the grid by up to
     ``extend`` decades when the choice sits at its edge), retrain on all of train, test. With
     ``warm_start`` (protocol fast-v2) each fit starts from the nearest weight decay's solution and the
     refit from the chosen one's; without it every fit starts from the seeded init (fast-v1, kept for
-    benchmarks/probe_convergence.py). The fits along the path take ``path_steps`` L-BFGS iterations
-    (default ``steps``), the final refit ``steps``: the path fits only choose the weight decay.
+    benchmarks/probe_convergence.py).
 
     Args:
         train_x: N x F features, train_y: N labels; test_x: M x F, test_y: M.
@@ -127,7 +125,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
     def val_score(wd: float) -> float:
         start = fitted[min(fitted, key=lambda done: abs(decade(done) - decade(wd)))] if fitted and warm_start else None
-        clf = fitted[wd] = fit_linear(fit_x, fit_y, num_classes, wd, path_steps or steps, seed, start)
+        clf = fitted[wd] = fit_linear(fit_x, fit_y, num_classes, wd, steps, seed, start)
         with torch.no_grad():
             return topk_accuracy(clf(val_x), val_y, 1)
 

@@ -113,8 +113,7 @@ class Rows:
 
     def fast_row(self, name: str, kind: str, train_xy, test_xy, **extra: Any) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.perf_counter()
-        probe = linear_probe(*train_xy, *test_xy, tuple(cfg.weight_decays), steps=cfg.probe_steps, seed=cfg.seed,
-                             path_steps=cfg.probe_path_steps or cfg.probe_steps)
+        probe = linear_probe(*train_xy, *test_xy, tuple(cfg.weight_decays), steps=cfg.probe_steps, seed=cfg.seed)
         return {"name": name, "kind": kind, "protocol": "fast", "top1": probe.top1, "top5": probe.top5,
                 "knn": self.knn(train_xy, test_xy), "weight_decay": probe.weight_decay,
                 "weight_decay_at_edge": probe.at_edge, "weight_decays_tried": sorted(probe.val_top1),

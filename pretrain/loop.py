@@ -164,7 +164,13 @@ class Run:
             acc.unwrap_model(p.probe).load_state_dict(state["online_probe"])
             p.probe_optimizer.load_state_dict(state["online_probe_optimizer"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule is a pure function of the config and the step, so it is rebuilt from this run's config,
+        # not loaded: a checkpoint's scheduler state holds the old length, and a raised optim.epochs would then
+        # train its extra epochs at the old schedule's final lr (0).
+        saved_steps = (state.get("scheduler") or {}).get("t_initial", self.scheduler.t_initial)
+        if saved_steps != self.scheduler.t_initial and self.main:
+            print(f"optim.epochs changed: the lr schedule (warmup, then cosine) now spans {self.scheduler.t_initial:g} "
+                  f"steps instead of {saved_steps:g}, and resumes at step {self.progress.global_step} on it", flush=True)
         if acc.scaler is not None and state.get("scaler"):
             acc.scaler.load_state_dict(state["scaler"])
 

@@ -89,25 +89,6 @@ def test_probe_fits_follow_the_weight_decay_path_and_end_nearer_the_optimum() ->
     assert 0 < result.grad_max < cold.weight.grad.abs().max().item() / 3
 
 
-def test_path_fits_take_their_own_iterations_and_the_final_fit_the_full_budget(monkeypatch) -> None:
-    """probe_path_steps: the fits that only choose the weight decay take fewer L-BFGS iterations, the
-    final fit on all of train takes probe_steps, from the chosen fit's solution."""
-    import eval.probe
-
-    calls: list[tuple[int, int, bool]] = []  # (rows fitted, iterations, warm-started)
-
-    def recording(x, y, num_classes, weight_decay, steps=100, seed=0, start=None):
-        calls.append((len(x), steps, start is not None))
-        return fit_linear(x, y, num_classes, weight_decay, steps, seed, start)
-
-    monkeypatch.setattr(eval.probe, "fit_linear", recording)
-    (x, y), (xt, yt) = planted(1000), planted(200, seed=1)
-    linear_probe(x, y, xt, yt, (1e-2, 1e-3, 1e-4), steps=7, path_steps=3)
-    *path, final = calls
-    assert len(path) >= 3 and all(n == 900 and steps == 3 for n, steps, _ in path)
-    assert final == (1000, 7, True)
-
-
 def test_knn_of_several_k_in_one_pass_votes_as_each_k_alone() -> None:
     bank, labels = planted(300, classes=5, dim=8)
     queries, _ = planted(70, classes=5, dim=8, seed=1)
@@ -483,3 +464,26 @@ def test_eval_prints_each_row_and_the_time_left_from_the_rows_so_far(monkeypatch
     assert lines[3] == "expected: eval ends in about 2 min 50 s (1 row(s) to score at 50 s each, and 1 supervised fit(s) of about 2 min 00 s)"
     assert lines[4] == "eval: AlexNet (stored): top-1 91.00% (0 s)" and lines[5].startswith("eval: supervised: top-1")
     assert len(lines) == 6  # nothing left to expect after the last row
+
+
+def test_sgd_fits_draw_same_size_images_per_batch_and_others_per_image(tmp_path: Path) -> None:
+    """Rows.train_input: same-size images (Fashion-MNIST, synthetic) are collated as uint8 and cropped per
+    batch on the device, with no loader workers; other images (an image folder) get the torchvision
+    transform per image in the configured workers. Both give normalised crops of the fit's size."""
+    from eval.config import EvalConfig
+    from eval.rows import Rows
+    from pretrain.data.datasets import Subset
+
+    images = open_dataset("synthetic", "train", synthetic_size=8, synthetic_image_size=16)
+    mixed = Subset(images, list(range(8)))
+    mixed.same_size = False  # as an ImageFolder of JPEGs
+    rows = Rows(EvalConfig(num_workers=3), Accelerator(cpu=True), images, images, 16, tmp_path, "key")
+    data, augment, workers = rows.train_input(images, 12, 0.5)
+    assert workers == 0 and data[0]["views"][0].dtype == torch.uint8
+    crops = augment(torch.stack([data[i]["views"][0] for i in range(8)]), 0, 0)
+    assert crops.shape == (8, 3, 12, 12) and crops.dtype == torch.float32 and crops.min() < 0 < crops.max()
+    assert torch.equal(crops, augment(torch.stack([data[i]["views"][0] for i in range(8)]), 0, 0))  # (epoch, step) seed it
+    data, augment, workers = rows.train_input(mixed, 12, 0.5)
+    assert augment is None and workers == 3
+    view = data[0]["views"][0]
+    assert view.shape == (3, 12, 12) and view.dtype == torch.float32

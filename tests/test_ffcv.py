@@ -153,6 +153,14 @@ def test_writer_round_trip_and_json(tmp_path: Path) -> None:
         assert labels[i] == label and np.array_equal(images[i], image.numpy().transpose(1, 2, 0))
 
 
+def test_read_back_holds_past_the_batches_ffcv_reuses(tmp_path: Path) -> None:
+    """Issue 27.6: with 2000 images or more FFCV reuses its batch buffers, and a read-back that kept views
+    of them compared overwritten labels ("labels ... differ from the source at 0"). Each batch is copied."""
+    out = tmp_path / "fm.beton"
+    assert beton_main(["--dataset", "fashion_mnist", "--limit", "2600", "--out", str(out), "--write-mode", "raw",
+                       "--workers", "2"]) == 0
+
+
 def test_two_view_batches_follow_the_torchvision_recipe(tmp_path: Path) -> None:
     data = Ramps(512)
     path = write(data, tmp_path / "ramps.beton")

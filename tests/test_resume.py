@@ -126,3 +126,21 @@ def test_sigkill_with_queue_and_batch_views_resumes_queue_and_momentum_weights_e
     resumed = final_state(killed)
     for part in expected:
         assert_same(resumed[part], expected[part])
+
+
+def test_a_raised_epoch_budget_resumes_on_a_schedule_that_spans_it(run_dir: Path) -> None:
+    """Issue 27.1: rerunning a finished 2-epoch run with optim.epochs=3 trains 8 more steps on a cosine
+    that spans 24 steps (the checkpoint's scheduler state, 16 steps long, used to leave them at lr 0),
+    says so in one line, and moves the weights."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    base = [f"run.dir={run_dir}", "monitor.knn_every=0", "monitor.online_probe=false", "run.log_every=1"]
+    run_main(*base, "optim.epochs=2")
+    done = torch.load(run_dir / "checkpoints" / "step_00000016" / "state.pt", weights_only=True)["model"]
+    proc = run_main(*base, "optim.epochs=3")
+    assert "the lr schedule (warmup, then cosine) now spans 24 steps instead of 16, and resumes at step 16" in proc.stdout
+    lrs = {e.step: e.value for e in EventAccumulator(str(run_dir / "tb")).Reload().Scalars("train/lr")}
+    assert sorted(s for s in lrs if s > 16) == list(range(17, 25))
+    assert all(lrs[s] > 0 for s in range(17, 24)) and lrs[17] > lrs[23]  # the new cosine's tail, not zero
+    extended = torch.load(run_dir / "checkpoints" / "step_00000024" / "state.pt", weights_only=True)["model"]
+    assert any(not torch.equal(done[k], extended[k]) for k in done if done[k].is_floating_point())

@@ -215,7 +215,8 @@ def read_back(out: Path, dataset: ImageDataset, samples: int = 8) -> None:
     settings = json.loads(Path(str(out) + ".json").read_text())
     loader = Loader(str(out), batch_size=256, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
                     pipelines={"image": None, "label": [IntDecoder()]})
-    labels = np.concatenate([batch[0].reshape(-1) for batch in loader])
+    # Copied batch by batch: FFCV reuses its batch buffers, so a view kept past the next batch is overwritten.
+    labels = np.concatenate([np.array(batch[0]).reshape(-1) for batch in loader])
     if len(labels) != len(dataset):
         raise RuntimeError(f"read-back: {out} holds {len(labels)} samples, expected {len(dataset)}")
     # With replaced unreadable images the stored labels are their neighbours': nothing to compare.
