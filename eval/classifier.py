@@ -97,6 +97,9 @@ class LinearProbeModel(nn.Module):
             return self.head(features.float())
 
 
+Augment = Callable[[torch.Tensor, int, int], torch.Tensor]  # (uint8 batch, epoch, step in epoch) -> augmented input
+
+
 class NothingToTrain(RuntimeError):
     pass
 
@@ -134,7 +137,7 @@ def fit_classifier(
     stop: StopFlag | None = None,
     held_out: Callable[[nn.Module], float] | None = None,
     drop_last: bool = True,
-    augment: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+    augment: Augment | None = None,
 ) -> FitOutcome | None:
     """Train ``trainable`` (a part of ``model``: B x C x H x W -> B x classes logits) with cross-entropy.
 

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from eval.baselines import AlexNetConvFeatures, supervised_alexnet
-from eval.classifier import LinearProbeModel, SGDSchedule, fit_classifier
+from eval.classifier import Augment, LinearProbeModel, SGDSchedule, fit_classifier
 from eval.features import ConcatViewEncoders, assert_unchanged, fingerprint, pixel_features
 from eval.probe import linear_probe, topk_accuracy
 from eval.stored_baselines import alexnet_protocol, data_fingerprint, find_stored, store_dir, store_result
@@ -39,7 +39,6 @@ from pretrain.stop import StopFlag
 CONVERGENCE = {True: "", False: ", not converged", None: ", convergence unknown"}  # held-out curve -> row name
 Norm = tuple[Any, Any]  # (mean, std); (None, None) = the dataset's own
 NO_NORM: Norm = (None, None)
-Augment = Callable[[torch.Tensor, int, int], torch.Tensor]  # (uint8 batch, epoch, step in epoch) -> augmented input
 
 
 class Stopped(RuntimeError):
