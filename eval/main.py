@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from eval.config import EvalConfig, validate_eval
     from eval.features import EncoderChanged
     from eval.rows import Stopped
-    from pretrain.checkpoint import CheckpointError
+    from pretrain.checkpoint import SECOND_CTRL_C, CheckpointError, SaveInterrupted
     from pretrain.config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(description="Linear probe + kNN of frozen exported encoders, beside AlexNet.")
@@ -134,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, EncoderChanged, NothingToTrain) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (SaveInterrupted, KeyboardInterrupt) as e:  # a second Ctrl-C: the user would not wait for the save
+        print(f"error: {str(e) or SECOND_CTRL_C}", file=sys.stderr)
+        return 130
     except CheckpointError as e:  # every checkpoint of a fit damaged, or the disk full at a save
         print(f"error: {e}", file=sys.stderr)
         return 1

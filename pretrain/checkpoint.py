@@ -86,6 +86,36 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted((p for p in root.glob("step_*") if (p / STATE_FILE).is_file()), reverse=True)
 
 
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Delete ``.tmp_step_*`` dirs that a killed save (SIGKILL, a lost node) left in ``root``; returns them.
+
+    Call only from the loop that owns ``root`` before it saves: pretraining holds the run-dir lock,
+    and an eval owns its output dir. So no live save can be writing one of these.
+    """
+    stale = sorted(root.glob(".tmp_step_*")) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+SECOND_CTRL_C = ("stopped by a second Ctrl-C without saving; the checkpoints already written are kept. "
+                 "Rerun the same command to resume")
+
+
+class SaveInterrupted(CheckpointError):
+    """A second Ctrl-C during a save; the partial save was removed, earlier checkpoints are intact."""
+
+
+def _interrupted(e: BaseException | None) -> bool:
+    """A KeyboardInterrupt anywhere in the chain: torch's zip writer turns one raised mid-write into
+    a RuntimeError ("enforce fail at inline_container.cc") whose context is the interrupt."""
+    while e is not None:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class _HashingWriter(io.RawIOBase):
     """A file that hashes what is written to it, so the checksum costs no second read."""
 
@@ -125,8 +155,13 @@ def save(root: Path, state: dict[str, Any], global_step: int, keep: int) -> Path
             json.dump(manifest, f)
             f.flush()
             os.fsync(f.fileno())
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, KeyboardInterrupt) as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _interrupted(e):
+            previous = checkpoint_dirs(root)
+            safe = f"the last checkpoint {previous[0]} is intact" if previous else "no earlier checkpoint exists"
+            raise SaveInterrupted(f"the save of {final.name} was interrupted by a second Ctrl-C and removed; {safe}. "
+                                  "Rerun the same command to resume") from None
         if not _out_of_space(e):
             raise
         raise _disk_full(root, final, writer.size if writer else 0) from None

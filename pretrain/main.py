@@ -136,7 +136,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pretrain.checkpoint import CheckpointError
+    from pretrain.checkpoint import SECOND_CTRL_C, CheckpointError, SaveInterrupted
     from pretrain.config import ConfigError, load_config
     from pretrain.engine import NonFiniteLoss
 
@@ -150,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except (SaveInterrupted, KeyboardInterrupt) as e:  # a second Ctrl-C: the user would not wait for the save
+        print(f"error: {str(e) or SECOND_CTRL_C}", file=sys.stderr)
+        return 130
     except CheckpointError as e:  # every checkpoint damaged, or the disk full at a save
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -29,6 +29,9 @@ class Resumable:
     def resume(self, fresh_start_hint: str) -> tuple[dict[str, Any], Path] | None:
         """(the caller's state, its path) from the newest intact checkpoint, with the position and this
         rank's RNG already restored; None when there is none. All damaged: CheckpointError naming them."""
+        if self.accelerator.is_main_process:
+            for stale in ckpt.remove_stale_temporaries(self.directory):
+                print(f"removed {stale}: the partial save of a run that was killed mid-save", flush=True)
         loaded = ckpt.load_latest(self.directory, fresh_start_hint)
         if loaded:
             state, _ = loaded

@@ -163,6 +163,55 @@ def test_disk_full_at_a_save_removes_the_partial_dir_and_names_the_safe_checkpoi
     assert torch.equal(ckpt.load_latest(tmp_path, "")[0]["weights"], state["weights"])
 
 
+def test_second_ctrl_c_during_a_save_removes_the_partial_dir_and_says_so_in_one_line(tmp_path: Path,
+                                                                                       monkeypatch) -> None:
+    state = {"weights": torch.randn(50_000)}
+    first = ckpt.save(tmp_path, state, 4, keep=2)
+    real_write = ckpt._HashingWriter.write
+
+    def write_until_ctrl_c(self, data):
+        if self.size > 20_000:
+            raise KeyboardInterrupt  # what StopFlag raises on the second SIGINT
+        return real_write(self, data)
+
+    monkeypatch.setattr(ckpt._HashingWriter, "write", write_until_ctrl_c)
+    with pytest.raises(ckpt.SaveInterrupted) as caught:  # not torch's "enforce fail at inline_container.cc"
+        ckpt.save(tmp_path, state, 8, keep=2)
+    assert "step_00000008 was interrupted by a second Ctrl-C" in str(caught.value)
+    assert f"{first} is intact" in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004"]
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt(), ckpt.SaveInterrupted("the save of step_00000008 was ...")])
+def test_second_ctrl_c_ends_pretraining_with_one_line_and_exit_130(raised: BaseException, monkeypatch, capsys) -> None:
+    import pretrain.main
+
+    def interrupted(cfg):
+        raise raised
+
+    monkeypatch.setattr(pretrain.main, "train", interrupted)
+    assert pretrain.main.main(["--config", str(TINY)]) == 130
+    line, = capsys.readouterr().err.splitlines()
+    assert line == f"error: {raised}" if str(raised) else line == f"error: {ckpt.SECOND_CTRL_C}"
+
+
+def test_partial_saves_of_a_killed_run_are_removed_when_the_loop_resumes(tmp_path: Path, capsys) -> None:
+    from types import SimpleNamespace
+
+    from pretrain.resumable import Resumable
+
+    good = ckpt.save(tmp_path, {"weights": torch.ones(3), "progress": vars(ckpt.Progress(global_step=4)),
+                                "rng": [ckpt.rng_state()]}, 4, keep=2)
+    stale = tmp_path / ".tmp_step_00000008_4242"  # what SIGKILL mid-save leaves: state.pt cut, no manifest
+    stale.mkdir()
+    (stale / ckpt.STATE_FILE).write_bytes(b"PK\x03\x04 cut short")
+    loop = Resumable(SimpleNamespace(is_main_process=True, process_index=0), tmp_path, keep=2)
+    state, path = loop.resume("")
+    assert path == good and loop.progress.global_step == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004"]
+    assert f"removed {stale}" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_ranks_whose_launcher_died_stop_at_the_next_step_with_a_checkpoint(run_dir: Path) -> None:
     launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
