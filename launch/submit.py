@@ -13,6 +13,7 @@ cause is reported in one line before anything is submitted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import shutil
 import subprocess
@@ -94,6 +95,15 @@ def make_executor(cluster: str, folder: Path, max_requeues: int, dry_run: bool) 
     return submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=max_requeues)
 
 
+def remove_empty_tree(top: Path) -> None:
+    """Remove ``top`` and the directories under it, if they hold no file (a non-empty one stays)."""
+    for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    with contextlib.suppress(OSError):
+        top.rmdir()
+
+
 def known_partitions() -> list[str]:
     out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30)
     if out.returncode != 0:
@@ -149,6 +159,7 @@ def submit(args: argparse.Namespace) -> list[Any]:  # noqa: C901 - validation, t
     # ------------------------------------------------------------------ executor
     first = Path(runs[0].run.dir)
     folder = Path(args.logs).resolve() if args.logs else (first if len(runs) == 1 else first.parent) / "slurm"
+    made_by_executor = next((d for d in reversed([folder, *folder.parents]) if not d.exists()), None)
     executor = make_executor(args.cluster, folder / "%j", args.max_requeues, dry_run=args.dry_run)
     params: dict[str, Any] = {"nodes": args.nodes, "tasks_per_node": tasks, "cpus_per_task": args.cpus_per_task,
                               "timeout_min": minutes(args.time),
@@ -172,6 +183,8 @@ def submit(args: argparse.Namespace) -> list[Any]:  # noqa: C901 - validation, t
             print(f"# resolved config for {cfg.run.dir}\n{to_yaml(cfg)}")
         for ecfg in eval_cfgs:
             print(f"# eval config (after pretraining succeeds)\n{OmegaConf.to_yaml(OmegaConf.structured(ecfg))}")
+        if made_by_executor is not None:  # submitit's local executor makes its log folder: a dry run writes nothing
+            remove_empty_tree(made_by_executor)
         return []
 
     # ------------------------------------------------------------------ submit

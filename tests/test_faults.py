@@ -258,6 +258,24 @@ def test_identical_weights_export_to_an_identical_file_in_every_process(tmp_path
     assert len(hashes) == 1
 
 
+def test_local_dry_run_writes_nothing_so_the_real_run_may_claim_the_dir(tmp_path: Path) -> None:
+    """submitit's local executor makes its log folder when built; a dry run must leave no RUN/slurm/ behind,
+    or the real submission would refuse RUN as a directory infomax did not create."""
+    (tmp_path / "kept").mkdir()  # an existing empty parent stays
+    run_dir = tmp_path / "kept" / "r"
+    submit = [sys.executable, str(REPO / "launch" / "submit.py"), "--config", str(TINY), f"run.dir={run_dir}",
+              "--cluster", "local"]
+    proc = subprocess.run([*submit, "--dry-run"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and "# resolved config for" in proc.stdout, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
+    from launch.submit import remove_empty_tree
+
+    (run_dir / "slurm" / "1").mkdir(parents=True)
+    (run_dir / "user.txt").write_text("mine")
+    remove_empty_tree(run_dir)  # only the empty directories go
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == ["user.txt"]
+
+
 def test_slurm_dry_run_prints_the_script_on_a_machine_without_slurm(tmp_path: Path) -> None:
     no_slurm = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no sbatch, srun or sinfo
     args = [sys.executable, str(REPO / "launch" / "submit.py"), "--config", str(TINY), f"run.dir={tmp_path / 'r'}",
@@ -266,6 +284,7 @@ def test_slurm_dry_run_prints_the_script_on_a_machine_without_slurm(tmp_path: Pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "#SBATCH --nodes=2" in proc.stdout and "#SBATCH --partition=gpu" in proc.stdout
     assert "# resolved config for" in proc.stdout
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
     proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=no_slurm, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: sbatch is not on PATH: run this on a SLURM login node, or use --cluster local"], proc.stderr
