@@ -6,15 +6,19 @@ Shared by ``pretrain/main.py`` (checked before anything is written) and ``launch
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from pretrain.config import YAML_1_2, Config, ConfigError, to_yaml, upgrade_renamed
+from ruamel.yaml import YAMLError
+
+from pretrain.config import YAML_1_2, Config, ConfigError, _yaml_problem, to_yaml, upgrade_renamed
 
 MARKER = "infomax-run.json"  # written into every run dir infomax creates
 LOCK_FILE = ".lock"
@@ -66,13 +70,48 @@ def check_run_dir(cfg: Config) -> None:
         raise RunDirError(f"run.dir '{run_dir}' is a non-empty directory that infomax did not create; "
                           "pick a new or empty run.dir (nothing was written)")
     saved = run_dir / "config.yaml"
-    if saved.is_file():
-        differing = config_differences(saved.read_text(), cfg)
-        if differing:
-            shown = ", ".join(differing[:6]) + (f" and {len(differing) - 6} more" if len(differing) > 6 else "")
-            raise RunDirError(f"run.dir '{run_dir}' belongs to a different config ({shown} differ); pick a new "
-                              f"run.dir, or rerun with the config in {saved} (only budgets such as optim.epochs "
-                              "and run.max_steps may change)")
+    if not saved.is_file() or not has_checkpointed(run_dir):
+        return  # nothing to resume: a run that never saved (e.g. it failed at its first step) may start over
+    check_saved_config(saved)
+    differing = config_differences(saved.read_text(), cfg)
+    if differing:
+        shown = ", ".join(differing[:6]) + (f" and {len(differing) - 6} more" if len(differing) > 6 else "")
+        raise RunDirError(f"run.dir '{run_dir}' belongs to a different config ({shown} differ); pick a new "
+                          f"run.dir, or rerun with the config in {saved} (only budgets such as optim.epochs "
+                          "and run.max_steps may change)")
+
+
+def has_checkpointed(run_dir: Path) -> bool:
+    """Whether any save finished in ``run_dir`` (an intact checkpoint or not: its config still binds the dir)."""
+    return any((run_dir / "checkpoints").glob("step_*/state.pt"))
+
+
+def check_saved_config(saved: Path) -> None:
+    """RunDirError, with the way to restore it, when ``saved`` (a run dir's config.yaml) is not a config."""
+    text = saved.read_text(errors="replace")
+    try:
+        tree = YAML_1_2.load(text)
+        problem = "" if isinstance(tree, dict) and tree else "is empty" if tree is None else f"holds a {type(tree).__name__}"
+    except YAMLError as e:
+        problem = f"is not valid YAML ({_yaml_problem(e)})"
+    if not problem and not text.endswith("\n"):  # to_yaml ends every file with one; a cut can still parse
+        problem = "is cut short (its last line has no end)"
+    if problem:
+        raise RunDirError(f"{saved} {problem}: the run dir's record of its experiment is damaged. Restore it from "
+                          f"the newest checkpoint with: python -m pretrain.run_dir --restore-config {saved.parent}")
+
+
+def restore_config(run_dir: Path) -> Path:
+    """Rewrite ``run_dir/config.yaml`` from the config its newest intact checkpoint holds."""
+    from pretrain import checkpoint as ckpt
+
+    loaded = ckpt.load_latest(run_dir / "checkpoints", "")
+    if loaded is None:
+        raise RunDirError(f"'{run_dir}' has no checkpoint to restore config.yaml from; pick a new run.dir")
+    state, path = loaded
+    saved = run_dir / "config.yaml"
+    saved.write_text(f"# git revision: restored from {path.name}\n" + state["config"])
+    return saved
 
 
 def check_writable(run_dir: Path) -> None:
@@ -144,3 +183,23 @@ class RunDirLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.run_dir", description="Repair a run dir.")
+    parser.add_argument("--restore-config", type=Path, metavar="RUN_DIR", required=True,
+                        help="rewrite RUN_DIR/config.yaml from its newest intact checkpoint")
+    args = parser.parse_args(argv)
+    from pretrain.checkpoint import CheckpointError
+
+    try:
+        saved = restore_config(args.restore_config)
+    except (RunDirError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"restored {saved} from the newest checkpoint; rerun the same command to resume")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -53,6 +53,35 @@ def test_run_dir_with_another_config_is_refused_before_anything_is_written(run_d
     assert "resumed from" in proc.stdout and "step 6/6" in proc.stdout
 
 
+@pytest.mark.parametrize("damage", ["emptied", "cut_in_half"])
+def test_damaged_run_dir_config_says_so_and_is_restored_from_the_checkpoint(run_dir: Path, damage: str) -> None:
+    run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+    saved = run_dir / "config.yaml"
+    text = saved.read_text()
+    cut = text.index("\n", len(text) // 2) - 2  # mid-line: what a partial copy or a full disk leaves
+    saved.write_text("" if damage == "emptied" else text[:cut])
+    before = snapshot(run_dir)
+    line = one_line_error(run_main(f"run.dir={run_dir}", "run.max_steps=6", *FAST, check=False), 2)
+    assert f"{saved} is empty" in line if damage == "emptied" else f"{saved} is " in line
+    assert f"python -m pretrain.run_dir --restore-config {run_dir}" in line and "different config" not in line
+    assert snapshot(run_dir) == before
+    restore = subprocess.run([sys.executable, "-m", "pretrain.run_dir", "--restore-config", str(run_dir)],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert restore.returncode == 0, restore.stderr
+    assert saved.read_text().partition("\n")[2] == text.partition("\n")[2]
+    proc = run_main(f"run.dir={run_dir}", "run.max_steps=6", *FAST)
+    assert "resumed from" in proc.stdout and "step 6/6" in proc.stdout
+
+
+def test_run_dir_that_never_checkpointed_may_start_over_with_another_config(run_dir: Path) -> None:
+    run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+    shutil.rmtree(run_dir / "checkpoints")  # as a run that failed at its first step leaves it
+    shutil.rmtree(run_dir / "export")
+    proc = run_main(f"run.dir={run_dir}", "run.max_steps=4", "optim.lr=0.5", *FAST)
+    assert "step 4/4" in proc.stdout and "optim:\n" in (run_dir / "config.yaml").read_text()
+    assert "lr: 0.5" in (run_dir / "config.yaml").read_text()
+
+
 def test_foreign_directory_is_refused_and_left_alone(tmp_path: Path) -> None:
     other = tmp_path / "some-other-project"
     other.mkdir()
