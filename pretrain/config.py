@@ -252,7 +252,7 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), schema: 
         try:
             parsed = YAML_1_2.load(value)
         except YAMLError as e:
-            raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)}); quote it or "
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({yaml_problem(e)}); quote it or "
                               "fix the brackets, e.g. model.head_dims=[512,128]") from None
         try:
             OmegaConf.update(cfg, key.strip(), parsed, merge=True)
@@ -263,7 +263,7 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), schema: 
     return config
 
 
-def _yaml_problem(e: YAMLError) -> str:
+def yaml_problem(e: YAMLError) -> str:
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
     return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
@@ -274,7 +274,7 @@ def _load_yaml(path: Path) -> DictConfig:
     try:
         loaded = YAML_1_2.load(path)
     except YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {_yaml_problem(e)}") from None
+        raise ConfigError(f"config file '{path}' is not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(loaded, dict):
         kind = {list: "list", type(None): "nothing"}.get(type(loaded), type(loaded).__name__)
         raise ConfigError(f"config file '{path}' holds a {kind}, not a mapping of sections; write it as keys such "

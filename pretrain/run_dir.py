@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from ruamel.yaml import YAMLError
 
-from pretrain.config import YAML_1_2, Config, ConfigError, _yaml_problem, to_yaml, upgrade_renamed
+from pretrain.config import YAML_1_2, Config, ConfigError, yaml_problem, to_yaml, upgrade_renamed
 
 MARKER = "infomax-run.json"  # written into every run dir infomax creates
 LOCK_FILE = ".lock"
@@ -93,7 +93,7 @@ def check_saved_config(saved: Path) -> None:
         tree = YAML_1_2.load(text)
         problem = "" if isinstance(tree, dict) and tree else "is empty" if tree is None else f"holds a {type(tree).__name__}"
     except YAMLError as e:
-        problem = f"is not valid YAML ({_yaml_problem(e)})"
+        problem = f"is not valid YAML ({yaml_problem(e)})"
     if not problem and not text.endswith("\n"):  # to_yaml ends every file with one; a cut can still parse
         problem = "is cut short (its last line has no end)"
     if problem:
