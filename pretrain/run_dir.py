@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from ruamel.yaml import YAMLError
 
-from pretrain.config import YAML_1_2, Config, ConfigError, yaml_problem, to_yaml, upgrade_renamed
+from pretrain.config import YAML_1_2, Config, ConfigError, to_yaml, upgrade_renamed, yaml_problem
 
 MARKER = "infomax-run.json"  # written into every run dir infomax creates
 LOCK_FILE = ".lock"
