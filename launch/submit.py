@@ -105,10 +105,17 @@ def remove_empty_tree(top: Path) -> None:
 
 
 def known_partitions() -> list[str]:
-    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30)
+    """The cluster's partitions; asking also proves that a controller answers, before anything is written."""
+    way_out = "is SLURM reachable from here (scontrol ping, SLURM_CONF)? Use --cluster local to run without SLURM"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise SubmitError(f"sbatch is on PATH but sinfo is not: {way_out}") from None
+    except subprocess.TimeoutExpired:
+        raise SubmitError(f"sinfo got no answer from the SLURM controller in 60 s: {way_out}") from None
     if out.returncode != 0:
-        raise SubmitError(f"sinfo failed ({out.stderr.strip() or out.returncode}): is SLURM reachable from here "
-                          "(SLURM_CONF)? Use --cluster local to run without SLURM")
+        problem = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+        raise SubmitError(f"sinfo failed ({problem}): {way_out}")
     return [p.rstrip("*") for p in out.stdout.split()]
 
 
@@ -150,7 +157,8 @@ def submit(args: argparse.Namespace) -> list[Any]:  # noqa: C901 - validation, t
     if args.cluster == "slurm" and not args.dry_run:
         if shutil.which("sbatch") is None:
             raise SubmitError("sbatch is not on PATH: run this on a SLURM login node, or use --cluster local")
-        if args.partition and args.partition not in (parts := known_partitions()):
+        parts = known_partitions()  # also fails, in one line, when no controller answers
+        if args.partition and args.partition not in parts:
             raise SubmitError(f"--partition '{args.partition}' is not a partition of this cluster "
                               f"(sinfo knows: {', '.join(parts)})")
     if args.max_requeues < 0 or args.nodes < 1 or args.cpus_per_task < 1:

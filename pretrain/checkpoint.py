@@ -158,9 +158,8 @@ def save(root: Path, state: dict[str, Any], global_step: int, keep: int) -> Path
     except (OSError, RuntimeError, KeyboardInterrupt) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if _interrupted(e):
-            previous = checkpoint_dirs(root)
-            safe = f"the last checkpoint {previous[0]} is intact" if previous else "no earlier checkpoint exists"
-            raise SaveInterrupted(f"the save of {final.name} was interrupted by a second Ctrl-C and removed; {safe}. "
+            raise SaveInterrupted(f"the save of {final.name} was interrupted by a second Ctrl-C and removed; "
+                                  f"{_what_is_safe(checkpoint_dirs(root))}. "
                                   "Rerun the same command to resume") from None
         if not _out_of_space(e):
             raise
@@ -182,14 +181,19 @@ def _out_of_space(e: BaseException | None) -> bool:
     return False
 
 
+def _what_is_safe(previous: list[Path]) -> str:
+    """What a failed save leaves to resume from, given the checkpoints newest first."""
+    return f"the last checkpoint {previous[0]} is intact" if previous else "no earlier checkpoint exists"
+
+
 def _disk_full(root: Path, final: Path, written: int) -> DiskFull:
     previous = checkpoint_dirs(root)
     # Checkpoints of one run are all about the same size: the last one is the best estimate of the need.
     needed = max(written, (previous[0] / STATE_FILE).stat().st_size if previous else 0)
     free = shutil.disk_usage(root).free
-    safe = f"the last checkpoint {previous[0]} is intact" if previous else "no earlier checkpoint exists"
     return DiskFull(f"no space left on the device of {root} while writing {final.name}: it needs about "
-                    f"{needed / 1e6:.0f} MB, {free / 1e6:.0f} MB are free; {safe} and the partial save was removed. "
+                    f"{needed / 1e6:.0f} MB, {free / 1e6:.0f} MB are free; {_what_is_safe(previous)} and the partial "
+                    "save was removed. "
                     "Free some space and rerun the same command to resume")
 
 

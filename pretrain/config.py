@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 from ruamel.yaml import YAML, YAMLError
 
@@ -254,6 +254,7 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), schema: 
         except YAMLError as e:
             raise ConfigError(f"override '{item}': the value is not valid YAML ({yaml_problem(e)}); quote it or "
                               "fix the brackets, e.g. model.head_dims=[512,128]") from None
+        _check_list_index(cfg, key.strip(), item)
         try:
             OmegaConf.update(cfg, key.strip(), parsed, merge=True)
         except OmegaConfBaseException as e:
@@ -261,6 +262,21 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), schema: 
     config = OmegaConf.to_object(cfg)
     check(config)
     return config
+
+
+def _check_list_index(cfg: DictConfig, key: str, item: str) -> None:
+    """``data.views.5.size`` with two views names the views there are (OmegaConf's own message does not)."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        if not parts[i].isdigit():
+            continue
+        parent = ".".join(parts[:i])
+        items = OmegaConf.select(cfg, parent, default=None)
+        if isinstance(items, ListConfig) and int(parts[i]) >= len(items):
+            n = len(items)
+            numbered = {0: "none yet", 1: "numbered 0", 2: "numbered 0 and 1"}.get(n, f"numbered 0 to {n - 1}")
+            raise ConfigError(f"override '{item}': '{parent}' has {n} entries ({numbered}); set an existing one, "
+                              f"or give the whole list, e.g. {parent}=[{{size: 16}}, {{size: 16}}]")
 
 
 def yaml_problem(e: YAMLError) -> str:
@@ -296,10 +312,12 @@ def validate(c: Config) -> None:
     o, d, r, m = c.optim, c.data, c.run, c.model
     _require(d.format != "ffcv" or bool(d.path), "data.path",
              "data.format=ffcv reads a .beton: give data.path=train.beton (write it with python -m pretrain.data.beton)")
-    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _require(math.isfinite(o.lr) and o.lr > 0, "optim.lr", f"must be a finite number > 0, got {o.lr}")
     _require(o.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
     _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _require(o.epochs > 0, "optim.epochs", f"must be > 0, got {o.epochs}")
+    _require(math.isfinite(o.epochs) and o.epochs > 0, "optim.epochs", f"must be a finite number > 0, got {o.epochs}")
+    _require(math.isfinite(o.warmup_epochs), "optim.warmup_epochs", f"must be finite, got {o.warmup_epochs}")
+    _require(0 <= r.seed < 2**31, "run.seed", f"must be in [0, 2**31), as numpy's generators need, got {r.seed}")
     _require(o.batch_size_per_process >= 2, "optim.batch_size_per_process",
              f"must be >= 2 (InfoNCE needs negatives), got {o.batch_size_per_process}")
     _require(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")

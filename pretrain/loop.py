@@ -25,7 +25,7 @@ from pretrain.engine import StepResult, train_step
 from pretrain.export import export_encoder
 from pretrain.features import ImageListDataset, knn_monitor
 from pretrain.hardware import Precision, describe_machine
-from pretrain.models import LocalGlobalModel, MultiViewModel, width_kwargs
+from pretrain.models import LocalGlobalModel, MultiViewModel, check_takes_views, width_kwargs
 from pretrain.momentum import MomentumKeys
 from pretrain.objectives import build_objective
 from pretrain.online_probe import OnlineProbe
@@ -57,6 +57,8 @@ def build_parts(cfg: Config, data: TrainData, accelerator: Accelerator) -> Parts
         model: nn.Module = LocalGlobalModel(cfg.model, views[0], len(views), stages)
     else:
         model = MultiViewModel(cfg.model, views, len(views))
+    sizes = [v.size for v in cfg.data.views for _ in range(2 if data.lab else 1)]  # Lab: an L and an ab view each
+    check_takes_views(model, cfg.model.arch, list(zip(views, sizes)))
     if cfg.model.sync_bn and accelerator.num_processes > 1:
         # Per-rank BN statistics let a contrastive model find its positives through batch statistics,
         # and make W ranks differ from one process with the W*B batch.

@@ -72,6 +72,25 @@ def encoder_from_config(cfg: ModelConfig, in_chans: int) -> nn.Module:
     return create_encoder(cfg.arch, in_chans, cfg.small_input, cfg.stem_stride, width_kwargs(cfg.arch, cfg.width))
 
 
+def check_takes_views(model: nn.Module, arch: str, shapes: list[tuple[int, int]]) -> None:
+    """One forward of two blank images per view, ``shapes[v]`` = (channels, pixels): an architecture that
+    cannot take the views' size (a ViT built for 224 px, a ResNet that pools 8 px away) stops here, before
+    the run dir is claimed, instead of at step 1. Eval mode and blank images: no RNG draw, no BN update."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model([torch.zeros(2, c, s, s) for c, s in shapes])
+    except (AssertionError, RuntimeError, ValueError) as e:
+        sizes = sorted({s for _, s in shapes})
+        raise ConfigError(f"bad value for config key 'model.arch': '{arch}' cannot take the {' and '.join(map(str, sizes))} px "
+                          f"views of data.views ({str(e).splitlines()[0] if str(e) else type(e).__name__}); use "
+                          "views of the size it is built for, or an arch for small images, e.g. model.arch=resnet18 "
+                          "model.small_input=true") from None
+    finally:
+        model.train(was_training)
+
+
 def projection_head(in_dim: int, dims: list[int], bn: bool) -> nn.Sequential:
     """MLP in_dim -> dims[0] -> ... -> dims[-1], with BN + ReLU between layers."""
     layers: list[nn.Module] = []

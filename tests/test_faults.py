@@ -317,3 +317,72 @@ def test_slurm_dry_run_prints_the_script_on_a_machine_without_slurm(tmp_path: Pa
     proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=no_slurm, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: sbatch is not on PATH: run this on a SLURM login node, or use --cluster local"], proc.stderr
+
+
+def _damaged_fashion_mnist(tmp_path: Path, kind: str) -> str:
+    """A copy of the Fashion-MNIST files whose train images are cut short, gzipped or raw."""
+    import gzip
+
+    from pretrain.data.datasets import FMNIST_DEFAULT_ROOT
+
+    root = tmp_path / f"fm_{kind}"
+    shutil.copytree(FMNIST_DEFAULT_ROOT, root)
+    images = root / "train-images-idx3-ubyte.gz"
+    if kind == "idx":
+        raw = gzip.decompress(images.read_bytes())
+        images.unlink()
+        images = root / "train-images-idx3-ubyte"
+        images.write_bytes(raw)
+    images.write_bytes(images.read_bytes()[: images.stat().st_size // 2])
+    return str(root)
+
+
+def _half_copied_beton(tmp_path: Path) -> str:
+    out = tmp_path / "half.beton"
+    subprocess.run([sys.executable, "-m", "pretrain.data.beton", "--dataset", "synthetic", "--limit", "64",
+                    "--out", str(out)], check=True, capture_output=True, cwd=REPO, timeout=300)
+    out.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
+    return str(out)
+
+
+def _slurm_without_a_controller(tmp_path: Path) -> dict[str, str]:
+    """sbatch and sinfo on PATH, answering as they do when slurmctld is down."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sbatch", "sinfo"):
+        (bin_dir / tool).write_text("#!/bin/sh\necho 'slurm_load_partitions: Unable to contact slurm controller "
+                                    "(connect failure)' >&2\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+BAD_INPUTS = {  # name: (what to pass, given tmp_path; a phrase the error must contain)
+    "truncated_gz": (lambda t: ["data.dataset=fashion_mnist", f"data.root={_damaged_fashion_mnist(t, 'gz')}"],
+                     "is a damaged gzip file"),
+    "truncated_idx": (lambda t: ["data.dataset=fashion_mnist", f"data.root={_damaged_fashion_mnist(t, 'idx')}"],
+                      "so it was cut short"),
+    "half_copied_beton": (lambda t: ["data.format=ffcv", f"data.path={_half_copied_beton(t)}"],
+                          "the copy is incomplete"),
+    "epochs_inf": (lambda t: ["optim.epochs=inf"], "'optim.epochs': must be a finite number > 0, got inf"),
+    "negative_seed": (lambda t: ["run.seed=-1"], "'run.seed': must be in [0, 2**31)"),
+    "view_out_of_range": (lambda t: ["data.views.5.size=8"], "'data.views' has 2 entries (numbered 0 and 1)"),
+    "vit_on_16px_views": (lambda t: ["model.arch=vit_tiny_patch16_224", "model.small_input=false"],
+                          "'vit_tiny_patch16_224' cannot take the 16 px views"),
+    "slurm_controller_down": (None, "sinfo failed (slurm_load_partitions: Unable to contact slurm controller"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_stops_with_one_line_exit_2_and_writes_nothing(tmp_path: Path, case: str) -> None:
+    """Each of these used to end in a traceback (EOFError, negative dimensions, OverflowError, ...), some
+    after the run dir was claimed. Each line names the file or key, what was expected and the way out."""
+    run_dir = tmp_path / "run"
+    make_args, phrase = BAD_INPUTS[case]
+    if make_args is None:  # launch/submit.py, with sbatch on PATH but no controller reachable
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--config", str(TINY),
+                               f"run.dir={run_dir}"], capture_output=True, text=True, cwd=REPO, timeout=120,
+                              env=_slurm_without_a_controller(tmp_path))
+    else:
+        proc = run_main(f"run.dir={run_dir}", *make_args(tmp_path), *FAST, check=False)
+    assert phrase in one_line_error(proc, 2)
+    assert not run_dir.exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -80,12 +81,25 @@ class ImageDataset(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------- Fashion-MNIST
 def _read_idx(path: Path) -> np.ndarray:
     """Read an idx (optionally .gz) file as a numpy array (LeCun's MNIST format)."""
+    way_out = ("reinstall it with 'apt-get install --reinstall dataset-fashion-mnist', or copy it again "
+               "into data.root")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"'{path}' is a damaged gzip file ({e}): {way_out}") from None
+    # idx: two zero bytes, the type (0x08 = uint8), the number of dimensions, then each size as 4 bytes.
+    ndim = data[3] if len(data) >= 4 else 0
+    header = 4 + 4 * ndim
+    if len(data) < header or data[:3] != b"\x00\x00\x08" or ndim == 0:
+        raise DataError(f"'{path}' is not a uint8 idx file (LeCun's MNIST format): {way_out}")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    expected = header + math.prod(shape)
+    if len(data) != expected:
+        raise DataError(f"'{path}' holds {len(data)} bytes where its header promises {expected} "
+                        f"({' x '.join(map(str, shape))} images), so it was cut short: {way_out}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def _find_idx(base: Path, stem: str) -> Path | None:

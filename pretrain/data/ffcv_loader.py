@@ -45,7 +45,17 @@ class BetonInfo:
         if not meta.is_file():
             raise ConfigError(f"'{meta}' is missing: write the .beton with python -m pretrain.data.beton, which "
                               "stores its settings there")
-        settings = json.loads(meta.read_text())
+        try:
+            settings = json.loads(meta.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"'{meta}' is damaged ({e}): write the .beton again with python -m pretrain.data.beton") \
+                from None
+        # The writer records the file's size: a .beton cut short (a copy that stopped) fails inside FFCV's reader
+        # with "negative dimensions", so it is named here.
+        if "bytes" in settings and (size := beton.stat().st_size) != settings["bytes"]:
+            raise ConfigError(f"'{path}' holds {size} bytes where its writer wrote {settings['bytes']} ('{meta}'): "
+                              "the copy is incomplete or the file was changed; copy it again, or write it again "
+                              "with python -m pretrain.data.beton")
         self.settings = settings
         self.channels, self.num_classes = int(settings["channels"]), int(settings["num_classes"])
         self.mean, self.std = tuple(settings["mean"]), tuple(settings["std"])
