@@ -38,6 +38,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     from pretrain.distributed import make_accelerator
     from pretrain.export import load_encoder, load_view_encoders
     from pretrain.hardware import describe_machine
+    from pretrain.run_dir import ensure_writable
 
     # ------------------------------------------------------------------ exports and data (checked before any work)
     exports = [(w, *load_encoder(w)) for w in cfg.weights]  # (path, encoder, meta); checks sha256 and keys
@@ -60,6 +61,11 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
                               "evaluate it on the dataset it was trained for")
     size = exports[0][2]["input_size"][-1] if exports else cfg.image_size  # rows without an export (AlexNet, pixels)
     out = Path(cfg.out or (Path(cfg.weights[0]).resolve().parent if exports else "runs/baselines"))
+    try:  # before any row is computed: the report and the fits' checkpoints go there
+        ensure_writable(out)
+    except OSError as e:
+        raise ConfigError(f"bad value for config key 'out': '{out}' is not a writable directory ({e.strerror}), so "
+                          "the report could not be written; fix its permissions or give out=DIR") from None
 
     # ------------------------------------------------------------------ processes, rows
     accelerator, precision = make_accelerator(cfg.seed, cfg.precision)

@@ -119,12 +119,18 @@ def check_writable(run_dir: Path) -> None:
     at the start, not at the first save after hours of training."""
     for d in (run_dir, run_dir / "checkpoints"):
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            probe = d / f".write_test_{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            ensure_writable(d)
         except OSError as e:
             raise not_writable(d, e) from None
+
+
+def ensure_writable(d: Path) -> None:
+    """Create ``d`` if needed and write a file in it; the OSError says why not (root ignores chmod, so
+    only a real write proves it)."""
+    d.mkdir(parents=True, exist_ok=True)
+    probe = d / f".write_test_{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def not_writable(path: Path, e: OSError) -> RunDirError:

@@ -389,6 +389,7 @@ def test_alexnet_conv_probes_from_a_weights_file(export_dir: Path, tmp_path: Pat
     ("bad_json", "is not valid JSON"),
     ("no_weights", "encoder.safetensors is missing"),
     ("missing_inside", "no export found at"),
+    ("out_unwritable", "is not a writable directory"),
 ])
 def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage: str, needle: str) -> None:
     meta_path = export_dir / "config.json"
@@ -421,6 +422,9 @@ def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage:
         (export_dir / "encoder.safetensors").unlink()
     elif damage == "missing_inside":  # used to score the parent export under this name, with rc 0
         export_dir = export_dir / "nope"
+    elif damage == "out_unwritable":  # used to compute every row, then fail on report.json
+        (tmp_path / "taken").write_text("")  # a file: unwritable even for root, whom chmod would not stop
+        extra = [f"out={tmp_path / 'taken' / 'report'}"]
     if damage in ("hash", "arch", "no_sha"):
         meta_path.write_text(json.dumps(meta))
     proc = run_eval(f"weights={export_dir}", *extra)
@@ -428,6 +432,7 @@ def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage:
     assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
     if damage.startswith("missing"):
         assert f"'{export_dir}'" in lines[0]  # the path the user gave, not its parent
+    assert "rows to compute" not in proc.stdout  # found before any work
 
 
 def test_report_warns_about_a_weight_decay_at_the_edge(tmp_path: Path) -> None:
