@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from torch.utils.tensorboard import SummaryWriter
+from pretrain.tracking import TensorBoard
 
 KIND_COLOURS = {"ours": "C0", "random_init": "C7", "raw_pixels": "C8", "alexnet_supervised": "C3",
                 "alexnet_conv": "C1", "published": "C2"}
@@ -72,10 +72,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], kn
     plt.close(fig)
     # A run of its own (tb/eval/) at the export's training step: evaluations of one run over time line
     # up, and they do not sit as single points among the training curves.
-    writer = SummaryWriter(str(out / "tb" / "eval"))
-    for r in rows:
-        if r["kind"] != "published" and r["top1"] is not None:
-            writer.add_scalar(f"eval/{r['name']}/top1", r["top1"], meta.get("train_step", 0))
-            writer.add_scalar(f"eval/{r['name']}/top5", r["top5"], meta.get("train_step", 0))
-    writer.close()
+    tb = TensorBoard(out / "tb" / "eval", enabled=True)  # a failed TensorBoard write warns, never loses the report
+    tb.scalars({f"eval/{r['name']}/{k}": r[k] for r in rows if r["kind"] != "published" and r["top1"] is not None
+                for k in ("top1", "top5")}, meta.get("train_step", 0))
+    tb.close()
     return table

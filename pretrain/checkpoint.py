@@ -161,9 +161,9 @@ def save(root: Path, state: dict[str, Any], global_step: int, keep: int) -> Path
             raise SaveInterrupted(f"the save of {final.name} was interrupted by a second Ctrl-C and removed; "
                                   f"{_what_is_safe(checkpoint_dirs(root))}. "
                                   "Rerun the same command to resume") from None
-        if not _out_of_space(e):
+        if not (reason := no_room(e)):
             raise
-        raise _disk_full(root, final, writer.size if writer else 0) from None
+        raise _disk_full(root, final, reason, max(writer.size if writer else 0, _state_bytes(state))) from None
     if final.exists():  # e.g. epoch end and step interval coincide after a resume
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -172,13 +172,43 @@ def save(root: Path, state: dict[str, Any], global_step: int, keep: int) -> Path
     return final
 
 
-def _out_of_space(e: BaseException | None) -> bool:
-    """ENOSPC/EDQUOT anywhere in the chain: torch's zip writer re-raises a failed write as a RuntimeError."""
+# Why a write found no room, by errno. Python ignores SIGXFSZ, so a file-size limit (ulimit -f) is EFBIG.
+NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
+           errno.EFBIG: "the file-size limit (ulimit -f) was reached"}
+
+
+def no_room(e: BaseException | None) -> str | None:
+    """Why a write found no room (:data:`NO_ROOM`), looked for anywhere in the chain because torch's zip
+    writer re-raises a failed write as a RuntimeError; None for any other error."""
     while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
+        if isinstance(e, OSError) and e.errno in NO_ROOM:
+            return NO_ROOM[e.errno]
         e = e.__cause__ or e.__context__
-    return False
+    return None
+
+
+def make_room(reason: str) -> str:
+    """What to do about :func:`no_room`'s ``reason``."""
+    return "raise the limit (ulimit -f unlimited)" if "ulimit" in reason else "free some space"
+
+
+def format_size(n: float) -> str:
+    """Bytes as a person reads them: KB below 1 MB (so a small need never reads "0 MB"), then MB, GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.{1 if n < 10 * scale else 0}f} {unit}"
+    return f"{max(1, round(n / 1e3))} KB"
+
+
+def _state_bytes(state: Any) -> int:
+    """The tensors' bytes in a (nested) state: what torch.save will need at least, before it has written it."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    return 0
 
 
 def _what_is_safe(previous: list[Path]) -> str:
@@ -186,15 +216,14 @@ def _what_is_safe(previous: list[Path]) -> str:
     return f"the last checkpoint {previous[0]} is intact" if previous else "no earlier checkpoint exists"
 
 
-def _disk_full(root: Path, final: Path, written: int) -> DiskFull:
+def _disk_full(root: Path, final: Path, reason: str, needed: int) -> DiskFull:
     previous = checkpoint_dirs(root)
     # Checkpoints of one run are all about the same size: the last one is the best estimate of the need.
-    needed = max(written, (previous[0] / STATE_FILE).stat().st_size if previous else 0)
-    free = shutil.disk_usage(root).free
-    return DiskFull(f"no space left on the device of {root} while writing {final.name}: it needs about "
-                    f"{needed / 1e6:.0f} MB, {free / 1e6:.0f} MB are free; {_what_is_safe(previous)} and the partial "
-                    "save was removed. "
-                    "Free some space and rerun the same command to resume")
+    needed = max(needed, (previous[0] / STATE_FILE).stat().st_size if previous else 0)
+    free = "" if "ulimit" in reason else f", {format_size(shutil.disk_usage(root).free)} are free"
+    return DiskFull(f"{reason} in {root} while writing {final.name}: it needs about {format_size(needed)}{free}; "
+                    f"{_what_is_safe(previous)} and the partial save was removed. {make_room(reason).capitalize()} "
+                    "and rerun the same command to resume")
 
 
 def _read_intact(path: Path) -> dict[str, Any]:

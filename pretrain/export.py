@@ -13,17 +13,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import timm
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from pretrain.config import ConfigError
 from pretrain.models import create_encoder
 
 WEIGHTS, META = "encoder.safetensors", "config.json"
+REEXPORT = ("re-export it: rerun the pretraining command on its run dir, which writes the export again from the "
+            "newest checkpoint")
+
+
+class ExportFailed(Exception):
+    """The export could not be written (disk full, a file-size limit); the checkpoint it comes from is intact."""
+
+
+class DamagedExport(ConfigError):
+    """An export whose config.json is damaged or whose weights are missing or changed."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem}; {REEXPORT}")
+        self.problem = problem
 
 
 def sha256(path: Path) -> str:
@@ -56,6 +71,9 @@ def export_encoder(
     encoder per view (CMC's ab encoder), written beside it as ``encoder_view<v>.safetensors`` and
     listed in config.json under ``view_encoders``; the eval stage scores their concatenation."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    # config.json vouches for the weights beside it, so it goes first and comes back last: an export cut
+    # short (disk full, a kill) has none and is written again, never left stale beside new weights.
+    (out_dir / META).unlink(missing_ok=True)
     weights = out_dir / WEIGHTS
     _save_weights(encoder, weights)
     views = []
@@ -81,7 +99,7 @@ def export_encoder(
         "sha256": sha256(weights),
         "timm_version": timm.__version__,
     }
-    (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+    _write_atomically(out_dir / META, (json.dumps(meta, indent=2) + "\n").encode())
     return weights
 
 
@@ -89,9 +107,24 @@ def _save_weights(encoder: nn.Module, path: Path) -> str:
     """The encoder's state dict as safetensors at ``path``; returns the file's sha256."""
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     # One metadata key: safetensors writes its metadata map in a per-process order, and the file's
-    # sha256 (in config.json and every eval report) must be the same for the same weights.
-    save_file(state, str(path), metadata={"format": "pt"})
-    return sha256(path)
+    # sha256 (in config.json and every eval report) must be the same for the same weights. Serialised
+    # here and written by Python, so a full disk is an OSError with its errno, not a SafetensorError.
+    data = save(state, metadata={"format": "pt"})
+    _write_atomically(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` beside ``path``, then rename: ``path`` is the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 REQUIRED_META = ("architecture", "in_chans", "input_size", "mean", "std", "small_input", "sha256")
@@ -116,11 +149,11 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{meta_path} is not valid JSON ({e}); re-export the encoder or restore the file") from None
+        raise DamagedExport(f"{meta_path} is not valid JSON ({e})") from None
     missing = [k for k in REQUIRED_META if not isinstance(meta, dict) or k not in meta]
     if missing:
-        raise ConfigError(f"{meta_path} lacks {', '.join(missing)}: it was not written by infomax's export, or was "
-                          "edited; re-export the encoder")
+        raise DamagedExport(f"{meta_path} lacks {', '.join(missing)}: it was not written by infomax's export, or was "
+                            "edited")
     return meta
 
 
@@ -131,26 +164,39 @@ def load_encoder(path: str | Path, verify: bool = True) -> tuple[nn.Module, dict
     """
     export_dir = export_dir_of(path)
     meta = read_meta(export_dir)
-    weights = export_dir / WEIGHTS
-    if not weights.is_file():
-        raise ConfigError(f"{weights} is missing beside its {META}; re-export the encoder or restore the file")
-    if verify and sha256(weights) != meta["sha256"]:
-        raise ConfigError(f"{weights} does not match the sha256 in {META}: the file was changed or damaged; re-export it")
-    return _load_weights(weights, meta, meta["in_chans"]), meta
+    return _load_weights(_checked_weights(export_dir, meta, verify), meta, meta["in_chans"]), meta
 
 
 def load_view_encoders(path: str | Path, meta: dict[str, Any], verify: bool = True) -> list[tuple[dict[str, Any], nn.Module]]:
     """The other views' encoders listed in config.json (CMC's ab encoder), as (entry, encoder); [] when none."""
     export_dir = export_dir_of(path)
-    out = []
-    for entry in meta.get("view_encoders", []):
-        weights = export_dir / entry["file"]
-        if not weights.is_file():
-            raise ConfigError(f"{weights} is missing beside its {META}, which lists it; re-export the encoders")
-        if verify and sha256(weights) != entry["sha256"]:
-            raise ConfigError(f"{weights} does not match the sha256 in {META}: the file was changed or damaged; re-export it")
-        out.append((entry, _load_weights(weights, meta, entry["in_chans"])))
-    return out
+    return [(entry, _load_weights(_checked_weights(export_dir, entry, verify), meta, entry["in_chans"]))
+            for entry in meta.get("view_encoders", [])]
+
+
+def export_problem(out_dir: Path) -> str | None:
+    """Why the export in ``out_dir`` cannot be used as it is (config.json missing or damaged, weights
+    missing or not the ones it names); None when it is intact."""
+    try:
+        meta = read_meta(out_dir)
+        for entry in [meta, *meta.get("view_encoders", [])]:
+            _checked_weights(out_dir, entry, verify=True)
+    except DamagedExport as e:
+        return e.problem
+    except ConfigError as e:  # no config.json: the export was never finished
+        return str(e)
+    return None
+
+
+def _checked_weights(export_dir: Path, entry: dict[str, Any], verify: bool) -> Path:
+    """The weights file that ``entry`` (config.json, or one of its ``view_encoders``) names, present and,
+    with ``verify``, matching its sha256."""
+    weights = export_dir / entry.get("file", WEIGHTS)
+    if not weights.is_file():
+        raise DamagedExport(f"{weights} is missing beside its {META}")
+    if verify and sha256(weights) != entry["sha256"]:
+        raise DamagedExport(f"{weights} does not match the sha256 in {META}: the file was changed or damaged")
+    return weights
 
 
 def _load_weights(weights: Path, meta: dict[str, Any], in_chans: int) -> nn.Module:

@@ -18,11 +18,12 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from pretrain.checkpoint import make_room, no_room
 from pretrain.config import Config, ConfigError, effective_lr, to_yaml
 from pretrain.data.train_loader import TrainData
 from pretrain.distributed import sync_batchnorm
 from pretrain.engine import StepResult, train_step
-from pretrain.export import export_encoder
+from pretrain.export import META, ExportFailed, export_encoder, export_problem
 from pretrain.features import ImageListDataset, knn_monitor
 from pretrain.hardware import Precision, describe_machine
 from pretrain.models import LocalGlobalModel, MultiViewModel, check_takes_views, width_kwargs
@@ -324,7 +325,13 @@ def finish(run: Run, run_dir: Path, checkpoint_path: Path | None, precision: Pre
     }
     export_dir = run_dir / "export"
     if run.main and not run.stopped_by and cfg.run.export:
-        export(run, export_dir, summary)
+        try:
+            export(run, export_dir, summary)
+        except OSError as e:  # the checkpoint holds everything: a rerun writes the export from it
+            reason = no_room(e)
+            raise ExportFailed(f"could not write the export to {export_dir} ({reason or e}); the checkpoint "
+                               f"{checkpoint_path} is intact. {make_room(reason).capitalize() if reason else 'Fix it'} "
+                               "and rerun the same command: it writes the export from the checkpoint") from None
     run.tb.close()
     acc.wait_for_everyone()
     if run.main:
@@ -377,9 +384,13 @@ def print_summary(run: Run, summary: dict[str, Any], elapsed: float, run_dir: Pa
 def already_complete(run: Run, run_dir: Path) -> dict[str, Any] | None:
     """A finished run rerun with the same budget: say so, change nothing, return its summary; else None."""
     progress, cfg = run.progress, run.cfg
-    export_json = run_dir / "export" / "config.json"
-    if not ((progress.global_step >= run.total_steps or progress.epoch >= cfg.optim.epochs)
-            and (export_json.is_file() or not cfg.run.export)):
+    export_dir = run_dir / "export"
+    export_json = export_dir / META
+    if not (progress.global_step >= run.total_steps or progress.epoch >= cfg.optim.epochs):
+        return None
+    if cfg.run.export and (problem := export_problem(export_dir)):  # cut short by a full disk, damaged since
+        run.accelerator.print(f"infomax pretraining: the run is complete but its export cannot be used ({problem}); "
+                              "writing it again from the newest checkpoint")
         return None
     run.accelerator.print(f"infomax pretraining: run dir {run_dir} is already complete (step {progress.global_step}"
                           f"/{run.total_steps}, epoch {progress.epoch}/{cfg.optim.epochs:g}); nothing to do. Raise "

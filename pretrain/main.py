@@ -136,9 +136,10 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pretrain.checkpoint import SECOND_CTRL_C, CheckpointError, SaveInterrupted
+    from pretrain.checkpoint import SECOND_CTRL_C, CheckpointError, SaveInterrupted, make_room, no_room
     from pretrain.config import ConfigError, load_config
     from pretrain.engine import NonFiniteLoss
+    from pretrain.export import ExportFailed
 
     args = parse_args(argv)
     try:
@@ -153,8 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SaveInterrupted, KeyboardInterrupt) as e:  # a second Ctrl-C: the user would not wait for the save
         print(f"error: {str(e) or SECOND_CTRL_C}", file=sys.stderr)
         return 130
-    except CheckpointError as e:  # every checkpoint damaged, or the disk full at a save
+    except (CheckpointError, ExportFailed) as e:  # every checkpoint damaged, or the disk full at a save or export
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # any other write that found no room (config.yaml, the run-dir marker)
+        if not (reason := no_room(e)):
+            raise
+        print(f"error: {reason} while writing {e.filename or 'a file of the run'}; {make_room(reason)} and rerun "
+              "the same command: it resumes from the last checkpoint", file=sys.stderr)
         return 1
     return 0
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -16,19 +17,65 @@ from torchvision.utils import make_grid
 
 
 class TensorBoard:
-    """Writes only on the main process (docs/DESIGN.md, invariant 4); callers pass values already reduced."""
+    """Writes only on the main process (docs/DESIGN.md, invariant 4); callers pass values already reduced.
+
+    Logging never stops training. When a write fails (tb/ deleted mid-run, the disk full) it warns once
+    and goes on in a new event file in a recreated log dir; when that keeps failing, it goes on without
+    TensorBoard and says so. (The writer's own thread raises a failed write at the next call.)"""
+
+    RECOVERIES = 3
 
     def __init__(self, log_dir: Path, enabled: bool) -> None:
-        self.writer = SummaryWriter(str(log_dir)) if enabled else None
+        self.log_dir, self.recoveries = log_dir, 0
+        self.writer: SummaryWriter | None = None
+        if enabled:
+            _quiet_writer_threads()
+            try:
+                self.writer = SummaryWriter(str(log_dir))
+            except OSError as e:
+                self._recover(lambda w: None, e)
+
+    def _write(self, write: Callable[[SummaryWriter], None]) -> None:
+        if self.writer is None:
+            return
+        try:
+            write(self.writer)
+        except OSError as e:
+            self._recover(write, e)
+
+    def _recover(self, write: Callable[[SummaryWriter], None], error: OSError) -> None:
+        self._close_quietly()
+        while self.recoveries < self.RECOVERIES:
+            if self.recoveries == 0:
+                _warn(f"a TensorBoard write failed ({error}); training goes on, logging into a new event file "
+                      f"in {self.log_dir}")
+            self.recoveries += 1
+            try:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                self.writer = SummaryWriter(str(self.log_dir))
+                write(self.writer)
+                return
+            except OSError as e:
+                error = e
+                self._close_quietly()
+        _warn(f"TensorBoard logging stopped ({error}); training goes on without it")
+
+    def _close_quietly(self) -> None:
+        writer, self.writer = self.writer, None
+        try:
+            if writer is not None:
+                writer.close()  # re-raises the writer thread's error
+        except OSError:
+            pass
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer:
+        def write(w: SummaryWriter) -> None:
             for k, v in values.items():
-                self.writer.add_scalar(k, v, step)
+                w.add_scalar(k, v, step)
+        self._write(write)
 
     def text(self, tag: str, text: str) -> None:
-        if self.writer:
-            self.writer.add_text(tag, "```\n" + text + "\n```")
+        self._write(lambda w: w.add_text(tag, "```\n" + text + "\n```"))
 
     def views(self, views: Sequence[torch.Tensor], mean: Sequence[float], std: Sequence[float], n: int = 8) -> None:
         """One grid: row v = the first n images of view v, un-normalised so a person sees the augmentations."""
@@ -38,19 +85,41 @@ class TensorBoard:
         s = torch.tensor(std).view(1, -1, 1, 1)
         size = max(v.shape[-1] for v in views)
         rows = [nn.functional.interpolate((v[:n].float().cpu() * s + m).clamp(0, 1), size=size) for v in views]
-        self.writer.add_image("views/first_batch", make_grid(torch.cat(rows), nrow=min(n, len(rows[0]))), 0)
+        grid = make_grid(torch.cat(rows), nrow=min(n, len(rows[0])))
+        self._write(lambda w: w.add_image("views/first_batch", grid, 0))
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        if self.writer:
+        def write(w: SummaryWriter) -> None:
             # Written into this run's own event file (add_hparams would open a second writer).
             for summary in hparams_summary(hparams, metrics):
-                self.writer.file_writer.add_summary(summary)
+                w.file_writer.add_summary(summary)
             for k, v in metrics.items():
-                self.writer.add_scalar(k, v)
+                w.add_scalar(k, v)
+        self._write(write)
 
     def close(self) -> None:
-        if self.writer:
-            self.writer.close()
+        self._write(lambda w: w.flush())  # a failure here still recovers, so the last values are kept
+        self._close_quietly()
+
+
+def _quiet_writer_threads() -> None:
+    """Keep the traceback of TensorBoard's writer thread off the console: the thread stores its OSError
+    and the next call raises it again in this thread, where :class:`TensorBoard` recovers with one line.
+    Every other thread's exception still reaches the hook that was there before."""
+    previous = threading.excepthook
+    if getattr(previous, "infomax_quiet", False):
+        return
+
+    def hook(args: Any) -> None:
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.infomax_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class Throughput:

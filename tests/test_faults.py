@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -187,9 +188,28 @@ def test_disk_full_at_a_save_removes_the_partial_dir_and_names_the_safe_checkpoi
     with pytest.raises(ckpt.DiskFull) as caught:
         ckpt.save(tmp_path, state, 8, keep=2)
     message = str(caught.value)
-    assert str(tmp_path) in message and "needs about 0 MB" in message and f"{first} is intact" in message
+    # The need is a checkpoint's size (200 KB of weights), not what was written before the disk filled.
+    assert str(tmp_path) in message and re.search(r"needs about 20\d KB", message) and f"{first} is intact" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004"]  # no .tmp_step_* left behind
     assert torch.equal(ckpt.load_latest(tmp_path, "")[0]["weights"], state["weights"])
+
+
+def test_file_size_limit_at_a_save_is_named_with_its_way_out(run_dir: Path) -> None:
+    """`ulimit -f` (EFBIG) used to surface as torch's "enforce fail at inline_container.cc"."""
+    import resource
+
+    def limit_files_to_1_mb() -> None:  # below the tiny model's 3 MB checkpoint, above everything else
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, resource.RLIM_INFINITY))
+
+    cmd = [sys.executable, str(REPO / "pretrain" / "main.py"), "--config", str(TINY), f"run.dir={run_dir}",
+           "run.max_steps=4", *FAST]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, preexec_fn=limit_files_to_1_mb,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = one_line_error(proc, 1)
+    assert "the file-size limit (ulimit -f) was reached" in line and "while writing step_00000004" in line, line
+    assert "needs about 3" in line and "MB" in line and "no earlier checkpoint exists" in line, line
+    assert "Raise the limit (ulimit -f unlimited) and rerun the same command to resume" in line
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == []  # the partial save was removed
 
 
 def test_second_ctrl_c_during_a_save_removes_the_partial_dir_and_says_so_in_one_line(tmp_path: Path,
@@ -386,3 +406,95 @@ def test_bad_input_stops_with_one_line_exit_2_and_writes_nothing(tmp_path: Path,
         proc = run_main(f"run.dir={run_dir}", *make_args(tmp_path), *FAST, check=False)
     assert phrase in one_line_error(proc, 2)
     assert not run_dir.exists()
+
+
+def _read_scalars(log_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for events in sorted(log_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        steps += [e.step for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+    return steps
+
+
+def test_tensorboard_dir_deleted_mid_run_warns_once_and_logging_goes_on(tmp_path: Path, capsys) -> None:
+    """Deleting tb/ used to kill the run with a FileNotFoundError from the writer's thread."""
+    from pretrain.tracking import TensorBoard
+
+    tb = TensorBoard(tmp_path / "tb", enabled=True)
+    tb.scalars({"train/loss": 1.0}, 0)
+    tb.writer.flush()
+    shutil.rmtree(tmp_path / "tb")
+    for step in range(1, 40):  # the writer thread's failure surfaces at a later call
+        tb.scalars({"train/loss": 1.0}, step)
+        time.sleep(0.01)
+    tb.close()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "a TensorBoard write failed" in warnings[0], warnings
+    assert _read_scalars(tmp_path / "tb", "train/loss")[-1] == 39  # the later steps are in the new event file
+
+
+def test_tensorboard_that_cannot_be_recreated_stops_logging_not_training(tmp_path: Path, capsys) -> None:
+    from pretrain.tracking import TensorBoard
+
+    tb = TensorBoard(tmp_path / "tb", enabled=True)
+    tb.writer.flush()
+    shutil.rmtree(tmp_path / "tb")
+    (tmp_path / "tb").write_text("")  # a file where the log dir was: no new writer can be made there
+    for step in range(40):
+        tb.scalars({"train/loss": 1.0}, step)
+    tb.text("summary", "done")
+    tb.close()
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 2 and "TensorBoard logging stopped" in err and tb.writer is None, err
+
+
+FULL_AT_EXPORT = """
+import errno, sys
+import pretrain.export as export
+real = export._write_atomically
+def full(path, data):
+    if path.name == export.WEIGHTS:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    real(path, data)
+export._write_atomically = full
+from pretrain.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_disk_full_at_the_export_is_one_line_and_a_rerun_writes_the_export(run_dir: Path) -> None:
+    """ENOSPC or a SafetensorError traceback used to end the run here, with its summary lost."""
+    args = ["--config", str(TINY), f"run.dir={run_dir}", "run.max_steps=4", *FAST]
+    proc = subprocess.run([sys.executable, "-c", FULL_AT_EXPORT, *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = one_line_error(proc, 1)
+    assert f"could not write the export to {run_dir / 'export'} (no space left on the device)" in line, line
+    assert f"the checkpoint {run_dir / 'checkpoints' / 'step_00000004'} is intact" in line
+    assert not (run_dir / "export" / "config.json").exists()
+    proc = run_main(*args[2:])
+    assert "writing it again from the newest checkpoint" in proc.stdout
+    from pretrain.export import export_problem
+
+    assert export_problem(run_dir / "export") is None
+
+
+@pytest.mark.parametrize("damage", ["config_cut_short", "stale_beside_new_weights"])
+def test_damaged_export_of_a_finished_run_is_written_again(run_dir: Path, damage: str) -> None:
+    """A cut config.json made every rerun a JSONDecodeError traceback; weights that are not the ones config.json
+    names made the run "already complete" forever while the eval's sha256 check failed."""
+    run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+    export = run_dir / "export"
+    good = (export / "encoder.safetensors").read_bytes()
+    if damage == "config_cut_short":
+        text = (export / "config.json").read_text()
+        (export / "config.json").write_text(text[: len(text) // 2])
+    else:
+        (export / "encoder.safetensors").write_bytes(good[:-4] + b"\0\0\0\0")
+    proc = run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+    assert "the run is complete but its export cannot be used" in proc.stdout, proc.stdout[-2000:]
+    assert (export / "encoder.safetensors").read_bytes() == good  # the same weights, from the same checkpoint
+    proc = run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+    assert "is already complete" in proc.stdout
