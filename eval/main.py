@@ -36,8 +36,9 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     from pretrain.config import ConfigError
     from pretrain.data.datasets import open_dataset, spaced_subset
     from pretrain.distributed import make_accelerator
-    from pretrain.export import load_encoder, load_view_encoders
+    from pretrain.export import export_dir_of, load_encoder, load_view_encoders
     from pretrain.hardware import describe_machine
+    from pretrain.model_card import add_eval
     from pretrain.run_dir import ensure_writable
 
     # ------------------------------------------------------------------ exports and data (checked before any work)
@@ -114,6 +115,9 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
                 "alexnet_reference_top1": reference, "config": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
                 "train_step": int((exports[0][2].get("summary") or {}).get("steps") or 0) if exports else 0}
         table = write_report(out, rows, meta, list(cfg.knn_k))
+        for w, _, _ in exports:  # each export's model card shows how good it is
+            add_eval(export_dir_of(w), table, f"On {cfg.dataset} ({len(train)} train / {len(test)} test images), "
+                     f"{PROTOCOLS[cfg.protocol]}. {KNN}.", out / "report.md")
         print(f"\n{table}\n\nreport: {out / 'report.md'}  {out / 'report.json'}  {out / 'report.png'}", flush=True)
     accelerator.wait_for_everyone()
     return rows

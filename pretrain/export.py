@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import timm
 from safetensors.torch import load_file, save
@@ -64,12 +64,14 @@ def export_encoder(
     summary: dict[str, Any],
     input_transform: str = "normalise",
     view_encoders: Sequence[tuple[nn.Module, int, str]] = (),
+    beside: dict[str, Callable[[dict[str, Any]], str]] | None = None,
 ) -> Path:
     """Write encoder.safetensors + config.json into ``out_dir``; returns the weights path.
 
     ``view_encoders``: (encoder, in_chans, input_transform) of the other views of a model with one
     encoder per view (CMC's ab encoder), written beside it as ``encoder_view<v>.safetensors`` and
-    listed in config.json under ``view_encoders``; the eval stage scores their concatenation."""
+    listed in config.json under ``view_encoders``; the eval stage scores their concatenation.
+    ``beside``: file name -> its text made from config.json's contents (the model card, README.md)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     # config.json vouches for the weights beside it, so it goes first and comes back last: an export cut
     # short (disk full, a kill) has none and is written again, never left stale beside new weights.
@@ -99,7 +101,9 @@ def export_encoder(
         "sha256": sha256(weights),
         "timm_version": timm.__version__,
     }
-    _write_atomically(out_dir / META, (json.dumps(meta, indent=2) + "\n").encode())
+    for name, text in (beside or {}).items():
+        write_atomically(out_dir / name, text(meta).encode())
+    write_atomically(out_dir / META, (json.dumps(meta, indent=2) + "\n").encode())
     return weights
 
 
@@ -110,11 +114,11 @@ def _save_weights(encoder: nn.Module, path: Path) -> str:
     # sha256 (in config.json and every eval report) must be the same for the same weights. Serialised
     # here and written by Python, so a full disk is an OSError with its errno, not a SafetensorError.
     data = save(state, metadata={"format": "pt"})
-    _write_atomically(path, data)
+    write_atomically(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` beside ``path``, then rename: ``path`` is the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:

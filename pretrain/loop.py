@@ -26,11 +26,13 @@ from pretrain.engine import StepResult, train_step
 from pretrain.export import META, ExportFailed, export_encoder, export_problem
 from pretrain.features import ImageListDataset, knn_monitor
 from pretrain.hardware import Precision, describe_machine
+from pretrain.model_card import CARD, card_text
 from pretrain.models import LocalGlobalModel, MultiViewModel, check_takes_views, width_kwargs
 from pretrain.momentum import MomentumKeys
 from pretrain.objectives import build_objective
 from pretrain.online_probe import OnlineProbe
 from pretrain.resumable import Resumable
+from pretrain.revision import git_revision
 from pretrain.stop import StopFlag
 from pretrain.tracking import TensorBoard, Throughput, format_duration, progress_bar
 
@@ -343,6 +345,13 @@ def export(run: Run, export_dir: Path, summary: dict[str, Any]) -> None:
     """The first view's encoder for timm (and every other view's beside it), plus TensorBoard's hparams."""
     cfg, data, model = run.cfg, run.data, run.raw_model
     transform = (lambda v: ("lab_L", "lab_ab")[v % 2]) if data.lab else (lambda v: "normalise")
+    facts = {"name": export_dir.resolve().parent.name, "objective": cfg.objective.name, "bound": cfg.objective.bound,
+             "dataset": cfg.data.dataset, "train_images": len(data.images), "views": [v.size for v in cfg.data.views],
+             "global_batch": cfg.optim.batch_size_per_process * run.accelerator.num_processes,
+             "processes": run.accelerator.num_processes, "precision": f"{summary['precision']} "
+             f"({summary['precision_reason']})", "seconds": summary["pretrain_seconds"], "machine": summary["machine"],
+             "revision": git_revision(), "config": to_yaml(cfg)}
+    card = {CARD: lambda meta: card_text(meta, model.encoder_for(0), facts)}
     export_encoder(model.encoder_for(0), export_dir, arch=cfg.model.arch, in_chans=data.view_chans[0],
                    input_size=cfg.data.views[0].size, mean=data.images.mean, std=data.images.std,
                    small_input=cfg.model.small_input, stem_stride=cfg.model.stem_stride,
@@ -350,7 +359,7 @@ def export(run: Run, export_dir: Path, summary: dict[str, Any]) -> None:
                    input_transform=transform(0),
                    # one encoder per view (CMC): the others beside it, for the concatenated probe
                    view_encoders=[(model.encoder_for(v), data.view_chans[v], transform(v))
-                                  for v in range(1, len(model.encoders))])
+                                  for v in range(1, len(model.encoders))], beside=card)
     hp = {"arch": cfg.model.arch, "lr": run.lr, "batch_size_per_process": cfg.optim.batch_size_per_process,
           "bound": cfg.objective.bound, "temperature": cfg.objective.temperature,
           "processes": run.accelerator.num_processes, "precision": summary["precision"]}

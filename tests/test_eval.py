@@ -254,6 +254,7 @@ def test_eval_writes_report_with_every_requested_row(export_dir: Path, tmp_path:
     assert "| run | ours | fast |" in md and "Δ vs AlexNet" in md and "Quoted, not measured here" in md
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| encoder | kind |" in proc.stdout  # the terminal ends with the table
+    assert "| run | ours | fast |" in (export_dir / "README.md").read_text()  # the model card shows the scores
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tb" / "eval")).Reload()  # its own run, at the export's step

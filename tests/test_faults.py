@@ -454,12 +454,12 @@ def test_tensorboard_that_cannot_be_recreated_stops_logging_not_training(tmp_pat
 FULL_AT_EXPORT = """
 import errno, sys
 import pretrain.export as export
-real = export._write_atomically
+real = export.write_atomically
 def full(path, data):
     if path.name == export.WEIGHTS:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
     real(path, data)
-export._write_atomically = full
+export.write_atomically = full
 from pretrain.main import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -1,0 +1,65 @@
+"""export/README.md, the model card: facts from the run, loading code that works with timm alone, and the
+eval's scores added beside them."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_main
+from pretrain.export import export_encoder, load_encoder
+from pretrain.model_card import CARD, EVAL_HEADING, add_eval, card_text
+from pretrain.models import create_encoder
+
+FACTS = {"name": "r", "objective": "contrastive", "bound": "infonce", "dataset": "synthetic", "train_images": 64,
+         "views": [16, 16], "global_batch": 32, "processes": 1, "precision": "no (run.precision=no)", "seconds": 3.0,
+         "machine": "a CPU", "revision": "abc1234", "config": "run:\n  dir: r\n"}
+
+
+def python_in(card: str) -> str:
+    return re.search(r"```python\n(.*?)```", card, re.S).group(1)
+
+
+@pytest.mark.parametrize("arch, small_input, stride", [("test_resnet", True, 2),  # a deep stem
+                                                        ("resnet18", True, 1),  # a single-conv stem
+                                                        ("test_resnet", False, 1)])  # timm's own stem
+def test_card_code_loads_the_weights_with_timm_alone(tmp_path: Path, arch: str, small_input: bool, stride: int) -> None:
+    torch.manual_seed(0)
+    encoder = create_encoder(arch, 1, small_input=small_input, stem_stride=stride)
+    export = tmp_path / "export"
+    export_encoder(encoder, export, arch=arch, in_chans=1, input_size=16, mean=(0.5,), std=(0.25,),
+                   small_input=small_input, stem_stride=stride, summary={"steps": 4, "epochs_trained": 0.5},
+                   beside={CARD: lambda meta: card_text(meta, encoder, FACTS)})
+    code = python_in((export / CARD).read_text())
+    assert "from pretrain" not in code and "import pretrain" not in code  # timm, torch and safetensors only
+    check = code + "import torch\ntorch.save({k: v for k, v in encoder.state_dict().items()}, 'loaded.pt')\n" \
+                   "print(tuple(encoder(torch.zeros(2, 1, 16, 16)).shape))\n"
+    proc = subprocess.run([sys.executable, "-c", check], cwd=export, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected, meta = load_encoder(export)
+    assert proc.stdout.split() == ["(2,", f"{meta['num_features']})"]
+    loaded = torch.load(export / "loaded.pt")
+    assert loaded.keys() == expected.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in expected.state_dict().items())
+
+
+def test_pretraining_writes_the_card_and_each_eval_replaces_its_scores(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_main(f"run.dir={run_dir}", "run.max_steps=4", "monitor.knn_every=0")
+    export = run_dir / "export"
+    card, meta = (export / CARD).read_text(), json.loads((export / "config.json").read_text())
+    for fact in ("timm `test_resnet`", "`contrastive`, bound `infonce`", "`synthetic`, 256 training images",
+                 "4 steps, global batch 32 (1 process(es))", f"sha256 `{meta['sha256']}`", "git revision `",
+                 "Not evaluated yet", "The resolved training config", f"dir: {run_dir}"):
+        assert fact in card, fact
+    add_eval(export, "| first | table |", "On synthetic, fast-v2.", tmp_path / "report.md")
+    add_eval(export, "| second | table |", "On synthetic, fast-v2.", tmp_path / "report.md")
+    card = (export / CARD).read_text()
+    assert card.count(EVAL_HEADING) == 1 and "| second | table |" in card and "| first |" not in card
+    assert "Not evaluated yet" not in card and f"dir: {run_dir}" in card and "## Load it" in card
