@@ -18,7 +18,12 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from pretrain import checkpoint as ckpt
+from pretrain.config import ConfigError
 from pretrain.distributed import all_reduce_max_
+
+
+class WorldSizeChanged(ConfigError):
+    """A checkpoint resumed under another number of processes than saved it."""
 
 
 class Resumable:
@@ -34,10 +39,16 @@ class Resumable:
                 print(f"removed {stale}: the partial save of a run that was killed mid-save", flush=True)
         loaded = ckpt.load_latest(self.directory, fresh_start_hint)
         if loaded:
-            state, _ = loaded
+            state, path = loaded
+            rngs = state["rng"]  # one per rank that saved it
+            if len(rngs) != self.accelerator.num_processes:
+                raise WorldSizeChanged(
+                    f"{path} was saved by {len(rngs)} process(es) and is resumed on {self.accelerator.num_processes}: "
+                    "the global batch and each rank's share of the data would change silently. Resume it on "
+                    f"{len(rngs)} process(es) (accelerate launch --num_processes {len(rngs)}, or the SLURM job's "
+                    "--nodes and --gpus-per-node it was submitted with), or start a new run.dir")
             self.progress = ckpt.Progress(**state["progress"])
-            rngs = state["rng"]
-            ckpt.set_rng_state(rngs[self.accelerator.process_index % len(rngs)])
+            ckpt.set_rng_state(rngs[self.accelerator.process_index])
         return loaded
 
     def save(self, state: dict[str, Any]) -> Path | None:

@@ -83,6 +83,22 @@ def test_run_dir_that_never_checkpointed_may_start_over_with_another_config(run_
     assert "lr: 0.5" in (run_dir / "config.yaml").read_text()
 
 
+def test_resuming_under_another_world_size_is_refused_naming_both(run_dir: Path) -> None:
+    """A 1-process checkpoint resumed on 2 ranks used to finish "step 8/8" with twice the global batch, silently."""
+    run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+    before = snapshot(run_dir)
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = run_main(f"run.dir={run_dir}", "run.max_steps=8", *FAST, launcher=launcher, check=False)
+    assert proc.returncode != 0
+    # One line per rank, the same on each; the launcher's ChildFailedError report follows (README, fault table).
+    errors = {line for line in proc.stderr.splitlines() if line.startswith("error:")}
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "step_00000004 was saved by 1 process(es) and is resumed on 2" in errors.pop()
+    assert snapshot(run_dir) == before
+
+
 def test_foreign_directory_is_refused_and_left_alone(tmp_path: Path) -> None:
     other = tmp_path / "some-other-project"
     other.mkdir()
@@ -254,7 +270,7 @@ def test_partial_saves_of_a_killed_run_are_removed_when_the_loop_resumes(tmp_pat
     stale = tmp_path / ".tmp_step_00000008_4242"  # what SIGKILL mid-save leaves: state.pt cut, no manifest
     stale.mkdir()
     (stale / ckpt.STATE_FILE).write_bytes(b"PK\x03\x04 cut short")
-    loop = Resumable(SimpleNamespace(is_main_process=True, process_index=0), tmp_path, keep=2)
+    loop = Resumable(SimpleNamespace(is_main_process=True, process_index=0, num_processes=1), tmp_path, keep=2)
     state, path = loop.resume("")
     assert path == good and loop.progress.global_step == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004"]
