@@ -79,6 +79,7 @@ class EvalConfig:
     precision: str = _f("auto", "mixed precision of the fits and feature extraction: " + choices_help("run.precision"))
     num_workers: int = _f(2, "loader workers")
     seed: int = _f(0, "seed for the random-init encoder, the held-out split and the SGD fits")
+    dist_timeout_min: float = _f(60, "minutes a rank waits in a collective (rank 0 alone writes the report)")
     out: str = _f("", "report directory; empty = beside the first export (its parent run dir)")
     synthetic_size: int = _f(2048, "synthetic: training images (test split: a quarter, another seed)")
     synthetic_classes: int = _f(8, "synthetic: classes")

@@ -69,7 +69,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
                           "the report could not be written; fix its permissions or give out=DIR") from None
 
     # ------------------------------------------------------------------ processes, rows
-    accelerator, precision = make_accelerator(cfg.seed, cfg.precision)
+    accelerator, precision = make_accelerator(cfg.seed, cfg.precision, cfg.dist_timeout_min)
     torch.manual_seed(cfg.seed)
     fit_key = OmegaConf.to_yaml(OmegaConf.structured(cfg)) + "".join(m["sha256"] for _, _, m in exports)
     make = Rows(cfg, accelerator, train, test, size, out, fit_key)

@@ -36,7 +36,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     r.add_argument("--nodes", type=int, default=1)
     r.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU")
     r.add_argument("--tasks-per-node", type=int, default=0, help="default: --gpus-per-node (or 1 without GPUs)")
-    r.add_argument("--cpus-per-task", type=int, default=1)
+    r.add_argument("--cpus-per-task", type=int, default=0,
+                   help="default: the loader's workers + 1 (data.num_workers, and the eval's num_workers)")
     r.add_argument("--mem-gb", type=int, default=0, help="memory per node in GB (0 = the cluster default)")
     r.add_argument("--partition", default="")
     r.add_argument("--account", default="")
@@ -161,15 +162,23 @@ def submit(args: argparse.Namespace) -> list[Any]:  # noqa: C901 - validation, t
         if args.partition and args.partition not in parts:
             raise SubmitError(f"--partition '{args.partition}' is not a partition of this cluster "
                               f"(sinfo knows: {', '.join(parts)})")
-    if args.max_requeues < 0 or args.nodes < 1 or args.cpus_per_task < 1:
-        raise SubmitError("--nodes and --cpus-per-task must be >= 1 and --max-requeues >= 0")
+    if args.max_requeues < 0 or args.nodes < 1 or args.cpus_per_task < 0:
+        raise SubmitError("--nodes must be >= 1, --cpus-per-task >= 0 (0 = workers + 1) and --max-requeues >= 0")
+    # Each task runs its loader's workers beside its main process: with fewer cores they share, and the
+    # GPU waits (a SLURM task gets 1 CPU unless told).
+    workers = max([cfg.data.num_workers for cfg in runs] + [e.num_workers for e in eval_cfgs])
+    cpus = args.cpus_per_task or workers + 1
+    if cpus < workers + 1:
+        raise SubmitError(f"--cpus-per-task {cpus} is too few for the loader: {workers} workers and the main process "
+                          f"need {workers + 1} cores per task; leave --cpus-per-task out (it then asks for "
+                          f"{workers + 1}) or lower data.num_workers to {max(0, cpus - 1)}")
 
     # ------------------------------------------------------------------ executor
     first = Path(runs[0].run.dir)
     folder = Path(args.logs).resolve() if args.logs else (first if len(runs) == 1 else first.parent) / "slurm"
     made_by_executor = next((d for d in reversed([folder, *folder.parents]) if not d.exists()), None)
     executor = make_executor(args.cluster, folder / "%j", args.max_requeues, dry_run=args.dry_run)
-    params: dict[str, Any] = {"nodes": args.nodes, "tasks_per_node": tasks, "cpus_per_task": args.cpus_per_task,
+    params: dict[str, Any] = {"nodes": args.nodes, "tasks_per_node": tasks, "cpus_per_task": cpus,
                               "timeout_min": minutes(args.time),
                               "name": args.job_name or f"infomax-{first.name}"}
     if gpus:

@@ -81,6 +81,7 @@ class RunConfig:
     max_steps: int = _f(0, "stop after this many optimizer steps in total (0 = run all epochs); for smoke runs")
     precision: str = _choice("run.precision", "auto", "mixed precision: ")
     deterministic: bool = _f(False, "deterministic kernels (torch.use_deterministic_algorithms); exact resume on CPU")
+    dist_timeout_min: float = _f(60, "minutes a rank waits in a collective before the job aborts; longer than any rank-0-only work (a checkpoint, the kNN monitor)")
     log_every: int = _f(10, "optimizer steps between TensorBoard scalar writes (metrics reduced across ranks)")
     checkpoint_every: int = _f(500, "optimizer steps between checkpoints (also saved at each epoch end and on SIGTERM/SIGUSR1/SIGUSR2)")
     keep_checkpoints: int = _f(3, "how many most recent checkpoints to keep")
@@ -317,6 +318,7 @@ def validate(c: Config) -> None:
     _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _require(math.isfinite(o.epochs) and o.epochs > 0, "optim.epochs", f"must be a finite number > 0, got {o.epochs}")
     _require(math.isfinite(o.warmup_epochs), "optim.warmup_epochs", f"must be finite, got {o.warmup_epochs}")
+    _require(r.dist_timeout_min > 0, "run.dist_timeout_min", f"must be > 0, got {r.dist_timeout_min}")
     _require(0 <= r.seed < 2**31, "run.seed", f"must be in [0, 2**31), as numpy's generators need, got {r.seed}")
     _require(o.batch_size_per_process >= 2, "optim.batch_size_per_process",
              f"must be >= 2 (InfoNCE needs negatives), got {o.batch_size_per_process}")

@@ -174,21 +174,27 @@ def sync_batchnorm(module: torch.nn.Module, device_type: str) -> torch.nn.Module
     return convert_sync_batchnorm(module) if device_type == "cuda" else convert_global_batchnorm(module)
 
 
-def make_accelerator(seed: int, precision: str = "auto") -> tuple[Any, Precision]:
+def make_accelerator(seed: int, precision: str = "auto", timeout_min: float = 60) -> tuple[Any, Precision]:
     """The Accelerator for this process (GPUs when there are, gloo CPU processes otherwise) and the
     precision it runs in, chosen by :func:`pretrain.hardware.choose_precision` and printed in one line.
 
     Without a GPU, Accelerate only builds a gloo process group for several processes when told
     ``cpu=True``; otherwise every rank would think it is alone (and the main process). ``seed``: the
     shuffling seed, the same on every rank (each rank reads its own shard of each global batch).
-    ``precision``: auto | no | bf16 | fp16, as ``run.precision``.
+    ``precision``: auto | no | bf16 | fp16, as ``run.precision``. ``timeout_min``: how long a rank waits
+    in a collective; NCCL's default of 10 minutes can abort a job whose rank 0 writes a large checkpoint
+    or runs the kNN monitor on a slow filesystem while the others wait.
     """
+    from datetime import timedelta
+
     from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import InitProcessGroupKwargs
 
     chosen = choose_precision(precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(cpu=multi_cpu, mixed_precision=chosen.mode,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_min))])
     accelerator.print(chosen.line(), flush=True)
     if chosen.warning:
         accelerator.print(chosen.warning, flush=True)

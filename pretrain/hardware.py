@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from pretrain.config import ConfigError
+
 # oneDNN ISA limits (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: under them oneDNN emulates bf16.
 _ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
@@ -102,3 +104,14 @@ def choose_precision(requested: str, launch: str | None = None) -> Precision:
         warning = (f"warning: bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}) runs several "
                    "times slower than fp32; run.precision=auto picks fp32 here")
     return Precision(mode, reason, warning)
+
+
+def check_deterministic_supported(device_type: str) -> None:
+    """``run.deterministic=true`` is for CPU runs (bit-identical resume, tested there). On CUDA the
+    encoder's AdaptiveAvgPool2d has no deterministic backward and cuBLAS would need
+    CUBLAS_WORKSPACE_CONFIG set before it starts, so it is refused there in one line instead of
+    raising at the first backward."""
+    if device_type == "cuda":
+        raise ConfigError("bad value for config key 'run.deterministic': true is supported on CPU only; on CUDA "
+                          "AdaptiveAvgPool2d's backward has no deterministic kernel. Set run.deterministic=false "
+                          "(CUDA runs then resume exactly in position and data order, not bit for bit)")

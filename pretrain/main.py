@@ -56,6 +56,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:
     from pretrain.config import to_yaml
     from pretrain.data.train_loader import build_train_data
     from pretrain.distributed import make_accelerator
+    from pretrain.hardware import check_deterministic_supported
     from pretrain.loop import Run, already_complete, build_optimizer, build_parts, finish, train_one_epoch
     from pretrain.resumable import Resumable
     from pretrain.revision import git_revision
@@ -63,9 +64,10 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:
 
     run_dir = Path(cfg.run.dir)
     # ------------------------------------------------------------------ processes, precision, seeds
-    accelerator, precision = make_accelerator(cfg.run.seed, cfg.run.precision)  # prints its choice and why
+    accelerator, precision = make_accelerator(cfg.run.seed, cfg.run.precision, cfg.run.dist_timeout_min)  # prints its choice and why
     set_seed(cfg.run.seed + accelerator.process_index)
     if cfg.run.deterministic:
+        check_deterministic_supported(accelerator.device.type)
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = not cfg.run.deterministic
     main = accelerator.is_main_process

@@ -7,6 +7,7 @@ Shared by ``pretrain/main.py`` (checked before anything is written) and ``launch
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import json
 import os
@@ -172,6 +173,13 @@ class RunDirLock:
             f.close()
             raise RunDirError(f"run.dir '{self.path.parent}' is in use by {holder}; wait for it to finish or stop it "
                               "(a stopped run resumes when rerun), or pick another run.dir") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            # Lustre without -o flock, some FUSE and old NFS mounts: the run is still worth training.
+            print(f"warning: the filesystem of '{self.path.parent}' does not support file locks ({e.strerror}), as on "
+                  "Lustre mounted without -o flock: nothing stops a second run on this dir, so start only one "
+                  "(or put run.dir on a filesystem with locks)", file=sys.stderr, flush=True)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -278,9 +279,12 @@ def _key_model_worker(rank: int, tmp: str, port: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     cfg = load_config(str(REPO / "configs" / "synthetic_tiny.yaml"),
-                      ["objective.queue_size=64", "monitor.knn_every=0", "monitor.online_probe=false"])
-    accelerator, _ = make_accelerator(cfg.run.seed, "no")
+                      ["objective.queue_size=64", "monitor.knn_every=0", "monitor.online_probe=false",
+                       "run.dist_timeout_min=37"])
+    accelerator, _ = make_accelerator(cfg.run.seed, "no", cfg.run.dist_timeout_min)
     assert accelerator.num_processes == WORLD
+    # The configured collective timeout reaches the process group (NCCL's default of 10 min could abort a job).
+    assert dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout == timedelta(minutes=37)
     set_seed(cfg.run.seed + accelerator.process_index)  # as pretrain/main.py seeds each rank
     data = build_train_data(cfg, accelerator)
     parts = build_parts(cfg, data, accelerator)

@@ -183,6 +183,20 @@ def test_second_run_on_a_locked_run_dir_stops_at_once_naming_the_holder(run_dir:
     assert first.returncode == 0  # the first run was undisturbed: it saved and stopped on the signal
 
 
+def test_a_filesystem_without_locks_warns_in_one_line_and_the_run_goes_on(tmp_path: Path, monkeypatch, capsys) -> None:
+    """flock on Lustre mounted without -o flock raises ENOSYS; it used to end the run with a traceback."""
+    import fcntl
+
+    def no_locks(f, how):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with RunDirLock(tmp_path / "run") as lock:
+        assert lock.path.read_text().startswith(f"pid {os.getpid()} on ")
+    warning, = capsys.readouterr().err.splitlines()
+    assert warning.startswith("warning: the filesystem of") and "does not support file locks" in warning
+
+
 def test_lock_is_exclusive_and_released_with_its_holder(tmp_path: Path) -> None:
     with RunDirLock(tmp_path):
         with pytest.raises(RunDirError, match=f"in use by pid {os.getpid()}"):
@@ -339,6 +353,18 @@ def test_local_dry_run_writes_nothing_so_the_real_run_may_claim_the_dir(tmp_path
     (run_dir / "user.txt").write_text("mine")
     remove_empty_tree(run_dir)  # only the empty directories go
     assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == ["user.txt"]
+
+
+def test_slurm_tasks_get_a_core_for_each_loader_worker_and_the_main_process(tmp_path: Path) -> None:
+    """SLURM gives a task 1 CPU unless told: 10 workers and the main process used to share it."""
+    args = [sys.executable, str(REPO / "launch" / "submit.py"), "--config", str(TINY), f"run.dir={tmp_path / 'r'}",
+            "data.num_workers=10", "--dry-run"]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and "#SBATCH --cpus-per-task=11" in proc.stdout, proc.stderr[-2000:]
+    proc = subprocess.run([*args, "--cpus-per-task", "4"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --cpus-per-task 4 is too few for the loader: 10 workers and the main process need 11 cores per task; "
+        "leave --cpus-per-task out (it then asks for 11) or lower data.num_workers to 3"], proc.stderr
 
 
 def test_slurm_dry_run_prints_the_script_on_a_machine_without_slurm(tmp_path: Path) -> None:

@@ -32,3 +32,13 @@ def test_bf16_channels_last_step_on_cuda_keeps_fp32_logits_and_learns() -> None:
         assert r.loss.dtype == torch.float32
         losses.append(r.loss.item())
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_deterministic_run_on_cuda_stops_in_one_line(tmp_path) -> None:
+    """On CUDA AdaptiveAvgPool2d's backward has no deterministic kernel: refused before the run dir is claimed."""
+    from conftest import run_main
+
+    proc = run_main(f"run.dir={tmp_path / 'run'}", "run.deterministic=true", "monitor.knn_every=0", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "supported on CPU only" in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()

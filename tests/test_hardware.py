@@ -107,3 +107,10 @@ def test_the_expected_duration_counts_the_knn_passes_still_ahead(every, batches,
     run = SimpleNamespace(cfg=SimpleNamespace(monitor=SimpleNamespace(knn_every=every)), data=range(batches),
                           total_steps=total, progress=SimpleNamespace(epoch=epoch))
     assert Run.knn_passes_ahead(run) == passes
+
+
+def test_deterministic_runs_are_refused_on_cuda_in_one_line_and_allowed_on_cpu() -> None:
+    """The CUDA half of this is run for real by tests/test_gpu.py::test_deterministic_run_on_cuda_stops_in_one_line."""
+    hardware.check_deterministic_supported("cpu")
+    with pytest.raises(ConfigError, match="'run.deterministic': true is supported on CPU only"):
+        hardware.check_deterministic_supported("cuda")
