@@ -27,7 +27,7 @@ def test_defaults_and_file_and_overrides_merge() -> None:
         ("bogus.x=1", r"unknown config key 'bogus'"),
         ("data.views.0.sise=3", r"unknown config key 'data.views.0.sise'.*valid keys under 'data.views.0':.*\bsize\b"),
         ("optim.lr=fast", r"bad value for config key 'optim.lr'"),
-        ("optim.lr=-1", r"'optim.lr': must be > 0"),
+        ("optim.lr=-1", r"'optim.lr': must be a finite number > 0"),
         ("optim.batch_size_per_process=1", r"'optim.batch_size_per_process'"),
         ("data.views=[]", r"'data.views': needs at least 2"),
         ("data.dataset=cifar", r"'data.dataset': 'cifar' is not one of fashion_mnist, imagefolder, synthetic"),
