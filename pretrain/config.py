@@ -363,6 +363,9 @@ def validate(c: Config) -> None:
     for key, on in (("intra_view_negatives", ob.intra_view_negatives), ("nn_support_size", ob.nn_support_size)):
         _require(not on or (ob.name == "contrastive" and ob.queue_size == 0), f"objective.{key}",
                  "works with objective.name=contrastive and in-batch keys (objective.queue_size=0) only")
+    _require(not (ob.intra_view_negatives and ob.nn_support_size), "objective.intra_view_negatives",
+             "cannot be combined with objective.nn_support_size: NNCLR's anchor is the query's support-set neighbour, "
+             "the intra-view negatives' the query itself, so one softmax row would mix two anchors; set one of them off")
     _require(0 <= ob.debias_tau_plus < 1, "objective.debias_tau_plus", f"must be in [0, 1), got {ob.debias_tau_plus}")
     _require(not ob.debias_tau_plus or (ob.name, ob.bound, ob.critic) == ("contrastive", "infonce", "cosine"),
              "objective.debias_tau_plus", "debiases InfoNCE with the cosine critic's score floor: it needs "

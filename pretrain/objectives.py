@@ -212,7 +212,9 @@ class AMDIMObjective(nn.Module):
             loss = nce + self.reg_weight * reg
             mis = {name: t[1] for name, t in terms.items()}
             diag = {"mi": torch.stack(list(mis.values())).mean(), "nce": nce.detach(), "score_reg": reg.detach(),
-                    "log_k": torch.tensor(math.log(keys[0][-1].shape[0]), device=loss.device),
+                    # Each term's ceiling is log(1 + (K-1) N) for its own map's N positions (mi + nce),
+                    # not log K over images: the bar would show MI above its ceiling.
+                    "log_k": torch.stack([t[1] + t[0].detach() for t in terms.values()]).mean(),
                     **{f"mi_{k}": v for k, v in mis.items()}}
         return loss, diag
 

@@ -26,6 +26,9 @@ def test_local_and_global_terms_have_the_expected_shapes_on_resnet18() -> None:
     loss, diag = AMDIMObjective()(out)
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert {"mi_1to1_01", "mi_1to0_01", "mi_lto1_01", "mi_1to1_10", "mi_1to0_10", "mi_lto1_10"} <= set(diag)
+    # The ceiling is the mean of the terms' log(1 + (K-1) N): 16 positions for 1->1 and l->1, 64 for 1->0.
+    ceilings = [math.log(1 + (B - 1) * n) for n in (16, 64, 16)]
+    assert diag["log_k"].item() == pytest.approx(sum(ceilings) / 3) and diag["mi"] <= diag["log_k"]
     loss.backward()
     assert model.encoders[0].conv1.weight.grad is not None
 

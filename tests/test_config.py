@@ -51,6 +51,14 @@ def test_bad_values_name_the_key(override: str, pattern: str) -> None:
         load_config(None, [override])
 
 
+def test_nnclr_with_intra_view_negatives_is_refused() -> None:
+    """NNCLR's anchor is the support-set neighbour, the intra-view negatives' the query: one row, two anchors."""
+    load_config(None, ["objective.nn_support_size=64"])
+    load_config(None, ["objective.intra_view_negatives=true"])
+    with pytest.raises(ConfigError, match=r"'objective.intra_view_negatives': cannot be combined with objective.nn_"):
+        load_config(None, ["objective.nn_support_size=64", "objective.intra_view_negatives=true"])
+
+
 def test_debiased_infonce_needs_the_infonce_bound_and_cosine_critic() -> None:
     assert load_config(None, ["objective.debias_tau_plus=0.1"]).objective.debias_tau_plus == 0.1
     with pytest.raises(ConfigError, match=r"'objective.debias_tau_plus': debiases InfoNCE .*got contrastive, nwj, cosine"):
