@@ -104,23 +104,45 @@ class NothingToTrain(RuntimeError):
     pass
 
 
+# A fit that ran to its cap counts as converged only on a plateau: its last PLATEAU_POINTS held-out
+# top-1 values within PLATEAU_TOLERANCE of each other (0.5 points).
+PLATEAU_POINTS, PLATEAU_TOLERANCE = 3, 0.005
+
+
 @dataclass
 class FitOutcome:
-    """Where a fit ended, its held-out curve and budget, and whether it had converged."""
+    """Where a fit ended, its held-out curve and budget, what stopped it and whether it had converged."""
 
     progress: ckpt.Progress
     held_out: list[tuple[int, float]]  # (global step, held-out top-1) at each evaluation
     wall_s: float  # training wall time over all resumes
     early_stopped: bool  # the patience rule ended it
+    cap: str = "epoch_cap"  # what ended it otherwise: epoch_cap | step_cap | time_cap
+
+    @property
+    def stopped(self) -> str:
+        """early_stopping | epoch_cap | step_cap | time_cap."""
+        return "early_stopping" if self.early_stopped else self.cap
 
     @property
     def converged(self) -> bool | None:
-        """True when early stopping ended it, or the held-out accuracy was no longer rising at the end
-        (the last evaluation is not a new best); None without a held-out curve."""
+        """True when early stopping ended it, or on a plateau (:data:`PLATEAU_POINTS` held-out points
+        within :data:`PLATEAU_TOLERANCE`); None with fewer points than that. A curve that is flat only
+        because a cosine lr reached zero at its cap is a plateau too: ``stopped`` says that it was the cap."""
         if self.early_stopped:
             return True
-        accs = [a for _, a in self.held_out]
-        return None if len(accs) < 2 else accs[-1] <= max(accs[:-1])
+        accs = [a for _, a in self.held_out][-PLATEAU_POINTS:]
+        return None if len(accs) < PLATEAU_POINTS else max(accs) - min(accs) <= PLATEAU_TOLERANCE
+
+
+def fit_label(stopped: str, converged: bool | None) -> str:
+    """What ended a fit and whether it converged, for a row's name: ", early-stopped",
+    ", stopped at its epoch cap on a plateau", ", stopped at its step cap, not converged", ..."""
+    if stopped == "early_stopping":
+        return ", early-stopped"
+    cap = stopped.replace("_cap", "")
+    how = {True: " on a plateau", False: ", not converged", None: ", convergence unknown"}[converged]
+    return f", stopped at its {cap} cap{how}"
 
 
 def fit_classifier(
@@ -245,4 +267,6 @@ def fit_classifier(
         finished = True  # a rerun of a finished fit (a wall-time budget, early stopping) takes no more steps
     save()
     model.eval()
-    return None if stopped else FitOutcome(progress, curve, round(wall(), 1), early_stopped)
+    cap = ("time_cap" if over_time else
+           "step_cap" if schedule.max_steps and schedule.max_steps < schedule.epochs * steps_per_epoch else "epoch_cap")
+    return None if stopped else FitOutcome(progress, curve, round(wall(), 1), early_stopped, cap)

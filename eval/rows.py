@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from eval.baselines import AlexNetConvFeatures, supervised_alexnet
-from eval.classifier import Augment, LinearProbeModel, SGDSchedule, fit_classifier
+from eval.classifier import Augment, LinearProbeModel, SGDSchedule, fit_classifier, fit_label
 from eval.features import ConcatViewEncoders, assert_unchanged, fingerprint, pixel_features
 from eval.probe import linear_probe, topk_accuracy
 from eval.stored_baselines import alexnet_protocol, data_fingerprint, find_stored, store_dir, store_result
@@ -36,7 +36,6 @@ from pretrain.models import create_encoder
 from pretrain.revision import git_revision
 from pretrain.stop import StopFlag
 
-CONVERGENCE = {True: "", False: ", not converged", None: ", convergence unknown"}  # held-out curve -> row name
 Norm = tuple[Any, Any]  # (mean, std); (None, None) = the dataset's own
 NO_NORM: Norm = (None, None)
 
@@ -170,7 +169,7 @@ class Rows:
         budget = f"{p.epoch} epochs" if p.step_in_epoch == 0 else f"{p.global_step} steps"
         return {"top1": topk_accuracy(logits, y, 1), "top5": topk_accuracy(logits, y, 5), "trained": budget,
                 "scored": len(y), "epochs": round(p.global_step / max(steps_per_epoch, 1), 2), "steps": p.global_step,
-                "wall_s": outcome.wall_s, "converged": outcome.converged, "held_out_top1": outcome.held_out,
+                "wall_s": outcome.wall_s, "stopped": outcome.stopped, "converged": outcome.converged, "held_out_top1": outcome.held_out,
                 "augment": "loader" if augment is None else "batch"}
 
     # ------------------------------------------------------------------ rows
@@ -234,9 +233,11 @@ class Rows:
                                 lambda: data_fingerprint(self.train, self.test))
             if found:
                 acc.print(f"AlexNet supervised: using the stored result {found['stored_path']} ({found['date']})")
-                return {**{k: found[k] for k in ("kind", "top1", "top5", "epochs", "steps", "wall_s", "converged",
-                                                  "trained")}, "protocol": "supervised", "stored_protocol": found["protocol"],
-                        "name": f"AlexNet supervised ({found['epochs']:g} epochs{CONVERGENCE[found['converged']]}, "
+                return {**{k: found[k] for k in ("kind", "top1", "top5", "epochs", "steps", "wall_s", "stopped",
+                                                  "converged", "trained")}, "protocol": "supervised",
+                        "stored_protocol": found["protocol"],
+                        "name": f"AlexNet supervised ({found['epochs']:g} epochs"
+                                f"{fit_label(found['stopped'], found['converged'])}, "
                                 f"stored {found['date'][:10]})", "knn": None,
                         "stored": found["stored_path"], "stored_date": found["date"], "input_size": size}
         revision = git_revision()  # of the code that trains it (taken before the hour-long fit)
@@ -249,7 +250,7 @@ class Rows:
         scores = self.sgd_fit("alexnet_supervised", alexnet, alexnet, size, schedule, b.alexnet_crop_scale_min,
                               held_out=min(b.alexnet_held_out, len(self.train) // 2))
         trained = scores["trained"] if scores["trained"].endswith("epochs") else f"{scores['trained']}, {scores['epochs']:g} epochs"
-        budget = f"{trained}, {scores['wall_s']:.0f} s{CONVERGENCE[scores['converged']]}"
+        budget = f"{trained}, {scores['wall_s']:.0f} s{fit_label(scores['stopped'], scores['converged'])}"
         if b.alexnet_optimizer != "sgd":
             budget = f"{b.alexnet_optimizer.replace('adamw', 'AdamW')}, {budget}"
         row = {"name": f"AlexNet supervised ({budget})", "kind": "alexnet_supervised",

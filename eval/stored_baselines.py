@@ -20,7 +20,8 @@ from typing import Any, Callable
 from pretrain.data import ImageDataset
 
 REPO_STORE = Path(__file__).resolve().parents[1] / "baselines"
-REQUIRED = ("kind", "dataset", "protocol", "data_sha256", "top1", "top5", "epochs", "steps", "wall_s", "converged")
+REQUIRED = ("kind", "dataset", "protocol", "data_sha256", "top1", "top5", "epochs", "steps", "wall_s", "stopped",
+            "converged")
 
 
 def data_fingerprint(train: ImageDataset, test: ImageDataset, max_images: int = 100_000) -> str:

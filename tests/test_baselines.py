@@ -27,12 +27,23 @@ ALEXNET = ["baselines.alexnet_supervised=true", "baselines.alexnet_global_batch_
            "raw_pixels=false"]
 
 
-def test_converged_means_early_stopped_or_no_longer_rising() -> None:
+def test_converged_means_early_stopped_or_a_plateau_and_the_label_says_what_stopped_it() -> None:
+    """Issue 26: a fit that ran to its epoch cap used to be called "converged" because its last point was
+    not a new best; now it is labelled by what stopped it, and converged only on a stated plateau."""
+    from eval.classifier import fit_label
+
     p = Progress()
-    assert FitOutcome(p, [(1, 0.5), (2, 0.6)], 1.0, False).converged is False  # still rising at the end
-    assert FitOutcome(p, [(1, 0.6), (2, 0.6)], 1.0, False).converged is True
-    assert FitOutcome(p, [(1, 0.5)], 1.0, False).converged is None
-    assert FitOutcome(p, [(1, 0.5), (2, 0.9)], 1.0, True).converged is True
+    rising = FitOutcome(p, [(1, 0.5), (2, 0.6), (3, 0.7)], 1.0, False)
+    dipped = FitOutcome(p, [(1, 0.80), (2, 0.86), (3, 0.85)], 1.0, False)  # "not a new best" is no plateau
+    flat = FitOutcome(p, [(1, 0.5), (2, 0.911), (3, 0.913), (4, 0.912)], 1.0, False)
+    early = FitOutcome(p, [(1, 0.5), (2, 0.9)], 1.0, True)
+    assert (rising.converged, dipped.converged, flat.converged, early.converged) == (False, False, True, True)
+    assert FitOutcome(p, [(1, 0.5), (2, 0.5)], 1.0, False).converged is None  # too few points to tell
+    assert (flat.stopped, early.stopped, FitOutcome(p, [], 1.0, False, "step_cap").stopped) == (
+        "epoch_cap", "early_stopping", "step_cap")
+    assert fit_label(flat.stopped, flat.converged) == ", stopped at its epoch cap on a plateau"
+    assert fit_label(rising.stopped, rising.converged) == ", stopped at its epoch cap, not converged"
+    assert fit_label(early.stopped, early.converged) == ", early-stopped"
 
 
 def test_patience_stops_the_fit_when_held_out_accuracy_stalls(tmp_path: Path) -> None:
@@ -94,7 +105,7 @@ def test_stored_alexnet_is_used_and_mismatched_or_damaged_ones_are_not(export_di
               tmp_path / "b")
     path = store / "synthetic-alexnet_supervised.json"
     stored = json.loads(path.read_text())
-    for key in ("top1", "top5", "epochs", "steps", "wall_s", "converged", "config", "git_revision", "data_sha256", "date"):
+    for key in ("top1", "top5", "epochs", "steps", "wall_s", "stopped", "converged", "config", "git_revision", "data_sha256", "date"):
         assert key in stored
 
     def alexnet_row(*extra: str) -> tuple[dict, str]:
@@ -128,6 +139,7 @@ def test_the_demo_finds_the_stored_converged_alexnet() -> None:
                         alexnet_protocol(28, cfg.center_crop_ratio), lambda: data_fingerprint(train, test))
     assert found is not None, "no stored AlexNet matches the demo: run `make baselines` and commit baselines/"
     assert found["converged"] is True and found["stored_path"].startswith(str(REPO / "baselines"))
+    assert found["stopped"] == "epoch_cap"  # patience never fired: it is labelled by its cap, not "converged"
     assert all(key in found["config"] for key in ("store_baselines: true", "alexnet_patience: 3"))
 
 
