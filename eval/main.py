@@ -84,9 +84,11 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
             + b.alexnet_supervised + 5 * bool(b.alexnet_weights) + len(supervised))
     accelerator.print(f"eval: {len(train)} train / {len(test)} test images of {cfg.dataset}, protocol {cfg.protocol}, "
                       f"{jobs} rows to compute on {accelerator.num_processes} process(es)")
-    clock = RowClock(jobs - b.alexnet_supervised,  # the AlexNet is stored, or its fit shows its own progress
+    fits = [meta for meta in supervised if not make.has_stored_supervised_encoder(meta)]  # the others are stored
+    # The AlexNet is stored, or its fit shows its own progress; a stored supervised encoder costs nothing.
+    clock = RowClock(jobs - b.alexnet_supervised - (len(supervised) - len(fits)),
                      [make.supervised_budget(meta)[1] * pretrain_step_seconds(meta) * SUPERVISED_STEP_PER_PRETRAIN_STEP
-                      for meta in supervised], accelerator.print)
+                      for meta in fits], accelerator.print)
     rows: list[dict[str, Any]] = []
     for w, encoder, meta in exports:  # ours (+ random init of each architecture)
         name = Path(w).resolve().parent.name if Path(w).name == "export" else Path(w).name

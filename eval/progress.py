@@ -42,7 +42,7 @@ class RowClock:
         seconds, self.last = now - self.last, now
         knn = "".join(f", kNN k={k} {v:.2%}" for k, v in list((row.get("knn") or {}).items())[:1])
         self.print(f"eval: {row['name']}: top-1 {row['top1']:.2%}{knn} ({format_duration(seconds)})")
-        if row.get("probe_seconds") is None and row.get("protocol") != "imagenet":
+        if row.get("stored") or (row.get("probe_seconds") is None and row.get("protocol") != "imagenet"):
             return row  # stored or quoted: no features, no probe
         if row["kind"] == "supervised_encoder":
             seconds -= float(row["wall_s"])  # its fit; what is left is scoring, as for any row

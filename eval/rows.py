@@ -8,7 +8,9 @@ stop flag of the resumable SGD fits.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import math
 import re
 import time
@@ -75,6 +77,24 @@ def all_views(encoder: nn.Module, meta: dict, views: list) -> tuple[ConcatViewEn
 def pretrain_epochs(meta: dict) -> float:
     """The epochs (fractional) the export was pretrained for, 0 when its summary does not say."""
     return float((meta.get("summary") or {}).get("epochs_trained") or 0)
+
+
+def supervised_epochs(meta: dict, baselines: Any) -> float:
+    """The supervised-encoder fit's epochs: as many as the export's pretraining, unless configured."""
+    return baselines.supervised_encoder_epochs or pretrain_epochs(meta)
+
+
+def supervised_encoder_protocol(meta: dict, cfg: Any) -> str:
+    """Everything the supervised-encoder row depends on but the data (the export's architecture and input, the
+    epochs, the fit, the scoring): a stored one is used only under the same string."""
+    b = cfg.baselines
+    epochs = supervised_epochs(meta, b)
+    arch = {k: meta.get(k) for k in ("architecture", "timm_kwargs", "in_chans", "input_size", "small_input",
+                                     "stem_stride", "input_transform", "mean", "std")}
+    return (f"supervised-encoder-v1: {json.dumps(arch, sort_keys=True)}; {epochs:g} epochs, SGD lr "
+            f"{b.supervised_encoder_lr:g}, weight decay {b.supervised_encoder_weight_decay:g}, global batch "
+            f"{b.alexnet_global_batch_size}, crops {b.alexnet_crop_scale_min:g}-1; scored by {cfg.protocol} "
+            f"(centre crop ratio {cfg.center_crop_ratio}, kNN k {list(cfg.knn_k)}), test split")
 
 
 class Rows:
@@ -169,8 +189,8 @@ class Rows:
         budget = f"{p.epoch} epochs" if p.step_in_epoch == 0 else f"{p.global_step} steps"
         return {"top1": topk_accuracy(logits, y, 1), "top5": topk_accuracy(logits, y, 5), "trained": budget,
                 "scored": len(y), "epochs": round(p.global_step / max(steps_per_epoch, 1), 2), "steps": p.global_step,
-                "wall_s": outcome.wall_s, "stopped": outcome.stopped, "converged": outcome.converged, "held_out_top1": outcome.held_out,
-                "augment": "loader" if augment is None else "batch"}
+                "wall_s": outcome.wall_s, "stopped": outcome.stopped, "converged": outcome.converged,
+                "held_out_top1": outcome.held_out, "augment": "loader" if augment is None else "batch"}
 
     # ------------------------------------------------------------------ rows
     def encoder_row(self, name: str, kind: str, encoder: nn.Module, meta: dict, sha: str | None) -> dict[str, Any]:
@@ -227,19 +247,14 @@ class Rows:
 
     def alexnet_row(self) -> dict[str, Any]:
         """The supervised AlexNet: a stored converged result when one matches, else trained here."""
-        cfg, b, acc, size = self.cfg, self.b, self.accelerator, self.size
-        if b.use_stored and not cfg.store_baselines:
-            found = find_stored(store_dir(b.store), "alexnet_supervised", cfg.dataset, self.alexnet_protocol,
-                                lambda: data_fingerprint(self.train, self.test))
-            if found:
-                acc.print(f"AlexNet supervised: using the stored result {found['stored_path']} ({found['date']})")
-                return {**{k: found[k] for k in ("kind", "top1", "top5", "epochs", "steps", "wall_s", "stopped",
-                                                  "converged", "trained")}, "protocol": "supervised",
-                        "stored_protocol": found["protocol"],
-                        "name": f"AlexNet supervised ({found['epochs']:g} epochs"
-                                f"{fit_label(found['stopped'], found['converged'])}, "
-                                f"stored {found['date'][:10]})", "knn": None,
-                        "stored": found["stored_path"], "stored_date": found["date"], "input_size": size}
+        cfg, b, size = self.cfg, self.b, self.size
+        if (found := self.stored("alexnet_supervised", self.alexnet_protocol)) is not None:
+            return {**{k: found[k] for k in ("kind", "top1", "top5", "epochs", "steps", "wall_s", "stopped",
+                                              "converged", "trained")}, "protocol": "supervised",
+                    "stored_protocol": found["protocol"],
+                    "name": f"AlexNet supervised ({found['epochs']:g} epochs"
+                            f"{fit_label(found['stopped'], found['converged'])}, stored {found['date'][:10]})",
+                    "knn": None, "stored": found["stored_path"], "stored_date": found["date"], "input_size": size}
         revision = git_revision()  # of the code that trains it (taken before the hour-long fit)
         alexnet = supervised_alexnet(self.train.channels, size, self.num_classes)
         schedule = SGDSchedule(lr=b.alexnet_lr, epochs=b.alexnet_epochs, global_batch_size=b.alexnet_global_batch_size,
@@ -255,16 +270,37 @@ class Rows:
             budget = f"{b.alexnet_optimizer.replace('adamw', 'AdamW')}, {budget}"
         row = {"name": f"AlexNet supervised ({budget})", "kind": "alexnet_supervised",
                "protocol": "supervised", **scores, "optimizer": b.alexnet_optimizer, "knn": None, "input_size": size}
-        if cfg.store_baselines and acc.is_main_process:
-            path = store_result(store_dir(b.store), row, dataset=cfg.dataset, protocol=self.alexnet_protocol,
-                                data_sha256=data_fingerprint(self.train, self.test),
-                                config=OmegaConf.to_yaml(OmegaConf.structured(cfg)), revision=revision)
-            print(f"stored {path}", flush=True)
+        self.store(row, self.alexnet_protocol, revision)
         return row
+
+    def stored(self, kind: str, protocol: str) -> dict[str, Any] | None:
+        """The stored result of ``kind`` under ``protocol`` on this data (``make baselines``), said in one line;
+        None when the config asks to train and store, or none matches."""
+        if found := self._find_stored(kind, protocol):
+            self.accelerator.print(f"{kind}: using the stored result {found['stored_path']} ({found['date']})")
+        return found
+
+    def _find_stored(self, kind: str, protocol: str) -> dict[str, Any] | None:
+        if not self.b.use_stored or self.cfg.store_baselines:
+            return None
+        return find_stored(store_dir(self.b.store), kind, self.cfg.dataset, protocol, lambda: self.data_sha256)
+
+    @functools.cached_property
+    def data_sha256(self) -> str:
+        """:func:`data_fingerprint` of both splits (it reads every image: once per eval)."""
+        return data_fingerprint(self.train, self.test)
+
+    def store(self, row: dict[str, Any], protocol: str, revision: str, suffix: str = "") -> None:
+        """With ``store_baselines``, write ``row`` to the baselines store (rank 0) for later evals to report."""
+        if self.cfg.store_baselines and self.accelerator.is_main_process:
+            path = store_result(store_dir(self.b.store), row, dataset=self.cfg.dataset, protocol=protocol,
+                                data_sha256=self.data_sha256, suffix=suffix,
+                                config=OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), revision=revision)
+            print(f"stored {path}", flush=True)
 
     def supervised_budget(self, meta: dict) -> tuple[float, int]:
         """(epochs, steps) of the supervised-encoder fit for an export: as many epochs as its pretraining."""
-        epochs = self.b.supervised_encoder_epochs or pretrain_epochs(meta)
+        epochs = supervised_epochs(meta, self.b)
         return epochs, max(1, round(epochs * (len(self.train) // self.b.alexnet_global_batch_size)))
 
     def supervised_encoder_row(self, meta: dict) -> dict[str, Any]:
@@ -273,6 +309,15 @@ class Rows:
         encoder: the upper reference SSL papers print beside their probes."""
         b = self.b
         epochs, steps = self.supervised_budget(meta)  # the cosine spans the steps
+        protocol = supervised_encoder_protocol(meta, self.cfg)
+        if (found := self.stored("supervised_encoder", protocol)) is not None:
+            kept = {k: v for k, v in found.items() if k not in ("dataset", "data_sha256", "config", "git_revision",
+                                                              "date", "stored_path", "protocol")}
+            return {**kept, "name": f"supervised {meta['architecture']} ({epochs:g} epochs, {found['wall_s']:.0f} s, "
+                                    f"stored {found['date'][:10]})",
+                    "protocol": self.cfg.protocol, "stored_protocol": found["protocol"], "stored": found["stored_path"],
+                    "stored_date": found["date"]}
+        revision = git_revision()
         encoder = random_like(meta, meta["in_chans"])
         model = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.num_features, self.num_classes))
         schedule = SGDSchedule(lr=b.supervised_encoder_lr, epochs=math.ceil(epochs), max_steps=steps,
@@ -283,8 +328,14 @@ class Rows:
                               norm=norm_of(meta))
         row = self.encoder_row(f"supervised {meta['architecture']} ({epochs:g} epochs, {scores['wall_s']:.0f} s)",
                                "supervised_encoder", encoder, meta, None)
-        return {**row, **{k: scores[k] for k in ("epochs", "steps", "wall_s", "augment")}, "supervised_top1": scores["top1"],
-                "budget_epochs": epochs}
+        row = {**row, **{k: scores[k] for k in ("epochs", "steps", "wall_s", "augment", "stopped", "converged")},
+               "supervised_top1": scores["top1"], "budget_epochs": epochs}
+        self.store(row, protocol, revision, suffix="-" + hashlib.sha256(protocol.encode()).hexdigest()[:8])
+        return row
+
+    def has_stored_supervised_encoder(self, meta: dict) -> bool:
+        """Whether :meth:`supervised_encoder_row` will report a stored result (no fit to wait for)."""
+        return self._find_stored("supervised_encoder", supervised_encoder_protocol(meta, self.cfg)) is not None
 
     def alexnet_conv_rows(self, trunk: nn.Module) -> Iterator[dict[str, Any]]:
         """Linear probes of AlexNet conv1..conv5 (pooled ReLU outputs) from a weights file, each computed as it is taken."""

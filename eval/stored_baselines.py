@@ -70,12 +70,12 @@ def find_stored(store: Path, kind: str, dataset: str, protocol: str,
 
 
 def store_result(store: Path, row: dict[str, Any], *, dataset: str, protocol: str, data_sha256: str,
-                 config: str, revision: str) -> Path:
-    """Write one result as ``<store>/<dataset>-<kind>.json`` (atomically); returns the path."""
+                 config: str, revision: str, suffix: str = "") -> Path:
+    """Write one result as ``<store>/<dataset>-<kind><suffix>.json`` (atomically); returns the path."""
     store.mkdir(parents=True, exist_ok=True)
     result = {**row, "dataset": dataset, "protocol": protocol, "data_sha256": data_sha256,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_revision": revision, "config": config}
-    path = store / f"{dataset}-{row['kind']}.json"
+    path = store / f"{dataset}-{row['kind']}{suffix}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(path)

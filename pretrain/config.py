@@ -276,8 +276,9 @@ def _check_list_index(cfg: DictConfig, key: str, item: str) -> None:
         if isinstance(items, ListConfig) and int(parts[i]) >= len(items):
             n = len(items)
             numbered = {0: "none yet", 1: "numbered 0", 2: "numbered 0 and 1"}.get(n, f"numbered 0 to {n - 1}")
+            example = "[{size: 16}, {size: 16}]" if parent == "data.views" else "[...]"
             raise ConfigError(f"override '{item}': '{parent}' has {n} entries ({numbered}); set an existing one, "
-                              f"or give the whole list, e.g. {parent}=[{{size: 16}}, {{size: 16}}]")
+                              f"or give the whole list, e.g. {parent}={example}")
 
 
 def yaml_problem(e: YAMLError) -> str:

@@ -77,7 +77,7 @@ def export_encoder(
     # short (disk full, a kill) has none and is written again, never left stale beside new weights.
     (out_dir / META).unlink(missing_ok=True)
     weights = out_dir / WEIGHTS
-    _save_weights(encoder, weights)
+    weights_sha256 = _save_weights(encoder, weights)
     views = []
     for v, (view_encoder, view_chans, view_transform) in enumerate(view_encoders, start=1):
         path = out_dir / f"encoder_view{v}.safetensors"
@@ -98,7 +98,7 @@ def export_encoder(
         "input_transform": input_transform,
         **({"view_encoders": views} if views else {}),
         "summary": summary,
-        "sha256": sha256(weights),
+        "sha256": weights_sha256,
         "timm_version": timm.__version__,
     }
     for name, text in (beside or {}).items():

@@ -64,7 +64,8 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:
 
     run_dir = Path(cfg.run.dir)
     # ------------------------------------------------------------------ processes, precision, seeds
-    accelerator, precision = make_accelerator(cfg.run.seed, cfg.run.precision, cfg.run.dist_timeout_min)  # prints its choice and why
+    # prints its precision choice and why
+    accelerator, precision = make_accelerator(cfg.run.seed, cfg.run.precision, cfg.run.dist_timeout_min)
     set_seed(cfg.run.seed + accelerator.process_index)
     if cfg.run.deterministic:
         check_deterministic_supported(accelerator.device.type)

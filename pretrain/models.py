@@ -82,9 +82,10 @@ def check_takes_views(model: nn.Module, arch: str, shapes: list[tuple[int, int]]
         with torch.no_grad():
             model([torch.zeros(2, c, s, s) for c, s in shapes])
     except (AssertionError, RuntimeError, ValueError) as e:
-        sizes = sorted({s for _, s in shapes})
-        raise ConfigError(f"bad value for config key 'model.arch': '{arch}' cannot take the {' and '.join(map(str, sizes))} px "
-                          f"views of data.views ({str(e).splitlines()[0] if str(e) else type(e).__name__}); use "
+        sizes = " and ".join(map(str, sorted({s for _, s in shapes})))
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"bad value for config key 'model.arch': '{arch}' cannot take the {sizes} px views of "
+                          f"data.views ({why}); use "
                           "views of the size it is built for, or an arch for small images, e.g. model.arch=resnet18 "
                           "model.small_input=true") from None
     finally:

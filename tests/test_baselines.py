@@ -143,6 +143,29 @@ def test_the_demo_finds_the_stored_converged_alexnet() -> None:
     assert all(key in found["config"] for key in ("store_baselines: true", "alexnet_patience: 3"))
 
 
+@pytest.mark.skipif(not Path(FMNIST_DEFAULT_ROOT).is_dir(), reason="make setup installs dataset-fashion-mnist")
+def test_the_demo_finds_the_stored_supervised_encoder() -> None:
+    """`make baselines-encoder` stores the demo encoder's supervised row: a fresh clone's `make demo` must find it
+    from what its export will record (architecture, input, epochs), without training."""
+    from eval.rows import supervised_encoder_protocol
+    from pretrain.data.datasets import FashionMNIST
+    from pretrain.models import width_kwargs
+
+    demo = load_config(str(REPO / "configs" / "fmnist_cpu.yaml"))
+    m = demo.model
+    meta = {"architecture": m.arch, "timm_kwargs": width_kwargs(m.arch, m.width), "in_chans": 1,  # as exported
+            "input_size": [1, demo.data.views[0].size, demo.data.views[0].size], "small_input": m.small_input,
+            "stem_stride": m.stem_stride, "input_transform": "normalise", "mean": list(FashionMNIST.mean),
+            "std": list(FashionMNIST.std), "summary": {"epochs_trained": float(demo.optim.epochs)}}
+    cfg = load_config(str(REPO / "configs" / "probe_fmnist.yaml"), ["weights=[x]"], schema=EvalConfig,
+                      check=validate_eval)
+    train, test = (open_dataset(cfg.dataset, split, cfg.root) for split in ("train", "test"))
+    found = find_stored(store_dir(cfg.baselines.store), "supervised_encoder", cfg.dataset,
+                        supervised_encoder_protocol(meta, cfg), lambda: data_fingerprint(train, test))
+    assert found is not None, "no stored supervised encoder matches the demo: run `make baselines-encoder`, commit baselines/"
+    assert found["budget_epochs"] == demo.optim.epochs and found["stored_path"].startswith(str(REPO / "baselines"))
+
+
 def test_supervised_encoder_budget_defaults_to_the_pretraining_epochs() -> None:
     assert pretrain_epochs({"summary": {"epochs_trained": 2.4, "pretrain_seconds": 300.0}}) == 2.4
     assert pretrain_epochs({"summary": {"steps": 7}}) == 0  # eval/main.py then says which key to set
@@ -163,3 +186,26 @@ def test_supervised_encoder_row_trains_our_architecture_for_the_epoch_budget(exp
     assert row["name"] == f"supervised test_resnet (1.5 epochs, {row['wall_s']:.0f} s)"  # both budget and time
     assert 0 <= row["top1"] <= 1 and row["feature_dim"] == report["rows"][0]["feature_dim"]
     assert row["augment"] == "batch"  # same-size images: crops drawn per batch on the device, no loader workers
+
+
+@pytest.mark.slow
+def test_stored_supervised_encoder_is_used_only_for_the_same_recipe(export_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """`make baselines` stores the demo encoder's supervised row, so `make demo` need not spend its fit's minutes;
+    another epoch budget (or architecture, or probe) is another recipe and trains here."""
+    store = tmp_path / "store"
+    row_args = ["random_init=false", "raw_pixels=false", "baselines.supervised_encoder=true",
+                "baselines.supervised_encoder_epochs=1", "baselines.alexnet_global_batch_size=16", f"baselines.store={store}"]
+
+    def supervised_row(*extra: str) -> tuple[dict, str]:
+        out = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
+        proc = run_eval(f"weights={export_dir}", f"out={out}", *row_args, *extra)
+        return next(r for r in report_of(proc, out)["rows"] if r["kind"] == "supervised_encoder"), proc.stdout
+
+    trained, _ = supervised_row("store_baselines=true")
+    path, = store.glob("synthetic-supervised_encoder-*.json")
+    used, stdout = supervised_row()
+    assert used["stored"] == str(path) and "stored" in used["name"] and f"using the stored result {path}" in stdout
+    assert (used["top1"], used["knn"], used["steps"]) == (trained["top1"], trained["knn"], trained["steps"])
+    assert "expected: eval ends" not in stdout or "supervised fit" not in stdout  # no fit left to wait for
+    other, _ = supervised_row("baselines.supervised_encoder_epochs=2")
+    assert "stored" not in other and other["budget_epochs"] == 2
