@@ -62,6 +62,7 @@ class EvalConfig:
     test_beton: str = _f("", "extract the test split's features from this .beton (FFCV)")
     limit_train: int = _f(0, "use only N evenly spaced training images (0 = all)")
     limit_test: int = _f(0, "use only N evenly spaced test images (0 = all)")
+    holdout: int = _f(0, "fit on the train split less N evenly spaced images and score on those, not on the test split: the validation split of a pretraining with data.holdout=N (choose recipes there)")
     center_crop_ratio: float = _f(1.0, "eval transform: resize to size / ratio, centre crop (ImageNet: 0.875 = 256 -> 224)")
     protocol: str = _f("fast", choices_help("protocol", EVAL_CHOICES))
     weight_decays: list[float] = _f([1e-6, 1e-5, 1e-4, 1e-3], "fast probe: weight decays tried on the held-out 10% of train")
@@ -110,6 +111,9 @@ def validate_eval(c: EvalConfig) -> None:
     require(c.limit_train >= 0 and c.limit_test >= 0, "limit_train", "limits must be >= 0")
     require(not ((c.train_beton or c.test_beton) and (c.limit_train or c.limit_test)), "limit_train",
             "limits apply to dataset/root; write the .beton with --limit instead")
+    require(c.holdout >= 0, "holdout", f"must be >= 0, got {c.holdout}")
+    require(not (c.holdout and (c.train_beton or c.test_beton)), "holdout",
+            "the validation split is read from dataset/root; drop train_beton/test_beton")
     require(0 < c.center_crop_ratio <= 1, "center_crop_ratio", f"must be in (0, 1], got {c.center_crop_ratio}")
     s, b = c.sgd, c.baselines
     require(s.lr > 0 and s.epochs >= 1 and s.global_batch_size >= 1, "sgd",

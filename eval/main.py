@@ -33,8 +33,9 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     from eval.progress import SUPERVISED_STEP_PER_PRETRAIN_STEP, RowClock, pretrain_step_seconds
     from eval.report import write_report
     from eval.rows import Rows, pretrain_epochs
+    from eval.stored_baselines import scored_split
     from pretrain.config import ConfigError
-    from pretrain.data.datasets import open_dataset, spaced_subset
+    from pretrain.data.datasets import holdout_split, open_dataset, spaced_subset
     from pretrain.distributed import make_accelerator
     from pretrain.export import export_dir_of, load_encoder, load_view_encoders
     from pretrain.hardware import describe_machine
@@ -47,15 +48,25 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     b = cfg.baselines
     alexnet_trunk = load_alexnet_features(b.alexnet_weights) if b.alexnet_weights else None
 
-    def split(name: str, limit: int):
+    def split(name: str):
         ds = open_dataset(cfg.dataset, name, cfg.root, synthetic_size=cfg.synthetic_size,
                           synthetic_classes=cfg.synthetic_classes, synthetic_image_size=cfg.synthetic_image_size)
         if len(ds) == 0:
             raise ConfigError(f"the {name} split of {cfg.dataset} is empty: check root")
-        return spaced_subset(ds, limit) if limit else ds
+        return ds
 
-    train, test = split("train", cfg.limit_train), split("test", cfg.limit_test)
+    # With holdout the validation images stand in for the test split, which stays unread: it is for the final figure.
+    train, test = holdout_split(split("train"), cfg.holdout) if cfg.holdout else (split("train"), split("test"))
+    train, test = (spaced_subset(ds, n) if n else ds for ds, n in ((train, cfg.limit_train), (test, cfg.limit_test)))
     for w, _, meta in exports:
+        trained_holdout = int((meta.get("summary") or {}).get("holdout") or 0)
+        if cfg.holdout and trained_holdout != cfg.holdout:
+            raise ConfigError(
+                f"bad value for config key 'holdout': '{w}' was pretrained with data.holdout={trained_holdout}, so "
+                f"holdout={cfg.holdout} would score it on images it trained on; give holdout={trained_holdout}"
+                if trained_holdout else f"bad value for config key 'holdout': '{w}' was pretrained on every train "
+                f"image (data.holdout=0), so a validation split would score images it trained on; pretrain with "
+                f"data.holdout={cfg.holdout} or score the test split (holdout=0)")
         needs = 3 if meta.get("input_transform") == "lab_L" else meta["in_chans"]
         if needs != train.channels:
             raise ConfigError(f"'{w}' expects {needs}-channel images but {cfg.dataset} has {train.channels}; "
@@ -112,13 +123,14 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     if accelerator.is_main_process:
         meta = {"dataset": cfg.dataset, "protocol": PROTOCOLS[cfg.protocol].split(":")[0],
                 "protocol_description": f"{PROTOCOLS[cfg.protocol]}. {KNN}.", "seed": cfg.seed,
-                "train_images": len(train), "test_images": len(test), "processes": accelerator.num_processes,
+                "train_images": len(train), "test_images": len(test), "scored_on": scored_split(cfg.holdout), "processes": accelerator.num_processes,
                 "precision": precision.mode, "precision_reason": precision.reason, "machine": describe_machine(),
                 "alexnet_reference_top1": reference, "config": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
                 "train_step": int((exports[0][2].get("summary") or {}).get("steps") or 0) if exports else 0}
         table = write_report(out, rows, meta, list(cfg.knn_k))
         for w, _, _ in exports:  # each export's model card shows how good it is
-            add_eval(export_dir_of(w), table, f"On {cfg.dataset} ({len(train)} train / {len(test)} test images), "
+            add_eval(export_dir_of(w), table, f"On {cfg.dataset} ({len(train)} train images; scored on the "
+                     f"{scored_split(cfg.holdout)}, {len(test)} images), "
                      f"{PROTOCOLS[cfg.protocol]}. {KNN}.", out / "report.md")
         print(f"\n{table}\n\nreport: {out / 'report.md'}  {out / 'report.json'}  {out / 'report.png'}", flush=True)
     accelerator.wait_for_everyone()

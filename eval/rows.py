@@ -26,7 +26,8 @@ from eval.baselines import AlexNetConvFeatures, supervised_alexnet
 from eval.classifier import Augment, LinearProbeModel, SGDSchedule, fit_classifier, fit_label
 from eval.features import ConcatViewEncoders, assert_unchanged, fingerprint, pixel_features
 from eval.probe import linear_probe, topk_accuracy
-from eval.stored_baselines import alexnet_protocol, data_fingerprint, find_stored, store_dir, store_result
+from eval.stored_baselines import (alexnet_protocol, data_fingerprint, find_stored, scored_split, store_dir,
+                                   store_result)
 from pretrain.config import ViewConfig
 from pretrain.data import ImageDataset, MultiViewDataset, build_view_transform
 from pretrain.data.batch_views import BatchViews
@@ -94,7 +95,7 @@ def supervised_encoder_protocol(meta: dict, cfg: Any) -> str:
     return (f"supervised-encoder-v1: {json.dumps(arch, sort_keys=True)}; {epochs:g} epochs, SGD lr "
             f"{b.supervised_encoder_lr:g}, weight decay {b.supervised_encoder_weight_decay:g}, global batch "
             f"{b.alexnet_global_batch_size}, crops {b.alexnet_crop_scale_min:g}-1; scored by {cfg.protocol} "
-            f"(centre crop ratio {cfg.center_crop_ratio}, kNN k {list(cfg.knn_k)}), test split")
+            f"(centre crop ratio {cfg.center_crop_ratio}, kNN k {list(cfg.knn_k)}), {scored_split(cfg.holdout)}")
 
 
 class Rows:
@@ -105,7 +106,7 @@ class Rows:
         self.splits, self.betons = {"train": train, "test": test}, {"train": cfg.train_beton, "test": cfg.test_beton}
         self.num_classes = train.num_classes
         self.stop = StopFlag().install()
-        self.alexnet_protocol = alexnet_protocol(size, cfg.center_crop_ratio)
+        self.alexnet_protocol = alexnet_protocol(size, cfg.center_crop_ratio, cfg.holdout)
 
     # ------------------------------------------------------------------ shared steps
     def memory_format(self, model: nn.Module) -> nn.Module:
@@ -160,7 +161,7 @@ class Rows:
     def sgd_fit(self, slug: str, model: nn.Module, trainable: nn.Module, image_size: int, schedule: SGDSchedule,
                 scale_min: float, input_fn=lambda x: x, held_out: int = 0, drop_last: bool = True,
                 norm: Norm = NO_NORM) -> dict[str, Any]:
-        """Fit with the checkpointed SGD loop, then top-1/top-5 of ``model`` on the test split.
+        """Fit with the checkpointed SGD loop, then top-1/top-5 of ``model`` on the scored split (test or validation).
 
         With ``held_out`` > 0 that many train images are kept out of the fit to draw its held-out
         curve, which says whether it converged (and drives ``schedule.patience``)."""

@@ -36,9 +36,14 @@ def data_fingerprint(train: ImageDataset, test: ImageDataset, max_images: int = 
     return h.hexdigest()
 
 
-def alexnet_protocol(size: int, center_crop_ratio: float) -> str:
+def scored_split(holdout: int) -> str:
+    """What the eval scores: the test split, or (``holdout`` > 0) the validation images held out of train."""
+    return f"validation split ({holdout} train images held out)" if holdout else "test split"
+
+
+def alexnet_protocol(size: int, center_crop_ratio: float, holdout: int = 0) -> str:
     """The supervised AlexNet's protocol string: a stored result is used only under the same one."""
-    return f"supervised-v1: {size} px, centre crop ratio {center_crop_ratio}, test split"
+    return f"supervised-v1: {size} px, centre crop ratio {center_crop_ratio}, {scored_split(holdout)}"
 
 
 def store_dir(configured: str) -> Path:

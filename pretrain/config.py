@@ -81,7 +81,7 @@ class RunConfig:
     max_steps: int = _f(0, "stop after this many optimizer steps in total (0 = run all epochs); for smoke runs")
     precision: str = _choice("run.precision", "auto", "mixed precision: ")
     deterministic: bool = _f(False, "deterministic kernels (torch.use_deterministic_algorithms); exact resume on CPU")
-    dist_timeout_min: float = _f(60, "minutes a rank waits in a collective before the job aborts; longer than any rank-0-only work (a checkpoint, the kNN monitor)")
+    dist_timeout_min: float = _f(60, "minutes a rank waits in a collective before the job aborts; longer than any rank-0-only work (writing a checkpoint, the export)")
     log_every: int = _f(10, "optimizer steps between TensorBoard scalar writes (metrics reduced across ranks)")
     checkpoint_every: int = _f(500, "optimizer steps between checkpoints (also saved at each epoch end and on SIGTERM/SIGUSR1/SIGUSR2)")
     keep_checkpoints: int = _f(3, "how many most recent checkpoints to keep")
@@ -123,6 +123,7 @@ class DataConfig:
     synthetic_image_size: int = _f(32, "synthetic: side length of the drawn images")
     colour_split: str = _choice("data.colour_split", "none")
     limit: int = _f(0, "use only the first N training images (0 = all)")
+    holdout: int = _f(0, "hold N evenly spaced training images out as a validation split: never trained on, the kNN monitor's queries, scored by eval holdout=N (choose recipes there, not on the test split)")
     views: list[ViewConfig] = _f([ViewConfig(), ViewConfig()], "one augmentation recipe per view; V = len(views) >= 2 (>= 1 with colour_split=lab)")
 
 
@@ -345,6 +346,9 @@ def validate(c: Config) -> None:
              "batch needs same-size images: fashion_mnist, synthetic, or a .beton (data.format=ffcv); use loader")
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _require(d.limit >= 0, "data.limit", f"must be >= 0, got {d.limit}")
+    _require(d.holdout >= 0, "data.holdout", f"must be >= 0, got {d.holdout}")
+    _require(not d.holdout or d.format != "ffcv", "data.holdout",
+             "a .beton holds every image it was written with; hold images out with data.format=torchvision")
     _require(d.synthetic_classes >= 2, "data.synthetic_classes", f"must be >= 2, got {d.synthetic_classes}")
     _require(0 < m.width <= 4, "model.width", f"must be in (0, 4], got {m.width}")
     _require(m.stem_stride in (1, 2), "model.stem_stride", f"must be 1 or 2, got {m.stem_stride}")

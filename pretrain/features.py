@@ -175,9 +175,14 @@ def knn_monitor(encoder: nn.Module, bank: torch.utils.data.Dataset, queries: tor
                 accelerator: Accelerator, k: int, temperature: float, num_workers: int,
                 input_fn: InputFn = lambda x: x, probe: nn.Module | None = None) -> tuple[float, float | None]:
     """Top-1 of a weighted kNN classifier on frozen features (monitoring, not eval), and the online
-    probe's top-1 on the same held-out queries (None without a probe)."""
-    fb, lb = extract_features(encoder, bank, accelerator, num_workers=num_workers, input_fn=input_fn)
-    fq, lq = extract_features(encoder, queries, accelerator, num_workers=num_workers, input_fn=input_fn)
+    probe's top-1 on the same held-out queries (None without a probe).
+
+    Called by every process: each extracts its shard of the bank and the queries and all receive the
+    whole sets, so W ranks share the pass instead of W - 1 of them waiting in a collective while rank 0
+    does it alone (on a slow node that wait can outlast the process group's timeout). Every rank then
+    scores the same kNN."""
+    fb, lb = extract_features(encoder, bank, accelerator, num_workers=num_workers, input_fn=input_fn, shard=True)
+    fq, lq = extract_features(encoder, queries, accelerator, num_workers=num_workers, input_fn=input_fn, shard=True)
     num_classes = int(max(lb.max(), lq.max())) + 1
     pred = knn_predict(fb, lb, fq, k, temperature, num_classes)
     return (pred == lq).float().mean().item(), probe_accuracy(probe, fq, lq) if probe is not None else None

@@ -204,15 +204,16 @@ class Run:
         self.meter.reset()  # images/s from here, not from when the run was built
 
     def run_knn(self) -> None:
-        """The kNN monitor and the online probe on the held-out queries (main process), logged and printed."""
+        """The kNN monitor and the online probe on the held-out queries (every rank extracts its shard;
+        the main process logs and prints)."""
         cfg, progress, t0 = self.cfg, self.progress, time.perf_counter()
+        size = cfg.data.views[0].size
+        probe = self.accelerator.unwrap_model(self.parts.probe) if self.parts.probe else None
+        self.knn_top1, self.probe_top1 = knn_monitor(
+            self.raw_model.encoder_for(0), ImageListDataset(self.data.knn_bank, size),
+            ImageListDataset(self.data.knn_queries, size), self.accelerator, cfg.monitor.knn_k,
+            cfg.monitor.knn_temperature, cfg.data.num_workers, input_fn=self.data.first_view, probe=probe)
         if self.main:
-            size = cfg.data.views[0].size
-            probe = self.accelerator.unwrap_model(self.parts.probe) if self.parts.probe else None
-            self.knn_top1, self.probe_top1 = knn_monitor(
-                self.raw_model.encoder_for(0), ImageListDataset(self.data.knn_bank, size),
-                ImageListDataset(self.data.knn_queries, size), self.accelerator, cfg.monitor.knn_k,
-                cfg.monitor.knn_temperature, cfg.data.num_workers, input_fn=self.data.first_view, probe=probe)
             self.tb.scalars({"monitor/knn_top1": self.knn_top1}, progress.global_step)
             line = f"epoch {progress.epoch} (step {progress.global_step}): kNN top-1 {self.knn_top1:.2%} (k={cfg.monitor.knn_k})"
             if self.probe_top1 is not None and progress.global_step:  # an untrained probe's score means nothing
@@ -320,6 +321,7 @@ def finish(run: Run, run_dir: Path, checkpoint_path: Path | None, precision: Pre
         "skipped_steps": progress.skipped_steps,
         "unreadable_images": progress.unreadable_count,
         "stopped_by": run.stopped_by or None,
+        "holdout": cfg.data.holdout,  # validation images never trained on: eval holdout=N scores them
         "processes": acc.num_processes,
         "precision": precision.mode,
         "precision_reason": precision.reason,

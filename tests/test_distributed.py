@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -313,3 +314,63 @@ def test_momentum_key_model_is_rank_zeros_online_model_on_every_rank(tmp_path: P
         assert r["keys"].keys() == ranks[0]["online"].keys()
         for k, v in ranks[0]["online"].items():
             assert torch.equal(r["online"][k], v) and torch.equal(r["keys"][k], v), k
+
+
+class _Labelled(torch.utils.data.Dataset):
+    """N grey 8x8 images whose class (of 3) sets their mean brightness, for the kNN monitor."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.arange(n) % 3
+        self.x = self.y.view(-1, 1, 1, 1) / 3 + 0.2 * torch.rand(n, 1, 8, 8, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i], int(self.y[i])
+
+
+BANK, QUERIES = 1100, 300  # 5 and 2 batches of the monitor's 256
+
+
+def _monitor_encoder() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _knn_monitor_worker(rank: int, tmp: str, port: int) -> None:
+    from accelerate import Accelerator
+
+    from pretrain.features import knn_monitor
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    accelerator = Accelerator(cpu=True)
+    encoder, seen = _monitor_encoder(), []
+    encoder.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    top1, _ = knn_monitor(encoder, _Labelled(BANK, 0), _Labelled(QUERIES, 1), accelerator, k=5, temperature=0.1,
+                          num_workers=0)
+    torch.save({"top1": top1, "images": sum(seen)}, f"{tmp}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_knn_monitor_is_shared_by_the_ranks_and_scores_as_one_process(tmp_path: Path) -> None:
+    """Issue 25: rank 0 alone ran the monitor while the others waited in a collective; now each rank
+    extracts its share of the batches of 256 (half of them, the last one padded)."""
+    import socket
+
+    from accelerate import Accelerator
+
+    from pretrain.features import knn_monitor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn_ranks(_knn_monitor_worker, tmp_path, port, nprocs=WORLD)
+    alone, _ = knn_monitor(_monitor_encoder(), _Labelled(BANK, 0), _Labelled(QUERIES, 1), Accelerator(cpu=True),
+                           k=5, temperature=0.1, num_workers=0)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert [r["top1"] for r in ranks] == [alone] * WORLD and alone > 0.5
+    share = sum(math.ceil(math.ceil(n / 256) / WORLD) * 256 for n in (BANK, QUERIES))  # 3 + 1 batches of 256
+    assert all(r["images"] <= share < BANK + QUERIES for r in ranks), ranks

@@ -391,6 +391,8 @@ def test_alexnet_conv_probes_from_a_weights_file(export_dir: Path, tmp_path: Pat
     ("no_weights", "encoder.safetensors is missing"),
     ("missing_inside", "no export found at"),
     ("out_unwritable", "is not a writable directory"),
+    ("holdout_other", "was pretrained with data.holdout=24, so holdout=12 would score it on images it trained on"),
+    ("holdout_none", "was pretrained on every train image (data.holdout=0)"),
 ])
 def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage: str, needle: str) -> None:
     meta_path = export_dir / "config.json"
@@ -426,7 +428,10 @@ def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage:
     elif damage == "out_unwritable":  # used to compute every row, then fail on report.json
         (tmp_path / "taken").write_text("")  # a file: unwritable even for root, whom chmod would not stop
         extra = [f"out={tmp_path / 'taken' / 'report'}"]
-    if damage in ("hash", "arch", "no_sha"):
+    elif damage.startswith("holdout"):  # a validation split the encoder was not held out of
+        meta["summary"]["holdout"] = 24 if damage == "holdout_other" else 0
+        extra = ["holdout=12"]
+    if damage in ("hash", "arch", "no_sha") or damage.startswith("holdout"):
         meta_path.write_text(json.dumps(meta))
     proc = run_eval(f"weights={export_dir}", *extra)
     lines = proc.stderr.strip().splitlines()
@@ -434,6 +439,38 @@ def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage:
     if damage.startswith("missing"):
         assert f"'{export_dir}'" in lines[0]  # the path the user gave, not its parent
     assert "rows to compute" not in proc.stdout  # found before any work
+
+
+@pytest.mark.slow
+def test_holdout_scores_the_validation_images_the_pretraining_never_saw(tmp_path: Path) -> None:
+    """data.holdout=N and eval holdout=N name the same N train images: the pretraining's loader and kNN bank
+    never see them, its kNN queries are drawn from them, and the eval fits on the rest and scores them."""
+    from pretrain.config import load_config
+    from pretrain.data.datasets import build_dataset, build_knn_sets, holdout_split, open_dataset
+
+    cfg = load_config(str(REPO / "configs" / "synthetic_tiny.yaml"), ["data.holdout=24", "data.synthetic_size=96",
+                                                                      "monitor.knn_queries=8"])
+    full = open_dataset("synthetic", "train", synthetic_size=96, seed=cfg.run.seed)
+    rest, validation = holdout_split(full, 24)
+    train = build_dataset(cfg, "train")
+    bank, queries = build_knn_sets(cfg, train)
+    assert train.indices == rest.indices and len(train) == 72 and len(validation.indices) == 24
+    assert not set(validation.indices) & set(train.indices)
+    assert {bank.base.indices[i] for i in bank.indices}.isdisjoint(validation.indices)
+    assert {queries.base.indices[i] for i in queries.indices} <= set(validation.indices)
+    assert holdout_split(full, 24)[1].indices == validation.indices  # fixed: the eval finds the same ones
+
+    torch.manual_seed(0)
+    export = tmp_path / "run" / "export"
+    export_encoder(create_encoder("test_resnet", 3, small_input=True), export, arch="test_resnet", in_chans=3,
+                   input_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), small_input=True,
+                   summary={"steps": 7, "holdout": 24})
+    out = tmp_path / "report"
+    report = report_of(run_eval(f"weights={export}", f"out={out}", "holdout=24", "raw_pixels=false"), out)
+    assert report["scored_on"] == "validation split (24 train images held out)"
+    assert (report["train_images"], report["test_images"]) == (72, 24)
+    assert all(r["scored"] == 24 for r in report["rows"])
+    assert "Scored on the validation split (24 train images held out): 24 images" in (out / "report.md").read_text()
 
 
 def test_report_warns_about_a_weight_decay_at_the_edge(tmp_path: Path) -> None:

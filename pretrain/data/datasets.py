@@ -280,11 +280,26 @@ def spaced_subset(ds: ImageDataset, n: int, offset: int = 0) -> ImageDataset:
     return Subset(ds, [(offset + i * len(ds) // n) % len(ds) for i in range(n)])
 
 
+def holdout_split(ds: ImageDataset, n: int) -> tuple[ImageDataset, ImageDataset]:
+    """(the rest, the validation split): ``n`` evenly spaced images of ``ds`` held out, spread over a
+    class-sorted folder. Pretraining (``data.holdout``) and the eval stage (``holdout``) both call it, so
+    they hold out the same images."""
+    if not 0 < n < len(ds):
+        raise DataError(f"bad value for config key 'data.holdout': {n} held-out images leave none of the "
+                        f"{len(ds)} training images to train on; hold out fewer")
+    held = [i * len(ds) // n for i in range(n)]
+    taken = set(held)
+    return Subset(ds, [i for i in range(len(ds)) if i not in taken]), Subset(ds, held)
+
+
 def build_dataset(cfg: Config, split: str = "train") -> ImageDataset:
-    """The training (or held-out) dataset named by ``data.dataset``; fails early on bad paths."""
+    """The training (or held-out) dataset named by ``data.dataset``, less ``data.holdout``'s validation
+    images; fails early on bad paths."""
     ds = _pretrain_split(cfg, split)
     if isinstance(ds, ImageFolder):
         ds.check_readable()
+    if split == "train" and cfg.data.holdout:
+        ds = holdout_split(ds, cfg.data.holdout)[0]
     if split == "train" and cfg.data.limit:
         ds = Subset(ds, list(range(min(cfg.data.limit, len(ds)))))
     return ds
@@ -293,12 +308,15 @@ def build_dataset(cfg: Config, split: str = "train") -> ImageDataset:
 def build_knn_sets(cfg: Config, train: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
     """(memory bank, queries) for the online kNN monitor: labelled, evenly spaced subsets.
 
-    Queries come from the held-out split when the dataset has one (Fashion-MNIST test,
-    ImageFolder val/, synthetic's second seed); otherwise from training images that are not in the
-    bank (a query that is also a bank image would find itself). Then at most half of the images
-    are queries, and the bank is at most the rest.
+    Queries come from ``data.holdout``'s validation images when it is set, else from the held-out
+    split when the dataset has one (Fashion-MNIST test, ImageFolder val/, synthetic's second seed);
+    otherwise from training images that are not in the bank (a query that is also a bank image would
+    find itself). Then at most half of the images are queries, and the bank is at most the rest.
     """
     m = cfg.monitor
+    if cfg.data.holdout:
+        validation = holdout_split(_pretrain_split(cfg, "train"), cfg.data.holdout)[1]
+        return spaced_subset(train, m.knn_bank), spaced_subset(validation, m.knn_queries)
     try:
         held_out = _pretrain_split(cfg, "test")
     except DataError:  # no held-out split
