@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -56,12 +57,20 @@ def study_row(name: str, overrides: list[str], config: str, holdout: int) -> dic
         "epochs": epochs, "steps": summary["steps"], "seconds_per_epoch": round(summary["seconds_this_run"] / epochs, 1),
         "pretrain_wall_s": round(pretrain_s, 1) if pretrain_s > 60 else None, "knn_monitor_top1": summary["knn_top1"],
         "probe_top1": ours["top1"], "knn20_top1": ours["knn"]["20"], "loss": summary["final_loss"],
+        "mi_estimate_nats": summary.get("mi_estimate_nats"), "log_k": summary.get("log_k"),
+        "skipped_steps": summary.get("skipped_steps", 0), "seed": seed_of(run_dir / "config.yaml"),
         "probe_protocol": report_json["protocol"], "scored_on": "validation" if holdout else "test",
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with open(RESULTS, "a") as f:
         f.write(json.dumps(row) + "\n")
     return row
+
+
+def seed_of(config_yaml: Path) -> int:
+    from pretrain.config import from_yaml
+
+    return from_yaml(config_yaml.read_text().split("\n", 1)[1]).run.seed
 
 
 def evaluate(run_dir: Path, eval_dir: Path, holdout: int) -> None:
@@ -108,15 +117,35 @@ def recipe_fields(config_yaml: Path) -> dict[str, str]:
     scaling = f" ({o.lr_scaling} scaling)" if o.lr_scaling != "none" else ""
     return {"encoder": f"{m.arch} w{m.width:g}, {stem}{precision}", "size": str(v.size), "epochs": f"{o.epochs:g}",
             "batch": str(b), "optimizer": f"{o.optimizer} {o.lr:g}{scaling}",
-            "temperature": f"{ob.temperature:g}", "augment": augment, "negatives": negatives}
+            "temperature": f"{ob.temperature:g}", "augment": augment, "negatives": negatives,
+            "objective": objective_text(c), "bound": ob.bound}
+
+
+def objective_text(c) -> str:
+    """The bounds table's first column: objective, bound and the variant (NT-Xent, debiased, queue)."""
+    ob = c.objective
+    variant = ("NT-Xent, " if ob.intra_view_negatives else "") + (
+        f"debiased (tau+ {ob.debias_tau_plus:g}), " if ob.debias_tau_plus else "") + (
+        f"MoCo queue {ob.queue_size} (m={c.model.momentum:g}), " if ob.queue_size else "") + (
+        f"tau {ob.smile_tau:g}, " if ob.bound == "smile" else "")
+    return f"{ob.name} {ob.bound}" + (f" ({variant[:-2]})" if variant else "")
+
+
+def results() -> list[dict]:
+    """The recorded rows, in order; a row recorded again under its name (a rerun) replaces the earlier one."""
+    rows = {}
+    for line in RESULTS.read_text().splitlines():
+        r = json.loads(line)
+        rows.pop(r["name"], None)
+        rows[r["name"]] = r
+    return list(rows.values())
 
 
 def table() -> str:
     cols = ["encoder", "size", "epochs", "batch", "optimizer", "temperature", "augment", "negatives"]
     lines = ["| recipe | " + " | ".join(cols) + " | s/epoch | scored on | linear probe | kNN k=20 | probe protocol | command |",
              "|---" * (len(cols) + 7) + "|"]
-    for line in RESULTS.read_text().splitlines():
-        r = json.loads(line)
+    for r in results():
         split = r.get("scored_on", "test")  # rows before the validation split scored the test split
         command = f"`recipe_study.py{' --holdout 0' if split == 'test' else ''} --name {r['name']} {' '.join(r['overrides'])}`"
         if r["config"] != BASE:
@@ -127,6 +156,34 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def bounds_table() -> str:
+    """The "Bounds in practice" table: the demo recipe under each objective and bound (rows named bound_*, and
+    the demo's own val_demo_* as InfoNCE), scored on the validation split; one line per objective, its seeds
+    side by side."""
+    groups: dict[str, list[dict]] = {}
+    for r in results():
+        if r.get("scored_on") == "validation" and r["name"].startswith(("bound_", "val_demo_")):
+            groups.setdefault(r["recipe"]["objective"], []).append(r)
+
+    def each(rows: list[dict], value) -> str:
+        values = [value(r) for r in rows]
+        return f"{sum(values) / len(values):.2f}" + (f" ({', '.join(f'{v:.2f}' for v in values)})" if len(values) > 1 else "")
+
+    lines = ["| objective and bound | seeds | validation probe | validation kNN k=20 | final MI estimate (nats) "
+             "| its ceiling | s/epoch | diverged | command |", "|---" * 9 + "|"]
+    for objective, rows in groups.items():
+        ceiling = f"log K = {rows[0]['log_k']:.2f}" if rows[0]["recipe"]["bound"] == "infonce" else "none"
+        bad = [r for r in rows if r["skipped_steps"] or r["loss"] is None or not math.isfinite(r["loss"])]
+        diverged = "no" if not bad else "; ".join(f"seed {r['seed']}: {r['skipped_steps']} non-finite steps" for r in bad)
+        mi = [r for r in rows if r["mi_estimate_nats"] is not None and math.isfinite(r["mi_estimate_nats"])]
+        command = f"`recipe_study.py --config {rows[0]['config']} --name {rows[0]['name']} {' '.join(rows[0]['overrides'])}`"
+        lines.append(f"| {objective} | {', '.join(str(r['seed']) for r in rows)} | {each(rows, lambda r: 100 * r['probe_top1'])} "
+                     f"| {each(rows, lambda r: 100 * r['knn20_top1'])} | "
+                     f"{each(mi, lambda r: r['mi_estimate_nats']) if mi else '–'} | {ceiling} | "
+                     f"{each(rows, lambda r: r['seconds_per_epoch'])} | {diverged} | {command} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", help="row name; also runs/study/<name>")
@@ -134,10 +191,11 @@ def main() -> None:
     parser.add_argument("--holdout", type=int, default=10000,
                         help="train images held out as the validation split that scores the row (0: the test split)")
     parser.add_argument("--table", action="store_true", help="print the markdown table of all rows so far")
+    parser.add_argument("--bounds-table", action="store_true", help="print the table 'Bounds in practice' (rows bound_*)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    if args.table:
-        print(table())
+    if args.table or args.bounds_table:
+        print(bounds_table() if args.bounds_table else table())
         return
     if not args.name:
         parser.error("--name is required (or --table)")

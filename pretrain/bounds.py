@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.distributed import gather, is_distributed, world_size
+
 
 def _split(S: torch.Tensor, positives: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(positive scores, negative scores), each flattened, of a B x K score matrix.
@@ -165,7 +167,11 @@ class MINE(nn.Module):
         pos, neg = _split(S, positives)
         log_m = _log_mean_exp(neg)  # log E_q[e^S] on this batch
         with torch.no_grad():
+            # The EMA follows the global batch's E_q[e^S] (ranks hold equally many negatives), so every rank keeps
+            # the same one, as one process with the whole batch would, and a checkpoint of rank 0's resumes them all.
             lm = log_m.detach().to(self.log_ema.dtype)
+            if is_distributed():
+                lm = torch.logsumexp(gather(lm[None]), 0) - math.log(world_size())
             if torch.isnan(self.log_ema):
                 self.log_ema.copy_(lm)
             else:

@@ -35,6 +35,10 @@ class DamagedCheckpoints(CheckpointError):
     """Checkpoints exist but none of them is intact."""
 
 
+class RanksDisagree(CheckpointError):
+    """The ranks of one job cannot resume from the same checkpoint (a lagging or unshared filesystem)."""
+
+
 class DiskFull(CheckpointError):
     """A save ran out of space; the previous checkpoints are untouched."""
 
@@ -226,7 +230,7 @@ def _disk_full(root: Path, final: Path, reason: str, needed: int) -> DiskFull:
                     "and rerun the same command to resume")
 
 
-def _read_intact(path: Path) -> dict[str, Any]:
+def read_intact(path: Path) -> dict[str, Any]:
     """Load ``path/state.pt`` after checking it against the manifest (checkpoints older than the
     manifest load unchecked). Raises on any damage."""
     data = (path / STATE_FILE).read_bytes()
@@ -248,7 +252,7 @@ def load_latest(root: Path, fresh_start_hint: str) -> tuple[dict[str, Any], Path
     damaged = []
     for path in checkpoint_dirs(root):
         try:
-            return _read_intact(path), path
+            return read_intact(path), path
         except Exception as e:  # empty or truncated file, bad zip, checksum mismatch, ...
             reason = (str(e).strip().splitlines() or ["empty file"])[0][:120]
             warnings.warn(f"checkpoint {path} is damaged ({type(e).__name__}: {reason}); "

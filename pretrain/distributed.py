@@ -75,6 +75,20 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def wrap_learned_critic(objective: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
+    """A critic with parameters in DDP, so its gradients are averaged, but without DDP's broadcast of rank 0's
+    buffers before every forward. We own this one wrap because Accelerate sets ``broadcast_buffers`` for
+    every model at once, and the encoder's BatchNorm statistics should still follow rank 0. The critic's
+    buffers need no broadcast: each rank pushes the same gathered keys into the key queue and NNCLR's
+    support set, and MINE's moving average follows the global batch (pretrain.bounds.MINE). MoCo's
+    65536 x 128 queue alone would be 32 MB sent every step for nothing."""
+    objective = objective.to(accelerator.device)
+    if accelerator.num_processes == 1:
+        return objective
+    device_ids = [accelerator.local_process_index] if accelerator.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(objective, device_ids=device_ids, broadcast_buffers=False)
+
+
 def all_reduce_max_(t: torch.Tensor) -> torch.Tensor:
     """In-place max over ranks (used to agree on stop / non-finite flags). No gradient."""
     if is_distributed():

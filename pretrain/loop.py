@@ -21,7 +21,7 @@ from torch import nn
 from pretrain.checkpoint import make_room, no_room
 from pretrain.config import Config, ConfigError, effective_lr, to_yaml
 from pretrain.data.train_loader import TrainData
-from pretrain.distributed import sync_batchnorm
+from pretrain.distributed import sync_batchnorm, wrap_learned_critic
 from pretrain.engine import StepResult, train_step
 from pretrain.export import META, ExportFailed, export_encoder, export_problem
 from pretrain.features import ImageListDataset, knn_monitor
@@ -94,7 +94,7 @@ def build_optimizer(cfg: Config, parts: Parts, accelerator: Accelerator, steps_p
                                     weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
     parts.model, optimizer = accelerator.prepare(parts.model, optimizer)
     # A critic with parameters gets its own DDP wrapper (DDP refuses a module without any).
-    parts.objective = (accelerator.prepare(parts.objective) if parts.learned_critic
+    parts.objective = (wrap_learned_critic(parts.objective, accelerator) if parts.learned_critic
                        else parts.objective.to(accelerator.device))
     if cfg.objective.queue_size:
         # MoCo's key encoder and head: an EMA copy of the online model, never DDP-wrapped (no gradient). Copied

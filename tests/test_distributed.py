@@ -374,3 +374,59 @@ def test_knn_monitor_is_shared_by_the_ranks_and_scores_as_one_process(tmp_path: 
     assert [r["top1"] for r in ranks] == [alone] * WORLD and alone > 0.5
     share = sum(math.ceil(math.ceil(n / 256) / WORLD) * 256 for n in (BANK, QUERIES))  # 3 + 1 batches of 256
     assert all(r["images"] <= share < BANK + QUERIES for r in ranks), ranks
+
+
+def _critic_worker(rank: int, tmp: str, port: int) -> None:
+    from accelerate import Accelerator
+
+    from pretrain.bounds import MINE
+    from pretrain.distributed import wrap_learned_critic
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    accelerator = Accelerator(cpu=True)
+
+    class Critic(nn.Module):  # a learned critic's shape: a weight, a queue buffer and MINE's moving average
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+            self.register_buffer("queue", torch.zeros(4))
+            self.mine = MINE()
+
+        def forward(self, S: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+            return self.mine(self.w * S, positives)
+
+    critic = Critic()
+    critic.queue.fill_(rank)  # a broadcast from rank 0 would overwrite rank 1's
+    wrapped = wrap_learned_critic(critic, accelerator)
+    S, positives = torch.load(f"{tmp}/scores.pt")
+    rows = S.shape[0] // WORLD
+    wrapped(S[rank * rows:(rank + 1) * rows], positives[rank * rows:(rank + 1) * rows]).backward()
+    torch.save({"queue": critic.queue.clone(), "log_ema": critic.mine.log_ema.clone(), "grad": critic.w.grad.clone()},
+               f"{tmp}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_learned_critic_is_not_sent_its_buffers_and_mine_follows_the_global_batch(tmp_path: Path) -> None:
+    """Issue 25.8: DDP broadcast a learned critic's buffers from rank 0 before every forward (MoCo's queue: 32 MB
+    a step, though every rank already holds the same keys). Now nothing is sent, and MINE's moving average
+    follows the whole batch's E_q[e^S], so both ranks keep the one a single process would."""
+    import socket
+
+    from pretrain.bounds import MINE
+
+    torch.manual_seed(0)
+    S = torch.randn(8, 6)
+    positives = torch.zeros(8, 6, dtype=torch.bool)
+    positives[torch.arange(8), torch.arange(8) % 6] = True  # one positive, five negatives per row
+    torch.save((S, positives), tmp_path / "scores.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn_ranks(_critic_worker, tmp_path, port, nprocs=WORLD)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert [float(r["queue"][0]) for r in ranks] == list(range(WORLD))  # no rank was sent rank 0's buffer
+    alone = MINE()
+    alone(S, positives)
+    assert all(torch.allclose(r["log_ema"], alone.log_ema) for r in ranks)
+    assert torch.allclose(ranks[0]["grad"], ranks[1]["grad"])  # the gradient is still averaged

@@ -144,3 +144,56 @@ def test_a_raised_epoch_budget_resumes_on_a_schedule_that_spans_it(run_dir: Path
     assert all(lrs[s] > 0 for s in range(17, 24)) and lrs[17] > lrs[23]  # the new cosine's tail, not zero
     extended = torch.load(run_dir / "checkpoints" / "step_00000024" / "state.pt", weights_only=True)["model"]
     assert any(not torch.equal(done[k], extended[k]) for k in done if done[k].is_floating_point())
+
+
+def _resume_worker(rank: int, tmp: str, port: int, case: str) -> None:
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    from pretrain.checkpoint import RanksDisagree
+    from pretrain.resumable import Resumable
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    accelerator = Accelerator(cpu=True)
+    # Each rank's view of run.dir: rank 1's lags behind rank 0's (its newest is missing, or stale) unless in sync.
+    view = Path(tmp) / (f"rank{rank}" if case != "in_sync" else "rank0")
+    try:
+        loaded = Resumable(accelerator, view, keep=3).resume("start afresh")
+        result = {"step": loaded[0]["progress"]["global_step"], "path": loaded[1].name}
+    except RanksDisagree as e:
+        result = {"error": str(e)}
+    torch.save(result, f"{tmp}/result{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["in_sync", "missing_on_rank1", "stale_on_rank1"])
+def test_rank_0_chooses_the_checkpoint_and_every_rank_resumes_it_or_all_stop(tmp_path: Path, case: str) -> None:
+    """Issue 25.4: each rank used to resume its own newest checkpoint, so on a lagging filesystem two ranks
+    could start at steps 4 and 2, then hang or diverge. Rank 0 now chooses; a rank that cannot read its
+    choice, or reads another step there, stops every rank with one message (none waits in a collective)."""
+    import socket
+
+    from pretrain import checkpoint as ckpt
+    from conftest import spawn_ranks
+
+    def state(step: int) -> dict:
+        return {"progress": {"global_step": step, "epoch": 0, "step_in_epoch": step}, "rng": [ckpt.rng_state()] * 2}
+
+    for step in (2, 4):
+        ckpt.save(tmp_path / "rank0", state(step), step, keep=3)
+    ckpt.save(tmp_path / "rank1", state(2), 2, keep=3)
+    if case == "stale_on_rank1":  # the newest's name is visible there, its contents are still the old step's
+        ckpt.save(tmp_path / "rank1", state(2), 4, keep=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn_ranks(_resume_worker, tmp_path, port, case)
+    results = [torch.load(tmp_path / f"result{r}.pt") for r in range(2)]
+    if case == "in_sync":
+        assert results == [{"step": 4, "path": "step_00000004"}] * 2
+        return
+    assert results[0] == results[1] and "rank 0 resumes from" in results[0]["error"]
+    needle = "cannot read it: rank 1 (FileNotFoundError" if case == "missing_on_rank1" else \
+        "read different steps from it: rank 0 step 4, rank 1 step 2"
+    assert needle in results[0]["error"] and "filesystem all nodes share" in results[0]["error"], results[0]["error"]
