@@ -62,6 +62,11 @@ def build_parts(cfg: Config, data: TrainData, accelerator: Accelerator) -> Parts
         model = MultiViewModel(cfg.model, views, len(views))
     sizes = [v.size for v in cfg.data.views for _ in range(2 if data.lab else 1)]  # Lab: an L and an ab view each
     check_takes_views(model, cfg.model.arch, list(zip(views, sizes)))
+    if cfg.objective.queue_size and not cfg.model.sync_bn and accelerator.num_processes > 1:
+        raise ConfigError(
+            "bad value for config key 'model.sync_bn': false with objective.queue_size on "
+            f"{accelerator.num_processes} processes lets each rank's queries find their keys through the rank's own "
+            "BatchNorm statistics, the failure MoCo shuffles BN against (its Sec. 3.3); set model.sync_bn=true")
     if cfg.model.sync_bn and accelerator.num_processes > 1:
         # Per-rank BN statistics let a contrastive model find its positives through batch statistics,
         # and make W ranks differ from one process with the W*B batch.
@@ -292,7 +297,7 @@ def log_step(run: Run, result: StepResult) -> None:
     values = torch.stack([result.loss.float(), *(v.float() for v in [*result.diag.values(), *extra.values()])])
     run.last = dict(zip(names, run.accelerator.reduce(values, reduction="mean").tolist()))
     images_per_s, wait_frac = run.meter.read()
-    scalars = {f"train/{k}": v for k, v in run.last.items()}
+    scalars = {(k if "/" in k else f"train/{k}"): v for k, v in run.last.items()}  # "monitor/x" keeps its group
     scalars.update({"train/lr": run.optimizer.param_groups[0]["lr"], "perf/images_per_s": images_per_s,
                     "perf/data_wait_frac": wait_frac, "train/skipped_steps": run.progress.skipped_steps})
     if result.grad_norm is not None:
@@ -315,6 +320,7 @@ def finish(run: Run, run_dir: Path, checkpoint_path: Path | None, precision: Pre
         "pretrain_seconds": round(progress.train_seconds, 1),  # over all resumes: the supervised-encoder budget
         "final_loss": last.get("loss"),
         "mi_estimate_nats": last.get("mi"),
+        "mi_batch_keys_nats": last.get("monitor/mi_batch_keys"),  # with the queue: the bound over fresh keys
         "log_k": last.get("log_k"),
         "knn_top1": None if math.isnan(run.knn_top1) else run.knn_top1,
         "online_probe_top1": run.probe_top1 if progress.global_step else None,
@@ -378,8 +384,12 @@ def print_summary(run: Run, summary: dict[str, Any], elapsed: float, run_dir: Pa
         "",
         f"infomax pretraining {state}: step {progress.global_step}/{run.total_steps}, epoch {progress.epoch}/"
         f"{cfg.optim.epochs:g}, {run.steps_this_run} steps in {elapsed:.0f}s on {run.accelerator.num_processes} process(es)",
-        f"  loss {fmt(summary['final_loss'], '.4f')}   MI bound {fmt(summary['mi_estimate_nats'], '.3f')} nats "
-        f"(ceiling log K = {fmt(summary['log_k'], '.3f')})   kNN top-1 {fmt(summary['knn_top1'], '.2%')}"
+        f"  loss {fmt(summary['final_loss'], '.4f')}   "
+        + (f"MI estimate {fmt(summary['mi_estimate_nats'], '.3f')} nats with the queue's stale keys (ceiling log K = "
+           f"{fmt(summary['log_k'], '.3f')}; no lower bound), bound over the batch's keys alone "
+           f"{summary['mi_batch_keys_nats']:.3f} nats" if summary["mi_batch_keys_nats"] is not None else
+           f"MI bound {fmt(summary['mi_estimate_nats'], '.3f')} nats (ceiling log K = {fmt(summary['log_k'], '.3f')})")
+        + f"   kNN top-1 {fmt(summary['knn_top1'], '.2%')}"
         + (f"   online probe top-1 {summary['online_probe_top1']:.2%}" if summary["online_probe_top1"] is not None else ""),
         f"  skipped steps {progress.skipped_steps}   unreadable images {progress.unreadable_count}   "
         f"precision {summary['precision']} ({summary['precision_reason']})",

@@ -39,11 +39,16 @@ class ContrastiveObjective(nn.Module):
 
     A module (not a function) so that learned critics are trained with the model and bounds with
     state (MINE's moving average, one per pair) live in buffers that go into checkpoints. MINE's EMA
-    is per rank (each rank averages its own batches' denominators); the checkpoint keeps rank 0's.
+    follows the global batch, so it is the same on every rank.
 
     With ``queue_size > 0`` (MoCo v2, :mod:`pretrain.momentum`) the keys are a momentum model's,
     passed to ``forward``, and each query is also scored against the last ``queue_size`` keys of
-    the key view; the queue is a buffer, so it is checkpointed with the objective.
+    the key view; the queue is a buffer, so it is checkpointed with the objective. Queue keys come from
+    older weights and older batches' BatchNorm statistics, so a model can learn to tell them from the
+    batch's keys (MoCo's Sec. 3.3): the mean negative score of each kind is logged
+    (``monitor/neg_score_batch``, ``monitor/neg_score_queue``) to show such a gap, and since a bound over
+    stale keys is no lower bound on the MI, the bound over the batch's keys alone is logged beside it
+    (``monitor/mi_batch_keys``).
     """
 
     def __init__(self, temperature: float, bound: str = "infonce", num_views: int = 2,
@@ -114,6 +119,7 @@ class ContrastiveObjective(nn.Module):
             # NNCLR's queries: each view's nearest support embeddings, looked up once for all its pairs
             queries = q if self.support is None else [self.nearest_in_support(v) for v in q]
             values, trained, pos, neg, top1 = [], [], [], [], []
+            neg_batch, neg_queue, mi_batch = [], [], []  # with the queue: its keys and the batch's apart
             for pair, (a, c) in enumerate(self.pairs):
                 candidates = batch_keys[c] if self.queue is None else torch.cat([batch_keys[c], self.queue.keys(c)])
                 scores = self.critic(queries[a], candidates)  # B x K: view-a queries against view-c keys (+ queue)
@@ -131,6 +137,12 @@ class ContrastiveObjective(nn.Module):
                     pos.append(scores[mask].mean())
                     neg.append(scores[~mask].mean())
                     top1.append((scores.argmax(1) == positives).float().mean())
+                    if self.queue is not None:
+                        n = batch_keys[c].shape[0]  # the batch's keys first, then the filled queue
+                        neg_batch.append(scores[:, :n][~mask[:, :n]].mean())
+                        if scores.shape[1] > n:
+                            neg_queue.append(scores[:, n:].mean())
+                        mi_batch.append(bounds.infonce(scores[:, :n], positives=positives))
             log_k = math.log(scores.shape[1])
             # enqueued by enqueue_pending() once the step is known to be finite
             if self.queue is not None:
@@ -147,6 +159,9 @@ class ContrastiveObjective(nn.Module):
                 "neg": torch.stack(neg).mean(),
                 "top1": torch.stack(top1).mean(),
                 **{f"mi_{a}_{c}": v.detach() for (a, c), v in zip(self.pairs, values)},  # per-pair diagnostics
+                **({"monitor/neg_score_batch": torch.stack(neg_batch).mean(),
+                    "monitor/mi_batch_keys": torch.stack(mi_batch).mean()} if neg_batch else {}),
+                **({"monitor/neg_score_queue": torch.stack(neg_queue).mean()} if neg_queue else {}),
             }
         return loss, diag
 

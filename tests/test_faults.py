@@ -99,6 +99,20 @@ def test_resuming_under_another_world_size_is_refused_naming_both(run_dir: Path)
     assert snapshot(run_dir) == before
 
 
+def test_the_queue_without_synchronised_batchnorm_on_several_ranks_is_refused(run_dir: Path) -> None:
+    """Issue 26.3: with per-rank BatchNorm a rank's queries find their keys through its own batch statistics,
+    MoCo's failure without shuffled BN; it is refused before any step."""
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = run_main(f"run.dir={run_dir}", "run.max_steps=2", "objective.queue_size=32", "model.sync_bn=false", *FAST,
+                    launcher=launcher, check=False)
+    errors = {line for line in proc.stderr.splitlines() if line.startswith("error:")}
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert "'model.sync_bn': false with objective.queue_size on 2 processes" in errors.pop()
+    assert not (run_dir / "checkpoints").exists()
+
+
 def test_foreign_directory_is_refused_and_left_alone(tmp_path: Path) -> None:
     other = tmp_path / "some-other-project"
     other.mkdir()

@@ -120,3 +120,27 @@ def test_every_critic_combines_with_every_bound(critic: str) -> None:
         assert torch.isfinite(loss) and z[0].grad is not None
         if critic in ("bilinear", "concat"):
             assert all(p.grad is not None for p in objective.critic.parameters())
+
+
+def test_the_queue_logs_its_negatives_apart_from_the_batch_and_the_bound_over_fresh_keys() -> None:
+    """Issue 26.3: queue keys carry older weights and BatchNorm statistics, so the model can tell them from
+    the batch's; the two kinds of negative are logged apart, and so is InfoNCE over the batch's keys alone
+    (a bound over stale keys is none)."""
+    from pretrain.bounds import infonce as infonce_bound
+
+    torch.manual_seed(0)
+    objective = ContrastiveObjective(temperature=0.5, num_views=2, dim=8, queue_size=16)
+    u = torch.randn(8)
+    z = [F.normalize(u + 0.3 * torch.randn(4, 8), dim=1) for _ in range(2)]  # images alike: batch negatives score high
+    _, first = objective(z, keys=z)
+    assert "monitor/neg_score_queue" not in first  # nothing queued yet
+    objective.enqueue_pending()
+    objective.queue.queue.copy_(-objective.queue.queue)  # queue keys opposite to every query: a visible gap
+    _, diag = objective(z, keys=z)
+    off = ~torch.eye(4, dtype=torch.bool)
+    pair_neg = [(z[a] @ z[c].T / 0.5)[off].mean() for a, c in objective.pairs]
+    assert torch.allclose(diag["monitor/neg_score_batch"], torch.stack(pair_neg).mean(), atol=1e-5)
+    assert diag["monitor/neg_score_queue"] < 0 < diag["monitor/neg_score_batch"]
+    fresh = [infonce_bound(z[a] @ z[c].T / 0.5, positives=torch.arange(4)) for a, c in objective.pairs]
+    assert torch.allclose(diag["monitor/mi_batch_keys"], torch.stack(fresh).mean(), atol=1e-5)
+    assert torch.allclose(first["mi"], diag["monitor/mi_batch_keys"], atol=1e-5)  # with no queue they agree
