@@ -34,7 +34,7 @@ from pretrain.data.batch_views import BatchViews
 from pretrain.data.colour import split_lab
 from pretrain.data.datasets import disjoint_subsets
 from pretrain.features import ImageListDataset, beton_features, extract_features
-from pretrain.knn import knn_predict_many
+from pretrain.knn import knn_predict_many, sharded_knn_predict_many
 from pretrain.models import create_encoder
 from pretrain.revision import git_revision
 from pretrain.stop import StopFlag
@@ -114,20 +114,25 @@ class Rows:
         pretraining's do with model.channels_last (1.8x on the demo encoder's forward pass, benchmarks/README.md)."""
         return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
 
-    def features(self, model: nn.Module, split: str, image_size: int, input_fn=lambda x: x, norm: Norm = NO_NORM):
+    def features(self, model: nn.Module, split: str, image_size: int, input_fn=lambda x: x, norm: Norm = NO_NORM,
+                 keep_shard: bool = False):
         """N x F outputs of ``model`` and N labels for the train or test split, all processes sharing the work;
-        images normalised with ``norm`` = (mean, std) (None: the dataset's)."""
+        images normalised with ``norm`` = (mean, std) (None: the dataset's). ``keep_shard``: each process keeps
+        only its own share (a kNN bank that stays split)."""
         cfg = self.cfg
         if self.betons[split]:  # the FFCV path: decode + centre crop in FFCV, normalised in torch
             return beton_features(model, self.betons[split], image_size, cfg.center_crop_ratio,
-                                  cfg.batch_size_per_process, self.accelerator, max(1, cfg.num_workers), input_fn, *norm)
+                                  cfg.batch_size_per_process, self.accelerator, max(1, cfg.num_workers), input_fn, *norm,
+                                  keep_shard=keep_shard)
         return extract_features(model, ImageListDataset(self.splits[split], image_size, cfg.center_crop_ratio, *norm),
                                 self.accelerator, cfg.batch_size_per_process, cfg.num_workers, input_fn=input_fn,
-                                shard=True)
+                                shard=True, keep_shard=keep_shard)
 
-    def knn(self, train_xy, test_xy) -> dict[str, float]:
+    def knn(self, train_xy, test_xy, bank_sharded: bool = False) -> dict[str, float]:
+        """kNN top-1 per k on every process; with ``bank_sharded`` ``train_xy`` is this process's share of the bank."""
         (fx, fy), (tx, ty) = train_xy, test_xy
-        preds = knn_predict_many(fx, fy, tx, self.cfg.knn_k, self.cfg.knn_temperature, self.num_classes)
+        predict = sharded_knn_predict_many if bank_sharded else knn_predict_many
+        preds = predict(fx, fy, tx, self.cfg.knn_k, self.cfg.knn_temperature, self.num_classes)
         return {str(k): (pred == ty).float().mean().item() for k, pred in preds.items()}
 
     def fast_row(self, name: str, kind: str, train_xy, test_xy, **extra: Any) -> dict[str, Any]:
@@ -200,7 +205,10 @@ class Rows:
         input_fn, image_size, norm = input_fn_for(meta), meta["input_size"][-1], norm_of(meta)
         encoder = self.memory_format(encoder.to(acc.device)).eval().requires_grad_(False)
         before, t0 = fingerprint(encoder), time.perf_counter()
-        feats = [self.features(encoder, split, image_size, input_fn, norm) for split in ("train", "test")]
+        # The imagenet protocol's probe trains on images, so its train features serve the kNN alone and stay
+        # split across the ranks (1.28M x 2048 is 10 GB a copy); the fast probe fits on all of them.
+        feats = [self.features(encoder, split, image_size, input_fn, norm,
+                               keep_shard=split == "train" and cfg.protocol != "fast") for split in ("train", "test")]
         rate = round((len(self.train) + len(self.test)) / (time.perf_counter() - t0), 1)
         extra = {"weights_sha256": sha, "extract_images_per_s": rate, "input_size": image_size}
         if cfg.protocol == "fast":
@@ -217,7 +225,7 @@ class Rows:
             slug = "probe_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + f"_{meta['sha256'][:8]}"
             scores = self.sgd_fit(slug, LinearProbeModel(encoder, head), head, image_size, schedule, s.crop_scale_min,
                                   input_fn, drop_last=False, norm=norm)
-            row = {"name": name, "kind": kind, "protocol": "imagenet", **scores, "knn": self.knn(*feats),
+            row = {"name": name, "kind": kind, "protocol": "imagenet", **scores, "knn": self.knn(*feats, bank_sharded=True),
                    "feature_dim": int(feats[0][0].shape[1]), **extra}
         assert_unchanged(encoder, before, name)
         return row

@@ -105,14 +105,18 @@ def in_dataset_order(feats: torch.Tensor, labels: torch.Tensor, positions: torch
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset: torch.utils.data.Dataset, accelerator: Accelerator,
                      batch_size: int = 256, num_workers: int = 0, input_fn: InputFn = lambda x: x,
-                     shard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     shard: bool = False, keep_shard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs (N x F, fp32, CPU) and labels (N) of a labelled dataset of (image, label), in eval mode.
 
     ``input_fn`` maps a device batch to the encoder's input (e.g. the L channel of Lab for CMC).
     With ``shard`` every process computes its shard and all receive the whole split, each image
-    once whatever the process count. Without it the calling process computes everything alone
-    (the main-process kNN monitor).
+    once whatever the process count. With ``keep_shard`` each process returns only its own disjoint
+    share (every W-th image from its rank; N_r x F): a kNN bank that stays split
+    (:func:`pretrain.knn.sharded_knn_predict_many`). With neither the calling process computes everything alone.
     """
+    if keep_shard:
+        rank, world = accelerator.process_index, accelerator.num_processes
+        dataset, shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world)), False
     loader = torch.utils.data.DataLoader(_WithPosition(dataset), batch_size=batch_size, num_workers=num_workers)
     if shard:
         loader = accelerator.prepare_data_loader(loader)
@@ -130,8 +134,10 @@ def extract_features(encoder: nn.Module, dataset: torch.utils.data.Dataset, acce
 @torch.no_grad()
 def beton_features(encoder: nn.Module, path: str, size: int, crop_ratio: float, batch_size: int,
                    accelerator: Accelerator, num_workers: int = 1, input_fn: InputFn = lambda x: x,
-                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen-encoder features (N x F, CPU) and labels (N) of every image of a .beton, in file order.
+                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                   keep_shard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen-encoder features (N x F, CPU) and labels (N) of every image of a .beton, in file order
+    (``keep_shard``: this process's own share only, each image on one rank, as :func:`extract_features`).
 
     Centre crop ``crop_ratio`` of the short side resized to ``size`` (FFCV's decoder), normalised in
     torch with ``mean``/``std`` (default: the .beton's own). Several processes each read the shard
@@ -156,18 +162,26 @@ def beton_features(encoder: nn.Module, path: str, size: int, crop_ratio: float, 
                                "label": [IntDecoder(), ToTensor(), Squeeze(1)]})
     normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean or info.mean),
                                                                                list(std or info.std))])
-    shard = torch.arange(-(-info.count // world) * world)[rank::world] % info.count  # this rank's positions, in order
+    raw = torch.arange(-(-info.count // world) * world)[rank::world].to(accelerator.device)
+    shard = raw % info.count  # this rank's positions, in order
     feats, labels, positions, done = [], [], [], 0
     with eval_mode(encoder):
         for image, label in loader:
             x = normalise(image[:, : info.channels].to(accelerator.device))
             with accelerator.autocast():
                 out = encoder(input_fn(x)).float()
-            where = shard[done : done + len(out)].to(accelerator.device)
+            where = shard[done : done + len(out)]
             done += len(out)
+            if keep_shard:  # drop the repeats that even the shards: each image stays on one rank
+                own = raw[done - len(out) : done] < info.count
+                feats.append(out[own].cpu())
+                labels.append(label.to(accelerator.device)[own].long().cpu())
+                continue
             for kept, part in zip(gather_rows(accelerator, out, label.to(accelerator.device).long(), where),
                                   (feats, labels, positions)):
                 part.append(kept.cpu())
+    if keep_shard:
+        return torch.cat(feats), torch.cat(labels)
     return in_dataset_order(torch.cat(feats), torch.cat(labels), torch.cat(positions), info.count)
 
 

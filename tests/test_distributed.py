@@ -430,3 +430,48 @@ def test_a_learned_critic_is_not_sent_its_buffers_and_mine_follows_the_global_ba
     alone(S, positives)
     assert all(torch.allclose(r["log_ema"], alone.log_ema) for r in ranks)
     assert torch.allclose(ranks[0]["grad"], ranks[1]["grad"])  # the gradient is still averaged
+
+
+def _sharded_knn_worker(rank: int, tmp: str, port: int) -> None:
+    from accelerate import Accelerator
+
+    from pretrain import knn
+    from pretrain.features import extract_features
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    accelerator = Accelerator(cpu=True)
+    encoder = _monitor_encoder()
+    bank, bank_labels = extract_features(encoder, _Labelled(BANK, 0), accelerator, keep_shard=True)
+    queries, _ = extract_features(encoder, _Labelled(QUERIES, 1), accelerator, shard=True)
+    held, original = [], knn.similarities
+    knn.similarities = lambda q, b: held.append(tuple(q.shape) + (b.shape[0],)) or original(q, b)
+    preds = knn.sharded_knn_predict_many(bank, bank_labels, queries, [5, 20], 0.1, 10, chunk=64)
+    torch.save({"preds": preds, "bank_rows": bank.shape[0], "blocks": held}, f"{tmp}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_eval_knn_keeps_the_bank_split_across_ranks_and_predicts_as_one_process(tmp_path: Path) -> None:
+    """Issue 25.6: every rank gathered all N x D train features (ImageNet: 10 GB a copy) and repeated one kNN.
+    Now each rank keeps its share, scores the queries against it a chunk at a time and the ranks merge their
+    top-k: the same predictions as one process, and no rank holds more than its shard and a chunk."""
+    import socket
+
+    from accelerate import Accelerator
+
+    from pretrain.features import extract_features
+    from pretrain.knn import knn_predict_many
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn_ranks(_sharded_knn_worker, tmp_path, port, nprocs=WORLD)
+    accelerator = Accelerator(cpu=True)
+    bank, labels = extract_features(_monitor_encoder(), _Labelled(BANK, 0), accelerator)
+    queries, _ = extract_features(_monitor_encoder(), _Labelled(QUERIES, 1), accelerator)
+    alone = knn_predict_many(bank, labels, queries, [5, 20], 0.1, 10, chunk=64)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for r, result in enumerate(ranks):
+        assert all(torch.equal(result["preds"][k], alone[k]) for k in (5, 20))
+        assert result["bank_rows"] == len(range(r, BANK, WORLD))  # its share, each image on one rank
+        assert max(q for q, _, _ in result["blocks"]) == 64 and {n for _, _, n in result["blocks"]} == {result["bank_rows"]}

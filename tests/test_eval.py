@@ -274,9 +274,12 @@ def test_imagenet_protocol_runs_and_reports_sgd_rows(export_dir: Path, tmp_path:
 
 
 @pytest.mark.slow
-def test_two_processes_score_the_same_as_one(export_dir: Path, tmp_path: Path) -> None:
-    """No duplicates from padding and no drops: 90 train / 22 test images over 2 ranks, batch 16."""
-    args = [f"weights={export_dir}", "synthetic_size=90", "batch_size_per_process=16", "random_init=false", "raw_pixels=false"]
+@pytest.mark.parametrize("protocol", ["fast", "imagenet"])
+def test_two_processes_score_the_same_as_one(export_dir: Path, tmp_path: Path, protocol: str) -> None:
+    """No duplicates from padding and no drops: 90 train / 22 test images over 2 ranks, batch 16. The imagenet
+    protocol's kNN keeps the train features split across the ranks (issue 25.6) and scores the same."""
+    args = [f"weights={export_dir}", "synthetic_size=90", "batch_size_per_process=16", "random_init=false", "raw_pixels=false",
+            f"protocol={protocol}", "sgd.epochs=2", "sgd.milestones=[1]", "sgd.global_batch_size=16"]
     one = report_of(run_eval(*args, f"out={tmp_path / 'one'}"), tmp_path / "one")
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -286,7 +289,9 @@ def test_two_processes_score_the_same_as_one(export_dir: Path, tmp_path: Path) -
     assert two["processes"] == 2 and one["processes"] == 1
     (a,), (b,) = one["rows"], two["rows"]
     assert a["scored"] == b["scored"] == 22
-    assert b["top1"] == a["top1"] and b["knn"] == a["knn"]
+    assert b["knn"] == a["knn"]
+    if protocol == "fast":  # the SGD fit's order of summation differs between 1 and 2 ranks; the L-BFGS probe's does not
+        assert b["top1"] == a["top1"]
     assert proc.stdout.count("| encoder | kind |") == 1  # rank 0 reports, rank 1 does not
 
 

@@ -321,3 +321,18 @@ def test_eval_reads_betons_and_scores_like_the_decoded_dataset(tmp_path: Path) -
     decoded, beton = reports
     assert beton["scored"] == decoded["scored"] == 24
     assert beton["top1"] == decoded["top1"] and beton["knn"] == decoded["knn"]
+
+
+def test_beton_features_kept_as_a_shard_are_the_whole_file_on_one_process(tmp_path: Path) -> None:
+    """The imagenet protocol keeps its kNN bank split (issue 25.6); on one process the share is every image."""
+    from accelerate import Accelerator
+
+    from pretrain.features import beton_features
+
+    path = tmp_path / "train.beton"
+    assert beton_main(["--dataset", "synthetic", "--synthetic-size", "40", "--synthetic-image-size", "16",
+                       "--out", str(path), "--write-mode", "raw", "--workers", "1"]) == 0
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    args = (encoder, str(path), 16, 1.0, 16, Accelerator(cpu=True))
+    whole, shard = beton_features(*args), beton_features(*args, keep_shard=True)
+    assert torch.equal(whole[0], shard[0]) and torch.equal(whole[1], shard[1]) and len(shard[1]) == 40
