@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from conftest import REPO, run_main
+from conftest import REPO, TINY, run_main
 from pretrain.checkpoint import checkpoint_dirs
 from pretrain.config import load_config
 from pretrain.export import export_encoder, load_encoder
@@ -173,3 +175,34 @@ def test_demo_recipe_learns_on_real_fashion_mnist(run_dir: Path) -> None:
     knn = [float(m) for m in re.findall(r"epoch \d \(step \d+\): kNN top-1 ([\d.]+)%", proc.stdout)]
     assert len(knn) == 3, proc.stdout[-2000:]
     assert knn[-1] > knn[0] + 6, knn  # percentage points over the untrained floor
+
+
+def test_two_machines_of_one_process_each_train_as_two_processes_on_one(tmp_path: Path) -> None:
+    """Issue 25.10: `accelerate launch --num_machines 2 --machine_rank {0,1}` (one process each, here on one
+    host, the run dir shared as on a cluster) gives the losses and weights of 2 processes on one machine."""
+    import socket
+
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    common = ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    settings = ["run.max_steps=4", "run.log_every=1", "monitor.knn_every=0", "run.deterministic=true",
+                "run.export=false"]
+    run_main(f"run.dir={tmp_path / 'one'}", *settings, launcher=[accelerate, "launch", *common, "--num_machines", "1"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    machines = [subprocess.Popen(
+        [accelerate, "launch", *common, "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip",
+         "127.0.0.1", "--main_process_port", str(port), str(REPO / "pretrain" / "main.py"), "--config", str(TINY),
+         f"run.dir={tmp_path / 'two'}", *settings], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}) for rank in (0, 1)]
+    outputs = [m.communicate(timeout=300)[0] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "on 2 process(es)" in outputs[0]
+
+    def trained(run: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
+        losses = [e.value for e in EventAccumulator(str(run / "tb")).Reload().Scalars("train/loss")]
+        return losses, torch.load(checkpoint_dirs(run / "checkpoints")[0] / "state.pt", weights_only=True)["model"]
+
+    (one_losses, one_model), (two_losses, two_model) = trained(tmp_path / "one"), trained(tmp_path / "two")
+    assert len(one_losses) == 4 and one_losses == two_losses
+    assert one_model.keys() == two_model.keys() and all(torch.equal(one_model[k], two_model[k]) for k in one_model)

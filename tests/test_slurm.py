@@ -180,3 +180,23 @@ def test_same_callable_without_slurm(tmp_path: Path, cluster: str) -> None:
     while not export.is_file() and time.monotonic() < end:
         time.sleep(1)
     assert export.is_file(), (run / "slurm").exists() and list((run / "slurm").rglob("*log*"))
+
+
+def test_a_two_node_jobs_tasks_derive_one_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 25.10: the environment every task of a 2-node, 8-GPU-per-node job exports for Accelerate, from the
+    variables SLURM sets: one master (the first node) and port for all 16 tasks, each its own global rank."""
+    from launch.jobs import export_distributed_env
+
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2",
+             "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    seen = []
+    for node, local in ((0, 0), (0, 7), (1, 0), (1, 7)):
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in {**slurm, "SLURM_NODEID": str(node), "SLURM_PROCID": str(8 * node + local),
+                           "SLURM_LOCALID": str(local)}.items():
+            monkeypatch.setenv(key, value)
+        assert export_distributed_env() is not None
+        seen.append({k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")})
+    assert [(s["RANK"], s["LOCAL_RANK"]) for s in seen] == [("0", "0"), ("7", "7"), ("8", "0"), ("15", "7")]
+    assert {(s["WORLD_SIZE"], s["MASTER_ADDR"], s["MASTER_PORT"]) for s in seen} == {("16", "gpu07", seen[0]["MASTER_PORT"])}
