@@ -29,6 +29,12 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def own_rows(b: int, device: torch.device) -> torch.Tensor:
+    """The indices of this rank's B rows in a gathered W*B tensor: rank*B + i, each query's positive key
+    (lightly's ``eye_rank`` in index form)."""
+    return torch.arange(b, device=device) + rank() * b
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

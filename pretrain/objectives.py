@@ -18,7 +18,7 @@ from torch import nn
 from pretrain import bounds
 from pretrain.config import ObjectiveConfig
 from pretrain.critics import build_critic
-from pretrain.distributed import gather, gather_with_grad, rank
+from pretrain.distributed import gather, gather_with_grad, own_rows
 from pretrain.momentum import KeyQueue
 
 
@@ -115,7 +115,7 @@ class ContrastiveObjective(nn.Module):
             else:
                 batch_keys = [gather(_fp32(k)) for k in keys]  # momentum keys carry no gradient
             b = q[0].shape[0]
-            positives = torch.arange(b, device=q[0].device) + rank() * b  # positives at rank*B + i
+            positives = own_rows(b, q[0].device)  # positives at rank*B + i
             # NNCLR's queries: each view's nearest support embeddings, looked up once for all its pairs
             queries = q if self.support is None else [self.nearest_in_support(v) for v in q]
             values, trained, pos, neg, top1 = [], [], [], [], []
@@ -212,7 +212,7 @@ class AMDIMObjective(nn.Module):
             g = [_fp32(o["global"]) for o in out]
             local = [[_fp32(m) for m in o["local"]] for o in out]
             b = g[0].shape[0]
-            positives = torch.arange(b, device=g[0].device) + rank() * b
+            positives = own_rows(b, g[0].device)
             keys = [[gather_with_grad(m) for m in views_local] for views_local in local]  # K x N x D
             terms: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
             for a, c in ((0, 1), (1, 0)):
@@ -258,7 +258,7 @@ class DIMObjective(nn.Module):
                 g = _fp32(out[a]["global"])  # B x D
                 keys = gather_with_grad(_fp32(out[c]["local"][-1]))  # K x N x D
                 (b, _), (k, n, _) = g.shape, keys.shape
-                positives = torch.arange(b, device=g.device) + rank() * b  # each query's own image
+                positives = own_rows(b, g.device)  # each query's own image
                 if self.bound == "infonce":
                     nce, _, _ = multi_positive_nce(g, keys, positives, tclip=None, scaled=False)
                     values.append(math.log(1 + (k - 1) * n) - nce)
