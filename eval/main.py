@@ -63,7 +63,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
         if cfg.holdout and trained_holdout != cfg.holdout:
             raise ConfigError(
                 f"bad value for config key 'holdout': '{w}' was pretrained with data.holdout={trained_holdout}, so "
-                f"holdout={cfg.holdout} would score it on images it trained on; give holdout={trained_holdout}"
+                f"holdout={cfg.holdout} would not score the images it was held out of; give holdout={trained_holdout}"
                 if trained_holdout else f"bad value for config key 'holdout': '{w}' was pretrained on every train "
                 f"image (data.holdout=0), so a validation split would score images it trained on; pretrain with "
                 f"data.holdout={cfg.holdout} or score the test split (holdout=0)")
@@ -124,7 +124,8 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     if accelerator.is_main_process:
         meta = {"dataset": cfg.dataset, "protocol": PROTOCOLS[cfg.protocol].split(":")[0],
                 "protocol_description": f"{PROTOCOLS[cfg.protocol]}. {KNN}.", "seed": cfg.seed,
-                "train_images": len(train), "test_images": len(test), "scored_on": scored_split(cfg.holdout), "processes": accelerator.num_processes,
+                "train_images": len(train), "test_images": len(test), "scored_on": scored_split(cfg.holdout),
+                "processes": accelerator.num_processes,
                 "precision": precision.mode, "precision_reason": precision.reason, "machine": describe_machine(),
                 "alexnet_reference_top1": reference, "config": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
                 "train_step": int((exports[0][2].get("summary") or {}).get("steps") or 0) if exports else 0}

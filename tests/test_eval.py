@@ -396,7 +396,7 @@ def test_alexnet_conv_probes_from_a_weights_file(export_dir: Path, tmp_path: Pat
     ("no_weights", "encoder.safetensors is missing"),
     ("missing_inside", "no export found at"),
     ("out_unwritable", "is not a writable directory"),
-    ("holdout_other", "was pretrained with data.holdout=24, so holdout=12 would score it on images it trained on"),
+    ("holdout_other", "was pretrained with data.holdout=24, so holdout=12 would not score the images it was held out of"),
     ("holdout_none", "was pretrained on every train image (data.holdout=0)"),
 ])
 def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage: str, needle: str) -> None:
