@@ -174,22 +174,26 @@ def bounds_table() -> str:
         if r.get("scored_on") == "validation" and r["name"].startswith(("bound_", "val_demo_")):
             groups.setdefault(r["recipe"]["objective"], []).append(r)
 
-    def each(rows: list[dict], value) -> str:
+    def each(rows: list[dict], value, spec: str = ".2f") -> str:
+        """The mean over seeds, and each seed's value after it when there are several."""
         values = [value(r) for r in rows]
-        return f"{sum(values) / len(values):.2f}" + (f" ({', '.join(f'{v:.2f}' for v in values)})" if len(values) > 1 else "")
+        mean = format(sum(values) / len(values), spec)
+        return mean + (f" ({', '.join(format(v, spec) for v in values)})" if len(values) > 1 else "")
 
     lines = ["| objective and bound | seeds | validation probe | validation kNN k=20 | final MI estimate (nats) "
              "| its ceiling | s/epoch | diverged | command |", "|---" * 9 + "|"]
-    for objective, rows in groups.items():
+    for objective, rows in sorted(groups.items(), key=lambda g: g[0] != "contrastive infonce"):  # the demo's first
         ceiling = f"log K = {rows[0]['log_k']:.2f}" if rows[0]["recipe"]["bound"] == "infonce" else "none"
+        if "queue" in objective:
+            ceiling += " (over stale queue keys: no lower bound)"
         bad = [r for r in rows if r["skipped_steps"] or r["loss"] is None or not math.isfinite(r["loss"])]
         diverged = "no" if not bad else "; ".join(f"seed {r['seed']}: {r['skipped_steps']} non-finite steps" for r in bad)
         mi = [r for r in rows if r["mi_estimate_nats"] is not None and math.isfinite(r["mi_estimate_nats"])]
-        command = f"`recipe_study.py --config {rows[0]['config']} --name {rows[0]['name']} {' '.join(rows[0]['overrides'])}`"
+        command = f"`recipe_study.py --config {rows[0]['config']} --name {' '.join([rows[0]['name'], *rows[0]['overrides']])}`"
         lines.append(f"| {objective} | {', '.join(str(r['seed']) for r in rows)} | {each(rows, lambda r: 100 * r['probe_top1'])} "
                      f"| {each(rows, lambda r: 100 * r['knn20_top1'])} | "
                      f"{each(mi, lambda r: r['mi_estimate_nats']) if mi else '–'} | {ceiling} | "
-                     f"{each(rows, lambda r: r['seconds_per_epoch'])} | {diverged} | {command} |")
+                     f"{each(rows, lambda r: r['seconds_per_epoch'], '.0f')} | {diverged} | {command} |")
     return "\n".join(lines)
 
 
