@@ -93,8 +93,8 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
                               "set baselines.supervised_encoder_epochs")
     jobs = (len(exports) * (2 if cfg.random_init else 1) + sum(map(bool, view_encoders.values())) + cfg.raw_pixels
             + b.alexnet_supervised + 5 * bool(b.alexnet_weights) + len(supervised))
-    scored = "validation (held out of train)" if cfg.holdout else "test"
-    accelerator.print(f"eval: {len(train)} train / {len(test)} {scored} images of {cfg.dataset}, protocol {cfg.protocol}, "
+    accelerator.print(f"eval: {len(train)} train / {len(test)} scored images ({scored_split(cfg.holdout)}) of {cfg.dataset}, "
+                      f"protocol {cfg.protocol}, "
                       f"{jobs} rows to compute on {accelerator.num_processes} process(es)")
     fits = [meta for meta in supervised if not make.has_stored_supervised_encoder(meta)]  # the others are stored
     # The AlexNet is stored, or its fit shows its own progress; a stored supervised encoder costs nothing.

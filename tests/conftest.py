@@ -65,6 +65,15 @@ def synthetic_views(n: int, image_size: int):
     return MultiViewDataset(images, [build_view_transform(ViewConfig(), 3, images.mean, images.std)], seed=0)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def spawn_ranks(worker, tmp_path: Path, *args, nprocs: int = 2) -> None:
     """``torch.multiprocessing.spawn(worker, (str(tmp_path), *args))``, once more on a fresh rendezvous
     when a rank was killed by a signal: gloo can abort (SIGABRT) while ranks tear down on a loaded

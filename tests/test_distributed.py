@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from conftest import spawn_ranks
+from conftest import free_port, spawn_ranks
 from pretrain import objectives
 from pretrain.objectives import ContrastiveObjective
 
@@ -301,11 +301,7 @@ def test_momentum_key_model_is_rank_zeros_online_model_on_every_rank(tmp_path: P
     """Issue 25: ranks seeded seed + rank build different networks; DDP's broadcast makes the online
     models equal, and the key model, copied after it, must be that same network on every rank at step 0
     (a copy taken before the wrap held each rank's own weights and filled the queue with their keys)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     spawn_ranks(_key_model_worker, tmp_path, port, nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     weights = [k for k, v in ranks[0]["built"].items() if v.is_floating_point() and "running" not in k]
@@ -358,15 +354,11 @@ def _knn_monitor_worker(rank: int, tmp: str, port: int) -> None:
 def test_knn_monitor_is_shared_by_the_ranks_and_scores_as_one_process(tmp_path: Path) -> None:
     """Issue 25: rank 0 alone ran the monitor while the others waited in a collective; now each rank
     extracts its share of the batches of 256 (half of them, the last one padded)."""
-    import socket
-
     from accelerate import Accelerator
 
     from pretrain.features import knn_monitor
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     spawn_ranks(_knn_monitor_worker, tmp_path, port, nprocs=WORLD)
     alone, _ = knn_monitor(_monitor_encoder(), _Labelled(BANK, 0), _Labelled(QUERIES, 1), Accelerator(cpu=True),
                            k=5, temperature=0.1, num_workers=0)
@@ -411,8 +403,6 @@ def test_a_learned_critic_is_not_sent_its_buffers_and_mine_follows_the_global_ba
     """Issue 25.8: DDP broadcast a learned critic's buffers from rank 0 before every forward (MoCo's queue: 32 MB
     a step, though every rank already holds the same keys). Now nothing is sent, and MINE's moving average
     follows the whole batch's E_q[e^S], so both ranks keep the one a single process would."""
-    import socket
-
     from pretrain.bounds import MINE
 
     torch.manual_seed(0)
@@ -420,9 +410,7 @@ def test_a_learned_critic_is_not_sent_its_buffers_and_mine_follows_the_global_ba
     positives = torch.zeros(8, 6, dtype=torch.bool)
     positives[torch.arange(8), torch.arange(8) % 6] = True  # one positive, five negatives per row
     torch.save((S, positives), tmp_path / "scores.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     spawn_ranks(_critic_worker, tmp_path, port, nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert [float(r["queue"][0]) for r in ranks] == list(range(WORLD))  # no rank was sent rank 0's buffer
@@ -455,16 +443,12 @@ def test_eval_knn_keeps_the_bank_split_across_ranks_and_predicts_as_one_process(
     """Issue 25.6: every rank gathered all N x D train features (ImageNet: 10 GB a copy) and repeated one kNN.
     Now each rank keeps its share, scores the queries against it a chunk at a time and the ranks merge their
     top-k: the same predictions as one process, and no rank holds more than its shard and a chunk."""
-    import socket
-
     from accelerate import Accelerator
 
     from pretrain.features import extract_features
     from pretrain.knn import knn_predict_many
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     spawn_ranks(_sharded_knn_worker, tmp_path, port, nprocs=WORLD)
     accelerator = Accelerator(cpu=True)
     bank, labels = extract_features(_monitor_encoder(), _Labelled(BANK, 0), accelerator)

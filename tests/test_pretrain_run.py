@@ -15,7 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from conftest import REPO, TINY, run_main
+from conftest import REPO, TINY, free_port, run_main
 from pretrain.checkpoint import checkpoint_dirs
 from pretrain.config import load_config
 from pretrain.export import export_encoder, load_encoder
@@ -180,16 +180,12 @@ def test_demo_recipe_learns_on_real_fashion_mnist(run_dir: Path) -> None:
 def test_two_machines_of_one_process_each_train_as_two_processes_on_one(tmp_path: Path) -> None:
     """Issue 25.10: `accelerate launch --num_machines 2 --machine_rank {0,1}` (one process each, here on one
     host, the run dir shared as on a cluster) gives the losses and weights of 2 processes on one machine."""
-    import socket
-
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     common = ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
     settings = ["run.max_steps=4", "run.log_every=1", "monitor.knn_every=0", "run.deterministic=true",
                 "run.export=false"]
     run_main(f"run.dir={tmp_path / 'one'}", *settings, launcher=[accelerate, "launch", *common, "--num_machines", "1"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     machines = [subprocess.Popen(
         [accelerate, "launch", *common, "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip",
          "127.0.0.1", "--main_process_port", str(port), str(REPO / "pretrain" / "main.py"), "--config", str(TINY),

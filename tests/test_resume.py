@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_main
+from conftest import REPO, TINY, free_port, run_main
 from pretrain.checkpoint import checkpoint_dirs
 
 pytestmark = pytest.mark.slow
@@ -172,8 +172,6 @@ def test_rank_0_chooses_the_checkpoint_and_every_rank_resumes_it_or_all_stop(tmp
     """Issue 25.4: each rank used to resume its own newest checkpoint, so on a lagging filesystem two ranks
     could start at steps 4 and 2, then hang or diverge. Rank 0 now chooses; a rank that cannot read its
     choice, or reads another step there, stops every rank with one message (none waits in a collective)."""
-    import socket
-
     from pretrain import checkpoint as ckpt
     from conftest import spawn_ranks
 
@@ -185,9 +183,7 @@ def test_rank_0_chooses_the_checkpoint_and_every_rank_resumes_it_or_all_stop(tmp
     ckpt.save(tmp_path / "rank1", state(2), 2, keep=3)
     if case == "stale_on_rank1":  # the newest's name is visible there, its contents are still the old step's
         ckpt.save(tmp_path / "rank1", state(2), 4, keep=3)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     spawn_ranks(_resume_worker, tmp_path, port, case)
     results = [torch.load(tmp_path / f"result{r}.pt") for r in range(2)]
     if case == "in_sync":

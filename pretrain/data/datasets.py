@@ -287,9 +287,9 @@ def holdout_split(ds: ImageDataset, n: int) -> tuple[ImageDataset, ImageDataset]
     if not 0 < n < len(ds):
         raise DataError(f"bad value for config key 'data.holdout': {n} held-out images leave none of the "
                         f"{len(ds)} training images to train on; hold out fewer")
-    held = [i * len(ds) // n for i in range(n)]
-    taken = set(held)
-    return Subset(ds, [i for i in range(len(ds)) if i not in taken]), Subset(ds, held)
+    held = spaced_subset(ds, n)
+    taken = set(held.indices)
+    return Subset(ds, [i for i in range(len(ds)) if i not in taken]), held
 
 
 def build_dataset(cfg: Config, split: str = "train") -> ImageDataset:
