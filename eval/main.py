@@ -24,6 +24,24 @@ PROTOCOLS = {
 KNN = "kNN: cosine similarity, temperature-weighted votes over the cached train features"
 
 
+def open_splits(cfg: Any) -> tuple[Any, Any]:
+    """(the images the probes fit on, the images they are scored on) for an eval config: the train and
+    test splits, or with ``holdout`` the rest of train and its validation images (the test split then
+    stays unread: it is for the final figure), each cut to ``limit_train`` / ``limit_test``."""
+    from pretrain.config import ConfigError
+    from pretrain.data.datasets import holdout_split, open_dataset, spaced_subset
+
+    def split(name: str):
+        ds = open_dataset(cfg.dataset, name, cfg.root, synthetic_size=cfg.synthetic_size,
+                          synthetic_classes=cfg.synthetic_classes, synthetic_image_size=cfg.synthetic_image_size)
+        if len(ds) == 0:
+            raise ConfigError(f"the {name} split of {cfg.dataset} is empty: check root")
+        return ds
+
+    train, test = holdout_split(split("train"), cfg.holdout) if cfg.holdout else (split("train"), split("test"))
+    return tuple(spaced_subset(ds, n) if n else ds for ds, n in ((train, cfg.limit_train), (test, cfg.limit_test)))
+
+
 def evaluate(cfg: Any) -> list[dict[str, Any]]:
     """Compute every row of the report; returns the rows (also written to the report files)."""
     import torch
@@ -35,7 +53,6 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     from eval.rows import Rows, pretrain_epochs
     from eval.stored_baselines import scored_split
     from pretrain.config import ConfigError
-    from pretrain.data.datasets import holdout_split, open_dataset, spaced_subset
     from pretrain.distributed import make_accelerator
     from pretrain.export import export_dir_of, load_encoder, load_view_encoders
     from pretrain.hardware import describe_machine
@@ -48,16 +65,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     b = cfg.baselines
     alexnet_trunk = load_alexnet_features(b.alexnet_weights) if b.alexnet_weights else None
 
-    def split(name: str):
-        ds = open_dataset(cfg.dataset, name, cfg.root, synthetic_size=cfg.synthetic_size,
-                          synthetic_classes=cfg.synthetic_classes, synthetic_image_size=cfg.synthetic_image_size)
-        if len(ds) == 0:
-            raise ConfigError(f"the {name} split of {cfg.dataset} is empty: check root")
-        return ds
-
-    # With holdout the validation images stand in for the test split, which stays unread: it is for the final figure.
-    train, test = holdout_split(split("train"), cfg.holdout) if cfg.holdout else (split("train"), split("test"))
-    train, test = (spaced_subset(ds, n) if n else ds for ds, n in ((train, cfg.limit_train), (test, cfg.limit_test)))
+    train, test = open_splits(cfg)
     for w, _, meta in exports:
         trained_holdout = int((meta.get("summary") or {}).get("holdout") or 0)
         if cfg.holdout and trained_holdout != cfg.holdout:

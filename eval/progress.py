@@ -6,12 +6,19 @@ estimated from the export's own pretraining speed: one supervised step (one view
 backward) costs about half a pretraining step (two views and the objective): 0.43 was measured on
 the native-bf16 CPU and 0.51 under the AVX2 emulation (benchmarks/README.md, "Eval stage"); the
 fit's own progress line takes over once it runs.
+
+Before the eval runs, :func:`expected_eval_seconds` reckons it from the pretraining's own measurements,
+so that a run followed by an eval (``monitor.expect_eval``, as the demo is) prints the whole expected
+duration after its first steps.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any, Callable
+
+import torch
 
 from pretrain.tracking import format_duration
 
@@ -23,6 +30,56 @@ def pretrain_step_seconds(meta: dict) -> float:
     summary = meta.get("summary") or {}
     steps, seconds = summary.get("steps_this_run") or 0, summary.get("pretrain_seconds") or 0
     return float(seconds) / steps if steps else 0.0
+
+
+def probe_seconds(n: int, features: int, num_classes: int, fits: int, steps: int) -> float:
+    """Expected seconds of the fast probe (:func:`eval.probe.linear_probe`) on n x ``features`` features:
+    one loss-and-gradient pass timed here on random features (at most 8192 rows, scaled to n), times the
+    passes L-BFGS may make in each of ``fits`` fits (torch's max_eval: 1.25 x ``steps``)."""
+    from eval.probe import loss_and_grad
+
+    rows = max(1, min(n, 8192))
+    x, y, model = torch.randn(rows, features), torch.randint(num_classes, (rows,)), torch.nn.Linear(features, num_classes)
+    times = []
+    for _ in range(4):  # the first warms up
+        t0 = time.perf_counter()
+        loss_and_grad(model, x, y, 0.0)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) * n / rows * 1.25 * steps * fits
+
+
+def load_expected_eval(path: str, export: str) -> Any:
+    """The eval config ``monitor.expect_eval`` names, loaded and checked for the ``export`` still to be
+    written, or one line on what is wrong."""
+    from eval.config import EvalConfig, validate_eval
+    from pretrain.config import ConfigError, load_config
+
+    try:
+        return load_config(path, [f"weights=[{export}]"], schema=EvalConfig, check=validate_eval)
+    except ConfigError as e:
+        raise ConfigError(f"bad value for config key 'monitor.expect_eval': {e}; give the eval config the export will "
+                          "be scored with, or monitor.expect_eval=''") from None
+
+
+def expected_eval_seconds(cfg: Any, image_size: int, feature_dim: int, extract_seconds_per_image: float) -> tuple[float, str]:
+    """The fast eval of one export (``cfg``: an EvalConfig), reckoned before it runs: (seconds, how).
+
+    Each encoder row (the export, and its random init) extracts the fit and scored images at
+    ``extract_seconds_per_image`` (the pretraining's kNN monitor measures it) and fits a probe on
+    ``feature_dim`` features (:func:`probe_seconds`); raw pixels fit a probe only. The supervised rows are
+    taken as stored (``make baselines``): a fit still to train says so, with its own time, as the eval starts."""
+    from eval.main import open_splits
+
+    train, test = open_splits(cfg)
+    n, c, fits = len(train), train.num_classes, len(cfg.weight_decays) + 1
+    encoder_rows = 1 + bool(cfg.random_init)
+    seconds = encoder_rows * ((n + len(test)) * extract_seconds_per_image + probe_seconds(n, feature_dim, c, fits, cfg.probe_steps))
+    pixels = train.channels * image_size * image_size
+    raw = cfg.raw_pixels and pixels <= 4096  # as eval.main.evaluate decides
+    if raw:
+        seconds += probe_seconds(n, pixels, c, fits, cfg.probe_steps)
+    return seconds, (f"{encoder_rows + raw} rows: {encoder_rows} x {n + len(test)} images to extract at "
+                     f"{1000 * extract_seconds_per_image:.2f} ms, {encoder_rows + raw} probes; stored baselines")
 
 
 class RowClock:

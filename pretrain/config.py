@@ -184,6 +184,7 @@ class MonitorConfig:
     knn_queries: int = _f(1000, "labelled held-out images classified by the kNN monitor")
     online_probe: bool = _f(True, "train a linear classifier on detached encoder features with labels (never reaching the encoder); scored with the kNN monitor")
     online_probe_lr: float = _f(1e-3, "online probe: AdamW learning rate (its own optimizer, no weight decay)")
+    expect_eval: str = _f("", "an eval config that will run on the export after this pretraining, as make demo runs configs/probe_fmnist.yaml: the expected-duration line after the first steps then reckons it too, for the whole duration ('' = the pretraining alone)")
 
 
 @dataclass

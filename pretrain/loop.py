@@ -246,8 +246,27 @@ class Run:
         steps_left, passes = self.total_steps - self.progress.global_step, self.knn_passes_ahead()
         seconds = steps_left * step_s + passes * self.knn_seconds
         knn = f", {passes} kNN passes of {self.knn_seconds:.0f} s" if passes else ""
-        return (f"expected: pretraining ends in about {format_duration(seconds)} ({steps_left} steps at {step_s:.3f} s"
+        line = (f"expected: pretraining ends in about {format_duration(seconds)} ({steps_left} steps at {step_s:.3f} s"
                 f"{knn}) on {describe_machine()}")
+        if not self.cfg.monitor.expect_eval:
+            return line
+        eval_seconds, how = self.expected_eval(step_s)
+        return (f"{line}; the eval ({self.cfg.monitor.expect_eval}) then takes about {format_duration(eval_seconds)} "
+                f"({how}), so the whole run ends in about {format_duration(seconds + eval_seconds)}")
+
+    def expected_eval(self, step_s: float) -> tuple[float, str]:
+        """(seconds, how) of the eval ``monitor.expect_eval`` names, on this run's export, reckoned now
+        (:func:`eval.progress.expected_eval_seconds`) from this machine's extraction speed: the kNN
+        monitor's pass, or without it a third of a step's images."""
+        from eval.progress import expected_eval_seconds, load_expected_eval
+
+        cfg, acc = self.cfg, self.accelerator
+        if self.knn_seconds:
+            per_image = self.knn_seconds / (len(self.data.knn_bank) + len(self.data.knn_queries))
+        else:  # a forward pass costs about a third of a training step's forward and backward
+            per_image = step_s / (3 * cfg.optim.batch_size_per_process * len(cfg.data.views) * acc.num_processes)
+        return expected_eval_seconds(load_expected_eval(cfg.monitor.expect_eval, str(Path(cfg.run.dir) / "export")), cfg.data.views[0].size,
+                                     self.raw_model.feature_dim, per_image)
 
 
 def train_one_epoch(run: Run) -> bool:

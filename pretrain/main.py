@@ -39,6 +39,10 @@ def train(cfg: Config) -> dict[str, Any]:
     same dir stops at once instead of racing this one."""
     from pretrain.run_dir import RunDirLock, check_run_dir
 
+    if cfg.monitor.expect_eval:  # checked before any work, not at the expected-duration line
+        from eval.progress import load_expected_eval
+
+        load_expected_eval(cfg.monitor.expect_eval, str(Path(cfg.run.dir) / "export"))
     check_run_dir(cfg)
     lock = RunDirLock(Path(cfg.run.dir))  # taken by rank 0 just before its first write
     try:

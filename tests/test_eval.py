@@ -21,7 +21,7 @@ from conftest import REPO, synthetic_views
 from eval.classifier import FrozenEncoder, LinearProbeModel, SGDSchedule, fit_classifier
 from eval.features import EncoderChanged, assert_unchanged, fingerprint
 from eval.probe import choose_weight_decay, fit_linear, linear_probe, loss_and_grad
-from pretrain.config import ViewConfig
+from pretrain.config import ConfigError, ViewConfig
 from pretrain.data import MultiViewDataset
 from pretrain.data.batch_views import BatchViews
 from pretrain.data.datasets import open_dataset, spaced_subset
@@ -535,3 +535,32 @@ def test_sgd_fits_draw_same_size_images_per_batch_and_others_per_image(tmp_path:
     assert augment is None and workers == 3
     view = data[0]["views"][0]
     assert view.shape == (3, 12, 12) and view.dtype == torch.float32
+
+
+def test_probe_seconds_are_one_timed_pass_scaled_to_the_rows_and_the_passes_of_every_fit(monkeypatch) -> None:
+    """One loss-and-gradient pass on at most 8192 rows, its median of three after a warm-up, scaled to n
+    rows and to L-BFGS's most passes (1.25 x steps) in each fit."""
+    import eval.progress
+
+    ticks = iter([0.0, 9.0, 10.0, 10.01, 11.0, 11.03, 12.0, 12.01])  # warm-up 9 s, then 0.01, 0.03, 0.01
+    monkeypatch.setattr(eval.progress.time, "perf_counter", lambda: next(ticks))
+    seconds = eval.progress.probe_seconds(16384, 8, 10, fits=5, steps=100)
+    assert seconds == pytest.approx(0.01 * 2 * 1.25 * 100 * 5)
+
+
+def test_the_eval_is_reckoned_before_it_runs_from_its_rows_images_and_probes(tmp_path: Path, monkeypatch) -> None:
+    """``monitor.expect_eval``'s estimate: ours and random init extract the fit and scored images and fit
+    a probe on the encoder's features; raw pixels (3 x 32 x 32 <= 4096) fit one on the pixels."""
+    import eval.progress
+
+    monkeypatch.setattr(eval.progress, "probe_seconds", lambda n, features, c, fits, steps: features / 100)
+    config = tmp_path / "eval.yaml"
+    config.write_text("dataset: synthetic\nsynthetic_size: 512\nsynthetic_image_size: 32\n")
+    seconds, how = eval.progress.expected_eval_seconds(eval.progress.load_expected_eval(str(config), "runs/x/export"), 32, 64, 0.001)
+    assert seconds == pytest.approx(2 * ((512 + 128) * 0.001 + 0.64) + 30.72)
+    assert how == "3 rows: 2 x 640 images to extract at 1.00 ms, 3 probes; stored baselines"
+    config.write_text("dataset: synthetic\nsynthetic_size: 512\nrandom_init: false\nraw_pixels: false\n")
+    assert eval.progress.expected_eval_seconds(eval.progress.load_expected_eval(str(config), "runs/x/export"), 32, 64, 0.001)[0] == \
+        pytest.approx(512 * 1.25 * 0.001 + 0.64)
+    with pytest.raises(ConfigError, match="'monitor.expect_eval': config file 'nowhere.yaml' not found"):
+        eval.progress.load_expected_eval("nowhere.yaml", "runs/x/export")
