@@ -312,9 +312,10 @@ def test_batch_views_draw_as_before_for_recipes_without_blur_or_tone() -> None:
 
 
 def test_batch_jitter_on_rgb_is_torchvisions_colour_jitter_per_image() -> None:
-    """Brightness, contrast, saturation and hue, drawn per image with jitter_p=0.5, each equal to
-    torchvision's functional op at the factor drawn for that image (contrast and saturation blend with
-    the luma grey); undrawn images are left as they were."""
+    """Brightness, contrast, saturation and hue, drawn per image with jitter_p=0.5 and applied in a random
+    order per image (torchvision's ColorJitter shuffles its steps per call), each equal to torchvision's
+    functional op at the factor drawn for that image (contrast and saturation blend with the luma grey);
+    undrawn images are left as they were."""
     from torchvision.transforms.v2 import functional as TF
 
     from pretrain.data.batch_views import jitter
@@ -326,12 +327,36 @@ def test_batch_jitter_on_rgb_is_torchvisions_colour_jitter_per_image() -> None:
     on = (torch.rand(16, generator=g) < 0.5).float()
     factors = [1 + on * torch.empty(16).uniform_(-s, s, generator=g) for s in (0.4, 0.4, 0.6)]
     hue = on * torch.empty(16).uniform_(-0.3, 0.3, generator=g)
-    assert 0 < on.sum() < 16
+    order = torch.rand(16, 4, generator=g).argsort(dim=1)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    assert 0 < on.sum() < 16 and len({tuple(o) for o in order[on == 1].tolist()}) > 1
     for i, img in enumerate(x):
-        ref = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(
-            img, float(factors[0][i])), float(factors[1][i])), float(factors[2][i])), float(hue[i]))
+        ref = img
+        for j in order[i].tolist():
+            ref = ops[j](ref, float([*factors, hue][j][i]))
         assert torch.allclose(out[i], ref, atol=1e-5), i
     assert torch.equal(out[on == 0], x[on == 0])
+
+
+def test_batch_jitter_on_grey_images_orders_brightness_and_contrast_per_image() -> None:
+    """One channel: brightness and contrast only, in a random order per image, each as torchvision's op.
+    The two orders differ where the brightness clamps, so both are checked to occur."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from pretrain.data.batch_views import jitter
+
+    x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = jitter(x, ViewConfig(size=8, jitter_p=1.0, brightness=0.8, contrast=0.8), torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    torch.rand(32, generator=g)
+    bright, contrast = (1 + torch.empty(32).uniform_(-0.8, 0.8, generator=g) for _ in range(2))
+    contrast_first = torch.rand(32, 2, generator=g).argsort(dim=1)[:, 0] == 1
+    assert 0 < contrast_first.sum() < 32
+    for i, img in enumerate(x):
+        b, c = float(bright[i]), float(contrast[i])
+        ref = TF.adjust_brightness(TF.adjust_contrast(img, c), b) if contrast_first[i] else \
+            TF.adjust_contrast(TF.adjust_brightness(img, b), c)
+        assert torch.allclose(out[i], ref, atol=1e-5), i
 
 
 def test_batch_grayscale_is_torchvisions_per_image_and_grey_images_draw_nothing() -> None:

@@ -13,9 +13,9 @@ Randomness is a pure function of (seed, epoch, batch index, rank), drawn from a 
 generator, so a resumed run draws exactly the views the uninterrupted run drew.
 
 Every recipe field, on grey or colour images: crop and flip, then the jitter (brightness, contrast,
-saturation, hue, then gamma and the tone curve; saturation and hue on 3 channels only), grayscale
-(3 channels), blur, solarize: the loader path's order, except that torchvision's ColorJitter shuffles
-its four steps per image and this path keeps them in that fixed order.
+saturation and hue in a random order per image, as torchvision's ColorJitter shuffles them per call,
+then gamma and the tone curve; saturation and hue on 3 channels only), grayscale (3 channels), blur,
+solarize: the loader path's order.
 """
 
 from __future__ import annotations
@@ -86,23 +86,32 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def jitter(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
-    """Per image with probability jitter_p: brightness x * U(1 +- brightness), then contrast
-    (x - mean grey) * U(1 +- contrast) + mean grey, then on RGB saturation (a blend with the luma grey
-    by U(1 +- saturation)) and hue (a rotation by U(+-hue) turns), each clamped to [0, 1] as torchvision
-    does, then (with ``view.gamma``) x ** g, log g ~ U(+-log(1 + gamma)), then (with ``view.tone``) a
-    random tone curve. x: B x C x H x W in [0, 1]."""
+    """Per image with probability jitter_p, torchvision's ColorJitter: brightness x * U(1 +- brightness),
+    contrast (x - mean grey) * U(1 +- contrast) + mean grey and, on RGB, saturation (a blend with the
+    luma grey by U(1 +- saturation)) and hue (a rotation by U(+-hue) turns), each clamped to [0, 1], in a
+    random order drawn per image; then (with ``view.gamma``) x ** g, log g ~ U(+-log(1 + gamma)), then
+    (with ``view.tone``) a random tone curve. x: B x C x H x W in [0, 1]."""
     b = x.shape[0]
     on = (torch.rand(b, generator=g) < view.jitter_p).float()
     bright = (1 + on * torch.empty(b).uniform_(-view.brightness, view.brightness, generator=g)).clamp_min(0)
     contrast = (1 + on * torch.empty(b).uniform_(-view.contrast, view.contrast, generator=g)).clamp_min(0)
-    x = blend(x, 0.0, bright)
-    x = blend(x, grey(x).mean(dim=(1, 2, 3), keepdim=True), contrast)
+    steps = [lambda x, acts: blend(x, 0.0, torch.where(acts, bright, 1.0)),
+             lambda x, acts: blend(x, grey(x).mean(dim=(1, 2, 3), keepdim=True), torch.where(acts, contrast, 1.0))]
     rgb = x.shape[1] == 3
     if rgb and view.saturation > 0:  # drawn only when they act, so grey recipes keep their random stream
-        x = blend(x, grey(x), (1 + on * torch.empty(b).uniform_(-view.saturation, view.saturation, generator=g)).clamp_min(0))
-    if rgb and view.hue > 0:  # through HSV even a zero shift is not exact: images without the jitter skip it
-        shifted = shift_hue(x, on * torch.empty(b).uniform_(-view.hue, view.hue, generator=g))
-        x = torch.where(on.bool().to(x.device).view(b, 1, 1, 1), shifted, x)
+        sat = (1 + on * torch.empty(b).uniform_(-view.saturation, view.saturation, generator=g)).clamp_min(0)
+        steps.append(lambda x, acts: blend(x, grey(x), torch.where(acts, sat, 1.0)))
+    if rgb and view.hue > 0:
+        shift = on * torch.empty(b).uniform_(-view.hue, view.hue, generator=g)
+        steps.append(lambda x, acts: rotate_hue_of(x, acts, shift))
+    # Stage k applies to each image the step its order puts k-th; a step an image skips there is an exact
+    # identity (a blend by 1), and images without the jitter skip every step.
+    order = torch.rand(b, len(steps), generator=g).argsort(dim=1)
+    for stage in range(len(steps)):
+        for j, step in enumerate(steps):
+            acts = (order[:, stage] == j) & on.bool()
+            if acts.any():
+                x = step(x, acts)
     if view.gamma > 0:  # drawn only when asked, so recipes without it keep their random stream
         log_g = on * torch.empty(b).uniform_(-math.log1p(view.gamma), math.log1p(view.gamma), generator=g)
         x = x ** log_g.exp().to(x).view(b, 1, 1, 1)
@@ -110,6 +119,15 @@ def jitter(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tenso
         curved = tone_curve(x, random_tone_slopes(b, view.tone, g))
         x = torch.where(on.bool().to(x.device).view(b, 1, 1, 1), curved, x)
     return x
+
+
+def rotate_hue_of(x: torch.Tensor, acts: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x with the images ``acts`` marks hue-rotated by their ``shift`` (:func:`shift_hue`), on those alone:
+    through HSV even a zero shift is not exact. x: B x 3 x H x W; acts: B bool; shift: B turns."""
+    idx = acts.nonzero().squeeze(1)
+    out = x.clone()
+    out[idx.to(x.device)] = shift_hue(x[idx.to(x.device)], shift[idx])
+    return out
 
 
 def grayscale(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
