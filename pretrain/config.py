@@ -139,6 +139,7 @@ class ModelConfig:
     encoder_per_view: bool = _f(False, "a separate encoder per view (CMC); false: one shared encoder")
     channels_last: bool = _f(False, "channels_last memory format (faster convs on GPUs with bf16/fp16)")
     momentum: float = _f(0.99, "objective.queue_size > 0: EMA coefficient of the momentum (key) encoder and head, MoCo's m")
+    shuffle_bn: int = _f(0, "objective.queue_size > 0: MoCo's shuffling BN (its Sec. 3.3): the momentum model computes the keys of a random permutation of the global batch in groups, each on its own BatchNorm statistics, so a query and its positive key rarely share them. On several processes (model.sync_bn=false) each process splits its share of the shuffled batch into this many groups (1 = MoCo's _batch_shuffle_ddp); on one process its batch (2 or more, MoCo's SplitBatchNorm demo); 0 = off")
     sync_bn: bool = _f(True, "BN statistics over the global batch with several processes: SyncBatchNorm on GPUs (timm's conversion, which keeps BatchNormAct2d's activation), our GlobalBatchNorm on CPU ranks")
 
 
@@ -378,6 +379,12 @@ def validate(c: Config) -> None:
              f"objective.name=contrastive, bound=infonce, critic=cosine (got {ob.name}, {ob.bound}, {ob.critic})")
     _require(ob.nn_support_size >= 0, "objective.nn_support_size", f"must be >= 0, got {ob.nn_support_size}")
     _require(0 <= m.momentum < 1, "model.momentum", f"must be in [0, 1), got {m.momentum}")
+    _require(m.shuffle_bn >= 0, "model.shuffle_bn", f"must be >= 0 (0 = off), got {m.shuffle_bn}")
+    _require(not m.shuffle_bn or ob.queue_size > 0, "model.shuffle_bn",
+             "shuffles the momentum model's BatchNorm, so it needs the queue: set objective.queue_size, or model.shuffle_bn=0")
+    _require(not m.shuffle_bn or c.optim.batch_size_per_process >= 2 * m.shuffle_bn, "model.shuffle_bn",
+             f"{m.shuffle_bn} groups of optim.batch_size_per_process={c.optim.batch_size_per_process} leave fewer than "
+             "2 images for some group's BatchNorm statistics; use fewer groups")
     _require(c.objective.temperature > 0, "objective.temperature", f"must be > 0, got {c.objective.temperature}")
     _require(r.max_steps >= 0, "run.max_steps", f"must be >= 0, got {r.max_steps}")
     _require(r.log_every >= 1, "run.log_every", f"must be >= 1, got {r.log_every}")

@@ -54,7 +54,7 @@ def train_step(
     views = [v.to(memory_format=fmt) for v in views]
     with accelerator.autocast():
         z, features = model(views, with_features=True) if probe is not None else (model(views), None)
-        keys = key_model(views) if key_model is not None else None
+        keys = key_model(views, step) if key_model is not None else None
     loss, diag = objective(z) if keys is None else objective(z, keys)
     # One collective for both decisions, so every rank takes the same branch (no DDP hang).
     flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(stop_requested)], device=loss.device)

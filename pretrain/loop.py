@@ -50,6 +50,25 @@ class Parts:
     learned_critic: bool
 
 
+def check_shuffle_bn(cfg: Config, processes: int) -> None:
+    """The momentum queue's BatchNorm on ``processes`` ranks: per-rank statistics need MoCo's shuffle, and
+    the shuffle needs statistics it can change (not synced ones, and more than one group)."""
+    m, queue = cfg.model, cfg.objective.queue_size
+    if queue and processes > 1 and not m.sync_bn and not m.shuffle_bn:
+        raise ConfigError(
+            f"bad value for config key 'model.sync_bn': false with objective.queue_size on {processes} processes lets "
+            "each rank's queries find their keys through the rank's own BatchNorm statistics, the failure MoCo "
+            "shuffles BN against (its Sec. 3.3); set model.shuffle_bn=1 (MoCo's shuffling BN) or model.sync_bn=true")
+    if m.shuffle_bn and processes > 1 and m.sync_bn:
+        raise ConfigError(
+            "bad value for config key 'model.shuffle_bn': with model.sync_bn=true every group's BatchNorm statistics "
+            "span the global batch, so shuffling changes nothing; set model.sync_bn=false (MoCo's setup) or "
+            "model.shuffle_bn=0")
+    if m.shuffle_bn == 1 and processes == 1:
+        raise ConfigError("bad value for config key 'model.shuffle_bn': 1 group on one process is the batch itself, "
+                          "with the queries' statistics; give 2 or more groups (MoCo's demo splits BN into 8)")
+
+
 def build_parts(cfg: Config, data: TrainData, accelerator: Accelerator) -> Parts:
     """Model (one encoder per view or shared, heads), objective, the online probe; MoCo's key model is
     copied once DDP has synchronised the model (:func:`build_optimizer`)."""
@@ -62,11 +81,7 @@ def build_parts(cfg: Config, data: TrainData, accelerator: Accelerator) -> Parts
         model = MultiViewModel(cfg.model, views, len(views))
     sizes = [v.size for v in cfg.data.views for _ in range(2 if data.lab else 1)]  # Lab: an L and an ab view each
     check_takes_views(model, cfg.model.arch, list(zip(views, sizes)))
-    if cfg.objective.queue_size and not cfg.model.sync_bn and accelerator.num_processes > 1:
-        raise ConfigError(
-            "bad value for config key 'model.sync_bn': false with objective.queue_size on "
-            f"{accelerator.num_processes} processes lets each rank's queries find their keys through the rank's own "
-            "BatchNorm statistics, the failure MoCo shuffles BN against (its Sec. 3.3); set model.sync_bn=true")
+    check_shuffle_bn(cfg, accelerator.num_processes)
     if cfg.model.sync_bn and accelerator.num_processes > 1:
         # Per-rank BN statistics let a contrastive model find its positives through batch statistics,
         # and make W ranks differ from one process with the W*B batch.
@@ -105,7 +120,8 @@ def build_optimizer(cfg: Config, parts: Parts, accelerator: Accelerator, steps_p
         # MoCo's key encoder and head: an EMA copy of the online model, never DDP-wrapped (no gradient). Copied
         # from the model DDP has just synchronised, as DINO's teacher loads student.module: a copy taken before
         # the wrap would hold each rank's own seed's weights and fill the queue with other networks' keys.
-        parts.key_model = MomentumKeys(accelerator.unwrap_model(parts.model), cfg.model.momentum).to(accelerator.device)
+        parts.key_model = MomentumKeys(accelerator.unwrap_model(parts.model), cfg.model.momentum, cfg.model.shuffle_bn,
+                                       cfg.run.seed).to(accelerator.device)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched="cosine", num_epochs=cfg.optim.epochs, warmup_epochs=cfg.optim.warmup_epochs,
         updates_per_epoch=steps_per_epoch, min_lr=cfg.optim.min_lr, warmup_lr=0.0, step_on_epochs=False,

@@ -11,31 +11,43 @@ With the queue the contrastive objective scores each query against the W*B gathe
 the momentum model plus the filled part of the queue: K = W*B + filled candidates, the positive at
 ``rank*B + i``. Only queries carry gradient. The export is the online (query) encoder.
 
-MoCo shuffles BatchNorm across GPUs because its only in-batch candidate is the positive, which BN
-statistics could single out. Here every batch key is a candidate (positive or negative), and on
-several processes ``model.sync_bn`` computes statistics over the global batch, so we do not shuffle.
+BatchNorm leaks: queries, their positives and the batch's other keys share the current batch's
+statistics, the queue's keys older ones, so the model can tell "this batch" from "the queue" (MoCo
+Sec. 3.3). ``model.shuffle_bn`` is MoCo's cure, shuffling BN (:func:`shuffled_keys`): the keys of a
+random permutation of the global batch, computed in groups with their own statistics. Without it, on
+several processes ``model.sync_bn`` computes statistics over the global batch (so at least no rank's
+queries find their keys by their rank's statistics), and ``monitor/neg_score_batch`` against
+``monitor/neg_score_queue`` shows what leak is left.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
+
+from pretrain.distributed import gather, own_rows, rank, world_size
 
 
 class MomentumKeys(nn.Module):
     """An EMA copy of the online model that maps V views to V key embeddings (B x D each), no gradient."""
 
-    def __init__(self, online: nn.Module, momentum: float) -> None:
+    def __init__(self, online: nn.Module, momentum: float, shuffle_groups: int = 0, seed: int = 0) -> None:
         super().__init__()
         self.model = copy.deepcopy(online).requires_grad_(False)
-        self.momentum = momentum
+        self.momentum, self.shuffle_groups, self.seed = momentum, shuffle_groups, seed
 
     @torch.no_grad()
-    def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], step: int = 0) -> list[torch.Tensor]:
+        """V views (B x C x H x W each, this rank's) -> V keys (B x D); with ``shuffle_groups`` through
+        :func:`shuffled_keys`, its permutation a function of (seed, step), so a resumed run draws it again."""
         self.model.train()
-        return self.model(views)
+        if not self.shuffle_groups:
+            return self.model(views)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return shuffled_keys(self.model, views, self.shuffle_groups, g)
 
     @torch.no_grad()
     def update(self, online: nn.Module) -> None:
@@ -43,6 +55,25 @@ class MomentumKeys(nn.Module):
         keys = [p for p in self.model.parameters()]
         queries = [p.detach() for p in online.parameters()]
         torch._foreach_lerp_(keys, queries, 1.0 - self.momentum)
+
+
+def shuffled_keys(model: Callable[[list[torch.Tensor]], list[torch.Tensor]], views: list[torch.Tensor], groups: int,
+                  g: torch.Generator) -> list[torch.Tensor]:
+    """MoCo's shuffling BN (its ``_batch_shuffle_ddp``, and on one process its SplitBatchNorm demo): the
+    global batch (W*B images per view) in a random order ``g`` draws alike on every rank; each rank takes
+    its B of that order, computes their keys in ``groups`` groups, each on its own BatchNorm statistics,
+    and gets back the keys of its own rows. A query and its positive key then rarely share statistics.
+
+    views: V x (B x C x H x W), this rank's; returns V x (B x D) in the views' row order."""
+    b, device = views[0].shape[0], views[0].device
+    images = [gather(v) for v in views]  # V x (W*B x C x H x W)
+    order = torch.randperm(world_size() * b, generator=g).to(device)
+    share = order[rank() * b: (rank() + 1) * b]
+    computed = [model([v[rows] for v in images]) for rows in share.chunk(groups)]  # per group: V x (rows x D)
+    keys = [gather(torch.cat(per_view)) for per_view in zip(*computed)]  # V x (W*B x D): key j is of row order[j]
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(order), device=device)  # where each global row's key landed
+    return [k[position[own_rows(b, device)]] for k in keys]
 
 
 class KeyQueue(nn.Module):

@@ -102,6 +102,9 @@ def test_renamed_eval_keys_name_their_new_name_also_in_a_file(tmp_path, old: str
         (["monitor.knn_queries=0"], "'monitor.knn_queries': must be >= 1 while the monitor is on"),
         (["objective.name=dim", "objective.local_stages=[9,10]"], "'objective.local_stages': [10] is out of range"),
         (["model.head_dims=[64"], "override 'model.head_dims=[64': the value is not valid YAML"),
+        (["model.shuffle_bn=2"], "'model.shuffle_bn': shuffles the momentum model's BatchNorm, so it needs the queue"),
+        (["objective.queue_size=8", "model.shuffle_bn=1"], "'model.shuffle_bn': 1 group on one process is the batch"),
+        (["monitor.expect_eval=nowhere.yaml"], "'monitor.expect_eval': config file 'nowhere.yaml' not found"),
     ],
 )
 def test_cli_errors_are_one_line_before_training(overrides: list[str], needle: str, run_dir: Path) -> None:

@@ -266,6 +266,60 @@ def test_queue_wraps_around_keeping_the_newest_keys() -> None:
     assert int(q.filled) == 5
 
 
+class _ViewsBN(nn.Module):
+    """tiny_bn_model on each view of a list, as the pipeline's multi-view model maps views to embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_bn_model()
+
+    def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.net(v) for v in views]
+
+
+def test_shuffled_bn_computes_each_keys_group_on_its_own_statistics() -> None:
+    """Issue 26.3, one process (MoCo's SplitBatchNorm demo): the keys of a random permutation of the batch,
+    each group's BatchNorm on its own statistics, come back in the batch's order; a query's positive key is
+    not normalised with the statistics of the whole batch it was computed in."""
+    from pretrain.momentum import MomentumKeys
+
+    views = global_batch()  # 2 views of 8
+    keys = MomentumKeys(_ViewsBN(), 0.99, shuffle_groups=2, seed=3)
+    got = keys(views, step=5)
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(3 * 1_000_003 + 5))
+    net = copy.deepcopy(keys.model.net).train()
+    for rows in order.chunk(2):
+        for v in range(2):
+            assert torch.allclose(got[v][rows], net(views[v][rows]), rtol=0, atol=1e-12)
+    plain = MomentumKeys(_ViewsBN(), 0.99)(views)
+    assert not torch.allclose(got[0], plain[0], atol=1e-3)  # the whole batch's statistics differ from a group's
+    assert torch.equal(keys(views, step=5)[1], got[1]) and not torch.equal(keys(views, step=6)[1], got[1])
+
+
+def _shuffled_bn_worker(rank: int, tmp: str) -> None:
+    from pretrain.momentum import MomentumKeys
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+    local = [v[rank * B : (rank + 1) * B] for v in global_batch()]
+    torch.save(MomentumKeys(_ViewsBN(), 0.99, shuffle_groups=1, seed=3)(local, step=5), f"{tmp}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_shuffled_bn_over_two_ranks_is_mocos_batch_shuffle(tmp_path: Path) -> None:
+    """MoCo's _batch_shuffle_ddp: 2 ranks of B, each computing its share of the shuffled global batch on its
+    own BatchNorm, return for their own rows exactly the keys of one process splitting the 2B batch into 2
+    groups of the same order."""
+    from pretrain.momentum import MomentumKeys
+
+    one = MomentumKeys(_ViewsBN(), 0.99, shuffle_groups=WORLD, seed=3)(global_batch(), step=5)
+    spawn_ranks(_shuffled_bn_worker, tmp_path, nprocs=WORLD)
+    for r in range(WORLD):
+        ranks = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        for v in range(2):
+            assert torch.allclose(ranks[v], one[v][r * B : (r + 1) * B], rtol=0, atol=1e-12)
+
+
 def _key_model_worker(rank: int, tmp: str, port: int) -> None:
     import os
 

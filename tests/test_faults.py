@@ -99,9 +99,9 @@ def test_resuming_under_another_world_size_is_refused_naming_both(run_dir: Path)
     assert snapshot(run_dir) == before
 
 
-def test_the_queue_without_synchronised_batchnorm_on_several_ranks_is_refused(run_dir: Path) -> None:
+def test_the_queue_without_synchronised_batchnorm_on_several_ranks_is_refused_unless_shuffled(run_dir: Path) -> None:
     """Issue 26.3: with per-rank BatchNorm a rank's queries find their keys through its own batch statistics,
-    MoCo's failure without shuffled BN; it is refused before any step."""
+    MoCo's failure without shuffled BN; it is refused before any step, and runs with MoCo's shuffling BN."""
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -111,6 +111,9 @@ def test_the_queue_without_synchronised_batchnorm_on_several_ranks_is_refused(ru
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
     assert "'model.sync_bn': false with objective.queue_size on 2 processes" in errors.pop()
     assert not (run_dir / "checkpoints").exists()
+    proc = run_main(f"run.dir={run_dir}", "run.max_steps=2", "objective.queue_size=32", "model.sync_bn=false",
+                    "model.shuffle_bn=1", *FAST, launcher=launcher)
+    assert "infomax pretraining finished: step 2/" in proc.stdout, proc.stdout[-2000:]
 
 
 def test_foreign_directory_is_refused_and_left_alone(tmp_path: Path) -> None:
