@@ -25,25 +25,47 @@ from torch import nn
 from pretrain.distributed import gather, is_distributed, world_size
 
 
-def _split(S: torch.Tensor, positives: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positive scores, negative scores), each flattened, of a B x K score matrix.
+def _positive_mask(S: torch.Tensor, positives: torch.Tensor | None) -> torch.Tensor:
+    """B x K bool, True at the positive scores of a B x K score matrix.
 
     ``positives`` gives each row's positive column (B indices); None means the diagonal of a square
     matrix. A B x K boolean mask instead marks several positives per row (Deep InfoMax's form: every
     location of the query's own image), and the bounds that are means over the two sets (NWJ, DV,
-    JS, SMILE, TUBA, MINE) take it as they are; InfoNCE needs one positive per row.
+    JS, SMILE, TUBA, MINE) take it as it is; InfoNCE needs one positive per row.
+
+    The bounds below take means over the mask instead of indexing with it: a boolean index asks the
+    GPU how many entries it selects, a host sync every step; a comparison, a fill and a sum do not.
     """
     if positives is not None and positives.dtype == torch.bool:
-        return S[positives], S[~positives]
+        return positives
     if positives is None:
         positives = torch.arange(S.shape[0], device=S.device)
-    mask = torch.zeros_like(S, dtype=torch.bool)
-    mask[torch.arange(S.shape[0], device=S.device), positives] = True
-    return S[mask], S[~mask]
+    return positives[:, None] == torch.arange(S.shape[1], device=S.device)
 
 
-def _log_mean_exp(v: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(v, dim=0) - math.log(v.numel())
+def _positive_mean(v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The mean of ``v`` over the positives ``pos`` marks (the count stays on the device)."""
+    return v.masked_fill(~pos, 0.0).sum() / pos.sum()
+
+
+def _negatives(S: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """S with the positives at -inf, where e^S and softplus(S) vanish and carry no gradient (filled
+    before the exp, so an overflowing positive cannot turn the gradient into NaN)."""
+    return S.masked_fill(pos, float("-inf"))
+
+
+def _count_negatives(pos: torch.Tensor) -> torch.Tensor:
+    return pos.numel() - pos.sum()
+
+
+def _log_mean_exp(v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """log of the mean of e^v over the negatives (the entries ``pos`` does not mark)."""
+    return torch.logsumexp(_negatives(v, pos).flatten(), dim=0) - _count_negatives(pos).to(v.dtype).log()
+
+
+def _exp_mean(v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The mean of e^v over the negatives."""
+    return _negatives(v, pos).exp().sum() / _count_negatives(pos)
 
 
 def infonce_per_query(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -80,7 +102,7 @@ def debiased_infonce_per_query(scores: torch.Tensor, positives: torch.Tensor, ta
     """
     k = scores.shape[1]
     pos = scores.gather(1, positives[:, None]).squeeze(1)
-    own = F.one_hot(positives, k).bool()
+    own = positives[:, None] == torch.arange(k, device=scores.device)  # not one_hot, which checks its input on the host
     neg_lse = torch.logsumexp(scores.masked_fill(own, float("-inf")), dim=1)  # log sum_j e^{S_ij}, j negative
     m = k - 1
     # log(sum - m tau e^pos) = lse + log(1 - m tau e^{pos - lse}); the clamp only guards the log where the floor wins
@@ -100,20 +122,20 @@ def infonce(S: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Ten
 def tuba(S: torch.Tensor, log_a: torch.Tensor | float = 0.0, positives: torch.Tensor | None = None) -> torch.Tensor:
     """TUBA with baseline a(y_i) = e^{log_a[i]} (scalar or per row): 1 + E_p[S - log a] - E_q[e^{S - log a}]."""
     log_a = torch.as_tensor(log_a, dtype=S.dtype, device=S.device).expand(S.shape[0])
-    pos, neg = _split(S - log_a[:, None], positives)
-    return 1.0 + pos.mean() - neg.exp().mean()
+    pos, shifted = _positive_mask(S, positives), S - log_a[:, None]
+    return 1.0 + _positive_mean(shifted, pos) - _exp_mean(shifted, pos)
 
 
 def nwj(S: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
     """NWJ (f-divergence / MINE-f): E_p[S] - e^{-1} E_q[e^S]; equals tuba(S - 1)."""
-    pos, neg = _split(S, positives)
-    return pos.mean() - (neg - 1.0).exp().mean()
+    pos = _positive_mask(S, positives)
+    return _positive_mean(S, pos) - _exp_mean(S - 1.0, pos)
 
 
 def dv(S: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
     """Donsker-Varadhan: E_p[S] - log E_q[e^S], with a stable log-mean-exp."""
-    pos, neg = _split(S, positives)
-    return pos.mean() - _log_mean_exp(neg)
+    pos = _positive_mask(S, positives)
+    return _positive_mean(S, pos) - _log_mean_exp(S, pos)
 
 
 def js_objective(S: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,8 +143,8 @@ def js_objective(S: torch.Tensor, positives: torch.Tensor | None = None) -> torc
 
     Not an MI bound itself (it bounds a JS divergence); see :func:`js` for the MI readout.
     """
-    pos, neg = _split(S, positives)
-    return -F.softplus(-pos).mean() - F.softplus(neg).mean()
+    pos = _positive_mask(S, positives)
+    return -_positive_mean(F.softplus(-S), pos) - F.softplus(_negatives(S, pos)).sum() / _count_negatives(pos)
 
 
 def js(S: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,9 +165,9 @@ def smile(S: torch.Tensor, tau: float, positives: torch.Tensor | None = None) ->
 
     tau = inf gives DV's value. Smaller tau lowers the variance and adds bias.
     """
-    pos, neg = _split(S, positives)
-    clipped = neg if math.isinf(tau) else neg.clamp(-tau, tau)
-    value = pos.mean() - _log_mean_exp(clipped)
+    pos = _positive_mask(S, positives)
+    clipped = S if math.isinf(tau) else S.clamp(-tau, tau)
+    value = _positive_mean(S, pos) - _log_mean_exp(clipped, pos)
     objective = js_objective(S, positives)
     return objective + (value - objective).detach()
 
@@ -164,21 +186,19 @@ class MINE(nn.Module):
         self.register_buffer("log_ema", torch.tensor(float("nan"), dtype=torch.float64))
 
     def forward(self, S: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
-        pos, neg = _split(S, positives)
-        log_m = _log_mean_exp(neg)  # log E_q[e^S] on this batch
+        pos = _positive_mask(S, positives)
+        log_m = _log_mean_exp(S, pos)  # log E_q[e^S] on this batch
         with torch.no_grad():
             # The EMA follows the global batch's E_q[e^S] (ranks hold equally many negatives), so every rank keeps
             # the same one, as one process with the whole batch would, and a checkpoint of rank 0's resumes them all.
             lm = log_m.detach().to(self.log_ema.dtype)
             if is_distributed():
                 lm = torch.logsumexp(gather(lm[None]), 0) - math.log(world_size())
-            if torch.isnan(self.log_ema):
-                self.log_ema.copy_(lm)
-            else:
-                self.log_ema.copy_(torch.logaddexp(self.log_ema + math.log1p(-self.ema_rate), lm + math.log(self.ema_rate)))
+            moved = torch.logaddexp(self.log_ema + math.log1p(-self.ema_rate), lm + math.log(self.ema_rate))
+            self.log_ema.copy_(torch.where(torch.isnan(self.log_ema), lm, moved))  # the first batch starts it (no host sync)
         # Surrogate whose gradient is grad E_p[S] - grad E_q[e^S] / EMA.
-        surrogate = pos.mean() - (log_m - self.log_ema.to(S.dtype)).exp()
-        value = pos.mean() - log_m
+        surrogate = _positive_mean(S, pos) - (log_m - self.log_ema.to(S.dtype)).exp()
+        value = _positive_mean(S, pos) - log_m
         return surrogate + (value - surrogate).detach()
 
 

@@ -57,8 +57,9 @@ def train_step(
         keys = key_model(views, step) if key_model is not None else None
     loss, diag = objective(z) if keys is None else objective(z, keys)
     # One collective for both decisions, so every rank takes the same branch (no DDP hang).
-    flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(stop_requested)], device=loss.device)
-    nonfinite, stop = (bool(f) for f in all_reduce_max_(flags))
+    # Built on the device and read once: the step's one host sync, which deciding to skip or stop needs.
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), torch.tensor(float(stop_requested), device=loss.device)])
+    nonfinite, stop = (bool(f) for f in all_reduce_max_(flags).tolist())
     if nonfinite:
         optimizer.zero_grad(set_to_none=True)
         if not skip_nonfinite:

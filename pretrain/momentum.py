@@ -89,9 +89,14 @@ class KeyQueue(nn.Module):
         self.register_buffer("queue", torch.zeros(num_views, size, dim))
         self.register_buffer("position", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self.filled_now = 0  # ``filled`` on the host, so that reading the queue asks the GPU nothing
 
     def keys(self, view: int) -> torch.Tensor:
-        return self.queue[view, : int(self.filled)]
+        return self.queue[view, : self.filled_now]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.filled_now = int(self.filled)  # once, at a resume
 
     @torch.no_grad()
     def push(self, keys: list[torch.Tensor]) -> None:
@@ -102,3 +107,4 @@ class KeyQueue(nn.Module):
             self.queue[v, rows[-self.size:]] = k[-self.size:].to(self.queue.dtype)
         self.position.copy_((self.position + n) % self.size)
         self.filled.copy_(torch.clamp(self.filled + n, max=self.size))
+        self.filled_now = min(self.filled_now + n, self.size)

@@ -124,22 +124,21 @@ class ContrastiveObjective(nn.Module):
                 candidates = batch_keys[c] if self.queue is None else torch.cat([batch_keys[c], self.queue.keys(c)])
                 scores = self.critic(queries[a], candidates)  # B x K: view-a queries against view-c keys (+ queue)
                 if self.intra_view_negatives:  # SimCLR's NT-Xent: view a's other images are negatives too
-                    own = F.one_hot(positives, batch_keys[a].shape[0]).bool()  # the query itself: no candidate
-                    same = self.critic(q[a], batch_keys[a])[~own].view(b, -1)  # B x (W*B - 1)
+                    same = without_own_column(self.critic(q[a], batch_keys[a]), positives)  # B x (W*B - 1)
                     scores = torch.cat([scores, same], dim=1)
                 bound = self.mine[pair] if self.mine is not None else self._fn
                 values.append(bound(scores, positives=positives))
                 if self.debias_tau_plus:
                     trained.append(bounds.debiased_infonce_per_query(
                         scores, positives, self.debias_tau_plus, self.min_score).mean())
-                with torch.no_grad():
-                    mask = F.one_hot(positives, scores.shape[1]).bool()
-                    pos.append(scores[mask].mean())
-                    neg.append(scores[~mask].mean())
+                with torch.no_grad():  # sums and gathers, no boolean indexing: no host sync (issue 25.7)
+                    positive = scores.gather(1, positives[:, None])  # B x 1
+                    pos.append(positive.mean())
+                    neg.append((scores.sum() - positive.sum()) / (scores.numel() - b))
                     top1.append((scores.argmax(1) == positives).float().mean())
                     if self.queue is not None:
                         n = batch_keys[c].shape[0]  # the batch's keys first, then the filled queue
-                        neg_batch.append(scores[:, :n][~mask[:, :n]].mean())
+                        neg_batch.append((scores[:, :n].sum() - positive.sum()) / (b * (n - 1)))
                         if scores.shape[1] > n:
                             neg_queue.append(scores[:, n:].mean())
                         mi_batch.append(bounds.infonce(scores[:, :n], positives=positives))
@@ -166,6 +165,13 @@ class ContrastiveObjective(nn.Module):
         return loss, diag
 
 
+def without_own_column(scores: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """B x N scores -> B x (N - 1): each row without its column ``own[i]``, by a gather (a boolean index
+    would ask the GPU for its size, a host sync)."""
+    cols = torch.arange(scores.shape[1] - 1, device=scores.device)[None]  # 1 x (N - 1)
+    return scores.gather(1, cols + (cols >= own[:, None]))
+
+
 def multi_positive_nce(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
                        tclip: float | None, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """NCE of query vectors against *all positions* of gathered local maps (AMDIM; DIM's ``nce_loss``).
@@ -187,9 +193,8 @@ def multi_positive_nce(queries: torch.Tensor, keys: torch.Tensor, positives: tor
     scores = raw if tclip is None else tclip * torch.tanh(raw / tclip)
     rows = torch.arange(len(queries), device=queries.device)
     pos = scores[rows, positives]  # Q x N
-    neg_mask = torch.ones_like(scores[:, :, 0], dtype=torch.bool)
-    neg_mask[rows, positives] = False
-    neg_lse = torch.logsumexp(scores[neg_mask].view(len(queries), (k - 1) * n), dim=1)  # Q
+    own = positives[:, None] == torch.arange(k, device=queries.device)  # Q x K; a fill, not a boolean index: no host sync
+    neg_lse = torch.logsumexp(scores.masked_fill(own[:, :, None], float("-inf")).flatten(1), dim=1)  # Q
     loss = -(pos - torch.logaddexp(pos, neg_lse[:, None])).mean()
     return loss, math.log(1 + (k - 1) * n) - loss.detach(), (raw**2).mean()
 
@@ -264,7 +269,7 @@ class DIMObjective(nn.Module):
                     values.append(math.log(1 + (k - 1) * n) - nce)
                 else:
                     scores = torch.einsum("bd,knd->bkn", g, keys).reshape(b, k * n)  # columns j * N + m
-                    mask = F.one_hot(positives, k).bool().repeat_interleave(n, dim=1)  # B x (K N)
+                    mask = (positives[:, None] == torch.arange(k, device=g.device)).repeat_interleave(n, dim=1)  # B x (K N)
                     values.append(self._fn(scores, positives=mask))
             mi = torch.stack(values).mean()
             log_k = math.log(1 + (k - 1) * n)  # candidates per positive: itself and every other image's positions

@@ -144,3 +144,66 @@ def test_the_queue_logs_its_negatives_apart_from_the_batch_and_the_bound_over_fr
     fresh = [infonce_bound(z[a] @ z[c].T / 0.5, positives=torch.arange(4)) for a, c in objective.pairs]
     assert torch.allclose(diag["monitor/mi_batch_keys"], torch.stack(fresh).mean(), atol=1e-5)
     assert torch.allclose(first["mi"], diag["monitor/mi_batch_keys"], atol=1e-5)  # with no queue they agree
+
+
+class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that make a GPU wait until the host has read a value back: ``.item()``, ``bool()``
+    and ``int()`` of a tensor (aten._local_scalar_dense, is_nonzero), nonzero, masked_select, and
+    indexing or assigning with a boolean mask (which must count its entries first). Seen on the CPU,
+    they are the same ops that stall a GPU's queue every step (issue 25.7)."""
+
+    SYNCING = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "item"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        boolean_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
+        if name in self.SYNCING or boolean_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("settings", [
+    {"bound": "infonce"}, {"bound": "nwj"}, {"bound": "dv"}, {"bound": "js"}, {"bound": "smile"}, {"bound": "mine"},
+    {"bound": "infonce", "intra_view_negatives": True}, {"bound": "infonce", "debias_tau_plus": 0.1},
+    {"bound": "infonce", "queue_size": 16}, {"bound": "infonce", "nn_support_size": 16},
+], ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_a_training_step_of_the_objective_asks_the_device_nothing(settings: dict) -> None:
+    """Forward, backward and the queue's push read no value back to the host: the diagnostics are sums
+    and gathers, not boolean indexing; MINE's first-batch start is a torch.where; the queue's fill level
+    is kept on the host. The detector itself is checked on a boolean index and an .item()."""
+    objective = ContrastiveObjective(temperature=0.2, dim=8, **settings)
+    g = torch.Generator().manual_seed(0)
+    z = [torch.randn(6, 8, generator=g, requires_grad=True) for _ in range(2)]
+    keys = [torch.randn(6, 8, generator=g) for _ in range(2)] if settings.get("queue_size") else None
+    for step in range(2):  # the second step scores against the filled queue and moves MINE's average
+        with HostSyncs() as syncs:
+            loss, diag = objective(z) if keys is None else objective(z, keys)
+            loss.backward()
+            objective.enqueue_pending()
+        assert syncs.seen == [], (step, syncs.seen)
+    if keys is not None:
+        assert diag["log_k"] > math.log(6) and objective.queue.keys(0).shape[0] == 12
+    with HostSyncs() as syncs:
+        x = torch.randn(4)
+        x[x > 0].sum().item()
+    assert "index" in syncs.seen and "_local_scalar_dense" in syncs.seen
+
+
+def test_deep_infomax_scores_ask_the_device_nothing() -> None:
+    """AMDIM's multi-positive NCE and DIM's mask of positive positions, forward and backward."""
+    from pretrain import bounds
+    from pretrain.objectives import multi_positive_nce
+
+    g = torch.Generator().manual_seed(1)
+    queries, local = torch.randn(4, 8, generator=g, requires_grad=True), torch.randn(4, 5, 8, generator=g)
+    with HostSyncs() as syncs:
+        loss, _, _ = multi_positive_nce(queries, local, torch.arange(4), tclip=20.0)
+        scores = torch.einsum("bd,knd->bkn", queries, local).reshape(4, 20)
+        mask = (torch.arange(4)[:, None] == torch.arange(4)).repeat_interleave(5, dim=1)
+        (loss - bounds.js(scores, positives=mask) - bounds.dv(scores, positives=mask)).backward()
+    assert syncs.seen == []
