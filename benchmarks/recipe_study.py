@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # for the annotation only; recipe_fields imports the config where it reads one
-    from pretrain.config import ViewConfig
+if TYPE_CHECKING:  # for the annotations only; study_row imports the config where it reads one
+    from pretrain.config import Config, ViewConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "out" / "recipe_study.jsonl"
@@ -46,6 +46,8 @@ def run(cmd: list[str]) -> None:
 
 
 def study_row(name: str, overrides: list[str], config: str, holdout: int) -> dict:
+    from pretrain.config import from_yaml
+
     run_dir = REPO / "runs" / "study" / name
     t0 = time.perf_counter()
     if not (run_dir / "export" / "config.json").is_file():  # a finished pretraining (and its eval) is reused
@@ -61,25 +63,21 @@ def study_row(name: str, overrides: list[str], config: str, holdout: int) -> dic
     report_json = json.loads(report.read_text())
     ours = report_json["rows"][0]
     epochs = summary.get("epochs_trained", summary["epochs_completed"])  # runs before fractional epochs: whole ones
-    row = {"recipe": recipe_fields(run_dir / "config.yaml"),
+    config_used = from_yaml((run_dir / "config.yaml").read_text().split("\n", 1)[1])  # first line: the git revision
+    row = {"recipe": recipe_fields(config_used),
         "name": name, "config": config, "overrides": overrides, "date": time.strftime("%Y-%m-%d"),
         "epochs": epochs, "steps": summary["steps"], "seconds_per_epoch": round(summary["seconds_this_run"] / epochs, 1),
         "pretrain_wall_s": round(pretrain_s, 1) if pretrain_s > 60 else None, "knn_monitor_top1": summary["knn_top1"],
         "probe_top1": ours["top1"], "knn20_top1": ours["knn"]["20"], "loss": summary["final_loss"],
         "mi_estimate_nats": summary.get("mi_estimate_nats"), "log_k": summary.get("log_k"),
-        "skipped_steps": summary.get("skipped_steps", 0), "seed": seed_of(run_dir / "config.yaml"),
+        "skipped_steps": summary.get("skipped_steps", 0), "seed": config_used.run.seed,
         "probe_protocol": report_json["protocol"], "scored_on": "validation" if holdout else "test",
+        "machine": summary.get("machine"),  # the CPU seconds_per_epoch was measured on
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with open(RESULTS, "a") as f:
         f.write(json.dumps(row) + "\n")
     return row
-
-
-def seed_of(config_yaml: Path) -> int:
-    from pretrain.config import from_yaml
-
-    return from_yaml(config_yaml.read_text().split("\n", 1)[1]).run.seed
 
 
 def evaluate(run_dir: Path, eval_dir: Path, holdout: int) -> None:
@@ -98,16 +96,14 @@ def view_text(v: ViewConfig) -> str:
             f"(b {v.brightness:g}, c {v.contrast:g}{extra}){blur}{solarize}")
 
 
-def recipe_fields(config_yaml: Path) -> dict[str, str]:
+def recipe_fields(c: Config) -> dict[str, str]:
     """The study table's columns, read from a run's resolved config."""
-    from pretrain.config import from_yaml
-
-    c = from_yaml(config_yaml.read_text().split("\n", 1)[1])  # first line: the git revision
     m, (v, *others), o = c.model, c.data.views, c.optim
     stem = f"3x3 s{m.stem_stride} stem" if m.small_input else "timm stem"
     ob, b = c.objective, o.batch_size_per_process
     if ob.queue_size:
-        negatives = f"{b - 1} batch + {ob.queue_size} queue (m={m.momentum})"
+        negatives = f"{b - 1} batch + {ob.queue_size} queue (m={m.momentum}" + (
+            f", shuffled BN x {m.shuffle_bn})" if m.shuffle_bn else ")")
     elif ob.intra_view_negatives:
         negatives = f"{2 * b - 2} batch, both views"
     else:
@@ -136,6 +132,7 @@ def objective_text(c) -> str:
     variant = ("NT-Xent, " if ob.intra_view_negatives else "") + (
         f"debiased (tau+ {ob.debias_tau_plus:g}), " if ob.debias_tau_plus else "") + (
         f"MoCo queue {ob.queue_size} (m={c.model.momentum:g}), " if ob.queue_size else "") + (
+        f"shuffled BN in {c.model.shuffle_bn} groups, " if c.model.shuffle_bn else "") + (
         f"tau {ob.smile_tau:g}, " if ob.bound == "smile" else "")
     return f"{ob.name} {ob.bound}" + (f" ({variant[:-2]})" if variant else "")
 
@@ -181,8 +178,10 @@ def bounds_table() -> str:
         return mean + (f" ({', '.join(format(v, spec) for v in values)})" if len(values) > 1 else "")
 
     lines = ["| objective and bound | seeds | validation probe | validation kNN k=20 | final MI estimate (nats) "
-             "| its ceiling | s/epoch | diverged | command |", "|---" * 9 + "|"]
+             "| its ceiling | s/epoch (seed 0) | diverged | command |", "|---" * 9 + "|"]
     for objective, rows in sorted(groups.items(), key=lambda g: g[0] != "contrastive infonce"):  # the demo's first
+        rows.sort(key=lambda r: r["seed"])
+        first = rows[0]  # its time: the seeds' rows ran on different days, machines and loads, so they are not pooled
         ceiling = f"log K = {rows[0]['log_k']:.2f}" if rows[0]["recipe"]["bound"] == "infonce" else "none"
         if "queue" in objective:
             ceiling += " (over stale queue keys: no lower bound)"
@@ -193,7 +192,7 @@ def bounds_table() -> str:
         lines.append(f"| {objective} | {', '.join(str(r['seed']) for r in rows)} | {each(rows, lambda r: 100 * r['probe_top1'])} "
                      f"| {each(rows, lambda r: 100 * r['knn20_top1'])} | "
                      f"{each(mi, lambda r: r['mi_estimate_nats']) if mi else '–'} | {ceiling} | "
-                     f"{each(rows, lambda r: r['seconds_per_epoch'], '.0f')} | {diverged} | {command} |")
+                     f"{first['seconds_per_epoch']:.0f} | {diverged} | {command} |")
     return "\n".join(lines)
 
 
