@@ -57,10 +57,13 @@ baselines-encoder: setup
 	$(PY) eval/main.py --config configs/probe_fmnist.yaml weights=runs/fmnist_cpu/export store_baselines=true \
 	  baselines.alexnet_supervised=false random_init=false raw_pixels=false out=runs/fmnist_cpu/baselines
 
+# Both lint first (ruff: pyflakes, isort, bugbear, line length; settings in pyproject.toml).
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not gpu" --durations=25
 
 test-fast: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
 clean:

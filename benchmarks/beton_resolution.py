@@ -70,7 +70,8 @@ def main() -> None:
             runs[res].append((wall, per_cpu))
     print(f"{args.images} JPEGs 500 x 375, proportion mode (compress probability 0.5, quality 90), two 224 px views, "
           f"batch {args.batch}, {args.workers} FFCV threads, median of {args.rounds} interleaved epochs")
-    print("| --max-resolution | stored as | MiB per 1000 images | images/s | images per CPU-second |\n|---|---|---|---|---|")
+    print("| --max-resolution | stored as | MiB per 1000 images | images/s | images per CPU-second "
+          "|\n|---|---|---|---|---|")
     for res, r in runs.items():
         stored = "500 x 375 (as is)" if res >= 500 else f"{res} x {round(375 * res / 500)}"
         print(f"| {res} | {stored} | {sizes[res]:.1f} | {statistics.median(w for w, _ in r):.0f} | "

@@ -88,7 +88,8 @@ def main() -> None:
         for name, s in setups.items():
             times[name].append(step_seconds(s.model, s.objective, s.opt, views, args.steps, s.bf16))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-    print("| recipe | ms/step (median) | images/s | s per 60k epoch | params (M, encoder + head) |\n|---|---|---|---|---|")
+    print("| recipe | ms/step (median) | images/s | s per 60k epoch | params (M, encoder + head) "
+          "|\n|---|---|---|---|---|")
     for name, ts in times.items():
         med = statistics.median(ts)
         params = sum(p.numel() for p in setups[name].opt.param_groups[0]["params"]) / 1e6

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from eval.probe import loss_and_grad
 from pretrain.config import load_config
 from pretrain.data.datasets import Subset, open_dataset
 from pretrain.features import ImageListDataset, extract_features
 from pretrain.knn import knn_predict_many
 from pretrain.models import encoder_from_config
-from eval.probe import loss_and_grad
 
 
 def autograd_loss_and_grad(model: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, weight_decay: float) -> torch.Tensor:

@@ -67,7 +67,7 @@ def main() -> None:
             recompute_batchnorm(encoder, spaced_subset(views[0], n_bn), accelerator, cfg.batch_size_per_process)
         (x, y), (tx, ty) = (extract_features(encoder, v, accelerator, cfg.batch_size_per_process) for v in views)
 
-        def knn(a: torch.Tensor, b: torch.Tensor) -> float:
+        def knn(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor = y, ty: torch.Tensor = ty) -> float:
             return 100 * (knn_predict_many(a, y, b, [k], t, train.num_classes)[k] == ty).float().mean().item()
 
         mean, std = x.mean(0), x.std(0) + 1e-6
@@ -75,7 +75,8 @@ def main() -> None:
         share = (ev / ev.sum())[:3].tolist()
         print(f"{name}: kNN k={k} {knn(x, tx):.2f} | centred {knn(x - mean, tx - mean):.2f} | standardised "
               f"{knn((x - mean) / std, (tx - mean) / std):.2f} | variance in the top 3 directions "
-              f"{', '.join(f'{100 * s:.1f}%' for s in share)} | effective rank {(ev.sum() ** 2 / (ev ** 2).sum()).item():.1f} "
+              f"{', '.join(f'{100 * s:.1f}%' for s in share)} | effective rank "
+              f"{(ev.sum() ** 2 / (ev ** 2).sum()).item():.1f} "
               f"of {x.shape[1]}", flush=True)
 
 

@@ -88,7 +88,8 @@ def main() -> None:
           f"{WORLD} gloo ranks, {args.rounds} rounds x {args.steps} steps")
     print(f"gathered keys ({WORLD * args.batch}): {1000 * statistics.median(times['gathered']):.1f} ms/step (median)")
     print(f"local keys ({args.batch}):    {1000 * statistics.median(times['local']):.1f} ms/step (median)")
-    print(f"ratio gathered / local: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
+    print(f"ratio gathered / local: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max "
+          f"{max(ratios):.3f})")
 
 
 if __name__ == "__main__":

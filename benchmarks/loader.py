@@ -30,10 +30,10 @@ from PIL import Image
 
 from pretrain.config import ViewConfig
 from pretrain.data import MultiViewDataset, build_view_transform
+from pretrain.data.batch_views import BatchViews
 from pretrain.data.beton import validate, write_beton
 from pretrain.data.datasets import ImageFolder
 from pretrain.data.ffcv_loader import FFCVMultiViewLoader
-from pretrain.data.batch_views import BatchViews
 
 
 def cpu_seconds() -> float:
@@ -90,7 +90,7 @@ def main() -> None:
         transforms = [build_view_transform(v, 3, folder.mean, folder.std) for v in views]
         tv = torch.utils.data.DataLoader(MultiViewDataset(folder, transforms, seed=0), batch_size=args.batch,
                                          shuffle=True, drop_last=True, num_workers=args.workers)
-        loaders = {"torchvision": lambda: iter(tv)}
+        loaders = {"torchvision": lambda tv=tv: iter(tv)}
         colour = BatchViews(views, folder.mean, folder.std, seed=0).colour  # pretraining's on-device step
         for mode, path in betons.items():
             # ours; and, for the breakdown, the same pipeline handing uint8 crops to torch for normalising
@@ -99,7 +99,7 @@ def main() -> None:
                     ff = FFCVMultiViewLoader(str(path), views, args.batch, torch.device("cpu"), seed=0,
                                              distributed=False, num_workers=args.workers, normalise_in_ffcv=in_ffcv)
                     time_epoch(ff)  # warm-up: the JIT compile
-                    loaders[name] = lambda ff=ff: ({**b, "views": colour(b["views"], 0, 0)} for b in ff)
+                    loaders[name] = lambda ff=ff, colour=colour: ({**b, "views": colour(b["views"], 0, 0)} for b in ff)
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in loaders}
         for _ in range(args.rounds):
             for name, make in loaders.items():
@@ -117,7 +117,8 @@ def main() -> None:
           f"median of {args.rounds} interleaved epochs")
     print("| loader | images/s | images per CPU-second | vs torchvision (per CPU-s) |\n|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['images_per_s']:.0f} | {r['images_per_cpu_s']:.0f} | {r['vs_torchvision_per_cpu_s']:.2f}x |")
+        print(f"| {name} | {r['images_per_s']:.0f} | {r['images_per_cpu_s']:.0f} | "
+              f"{r['vs_torchvision_per_cpu_s']:.2f}x |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

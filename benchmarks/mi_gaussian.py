@@ -195,7 +195,8 @@ def main() -> None:
     for name, entry in results.items():
         cells = " | ".join(f"{entry[f'{mi:g}']['mean']:6.2f} ± {entry[f'{mi:g}']['std']:4.2f}" for mi in levels)
         print(f"{name:9s} | {cells} | {entry['wall_s']:.0f}")
-    print(f"log K = {math.log(args.batch):.2f} (InfoNCE's ceiling); mean ± std over the last {tail} steps of each level")
+    print(f"log K = {math.log(args.batch):.2f} (InfoNCE's ceiling); mean ± std over the last {tail} steps of each "
+          "level")
     recipe = {k: v for k, v in vars(args).items() if k not in ("out", "estimators")}
     (out / "results.json").write_text(json.dumps({**results, "recipe": recipe}, indent=2) + "\n")
     plot(results, traces, levels, args.steps, args.batch, out / "mi_gaussian.png")

@@ -149,7 +149,8 @@ def results() -> list[dict]:
 
 def table() -> str:
     cols = ["encoder", "size", "epochs", "batch", "optimizer", "temperature", "augment", "negatives"]
-    lines = ["| recipe | " + " | ".join(cols) + " | s/epoch | scored on | linear probe | kNN k=20 | probe protocol | command |",
+    lines = ["| recipe | " + " | ".join(cols) + " | s/epoch | scored on | linear probe | kNN k=20 | probe protocol | "
+                                                "command |",
              "|---" * (len(cols) + 7) + "|"]
     for r in results():
         split = r.get("scored_on", "test")  # rows before the validation split scored the test split
@@ -157,7 +158,8 @@ def table() -> str:
         if r["config"] != BASE:
             command = command.replace("--name", f"--config {r['config']} --name")
         lines.append(f"| {r['name']} | " + " | ".join(r["recipe"][c] for c in cols)
-                     + f" | {r['seconds_per_epoch']:.0f} | {split} | {100 * r['probe_top1']:.2f} | {100 * r['knn20_top1']:.2f}"
+                     + f" | {r['seconds_per_epoch']:.0f} | {split} | {100 * r['probe_top1']:.2f} | "
+                       f"{100 * r['knn20_top1']:.2f}"
                      + f" | {r.get('probe_protocol', 'fast-v1')} | {command} |")  # rows before fast-v2 carry none
     return "\n".join(lines)
 
@@ -189,7 +191,8 @@ def bounds_table() -> str:
         diverged = "no" if not bad else "; ".join(f"seed {r['seed']}: {r['skipped_steps']} non-finite steps" for r in bad)
         mi = [r for r in rows if r["mi_estimate_nats"] is not None and math.isfinite(r["mi_estimate_nats"])]
         command = f"`recipe_study.py --config {rows[0]['config']} --name {' '.join([rows[0]['name'], *rows[0]['overrides']])}`"
-        lines.append(f"| {objective} | {', '.join(str(r['seed']) for r in rows)} | {each(rows, lambda r: 100 * r['probe_top1'])} "
+        lines.append(f"| {objective} | {', '.join(str(r['seed']) for r in rows)} | "
+                     f"{each(rows, lambda r: 100 * r['probe_top1'])} "
                      f"| {each(rows, lambda r: 100 * r['knn20_top1'])} | "
                      f"{each(mi, lambda r: r['mi_estimate_nats']) if mi else '–'} | {ceiling} | "
                      f"{first['seconds_per_epoch']:.0f} | {diverged} | {command} |")
@@ -203,8 +206,10 @@ def main() -> None:
     parser.add_argument("--holdout", type=int, default=10000,
                         help="train images held out as the validation split that scores the row (0: the test split)")
     parser.add_argument("--table", action="store_true",
-                        help="print the markdown table of all rows so far and write it to benchmarks/studies/recipe_study.md")
-    parser.add_argument("--bounds-table", action="store_true", help="print the table 'Bounds in practice' (rows bound_*)")
+                        help="print the markdown table of all rows so far and write it to "
+                             "benchmarks/studies/recipe_study.md")
+    parser.add_argument("--bounds-table", action="store_true", help="print the table 'Bounds in practice' (rows "
+                                                                    "bound_*)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.table or args.bounds_table:
@@ -217,7 +222,8 @@ def main() -> None:
     if not args.name:
         parser.error("--name is required (or --table)")
     row = study_row(args.name, args.overrides, args.config, args.holdout)
-    print(f"\nrecipe {row['name']} ({row['scored_on']} split): {row['seconds_per_epoch']} s/epoch, linear probe {100 * row['probe_top1']:.2f}%, "
+    print(f"\nrecipe {row['name']} ({row['scored_on']} split): {row['seconds_per_epoch']} s/epoch, linear probe "
+          f"{100 * row['probe_top1']:.2f}%, "
           f"kNN k=20 {100 * row['knn20_top1']:.2f}%")
 
 

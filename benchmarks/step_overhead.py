@@ -89,7 +89,8 @@ def main() -> None:
           f"{args.rounds} interleaved rounds x {args.steps} steps")
     print(f"ours  median {statistics.median(ours) * 1e3:.1f} ms/step")
     print(f"bare  median {statistics.median(bare) * 1e3:.1f} ms/step")
-    print(f"ratio median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); target <= 1.10")
+    print(f"ratio median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); target <= "
+          "1.10")
 
 
 if __name__ == "__main__":

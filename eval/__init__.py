@@ -1,1 +1,2 @@
-"""infomax eval stage: linear probes and kNN on frozen exported encoders, beside supervised baselines; reads only exports."""
+"""infomax eval stage: linear probes and kNN on frozen exported encoders, beside supervised baselines;
+reads only exports."""

@@ -21,12 +21,15 @@ from pretrain.config import ConfigError
 
 # (name, top-1 %, source); quoted, never measured here.
 PUBLISHED: list[tuple[str, float, str]] = [
-    ("AlexNet supervised (as cited by CMC)", 59.3, "Tian et al. 2019, Contrastive Multiview Coding (ImageNet linear evaluation)"),
+    ("AlexNet supervised (as cited by CMC)", 59.3, "Tian et al. 2019, Contrastive Multiview Coding (ImageNet linear "
+                                                   "evaluation)"),
     ("AlexNet supervised (torchvision)", 56.5, "torchvision AlexNet_Weights.IMAGENET1K_V1, acc@1 56.522"),
-    ("AlexNet conv5 linear probe", 50.5, "Zhang et al. 2017, Split-Brain Autoencoders (ImageNet conv5 linear classifier)"),
+    ("AlexNet conv5 linear probe", 50.5, "Zhang et al. 2017, Split-Brain Autoencoders (ImageNet conv5 linear "
+                                         "classifier)"),
     ("CMC ResNet-50", 64.1, "Tian et al. 2019, Contrastive Multiview Coding"),
     ("AMDIM", 68.1, "Bachman et al. 2019, Learning Representations by Maximizing MI Across Views"),
-    ("MoCo v2 ResNet-50, 200 epochs", 67.5, "Chen et al. 2020, Improved Baselines with Momentum Contrastive Learning, Table 1"),
+    ("MoCo v2 ResNet-50, 200 epochs", 67.5, "Chen et al. 2020, Improved Baselines with Momentum Contrastive Learning, "
+                                            "Table 1"),
 ]
 REFERENCE_ALEXNET_TOP1 = 0.593  # the supervised AlexNet figure the seed claim is measured against
 

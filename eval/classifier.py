@@ -20,8 +20,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from pretrain import checkpoint as ckpt
-from pretrain.resumable import Resumable
 from pretrain.data import MultiViewDataset
+from pretrain.resumable import Resumable
 from pretrain.stop import StopFlag
 from pretrain.tracking import progress_bar
 
@@ -176,7 +176,8 @@ def fit_classifier(
     """
     per_process, rest = divmod(schedule.global_batch_size, accelerator.num_processes)
     if rest or per_process < 1:
-        raise NothingToTrain(f"batch size {schedule.global_batch_size} does not split over {accelerator.num_processes} processes")
+        raise NothingToTrain(f"batch size {schedule.global_batch_size} does not split over "
+                             f"{accelerator.num_processes} processes")
     if len(train_set) < schedule.global_batch_size:
         raise NothingToTrain(f"{desc}: the train split has {len(train_set)} images, fewer than one batch of "
                              f"{schedule.global_batch_size}; lower the batch size")
@@ -200,7 +201,8 @@ def fit_classifier(
         optimizer.load_state_dict(state["optimizer"])
         curve, wall_before = [tuple(p) for p in state.get("held_out", [])], float(state.get("wall_s", 0.0))
         early_stopped, finished = bool(state.get("early_stopped", False)), bool(state.get("finished", False))
-        accelerator.print(f"{desc}: resumed from {path} (epoch {loop.progress.epoch}, step {loop.progress.global_step})")
+        accelerator.print(f"{desc}: resumed from {path} (epoch {loop.progress.epoch}, step "
+                          f"{loop.progress.global_step})")
     progress = loop.progress
     started = time.perf_counter()
 
@@ -232,7 +234,8 @@ def fit_classifier(
         for batch in batches:
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr * schedule.factor(progress.global_step, steps_per_epoch, agreed_wall)
-            x = batch["views"][0] if augment is None else augment(batch["views"][0], progress.epoch, progress.step_in_epoch)
+            x = batch["views"][0]
+            x = x if augment is None else augment(x, progress.epoch, progress.step_in_epoch)
             with accelerator.autocast():
                 logits = model(input_fn(x))
             loss = F.cross_entropy(logits.float(), batch["label"])

@@ -33,22 +33,32 @@ class BaselinesConfig:
     alexnet_epochs: int = _f(1, "supervised AlexNet: epoch budget")
     alexnet_max_steps: int = _f(0, "supervised AlexNet: step budget (0 = the whole epoch budget)")
     alexnet_lr: float = _f(0.01, "supervised AlexNet: lr (cosine decay; SGD with momentum 0.9, or AdamW)")
-    alexnet_optimizer: str = _f("sgd", "supervised AlexNet: " + choices_help("baselines.alexnet_optimizer", EVAL_CHOICES))
+    alexnet_optimizer: str = _f("sgd", "supervised AlexNet: "
+                                + choices_help("baselines.alexnet_optimizer", EVAL_CHOICES))
     alexnet_warmup_steps: int = _f(0, "supervised AlexNet: linear lr warmup steps")
     alexnet_weight_decay: float = _f(5e-4, "supervised AlexNet: weight decay")
     alexnet_global_batch_size: int = _f(128, "supervised AlexNet and supervised encoder: global batch")
-    alexnet_crop_scale_min: float = _f(0.08, "supervised AlexNet: RandomResizedCrop smallest area (plus horizontal flip)")
-    alexnet_held_out: int = _f(2000, "supervised AlexNet: train images kept out of its fit to draw its held-out curve (converged or not); 0 = none")
-    alexnet_eval_every: int = _f(0, "supervised AlexNet: steps between held-out checks (0 = each epoch, or 10 checks over a shorter budget)")
-    alexnet_patience: int = _f(0, "supervised AlexNet: stop once the held-out top-1 has not improved for this many checks (0 = use the whole budget)")
-    use_stored: bool = _f(True, "use a stored converged AlexNet result (make baselines) when dataset, protocol and data hash match")
+    alexnet_crop_scale_min: float = _f(0.08, "supervised AlexNet: RandomResizedCrop smallest area (plus horizontal "
+                                             "flip)")
+    alexnet_held_out: int = _f(2000, "supervised AlexNet: train images kept out of its fit to draw its held-out curve "
+                                     "(converged or not); 0 = none")
+    alexnet_eval_every: int = _f(0, "supervised AlexNet: steps between held-out checks (0 = each epoch, or 10 checks "
+                                    "over a shorter budget)")
+    alexnet_patience: int = _f(0, "supervised AlexNet: stop once the held-out top-1 has not improved for this many "
+                                  "checks (0 = use the whole budget)")
+    use_stored: bool = _f(True, "use a stored converged AlexNet result (make baselines) when dataset, protocol and "
+                                "data hash match")
     store: str = _f("", "directory of stored baseline results; empty = the repository's baselines/ (tracked, so a "
                     "fresh clone has them)")
-    supervised_encoder: bool = _f(True, "add our encoder's architecture trained end to end with labels for as many epochs as the export's pretraining")
-    supervised_encoder_epochs: float = _f(0.0, "supervised encoder: epoch budget, fractions allowed (0 = the export's pretraining epochs)")
-    supervised_encoder_lr: float = _f(0.05, "supervised encoder: SGD lr (momentum 0.9, cosine decay over the epoch budget)")
+    supervised_encoder: bool = _f(True, "add our encoder's architecture trained end to end with labels for as many "
+                                        "epochs as the export's pretraining")
+    supervised_encoder_epochs: float = _f(0.0, "supervised encoder: epoch budget, fractions allowed (0 = the export's "
+                                               "pretraining epochs)")
+    supervised_encoder_lr: float = _f(0.05, "supervised encoder: SGD lr (momentum 0.9, cosine decay over the epoch "
+                                            "budget)")
     supervised_encoder_weight_decay: float = _f(5e-4, "supervised encoder: SGD weight decay")
-    alexnet_weights: str = _f("", "an AlexNet state dict (e.g. torchvision's alexnet-owt-7be5be79.pth): adds conv1..5 probes")
+    alexnet_weights: str = _f("", "an AlexNet state dict (e.g. torchvision's alexnet-owt-7be5be79.pth): adds conv1..5 "
+                                  "probes")
     alexnet_probe_size: int = _f(224, "conv1..5 probes: input side the images are resized to (>= 64)")
     published: bool = _f(False, "add the quoted ImageNet reference rows (only comparable on ImageNet)")
 
@@ -56,16 +66,21 @@ class BaselinesConfig:
 @dataclass
 class EvalConfig:
     weights: list[str] = _f([], "export directories to evaluate (weights=runs/x/export, or [a,b] for several)")
-    dataset: str = _f("fashion_mnist", f"{' | '.join(CHOICES['data.dataset'])} (train split for fitting, test/val for scoring)")
+    dataset: str = _f("fashion_mnist", f"{' | '.join(CHOICES['data.dataset'])} (train split for fitting, test/val for "
+                                       "scoring)")
     root: str = _f("", "dataset directory; empty = the dataset's default")
-    train_beton: str = _f("", "extract the train split's features from this .beton (FFCV) instead of decoding dataset/root")
+    train_beton: str = _f("", "extract the train split's features from this .beton (FFCV) instead of decoding "
+                              "dataset/root")
     test_beton: str = _f("", "extract the test split's features from this .beton (FFCV)")
     limit_train: int = _f(0, "use only N evenly spaced training images (0 = all)")
     limit_test: int = _f(0, "use only N evenly spaced test images (0 = all)")
-    holdout: int = _f(0, "fit on the train split less N evenly spaced images and score on those, not on the test split: the validation split of a pretraining with data.holdout=N (choose recipes there)")
-    center_crop_ratio: float = _f(1.0, "eval transform: resize to size / ratio, centre crop (ImageNet: 0.875 = 256 -> 224)")
+    holdout: int = _f(0, "fit on the train split less N evenly spaced images and score on those, not on the test "
+                         "split: the validation split of a pretraining with data.holdout=N (choose recipes there)")
+    center_crop_ratio: float = _f(1.0, "eval transform: resize to size / ratio, centre crop (ImageNet: 0.875 = 256 -> "
+                                       "224)")
     protocol: str = _f("fast", choices_help("protocol", EVAL_CHOICES))
-    weight_decays: list[float] = _f([1e-6, 1e-5, 1e-4, 1e-3], "fast probe: weight decays tried on the held-out 10% of train")
+    weight_decays: list[float] = _f([1e-6, 1e-5, 1e-4, 1e-3], "fast probe: weight decays tried on the held-out 10% of "
+                                                              "train")
     probe_steps: int = _f(100, "fast probe: L-BFGS iterations per fit")
     sgd: SGDProbeConfig = field(default_factory=SGDProbeConfig)
     knn_k: list[int] = _f([20, 200], "kNN neighbour counts (cosine, temperature-weighted votes); [] = no kNN")
@@ -73,10 +88,12 @@ class EvalConfig:
     random_init: bool = _f(True, "add a row for a randomly initialised encoder of the same architecture")
     raw_pixels: bool = _f(True, "add a row for a probe on raw pixels (small images only)")
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
-    store_baselines: bool = _f(False, "train the supervised AlexNet (to convergence with baselines.alexnet_patience) and store it under baselines.store; weights may be empty (make baselines)")
+    store_baselines: bool = _f(False, "train the supervised AlexNet (to convergence with baselines.alexnet_patience) "
+                                      "and store it under baselines.store; weights may be empty (make baselines)")
     image_size: int = _f(28, "image side for rows without an export (store_baselines with no weights)")
     batch_size_per_process: int = _f(256, "feature extraction: images per process per batch")
-    channels_last: bool = _f(True, "channels_last weights for feature extraction and the supervised fits (NHWC convs: faster on CPUs and GPUs)")
+    channels_last: bool = _f(True, "channels_last weights for feature extraction and the supervised fits (NHWC convs: "
+                                   "faster on CPUs and GPUs)")
     precision: str = _f("auto", "mixed precision of the fits and feature extraction: " + choices_help("run.precision"))
     num_workers: int = _f(2, "loader workers")
     seed: int = _f(0, "seed for the random-init encoder, the held-out split and the SGD fits")
@@ -98,7 +115,8 @@ def validate_eval(c: EvalConfig) -> None:
         if not ok:
             raise ConfigError(f"bad value for config key '{key}': {msg}")
 
-    require(len(c.weights) >= 1 or c.store_baselines, "weights", "give at least one export directory, e.g. weights=runs/fmnist_cpu/export")
+    require(len(c.weights) >= 1 or c.store_baselines, "weights", "give at least one export directory, e.g. "
+                                                                 "weights=runs/fmnist_cpu/export")
     for key, value, choices in (("dataset", c.dataset, CHOICES["data.dataset"]),
                                 ("precision", c.precision, CHOICES["run.precision"]),
                                 ("protocol", c.protocol, EVAL_CHOICES["protocol"]),
@@ -123,5 +141,6 @@ def validate_eval(c: EvalConfig) -> None:
             "alexnet_epochs, alexnet_global_batch_size and alexnet_lr must be positive")
     require(b.supervised_encoder_epochs >= 0, "baselines.supervised_encoder_epochs",
             f"must be >= 0 (0 = the export's pretraining epochs), got {b.supervised_encoder_epochs}")
-    require(b.alexnet_warmup_steps >= 0, "baselines.alexnet_warmup_steps", f"must be >= 0, got {b.alexnet_warmup_steps}")
+    require(b.alexnet_warmup_steps >= 0, "baselines.alexnet_warmup_steps", "must be >= 0, got "
+                                                                           f"{b.alexnet_warmup_steps}")
     require(b.alexnet_probe_size >= 64, "baselines.alexnet_probe_size", f"must be >= 64, got {b.alexnet_probe_size}")

@@ -101,7 +101,8 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
                               "set baselines.supervised_encoder_epochs")
     jobs = (len(exports) * (2 if cfg.random_init else 1) + sum(map(bool, view_encoders.values())) + cfg.raw_pixels
             + b.alexnet_supervised + 5 * bool(b.alexnet_weights) + len(supervised))
-    accelerator.print(f"eval: {len(train)} train / {len(test)} scored images ({scored_split(cfg.holdout)}) of {cfg.dataset}, "
+    accelerator.print(f"eval: {len(train)} train / {len(test)} scored images ({scored_split(cfg.holdout)}) of "
+                      f"{cfg.dataset}, "
                       f"protocol {cfg.protocol}, "
                       f"{jobs} rows to compute on {accelerator.num_processes} process(es)")
     fits = [meta for meta in supervised if not make.has_stored_supervised_encoder(meta)]  # the others are stored
@@ -128,7 +129,8 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     measured = [r["top1"] for r in rows if r["kind"] == "alexnet_supervised"]
     reference = measured[0] if measured else (REFERENCE_ALEXNET_TOP1 if b.published else None)
     for r in rows:
-        r["delta_vs_alexnet"] = None if reference is None or r["kind"] == "alexnet_supervised" else r["top1"] - reference
+        compared = reference is not None and r["kind"] != "alexnet_supervised"
+        r["delta_vs_alexnet"] = r["top1"] - reference if compared else None
     if accelerator.is_main_process:
         meta = {"dataset": cfg.dataset, "protocol": PROTOCOLS[cfg.protocol].split(":")[0],
                 "protocol_description": f"{PROTOCOLS[cfg.protocol]}. {KNN}.", "seed": cfg.seed,
@@ -180,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as e:  # e.g. state-dict key mismatch between config.json and the weights
         if "state_dict" not in str(e) and "size mismatch" not in str(e):
             raise
-        print(f"error: the weights do not match the architecture in config.json: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: the weights do not match the architecture in config.json: {str(e).splitlines()[0]}",
+              file=sys.stderr)
         return 2
     return 0
 

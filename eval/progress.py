@@ -39,7 +39,8 @@ def probe_seconds(n: int, features: int, num_classes: int, fits: int, steps: int
     from eval.probe import loss_and_grad
 
     rows = max(1, min(n, 8192))
-    x, y, model = torch.randn(rows, features), torch.randint(num_classes, (rows,)), torch.nn.Linear(features, num_classes)
+    x, y = torch.randn(rows, features), torch.randint(num_classes, (rows,))
+    model = torch.nn.Linear(features, num_classes)
     times = []
     for _ in range(4):  # the first warms up
         t0 = time.perf_counter()
@@ -61,7 +62,8 @@ def load_expected_eval(path: str, export: str) -> Any:
                           "be scored with, or monitor.expect_eval=''") from None
 
 
-def expected_eval_seconds(cfg: Any, image_size: int, feature_dim: int, extract_seconds_per_image: float) -> tuple[float, str]:
+def expected_eval_seconds(cfg: Any, image_size: int, feature_dim: int,
+                          extract_seconds_per_image: float) -> tuple[float, str]:
     """The fast eval of one export (``cfg``: an EvalConfig), reckoned before it runs: (seconds, how).
 
     Each encoder row (the export, and its random init) extracts the fit and scored images at
@@ -73,7 +75,8 @@ def expected_eval_seconds(cfg: Any, image_size: int, feature_dim: int, extract_s
     train, test = open_splits(cfg)
     n, c, fits = len(train), train.num_classes, len(cfg.weight_decays) + 1
     encoder_rows = 1 + bool(cfg.random_init)
-    seconds = encoder_rows * ((n + len(test)) * extract_seconds_per_image + probe_seconds(n, feature_dim, c, fits, cfg.probe_steps))
+    per_row = (n + len(test)) * extract_seconds_per_image + probe_seconds(n, feature_dim, c, fits, cfg.probe_steps)
+    seconds = encoder_rows * per_row
     pixels = train.channels * image_size * image_size
     raw = cfg.raw_pixels and pixels <= 4096  # as eval.main.evaluate decides
     if raw:

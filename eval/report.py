@@ -45,7 +45,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], kn
             for r in rows if r.get("weight_decay_at_edge")]
     (out / "report.md").write_text(
         f"# Linear evaluation on {meta['dataset']}\n\nScored on the {meta.get('scored_on', 'test split')}"
-        + (f": {meta['test_images']} images, the fits on {meta['train_images']} train images" if "test_images" in meta else "")
+        + (f": {meta['test_images']} images, the fits on {meta['train_images']} train images"
+           if "test_images" in meta else "")
         + f".\n\n{table}\n\n"
         f"Δ vs AlexNet: top-1 points against "
         f"{'no AlexNet row' if reference is None else f'supervised AlexNet at {_pct(reference)}%'}.\n\n"

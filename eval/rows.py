@@ -26,8 +26,7 @@ from eval.baselines import AlexNetConvFeatures, supervised_alexnet
 from eval.classifier import Augment, LinearProbeModel, SGDSchedule, fit_classifier, fit_label
 from eval.features import ConcatViewEncoders, assert_unchanged, fingerprint, pixel_features
 from eval.probe import linear_probe, topk_accuracy
-from eval.stored_baselines import (alexnet_protocol, data_fingerprint, find_stored, scored_split, store_dir,
-                                   store_result)
+from eval.stored_baselines import alexnet_protocol, data_fingerprint, find_stored, scored_split, store_dir, store_result
 from pretrain.config import ViewConfig
 from pretrain.data import ImageDataset, MultiViewDataset, build_view_transform
 from pretrain.data.batch_views import BatchViews
@@ -122,8 +121,8 @@ class Rows:
         cfg = self.cfg
         if self.betons[split]:  # the FFCV path: decode + centre crop in FFCV, normalised in torch
             return beton_features(model, self.betons[split], image_size, cfg.center_crop_ratio,
-                                  cfg.batch_size_per_process, self.accelerator, max(1, cfg.num_workers), input_fn, *norm,
-                                  keep_shard=keep_shard)
+                                  cfg.batch_size_per_process, self.accelerator, max(1, cfg.num_workers), input_fn,
+                                  *norm, keep_shard=keep_shard)
         return extract_features(model, ImageListDataset(self.splits[split], image_size, cfg.center_crop_ratio, *norm),
                                 self.accelerator, cfg.batch_size_per_process, cfg.num_workers, input_fn=input_fn,
                                 shard=True, keep_shard=keep_shard)
@@ -172,7 +171,8 @@ class Rows:
         curve, which says whether it converged (and drives ``schedule.patience``)."""
         cfg, acc, train = self.cfg, self.accelerator, self.train
         model = self.memory_format(model)  # in place: ``trainable`` is a part of it
-        fit_images, held_images = disjoint_subsets(train, len(train) - held_out, held_out) if held_out else (train, None)
+        fit_images, held_images = (disjoint_subsets(train, len(train) - held_out, held_out) if held_out
+                                   else (train, None))
         held_set = ImageListDataset(held_images, image_size, cfg.center_crop_ratio, *norm) if held_out else None
 
         def held_out_top1(m: nn.Module) -> float:
@@ -183,8 +183,9 @@ class Rows:
         train_set, augment, workers = self.train_input(fit_images, image_size, scale_min, norm)
         # A checkpoint belongs to one configuration: another config (or other weights) starts afresh.
         fit_id = hashlib.sha256(f"{self.fit_key}{slug}".encode()).hexdigest()[:10]
-        outcome = fit_classifier(acc, model, trainable, train_set, schedule, self.out / "checkpoints" / f"{slug}-{fit_id}",
-                                 desc=slug, num_workers=workers, input_fn=input_fn, stop=self.stop,
+        outcome = fit_classifier(acc, model, trainable, train_set, schedule,
+                                 self.out / "checkpoints" / f"{slug}-{fit_id}", desc=slug, num_workers=workers,
+                                 input_fn=input_fn, stop=self.stop,
                                  held_out=held_out_top1 if held_out else None, drop_last=drop_last, augment=augment)
         if outcome is None:
             raise Stopped(f"stopped by {self.stop.signal_name or 'a signal on another rank'} during '{slug}'; "
@@ -225,8 +226,8 @@ class Rows:
             slug = "probe_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + f"_{meta['sha256'][:8]}"
             scores = self.sgd_fit(slug, LinearProbeModel(encoder, head), head, image_size, schedule, s.crop_scale_min,
                                   input_fn, drop_last=False, norm=norm)
-            row = {"name": name, "kind": kind, "protocol": "imagenet", **scores, "knn": self.knn(*feats, bank_sharded=True),
-                   "feature_dim": int(feats[0][0].shape[1]), **extra}
+            row = {"name": name, "kind": kind, "protocol": "imagenet", **scores,
+                   "knn": self.knn(*feats, bank_sharded=True), "feature_dim": int(feats[0][0].shape[1]), **extra}
         assert_unchanged(encoder, before, name)
         return row
 
@@ -244,8 +245,8 @@ class Rows:
         if self.cfg.random_init:
             random_encoder, random_meta = random_like(meta, meta["in_chans"]), meta
             if views:
-                random_encoder, random_meta = all_views(random_encoder, meta,
-                                                        [(entry, random_like(meta, entry["in_chans"])) for entry, _ in views])
+                random_views = [(entry, random_like(meta, entry["in_chans"])) for entry, _ in views]
+                random_encoder, random_meta = all_views(random_encoder, meta, random_views)
             yield self.encoder_row(f"random init {meta['architecture']}" + (" (concatenated)" if views else ""),
                                    "random_init", random_encoder, random_meta, None)
 
@@ -273,7 +274,8 @@ class Rows:
                                warmup_steps=b.alexnet_warmup_steps)
         scores = self.sgd_fit("alexnet_supervised", alexnet, alexnet, size, schedule, b.alexnet_crop_scale_min,
                               held_out=min(b.alexnet_held_out, len(self.train) // 2))
-        trained = scores["trained"] if scores["trained"].endswith("epochs") else f"{scores['trained']}, {scores['epochs']:g} epochs"
+        trained = scores["trained"]
+        trained = trained if trained.endswith("epochs") else f"{trained}, {scores['epochs']:g} epochs"
         budget = f"{trained}, {scores['wall_s']:.0f} s{fit_label(scores['stopped'], scores['converged'])}"
         if b.alexnet_optimizer != "sgd":
             budget = f"{b.alexnet_optimizer.replace('adamw', 'AdamW')}, {budget}"
@@ -330,7 +332,8 @@ class Rows:
         encoder = random_like(meta, meta["in_chans"])
         model = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.num_features, self.num_classes))
         schedule = SGDSchedule(lr=b.supervised_encoder_lr, epochs=math.ceil(epochs), max_steps=steps,
-                               global_batch_size=b.alexnet_global_batch_size, weight_decay=b.supervised_encoder_weight_decay,
+                               global_batch_size=b.alexnet_global_batch_size,
+                               weight_decay=b.supervised_encoder_weight_decay,
                                checkpoint_every=self.cfg.sgd.checkpoint_every)
         scores = self.sgd_fit(f"supervised_{meta['architecture']}_{meta['sha256'][:8]}", model, model,
                               meta["input_size"][-1], schedule, b.alexnet_crop_scale_min, input_fn=input_fn_for(meta),
@@ -347,7 +350,8 @@ class Rows:
         return self._find_stored("supervised_encoder", supervised_encoder_protocol(meta, self.cfg)) is not None
 
     def alexnet_conv_rows(self, trunk: nn.Module) -> Iterator[dict[str, Any]]:
-        """Linear probes of AlexNet conv1..conv5 (pooled ReLU outputs) from a weights file, each computed as it is taken."""
+        """Linear probes of AlexNet conv1..conv5 (pooled ReLU outputs) from a weights file, each computed as
+        it is taken."""
         b = self.b
         for layer in range(1, 6):
             features = AlexNetConvFeatures(trunk, layer, self.train.channels)

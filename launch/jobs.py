@@ -40,8 +40,8 @@ class PretrainJob:
 
     def __call__(self) -> dict[str, Any]:
         from pretrain.config import from_yaml
-        from pretrain.stop import PREEMPT_SIGNAL
         from pretrain.main import train
+        from pretrain.stop import PREEMPT_SIGNAL
 
         env = export_distributed_env()
         submitit_handler = signal.getsignal(PREEMPT_SIGNAL)  # requeue logic, replaced by our stop flag inside train

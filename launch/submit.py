@@ -48,14 +48,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     j = p.add_argument_group("job control")
     j.add_argument("--max-requeues", type=int, default=10, help="preemptions / time limits survived by requeueing")
     j.add_argument("--signal-delay", type=int, default=120, help="seconds before the end SLURM signals the job to save")
-    j.add_argument("--eval", default="", help="eval config (configs/probe_*.yaml): a second job after pretraining succeeds")
+    j.add_argument("--eval", default="", help="eval config (configs/probe_*.yaml): a second job after pretraining "
+                                              "succeeds")
     j.add_argument("--eval-override", action="append", default=[], help="key=value for the eval config (repeatable)")
     j.add_argument("--sweep", action="append", default=[], help="key=v1,v2,...: one run per value (product of several)")
     j.add_argument("--array-parallelism", type=int, default=16, help="sweep jobs running at once")
     j.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm",
                    help="slurm; local = submitit's local executor (no SLURM); debug = in this process")
     j.add_argument("--logs", default="", help="submitit folder (default: <run dir>/slurm)")
-    j.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved configs; submit nothing")
+    j.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved configs; submit "
+                                                          "nothing")
     return p.parse_intermixed_args(argv)
 
 
@@ -121,7 +123,6 @@ def known_partitions() -> list[str]:
 
 
 def submit(args: argparse.Namespace) -> list[Any]:  # noqa: C901 - validation, then submission, in order
-    import submitit
     from omegaconf import OmegaConf
 
     from eval.config import EvalConfig, validate_eval
@@ -215,7 +216,8 @@ def submit(args: argparse.Namespace) -> list[Any]:  # noqa: C901 - validation, t
     eval_jobs = []
     for job, ecfg in zip(submitted, eval_cfgs):
         executor.update_parameters(name=f"{params['name']}-eval", **(
-            {"slurm_additional_parameters": {"dependency": f"afterok:{job.job_id}"}} if args.cluster == "slurm" else {}))
+            {"slurm_additional_parameters": {"dependency": f"afterok:{job.job_id}"}}
+            if args.cluster == "slurm" else {}))
         if args.cluster != "slurm":
             job.result()  # local/debug: no scheduler to hold the eval back, so wait here
         eval_jobs.append(executor.submit(EvalJob(OmegaConf.to_yaml(OmegaConf.structured(ecfg)))))

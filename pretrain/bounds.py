@@ -195,7 +195,8 @@ class MINE(nn.Module):
             if is_distributed():
                 lm = torch.logsumexp(gather(lm[None]), 0) - math.log(world_size())
             moved = torch.logaddexp(self.log_ema + math.log1p(-self.ema_rate), lm + math.log(self.ema_rate))
-            self.log_ema.copy_(torch.where(torch.isnan(self.log_ema), lm, moved))  # the first batch starts it (no host sync)
+            # the first batch starts it; a where, not an `if`, so no host sync
+            self.log_ema.copy_(torch.where(torch.isnan(self.log_ema), lm, moved))
         # Surrogate whose gradient is grad E_p[S] - grad E_q[e^S] / EMA.
         surrogate = _positive_mean(S, pos) - (log_m - self.log_ema.to(S.dtype)).exp()
         value = _positive_mean(S, pos) - log_m

@@ -43,7 +43,8 @@ def _f(default: Any, help: str) -> Any:
 # registries (datasets, critics) all follow it. choice -> what it means ("" when its name says it).
 CHOICE_HELP: dict[str, dict[str, str]] = {
     "run.precision": {"auto": "the hardware decides (bf16 on GPUs that have it, else fp16; bf16 on CPUs with native "
-                              "bf16, else fp32); accelerate launch's bf16/fp16 is taken", "no": "", "bf16": "", "fp16": ""},
+                              "bf16, else fp32); accelerate launch's bf16/fp16 is taken",
+                      "no": "", "bf16": "", "fp16": ""},
     "run.resume": {"auto": "continue from the newest readable checkpoint; stop if every one is damaged",
                    "never": "start afresh, moving the existing checkpoints aside"},
     "data.dataset": {"fashion_mnist": "", "imagefolder": "", "synthetic": ""},
@@ -76,14 +77,17 @@ def _choice(key: str, default: str, lead: str = "", tail: str = "") -> Any:
 
 @dataclass
 class RunConfig:
-    dir: str = _f("runs/default", "run directory: config.yaml, tb/, checkpoints/, export/; re-running with the same dir resumes")
+    dir: str = _f("runs/default", "run directory: config.yaml, tb/, checkpoints/, export/; re-running with the same "
+                                  "dir resumes")
     seed: int = _f(0, "base seed; each process uses seed + rank")
     max_steps: int = _f(0, "stop after this many optimizer steps in total (0 = run all epochs); for smoke runs")
     precision: str = _choice("run.precision", "auto", "mixed precision: ")
     deterministic: bool = _f(False, "deterministic kernels (torch.use_deterministic_algorithms); exact resume on CPU")
-    dist_timeout_min: float = _f(60, "minutes a rank waits in a collective before the job aborts; longer than any rank-0-only work (writing a checkpoint, the export)")
+    dist_timeout_min: float = _f(60, "minutes a rank waits in a collective before the job aborts; longer than any "
+                                     "rank-0-only work (writing a checkpoint, the export)")
     log_every: int = _f(10, "optimizer steps between TensorBoard scalar writes (metrics reduced across ranks)")
-    checkpoint_every: int = _f(500, "optimizer steps between checkpoints (also saved at each epoch end and on SIGTERM/SIGUSR1/SIGUSR2)")
+    checkpoint_every: int = _f(500, "optimizer steps between checkpoints (also saved at each epoch end and on "
+                                    "SIGTERM/SIGUSR1/SIGUSR2)")
     keep_checkpoints: int = _f(3, "how many most recent checkpoints to keep")
     export: bool = _f(True, "write export/encoder.safetensors + config.json at the end")
     resume: str = _choice("run.resume", "auto")
@@ -100,18 +104,25 @@ class ViewConfig:
     contrast: float = _f(0.4, "colour jitter contrast strength")
     saturation: float = _f(0.4, "colour jitter saturation strength (ignored for 1-channel data)")
     hue: float = _f(0.1, "colour jitter hue strength (ignored for 1-channel data)")
-    gamma: float = _f(0.0, "random gamma strength, with the jitter: x ** g, log g ~ U(+-log(1 + gamma)); bends the grey-level histogram, which brightness and contrast only shift and stretch (0 = off)")
-    tone: float = _f(0.0, "random tone curve strength, with the jitter (after gamma): a monotone piecewise-linear map of [0, 1] onto itself whose 4 segments' slopes are scaled by log-uniform factors in [1/(1 + tone), 1 + tone], then renormalised; bends the histogram in ways one gamma cannot (0 = off)")
+    gamma: float = _f(0.0, "random gamma strength, with the jitter: x ** g, log g ~ U(+-log(1 + gamma)); bends the "
+                           "grey-level histogram, which brightness and contrast only shift and stretch (0 = off)")
+    tone: float = _f(0.0, "random tone curve strength, with the jitter (after gamma): a monotone piecewise-linear map "
+                          "of [0, 1] onto itself whose 4 segments' slopes are scaled by log-uniform factors in [1/(1 "
+                          "+ tone), 1 + tone], then renormalised; bends the histogram in ways one gamma cannot (0 = "
+                          "off)")
     grayscale_p: float = _f(0.2, "probability of converting to grayscale (ignored for 1-channel data)")
     blur_p: float = _f(0.0, "probability of Gaussian blur")
     blur_sigma_max: float = _f(2.0, "largest Gaussian blur sigma (smallest is 0.1)")
-    solarize_p: float = _f(0.0, "probability of solarizing, after the blur (BYOL: 0 on one view, 0.2 on the other): pixels at or above half of full scale become 1 - x; unlike gamma and tone it is not monotone")
+    solarize_p: float = _f(0.0, "probability of solarizing, after the blur (BYOL: 0 on one view, 0.2 on the other): "
+                                "pixels at or above half of full scale become 1 - x; unlike gamma and tone it is not "
+                                "monotone")
 
 
 @dataclass
 class DataConfig:
     dataset: str = _choice("data.dataset", "synthetic", tail=" (pretrain.data.datasets.REGISTRY)")
-    root: str = _f("", "dataset directory; empty = the dataset's default (Fashion-MNIST: /usr/share/datasets/fashion-mnist)")
+    root: str = _f("", "dataset directory; empty = the dataset's default (Fashion-MNIST: "
+                       "/usr/share/datasets/fashion-mnist)")
     num_workers: int = _f(2, "DataLoader worker processes per training process (FFCV: decoding threads)")
     format: str = _choice("data.format", "torchvision")
     path: str = _f("", "ffcv: the .beton file (python -m pretrain.data.beton ... --out train.beton)")
@@ -123,50 +134,72 @@ class DataConfig:
     synthetic_image_size: int = _f(32, "synthetic: side length of the drawn images")
     colour_split: str = _choice("data.colour_split", "none")
     limit: int = _f(0, "use only the first N training images (0 = all)")
-    holdout: int = _f(0, "hold N evenly spaced training images out as a validation split: never trained on, the kNN monitor's queries, scored by eval holdout=N (choose recipes there, not on the test split)")
-    views: list[ViewConfig] = _f([ViewConfig(), ViewConfig()], "one augmentation recipe per view; V = len(views) >= 2 (>= 1 with colour_split=lab)")
+    holdout: int = _f(0, "hold N evenly spaced training images out as a validation split: never trained on, the kNN "
+                         "monitor's queries, scored by eval holdout=N (choose recipes there, not on the test split)")
+    views: list[ViewConfig] = _f([ViewConfig(), ViewConfig()], "one augmentation recipe per view; V = len(views) >= 2 "
+                                                               "(>= 1 with colour_split=lab)")
 
 
 @dataclass
 class ModelConfig:
     arch: str = _f("resnet18", "any timm encoder name (timm.create_model(arch, num_classes=0))")
-    small_input: bool = _f(True, "small-image stem for images of 64 px and below (ResNets): 3x3 first conv, no max-pool")
-    stem_stride: int = _f(1, "small_input: stride of the first conv (1: stage 1 at full resolution; 2: half, ~4x cheaper)")
-    width: float = _f(1.0, "ResNets: scale every stage's channels (and a deep stem's) by this; 0.5 is ~3.5x cheaper on small images")
+    small_input: bool = _f(True, "small-image stem for images of 64 px and below (ResNets): 3x3 first conv, no "
+                                 "max-pool")
+    stem_stride: int = _f(1, "small_input: stride of the first conv (1: stage 1 at full resolution; 2: half, ~4x "
+                             "cheaper)")
+    width: float = _f(1.0, "ResNets: scale every stage's channels (and a deep stem's) by this; 0.5 is ~3.5x cheaper "
+                           "on small images")
     head_dims: list[int] = _f([512, 128], "projection MLP widths after the encoder feature: hidden..., output")
     head_bn: bool = _f(True, "BatchNorm between the projection head's hidden layers")
     shared_head: bool = _f(True, "one projection head for all views (false: one per view)")
     encoder_per_view: bool = _f(False, "a separate encoder per view (CMC); false: one shared encoder")
     channels_last: bool = _f(False, "channels_last memory format (faster convs on GPUs with bf16/fp16)")
-    momentum: float = _f(0.99, "objective.queue_size > 0: EMA coefficient of the momentum (key) encoder and head, MoCo's m")
-    shuffle_bn: int = _f(0, "objective.queue_size > 0: MoCo's shuffling BN (its Sec. 3.3): the momentum model computes the keys of a random permutation of the global batch in groups, each on its own BatchNorm statistics, so a query and its positive key rarely share them. On several processes (model.sync_bn=false) each process splits its share of the shuffled batch into this many groups (1 = MoCo's _batch_shuffle_ddp); on one process its batch (2 or more, MoCo's SplitBatchNorm demo); 0 = off")
-    sync_bn: bool = _f(True, "BN statistics over the global batch with several processes: SyncBatchNorm on GPUs (timm's conversion, which keeps BatchNormAct2d's activation), our GlobalBatchNorm on CPU ranks")
+    momentum: float = _f(0.99, "objective.queue_size > 0: EMA coefficient of the momentum (key) encoder and head, "
+                               "MoCo's m")
+    shuffle_bn: int = _f(0, "objective.queue_size > 0: MoCo's shuffling BN (its Sec. 3.3): the momentum model "
+                            "computes the keys of a random permutation of the global batch in groups, each on its own "
+                            "BatchNorm statistics, so a query and its positive key rarely share them. On several "
+                            "processes (model.sync_bn=false) each process splits its share of the shuffled batch into "
+                            "this many groups (1 = MoCo's _batch_shuffle_ddp); on one process its batch (2 or more, "
+                            "MoCo's SplitBatchNorm demo); 0 = off")
+    sync_bn: bool = _f(True, "BN statistics over the global batch with several processes: SyncBatchNorm on GPUs "
+                             "(timm's conversion, which keeps BatchNormAct2d's activation), our GlobalBatchNorm on "
+                             "CPU ranks")
 
 
 @dataclass
 class ObjectiveConfig:
     name: str = _choice("objective.name", "contrastive", "training objective: ")
-    bound: str = _choice("objective.bound", "infonce", "MI lower bound maximised: ", " (see README: Objectives and bounds)")
+    bound: str = _choice("objective.bound", "infonce", "MI lower bound maximised: ", " (see README: Objectives and "
+                                                                                     "bounds)")
     graph: str = _choice("objective.graph", "full", "which view pairs: ")
     critic: str = _choice("objective.critic", "cosine", "contrastive: ")
     temperature: float = _f(0.1, "temperature of the cosine critic: score = cos(z_a, z_b) / temperature")
-    queue_size: int = _f(0, "contrastive: keys from a momentum model (model.momentum) plus a queue of this many past keys per view, MoCo v2 (0 = off: in-batch keys)")
-    nn_support_size: int = _f(0, "contrastive, in-batch keys: NNCLR, each query replaced by its nearest neighbour among this many past view-0 embeddings (0 = off)")
-    intra_view_negatives: bool = _f(False, "contrastive, in-batch keys: also score each query against the other images of its own view (SimCLR's NT-Xent: 2N-2 negatives for 2 views)")
-    debias_tau_plus: float = _f(0.0, "contrastive, infonce bound, cosine critic: train on debiased InfoNCE (Chuang et al. 2020); the expected share of negatives from the query's own class, e.g. 0.1 for 10 balanced classes (0 = off; MI is still read out by InfoNCE)")
+    queue_size: int = _f(0, "contrastive: keys from a momentum model (model.momentum) plus a queue of this many past "
+                            "keys per view, MoCo v2 (0 = off: in-batch keys)")
+    nn_support_size: int = _f(0, "contrastive, in-batch keys: NNCLR, each query replaced by its nearest neighbour "
+                                 "among this many past view-0 embeddings (0 = off)")
+    intra_view_negatives: bool = _f(False, "contrastive, in-batch keys: also score each query against the other "
+                                           "images of its own view (SimCLR's NT-Xent: 2N-2 negatives for 2 views)")
+    debias_tau_plus: float = _f(0.0, "contrastive, infonce bound, cosine critic: train on debiased InfoNCE (Chuang et "
+                                     "al. 2020); the expected share of negatives from the query's own class, e.g. 0.1 "
+                                     "for 10 balanced classes (0 = off; MI is still read out by InfoNCE)")
     smile_tau: float = _f(5.0, "SMILE: clip the scores to [-tau, tau] inside the log-mean-exp")
     mine_ema: float = _f(0.1, "MINE: update weight of the moving average of the denominator")
-    local_stages: list[int] = _f([3, 4], "amdim/dim: timm stage indices of the two local feature maps (forward_intermediates)")
+    local_stages: list[int] = _f([3, 4], "amdim/dim: timm stage indices of the two local feature maps "
+                                         "(forward_intermediates)")
     amdim_tclip: float = _f(20.0, "amdim: soft clipping of scores, tclip * tanh(s / tclip)")
     amdim_reg: float = _f(0.05, "amdim: weight of the mean squared raw score regulariser")
 
 
 @dataclass
 class OptimConfig:
-    epochs: float = _f(10, "training epochs; a fraction ends the last one early (the cosine schedule spans the whole run)")
+    epochs: float = _f(10, "training epochs; a fraction ends the last one early (the cosine schedule spans the whole "
+                           "run)")
     batch_size_per_process: int = _f(256, "images per process per step (global batch = this x processes)")
     optimizer: str = _choice("optim.optimizer", "lars", tail=" (timm.optim.create_optimizer_v2)")
-    lr: float = _f(0.3, "peak learning rate (after warmup); per 256 images of global batch when optim.lr_scaling is not none")
+    lr: float = _f(0.3, "peak learning rate (after warmup); per 256 images of global batch when optim.lr_scaling is "
+                        "not none")
     lr_scaling: str = _choice("optim.lr_scaling", "none", tail="; the effective lr is printed at start")
     min_lr: float = _f(0.0, "final learning rate of the cosine schedule")
     weight_decay: float = _f(1e-6, "weight decay (not applied to biases and norm layers)")
@@ -183,9 +216,12 @@ class MonitorConfig:
     knn_temperature: float = _f(0.07, "temperature of the kNN monitor's weighted votes")
     knn_bank: int = _f(5000, "labelled training images in the kNN memory bank")
     knn_queries: int = _f(1000, "labelled held-out images classified by the kNN monitor")
-    online_probe: bool = _f(True, "train a linear classifier on detached encoder features with labels (never reaching the encoder); scored with the kNN monitor")
+    online_probe: bool = _f(True, "train a linear classifier on detached encoder features with labels (never reaching "
+                                  "the encoder); scored with the kNN monitor")
     online_probe_lr: float = _f(1e-3, "online probe: AdamW learning rate (its own optimizer, no weight decay)")
-    expect_eval: str = _f("", "an eval config that will run on the export after this pretraining, as make demo runs configs/probe_fmnist.yaml: the expected-duration line after the first steps then reckons it too, for the whole duration ('' = the pretraining alone)")
+    expect_eval: str = _f("", "an eval config that will run on the export after this pretraining, as make demo runs "
+                              "configs/probe_fmnist.yaml: the expected-duration line after the first steps then "
+                              "reckons it too, for the whole duration ('' = the pretraining alone)")
 
 
 @dataclass
@@ -316,7 +352,8 @@ def validate(c: Config) -> None:
         _require(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
     o, d, r, m = c.optim, c.data, c.run, c.model
     _require(d.format != "ffcv" or bool(d.path), "data.path",
-             "data.format=ffcv reads a .beton: give data.path=train.beton (write it with python -m pretrain.data.beton)")
+             "data.format=ffcv reads a .beton: give data.path=train.beton (write it with python -m "
+             "pretrain.data.beton)")
     _require(math.isfinite(o.lr) and o.lr > 0, "optim.lr", f"must be a finite number > 0, got {o.lr}")
     _require(o.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
     _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
@@ -331,7 +368,8 @@ def validate(c: Config) -> None:
     lab = d.colour_split == "lab"
     _require(len(d.views) >= (1 if lab else 2), "data.views",
              f"needs at least {1 if lab else 2} view recipes, got {len(d.views)}")
-    _require(not lab or d.dataset != "fashion_mnist", "data.colour_split", "lab needs RGB data, Fashion-MNIST is grayscale")
+    _require(not lab or d.dataset != "fashion_mnist", "data.colour_split", "lab needs RGB data, Fashion-MNIST is "
+                                                                           "grayscale")
     _require(not lab or m.encoder_per_view, "model.encoder_per_view",
              "must be true with data.colour_split=lab: the L and ab encoders see 1 and 2 channels")
     for i, v in enumerate(d.views):
@@ -341,9 +379,11 @@ def validate(c: Config) -> None:
                  f"need 0 < crop_scale_min <= crop_scale_max <= 1, got {v.crop_scale_min}..{v.crop_scale_max}")
         for p in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             _require(0 <= getattr(v, p) <= 1, f"{k}.{p}", f"is a probability in [0, 1], got {getattr(v, p)}")
-        _require(v.blur_sigma_max >= 0.1, f"{k}.blur_sigma_max", f"must be >= 0.1 (the smallest sigma), got {v.blur_sigma_max}")
+        _require(v.blur_sigma_max >= 0.1, f"{k}.blur_sigma_max", "must be >= 0.1 (the smallest sigma), got "
+                                                                 f"{v.blur_sigma_max}")
         for strength in ("gamma", "tone"):
-            _require(getattr(v, strength) >= 0, f"{k}.{strength}", f"must be >= 0 (0 = off), got {getattr(v, strength)}")
+            _require(getattr(v, strength) >= 0, f"{k}.{strength}", "must be >= 0 (0 = off), got "
+                                                                   f"{getattr(v, strength)}")
     _require(d.augment == "loader" or d.format == "ffcv" or d.dataset != "imagefolder", "data.augment",
              "batch needs same-size images: fashion_mnist, synthetic, or a .beton (data.format=ffcv); use loader")
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
@@ -361,7 +401,8 @@ def validate(c: Config) -> None:
     ob = c.objective
     if ob.name in ("amdim", "dim"):
         _require(len(ob.local_stages) == 2, "objective.local_stages", f"needs two stage indices, got {ob.local_stages}")
-        _require(len(d.views) == 2 and not lab, "data.views", f"{ob.name} uses exactly 2 RGB/gray views, got {len(d.views)}")
+        _require(len(d.views) == 2 and not lab, "data.views", f"{ob.name} uses exactly 2 RGB/gray views, got "
+                                                              f"{len(d.views)}")
         _require(ob.name != "dim" or ob.bound in ("infonce", "nwj", "dv", "js", "smile"), "objective.bound",
                  f"dim supports infonce, nwj, dv, js, smile, got {ob.bound}")
     _require(ob.queue_size >= 0, "objective.queue_size", f"must be >= 0, got {ob.queue_size}")
@@ -372,7 +413,8 @@ def validate(c: Config) -> None:
                  "works with objective.name=contrastive and in-batch keys (objective.queue_size=0) only")
     _require(not (ob.intra_view_negatives and ob.nn_support_size), "objective.intra_view_negatives",
              "cannot be combined with objective.nn_support_size: NNCLR's anchor is the query's support-set neighbour, "
-             "the intra-view negatives' the query itself, so one softmax row would mix two anchors; set one of them off")
+             "the intra-view negatives' the query itself, so one softmax row would mix two anchors; set one of them "
+             "off")
     _require(0 <= ob.debias_tau_plus < 1, "objective.debias_tau_plus", f"must be in [0, 1), got {ob.debias_tau_plus}")
     _require(not ob.debias_tau_plus or (ob.name, ob.bound, ob.critic) == ("contrastive", "infonce", "cosine"),
              "objective.debias_tau_plus", "debiases InfoNCE with the cosine critic's score floor: it needs "
@@ -381,7 +423,8 @@ def validate(c: Config) -> None:
     _require(0 <= m.momentum < 1, "model.momentum", f"must be in [0, 1), got {m.momentum}")
     _require(m.shuffle_bn >= 0, "model.shuffle_bn", f"must be >= 0 (0 = off), got {m.shuffle_bn}")
     _require(not m.shuffle_bn or ob.queue_size > 0, "model.shuffle_bn",
-             "shuffles the momentum model's BatchNorm, so it needs the queue: set objective.queue_size, or model.shuffle_bn=0")
+             "shuffles the momentum model's BatchNorm, so it needs the queue: set objective.queue_size, or "
+             "model.shuffle_bn=0")
     _require(not m.shuffle_bn or c.optim.batch_size_per_process >= 2 * m.shuffle_bn, "model.shuffle_bn",
              f"{m.shuffle_bn} groups of optim.batch_size_per_process={c.optim.batch_size_per_process} leave fewer than "
              "2 images for some group's BatchNorm statistics; use fewer groups")
@@ -395,7 +438,8 @@ def validate(c: Config) -> None:
     _require(mo.knn_every >= 0, "monitor.knn_every", f"must be >= 0 (0 = monitor off), got {mo.knn_every}")
     for key in ("knn_bank", "knn_queries"):
         _require(mo.knn_every == 0 or getattr(mo, key) >= 1, f"monitor.{key}",
-                 f"must be >= 1 while the monitor is on, got {getattr(mo, key)}; set monitor.knn_every=0 to turn it off")
+                 f"must be >= 1 while the monitor is on, got {getattr(mo, key)}; set monitor.knn_every=0 to turn it "
+                 "off")
 
 
 def effective_lr(optim: OptimConfig, global_batch: int) -> float:

@@ -125,8 +125,9 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     We own it because torch's SyncBatchNorm refuses CPU tensors (gloo ranks); on CUDA, model.sync_bn
     uses torch's. One all-reduce (with gradient) adds up every rank's per-channel sums and counts into
     the global mean, a second one the squared deviations from it into the biased variance, and x is
-    normalised with both: the forward and backward of one process holding the whole W*B batch. Running statistics use the unbiased global
-    variance, as BatchNorm does. In eval mode, or with one process, it is plain BatchNorm.
+    normalised with both: the forward and backward of one process holding the whole W*B batch. Running
+    statistics use the unbiased global variance, as BatchNorm does. In eval mode, or with one process, it
+    is plain BatchNorm.
     Inputs B x C (x L) or B x C x H x W.
     """
 

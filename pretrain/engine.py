@@ -58,7 +58,8 @@ def train_step(
     loss, diag = objective(z) if keys is None else objective(z, keys)
     # One collective for both decisions, so every rank takes the same branch (no DDP hang).
     # Built on the device and read once: the step's one host sync, which deciding to skip or stop needs.
-    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), torch.tensor(float(stop_requested), device=loss.device)])
+    stop_flag = torch.tensor(float(stop_requested), device=loss.device)
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), stop_flag])
     nonfinite, stop = (bool(f) for f in all_reduce_max_(flags).tolist())
     if nonfinite:
         optimizer.zero_grad(set_to_none=True)

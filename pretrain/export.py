@@ -171,7 +171,8 @@ def load_encoder(path: str | Path, verify: bool = True) -> tuple[nn.Module, dict
     return _load_weights(_checked_weights(export_dir, meta, verify), meta, meta["in_chans"]), meta
 
 
-def load_view_encoders(path: str | Path, meta: dict[str, Any], verify: bool = True) -> list[tuple[dict[str, Any], nn.Module]]:
+def load_view_encoders(path: str | Path, meta: dict[str, Any],
+                       verify: bool = True) -> list[tuple[dict[str, Any], nn.Module]]:
     """The other views' encoders listed in config.json (CMC's ab encoder), as (entry, encoder); [] when none."""
     export_dir = export_dir_of(path)
     return [(entry, _load_weights(_checked_weights(export_dir, entry, verify), meta, entry["in_chans"]))

@@ -62,7 +62,8 @@ class _WithPosition(torch.utils.data.Dataset):
         return (*self.base[i], i)
 
     def __getitems__(self, indices: list[int]) -> list[tuple[Any, Any, int]]:
-        items = self.base.__getitems__(indices) if hasattr(self.base, "__getitems__") else [self.base[i] for i in indices]
+        batched = hasattr(self.base, "__getitems__")
+        items = self.base.__getitems__(indices) if batched else [self.base[i] for i in indices]
         return [(*item, i) for item, i in zip(items, indices)]
 
 

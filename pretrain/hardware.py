@@ -45,7 +45,8 @@ def cpu_model() -> str:
             info.setdefault(key.strip(), value.strip())
     except OSError:
         return platform.processor() or platform.machine()
-    family = f" (family {info['cpu family']}, model {info['model']})" if "cpu family" in info and "model" in info else ""
+    known = "cpu family" in info and "model" in info
+    family = f" (family {info['cpu family']}, model {info['model']})" if known else ""
     return info.get("model name", platform.machine()) + family
 
 
@@ -98,10 +99,12 @@ def choose_precision(requested: str, launch: str | None = None) -> Precision:
     else:
         mode, reason = "no", "auto: this CPU has no native bf16; bf16 would run several times slower"
     if mode == "fp16" and not cuda:
-        raise ConfigError("bad value for config key 'run.precision': fp16 needs a CUDA GPU; use auto, bf16 or no on CPU")
+        raise ConfigError("bad value for config key 'run.precision': fp16 needs a CUDA GPU; use auto, bf16 or no on "
+                          "CPU")
     warning = ""
     if mode == "bf16" and not cuda and not cpu_has_native_bf16():
-        warning = (f"warning: bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}) runs several "
+        warning = (f"warning: bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}) runs "
+                   "several "
                    "times slower than fp32; run.precision=auto picks fp32 here")
     return Precision(mode, reason, warning)
 

@@ -92,13 +92,15 @@ def build_parts(cfg: Config, data: TrainData, accelerator: Accelerator) -> Parts
     # The online probe: labels train only this head, on detached features, with its own optimizer.
     probe = probe_optimizer = None
     if cfg.monitor.online_probe and data.images.num_classes >= 2:
-        probe = accelerator.prepare_model(OnlineProbe(model.feature_dim, data.images.num_classes))  # DDP: same on every rank
+        # DDP: the same probe on every rank
+        probe = accelerator.prepare_model(OnlineProbe(model.feature_dim, data.images.num_classes))
         probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=cfg.monitor.online_probe_lr, weight_decay=0.0)
     learned_critic = any(p.requires_grad for p in objective.parameters())
     return Parts(model, objective, None, probe, probe_optimizer, learned_critic)
 
 
-def build_optimizer(cfg: Config, parts: Parts, accelerator: Accelerator, steps_per_epoch: int) -> tuple[Any, Any, float]:
+def build_optimizer(cfg: Config, parts: Parts, accelerator: Accelerator,
+                    steps_per_epoch: int) -> tuple[Any, Any, float]:
     """(optimizer, per-step scheduler, effective lr) from timm; wraps model (and a learned critic) for DDP,
     then copies the momentum key model (objective.queue_size) from the synchronised model."""
     from timm.optim import create_optimizer_v2
@@ -196,7 +198,8 @@ class Run:
         saved_steps = (state.get("scheduler") or {}).get("t_initial", self.scheduler.t_initial)
         if saved_steps != self.scheduler.t_initial and self.main:
             print(f"optim.epochs changed: the lr schedule (warmup, then cosine) now spans {self.scheduler.t_initial:g} "
-                  f"steps instead of {saved_steps:g}, and resumes at step {self.progress.global_step} on it", flush=True)
+                  f"steps instead of {saved_steps:g}, and resumes at step {self.progress.global_step} on it",
+                  flush=True)
         if acc.scaler is not None and state.get("scaler"):
             acc.scaler.load_state_dict(state["scaler"])
 
@@ -220,7 +223,8 @@ class Run:
         self.tb = TensorBoard(run_dir / "tb", enabled=self.main)
         self.tb.text("config", to_yaml(self.cfg))
         self.stop.install()
-        self.bar = progress_bar(self.total_steps, initial=self.progress.global_step, disable=not self.main, desc="pretrain")
+        self.bar = progress_bar(self.total_steps, initial=self.progress.global_step, disable=not self.main,
+                                desc="pretrain")
         self.started, self.seconds_before = time.perf_counter(), self.progress.train_seconds
         self.meter.reset()  # images/s from here, not from when the run was built
 
@@ -236,7 +240,8 @@ class Run:
             cfg.monitor.knn_temperature, cfg.data.num_workers, input_fn=self.data.first_view, probe=probe)
         if self.main:
             self.tb.scalars({"monitor/knn_top1": self.knn_top1}, progress.global_step)
-            line = f"epoch {progress.epoch} (step {progress.global_step}): kNN top-1 {self.knn_top1:.2%} (k={cfg.monitor.knn_k})"
+            line = (f"epoch {progress.epoch} (step {progress.global_step}): kNN top-1 {self.knn_top1:.2%} "
+                    f"(k={cfg.monitor.knn_k})")
             if self.probe_top1 is not None and progress.global_step:  # an untrained probe's score means nothing
                 self.tb.scalars({"monitor/online_probe_top1": self.probe_top1}, progress.global_step)
                 line += f"   online probe top-1 {self.probe_top1:.2%}"
@@ -281,8 +286,8 @@ class Run:
             per_image = self.knn_seconds / (len(self.data.knn_bank) + len(self.data.knn_queries))
         else:  # a forward pass costs about a third of a training step's forward and backward
             per_image = step_s / (3 * cfg.optim.batch_size_per_process * len(cfg.data.views) * acc.num_processes)
-        return expected_eval_seconds(load_expected_eval(cfg.monitor.expect_eval, str(Path(cfg.run.dir) / "export")), cfg.data.views[0].size,
-                                     self.raw_model.feature_dim, per_image)
+        eval_cfg = load_expected_eval(cfg.monitor.expect_eval, str(Path(cfg.run.dir) / "export"))
+        return expected_eval_seconds(eval_cfg, cfg.data.views[0].size, self.raw_model.feature_dim, per_image)
 
 
 def train_one_epoch(run: Run) -> bool:
@@ -418,14 +423,16 @@ def print_summary(run: Run, summary: dict[str, Any], elapsed: float, run_dir: Pa
     lines = [
         "",
         f"infomax pretraining {state}: step {progress.global_step}/{run.total_steps}, epoch {progress.epoch}/"
-        f"{cfg.optim.epochs:g}, {run.steps_this_run} steps in {elapsed:.0f}s on {run.accelerator.num_processes} process(es)",
+        f"{cfg.optim.epochs:g}, {run.steps_this_run} steps in {elapsed:.0f}s on {run.accelerator.num_processes} "
+        "process(es)",
         f"  loss {fmt(summary['final_loss'], '.4f')}   "
         + (f"MI estimate {fmt(summary['mi_estimate_nats'], '.3f')} nats with the queue's stale keys (ceiling log K = "
            f"{fmt(summary['log_k'], '.3f')}; no lower bound), bound over the batch's keys alone "
            f"{summary['mi_batch_keys_nats']:.3f} nats" if summary["mi_batch_keys_nats"] is not None else
            f"MI bound {fmt(summary['mi_estimate_nats'], '.3f')} nats (ceiling log K = {fmt(summary['log_k'], '.3f')})")
         + f"   kNN top-1 {fmt(summary['knn_top1'], '.2%')}"
-        + (f"   online probe top-1 {summary['online_probe_top1']:.2%}" if summary["online_probe_top1"] is not None else ""),
+        + (f"   online probe top-1 {summary['online_probe_top1']:.2%}"
+           if summary["online_probe_top1"] is not None else ""),
         f"  skipped steps {progress.skipped_steps}   unreadable images {progress.unreadable_count}   "
         f"precision {summary['precision']} ({summary['precision_reason']})",
         f"  run dir {run_dir}   checkpoint {checkpoint_path}",

@@ -60,7 +60,8 @@ def card_text(meta: dict[str, Any], encoder: nn.Module, run: dict[str, Any]) -> 
         "|---|---|",
         f"| architecture | timm `{meta['architecture']}`, `in_chans={meta['in_chans']}`"
         + (f", timm kwargs `{json.dumps(meta['timm_kwargs'])}`" if meta.get("timm_kwargs") else "")
-        + (f"; small-image stem (3x3 at stride {meta.get('stem_stride', 1)}, no max-pool)" if meta["small_input"] else "")
+        + (f"; small-image stem (3x3 at stride {meta.get('stem_stride', 1)}, no max-pool)"
+           if meta["small_input"] else "")
         + " |",
         f"| input | {pre}, `{meta['input_transform']}`: pixels in [0, 1], then (x - mean) / std with mean "
         f"{meta['mean']} and std {meta['std']} |",

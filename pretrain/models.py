@@ -46,7 +46,8 @@ def width_kwargs(arch: str, width: float) -> dict[str, Any]:
         return {}
     default = timm.create_model(arch, pretrained=False, num_classes=0)
     if not hasattr(default, "layer4") or not hasattr(default, "conv1"):
-        raise ConfigError(f"model.width applies to timm ResNets (resnet18, resnet10t, ...), not '{arch}'; set model.width=1")
+        raise ConfigError(f"model.width applies to timm ResNets (resnet18, resnet10t, ...), not '{arch}'; set "
+                          "model.width=1")
     # A stage's width ("planes"): a Bottleneck's output over its expansion of 4, a BasicBlock's first conv.
     planes = [stage[0].conv3.out_channels // 4 if hasattr(stage[0], "conv3") else stage[0].conv1.out_channels
               for stage in (default.layer1, default.layer2, default.layer3, default.layer4)]
@@ -63,7 +64,8 @@ def create_encoder(arch: str, in_chans: int, small_input: bool, stem_stride: int
         encoder = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans, **(timm_kwargs or {}))
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise ConfigError(f"unknown timm model '{arch}' for model.arch; list them with timm.list_models()") from None
+            raise ConfigError(f"unknown timm model '{arch}' for model.arch; list them with timm.list_models()") \
+                from None
         raise
     return adapt_small_input(encoder, arch, stem_stride) if small_input else encoder
 
@@ -118,7 +120,8 @@ class MultiViewModel(nn.Module):
         n_head = num_views if not cfg.shared_head else 1
         self.encoders = nn.ModuleList(encoder_from_config(cfg, self.in_chans[v]) for v in range(n_enc))
         self.feature_dim: int = self.encoders[0].num_features
-        self.heads = nn.ModuleList(projection_head(self.feature_dim, list(cfg.head_dims), cfg.head_bn) for _ in range(n_head))
+        self.heads = nn.ModuleList(projection_head(self.feature_dim, list(cfg.head_dims), cfg.head_bn)
+                                   for _ in range(n_head))
         self.num_views = num_views
 
     def encoder_for(self, view: int) -> nn.Module:

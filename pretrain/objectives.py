@@ -22,7 +22,6 @@ from pretrain.distributed import gather, gather_with_grad, own_rows
 from pretrain.momentum import KeyQueue
 
 
-
 def _fp32(t: torch.Tensor) -> torch.Tensor:
     """At least fp32 (keeps float64 for exactness tests); scores never run in bf16/fp16."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -193,7 +192,7 @@ def multi_positive_nce(queries: torch.Tensor, keys: torch.Tensor, positives: tor
     scores = raw if tclip is None else tclip * torch.tanh(raw / tclip)
     rows = torch.arange(len(queries), device=queries.device)
     pos = scores[rows, positives]  # Q x N
-    own = positives[:, None] == torch.arange(k, device=queries.device)  # Q x K; a fill, not a boolean index: no host sync
+    own = positives[:, None] == torch.arange(k, device=queries.device)  # Q x K: a fill, not a boolean index
     neg_lse = torch.logsumexp(scores.masked_fill(own[:, :, None], float("-inf")).flatten(1), dim=1)  # Q
     loss = -(pos - torch.logaddexp(pos, neg_lse[:, None])).mean()
     return loss, math.log(1 + (k - 1) * n) - loss.detach(), (raw**2).mean()
@@ -226,7 +225,8 @@ class AMDIMObjective(nn.Module):
                 terms[f"1to0_{a}{c}"] = multi_positive_nce(g[a], shallow, positives, self.tclip)
                 n = local[a][-1].shape[1]
                 q = local[a][-1].reshape(b * n, -1)  # every deep position of view a is a query
-                terms[f"lto{len(local[a]) - 1}_{a}{c}"] = multi_positive_nce(q, deep, positives.repeat_interleave(n), self.tclip)
+                terms[f"lto{len(local[a]) - 1}_{a}{c}"] = multi_positive_nce(
+                    q, deep, positives.repeat_interleave(n), self.tclip)
             nce = torch.stack([t[0] for t in terms.values()]).mean()
             reg = torch.stack([t[2] for t in terms.values()]).mean()
             loss = nce + self.reg_weight * reg
@@ -269,7 +269,8 @@ class DIMObjective(nn.Module):
                     values.append(math.log(1 + (k - 1) * n) - nce)
                 else:
                     scores = torch.einsum("bd,knd->bkn", g, keys).reshape(b, k * n)  # columns j * N + m
-                    mask = (positives[:, None] == torch.arange(k, device=g.device)).repeat_interleave(n, dim=1)  # B x (K N)
+                    own = positives[:, None] == torch.arange(k, device=g.device)  # B x K
+                    mask = own.repeat_interleave(n, dim=1)  # B x (K N)
                     values.append(self._fn(scores, positives=mask))
             mi = torch.stack(values).mean()
             log_k = math.log(1 + (k - 1) * n)  # candidates per positive: itself and every other image's positions
@@ -289,8 +290,8 @@ def build_objective(cfg: ObjectiveConfig, num_views: int, embed_dim: int) -> nn.
     """The objective named by ``objective.name``, configured from the rest of ``objective.*``."""
     if cfg.name == "contrastive":
         return ContrastiveObjective(cfg.temperature, cfg.bound, num_views, cfg.smile_tau, cfg.mine_ema, cfg.graph,
-                                    cfg.critic, embed_dim, cfg.queue_size, cfg.intra_view_negatives, cfg.nn_support_size,
-                                    cfg.debias_tau_plus)
+                                    cfg.critic, embed_dim, cfg.queue_size, cfg.intra_view_negatives,
+                                    cfg.nn_support_size, cfg.debias_tau_plus)
     if cfg.name == "amdim":
         return AMDIMObjective(cfg.amdim_tclip, cfg.amdim_reg)
     if cfg.name == "dim":

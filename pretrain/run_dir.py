@@ -92,7 +92,8 @@ def check_saved_config(saved: Path) -> None:
     text = saved.read_text(errors="replace")
     try:
         tree = YAML_1_2.load(text)
-        problem = "" if isinstance(tree, dict) and tree else "is empty" if tree is None else f"holds a {type(tree).__name__}"
+        problem = ("" if isinstance(tree, dict) and tree else "is empty" if tree is None
+                   else f"holds a {type(tree).__name__}")
     except YAMLError as e:
         problem = f"is not valid YAML ({yaml_problem(e)})"
     if not problem and not text.endswith("\n"):  # to_yaml ends every file with one; a cut can still parse

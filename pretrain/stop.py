@@ -10,7 +10,6 @@ import os
 import signal
 from typing import Any
 
-
 # submitit's preemption / time-limit signal (SLURM sends it `--signal-delay` seconds before the end).
 PREEMPT_SIGNAL = signal.SIGUSR2
 

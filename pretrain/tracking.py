@@ -177,7 +177,8 @@ class LogProgress:
         eta_text = "?" if eta != eta else time.strftime("%H:%M:%S", time.gmtime(eta))
         percent = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         postfix = f", {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {self.unit} {self.n}/{self.total}{percent}, {rate:.2f} {self.unit}/s{postfix}, ETA {eta_text}",
+        print(f"{self.desc}: {self.unit} {self.n}/{self.total}{percent}, {rate:.2f} {self.unit}/s{postfix}, ETA "
+              f"{eta_text}",
               file=self.file, flush=True)
 
 

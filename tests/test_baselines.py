@@ -3,24 +3,23 @@ supervised same-encoder row."""
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
+from test_eval import export_dir, report_of, run_eval  # noqa: F401 (fixture)
 
+from conftest import synthetic_views
 from eval.classifier import FitOutcome, SGDSchedule, fit_classifier
 from eval.config import EvalConfig, validate_eval
 from eval.rows import pretrain_epochs
 from eval.stored_baselines import alexnet_protocol, data_fingerprint, find_stored, store_dir
+from pretrain.checkpoint import Progress
 from pretrain.config import load_config
 from pretrain.data.datasets import FMNIST_DEFAULT_ROOT, open_dataset
-from pretrain.checkpoint import Progress
-from conftest import synthetic_views
-from test_eval import export_dir, report_of, run_eval  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 ALEXNET = ["baselines.alexnet_supervised=true", "baselines.alexnet_global_batch_size=16", "random_init=false",

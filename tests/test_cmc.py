@@ -67,8 +67,9 @@ def test_cmc_lab_config_pretrains_one_encoder_per_channel_group(run_dir: Path) -
     # CMC's linear evaluation: the ab encoder is exported beside the L encoder, and timm loads both
     (ab,) = meta["view_encoders"]
     assert ab["in_chans"] == 2 and ab["input_transform"] == "lab_ab" and ab["file"] == "encoder_view1.safetensors"
-    from pretrain.export import load_encoder, load_view_encoders
     import timm
+
+    from pretrain.export import load_encoder, load_view_encoders
 
     L, _ = load_encoder(run_dir / "export")
     ((_, ab_encoder),) = load_view_encoders(run_dir / "export", meta)

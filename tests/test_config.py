@@ -93,10 +93,12 @@ def test_renamed_eval_keys_name_their_new_name_also_in_a_file(tmp_path, old: str
     [
         (["optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
         (["optim.epochs=three"], "bad value for config key 'optim.epochs'"),
-        (["data.dataset=imagefolder", "data.root=/nonexistent/imagenet"], "'/nonexistent/imagenet/train' does not exist"),
+        (["data.dataset=imagefolder", "data.root=/nonexistent/imagenet"], "'/nonexistent/imagenet/train' does not "
+                                                                          "exist"),
         (["data.dataset=fashion_mnist", "data.root=/nonexistent"], "Fashion-MNIST train files"),
         (["run.precision=fp16"], "fp16 needs a CUDA GPU"),
-        (["data.dataset=imagefolder", "data.root=/tmp", "data.augment=batch"], "'data.augment': batch needs same-size images"),
+        (["data.dataset=imagefolder", "data.root=/tmp", "data.augment=batch"], "'data.augment': batch needs same-size "
+                                                                               "images"),
         (["objective.name=amdim", "objective.queue_size=8"], "the momentum queue works with objective.name=contrastive"),
         (["monitor.knn_bank=0"], "'monitor.knn_bank': must be >= 1 while the monitor is on"),
         (["monitor.knn_queries=0"], "'monitor.knn_queries': must be >= 1 while the monitor is on"),
@@ -117,7 +119,8 @@ def test_cli_errors_are_one_line_before_training(overrides: list[str], needle: s
 
 @pytest.mark.parametrize("text, needle", [
     ("optim:\n  lr: [0.1\n", "is not valid YAML: expected ',' or ']', but got '<stream end>' at line 3"),
-    ("optim:\n  lr: 0.1\n  lr: 0.2\n", 'is not valid YAML: found duplicate key "lr" with value "0.2" (original value: "0.1") at line 3'),
+    ("optim:\n  lr: 0.1\n  lr: 0.2\n", 'is not valid YAML: found duplicate key "lr" with value "0.2" (original value: '
+                                       '"0.1") at line 3'),
     ("- optim\n- run\n", "holds a list, not a mapping of sections"),
 ])
 def test_broken_yaml_is_one_line(tmp_path: Path, text: str, needle: str) -> None:
@@ -217,7 +220,7 @@ def test_every_list_of_choices_has_one_source() -> None:
     from pretrain.data.datasets import REGISTRY
 
     assert tuple(REGISTRY) == CHOICES["data.dataset"] and CRITICS == CHOICES["objective.critic"]
-    for key, choices in CHOICES.items():
+    for key in CHOICES:
         section, name = key.split(".")
         field = {f.name: f for f in dataclasses.fields(getattr(Config(), section))}[name]
         assert choices_help(key) in field.metadata["help"], key  # the help text lists them from CHOICES

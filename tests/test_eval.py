@@ -25,8 +25,8 @@ from pretrain.config import ConfigError, ViewConfig
 from pretrain.data import MultiViewDataset
 from pretrain.data.batch_views import BatchViews
 from pretrain.data.datasets import open_dataset, spaced_subset
-from pretrain.features import ImageListDataset
 from pretrain.export import export_encoder
+from pretrain.features import ImageListDataset
 from pretrain.hardware import choose_precision
 from pretrain.knn import knn_predict_many
 from pretrain.models import create_encoder
@@ -243,7 +243,8 @@ def test_eval_writes_report_with_every_requested_row(export_dir: Path, tmp_path:
         assert 0 <= row["top1"] <= row["top5"] <= 1 and set(row["knn"]) == {"5"} and row["scored"] == 24
         assert row["probe_grad_max"] > 0  # how far the probe's final fit is from its optimum
     alexnet = report["rows"][3]
-    assert report["alexnet_reference_top1"] == alexnet["top1"] and alexnet["name"].startswith("AlexNet supervised (2 steps, ")
+    assert report["alexnet_reference_top1"] == alexnet["top1"] and alexnet["name"].startswith("AlexNet supervised (2 "
+                                                                                              "steps, ")
     assert alexnet["steps"] == 2 and alexnet["wall_s"] > 0 and alexnet["epochs"] > 0 and "converged" in alexnet
     assert len(alexnet["held_out_top1"]) == 2  # 10 checks over a 2-step budget: after each step
     assert report["rows"][0]["delta_vs_alexnet"] == pytest.approx(report["rows"][0]["top1"] - alexnet["top1"])
@@ -396,7 +397,8 @@ def test_alexnet_conv_probes_from_a_weights_file(export_dir: Path, tmp_path: Pat
     ("no_weights", "encoder.safetensors is missing"),
     ("missing_inside", "no export found at"),
     ("out_unwritable", "is not a writable directory"),
-    ("holdout_other", "was pretrained with data.holdout=24, so holdout=12 would not score the images it was held out of"),
+    ("holdout_other", "was pretrained with data.holdout=24, so holdout=12 would not score the images it was held out "
+                      "of"),
     ("holdout_none", "was pretrained on every train image (data.holdout=0)"),
 ])
 def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage: str, needle: str) -> None:

@@ -341,9 +341,11 @@ def test_ranks_whose_launcher_died_stop_at_the_next_step_with_a_checkpoint(run_d
 def test_identical_weights_export_to_an_identical_file_in_every_process(tmp_path: Path) -> None:
     # safetensors writes its metadata map in a per-process order: with two keys about 1 export in 6
     # got another sha256. One process per export, as separate runs would be.
-    script = ("import sys, torch; from pretrain.export import export_encoder; from pretrain.models import create_encoder; from pathlib import Path;"
+    script = ("import sys, torch; from pretrain.export import export_encoder; from pretrain.models import "
+              "create_encoder; from pathlib import Path;"
               "torch.manual_seed(0); e = create_encoder('test_resnet', 1, small_input=True);"
-              "export_encoder(e, Path(sys.argv[1]), arch='test_resnet', in_chans=1, input_size=16, mean=(0.5,), std=(0.25,),"
+              "export_encoder(e, Path(sys.argv[1]), arch='test_resnet', in_chans=1, input_size=16, mean=(0.5,), "
+              "std=(0.25,),"
               " small_input=True, summary={})")
     hashes = set()
     for i in range(3):

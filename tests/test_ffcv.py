@@ -30,7 +30,8 @@ if os.environ.get("CI"):
 else:
     pytest.importorskip("ffcv", reason="FFCV is not installed (make setup installs it as root)")
 
-from pretrain.data.beton import main as beton_main, write_beton  # noqa: E402
+from pretrain.data.beton import main as beton_main  # noqa: E402
+from pretrain.data.beton import write_beton
 from pretrain.data.ffcv_loader import FFCVMultiViewLoader  # noqa: E402
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_main
+from conftest import run_main
 from pretrain.export import export_encoder, load_encoder
 from pretrain.model_card import CARD, EVAL_HEADING, add_eval, card_text
 from pretrain.models import create_encoder

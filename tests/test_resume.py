@@ -172,8 +172,8 @@ def test_rank_0_chooses_the_checkpoint_and_every_rank_resumes_it_or_all_stop(tmp
     """Issue 25.4: each rank used to resume its own newest checkpoint, so on a lagging filesystem two ranks
     could start at steps 4 and 2, then hang or diverge. Rank 0 now chooses; a rank that cannot read its
     choice, or reads another step there, stops every rank with one message (none waits in a collective)."""
-    from pretrain import checkpoint as ckpt
     from conftest import spawn_ranks
+    from pretrain import checkpoint as ckpt
 
     def state(step: int) -> dict:
         return {"progress": {"global_step": step, "epoch": 0, "step_in_epoch": step}, "rng": [ckpt.rng_state()] * 2}

@@ -56,7 +56,8 @@ def wait_for_step(run_dir: Path, job: str, step: int, timeout: float = 180) -> N
         if log.is_file() and re.search(rf"^pretrain: step {step}/\d+", log.read_text(errors="replace"), flags=re.M):
             return
         time.sleep(0.5)
-    raise AssertionError(f"job {job} never reached step {step}: {log.read_text(errors='replace')[-2000:] if log.is_file() else 'no log'}")
+    raise AssertionError(f"job {job} never reached step {step}: "
+                         f"{log.read_text(errors='replace')[-2000:] if log.is_file() else 'no log'}")
 
 
 def log_of(run_dir: Path, job: str, rank: int = 0) -> str:

@@ -28,8 +28,13 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from pretrain.config import ViewConfig
-from pretrain.data.transforms import (SOLARIZE_THRESHOLD_UINT8, blur_kernel_size, normalise_steps, random_tone_slopes,
-                                       tone_curve)
+from pretrain.data.transforms import (
+    SOLARIZE_THRESHOLD_UINT8,
+    blur_kernel_size,
+    normalise_steps,
+    random_tone_slopes,
+    tone_curve,
+)
 
 
 def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
@@ -150,7 +155,8 @@ def blur(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
     k = blur_kernel_size(view.size)
     d = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
     kern = torch.exp(-0.5 * (d / sigma[:, None]) ** 2)
-    kern = (kern / kern.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0).to(x)  # B*C x k: one per image and channel
+    # B*C x k: one per image and channel
+    kern = (kern / kern.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0).to(x)
     y = F.pad(x.reshape(1, b * c, h, w), [k // 2] * 4, mode="reflect")
     y = F.conv2d(y, kern.view(b * c, 1, 1, k), groups=b * c)  # separable: rows, then columns
     y = F.conv2d(y, kern.view(b * c, 1, k, 1), groups=b * c).view(b, c, h, w)

@@ -234,7 +234,8 @@ def read_back(out: Path, dataset: ImageDataset, samples: int = 8) -> None:
             error = np.abs(decoded - source).mean()
             if error == 0 or settings["write_mode"] == "raw":  # stored raw (proportion mode stores some raw)
                 if error:
-                    raise RuntimeError(f"read-back: image {i} of {out} differs from the source (mean abs error {error:.1f})")
+                    raise RuntimeError(f"read-back: image {i} of {out} differs from the source (mean abs error "
+                                       f"{error:.1f})")
                 continue
             # JPEG loses detail by design (9-13 levels on synthetic images at quality 90), so the reference
             # is the source through the same encoder at the same quality. Only the decoder differs:

@@ -41,7 +41,8 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     xyz = torch.where(f ** 3 > _EPS, f ** 3, (116 * f - 16) / _KAPPA)
     xyz = xyz * _WHITE.to(lab.device).view(1, 3, 1, 1)
     linear = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(_RGB_TO_XYZ).to(lab.device), xyz).clamp(0, 1)
-    return torch.where(linear > 0.0031308, 1.055 * linear.clamp_min(1e-12) ** (1 / 2.4) - 0.055, 12.92 * linear).clamp(0, 1)
+    curved = 1.055 * linear.clamp_min(1e-12) ** (1 / 2.4) - 0.055
+    return torch.where(linear > 0.0031308, curved, 12.92 * linear).clamp(0, 1)
 
 
 def split_lab(views: Sequence[torch.Tensor], mean: Sequence[float], std: Sequence[float]) -> list[torch.Tensor]:

@@ -251,8 +251,9 @@ def open_dataset(name: str, split: str, root: str = "", **options: Any) -> Image
 
 def _pretrain_split(cfg: Config, split: str) -> ImageDataset:
     d = cfg.data
-    return open_dataset(d.dataset, split, d.root, synthetic_size=d.synthetic_size, synthetic_classes=d.synthetic_classes,
-                        synthetic_image_size=d.synthetic_image_size, seed=cfg.run.seed)
+    return open_dataset(d.dataset, split, d.root, synthetic_size=d.synthetic_size,
+                        synthetic_classes=d.synthetic_classes, synthetic_image_size=d.synthetic_image_size,
+                        seed=cfg.run.seed)
 
 
 class Subset(ImageDataset):

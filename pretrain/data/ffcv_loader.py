@@ -89,7 +89,8 @@ class FFCVMultiViewLoader:
         mean, std = (np.resize(np.array(m, dtype=np.float64) * 255, 3) for m in (self.info.mean, self.info.std))
 
         def image_pipeline(view: ViewConfig, normalise: bool) -> list[Any]:
-            decoder = RandomResizedCropRGBImageDecoder((view.size, view.size), scale=(view.crop_scale_min, view.crop_scale_max))
+            decoder = RandomResizedCropRGBImageDecoder((view.size, view.size),
+                                                       scale=(view.crop_scale_min, view.crop_scale_max))
             steps = [decoder, RandomHorizontalFlip(view.flip_p)]
             if normalise:  # on the numpy side: after ToTensor/ToTorchImage it hangs ffcv's CPU Loader
                 steps.append(NormalizeImage(mean, std, np.float32))
@@ -98,7 +99,8 @@ class FFCVMultiViewLoader:
                 steps.append(ToDevice(device, non_blocking=non_blocking))
             return steps + [ToTorchImage()]
 
-        label = [IntDecoder(), ToTensor(), Squeeze()] + ([] if on_cpu else [ToDevice(device, non_blocking=non_blocking)])
+        label = [IntDecoder(), ToTensor(), Squeeze()]
+        label += [] if on_cpu else [ToDevice(device, non_blocking=non_blocking)]
         pipelines: dict[str, Any] = {"image": image_pipeline(views[0], self.normalised[0]), "label": label}
         for i, view in enumerate(views[1:], start=1):
             first, *rest = image_pipeline(view, self.normalised[i])

@@ -29,7 +29,8 @@ class MultiViewDataset(torch.utils.data.Dataset):
     batch on the device), with no per-image seeding.
     """
 
-    def __init__(self, base: ImageDataset, transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]], seed: int) -> None:
+    def __init__(self, base: ImageDataset, transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+                 seed: int) -> None:
         self.base, self.transforms, self.seed = base, list(transforms), seed
         self.epoch = 0
 

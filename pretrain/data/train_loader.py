@@ -47,7 +47,8 @@ class TrainData:
         self.train_set.set_epoch(epoch)
         return accelerator.skip_first_batches(self.loader, start) if start else self.loader
 
-    def views(self, batch: dict[str, Any], epoch: int, step_in_epoch: int, accelerator: Accelerator) -> list[torch.Tensor]:
+    def views(self, batch: dict[str, Any], epoch: int, step_in_epoch: int,
+              accelerator: Accelerator) -> list[torch.Tensor]:
         """A loaded batch -> the augmented, normalised views (before any Lab split): V x (B x C x H x W)."""
         if self.batch_views is None:
             return batch["views"]

@@ -66,7 +66,8 @@ def random_colour_steps(view: ViewConfig, channels: int) -> list[v2.Transform]:
     if channels == 3 and view.grayscale_p > 0:
         steps.append(v2.RandomGrayscale(view.grayscale_p))
     if view.blur_p > 0:
-        steps.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(view.size), sigma=(0.1, view.blur_sigma_max))], p=view.blur_p))
+        blur = v2.GaussianBlur(blur_kernel_size(view.size), sigma=(0.1, view.blur_sigma_max))
+        steps.append(v2.RandomApply([blur], p=view.blur_p))
     if view.solarize_p > 0:
         steps.append(v2.RandomSolarize(SOLARIZE_THRESHOLD_UINT8, p=view.solarize_p))
     return steps
