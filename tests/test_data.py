@@ -271,6 +271,11 @@ def test_batch_blur_is_torchvisions_gaussian_blur_per_image() -> None:
         assert torch.allclose(res, expected, atol=1e-5)
     assert not torch.allclose(out[on], x[on], atol=1e-3)
     assert blur(x, ViewConfig(size=28, blur_p=0.0), torch.Generator()) is x
+    every = blur(x[:4], ViewConfig(size=64, blur_p=1.0, blur_sigma_max=3.0), torch.Generator().manual_seed(6))
+    g = torch.Generator().manual_seed(6)  # blur_p=1: every image, the whole batch at once
+    torch.rand(4, generator=g)
+    for img, res, s in zip(x[:4], every, torch.empty(4).uniform_(0.1, 3.0, generator=g)):
+        assert torch.allclose(res, v2.functional.gaussian_blur(img, [k, k], [float(s)] * 2), atol=1e-5)
 
 
 def test_batch_solarize_is_torchvisions_per_image_and_keeps_the_stream_when_off() -> None:

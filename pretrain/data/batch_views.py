@@ -152,15 +152,25 @@ def blur(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
     b, c, h, w = x.shape
     on = torch.rand(b, generator=g) < view.blur_p
     sigma = torch.empty(b).uniform_(0.1, view.blur_sigma_max, generator=g)
+    # Only the n drawn images are blurred (the draw is on the host, so choosing them asks the device nothing).
+    chosen = on.nonzero().squeeze(1)
+    n = len(chosen)
+    if n == 0:
+        return x
     k = blur_kernel_size(view.size)
     d = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
-    kern = torch.exp(-0.5 * (d / sigma[:, None]) ** 2)
-    # B*C x k: one per image and channel
+    kern = torch.exp(-0.5 * (d / sigma[chosen, None]) ** 2)
+    # n*C x k: one per image and channel
     kern = (kern / kern.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0).to(x)
-    y = F.pad(x.reshape(1, b * c, h, w), [k // 2] * 4, mode="reflect")
-    y = F.conv2d(y, kern.view(b * c, 1, 1, k), groups=b * c)  # separable: rows, then columns
-    y = F.conv2d(y, kern.view(b * c, 1, k, 1), groups=b * c).view(b, c, h, w)
-    return torch.where(on.to(x.device).view(b, 1, 1, 1), y, x)
+    rows = chosen.to(x.device)
+    y = F.pad(x[rows].reshape(1, n * c, h, w), [k // 2] * 4, mode="reflect")
+    y = F.conv2d(y, kern.view(n * c, 1, 1, k), groups=n * c)  # separable: rows, then columns
+    y = F.conv2d(y, kern.view(n * c, 1, k, 1), groups=n * c).view(n, c, h, w)
+    if n == b:
+        return y
+    out = x.clone()
+    out[rows] = y
+    return out
 
 
 def solarize(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
