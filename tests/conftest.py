@@ -24,6 +24,23 @@ def run_main(*overrides: str, config: Path = TINY, launcher: list[str] | None = 
     return proc
 
 
+def main_in_process(capsys: pytest.CaptureFixture, *overrides: str, config: Path = TINY) -> tuple[int, str, str]:
+    """pretrain/main.py's ``main`` run in this process, from the repository root: (exit code, stdout, stderr).
+
+    For what a bad input says, where the process itself is not under test: a subprocess pays torch's
+    import (seconds) for each case. The real process's exit code and stderr are tested in test_config.py."""
+    from pretrain.main import main
+
+    here = os.getcwd()
+    os.chdir(REPO)
+    try:
+        code = main(["--config", str(config), *overrides])
+    finally:
+        os.chdir(here)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"

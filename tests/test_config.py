@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_main
+from conftest import REPO, main_in_process, run_main
 from pretrain.config import Config, ConfigError, load_config, reference_markdown
 
 
@@ -109,11 +109,11 @@ def test_renamed_eval_keys_name_their_new_name_also_in_a_file(tmp_path, old: str
         (["monitor.expect_eval=nowhere.yaml"], "'monitor.expect_eval': config file 'nowhere.yaml' not found"),
     ],
 )
-def test_cli_errors_are_one_line_before_training(overrides: list[str], needle: str, run_dir: Path) -> None:
-    proc = run_main(f"run.dir={run_dir}", *overrides, check=False)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+def test_cli_errors_are_one_line_before_training(overrides: list[str], needle: str, run_dir: Path, capsys) -> None:
+    code, _, err = main_in_process(capsys, f"run.dir={run_dir}", *overrides)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
     assert not run_dir.exists()  # nothing was started
 
 
@@ -123,17 +123,19 @@ def test_cli_errors_are_one_line_before_training(overrides: list[str], needle: s
                                        '"0.1") at line 3'),
     ("- optim\n- run\n", "holds a list, not a mapping of sections"),
 ])
-def test_broken_yaml_is_one_line(tmp_path: Path, text: str, needle: str) -> None:
+def test_broken_yaml_is_one_line(tmp_path: Path, text: str, needle: str, capsys) -> None:
     config = tmp_path / "broken.yaml"
     config.write_text(text)
-    proc = run_main(f"run.dir={tmp_path / 'run'}", config=config, check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+    code, _, err = main_in_process(capsys, f"run.dir={tmp_path / 'run'}", config=config)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err[-2000:]
 
 
-def test_missing_config_file_is_reported(run_dir: Path) -> None:
+def test_missing_config_file_is_one_line_and_exit_2_from_the_real_process(run_dir: Path) -> None:
+    """The process itself: its exit code and its stderr, nothing else (the in-process cases above check the rest)."""
     proc = run_main(f"run.dir={run_dir}", config=Path("configs/nope.yaml"), check=False)
-    assert proc.returncode == 2 and "config file 'configs/nope.yaml' not found" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: config file 'configs/nope.yaml' not found; pass --config configs/<name>.yaml (see configs/)"]
 
 
 def test_every_field_has_help_and_readme_reference_is_current() -> None:
