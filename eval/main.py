@@ -156,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from eval.rows import Stopped
     from pretrain.checkpoint import SECOND_CTRL_C, CheckpointError, SaveInterrupted
     from pretrain.config import ConfigError, load_config
+    from pretrain.data.datasets import DataError
 
     parser = argparse.ArgumentParser(description="Linear probe + kNN of frozen exported encoders, beside AlexNet.")
     parser.add_argument("--config", help="YAML with differences from the eval defaults (configs/probe_*.yaml)")
@@ -167,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides, schema=EvalConfig, check=validate_eval)
         evaluate(cfg)
-    except (ConfigError, EncoderChanged, NothingToTrain) as e:
+    except (ConfigError, DataError, EncoderChanged, NothingToTrain) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (SaveInterrupted, KeyboardInterrupt) as e:  # a second Ctrl-C: the user would not wait for the save

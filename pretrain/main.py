@@ -145,6 +145,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     from pretrain.checkpoint import SECOND_CTRL_C, CheckpointError, SaveInterrupted, make_room, no_room
     from pretrain.config import ConfigError, load_config
+    from pretrain.data.datasets import DataError
     from pretrain.engine import NonFiniteLoss
     from pretrain.export import ExportFailed
 
@@ -152,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

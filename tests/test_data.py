@@ -153,7 +153,8 @@ def test_val_split_without_a_readable_image_is_one_line_at_start(tmp_path: Path)
 
 
 def test_knn_monitor_queries_are_never_bank_images(tmp_path: Path) -> None:
-    from pretrain.data.datasets import build_knn_sets, disjoint_subsets
+    from pretrain.data.datasets import disjoint_subsets
+    from pretrain.data.train_loader import build_knn_sets
 
     base = Synthetic(1300, 4, 8, seed=0)
     for n_bank, n_queries in ((500, 200), (5000, 1000), (1300, 1300), (10, 5)):

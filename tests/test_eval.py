@@ -453,15 +453,16 @@ def test_holdout_scores_the_validation_images_the_pretraining_never_saw(tmp_path
     """data.holdout=N and eval holdout=N name the same N train images: the pretraining's loader and kNN bank
     never see them, its kNN queries are drawn from them, and the eval fits on the rest and scores them."""
     from pretrain.config import load_config
-    from pretrain.data.datasets import build_dataset, build_knn_sets, holdout_split, open_dataset
+    from pretrain.data.datasets import holdout_split, open_dataset
+    from pretrain.data.train_loader import build_knn_sets, training_and_validation
 
     cfg = load_config(str(REPO / "configs" / "synthetic_tiny.yaml"), ["data.holdout=24", "data.synthetic_size=96",
                                                                       "monitor.knn_queries=8"])
     full = open_dataset("synthetic", "train", synthetic_size=96, seed=cfg.run.seed)
     rest, validation = holdout_split(full, 24)
-    train = build_dataset(cfg, "train")
-    bank, queries = build_knn_sets(cfg, train)
-    assert train.indices == rest.indices and len(train) == 72 and len(validation.indices) == 24
+    train, held = training_and_validation(cfg)  # the pretraining's own split, opened once
+    bank, queries = build_knn_sets(cfg, train, held)
+    assert held.indices == validation.indices and train.indices == rest.indices and len(train) == 72 and len(validation.indices) == 24
     assert not set(validation.indices) & set(train.indices)
     assert {bank.base.indices[i] for i in bank.indices}.isdisjoint(validation.indices)
     assert {queries.base.indices[i] for i in queries.indices} <= set(validation.indices)

@@ -1,7 +1,8 @@
 """Datasets, multiview transforms and the training loader."""
 
-from pretrain.data.datasets import DataError, ImageDataset, build_dataset, build_knn_sets
+from pretrain.data.datasets import DataError, ImageDataset
 from pretrain.data.multiview import MultiViewDataset, collate_skipped
+from pretrain.data.train_loader import build_dataset, build_knn_sets
 from pretrain.data.transforms import build_eval_transform, build_view_transform
 
 __all__ = [

@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset = validate(args)
         settings = write_beton(args, dataset)
         read_back(Path(args.out), dataset)
-    except (ConfigError, RuntimeError) as e:
+    except (ConfigError, DataError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     mb = settings["bytes"] / 2**20

@@ -1,6 +1,8 @@
-"""Dataset registry: ``data.dataset`` -> a map-style dataset of uint8 images (C x H x W) and labels.
+"""Dataset registry: a dataset name -> a map-style dataset of uint8 images (C x H x W) and labels.
 
-Labels are never used for training; they feed the online kNN monitor only.
+Independent of any configuration: the pretraining (:mod:`pretrain.data.train_loader`) and the eval stage
+open datasets through :func:`open_dataset` with their own settings. Labels are never used for
+pretraining; they feed the online kNN monitor and the eval.
 """
 
 from __future__ import annotations
@@ -15,15 +17,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pretrain.config import Config, ConfigError
-
 FMNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class DataError(ConfigError):
-    """Data a user pointed us at cannot be used; the message names the path and the fix."""
+class DataError(ValueError):
+    """Data a user pointed us at cannot be used; the message names the path and the fix. The entry points
+    print it as one ``error:`` line and exit 2, as they do a config error."""
 
 
 class UnreadableImage(Exception):
@@ -249,13 +250,6 @@ def open_dataset(name: str, split: str, root: str = "", **options: Any) -> Image
     return REGISTRY[name](split, root, **options)
 
 
-def _pretrain_split(cfg: Config, split: str) -> ImageDataset:
-    d = cfg.data
-    return open_dataset(d.dataset, split, d.root, synthetic_size=d.synthetic_size,
-                        synthetic_classes=d.synthetic_classes, synthetic_image_size=d.synthetic_image_size,
-                        seed=cfg.run.seed)
-
-
 class Subset(ImageDataset):
     def __init__(self, base: ImageDataset, indices: list[int]) -> None:
         self.base, self.indices = base, indices
@@ -291,40 +285,6 @@ def holdout_split(ds: ImageDataset, n: int) -> tuple[ImageDataset, ImageDataset]
     held = spaced_subset(ds, n)
     taken = set(held.indices)
     return Subset(ds, [i for i in range(len(ds)) if i not in taken]), held
-
-
-def build_dataset(cfg: Config, split: str = "train") -> ImageDataset:
-    """The training (or held-out) dataset named by ``data.dataset``, less ``data.holdout``'s validation
-    images; fails early on bad paths."""
-    ds = _pretrain_split(cfg, split)
-    if isinstance(ds, ImageFolder):
-        ds.check_readable()
-    if split == "train" and cfg.data.holdout:
-        ds = holdout_split(ds, cfg.data.holdout)[0]
-    if split == "train" and cfg.data.limit:
-        ds = Subset(ds, list(range(min(cfg.data.limit, len(ds)))))
-    return ds
-
-
-def build_knn_sets(cfg: Config, train: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
-    """(memory bank, queries) for the online kNN monitor: labelled, evenly spaced subsets.
-
-    Queries come from ``data.holdout``'s validation images when it is set, else from the held-out
-    split when the dataset has one (Fashion-MNIST test, ImageFolder val/, synthetic's second seed);
-    otherwise from training images that are not in the bank (a query that is also a bank image would
-    find itself). Then at most half of the images are queries, and the bank is at most the rest.
-    """
-    m = cfg.monitor
-    if cfg.data.holdout:
-        validation = holdout_split(_pretrain_split(cfg, "train"), cfg.data.holdout)[1]
-        return spaced_subset(train, m.knn_bank), spaced_subset(validation, m.knn_queries)
-    try:
-        held_out = _pretrain_split(cfg, "test")
-    except DataError:  # no held-out split
-        return disjoint_subsets(train, m.knn_bank, m.knn_queries)
-    if isinstance(held_out, ImageFolder):  # a val/ split that exists but cannot be decoded is an error
-        held_out.check_readable()
-    return spaced_subset(train, m.knn_bank), spaced_subset(held_out, m.knn_queries)
 
 
 def disjoint_subsets(ds: ImageDataset, n_first: int, n_second: int) -> tuple[ImageDataset, ImageDataset]:

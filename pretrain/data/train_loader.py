@@ -18,7 +18,16 @@ from accelerate import Accelerator
 from pretrain.config import Config, ConfigError
 from pretrain.data.batch_views import BatchViews
 from pretrain.data.colour import split_lab
-from pretrain.data.datasets import ImageDataset, build_dataset, build_knn_sets
+from pretrain.data.datasets import (
+    DataError,
+    ImageDataset,
+    ImageFolder,
+    Subset,
+    disjoint_subsets,
+    holdout_split,
+    open_dataset,
+    spaced_subset,
+)
 from pretrain.data.multiview import MultiViewDataset, collate_skipped
 from pretrain.data.transforms import build_view_transform
 
@@ -70,10 +79,64 @@ class TrainData:
         return collate_skipped(batch["skipped"])
 
 
+def open_split(cfg: Config, split: str) -> ImageDataset:
+    """The whole ``split`` of ``data.dataset``, as the pretraining's settings open it."""
+    d = cfg.data
+    return open_dataset(d.dataset, split, d.root, synthetic_size=d.synthetic_size,
+                        synthetic_classes=d.synthetic_classes, synthetic_image_size=d.synthetic_image_size,
+                        seed=cfg.run.seed)
+
+
+def build_dataset(cfg: Config, split: str = "train") -> ImageDataset:
+    """The training (or held-out) dataset named by ``data.dataset``, less ``data.holdout``'s validation
+    images; fails early on bad paths."""
+    return training_and_validation(cfg)[0] if split == "train" else _checked(open_split(cfg, split))
+
+
+def _checked(ds: ImageDataset) -> ImageDataset:
+    if isinstance(ds, ImageFolder):  # a folder that exists but cannot be decoded is an error now, not mid-run
+        ds.check_readable()
+    return ds
+
+
+def training_and_validation(cfg: Config) -> tuple[ImageDataset, ImageDataset | None]:
+    """(the training images, ``data.holdout``'s validation images or None), from one opening of the train split."""
+    ds, validation = _checked(open_split(cfg, "train")), None
+    if cfg.data.holdout:
+        ds, validation = holdout_split(ds, cfg.data.holdout)
+    if cfg.data.limit:
+        ds = Subset(ds, list(range(min(cfg.data.limit, len(ds)))))
+    return ds, validation
+
+
+def build_knn_sets(cfg: Config, train: ImageDataset,
+                   validation: ImageDataset | None = None) -> tuple[ImageDataset, ImageDataset]:
+    """(memory bank, queries) for the online kNN monitor: labelled, evenly spaced subsets of ``train``
+    and of the images held out of it.
+
+    Queries come from ``validation`` (``data.holdout``'s images) when given, else from the held-out
+    split when the dataset has one (Fashion-MNIST test, ImageFolder val/, synthetic's second seed);
+    otherwise from training images that are not in the bank (a query that is also a bank image would
+    find itself). Then at most half of the images are queries, and the bank is at most the rest.
+    """
+    m = cfg.monitor
+    if cfg.data.holdout and validation is None:  # the queries would come from images the eval does not score
+        raise ValueError("with data.holdout the kNN queries come from its validation images: pass them")
+    if validation is not None:
+        return spaced_subset(train, m.knn_bank), spaced_subset(validation, m.knn_queries)
+    try:
+        held_out = _checked(open_split(cfg, "test"))
+    except DataError:  # no held-out split
+        return disjoint_subsets(train, m.knn_bank, m.knn_queries)
+    return spaced_subset(train, m.knn_bank), spaced_subset(held_out, m.knn_queries)
+
+
 def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
     """Datasets, loader and view steps for ``cfg.data``; every data error is raised here, before the model."""
     d, batch = cfg.data, cfg.optim.batch_size_per_process
     ffcv = d.format == "ffcv"
+    # The kNN monitor reads small labelled subsets of the source dataset through torchvision either way.
+    decoded, validation = training_and_validation(cfg) if cfg.monitor.knn_every or not ffcv else (None, None)
     if ffcv:
         from pretrain.data.beton import require_ffcv
         from pretrain.data.ffcv_loader import BetonInfo
@@ -81,11 +144,9 @@ def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
         require_ffcv()
         images = BetonInfo(d.path)
     else:
-        images = build_dataset(cfg, "train")
+        images = decoded
     batch_views = BatchViews(d.views, images.mean, images.std, cfg.run.seed) if d.augment == "batch" or ffcv else None
-    # The kNN monitor reads small labelled subsets of the source dataset through torchvision either way.
-    bank, queries = (build_knn_sets(cfg, build_dataset(cfg, "train") if ffcv else images)
-                     if cfg.monitor.knn_every else (None, None))
+    bank, queries = build_knn_sets(cfg, decoded, validation) if cfg.monitor.knn_every else (None, None)
     if len(images) < batch * accelerator.num_processes:
         raise ConfigError(
             f"bad value for config key 'optim.batch_size_per_process': {batch} x {accelerator.num_processes} "
