@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from pretrain.config import CHOICES, ConfigError, _f, choices_help
 
@@ -102,12 +101,6 @@ class EvalConfig:
     synthetic_size: int = _f(2048, "synthetic: training images (test split: a quarter, another seed)")
     synthetic_classes: int = _f(8, "synthetic: classes")
     synthetic_image_size: int = _f(32, "synthetic: image side")
-
-    RENAMED: ClassVar[dict[str, str]] = {  # the old name is refused with one line naming the new one
-        "batch_size": "batch_size_per_process",
-        "sgd.batch_size": "sgd.global_batch_size",
-        "baselines.alexnet_batch_size": "baselines.alexnet_global_batch_size",
-    }
 
 
 def validate_eval(c: EvalConfig) -> None:

@@ -101,12 +101,11 @@ def choose_weight_decay(score: Callable[[float], float], grid: Sequence[float],
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  weight_decays: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3), held_out: float = 0.1,
-                 steps: int = 100, seed: int = 0, extend: int = 2, warm_start: bool = True) -> ProbeResult:
+                 steps: int = 100, seed: int = 0, extend: int = 2) -> ProbeResult:
     """Standardise, choose weight decay on a held-out part of train (extending the grid by up to
-    ``extend`` decades when the choice sits at its edge), retrain on all of train, test. With
-    ``warm_start`` (protocol fast-v2) each fit starts from the nearest weight decay's solution and the
-    refit from the chosen one's; without it every fit starts from the seeded init (fast-v1, kept for
-    benchmarks/probe_convergence.py).
+    ``extend`` decades when the choice sits at its edge), retrain on all of train, test. Each fit starts
+    from the nearest weight decay's solution and the refit from the chosen one's (protocol fast-v2; the
+    fits from zero of fast-v1 were removed, benchmarks/README.md keeps what they measured).
 
     Args:
         train_x: N x F features, train_y: N labels; test_x: M x F, test_y: M.
@@ -124,13 +123,13 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         return math.log10(max(wd, 1e-12))
 
     def val_score(wd: float) -> float:
-        start = fitted[min(fitted, key=lambda done: abs(decade(done) - decade(wd)))] if fitted and warm_start else None
+        start = fitted[min(fitted, key=lambda done: abs(decade(done) - decade(wd)))] if fitted else None
         clf = fitted[wd] = fit_linear(fit_x, fit_y, num_classes, wd, steps, seed, start)
         with torch.no_grad():
             return topk_accuracy(clf(val_x), val_y, 1)
 
     best, val_top1, at_edge = choose_weight_decay(val_score, sorted(weight_decays, reverse=True), extend)
-    clf = fit_linear(train_x, train_y, num_classes, best, steps, seed, start=fitted[best] if warm_start else None)
+    clf = fit_linear(train_x, train_y, num_classes, best, steps, seed, start=fitted[best])
     loss_and_grad(clf, train_x, train_y, best)  # the final objective's gradient, for grad_max
     with torch.no_grad():
         logits = clf(test_x)

@@ -231,15 +231,17 @@ def _disk_full(root: Path, final: Path, reason: str, needed: int) -> DiskFull:
 
 
 def read_intact(path: Path) -> dict[str, Any]:
-    """Load ``path/state.pt`` after checking it against the manifest (checkpoints older than the
-    manifest load unchecked). Raises on any damage."""
+    """Load ``path/state.pt`` after checking it against the manifest. Raises on any damage, and on a
+    checkpoint without a manifest (every save writes one before the rename that finishes it, so only an
+    older version's checkpoint lacks it)."""
     data = (path / STATE_FILE).read_bytes()
-    if (path / MANIFEST).is_file():
-        expected = json.loads((path / MANIFEST).read_text())[STATE_FILE]
-        if len(data) != expected["bytes"]:
-            raise ValueError(f"{len(data)} bytes, the manifest says {expected['bytes']}")
-        if hashlib.sha256(data).hexdigest() != expected["sha256"]:
-            raise ValueError("sha256 differs from the manifest (bit rot or a partial copy)")
+    if not (path / MANIFEST).is_file():
+        raise ValueError(f"no {MANIFEST}: written by an older version of infomax, which this one does not load")
+    expected = json.loads((path / MANIFEST).read_text())[STATE_FILE]
+    if len(data) != expected["bytes"]:
+        raise ValueError(f"{len(data)} bytes, the manifest says {expected['bytes']}")
+    if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise ValueError("sha256 differs from the manifest (bit rot or a partial copy)")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 

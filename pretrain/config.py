@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -233,9 +233,6 @@ class Config:
     optim: OptimConfig = _f(OptimConfig(), "optimizer settings")
     monitor: MonitorConfig = _f(MonitorConfig(), "online kNN monitor settings")
 
-    # Keys renamed to say what they mean; the old name is refused with one line naming the new one.
-    RENAMED: ClassVar[dict[str, str]] = {"optim.batch_size": "optim.batch_size_per_process"}
-
 
 def _valid_keys(node_path: str, schema: type | None = None) -> list[str]:
     """Field names of the dataclass at a dotted path ('' = top level; list indices are skipped)."""
@@ -254,9 +251,6 @@ def _valid_keys(node_path: str, schema: type | None = None) -> list[str]:
 def _explain(err: OmegaConfBaseException, source: str, schema: type | None = None) -> ConfigError:
     key = re.sub(r"\[(\d+)\]", r".\1", getattr(err, "full_key", None) or "?")  # views[0].x -> views.0.x
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
-        renamed = getattr(schema or Config, "RENAMED", {}).get(key)
-        if renamed:
-            return ConfigError(f"config key '{key}' (from {source}) was renamed to '{renamed}'; use that name")
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         valid = ", ".join(_valid_keys(parent, schema))
         where = f"under '{parent}'" if parent else "at the top level"
@@ -454,30 +448,15 @@ def to_yaml(c: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(c))
 
 
-def upgrade_renamed(saved: dict[str, Any], schema: type = Config) -> dict[str, Any]:
-    """A config mapping saved by an older version (a run dir's config.yaml) with renamed keys moved to
-    their new names, so that such runs still resume; a user's *new* file or override with an old name
-    is refused instead (:func:`load_config`)."""
-    out = copy.deepcopy(saved)
-    for old, new in getattr(schema, "RENAMED", {}).items():
-        *old_path, old_key = old.split(".")
-        *new_path, new_key = new.split(".")
-        node = out
-        for part in old_path:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and old_key in node:
-            value = node.pop(old_key)
-            target = out
-            for part in new_path:
-                target = target.setdefault(part, {})
-            target.setdefault(new_key, value)
-    return out
-
-
 def from_yaml(text: str) -> Config:
-    """Inverse of :func:`to_yaml` (used for checkpoints and exports); older renamed keys are upgraded."""
-    saved = upgrade_renamed(YAML_1_2.load(text) or {})
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(saved))
+    """Inverse of :func:`to_yaml` (used for checkpoints and exports). A config with a key this version
+    does not know was written by an older one: refused in one line (CHANGELOG.md lists the renames)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(YAML_1_2.load(text) or {}))
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        key = getattr(e, "full_key", "?")
+        raise ConfigError(f"a saved config has the key '{key}', which this version of infomax does not know: it was "
+                          "written by an older version (CHANGELOG.md); start a new run.dir") from None
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from ruamel.yaml import YAMLError
 
-from pretrain.config import YAML_1_2, Config, ConfigError, to_yaml, upgrade_renamed, yaml_problem
+from pretrain.config import YAML_1_2, Config, ConfigError, to_yaml, yaml_problem
 
 MARKER = "infomax-run.json"  # written into every run dir infomax creates
 LOCK_FILE = ".lock"
@@ -46,17 +46,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved_yaml: str, cfg: Config) -> list[str]:
     """Dotted keys whose values differ between a saved config.yaml and ``cfg``, budgets excepted."""
-    old = flatten(upgrade_renamed(YAML_1_2.load(saved_yaml) or {}))  # written by an older version: new key names
+    old = flatten(YAML_1_2.load(saved_yaml) or {})
     new = flatten(YAML_1_2.load(to_yaml(cfg)))
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in BUDGET_KEYS)
 
 
 def is_ours(run_dir: Path) -> bool:
-    """True for a run dir infomax created (its marker, or the config.yaml header of runs made before it)."""
-    if (run_dir / MARKER).is_file():
-        return True
-    saved = run_dir / "config.yaml"
-    return saved.is_file() and saved.read_text(errors="replace").startswith("# git revision:")
+    """True for a run dir infomax created (its marker file)."""
+    return (run_dir / MARKER).is_file()
 
 
 def check_run_dir(cfg: Config) -> None:
@@ -68,13 +65,18 @@ def check_run_dir(cfg: Config) -> None:
         raise RunDirError(f"run.dir '{run_dir}' is a file, not a directory; pick another run.dir")
     # The lock file alone is another run that is starting: the lock, not this check, answers it.
     if any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not is_ours(run_dir):
-        raise RunDirError(f"run.dir '{run_dir}' is a non-empty directory that infomax did not create; "
-                          "pick a new or empty run.dir (nothing was written)")
+        raise RunDirError(f"run.dir '{run_dir}' is a non-empty directory that infomax did not create (or an older "
+                          "version did, before run dirs were marked); pick a new or empty run.dir (nothing was "
+                          "written)")
     saved = run_dir / "config.yaml"
     if not saved.is_file() or not has_checkpointed(run_dir):
         return  # nothing to resume: a run that never saved (e.g. it failed at its first step) may start over
     check_saved_config(saved)
     differing = config_differences(saved.read_text(), cfg)
+    unknown = sorted(set(differing) - set(flatten(YAML_1_2.load(to_yaml(cfg)))))
+    if unknown:
+        raise RunDirError(f"run.dir '{run_dir}' was written by an older version of infomax ({saved} has "
+                          f"{', '.join(unknown[:3])}, which this one does not know; CHANGELOG.md); pick a new run.dir")
     if differing:
         shown = ", ".join(differing[:6]) + (f" and {len(differing) - 6} more" if len(differing) > 6 else "")
         raise RunDirError(f"run.dir '{run_dir}' belongs to a different config ({shown} differ); pick a new "

@@ -43,7 +43,7 @@ def test_defaults_and_file_and_overrides_merge() -> None:
         ("data.views.0.blur_sigma_max=0.05", r"'data.views.0.blur_sigma_max': must be >= 0.1"),
         ("data.views.1.solarize_p=1.5", r"'data.views.1.solarize_p': is a probability in \[0, 1\]"),
         ("data.augment=gpu", r"'data.augment': 'gpu' is not one of loader, batch"),
-        ("optim.batch_size=64", r"'optim.batch_size' .* was renamed to 'optim.batch_size_per_process'"),
+        ("optim.batch_size=64", r"unknown config key 'optim.batch_size'.*batch_size_per_process"),  # renamed: CHANGELOG
     ],
 )
 def test_bad_values_name_the_key(override: str, pattern: str) -> None:
@@ -73,19 +73,6 @@ def test_intra_view_negatives_and_nn_support_need_in_batch_keys() -> None:
         load_config(None, ["objective.intra_view_negatives=true", "objective.queue_size=8"])
     with pytest.raises(ConfigError, match=r"'objective.nn_support_size': works with .*objective.queue_size=0"):
         load_config(None, ["objective.nn_support_size=1024", "objective.queue_size=8"])
-
-
-@pytest.mark.parametrize("old, new", [("batch_size", "batch_size_per_process"), ("sgd.batch_size", "sgd.global_batch_size"),
-                                      ("baselines.alexnet_batch_size", "baselines.alexnet_global_batch_size")])
-def test_renamed_eval_keys_name_their_new_name_also_in_a_file(tmp_path, old: str, new: str) -> None:
-    from eval.config import EvalConfig, validate_eval
-
-    with pytest.raises(ConfigError, match=rf"'{old}' .* was renamed to '{new}'; use that name"):
-        load_config(None, [f"{old}=32", "weights=[x]"], schema=EvalConfig, check=validate_eval)
-    section, _, key = old.rpartition(".")
-    (tmp_path / "old.yaml").write_text(f"{section}:\n  {key}: 32\n" if section else f"{key}: 32\n")
-    with pytest.raises(ConfigError, match=rf"'{old}' \(from .*old.yaml\) was renamed to '{new}'"):
-        load_config(str(tmp_path / "old.yaml"), ["weights=[x]"], schema=EvalConfig, check=validate_eval)
 
 
 @pytest.mark.parametrize(
@@ -239,16 +226,29 @@ def test_every_list_of_choices_has_one_source() -> None:
         load_config(None, ["dataset=mnist", "weights=[x]"], schema=EvalConfig, check=validate_eval)
 
 
-def test_a_run_dir_saved_before_a_rename_still_matches_its_config() -> None:
-    """config.yaml written with optim.batch_size (before it was renamed) is the same experiment, so it resumes."""
+def test_artefacts_of_an_older_version_are_refused_in_one_line(tmp_path: Path) -> None:
+    """Issue 28.5: no compatibility shims in a v0.1. A run dir whose config.yaml has a key this version does
+    not know (optim.batch_size, renamed), a saved config with one, and a checkpoint without a manifest are
+    each said to come from an older version."""
+    from pretrain.checkpoint import read_intact
     from pretrain.config import from_yaml, to_yaml
-    from pretrain.run_dir import config_differences
+    from pretrain.run_dir import MARKER, RunDirError, check_run_dir
 
-    cfg = load_config(None, ["optim.batch_size_per_process=64"])
+    cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", "optim.batch_size_per_process=64"])
     old_yaml = to_yaml(cfg).replace("batch_size_per_process: 64", "batch_size: 64")
-    assert "batch_size: 64" in old_yaml and config_differences(old_yaml, cfg) == []
-    assert from_yaml(old_yaml).optim.batch_size_per_process == 64
-    assert config_differences(old_yaml.replace("batch_size: 64", "batch_size: 32"), cfg) == ["optim.batch_size_per_process"]
+    with pytest.raises(ConfigError, match="the key 'optim.batch_size', which this version of infomax does not know"):
+        from_yaml(old_yaml)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000004" / "state.pt").write_bytes(b"an old checkpoint")
+    (run / "config.yaml").write_text("# git revision: old\n" + old_yaml)
+    with pytest.raises(RunDirError, match="non-empty directory that infomax did not create .or an older version did"):
+        check_run_dir(cfg)  # no marker file: runs of an older version were not marked
+    (run / MARKER).write_text("")
+    with pytest.raises(RunDirError, match=r"written by an older version of infomax .* has optim.batch_size, which"):
+        check_run_dir(cfg)
+    with pytest.raises(ValueError, match="no manifest.json: written by an older version"):
+        read_intact(run / "checkpoints" / "step_00000004")
 
 
 @pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
