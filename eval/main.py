@@ -45,14 +45,13 @@ def open_splits(cfg: Any) -> tuple[Any, Any]:
 def evaluate(cfg: Any) -> list[dict[str, Any]]:
     """Compute every row of the report; returns the rows (also written to the report files)."""
     import torch
-    from omegaconf import OmegaConf
 
     from eval.baselines import REFERENCE_ALEXNET_TOP1, load_alexnet_features, published_rows
     from eval.progress import SUPERVISED_STEP_PER_PRETRAIN_STEP, RowClock, pretrain_step_seconds
     from eval.report import write_report
     from eval.rows import Rows, pretrain_epochs
     from eval.stored_baselines import scored_split
-    from pretrain.config import ConfigError
+    from pretrain.config import ConfigError, to_yaml
     from pretrain.distributed import make_accelerator
     from pretrain.export import export_dir_of, load_encoder, load_view_encoders
     from pretrain.hardware import describe_machine
@@ -90,7 +89,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     # ------------------------------------------------------------------ processes, rows
     accelerator, precision = make_accelerator(cfg.seed, cfg.precision, cfg.dist_timeout_min)
     torch.manual_seed(cfg.seed)
-    fit_key = OmegaConf.to_yaml(OmegaConf.structured(cfg)) + "".join(m["sha256"] for _, _, m in exports)
+    fit_key = to_yaml(cfg) + "".join(m["sha256"] for _, _, m in exports)
     make = Rows(cfg, accelerator, train, test, size, out, fit_key)
     supervised = []  # the exports that get a supervised-encoder row
     for w, _, meta in exports if b.supervised_encoder else []:
@@ -137,7 +136,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
                 "train_images": len(train), "test_images": len(test), "scored_on": scored_split(cfg.holdout),
                 "processes": accelerator.num_processes,
                 "precision": precision.mode, "precision_reason": precision.reason, "machine": describe_machine(),
-                "alexnet_reference_top1": reference, "config": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+                "alexnet_reference_top1": reference, "config": to_yaml(cfg),
                 "train_step": int((exports[0][2].get("summary") or {}).get("steps") or 0) if exports else 0}
         table = write_report(out, rows, meta, list(cfg.knn_k))
         for w, _, _ in exports:  # each export's model card shows how good it is

@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
-from omegaconf import OmegaConf
 from torch import nn
 
 from eval.baselines import AlexNetConvFeatures, supervised_alexnet
@@ -27,7 +26,7 @@ from eval.classifier import Augment, LinearProbeModel, SGDSchedule, fit_classifi
 from eval.features import ConcatViewEncoders, assert_unchanged, fingerprint, pixel_features
 from eval.probe import linear_probe, topk_accuracy
 from eval.stored_baselines import alexnet_protocol, data_fingerprint, find_stored, scored_split, store_dir, store_result
-from pretrain.config import ViewConfig
+from pretrain.config import ViewConfig, to_yaml
 from pretrain.data import ImageDataset, MultiViewDataset, build_view_transform
 from pretrain.data.batch_views import BatchViews
 from pretrain.data.colour import split_lab
@@ -306,7 +305,7 @@ class Rows:
         if self.cfg.store_baselines and self.accelerator.is_main_process:
             path = store_result(store_dir(self.b.store), row, dataset=self.cfg.dataset, protocol=protocol,
                                 data_sha256=self.data_sha256, suffix=suffix,
-                                config=OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), revision=revision)
+                                config=to_yaml(self.cfg), revision=revision)
             print(f"stored {path}", flush=True)
 
     def supervised_budget(self, meta: dict) -> tuple[float, int]:

@@ -123,7 +123,6 @@ def known_partitions() -> list[str]:
 
 
 def submit(args: argparse.Namespace) -> list[Any]:  # noqa: C901 - validation, then submission, in order
-    from omegaconf import OmegaConf
 
     from eval.config import EvalConfig, validate_eval
     from launch.jobs import EvalJob, PretrainJob
@@ -200,7 +199,7 @@ def submit(args: argparse.Namespace) -> list[Any]:  # noqa: C901 - validation, t
         for cfg in runs:
             print(f"# resolved config for {cfg.run.dir}\n{to_yaml(cfg)}")
         for ecfg in eval_cfgs:
-            print(f"# eval config (after pretraining succeeds)\n{OmegaConf.to_yaml(OmegaConf.structured(ecfg))}")
+            print(f"# eval config (after pretraining succeeds)\n{to_yaml(ecfg)}")
         if made_by_executor is not None:  # submitit's local executor makes its log folder: a dry run writes nothing
             remove_empty_tree(made_by_executor)
         return []
@@ -220,7 +219,7 @@ def submit(args: argparse.Namespace) -> list[Any]:  # noqa: C901 - validation, t
             if args.cluster == "slurm" else {}))
         if args.cluster != "slurm":
             job.result()  # local/debug: no scheduler to hold the eval back, so wait here
-        eval_jobs.append(executor.submit(EvalJob(OmegaConf.to_yaml(OmegaConf.structured(ecfg)))))
+        eval_jobs.append(executor.submit(EvalJob(to_yaml(ecfg))))
 
     if args.cluster == "debug":  # in this process: the jobs run when their results are asked for
         for job in submitted + eval_jobs:

@@ -443,8 +443,9 @@ def effective_lr(optim: OptimConfig, global_batch: int) -> float:
     return optim.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[optim.lr_scaling]
 
 
-def to_yaml(c: Config) -> str:
-    """The resolved config as YAML (written to run.dir/config.yaml and TensorBoard)."""
+def to_yaml(c: Any) -> str:
+    """A resolved config (the pretraining's, or the eval's) as YAML: run.dir/config.yaml, TensorBoard,
+    the eval's report and fit keys, the job scripts."""
     return OmegaConf.to_yaml(OmegaConf.structured(c))
 
 
