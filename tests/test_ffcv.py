@@ -82,6 +82,42 @@ class Photo(ImageDataset):
         return torch.stack(channels).clamp(0, 255).to(torch.uint8), 0
 
 
+class VariedSizes(ImageDataset):
+    """Four RGB images of four sizes, as an ImageNet folder holds them; ``shift`` reorders them."""
+
+    mean, std, num_classes, channels = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 2, 3
+
+    def __init__(self, shift: int = 0) -> None:
+        self.shift = shift
+
+    def __len__(self) -> int:
+        return 4
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        i = (index + self.shift) % 4
+        h, w = 90 + 17 * i, 120 - 9 * i
+        y, x = torch.arange(float(h))[:, None], torch.arange(float(w))[None]
+        channels = [127 + 90 * torch.sin(x / (5 + i) + c) * torch.cos(y / 7 + c) for c in range(3)]
+        return torch.stack(channels).clamp(0, 255).to(torch.uint8), index % 2
+
+
+def test_read_back_of_images_of_varied_sizes_compares_centre_crops(tmp_path: Path) -> None:
+    """The rehearsal (issue 25.9) found the read-back refusing any ImageNet-like folder: FFCV's plain
+    decoder takes one size only. Varied sizes are compared through FFCV's centre crop; the wrong images
+    (the same ones in another order) are caught."""
+    from pretrain.data.beton import compare_centre_crops, read_back
+
+    out = tmp_path / "varied.beton"
+    args = argparse.Namespace(out=str(out), write_mode="proportion", max_resolution=500, jpeg_quality=90,
+                              compress_probability=0.5, workers=1, skip_unreadable=False, stall_timeout=60,
+                              dataset="varied", root="", split="train")
+    write_beton(args, VariedSizes())
+    read_back(out, VariedSizes())  # raises on any difference
+    settings = json.loads(Path(str(out) + ".json").read_text())
+    with pytest.raises(RuntimeError, match="image 0 of .* differs from the source's centre crop"):
+        compare_centre_crops(out, VariedSizes(shift=1), settings, samples=4)
+
+
 def test_default_resolution_keeps_imagenet_images_so_crops_match_torchvision(tmp_path: Path) -> None:
     """FFCV's ImageNet recipe is the writer's default; at max side 500 a 500 x 375 image is stored as it
     is, so train and eval crops read as many source pixels per output pixel as torchvision's path and

@@ -223,28 +223,64 @@ def read_back(out: Path, dataset: ImageDataset, samples: int = 8) -> None:
     expected = labels if settings["unreadable_replaced"] else np.array([dataset.label(i) for i in range(len(dataset))])
     if not np.array_equal(labels, expected):
         raise RuntimeError(f"read-back: labels in {out} differ from the source at {int(np.argmax(labels != expected))}")
-    if settings["max_resolution"] == 0 or max(dataset.load(0)[0].shape[1:]) <= settings["max_resolution"]:
-        # Images kept at their size can be compared pixel for pixel (raw) or closely (jpg).
-        images = Loader(str(out), batch_size=1, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                        indices=list(range(min(samples, len(dataset)))),
-                        pipelines={"image": [SimpleRGBImageDecoder()], "label": None})
-        for i, (image,) in enumerate(images):
-            source = dataset.load(i)[0].numpy().transpose(1, 2, 0)
-            decoded = image[0][..., : source.shape[2]].astype(np.int16)
-            error = np.abs(decoded - source).mean()
-            if error == 0 or settings["write_mode"] == "raw":  # stored raw (proportion mode stores some raw)
-                if error:
-                    raise RuntimeError(f"read-back: image {i} of {out} differs from the source (mean abs error "
-                                       f"{error:.1f})")
-                continue
-            # JPEG loses detail by design (9-13 levels on synthetic images at quality 90), so the reference
-            # is the source through the same encoder at the same quality. Only the decoder differs:
-            # ffcv's fast libjpeg-turbo path lands 1.0-1.2 levels (mean) from OpenCV's and PIL's.
-            reference = jpeg_round_trip(source, settings["jpeg_quality"])
-            error = np.abs(decoded - reference).mean()
-            if error > 2.0:
-                raise RuntimeError(f"read-back: image {i} of {out} differs from the source after JPEG at quality "
-                                   f"{settings['jpeg_quality']} (mean abs error {error:.2f} levels)")
+    if settings["max_resolution"] and max(dataset.load(0)[0].shape[1:]) > settings["max_resolution"]:
+        return  # resized on writing: nothing to compare pixel for pixel
+    heights, widths = stored_sizes(out)
+    if heights.min() != heights.max() or widths.min() != widths.max():
+        compare_centre_crops(out, dataset, settings, samples)  # FFCV decodes varied sizes only with a crop
+        return
+    # Images kept at their size can be compared pixel for pixel (raw) or closely (jpg).
+    images = Loader(str(out), batch_size=1, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    indices=list(range(min(samples, len(dataset)))),
+                    pipelines={"image": [SimpleRGBImageDecoder()], "label": None})
+    for i, (image,) in enumerate(images):
+        source = dataset.load(i)[0].numpy().transpose(1, 2, 0)
+        decoded = image[0][..., : source.shape[2]].astype(np.int16)
+        error = np.abs(decoded - source).mean()
+        if error == 0 or settings["write_mode"] == "raw":  # stored raw (proportion mode stores some raw)
+            if error:
+                raise RuntimeError(f"read-back: image {i} of {out} differs from the source (mean abs error "
+                                   f"{error:.1f})")
+            continue
+        # JPEG loses detail by design (9-13 levels on synthetic images at quality 90), so the reference
+        # is the source through the same encoder at the same quality. Only the decoder differs:
+        # ffcv's fast libjpeg-turbo path lands 1.0-1.2 levels (mean) from OpenCV's and PIL's.
+        reference = jpeg_round_trip(source, settings["jpeg_quality"])
+        error = np.abs(decoded - reference).mean()
+        if error > 2.0:
+            raise RuntimeError(f"read-back: image {i} of {out} differs from the source after JPEG at quality "
+                               f"{settings['jpeg_quality']} (mean abs error {error:.2f} levels)")
+
+
+CHECK_SIDE = 64  # the centre crops compared when the images differ in size
+
+
+def compare_centre_crops(out: Path, dataset: ImageDataset, settings: dict, samples: int) -> None:
+    """A few images of a .beton of varied sizes against the source: FFCV's centre crop (the largest
+    centred square, resized to CHECK_SIDE) against the same crop and cv2 resize of the source, or of the
+    source through the same JPEG encoding where it was stored as JPEG."""
+    import cv2
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    images = Loader(str(out), batch_size=1, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    indices=list(range(min(samples, len(dataset)))),
+                    pipelines={"image": [CenterCropRGBImageDecoder((CHECK_SIDE, CHECK_SIDE), 1.0)], "label": None})
+
+    def centre(image: np.ndarray) -> np.ndarray:  # ffcv's get_center_crop at ratio 1, then INTER_AREA
+        c = min(image.shape[:2])
+        top, left = (image.shape[0] - c) // 2, (image.shape[1] - c) // 2
+        square = np.ascontiguousarray(as_rgb(image)[top: top + c, left: left + c])
+        return cv2.resize(square, (CHECK_SIDE, CHECK_SIDE), interpolation=cv2.INTER_AREA).astype(np.int16)
+
+    for i, (image,) in enumerate(images):
+        source = dataset.load(i)[0].numpy().transpose(1, 2, 0)
+        decoded = image[0].astype(np.int16)
+        error = min(np.abs(decoded - centre(source)).mean(),
+                    np.abs(decoded - centre(jpeg_round_trip(source, settings["jpeg_quality"]).astype(np.uint8))).mean())
+        if error > 2.0:  # a wrong or garbled image is tens of levels off
+            raise RuntimeError(f"read-back: image {i} of {out} differs from the source's centre crop (mean abs error "
+                               f"{error:.2f} levels)")
 
 
 def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
