@@ -29,14 +29,22 @@ def main_in_process(capsys: pytest.CaptureFixture, *overrides: str, config: Path
 
     For what a bad input says, where the process itself is not under test: a subprocess pays torch's
     import (seconds) for each case. The real process's exit code and stderr are tested in test_config.py."""
+    from accelerate.state import AcceleratorState
+
     from pretrain.main import main
 
-    here = os.getcwd()
+    # accelerate's state is one per process: another test's Accelerator(cpu=True) would refuse this run's
+    # precision, and this run's must not reach the tests after it.
+    here, environ = os.getcwd(), dict(os.environ)
+    AcceleratorState._reset_state(reset_partial_state=True)
     os.chdir(REPO)
     try:
         code = main(["--config", str(config), *overrides])
     finally:
         os.chdir(here)
+        os.environ.clear()
+        os.environ.update(environ)
+        AcceleratorState._reset_state(reset_partial_state=True)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -125,10 +125,11 @@ def build_knn_sets(cfg: Config, train: ImageDataset,
     if validation is not None:
         return spaced_subset(train, m.knn_bank), spaced_subset(validation, m.knn_queries)
     try:
-        held_out = _checked(open_split(cfg, "test"))
+        held_out = open_split(cfg, "test")
     except DataError:  # no held-out split
         return disjoint_subsets(train, m.knn_bank, m.knn_queries)
-    return spaced_subset(train, m.knn_bank), spaced_subset(held_out, m.knn_queries)
+    # one that exists but cannot be decoded is an error, not a reason to fall back
+    return spaced_subset(train, m.knn_bank), spaced_subset(_checked(held_out), m.knn_queries)
 
 
 def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
