@@ -17,6 +17,8 @@ the most stable *training* signal (Deep InfoMax) and reads out through NWJ(S + 1
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -201,6 +203,15 @@ class MINE(nn.Module):
         surrogate = _positive_mean(S, pos) - (log_m - self.log_ema.to(S.dtype)).exp()
         value = _positive_mean(S, pos) - log_m
         return surrogate + (value - surrogate).detach()
+
+
+def stateless(name: str, smile_tau: float = 5.0) -> Callable[..., torch.Tensor]:
+    """The bound called ``name`` (``objective.bound``) as ``fn(S, positives=...)``; MINE, which has state, is a
+    module of its own (:class:`MINE`)."""
+    table = {"infonce": infonce, "nwj": nwj, "dv": dv, "js": js, "smile": partial(smile, tau=smile_tau)}
+    if name not in table:
+        raise ValueError(f"no stateless bound '{name}' (choose from {', '.join(table)}; mine is bounds.MINE)")
+    return table[name]
 
 
 def barber_agakov(log_q: torch.Tensor, entropy: float) -> torch.Tensor:

@@ -43,6 +43,21 @@ class DiskFull(CheckpointError):
     """A save ran out of space; the previous checkpoints are untouched."""
 
 
+class PartMismatch(CheckpointError):
+    """A checkpoint's part does not fit the module this version builds from the run's config."""
+
+
+def load_part(module: torch.nn.Module, state: dict[str, Any], part: str, path: Path) -> None:
+    """``module.load_state_dict(state)``, a mismatch said in one line instead of torch's key listing: the
+    checkpoint was written by an older version of infomax, whose parts were laid out differently."""
+    result = module.load_state_dict(state, strict=False)
+    missing, unexpected = (", ".join(keys[:3]) or "-" for keys in (result.missing_keys, result.unexpected_keys))
+    if result.missing_keys or result.unexpected_keys:
+        raise PartMismatch(f"{path}: its '{part}' state does not fit this version's (missing {missing}; not expected "
+                           f"{unexpected}): written by an older version of infomax, which this one does not load; "
+                           "start a new run.dir")
+
+
 @dataclass
 class Progress:
     """Where training is: ``step_in_epoch`` batches of ``epoch`` are done; ``global_step`` in total."""

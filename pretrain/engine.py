@@ -55,7 +55,7 @@ def train_step(
     with accelerator.autocast():
         z, features = model(views, with_features=True) if probe is not None else (model(views), None)
         keys = key_model(views, step) if key_model is not None else None
-    loss, diag = objective(z) if keys is None else objective(z, keys)
+    loss, diag = objective(z, keys)  # pretrain.objectives.base.Objective
     # One collective for both decisions, so every rank takes the same branch (no DDP hang).
     # Built on the device and read once: the step's one host sync, which deciding to skip or stop needs.
     stop_flag = torch.tensor(float(stop_requested), device=loss.device)
@@ -76,8 +76,6 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     if key_model is not None:
         key_model.update(accelerator.unwrap_model(model))
-    enqueue = getattr(accelerator.unwrap_model(objective), "enqueue_pending", None)  # MoCo's queue, NNCLR's support set
-    if enqueue is not None:
-        enqueue()
+    accelerator.unwrap_model(objective).after_step()  # MoCo's queue, NNCLR's support set
     probe_loss = probe_step(*probe[:2], features, probe[2]) if probe is not None else None
     return StepResult(loss.detach(), diag, torch.as_tensor(grad_norm).detach(), stop, probe_loss)

@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from pretrain.checkpoint import make_room, no_room
+from pretrain.checkpoint import load_part, make_room, no_room
 from pretrain.config import Config, ConfigError, effective_lr, to_yaml
 from pretrain.data.train_loader import TrainData
 from pretrain.distributed import sync_batchnorm, wrap_learned_critic
@@ -73,10 +73,9 @@ def build_parts(cfg: Config, data: TrainData, accelerator: Accelerator) -> Parts
     """Model (one encoder per view or shared, heads), objective, the online probe; MoCo's key model is
     copied once DDP has synchronised the model (:func:`build_optimizer`)."""
     views = data.view_chans
-    if cfg.objective.name in ("amdim", "dim"):
-        # DIM reads only the deepest map; building a head for the other would leave DDP an unused parameter.
-        stages = cfg.objective.local_stages if cfg.objective.name == "amdim" else cfg.objective.local_stages[-1:]
-        model: nn.Module = LocalGlobalModel(cfg.model, views[0], len(views), stages)
+    objective = build_objective(cfg.objective, len(views), cfg.model.head_dims[-1])
+    if objective.local_stages is not None:  # the model the objective needs: local maps, or embeddings per view
+        model: nn.Module = LocalGlobalModel(cfg.model, views[0], len(views), objective.local_stages)
     else:
         model = MultiViewModel(cfg.model, views, len(views))
     sizes = [v.size for v in cfg.data.views for _ in range(2 if data.lab else 1)]  # Lab: an L and an ab view each
@@ -88,7 +87,6 @@ def build_parts(cfg: Config, data: TrainData, accelerator: Accelerator) -> Parts
         model = sync_batchnorm(model, accelerator.device.type)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    objective = build_objective(cfg.objective, len(views), cfg.model.head_dims[-1])
     # The online probe: labels train only this head, on detached features, with its own optimizer.
     probe = probe_optimizer = None
     if cfg.monitor.online_probe and data.images.num_classes >= 2:
@@ -106,6 +104,7 @@ def build_optimizer(cfg: Config, parts: Parts, accelerator: Accelerator,
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
+    takes_keys = parts.objective.takes_keys
     trainable = torch.nn.ModuleDict({"model": parts.model, "objective": parts.objective})  # learned critics train too
     global_batch = cfg.optim.batch_size_per_process * accelerator.num_processes
     lr = effective_lr(cfg.optim, global_batch)
@@ -118,7 +117,7 @@ def build_optimizer(cfg: Config, parts: Parts, accelerator: Accelerator,
     # A critic with parameters gets its own DDP wrapper (DDP refuses a module without any).
     parts.objective = (wrap_learned_critic(parts.objective, accelerator) if parts.learned_critic
                        else parts.objective.to(accelerator.device))
-    if cfg.objective.queue_size:
+    if takes_keys:
         # MoCo's key encoder and head: an EMA copy of the online model, never DDP-wrapped (no gradient). Copied
         # from the model DDP has just synchronised, as DINO's teacher loads student.module: a copy taken before
         # the wrap would hold each rank's own seed's weights and fill the queue with other networks' keys.
@@ -181,8 +180,8 @@ class Run:
     def restore(self, state: dict[str, Any], path: Path) -> None:
         """Load every part's state from a checkpoint (position and RNG: :meth:`Resumable.resume`)."""
         p, acc = self.parts, self.accelerator
-        self.raw_model.load_state_dict(state["model"])
-        self.raw_objective.load_state_dict(state["objective"])
+        load_part(self.raw_model, state["model"], "model", path)
+        load_part(self.raw_objective, state["objective"], "objective", path)
         if p.key_model is not None:
             if state.get("momentum_model") is None:
                 raise ConfigError(f"{path} was written without objective.queue_size; resume it without the queue "

@@ -115,3 +115,12 @@ def spawn_ranks(worker, tmp_path: Path, *args, nprocs: int = 2) -> None:
             for f in tmp_path.iterdir():  # the file store and any rank's results of the aborted attempt
                 if f.is_file():
                     f.unlink()
+
+
+def contrastive(temperature: float, bound: str = "infonce", *, num_views: int = 2, dim: int = 128, **options):
+    """The contrastive objective as a run builds it, from ``objective.*`` settings (``options``: queue_size, critic,
+    intra_view_negatives, nn_support_size, debias_tau_plus, graph, ...) for ``num_views`` views of ``dim``."""
+    from pretrain.config import ObjectiveConfig
+    from pretrain.objectives import build_objective
+
+    return build_objective(ObjectiveConfig(temperature=temperature, bound=bound, **options), num_views, dim)

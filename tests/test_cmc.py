@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, run_main
+from conftest import REPO, contrastive, run_main
 from pretrain.data.colour import LAB_MEAN, LAB_STD, lab_to_rgb, rgb_to_lab, split_lab
-from pretrain.objectives import ContrastiveObjective, view_pairs
+from pretrain.objectives import view_pairs
 
 
 def naive_loss(z: list[torch.Tensor], pairs: list[tuple[int, int]], t: float) -> torch.Tensor:
@@ -32,7 +32,7 @@ def naive_loss(z: list[torch.Tensor], pairs: list[tuple[int, int]], t: float) ->
 def test_three_view_loss_equals_the_naive_per_pair_loop(graph: str, expected_pairs) -> None:
     assert view_pairs(3, graph) == expected_pairs
     z = [torch.randn(8, 5, dtype=torch.float64) for _ in range(3)]
-    loss, diag = ContrastiveObjective(0.2, "infonce", num_views=3, graph=graph)(z)
+    loss, diag = contrastive(0.2, "infonce", num_views=3, graph=graph)(z)
     assert torch.allclose(loss, naive_loss(z, expected_pairs, 0.2))
     assert {f"mi_{a}_{c}" for a, c in expected_pairs} <= set(diag)  # per-pair diagnostics
 

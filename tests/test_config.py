@@ -251,6 +251,20 @@ def test_artefacts_of_an_older_version_are_refused_in_one_line(tmp_path: Path) -
         read_intact(run / "checkpoints" / "step_00000004")
 
 
+def test_a_checkpoint_part_laid_out_by_an_older_version_is_refused_in_one_line(tmp_path: Path) -> None:
+    """The contrastive objective's queue moved under its candidates (issue 28.3): a checkpoint whose objective
+    state has the old layout (``queue.queue``) is refused in one line naming the keys, not loaded half."""
+    from conftest import contrastive
+    from pretrain.checkpoint import PartMismatch, load_part
+
+    objective = contrastive(0.2, queue_size=8, dim=4)
+    old = {k.removeprefix("candidates."): v for k, v in objective.state_dict().items()}
+    with pytest.raises(PartMismatch, match=r"step_4: its 'objective' state does not fit this version's \(missing "
+                                           r"candidates.queue.queue.*not expected queue.queue.*older version"):
+        load_part(objective, old, "objective", tmp_path / "step_4")
+    load_part(objective, objective.state_dict(), "objective", tmp_path / "step_4")  # its own layout loads
+
+
 @pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_every_shipped_config_loads_and_validates(path: str) -> None:
     """A shipped config that fails its own validation would be the first thing a user runs into."""

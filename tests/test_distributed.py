@@ -13,9 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from conftest import free_port, spawn_ranks
+from conftest import contrastive, free_port, spawn_ranks
 from pretrain import objectives
-from pretrain.objectives import ContrastiveObjective
 
 B, WORLD = 4, 2
 
@@ -35,7 +34,7 @@ def global_batch() -> list[torch.Tensor]:
 
 def loss_and_grads(model: nn.Module, views: list[torch.Tensor], bound: str = "infonce",
                    intra_view_negatives: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    objective = ContrastiveObjective(temperature=0.5, bound=bound, intra_view_negatives=intra_view_negatives)
+    objective = contrastive(temperature=0.5, bound=bound, intra_view_negatives=intra_view_negatives)
     loss, _ = objective([model(v) for v in views])
     loss.backward()
     return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
@@ -210,7 +209,7 @@ def queue_steps(model: nn.Module, views_per_step: list[list[torch.Tensor]]) -> d
 
     raw = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     keys = MomentumKeys(raw, momentum=0.9)
-    objective = ContrastiveObjective(temperature=0.5, queue_size=QUEUE, dim=6).double()
+    objective = contrastive(temperature=0.5, queue_size=QUEUE, dim=6).double()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for views in views_per_step:
         optimizer.zero_grad()
@@ -221,9 +220,9 @@ def queue_steps(model: nn.Module, views_per_step: list[list[torch.Tensor]]) -> d
         grads = [p.grad.detach().clone() for p in model.parameters()]
         optimizer.step()
         keys.update(raw)
-        objective.enqueue_pending()
-    return {"loss": loss.detach(), "grads": grads, "log_k": diag["log_k"], "queue": objective.queue.queue.clone(),
-            "filled": objective.queue.filled.clone(), "momentum": [p.detach().clone() for p in keys.parameters()]}
+        objective.after_step()
+    return {"loss": loss.detach(), "grads": grads, "log_k": diag["log_k"], "queue": objective.candidates.queue.queue.clone(),
+            "filled": objective.candidates.queue.filled.clone(), "momentum": [p.detach().clone() for p in keys.parameters()]}
 
 
 def three_global_batches() -> list[list[torch.Tensor]]:

@@ -7,14 +7,14 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from conftest import contrastive
 from pretrain.engine import NonFiniteLoss, train_step
-from pretrain.objectives import ContrastiveObjective
 
 
 def _step(model: nn.Module, views: list[torch.Tensor], skip: bool):
     accelerator = Accelerator(cpu=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return train_step(accelerator, model, ContrastiveObjective(0.1), optimizer, views, grad_clip=1.0,
+    return train_step(accelerator, model, contrastive(0.1), optimizer, views, grad_clip=1.0,
                       skip_nonfinite=skip, stop_requested=False, step=7)
 
 

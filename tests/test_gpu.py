@@ -6,10 +6,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from conftest import contrastive
 from pretrain.config import ModelConfig
 from pretrain.engine import train_step
 from pretrain.models import MultiViewModel
-from pretrain.objectives import ContrastiveObjective
 
 pytestmark = pytest.mark.gpu
 
@@ -21,7 +21,7 @@ def test_bf16_channels_last_step_on_cuda_keeps_fp32_logits_and_learns() -> None:
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model, optimizer = accelerator.prepare(model, optimizer)
-    objective = ContrastiveObjective(0.1)
+    objective = contrastive(0.1)
     torch.manual_seed(0)
     x = torch.rand(64, 3, 32, 32, device="cuda")
     views = [x + 0.05 * torch.randn_like(x), x + 0.05 * torch.randn_like(x)]

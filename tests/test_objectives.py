@@ -1,4 +1,4 @@
-"""The contrastive objective: InfoNCE against its cross-entropy form, diagnostics, fp32 logits under
+"""The objectives' registry and interface; the contrastive objective: InfoNCE against its cross-entropy form, diagnostics, fp32 logits under
 bf16 autocast (docs/DESIGN.md, invariant 2), every critic with every bound."""
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import contrastive
 from pretrain.bounds import debiased_infonce_per_query as debiased_infonce
 from pretrain.bounds import infonce_per_query as infonce
-from pretrain.objectives import ContrastiveObjective
+from pretrain.config import CHOICES, ObjectiveConfig
+from pretrain.objectives import Objective, build_objective, objective_class
 
 
 def test_infonce_equals_log_k_minus_cross_entropy_and_never_exceeds_log_k() -> None:
@@ -25,7 +27,7 @@ def test_infonce_equals_log_k_minus_cross_entropy_and_never_exceeds_log_k() -> N
 
 
 def test_objective_diagnostics_for_identical_and_random_views() -> None:
-    objective = ContrastiveObjective(temperature=0.05)
+    objective = contrastive(temperature=0.05)
     z = torch.randn(16, 8)
     loss, diag = objective([z, z.clone()])
     assert diag["top1"] == 1.0 and torch.isclose(diag["pos"], torch.tensor(1.0 / 0.05))  # cos = 1, / temperature
@@ -40,7 +42,7 @@ def test_intra_view_negatives_are_simclrs_nt_xent() -> None:
     torch.manual_seed(0)
     n, t = 8, 0.2
     z1, z2 = (torch.randn(n, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    loss, diag = ContrastiveObjective(t, intra_view_negatives=True)([z1, z2])
+    loss, diag = contrastive(t, intra_view_negatives=True)([z1, z2])
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     sim = (z @ z.T / t).masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
     reference = F.cross_entropy(sim, torch.cat([torch.arange(n, 2 * n), torch.arange(n)]))
@@ -49,7 +51,7 @@ def test_intra_view_negatives_are_simclrs_nt_xent() -> None:
     grads = torch.autograd.grad(loss, [z1, z2])
     for g, g_ref in zip(grads, torch.autograd.grad(reference, [z1, z2])):
         assert torch.allclose(g, g_ref, rtol=0, atol=1e-12)
-    without, _ = ContrastiveObjective(t)([z1, z2])
+    without, _ = contrastive(t)([z1, z2])
     assert not torch.isclose(without, loss)  # the option changes the loss: the comparison above can fail
 
 
@@ -57,8 +59,8 @@ def test_debiased_objective_trains_on_the_debiased_loss_and_reads_mi_by_infonce(
     torch.manual_seed(0)
     t, n = 0.2, 12
     z1, z2 = torch.randn(n, 16, dtype=torch.float64), torch.randn(n, 16, dtype=torch.float64)
-    plain_loss, plain = ContrastiveObjective(t)([z1, z2])
-    loss, diag = ContrastiveObjective(t, debias_tau_plus=0.1)([z1, z2])
+    plain_loss, plain = contrastive(t)([z1, z2])
+    loss, diag = contrastive(t, debias_tau_plus=0.1)([z1, z2])
     assert torch.allclose(diag["mi"], plain["mi"])  # the diagnostic is still InfoNCE's bound
     scores = [F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / t for a, b in ((z1, z2), (z2, z1))]
     expected = math.log(n) - torch.stack([debiased_infonce(s, torch.arange(n), 0.1, -1 / t).mean() for s in scores]).mean()
@@ -68,15 +70,15 @@ def test_debiased_objective_trains_on_the_debiased_loss_and_reads_mi_by_infonce(
 def test_nnclr_scores_each_querys_nearest_support_embedding() -> None:
     torch.manual_seed(0)
     n, d, t = 6, 8, 0.2
-    objective = ContrastiveObjective(t, dim=d, nn_support_size=32)
+    objective = contrastive(t, dim=d, nn_support_size=32)
     z1, z2 = torch.randn(n, d), torch.randn(n, d)
-    assert torch.equal(objective([z1, z2])[0], ContrastiveObjective(t)([z1, z2])[0])  # empty support: the queries themselves
-    objective.enqueue_pending()
-    assert torch.allclose(objective.support.keys(0), F.normalize(z1, dim=1))  # view 0, normalised, after scoring
-    assert "support.queue" in objective.state_dict()  # a buffer: checkpointed and resumed with the objective
+    assert torch.equal(objective([z1, z2])[0], contrastive(t)([z1, z2])[0])  # empty support: the queries themselves
+    objective.after_step()
+    assert torch.allclose(objective.candidates.support.keys(0), F.normalize(z1, dim=1))  # view 0, normalised, after scoring
+    assert "candidates.support.queue" in objective.state_dict()  # a buffer: checkpointed and resumed with the objective
 
     support = F.normalize(torch.randn(32, d), dim=1)
-    objective.support.push([support])
+    objective.candidates.support.push([support])
     picks = torch.tensor([3, 17, 5, 30, 0, 9])
     q1 = (2 * support[picks] + 0.01 * torch.randn(n, d)).requires_grad_()  # near support rows `picks`
     q2 = torch.randn(n, d, requires_grad=True)
@@ -93,7 +95,7 @@ def test_nnclr_scores_each_querys_nearest_support_embedding() -> None:
 
 def test_logits_stay_fp32_under_bf16_autocast() -> None:
     seen = []
-    objective = ContrastiveObjective(0.1)
+    objective = contrastive(0.1)
     original = infonce.__globals__["torch"].logsumexp
 
     def spy(x, dim):
@@ -114,7 +116,7 @@ def test_logits_stay_fp32_under_bf16_autocast() -> None:
 def test_every_critic_combines_with_every_bound(critic: str) -> None:
     z = [torch.randn(6, 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     for bound in ("infonce", "nwj", "dv", "mine", "js", "smile"):
-        objective = ContrastiveObjective(0.5, bound, critic=critic, dim=4).double()
+        objective = contrastive(0.5, bound, critic=critic, dim=4).double()
         loss, diag = objective(z)
         loss.backward()
         assert torch.isfinite(loss) and z[0].grad is not None
@@ -129,13 +131,13 @@ def test_the_queue_logs_its_negatives_apart_from_the_batch_and_the_bound_over_fr
     from pretrain.bounds import infonce as infonce_bound
 
     torch.manual_seed(0)
-    objective = ContrastiveObjective(temperature=0.5, num_views=2, dim=8, queue_size=16)
+    objective = contrastive(temperature=0.5, num_views=2, dim=8, queue_size=16)
     u = torch.randn(8)
     z = [F.normalize(u + 0.3 * torch.randn(4, 8), dim=1) for _ in range(2)]  # images alike: batch negatives score high
     _, first = objective(z, keys=z)
     assert "monitor/neg_score_queue" not in first  # nothing queued yet
-    objective.enqueue_pending()
-    objective.queue.queue.copy_(-objective.queue.queue)  # queue keys opposite to every query: a visible gap
+    objective.after_step()
+    objective.candidates.queue.queue.copy_(-objective.candidates.queue.queue)  # queue keys opposite to every query: a visible gap
     _, diag = objective(z, keys=z)
     off = ~torch.eye(4, dtype=torch.bool)
     pair_neg = [(z[a] @ z[c].T / 0.5)[off].mean() for a, c in objective.pairs]
@@ -176,7 +178,7 @@ def test_a_training_step_of_the_objective_asks_the_device_nothing(settings: dict
     """Forward, backward and the queue's push read no value back to the host: the diagnostics are sums
     and gathers, not boolean indexing; MINE's first-batch start is a torch.where; the queue's fill level
     is kept on the host. The detector itself is checked on a boolean index and an .item()."""
-    objective = ContrastiveObjective(temperature=0.2, dim=8, **settings)
+    objective = contrastive(temperature=0.2, dim=8, **settings)
     g = torch.Generator().manual_seed(0)
     z = [torch.randn(6, 8, generator=g, requires_grad=True) for _ in range(2)]
     keys = [torch.randn(6, 8, generator=g) for _ in range(2)] if settings.get("queue_size") else None
@@ -184,10 +186,10 @@ def test_a_training_step_of_the_objective_asks_the_device_nothing(settings: dict
         with HostSyncs() as syncs:
             loss, diag = objective(z) if keys is None else objective(z, keys)
             loss.backward()
-            objective.enqueue_pending()
+            objective.after_step()
         assert syncs.seen == [], (step, syncs.seen)
     if keys is not None:
-        assert diag["log_k"] > math.log(6) and objective.queue.keys(0).shape[0] == 12
+        assert diag["log_k"] > math.log(6) and objective.candidates.queue.keys(0).shape[0] == 12
     with HostSyncs() as syncs:
         x = torch.randn(4)
         x[x > 0].sum().item()
@@ -207,3 +209,29 @@ def test_deep_infomax_scores_ask_the_device_nothing() -> None:
         mask = (torch.arange(4)[:, None] == torch.arange(4)).repeat_interleave(5, dim=1)
         (loss - bounds.js(scores, positives=mask) - bounds.dv(scores, positives=mask)).backward()
     assert syncs.seen == []
+
+
+@pytest.mark.parametrize("name", CHOICES["objective.name"])
+def test_every_objective_in_the_registry_declares_its_model_and_returns_mi_and_log_k(name: str) -> None:
+    """The registry is the config's list of names (pretrain/objectives/<name>.py's OBJECTIVE). Each one, built
+    from its defaults, takes the output of the model it declares (embeddings per view, or local maps at its
+    stages) and returns a finite loss with the diagnostics the loop reads (mi below its ceiling log_k)."""
+    objective = build_objective(ObjectiveConfig(name=name), num_views=2, embed_dim=8)
+    assert isinstance(objective, Objective) and type(objective) is objective_class(name)
+    g = torch.Generator().manual_seed(0)
+    if objective.local_stages is None:
+        out = [torch.randn(6, 8, generator=g, requires_grad=True) for _ in range(2)]
+    else:
+        out = [{"global": torch.randn(6, 8, generator=g, requires_grad=True),
+                "local": [torch.randn(6, 4, 8, generator=g, requires_grad=True) for _ in objective.local_stages]}
+               for _ in range(2)]
+    loss, diag = objective(out)
+    loss.backward()
+    objective.after_step()
+    assert torch.isfinite(loss) and {"mi", "log_k"} <= set(diag)
+    assert not diag["mi"].requires_grad and diag["mi"] <= diag["log_k"] + 1e-6
+
+
+def test_an_unknown_objective_name_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="unknown objective 'simsiam' .*contrastive, amdim, dim"):
+        objective_class("simsiam")

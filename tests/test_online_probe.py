@@ -7,10 +7,10 @@ import copy
 import torch
 from accelerate import Accelerator
 
+from conftest import contrastive
 from pretrain.config import ModelConfig
 from pretrain.engine import train_step
 from pretrain.models import MultiViewModel
-from pretrain.objectives import ContrastiveObjective
 from pretrain.online_probe import OnlineProbe, probe_accuracy, probe_step
 
 
@@ -27,7 +27,7 @@ def test_encoder_update_is_identical_with_and_without_the_probe() -> None:
         optimizer = torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9)
         probe_arg = (probe, torch.optim.SGD(probe.parameters(), lr=0.5), labels) if with_probe else None
         for step in range(2):  # a gradient leaked by step 0's probe would show in step 1's update
-            result = train_step(Accelerator(cpu=True), m, ContrastiveObjective(0.2, dim=8), optimizer, views,
+            result = train_step(Accelerator(cpu=True), m, contrastive(0.2, dim=8), optimizer, views,
                                 grad_clip=0.0, skip_nonfinite=False, stop_requested=False, step=step, probe=probe_arg)
         results.append(result)
     assert results[0].probe_loss is not None and results[1].probe_loss is None
