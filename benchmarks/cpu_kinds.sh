@@ -3,7 +3,7 @@
 # ATen limited to AVX2 (what an AVX2-only CPU without native bf16 runs; benchmarks/README.md, "CPU speed").
 #   bash benchmarks/cpu_kinds.sh            # about 10 minutes on 2 cores
 # For each kind: the machine line, the demo encoder's compute step in fp32 and bf16 autocast, with and
-# without channels_last (encoder_cost.py, interleaved rounds), and 12 steps of the demo's whole
+# without channels_last (throughput.py encoders, interleaved rounds), and 12 steps of the demo's whole
 # pretraining (loader, batch views, step; start-up excluded, the first step's warm-up included) under
 # run.precision=no, bf16 and auto.
 set -euo pipefail
@@ -14,8 +14,8 @@ for kind in native avx2; do
   if [ "$kind" = avx2 ]; then export ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2; fi
   echo "== $kind: $($PY benchmarks/machine.py)"
   for layout in --channels-last ""; do
-    echo "  encoder_cost.py ${layout:-(contiguous)}:"
-    $PY benchmarks/encoder_cost.py --batch 128 --rounds 3 --steps 3 $layout --bf16 \
+    echo "  throughput.py encoders ${layout:-(contiguous)}:"
+    $PY benchmarks/throughput.py encoders --batch 128 --rounds 3 --steps 3 $layout --bf16 \
       --only "resnet14t w0.5 deep s2 stem" 2>/dev/null | tail -2 | sed "s/^/  /"
   done
   for precision in no bf16 auto; do

@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pretrain import objectives
-from pretrain.config import ModelConfig
+from pretrain.config import ModelConfig, ObjectiveConfig
 from pretrain.models import MultiViewModel
+from pretrain.objectives import build_objective, contrastive
 
 WORLD = 2
 
@@ -54,14 +54,15 @@ def worker(rank: int, args: argparse.Namespace, tmp: str) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(rank)
     views = [torch.randn(args.batch, 1, args.size, args.size, generator=g) for _ in range(2)]
-    gathered = objectives.ContrastiveObjective(temperature=0.2)
-    real_gather, real_rank = objectives.gather_with_grad, objectives.rank
+    gathered = build_objective(ObjectiveConfig(temperature=0.2), num_views=2, embed_dim=128)
+    real = contrastive.gather_with_grad, contrastive.own_rows
+    local = (lambda x: x), (lambda b, device: torch.arange(b, device=device))  # this rank's keys alone
     timed_steps(model, gathered, optimizer, views, 2)  # warm-up
     times: dict[str, list[float]] = {"gathered": [], "local": []}
     for _ in range(args.rounds):
-        objectives.gather_with_grad, objectives.rank = real_gather, real_rank
+        contrastive.gather_with_grad, contrastive.own_rows = real
         times["gathered"].append(timed_steps(model, gathered, optimizer, views, args.steps))
-        objectives.gather_with_grad, objectives.rank = (lambda x: x), (lambda: 0)
+        contrastive.gather_with_grad, contrastive.own_rows = local
         times["local"].append(timed_steps(model, gathered, optimizer, views, args.steps))
     if rank == 0:
         Path(tmp, "times.json").write_text(json.dumps(times))

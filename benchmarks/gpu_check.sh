@@ -13,5 +13,5 @@ if [ -d wheels ]; then $PY -m pip install -q --no-index --find-links wheels omeg
 $PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.txt"
-$PY benchmarks/throughput.py --arch resnet50 --size 224 --batch 128 --precision bf16 --channels-last \
+$PY benchmarks/throughput.py train-step --arch resnet50 --size 224 --batch 128 --precision bf16 --channels-last \
   --seconds 100 --json "$OUT/throughput.json"

@@ -1,16 +1,25 @@
-"""Two-view loading speed: torchvision (PIL decode + v2 transforms in DataLoader workers) vs FFCV
-(.beton, jpg and raw) on this machine's CPU. A figure, not a test.
+"""Loading speed on this machine's CPU: torchvision against FFCV, and the .beton's max side. Figures, not tests.
 
-    .venv/bin/python benchmarks/loader.py [--images 3000 --sizes 64 96 224 --rounds 3 --workers N --breakdown]
+    .venv/bin/python benchmarks/loader.py compare [--images 3000 --sizes 64 96 224 --rounds 3 --workers N --breakdown]
+    .venv/bin/python benchmarks/loader.py beton-resolution [--images 300 --resolutions 256 500 --rounds 3]
 
-The data: RGB JPEGs of 96-160 px (drawn procedurally, saved as an image folder), written once to
-.beton files with jpg and raw modes. Each round times one epoch per loader, interleaved
-(torchvision, ffcv jpg, ffcv raw, ...), after a warm-up epoch that pays FFCV's JIT compile. Both
-sides do RandomResizedCrop + flip + normalise for two views, batch 256, drop_last; FFCV's batches go
-through pretraining's on-device step (BatchViews.colour) as in training. ``--breakdown`` adds FFCV handing
-uint8 crops to torch for normalising (the pipeline before FFCV normalised on the CPU itself).
-Reported: median images/s (wall) and images per CPU-second (user + system time of the process and
-its workers).
+``compare`` (the default when no subcommand is named): two-view loading, torchvision (PIL decode + v2
+transforms in DataLoader workers) against FFCV (.beton, jpg and raw). The data: RGB JPEGs of 96-160 px
+(drawn procedurally, saved as an image folder), written once to .beton files with jpg and raw modes. Each
+round times one epoch per loader, interleaved (torchvision, ffcv jpg, ffcv raw, ...), after a warm-up epoch
+that pays FFCV's JIT compile. Both sides do RandomResizedCrop + flip + normalise for two views, batch 256,
+drop_last; FFCV's batches go through pretraining's on-device step (BatchViews.colour) as in training.
+``--breakdown`` adds FFCV handing uint8 crops to torch for normalising (the pipeline before FFCV normalised
+on the CPU itself). Reported: median images/s (wall) and images per CPU-second (user + system time of the
+process and its workers).
+
+``beton-resolution`` (beton_resolution.py before issue 28.8): the .beton's max side against file size and
+loading speed, on ImageNet-sized (500 x 375) sources. Draws ``--images`` 500 x 375 RGB JPEGs with fine
+detail (an image folder), writes one .beton per ``--max-resolution`` with the writer's defaults otherwise
+(FFCV's ImageNet recipe: proportion mode, half as JPEG at quality 90), and times the training loader (two
+224 px views: RandomResizedCrop + flip + normalise, batch 64, the machine's cores as FFCV threads) over
+interleaved epochs after a JIT warm-up. Prints file size per 1000 images, median images/s and images per
+CPU-second.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import json
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +41,7 @@ from PIL import Image
 from pretrain.config import ViewConfig
 from pretrain.data import MultiViewDataset, build_view_transform
 from pretrain.data.batch_views import BatchViews
+from pretrain.data.beton import parse_args as beton_args
 from pretrain.data.beton import validate, write_beton
 from pretrain.data.datasets import ImageFolder
 from pretrain.data.ffcv_loader import FFCVMultiViewLoader
@@ -60,17 +71,7 @@ def time_epoch(batches) -> tuple[float, float, int]:
     return n / (time.perf_counter() - t0), n / max(cpu_seconds() - c0, 1e-9), n
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=3000)
-    p.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 224])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--out", default="", help="also write the figures as JSON here")
-    p.add_argument("--breakdown", action="store_true", help="also time FFCV handing uint8 crops to torch to normalise")
-    args = p.parse_args()
-
+def run_compare(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="infomax-loader-"))
     make_folder(tmp / "folder", args.images)
     folder = ImageFolder(str(tmp / "folder"), "train")
@@ -122,6 +123,84 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
+
+def make_photos(root: Path, n: int) -> None:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:375, 0:500]
+    for i in range(n):
+        d = root / "train" / f"c{i % 10}"
+        d.mkdir(parents=True, exist_ok=True)
+        f = rng.uniform(1.5, 6.0, size=3)
+        image = np.stack([127 + 100 * np.sin(xx / f[c] + c + i) * np.cos(yy / (f[c] * 1.3) + i) for c in range(3)], -1)
+        noisy = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(d / f"{i}.jpg", quality=95)
+
+
+def run_beton_resolution(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="infomax-beton-res-"))
+    make_photos(tmp / "folder", args.images)
+    views = [ViewConfig(size=224, jitter_p=0.0, grayscale_p=0.0)] * 2
+    loaders, sizes = {}, {}
+    for res in args.resolutions:
+        out = tmp / f"r{res}.beton"
+        ns = beton_args(["--dataset", "imagefolder", "--root", str(tmp / "folder"), "--out", str(out),
+                         "--max-resolution", str(res), "--workers", str(args.workers)])
+        write_beton(ns, validate(ns))
+        sizes[res] = out.stat().st_size / 2**20 * 1000 / args.images
+        loader = FFCVMultiViewLoader(str(out), views, args.batch, torch.device("cpu"), seed=0, distributed=False,
+                                     num_workers=args.workers)
+        time_epoch(loader)  # warm-up: the JIT compile
+        loaders[res] = loader
+    runs: dict[int, list[tuple[float, float]]] = {r: [] for r in loaders}
+    for _ in range(args.rounds):
+        for res, loader in loaders.items():
+            wall, per_cpu, _ = time_epoch(loader)
+            runs[res].append((wall, per_cpu))
+    print(f"{args.images} JPEGs 500 x 375, proportion mode (compress probability 0.5, quality 90), two 224 px views, "
+          f"batch {args.batch}, {args.workers} FFCV threads, median of {args.rounds} interleaved epochs")
+    print("| --max-resolution | stored as | MiB per 1000 images | images/s | images per CPU-second "
+          "|\n|---|---|---|---|---|")
+    for res, r in runs.items():
+        stored = "500 x 375 (as is)" if res >= 500 else f"{res} x {round(375 * res / 500)}"
+        print(f"| {res} | {stored} | {sizes[res]:.1f} | {statistics.median(w for w, _ in r):.0f} | "
+              f"{statistics.median(c for _, c in r):.0f} |")
+
+
+COMMANDS = ("compare", "beton-resolution")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["compare", *argv]  # the flat form of older notes: compare's options
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compare", help="torchvision against FFCV (jpg, raw), two views (the default)",
+                       description="Two-view loading speed: torchvision (PIL decode + v2 transforms in DataLoader "
+                                   "workers) vs FFCV (.beton, jpg and raw) on this machine's CPU.")
+    p.add_argument("--images", type=int, default=3000)
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 224])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--out", default="", help="also write the figures as JSON here")
+    p.add_argument("--breakdown", action="store_true", help="also time FFCV handing uint8 crops to torch to normalise")
+    p.set_defaults(run=run_compare)
+
+    p = sub.add_parser("beton-resolution", help="the .beton's max side against file size and loading speed (was "
+                                                "beton_resolution.py)",
+                       description="The .beton's max side against file size and loading speed, on ImageNet-sized "
+                                   "(500 x 375) sources.")
+    p.add_argument("--images", type=int, default=300)
+    p.add_argument("--resolutions", type=int, nargs="+", default=[256, 500])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--batch", type=int, default=64)
+    p.set_defaults(run=run_beton_resolution)
+
+    args = parser.parse_args(argv)
+    args.run(args)
 
 if __name__ == "__main__":
     main()

@@ -22,10 +22,10 @@ from accelerate import Accelerator
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
-from pretrain.config import ModelConfig
+from pretrain.config import ModelConfig, ObjectiveConfig
 from pretrain.engine import train_step
 from pretrain.models import MultiViewModel
-from pretrain.objectives import ContrastiveObjective
+from pretrain.objectives import build_objective
 
 
 def bare_step(model, optimizer, views, temperature: float) -> None:
@@ -57,7 +57,7 @@ def main() -> None:
     ours_model, ours_opt = accelerator.prepare(ours_model, ours_opt)
     scheduler, _ = create_scheduler_v2(ours_opt, sched="cosine", num_epochs=10, warmup_epochs=1,
                                        updates_per_epoch=100, step_on_epochs=False)
-    objective = ContrastiveObjective(0.1)
+    objective = build_objective(ObjectiveConfig(temperature=0.1), num_views=2, embed_dim=cfg.head_dims[-1])
     bare_model = MultiViewModel(cfg, 3, 2)
     bare_opt = create_optimizer_v2(bare_model, opt="sgd", lr=0.01, momentum=0.9, weight_decay=1e-6)
 

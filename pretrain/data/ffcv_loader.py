@@ -83,7 +83,7 @@ class FFCVMultiViewLoader:
         self.info = info or BetonInfo(path)
         self.device, self.epoch = device, 0
         on_cpu, c, non_blocking = device.type == "cpu", self.info.channels, device.type == "cuda"
-        # normalise_in_ffcv=False: always uint8 crops (benchmarks/loader.py measures what it saves)
+        # normalise_in_ffcv=False: always uint8 crops (benchmarks/loader.py compare --breakdown measures what it saves)
         self.normalised = [normalise_in_ffcv and on_cpu and not random_colour_steps(view, c) for view in views]
         # One-channel data is stored as three equal channels: the table repeats its mean/std.
         mean, std = (np.resize(np.array(m, dtype=np.float64) * 255, 3) for m in (self.info.mean, self.info.std))

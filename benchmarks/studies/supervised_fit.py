@@ -1,7 +1,7 @@
 """The eval's supervised fits (the same encoder trained with labels, AlexNet): crops drawn per image in
 loader workers against per batch on the device (``BatchViews``), side by side.
 
-    .venv/bin/python benchmarks/supervised_fit.py --rounds 3 --steps 60
+    .venv/bin/python benchmarks/studies/supervised_fit.py --rounds 3 --steps 60
 
 On Fashion-MNIST with configs/fmnist_cpu.yaml's encoder and a linear head trained end to end, batch 128,
 channels_last, ``run.precision=auto``, as configs/probe_fmnist.yaml's supervised-encoder row trains. The

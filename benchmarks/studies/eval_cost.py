@@ -1,6 +1,6 @@
 """Cost of the eval stage's three inner loops, each against the plain way of writing it, side by side.
 
-    .venv/bin/python benchmarks/eval_cost.py --rounds 5
+    .venv/bin/python benchmarks/studies/eval_cost.py --rounds 5
 
 On Fashion-MNIST with a random-init encoder of configs/fmnist_cpu.yaml's architecture (timings do not
 depend on the weights), under bf16 autocast as configs/probe_fmnist.yaml runs:

@@ -1,6 +1,6 @@
 """Which optimizer gets the demo's budgeted AlexNet off its first plateau? Held-out top-1 after 40 and 80 steps.
 
-    .venv/bin/python benchmarks/alexnet_budget.py        # ~25 min on 2 cores (5 settings x 80 steps)
+    .venv/bin/python benchmarks/studies/alexnet_budget.py        # ~25 min on 2 cores (5 settings x 80 steps)
 
 The eval stage's AlexNet for 28 px inputs (eval.baselines.supervised_alexnet), Fashion-MNIST, batch 128
 with flips, cosine over 80 steps (after the warmup, if any); scored on the last 1000 train images, which
@@ -9,6 +9,7 @@ the steps never draw.
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 
@@ -51,6 +52,7 @@ def run(images: torch.Tensor, labels: torch.Tensor, optimizer: str, lr: float, w
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options; --help says what it runs
     ds = FashionMNIST("")
     images = (ds.images.float() / 255 - ds.mean[0]) / ds.std[0]
     print("| optimizer | lr | warmup steps | held-out top-1 at 40 / 80 steps | seconds |\n|---|---|---|---|---|")

@@ -1,7 +1,7 @@
 """The FFCV path's colour steps: per image (torchvision, one image at a time, as before) against batched
 (``BatchViews.colour``, what training runs now), on uint8 crops as FFCV hands them over.
 
-    .venv/bin/python benchmarks/colour_steps.py --batch 256 --size 224 --rounds 5
+    .venv/bin/python benchmarks/studies/colour_steps.py --batch 256 --size 224 --rounds 5
 
 Two views of B images each, SimCLR's colour recipe (jitter 0.8 with brightness, contrast, saturation
 0.4 and hue 0.1, grayscale 0.2, blur 0.5), then normalisation. Rounds alternate the two sides so that

@@ -1,6 +1,6 @@
 """Why an export's kNN reads what it reads: the geometry of its frozen features, a diagnostic (not a protocol).
 
-    .venv/bin/python benchmarks/feature_geometry.py --weights runs/fmnist_cpu/export
+    .venv/bin/python benchmarks/studies/feature_geometry.py --weights runs/fmnist_cpu/export
 
 Extracts the eval stage's train and test features (configs/probe_fmnist.yaml: precision, channels_last,
 the export's normalisation) and prints kNN k=20 as the eval stage scores it (cosine, temperature-weighted
