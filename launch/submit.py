@@ -19,8 +19,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Sequence
-from unittest import mock
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # first-party modules and submitit load inside the functions, after drop_script_dir()
+    import submitit
+
+    from eval.config import EvalConfig
+    from launch.sbatch import JobRequest
+    from pretrain.config import Config
 
 
 class SubmitError(ValueError):
@@ -86,18 +92,6 @@ def sweep_points(sweeps: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)] if axes else [[]]
 
 
-def make_executor(cluster: str, folder: Path, max_requeues: int, dry_run: bool) -> Any:
-    """submitit's executor for ``cluster``. A SLURM dry run renders the sbatch script on any machine:
-    it submits nothing, so it must not need srun, which submitit's SlurmExecutor checks for at start."""
-    import submitit
-    from submitit.slurm.slurm import SlurmExecutor
-
-    if cluster == "slurm" and dry_run and SlurmExecutor.affinity() <= 0:
-        with mock.patch.object(SlurmExecutor, "affinity", classmethod(lambda cls: 1)):
-            return submitit.AutoExecutor(folder=str(folder), cluster="slurm", slurm_max_num_timeout=max_requeues)
-    return submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=max_requeues)
-
-
 def remove_empty_tree(top: Path) -> None:
     """Remove ``top`` and the directories under it, if they hold no file (a non-empty one stays)."""
     for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
@@ -122,14 +116,11 @@ def known_partitions() -> list[str]:
     return [p.rstrip("*") for p in out.stdout.split()]
 
 
-def submit(args: argparse.Namespace) -> list[Any]:  # noqa: C901 - validation, then submission, in order
+def resolve_runs(args: argparse.Namespace) -> list[Config]:
+    """One resolved pretraining config per sweep point, each with its own absolute run dir, checked as ours."""
+    from pretrain.config import load_config
+    from pretrain.run_dir import check_run_dir
 
-    from eval.config import EvalConfig, validate_eval
-    from launch.jobs import EvalJob, PretrainJob
-    from pretrain.config import load_config, to_yaml
-    from pretrain.run_dir import check_run_dir, mark_ours
-
-    # ------------------------------------------------------------------ everything checked before submitting
     points = sweep_points(args.sweep)
     runs = []
     for point in points:
@@ -139,16 +130,33 @@ def submit(args: argparse.Namespace) -> list[Any]:  # noqa: C901 - validation, t
         cfg.run.dir = str(Path(cfg.run.dir).resolve())
         check_run_dir(cfg)
         runs.append(cfg)
-    eval_cfgs = []
-    if args.eval:
-        for cfg in runs:
-            export = str(Path(cfg.run.dir) / "export")
-            eval_cfgs.append(load_config(args.eval, [*args.eval_override, f"weights=[{export}]"],
-                                         schema=EvalConfig, check=validate_eval))
+    return runs
+
+
+def resolve_evals(args: argparse.Namespace, runs: list[Config]) -> list[EvalConfig]:
+    """With ``--eval``: one eval config per run, probing that run's export; otherwise none."""
+    from eval.config import EvalConfig, validate_eval
+    from pretrain.config import load_config
+
+    if not args.eval:
+        return []
+    return [load_config(args.eval, [*args.eval_override, f"weights=[{Path(cfg.run.dir) / 'export'}]"],
+                        schema=EvalConfig, check=validate_eval) for cfg in runs]
+
+
+def tasks_per_node(args: argparse.Namespace) -> int:
+    """One task per GPU (``--tasks-per-node`` may only repeat it); one task without GPUs unless told."""
     gpus = args.gpus_per_node
     tasks = args.tasks_per_node or max(1, gpus)
     if gpus and tasks != gpus:
         raise SubmitError(f"--tasks-per-node {tasks} with --gpus-per-node {gpus}: infomax runs one task per GPU")
+    return tasks
+
+
+def check_cluster(args: argparse.Namespace) -> None:
+    """The cluster can take the request: this machine has the GPUs (local), or a SLURM controller answers
+    and knows the partition (not needed for a dry run, which asks SLURM nothing)."""
+    gpus = args.gpus_per_node
     if args.cluster == "local" and gpus:
         import torch
 
@@ -162,81 +170,146 @@ def submit(args: argparse.Namespace) -> list[Any]:  # noqa: C901 - validation, t
         if args.partition and args.partition not in parts:
             raise SubmitError(f"--partition '{args.partition}' is not a partition of this cluster "
                               f"(sinfo knows: {', '.join(parts)})")
+
+
+def cpus_per_task(args: argparse.Namespace, runs: list[Config], evals: list[EvalConfig]) -> int:
+    """``--cpus-per-task``, by default the loader's workers + 1: each task runs its loader's workers beside
+    its main process, and with fewer cores they share and the GPU waits (a SLURM task gets 1 CPU unless told)."""
     if args.max_requeues < 0 or args.nodes < 1 or args.cpus_per_task < 0:
         raise SubmitError("--nodes must be >= 1, --cpus-per-task >= 0 (0 = workers + 1) and --max-requeues >= 0")
-    # Each task runs its loader's workers beside its main process: with fewer cores they share, and the
-    # GPU waits (a SLURM task gets 1 CPU unless told).
-    workers = max([cfg.data.num_workers for cfg in runs] + [e.num_workers for e in eval_cfgs])
+    workers = max([cfg.data.num_workers for cfg in runs] + [e.num_workers for e in evals])
     cpus = args.cpus_per_task or workers + 1
     if cpus < workers + 1:
         raise SubmitError(f"--cpus-per-task {cpus} is too few for the loader: {workers} workers and the main process "
                           f"need {workers + 1} cores per task; leave --cpus-per-task out (it then asks for "
                           f"{workers + 1}) or lower data.num_workers to {max(0, cpus - 1)}")
+    return cpus
 
-    # ------------------------------------------------------------------ executor
+
+def job_request(args: argparse.Namespace, runs: list[Config], tasks: int, cpus: int) -> JobRequest:
+    """What each pretraining job asks of the scheduler."""
+    from launch.sbatch import JobRequest
+
+    return JobRequest(name=args.job_name or f"infomax-{Path(runs[0].run.dir).name}", nodes=args.nodes,
+                      tasks_per_node=tasks, cpus_per_task=cpus, timeout_min=minutes(args.time),
+                      gpus_per_node=args.gpus_per_node, mem_gb=args.mem_gb, partition=args.partition,
+                      account=args.account, qos=args.qos, constraint=args.constraint,
+                      signal_delay_s=args.signal_delay, array_parallelism=args.array_parallelism)
+
+
+def runs_parent(runs: list[Config]) -> Path:
+    """The run dir, or for a sweep the directory that holds its run dirs."""
     first = Path(runs[0].run.dir)
-    folder = Path(args.logs).resolve() if args.logs else (first if len(runs) == 1 else first.parent) / "slurm"
-    made_by_executor = next((d for d in reversed([folder, *folder.parents]) if not d.exists()), None)
-    executor = make_executor(args.cluster, folder / "%j", args.max_requeues, dry_run=args.dry_run)
-    params: dict[str, Any] = {"nodes": args.nodes, "tasks_per_node": tasks, "cpus_per_task": cpus,
-                              "timeout_min": minutes(args.time),
-                              "name": args.job_name or f"infomax-{first.name}"}
-    if gpus:
-        params["gpus_per_node"] = gpus
-    if args.mem_gb:
-        params["mem_gb"] = args.mem_gb
-    slurm = {"partition": args.partition, "account": args.account, "qos": args.qos, "constraint": args.constraint}
-    params.update({f"slurm_{k}": v for k, v in slurm.items() if v})
-    params.update(slurm_signal_delay_s=args.signal_delay, slurm_array_parallelism=args.array_parallelism)
-    executor.update_parameters(**params)
+    return first if len(runs) == 1 else first.parent
 
-    jobs = [PretrainJob(to_yaml(cfg), args.max_requeues) for cfg in runs]
-    if args.dry_run:
-        inner = getattr(executor, "_executor", executor)
-        script = inner._make_submission_file_text(inner._submitit_command_str, "dry-run") \
-            if hasattr(inner, "_submitit_command_str") else f"({args.cluster} executor: no sbatch script)"
-        print(f"# sbatch script ({len(runs)} job{'s' if len(runs) > 1 else ''})\n{script}")
-        for cfg in runs:
-            print(f"# resolved config for {cfg.run.dir}\n{to_yaml(cfg)}")
-        for ecfg in eval_cfgs:
-            print(f"# eval config (after pretraining succeeds)\n{to_yaml(ecfg)}")
-        if made_by_executor is not None:  # submitit's local executor makes its log folder: a dry run writes nothing
-            remove_empty_tree(made_by_executor)
-        return []
 
-    # ------------------------------------------------------------------ submit
+def log_folder(args: argparse.Namespace, runs: list[Config]) -> Path:
+    """submitit's folder: ``--logs``, or ``slurm/`` beside the runs; each job logs in ``<folder>/<job id>``."""
+    return Path(args.logs).resolve() if args.logs else runs_parent(runs) / "slurm"
+
+
+def make_executor(cluster: str, folder: Path, max_requeues: int, request: JobRequest) -> submitit.AutoExecutor:
+    """submitit's executor for ``cluster``, logging in ``folder``/<job id>, set up for ``request``."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster, slurm_max_num_timeout=max_requeues)
+    executor.update_parameters(**request.executor_parameters())
+    return executor
+
+
+def print_dry_run(args: argparse.Namespace, runs: list[Config], evals: list[EvalConfig], request: JobRequest,
+                  folder: Path) -> None:
+    """What would be submitted: the sbatch script and the resolved configs. Writes nothing.
+
+    The SLURM script is rendered by launch/sbatch.py (submitit can neither show it publicly nor be
+    built without srun). The local and debug executors are built, so that they check the request
+    (the local one takes one node) as a submission would; the local one makes its log folder, which goes again.
+    """
+    from pretrain.config import to_yaml
+
+    if args.cluster == "slurm":
+        script = request.sbatch_script(folder / "%j")
+    else:
+        made = next((d for d in reversed([folder, *folder.parents]) if not d.exists()), None)
+        try:
+            make_executor(args.cluster, folder, args.max_requeues, request)
+        finally:
+            if made is not None:
+                remove_empty_tree(made)
+        script = f"({args.cluster} executor: no sbatch script)"
+    print(f"# sbatch script ({len(runs)} job{'s' if len(runs) > 1 else ''})\n{script}")
+    for cfg in runs:
+        print(f"# resolved config for {cfg.run.dir}\n{to_yaml(cfg)}")
+    for ecfg in evals:
+        print(f"# eval config (after pretraining succeeds)\n{to_yaml(ecfg)}")
+
+
+def submit_jobs(args: argparse.Namespace, executor: submitit.AutoExecutor, runs: list[Config],
+                evals: list[EvalConfig], request: JobRequest) -> tuple[list[submitit.Job], list[submitit.Job]]:
+    """Submit one pretraining job per run (a job array for a sweep), then each run's eval after it.
+
+    Returns the pretraining jobs and the eval jobs. On SLURM an eval waits for its pretraining
+    (``afterok``); local and debug have no scheduler to hold it back, so this waits for the pretraining.
+    """
+    from launch.jobs import EvalJob, PretrainJob
+    from pretrain.config import to_yaml
+    from pretrain.run_dir import mark_ours
+
     for cfg in runs:  # the job's own check then knows the dir (and its slurm/ logs) as infomax's
         mark_ours(Path(cfg.run.dir))
+    jobs = [PretrainJob(to_yaml(cfg), args.max_requeues) for cfg in runs]
     if len(jobs) > 1:
         with executor.batch():
             submitted = [executor.submit(job) for job in jobs]
     else:
         submitted = [executor.submit(jobs[0])]
     eval_jobs = []
-    for job, ecfg in zip(submitted, eval_cfgs):
-        executor.update_parameters(name=f"{params['name']}-eval", **(
+    for job, ecfg in zip(submitted, evals):
+        executor.update_parameters(name=f"{request.name}-eval", **(
             {"slurm_additional_parameters": {"dependency": f"afterok:{job.job_id}"}}
             if args.cluster == "slurm" else {}))
         if args.cluster != "slurm":
             job.result()  # local/debug: no scheduler to hold the eval back, so wait here
         eval_jobs.append(executor.submit(EvalJob(to_yaml(ecfg))))
-
     if args.cluster == "debug":  # in this process: the jobs run when their results are asked for
         for job in submitted + eval_jobs:
             job.result()
+    return submitted, eval_jobs
+
+
+def print_follow_up(cluster: str, runs: list[Config], submitted: list[submitit.Job],
+                    eval_jobs: list[submitit.Job]) -> None:
+    """Each job's id and logs, then the commands to follow (and on SLURM to cancel) them."""
     for cfg, job in zip(runs, submitted):
         print(f"submitted {job.job_id}: run dir {cfg.run.dir}\n"
               f"  logs     {job.paths.stdout}\n           {job.paths.stderr}")
     for job in eval_jobs:
         print(f"submitted {job.job_id}: eval after pretraining; report beside the export")
     ids = ",".join(j.job_id for j in submitted + eval_jobs)
-    logdir = first if len(runs) == 1 else first.parent
-    if args.cluster == "slurm":
+    logdir = runs_parent(runs)
+    if cluster == "slurm":
         print(f"follow:   squeue -j {ids}   |   sacct -j {ids} -X -o JobID,JobName,State,Elapsed\n"
               f"          tail -f {submitted[0].paths.stdout}   |   tensorboard --logdir {logdir}\n"
               f"cancel:   scancel {ids}  (a cancelled run keeps its checkpoint: resubmit the same command to resume)")
     else:
         print(f"follow:   tail -f {submitted[0].paths.stdout}   |   tensorboard --logdir {logdir}")
+
+
+def submit(args: argparse.Namespace) -> list[submitit.Job]:
+    """Check everything (configs, run dirs, resources, the cluster) before anything is submitted; then
+    print the dry run, or submit and print how to follow the jobs. Returns the jobs (none for a dry run)."""
+    runs = resolve_runs(args)
+    evals = resolve_evals(args, runs)
+    tasks = tasks_per_node(args)
+    check_cluster(args)
+    request = job_request(args, runs, tasks, cpus_per_task(args, runs, evals))
+    folder = log_folder(args, runs)
+    if args.dry_run:
+        print_dry_run(args, runs, evals, request, folder)
+        return []
+    executor = make_executor(args.cluster, folder, args.max_requeues, request)
+    submitted, eval_jobs = submit_jobs(args, executor, runs, evals, request)
+    print_follow_up(args.cluster, runs, submitted, eval_jobs)
     return submitted + eval_jobs
 
 

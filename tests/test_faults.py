@@ -392,8 +392,10 @@ def test_slurm_dry_run_prints_the_script_on_a_machine_without_slurm(tmp_path: Pa
             "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--time", "01:00:00"]
     proc = subprocess.run([*args, "--dry-run"], capture_output=True, text=True, cwd=REPO, env=no_slurm, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("# sbatch script (1 job)\n#!/bin/bash\n")
     assert "#SBATCH --nodes=2" in proc.stdout and "#SBATCH --partition=gpu" in proc.stdout
-    assert "# resolved config for" in proc.stdout
+    assert "#SBATCH --gpus-per-node=8" in proc.stdout and "#SBATCH --time=60" in proc.stdout
+    assert "# resolved config for" in proc.stdout and "submitted" not in proc.stdout
     assert not (tmp_path / "r").exists()  # a dry run writes nothing
     proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=no_slurm, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [

@@ -148,6 +148,32 @@ def test_dry_run_prints_resources_and_submits_nothing(tmp_path: Path) -> None:
     assert f"dir: {tmp_path / 'run'}" in proc.stdout
 
 
+@pytest.mark.parametrize("extra", [
+    {},
+    {"name": "infomax-optim.lr=0.1 x", "gpus_per_node": 4, "mem_gb": 64, "partition": "gpu", "account": "acct",
+     "qos": "high", "constraint": "a100", "signal_delay_s": 300},
+])
+def test_dry_run_script_is_the_script_submitit_submits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       extra: dict) -> None:
+    """The dry run renders its sbatch script itself (launch/sbatch.py: submitit has no public way to show
+    one). Submitting the same request through the launcher's executor to a stand-in sbatch (and srun,
+    which submitit's SlurmExecutor looks for) must hand sbatch exactly that script."""
+    from launch.sbatch import JobRequest
+    from launch.submit import make_executor
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, body in (("srun", "exit 1"), ("sbatch", 'cp "$1" "$(dirname "$0")/got.sh"; echo "Submitted batch job 4242"')):
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    request = JobRequest(**{"name": "infomax-run", "nodes": 2, "tasks_per_node": 4, "cpus_per_task": 11,
+                            "timeout_min": 2880, **extra})
+    job = make_executor("slurm", tmp_path / "slurm", 3, request).submit(print)
+    assert job.job_id == "4242"
+    assert (bin_dir / "got.sh").read_text() == request.sbatch_script(tmp_path / "slurm" / "%j")
+
+
 @pytest.mark.parametrize("args, needle", [
     (["optim.lrr=1"], "optim.lrr"),
     (["--cluster", "local", "--gpus-per-node", "2"], "has 0"),
