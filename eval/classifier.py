@@ -4,15 +4,20 @@ probe (a linear head on a frozen encoder) and the supervised AlexNet baseline (t
 Resume follows pretraining: the newest checkpoint in ``ckpt_dir`` holds the trainable weights, the
 optimizer, the position inside the epoch and every rank's RNG; augmentations are a pure function of
 (seed, epoch, index) (``MultiViewDataset``), so a stopped and resumed fit ends on the same weights.
+
+Its parts: :func:`check_batch` and :func:`build_optimizer` (a fit's batch split and optimizer),
+:func:`sgd_step` (one step), :class:`SGDFit` (a fit's state: resume and save through
+:class:`~pretrain.resumable.Resumable`, the held-out evaluation, and in :meth:`SGDFit.train_one_epoch`
+the position, the ranks' agreement and the checkpoint cadence), :func:`fit_classifier` (the outer loop).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +150,183 @@ def fit_label(stopped: str, converged: bool | None) -> str:
     return f", stopped at its {cap} cap{how}"
 
 
+def check_batch(accelerator: Accelerator, train_set: MultiViewDataset, schedule: SGDSchedule, desc: str) -> int:
+    """Each process's share of the global batch; NothingToTrain when it does not split evenly over the
+    processes or the train split holds less than one batch."""
+    per_process, rest = divmod(schedule.global_batch_size, accelerator.num_processes)
+    if rest or per_process < 1:
+        raise NothingToTrain(f"batch size {schedule.global_batch_size} does not split over "
+                             f"{accelerator.num_processes} processes")
+    if len(train_set) < schedule.global_batch_size:
+        raise NothingToTrain(f"{desc}: the train split has {len(train_set)} images, fewer than one batch of "
+                             f"{schedule.global_batch_size}; lower the batch size")
+    return per_process
+
+
+def build_optimizer(trainable: nn.Module, schedule: SGDSchedule) -> torch.optim.Optimizer:
+    """SGD with momentum, or AdamW, over the parameters of ``trainable`` that take gradients, at the base lr
+    (each step sets its own: :meth:`SGDSchedule.factor`)."""
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    if schedule.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    return torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+
+
+def sgd_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+             labels: torch.Tensor, lr: float, input_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One cross-entropy step at ``lr`` on a batch: ``x`` B x C x H x W images, ``labels`` B class indices;
+    ``model(input_fn(x))`` gives B x classes logits under the launch's autocast, the loss is taken in fp32.
+    Returns the 0-dim loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with accelerator.autocast():
+        logits = model(input_fn(x))
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    optimizer.step()
+    return loss
+
+
+@dataclass
+class SGDFit:
+    """One fit in progress: its prepared parts, position (``loop.progress``) and what its checkpoint holds
+    beside the weights and optimizer (the held-out curve, the training time so far, whether it ended).
+
+    Every rank holds the same state: the flags that end the fit are agreed (:meth:`Resumable.agree`)."""
+
+    accelerator: Accelerator
+    model: nn.Module  # prepared: B x C x H x W -> B x classes logits
+    trainable: nn.Module  # the part of ``model`` that trains; its state is what a checkpoint keeps
+    optimizer: torch.optim.Optimizer  # prepared
+    loader: torch.utils.data.DataLoader  # prepared; batches of {"views": [B x C x H x W], "label": B}
+    train_set: MultiViewDataset
+    schedule: SGDSchedule
+    loop: Resumable
+    desc: str
+    input_fn: Callable[[torch.Tensor], torch.Tensor]
+    stop: StopFlag | None
+    held_out: Callable[[nn.Module], float] | None
+    augment: Augment | None
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (global step, held-out top-1)
+    wall_before: float = 0.0  # training wall time of the runs before this one
+    early_stopped: bool = False
+    finished: bool = False  # a rerun of a finished fit (a wall-time budget, early stopping) takes no more steps
+    stopped: bool = False  # a stop request (on any rank)
+    over_time: bool = False  # the agreed clock reached ``schedule.max_seconds``
+    agreed_wall: float = 0.0  # training time as all ranks agree on it (each rank's own clock differs)
+    started: float = 0.0
+    bar: Any = None  # the progress bar (tqdm, or log lines off a terminal)
+
+    @property
+    def progress(self) -> ckpt.Progress:
+        return self.loop.progress
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+    @property
+    def total(self) -> int:
+        return self.schedule.total_steps(self.steps_per_epoch)
+
+    @property
+    def eval_every(self) -> int:
+        """Steps between held-out evaluations: ``schedule.eval_every``, else each epoch, or 10 over a shorter budget."""
+        return self.schedule.eval_every or min(self.steps_per_epoch, max(1, self.total // 10))
+
+    @property
+    def ended(self) -> bool:
+        """Whether no more steps are to be taken (the step cap, a stop request, the time cap, early stopping, or
+        a finished fit resumed)."""
+        return self.progress.global_step >= self.total or self.stopped or self.over_time or self.early_stopped \
+            or self.finished
+
+    def wall(self) -> float:
+        """This rank's training wall time over all runs of the fit."""
+        return self.wall_before + time.perf_counter() - self.started
+
+    def start(self) -> None:
+        """Resume from the newest checkpoint in ``loop.directory``, if any (position and RNG:
+        :meth:`Resumable.resume`), then start this run's clock and progress bar, the model in train mode."""
+        loaded = self.loop.resume(f"delete {self.loop.directory} to fit '{self.desc}' afresh")
+        if loaded:
+            state, path = loaded
+            self.trainable.load_state_dict(state["trainable"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.curve = [tuple(p) for p in state.get("held_out", [])]
+            self.wall_before = float(state.get("wall_s", 0.0))
+            self.early_stopped = bool(state.get("early_stopped", False))
+            self.finished = bool(state.get("finished", False))
+            self.accelerator.print(f"{self.desc}: resumed from {path} (epoch {self.progress.epoch}, step "
+                                   f"{self.progress.global_step})")
+        self.started, self.agreed_wall = time.perf_counter(), self.wall_before
+        self.bar = progress_bar(self.total, initial=self.progress.global_step, desc=self.desc,
+                                disable=not self.accelerator.is_main_process)
+        self.model.train()
+
+    def save(self) -> None:
+        """A checkpoint (all ranks call; rank 0 writes)."""
+        self.loop.save({"trainable": self.trainable.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "held_out": [list(p) for p in self.curve], "wall_s": self.wall(),
+                        "early_stopped": self.early_stopped, "finished": self.finished})
+
+    def evaluate(self) -> None:
+        """Score the held-out images at this step (once per step), and with ``schedule.patience`` end the fit
+        when the best score is that many evaluations old."""
+        step = self.progress.global_step
+        if self.held_out is None or (self.curve and self.curve[-1][0] == step):
+            return
+        self.curve.append((step, self.held_out(self.accelerator.unwrap_model(self.model))))
+        self.model.train()
+        best = max(range(len(self.curve)), key=lambda i: self.curve[i][1])  # the first best
+        self.early_stopped = bool(self.schedule.patience) and len(self.curve) - 1 - best >= self.schedule.patience
+
+    def train_one_epoch(self) -> None:
+        """Train from the current position to the end of its epoch, or until the fit ends: a stop request,
+        the time cap or the step cap (all agreed across ranks), or early stopping. Moves the position,
+        evaluates every ``eval_every`` steps and checkpoints every ``schedule.checkpoint_every``."""
+        acc, schedule, progress, steps_per_epoch = self.accelerator, self.schedule, self.progress, self.steps_per_epoch
+        self.train_set.set_epoch(progress.epoch)
+        self.loader.set_epoch(progress.epoch)
+        batches = acc.skip_first_batches(self.loader, progress.step_in_epoch) if progress.step_in_epoch else self.loader
+        for batch in batches:
+            lr = schedule.lr * schedule.factor(progress.global_step, steps_per_epoch, self.agreed_wall)
+            x = batch["views"][0]
+            x = x if self.augment is None else self.augment(x, progress.epoch, progress.step_in_epoch)
+            loss = sgd_step(acc, self.model, self.optimizer, x, batch["label"], lr, self.input_fn)
+            progress.step_in_epoch += 1
+            progress.global_step += 1
+            if progress.step_in_epoch == steps_per_epoch:
+                progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
+            # One collective for the stop flag and the clock, so every rank takes the same branch and lr.
+            requested, self.agreed_wall = self.loop.agree(float(self.stop is not None and self.stop.requested),
+                                                          self.wall())
+            self.stopped = requested > 0
+            self.over_time = bool(schedule.max_seconds) and self.agreed_wall >= schedule.max_seconds
+            if schedule.max_seconds:  # the clock ends the fit: show the steps it will reach at this rate
+                reach = round(progress.global_step * schedule.max_seconds / max(self.agreed_wall, 1e-9))
+                self.bar.total = max(progress.global_step, min(self.total, reach))
+            if progress.global_step % 20 == 0:
+                self.bar.set_postfix(loss=f"{loss.item():.3f}")
+            self.bar.update(1)
+            if self.stopped or self.over_time or progress.global_step >= self.total:
+                return
+            if progress.global_step % self.eval_every == 0:
+                self.evaluate()
+                if self.early_stopped:
+                    return
+            if progress.global_step % schedule.checkpoint_every == 0:
+                self.save()
+
+    def outcome(self) -> FitOutcome:
+        """Where the fit ended and what ended it."""
+        s = self.schedule
+        cap = ("time_cap" if self.over_time else
+               "step_cap" if s.max_steps and s.max_steps < s.epochs * self.steps_per_epoch else "epoch_cap")
+        return FitOutcome(self.progress, self.curve, round(self.wall(), 1), self.early_stopped, cap)
+
+
 def fit_classifier(
     accelerator: Accelerator,
     model: nn.Module,
@@ -174,102 +356,20 @@ def fit_classifier(
     (B x C x H x W -> B x C x S x S float, ``BatchViews``) when ``train_set`` has no transforms; it must be
     a pure function of its arguments, so a resumed fit draws the batches the uninterrupted one drew.
     """
-    per_process, rest = divmod(schedule.global_batch_size, accelerator.num_processes)
-    if rest or per_process < 1:
-        raise NothingToTrain(f"batch size {schedule.global_batch_size} does not split over "
-                             f"{accelerator.num_processes} processes")
-    if len(train_set) < schedule.global_batch_size:
-        raise NothingToTrain(f"{desc}: the train split has {len(train_set)} images, fewer than one batch of "
-                             f"{schedule.global_batch_size}; lower the batch size")
+    per_process = check_batch(accelerator, train_set, schedule, desc)
     loader = torch.utils.data.DataLoader(train_set, batch_size=per_process, shuffle=True, drop_last=drop_last,
                                          num_workers=num_workers, pin_memory=accelerator.device.type == "cuda")
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay) \
-        if schedule.optimizer == "adamw" else \
-        torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+    optimizer = build_optimizer(trainable, schedule)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps_per_epoch = len(loader)
-    total = schedule.total_steps(steps_per_epoch)
-
-    eval_every = schedule.eval_every or min(steps_per_epoch, max(1, total // 10))
-    loop = Resumable(accelerator, ckpt_dir, schedule.keep_checkpoints)
-    curve, wall_before, early_stopped, finished = [], 0.0, False, False
-    loaded = loop.resume(f"delete {ckpt_dir} to fit '{desc}' afresh")
-    if loaded:
-        state, path = loaded
-        trainable.load_state_dict(state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        curve, wall_before = [tuple(p) for p in state.get("held_out", [])], float(state.get("wall_s", 0.0))
-        early_stopped, finished = bool(state.get("early_stopped", False)), bool(state.get("finished", False))
-        accelerator.print(f"{desc}: resumed from {path} (epoch {loop.progress.epoch}, step "
-                          f"{loop.progress.global_step})")
-    progress = loop.progress
-    started = time.perf_counter()
-
-    def wall() -> float:
-        return wall_before + time.perf_counter() - started
-
-    def evaluate() -> None:
-        nonlocal early_stopped
-        if held_out is None or (curve and curve[-1][0] == progress.global_step):
-            return
-        curve.append((progress.global_step, held_out(accelerator.unwrap_model(model))))
-        model.train()
-        best = max(range(len(curve)), key=lambda i: curve[i][1])  # the first best
-        early_stopped = bool(schedule.patience) and len(curve) - 1 - best >= schedule.patience
-
-    def save() -> None:
-        loop.save({"trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
-                   "held_out": [list(p) for p in curve], "wall_s": wall(), "early_stopped": early_stopped,
-                   "finished": finished})
-
-    bar = progress_bar(total, initial=progress.global_step, desc=desc, disable=not accelerator.is_main_process)
-    stopped = over_time = False
-    agreed_wall = wall_before  # training time as all ranks agree on it (each rank's own clock differs)
-    model.train()
-    while progress.global_step < total and not (stopped or over_time or early_stopped or finished):
-        train_set.set_epoch(progress.epoch)
-        loader.set_epoch(progress.epoch)
-        batches = accelerator.skip_first_batches(loader, progress.step_in_epoch) if progress.step_in_epoch else loader
-        for batch in batches:
-            for group in optimizer.param_groups:
-                group["lr"] = schedule.lr * schedule.factor(progress.global_step, steps_per_epoch, agreed_wall)
-            x = batch["views"][0]
-            x = x if augment is None else augment(x, progress.epoch, progress.step_in_epoch)
-            with accelerator.autocast():
-                logits = model(input_fn(x))
-            loss = F.cross_entropy(logits.float(), batch["label"])
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            progress.step_in_epoch += 1
-            progress.global_step += 1
-            if progress.step_in_epoch == steps_per_epoch:
-                progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
-            # One collective for the stop flag and the clock, so every rank takes the same branch and lr.
-            requested, agreed_wall = loop.agree(float(stop is not None and stop.requested), wall())
-            stopped = requested > 0
-            over_time = bool(schedule.max_seconds) and agreed_wall >= schedule.max_seconds
-            if schedule.max_seconds:  # the clock ends the fit: show the steps it will reach at this rate
-                reach = round(progress.global_step * schedule.max_seconds / max(agreed_wall, 1e-9))
-                bar.total = max(progress.global_step, min(total, reach))
-            if progress.global_step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            bar.update(1)
-            if stopped or over_time or progress.global_step >= total:
-                break
-            if progress.global_step % eval_every == 0:
-                evaluate()
-                if early_stopped:
-                    break
-            if progress.global_step % schedule.checkpoint_every == 0:
-                save()
-    bar.close()
-    if not stopped:
-        evaluate()  # the final point of the held-out curve
-        finished = True  # a rerun of a finished fit (a wall-time budget, early stopping) takes no more steps
-    save()
+    fit = SGDFit(accelerator, model, trainable, optimizer, loader, train_set, schedule,
+                 Resumable(accelerator, ckpt_dir, schedule.keep_checkpoints), desc, input_fn, stop, held_out, augment)
+    fit.start()
+    while not fit.ended:
+        fit.train_one_epoch()
+    fit.bar.close()
+    if not fit.stopped:
+        fit.evaluate()  # the final point of the held-out curve
+        fit.finished = True  # a rerun of a finished fit (a wall-time budget, early stopping) takes no more steps
+    fit.save()
     model.eval()
-    cap = ("time_cap" if over_time else
-           "step_cap" if schedule.max_steps and schedule.max_steps < schedule.epochs * steps_per_epoch else "epoch_cap")
-    return None if stopped else FitOutcome(progress, curve, round(wall(), 1), early_stopped, cap)
+    return None if fit.stopped else fit.outcome()

@@ -5,7 +5,9 @@
 
 Reads only exported artefacts (encoder.safetensors + config.json), never training code paths.
 Rows: each encoder, a random-init encoder of the same architecture, raw pixels (small images),
-supervised AlexNet trained here, AlexNet conv1..5 probes (given a weights file), published figures.
+supervised AlexNet trained here, AlexNet conv1..5 probes (given a weights file), published figures;
+``eval.rows.Rows.plan`` chooses them from the config as one list, which :func:`evaluate` counts, runs and
+reports in one loop (adding a row touches that list and its test, nothing here).
 """
 
 from __future__ import annotations
@@ -46,10 +48,10 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     """Compute every row of the report; returns the rows (also written to the report files)."""
     import torch
 
-    from eval.baselines import REFERENCE_ALEXNET_TOP1, load_alexnet_features, published_rows
-    from eval.progress import SUPERVISED_STEP_PER_PRETRAIN_STEP, RowClock, pretrain_step_seconds
+    from eval.baselines import REFERENCE_ALEXNET_TOP1, load_alexnet_features
+    from eval.progress import RowClock
     from eval.report import write_report
-    from eval.rows import Rows, pretrain_epochs
+    from eval.rows import Rows
     from eval.stored_baselines import scored_split
     from pretrain.config import ConfigError, to_yaml
     from pretrain.distributed import make_accelerator
@@ -91,38 +93,17 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     torch.manual_seed(cfg.seed)
     fit_key = to_yaml(cfg) + "".join(m["sha256"] for _, _, m in exports)
     make = Rows(cfg, accelerator, train, test, size, out, fit_key)
-    supervised = []  # the exports that get a supervised-encoder row
-    for w, _, meta in exports if b.supervised_encoder else []:
-        if b.supervised_encoder_epochs or pretrain_epochs(meta):
-            supervised.append(meta)
-        else:
-            accelerator.print(f"no supervised-encoder row for {w}: its export records no pretraining epochs; "
-                              "set baselines.supervised_encoder_epochs")
-    jobs = (len(exports) * (2 if cfg.random_init else 1) + sum(map(bool, view_encoders.values())) + cfg.raw_pixels
-            + b.alexnet_supervised + 5 * bool(b.alexnet_weights) + len(supervised))
+    plan = make.plan(exports, view_encoders, alexnet_trunk)  # every row, in the report's order
+    computed = [r for r in plan if not r.quoted]
     accelerator.print(f"eval: {len(train)} train / {len(test)} scored images ({scored_split(cfg.holdout)}) of "
                       f"{cfg.dataset}, "
                       f"protocol {cfg.protocol}, "
-                      f"{jobs} rows to compute on {accelerator.num_processes} process(es)")
-    fits = [meta for meta in supervised if not make.has_stored_supervised_encoder(meta)]  # the others are stored
-    # The AlexNet is stored, or its fit shows its own progress; a stored supervised encoder costs nothing.
-    clock = RowClock(jobs - b.alexnet_supervised - (len(supervised) - len(fits)),
-                     [make.supervised_budget(meta)[1] * pretrain_step_seconds(meta) * SUPERVISED_STEP_PER_PRETRAIN_STEP
-                      for meta in fits], accelerator.print)
+                      f"{len(computed)} rows to compute on {accelerator.num_processes} process(es)")
+    clock = RowClock.for_rows([r.cost() for r in computed], accelerator.print)
     rows: list[dict[str, Any]] = []
-    for w, encoder, meta in exports:  # ours (+ random init of each architecture)
-        name = Path(w).resolve().parent.name if Path(w).name == "export" else Path(w).name
-        rows += [clock.done(row) for row in make.export_rows(name, encoder, meta, view_encoders[w])]
-    if cfg.raw_pixels and train.channels * size * size <= 4096:
-        rows.append(clock.done(make.raw_pixels_row()))
-    if b.alexnet_supervised:
-        rows.append(clock.done(make.alexnet_row()))
-    for meta in supervised:
-        rows.append(clock.done(make.supervised_encoder_row(meta)))
-    if alexnet_trunk is not None:
-        rows += [clock.done(row) for row in make.alexnet_conv_rows(alexnet_trunk)]
-    if b.published:
-        rows.extend(published_rows())
+    for builder in plan:
+        row = builder.build()
+        rows.append(row if builder.quoted else clock.done(row))
 
     # ------------------------------------------------------------------ delta vs supervised AlexNet, report
     measured = [r["top1"] for r in rows if r["kind"] == "alexnet_supervised"]

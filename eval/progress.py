@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -71,6 +71,7 @@ def expected_eval_seconds(cfg: Any, image_size: int, feature_dim: int,
     ``feature_dim`` features (:func:`probe_seconds`); raw pixels fit a probe only. The supervised rows are
     taken as stored (``make baselines``): a fit still to train says so, with its own time, as the eval starts."""
     from eval.main import open_splits
+    from eval.rows import has_raw_pixels_row
 
     train, test = open_splits(cfg)
     n, c, fits = len(train), train.num_classes, len(cfg.weight_decays) + 1
@@ -78,11 +79,21 @@ def expected_eval_seconds(cfg: Any, image_size: int, feature_dim: int,
     per_row = (n + len(test)) * extract_seconds_per_image + probe_seconds(n, feature_dim, c, fits, cfg.probe_steps)
     seconds = encoder_rows * per_row
     pixels = train.channels * image_size * image_size
-    raw = cfg.raw_pixels and pixels <= 4096  # as eval.main.evaluate decides
+    raw = has_raw_pixels_row(cfg, train.channels, image_size)  # as eval.rows.Rows.plan decides
     if raw:
         seconds += probe_seconds(n, pixels, c, fits, cfg.probe_steps)
     return seconds, (f"{encoder_rows + raw} rows: {encoder_rows} x {n + len(test)} images to extract at "
                      f"{1000 * extract_seconds_per_image:.2f} ms, {encoder_rows + raw} probes; stored baselines")
+
+
+class RowCost(NamedTuple):
+    """What a row costs, as :class:`RowClock` reckons the time left: ``scored``, it extracts features and fits
+    a probe here, so its time is among those the rows left are reckoned by (not a stored result, nor the
+    supervised AlexNet, whose fit shows its own progress); ``fit_seconds``, the expected training time of a
+    supervised fit it runs first (None: it runs none)."""
+
+    scored: bool = True
+    fit_seconds: float | None = None
 
 
 class RowClock:
@@ -95,6 +106,12 @@ class RowClock:
         self.rows_left, self.fits_left, self.print = scored_rows, list(fit_seconds), print_fn
         self.row_seconds: list[float] = []  # each scored row's own cost: features, probe, kNN
         self.last = time.perf_counter()
+
+    @classmethod
+    def for_rows(cls, costs: Sequence[RowCost], print_fn: Callable[[str], None]) -> "RowClock":
+        """The clock of the rows still to compute, from what each costs (``eval.rows.RowBuilder.cost``)."""
+        return cls(sum(c.scored for c in costs), [c.fit_seconds for c in costs if c.fit_seconds is not None],
+                   print_fn)
 
     def done(self, row: dict[str, Any]) -> dict[str, Any]:
         """Call right after computing ``row``; prints its score and the time left, returns it."""

@@ -1,9 +1,16 @@
 """Each row of the eval report, computed one way: our exports (CMC's concatenated views and the first
 view alone), random init, raw pixels, the supervised AlexNet (trained here or stored), our
-architecture trained with labels, AlexNet conv probes. ``eval.main.evaluate`` decides which rows.
+architecture trained with labels, AlexNet conv probes, the published figures.
 
 :class:`Rows` holds what every row needs: the splits, the accelerator, the output directory and the
-stop flag of the resumable SGD fits.
+stop flag of the resumable SGD fits. :meth:`Rows.plan` chooses the rows from the config as a list of
+:class:`RowBuilder` (a name and how to build the row), which ``eval.main.evaluate`` counts, runs,
+reports progress on and writes to the report in one loop.
+
+Adding a row touches this file alone (and eval/config.py for a new key), plus its test: a method of
+:class:`Rows` that computes it, and one entry in :meth:`Rows.plan` (with its
+:class:`~eval.progress.RowCost` if it is not an ordinary scored row). The count, the progress lines
+and the report follow from the list (docs/DESIGN.md, "How to add an eval row").
 """
 
 from __future__ import annotations
@@ -14,17 +21,19 @@ import json
 import math
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from eval.baselines import AlexNetConvFeatures, supervised_alexnet
+from eval.baselines import AlexNetConvFeatures, published_rows, supervised_alexnet
 from eval.classifier import Augment, LinearProbeModel, SGDSchedule, fit_classifier, fit_label
 from eval.features import ConcatViewEncoders, assert_unchanged, fingerprint, pixel_features
 from eval.probe import linear_probe, topk_accuracy
+from eval.progress import SUPERVISED_STEP_PER_PRETRAIN_STEP, RowCost, pretrain_step_seconds
 from eval.stored_baselines import alexnet_protocol, data_fingerprint, find_stored, scored_split, store_dir, store_result
 from pretrain.config import ViewConfig, to_yaml
 from pretrain.data import ImageDataset, MultiViewDataset, build_view_transform
@@ -43,6 +52,31 @@ NO_NORM: Norm = (None, None)
 
 class Stopped(RuntimeError):
     """A signal stopped a long probe; its checkpoint is saved and rerunning resumes."""
+
+
+@dataclass(frozen=True)
+class RowBuilder:
+    """One row of the report before it is computed: its name and how to build it.
+
+    ``cost()`` says what the row costs for the progress lines (:class:`~eval.progress.RowClock`); it is
+    asked once the rows are counted, since it may look for a stored result. ``quoted``: a published
+    figure, not computed: it has no progress line and is not among the rows to compute."""
+
+    name: str
+    build: Callable[[], dict[str, Any]]
+    cost: Callable[[], RowCost] = lambda: RowCost()
+    quoted: bool = False
+
+
+def has_raw_pixels_row(cfg: Any, channels: int, size: int) -> bool:
+    """Whether the report has a raw-pixels row: asked for, and on small images (``channels`` x ``size``^2
+    at most 4096 values)."""
+    return bool(cfg.raw_pixels) and channels * size * size <= 4096
+
+
+def export_name(weights: str) -> str:
+    """An export's row name: its run directory's for ``.../export``, else the path's last part."""
+    return Path(weights).resolve().parent.name if Path(weights).name == "export" else Path(weights).name
 
 
 def input_fn_for(meta: dict) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -230,24 +264,30 @@ class Rows:
         assert_unchanged(encoder, before, name)
         return row
 
-    def export_rows(self, name: str, encoder: nn.Module, meta: dict, views: list) -> Iterator[dict[str, Any]]:
-        """Our export's rows, each computed as it is taken: CMC's protocol (every view's features
-        concatenated) first when it has one encoder per view, then the first view's encoder alone; then
-        its random-init floor."""
+    def export_rows(self, name: str, encoder: nn.Module, meta: dict, views: list) -> list[RowBuilder]:
+        """Our export's rows: CMC's protocol (every view's features concatenated) first when it has one
+        encoder per view, then the first view's encoder alone; then its random-init floor."""
         scored = [(name, encoder, meta)]
         if views:
             labels = [view_label(meta, 0), *(view_label(entry, v) for v, (entry, _) in enumerate(views, start=1))]
             scored = [(f"{name} ({' + '.join(labels)} concatenated)", *all_views(encoder, meta, views)),
                       (f"{name} ({labels[0]} only)", encoder, meta)]
-        for row_name, model, row_meta in scored:
-            yield self.encoder_row(row_name, "ours", model, row_meta, meta["sha256"])
+        rows = [RowBuilder(row_name, functools.partial(self.encoder_row, row_name, "ours", model, row_meta,
+                                                       meta["sha256"]))
+                for row_name, model, row_meta in scored]
         if self.cfg.random_init:
-            random_encoder, random_meta = random_like(meta, meta["in_chans"]), meta
-            if views:
-                random_views = [(entry, random_like(meta, entry["in_chans"])) for entry, _ in views]
-                random_encoder, random_meta = all_views(random_encoder, meta, random_views)
-            yield self.encoder_row(f"random init {meta['architecture']}" + (" (concatenated)" if views else ""),
-                                   "random_init", random_encoder, random_meta, None)
+            random_name = f"random init {meta['architecture']}" + (" (concatenated)" if views else "")
+            rows.append(RowBuilder(random_name, functools.partial(self.random_init_row, random_name, meta, views)))
+        return rows
+
+    def random_init_row(self, name: str, meta: dict, views: list) -> dict[str, Any]:
+        """The export's architecture at random init (every view's encoder, concatenated, for an export with
+        one per view), drawn from the seeded RNG when the row is computed, scored as ours is."""
+        random_encoder, random_meta = random_like(meta, meta["in_chans"]), meta
+        if views:
+            random_views = [(entry, random_like(meta, entry["in_chans"])) for entry, _ in views]
+            random_encoder, random_meta = all_views(random_encoder, meta, random_views)
+        return self.encoder_row(name, "random_init", random_encoder, random_meta, None)
 
     def raw_pixels_row(self) -> dict[str, Any]:
         batch = self.cfg.batch_size_per_process
@@ -348,14 +388,51 @@ class Rows:
         """Whether :meth:`supervised_encoder_row` will report a stored result (no fit to wait for)."""
         return self._find_stored("supervised_encoder", supervised_encoder_protocol(meta, self.cfg)) is not None
 
-    def alexnet_conv_rows(self, trunk: nn.Module) -> Iterator[dict[str, Any]]:
-        """Linear probes of AlexNet conv1..conv5 (pooled ReLU outputs) from a weights file, each computed as
-        it is taken."""
+    def supervised_encoder_cost(self, meta: dict) -> RowCost:
+        """A stored result costs nothing; a fit is reckoned from the export's own pretraining speed."""
+        if self.has_stored_supervised_encoder(meta):
+            return RowCost(scored=False)
+        steps = self.supervised_budget(meta)[1]
+        return RowCost(fit_seconds=steps * pretrain_step_seconds(meta) * SUPERVISED_STEP_PER_PRETRAIN_STEP)
+
+    def alexnet_conv_row(self, trunk: nn.Module, layer: int) -> dict[str, Any]:
+        """The linear probe of AlexNet's conv ``layer`` (1..5; its pooled ReLU outputs) from a weights file."""
         b = self.b
-        for layer in range(1, 6):
-            features = AlexNetConvFeatures(trunk, layer, self.train.channels)
-            before = fingerprint(features)
-            feats = [self.features(features, split, b.alexnet_probe_size) for split in ("train", "test")]
-            row = self.fast_row(f"AlexNet conv{layer} ({Path(b.alexnet_weights).name})", "alexnet_conv", *feats)
-            assert_unchanged(features, before, b.alexnet_weights)
-            yield row
+        features = AlexNetConvFeatures(trunk, layer, self.train.channels)
+        before = fingerprint(features)
+        feats = [self.features(features, split, b.alexnet_probe_size) for split in ("train", "test")]
+        row = self.fast_row(f"AlexNet conv{layer} ({Path(b.alexnet_weights).name})", "alexnet_conv", *feats)
+        assert_unchanged(features, before, b.alexnet_weights)
+        return row
+
+    # ------------------------------------------------------------------ which rows
+    def plan(self, exports: list[tuple[str, nn.Module, dict]], view_encoders: dict[str, list],
+             alexnet_trunk: nn.Module | None) -> list[RowBuilder]:
+        """The report's rows in its order, as the config chooses them: each export's (``exports``: (path,
+        encoder, meta); ``view_encoders``: its other views' encoders by path) and its random init, raw
+        pixels (small images), the supervised AlexNet, each export's architecture trained with labels,
+        AlexNet conv1..5 (``alexnet_trunk``, given a weights file), the published figures.
+
+        A new row is one more entry here (and its method above); nothing else counts the rows."""
+        cfg, b = self.cfg, self.b
+        rows: list[RowBuilder] = []
+        for w, encoder, meta in exports:
+            rows += self.export_rows(export_name(w), encoder, meta, view_encoders[w])
+        if has_raw_pixels_row(cfg, self.train.channels, self.size):
+            rows.append(RowBuilder("raw pixels", self.raw_pixels_row))
+        if b.alexnet_supervised:  # stored, or its fit shows its own progress
+            rows.append(RowBuilder("AlexNet supervised", self.alexnet_row, cost=lambda: RowCost(scored=False)))
+        for w, _, meta in exports if b.supervised_encoder else []:
+            if b.supervised_encoder_epochs or pretrain_epochs(meta):
+                rows.append(RowBuilder(f"supervised {meta['architecture']}",
+                                       functools.partial(self.supervised_encoder_row, meta),
+                                       cost=functools.partial(self.supervised_encoder_cost, meta)))
+            else:
+                self.accelerator.print(f"no supervised-encoder row for {w}: its export records no pretraining "
+                                       "epochs; set baselines.supervised_encoder_epochs")
+        if alexnet_trunk is not None:
+            rows += [RowBuilder(f"AlexNet conv{layer}", functools.partial(self.alexnet_conv_row, alexnet_trunk, layer))
+                     for layer in range(1, 6)]
+        if b.published:
+            rows += [RowBuilder(row["name"], functools.partial(dict, row), quoted=True) for row in published_rows()]
+        return rows

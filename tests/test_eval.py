@@ -330,6 +330,39 @@ def test_each_export_is_scored_at_its_own_size_and_normalisation(tmp_path: Path,
     assert "| a | ours | fast | 16 | 96 |" in (tmp_path / "ab" / "report.md").read_text()  # input px, features
 
 
+@pytest.mark.parametrize("size, overrides, kinds", [
+    (48, ["random_init=true", "raw_pixels=true"], ["ours", "random_init"]),  # 3 x 48 x 48 pixels: too many to probe
+    (16, ["random_init=false", "raw_pixels=true"], ["ours", "raw_pixels"]),
+], ids=["raw_pixels_too_large", "no_random_init"])
+def test_the_progress_counts_the_rows_the_report_holds(tmp_path: Path, capsys, size: int, overrides: list[str],
+                                                       kinds: list[str]) -> None:
+    """The n of "n rows to compute", the rows printed and the rows left in each expected line all come from the
+    rows actually run: a config that selects some rows (raw pixels asked for but skipped on large images,
+    published figures quoted, not computed) is counted as the report holds them."""
+    import re
+
+    from eval.config import EvalConfig, validate_eval
+    from eval.main import evaluate
+    from pretrain.config import load_config
+
+    torch.manual_seed(0)
+    export = tmp_path / "run" / "export"
+    export_encoder(create_encoder("test_resnet", 3, small_input=True), export, arch="test_resnet", in_chans=3,
+                   input_size=size, mean=(0.5,) * 3, std=(0.25,) * 3, small_input=True, summary={"steps": 1})
+    cfg = load_config(None, [*FAST, f"weights=[{export}]", f"out={tmp_path / 'report'}", *overrides,
+                             "baselines.published=true", "precision=no"], schema=EvalConfig, check=validate_eval)
+    rows = evaluate(cfg)
+    stdout = capsys.readouterr().out
+    computed = [r for r in rows if r["kind"] != "published"]
+    assert [r["kind"] for r in computed] == kinds and len(rows) > len(computed)
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["rows"] == rows
+    n, = (int(m) for m in re.findall(r"^eval: .*, (\d+) rows to compute on ", stdout, re.M))
+    assert n == len(computed)
+    assert re.findall(r"^eval: (.*): top-1 ", stdout, re.M) == [r["name"] for r in computed]
+    left = [int(m) for m in re.findall(r"^expected: eval ends in about .* \((\d+) row\(s\) to score", stdout, re.M)]
+    assert left == list(range(n - 1, 0, -1))
+
+
 def train_supervised(encoder: torch.nn.Module, images, steps: int, size: int) -> None:
     """A few hundred labelled steps: an encoder that has certainly learned the classes."""
     head = torch.nn.Linear(encoder.num_features, images.num_classes)
