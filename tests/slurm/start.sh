@@ -100,7 +100,8 @@ DefMemPerCPU=1024
 SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
-KillWait=10
+# scancel: SIGTERM, then SIGKILL after KillWait; a save on a loaded 2-core CI machine can take over 10 s
+KillWait=30
 MinJobAge=300
 InactiveLimit=0
 AccountingStorageType=accounting_storage/slurmdbd
