@@ -31,11 +31,10 @@ def open_splits(cfg: Any) -> tuple[Any, Any]:
     test splits, or with ``holdout`` the rest of train and its validation images (the test split then
     stays unread: it is for the final figure), each cut to ``limit_train`` / ``limit_test``."""
     from pretrain.config import ConfigError
-    from pretrain.data.datasets import holdout_split, open_dataset, spaced_subset
+    from pretrain.data.datasets import holdout_split, open_configured, spaced_subset
 
     def split(name: str):
-        ds = open_dataset(cfg.dataset, name, cfg.root, synthetic_size=cfg.synthetic_size,
-                          synthetic_classes=cfg.synthetic_classes, synthetic_image_size=cfg.synthetic_image_size)
+        ds = open_configured(cfg, name)
         if len(ds) == 0:
             raise ConfigError(f"the {name} split of {cfg.dataset} is empty: check root")
         return ds

@@ -250,6 +250,14 @@ def open_dataset(name: str, split: str, root: str = "", **options: Any) -> Image
     return REGISTRY[name](split, root, **options)
 
 
+def open_configured(section: Any, split: str, seed: int = 0) -> ImageDataset:
+    """The ``split`` of the dataset a config section names by its ``dataset``, ``root`` and ``synthetic_*``
+    fields: the pretraining's ``data.*`` and the eval config both have them."""
+    return open_dataset(section.dataset, split, section.root, synthetic_size=section.synthetic_size,
+                        synthetic_classes=section.synthetic_classes,
+                        synthetic_image_size=section.synthetic_image_size, seed=seed)
+
+
 class Subset(ImageDataset):
     def __init__(self, base: ImageDataset, indices: list[int]) -> None:
         self.base, self.indices = base, indices

@@ -25,7 +25,7 @@ from pretrain.data.datasets import (
     Subset,
     disjoint_subsets,
     holdout_split,
-    open_dataset,
+    open_configured,
     spaced_subset,
 )
 from pretrain.data.multiview import MultiViewDataset, collate_skipped
@@ -81,10 +81,7 @@ class TrainData:
 
 def open_split(cfg: Config, split: str) -> ImageDataset:
     """The whole ``split`` of ``data.dataset``, as the pretraining's settings open it."""
-    d = cfg.data
-    return open_dataset(d.dataset, split, d.root, synthetic_size=d.synthetic_size,
-                        synthetic_classes=d.synthetic_classes, synthetic_image_size=d.synthetic_image_size,
-                        seed=cfg.run.seed)
+    return open_configured(cfg.data, split, seed=cfg.run.seed)
 
 
 def build_dataset(cfg: Config, split: str = "train") -> ImageDataset:
