@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_main
+from conftest import REPO, TINY, main_in_process, run_main
 from pretrain import checkpoint as ckpt
 from pretrain.run_dir import RunDirError, RunDirLock
 
@@ -456,9 +456,11 @@ BAD_INPUTS = {  # name: (what to pass, given tmp_path; a phrase the error must c
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_stops_with_one_line_exit_2_and_writes_nothing(tmp_path: Path, case: str) -> None:
+def test_bad_input_stops_with_one_line_exit_2_and_writes_nothing(tmp_path: Path, case: str, capsys) -> None:
     """Each of these used to end in a traceback (EOFError, negative dimensions, OverflowError, ...), some
-    after the run dir was claimed. Each line names the file or key, what was expected and the way out."""
+    after the run dir was claimed. Each line names the file or key, what was expected and the way out.
+    Pretraining's cases run its ``main`` in this process (what a process prints and exits with is
+    test_config.py's real-process case); the launcher's runs as a process, with its PATH."""
     run_dir = tmp_path / "run"
     make_args, phrase = BAD_INPUTS[case]
     if make_args is None:  # launch/submit.py, with sbatch on PATH but no controller reachable
@@ -466,7 +468,8 @@ def test_bad_input_stops_with_one_line_exit_2_and_writes_nothing(tmp_path: Path,
                                f"run.dir={run_dir}"], capture_output=True, text=True, cwd=REPO, timeout=120,
                               env=_slurm_without_a_controller(tmp_path))
     else:
-        proc = run_main(f"run.dir={run_dir}", *make_args(tmp_path), *FAST, check=False)
+        code, out, err = main_in_process(capsys, f"run.dir={run_dir}", *make_args(tmp_path), *FAST)
+        proc = subprocess.CompletedProcess([], code, out, err)
     assert phrase in one_line_error(proc, 2)
     assert not run_dir.exists()
 
