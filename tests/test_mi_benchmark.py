@@ -20,6 +20,7 @@ spec.loader.exec_module(mi_gaussian)
 ORACLE_AT_2 = {"infonce": 1.812, "smile5": 2.028}  # tests/test_bounds.py REFERENCE, true MI = 2
 
 
+@pytest.mark.slow  # 3000 training steps each (about 6 s here): make test runs it, make test-fast does not
 @pytest.mark.parametrize("name", sorted(ORACLE_AT_2))
 def test_short_training_reaches_the_oracle_value(name: str) -> None:
     # The reference critic (three hidden layers) needs ~3000 steps to get there (600 were enough for
