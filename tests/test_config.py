@@ -37,11 +37,11 @@ def test_defaults_and_file_and_overrides_merge() -> None:
         ("objective.graph=star", r"'objective.graph': 'star' is not one of full, core"),
         ("objective.queue_size=-1", r"'objective.queue_size': must be >= 0"),
         ("model.momentum=1.0", r"'model.momentum': must be in \[0, 1\)"),
-        ("model.stem_stride=3", r"'model.stem_stride': must be 1 or 2"),
+        ("model.stem_stride=3", r"'model.stem_stride': '3' is not one of 1, 2"),
         ("data.views.1.gamma=-0.5", r"'data.views.1.gamma': must be >= 0"),
         ("data.views.0.tone=-1", r"'data.views.0.tone': must be >= 0"),
         ("data.views.0.blur_sigma_max=0.05", r"'data.views.0.blur_sigma_max': must be >= 0.1"),
-        ("data.views.1.solarize_p=1.5", r"'data.views.1.solarize_p': is a probability in \[0, 1\]"),
+        ("data.views.1.solarize_p=1.5", r"'data.views.1.solarize_p': must be in \[0, 1\], got 1.5"),
         ("data.augment=gpu", r"'data.augment': 'gpu' is not one of loader, batch"),
         ("optim.batch_size=64", r"unknown config key 'optim.batch_size'.*batch_size_per_process"),  # renamed: CHANGELOG
     ],
@@ -49,6 +49,43 @@ def test_defaults_and_file_and_overrides_merge() -> None:
 def test_bad_values_name_the_key(override: str, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, [override])
+
+
+def test_a_range_declared_in_field_metadata_is_refused_with_its_key() -> None:
+    """Bounds, lengths and choices are declared once on the field (``_f(..., gt=0)``) and checked by one loop
+    through nested configs and lists of them: a schema of its own gets the same checks with no code of its own."""
+    from dataclasses import dataclass
+
+    from eval.config import EvalConfig, validate_eval
+    from pretrain.config import _f, check_fields
+
+    @dataclass
+    class Inner:
+        rate: float = _f(0.5, "a rate", gt=0, le=1)
+
+    @dataclass
+    class Outer:
+        scale: float = _f(1.0, "a scale", gt=0)
+        widths: list[int] = _f([4], "widths", min_len=1, ge=1)
+        mode: str = _f("a", "a mode", choices=("a", "b"))
+        inner: Inner = _f(Inner(), "nested")
+        items: list[Inner] = _f([Inner(), Inner()], "a list of nested configs")
+
+    check_fields(Outer())
+    for change, pattern in [
+        ({"scale": 0}, r"^bad value for config key 'scale': must be > 0, got 0$"),
+        ({"widths": []}, r"'widths': needs at least 1 entry, got \[\]"),
+        ({"widths": [4, 0]}, r"'widths': needs values >= 1, got \[4, 0\]"),
+        ({"mode": "c"}, r"'mode': 'c' is not one of a, b"),
+        ({"inner": Inner(rate=1.5)}, r"'inner.rate': must be in \(0, 1\], got 1.5"),
+        ({"items": [Inner(), Inner(rate=0.0)]}, r"'items.1.rate': must be in \(0, 1\], got 0.0"),
+    ]:
+        with pytest.raises(ConfigError, match=pattern):
+            check_fields(Outer(**change))
+    with pytest.raises(ConfigError, match=r"'objective.temperature': must be > 0, got 0.0"):
+        load_config(None, ["objective.temperature=0"])  # declared gt=0 on the field, checked by validate's loop
+    with pytest.raises(ConfigError, match=r"'baselines.alexnet_probe_size': must be >= 64, got 32"):
+        load_config(None, ["weights=[x]", "baselines.alexnet_probe_size=32"], schema=EvalConfig, check=validate_eval)
 
 
 def test_nnclr_with_intra_view_negatives_is_refused() -> None:

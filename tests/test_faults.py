@@ -447,7 +447,7 @@ BAD_INPUTS = {  # name: (what to pass, given tmp_path; a phrase the error must c
     "half_copied_beton": (lambda t: ["data.format=ffcv", f"data.path={_half_copied_beton(t)}"],
                           "the copy is incomplete"),
     "epochs_inf": (lambda t: ["optim.epochs=inf"], "'optim.epochs': must be a finite number > 0, got inf"),
-    "negative_seed": (lambda t: ["run.seed=-1"], "'run.seed': must be in [0, 2**31)"),
+    "negative_seed": (lambda t: ["run.seed=-1"], "'run.seed': must be in [0, 2147483648) (numpy's generators need it)"),
     "view_out_of_range": (lambda t: ["data.views.5.size=8"], "'data.views' has 2 entries (numbered 0 and 1)"),
     "vit_on_16px_views": (lambda t: ["model.arch=vit_tiny_patch16_224", "model.small_input=false"],
                           "'vit_tiny_patch16_224' cannot take the 16 px views"),
