@@ -99,9 +99,12 @@ def choose_weight_decay(score: Callable[[float], float], grid: Sequence[float],
     return best(), scores, beyond(best()) is not None
 
 
+GRID_EXTENSIONS = 2  # decades the weight-decay search may go beyond its grid (choose_weight_decay's extend)
+
+
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  weight_decays: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3), held_out: float = 0.1,
-                 steps: int = 100, seed: int = 0, extend: int = 2) -> ProbeResult:
+                 steps: int = 100, seed: int = 0, extend: int = GRID_EXTENSIONS) -> ProbeResult:
     """Standardise, choose weight decay on a held-out part of train (extending the grid by up to
     ``extend`` decades when the choice sits at its edge), retrain on all of train, test. Each fit starts
     from the nearest weight decay's solution and the refit from the chosen one's (protocol fast-v2; the

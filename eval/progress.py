@@ -68,13 +68,17 @@ def expected_eval_seconds(cfg: Any, image_size: int, feature_dim: int,
 
     Each encoder row (the export, and its random init) extracts the fit and scored images at
     ``extract_seconds_per_image`` (the pretraining's kNN monitor measures it) and fits a probe on
-    ``feature_dim`` features (:func:`probe_seconds`); raw pixels fit a probe only. The supervised rows are
-    taken as stored (``make baselines``): a fit still to train says so, with its own time, as the eval starts."""
+    ``feature_dim`` features (:func:`probe_seconds`, at its most fits); raw pixels fit a probe only. The
+    supervised rows are taken as stored (``make baselines``): a fit still to train says so, with its own
+    time, as the eval starts."""
     from eval.main import open_splits
+    from eval.probe import GRID_EXTENSIONS
     from eval.rows import has_raw_pixels_row
 
     train, test = open_splits(cfg)
-    n, c, fits = len(train), train.num_classes, len(cfg.weight_decays) + 1
+    # Every fit the probe may make: the grid, the decades beyond it when its choice sits at an edge (measured:
+    # 2 more for a random init and 1 for raw pixels on Fashion-MNIST, and 0 or 1 for ours), and the refit.
+    n, c, fits = len(train), train.num_classes, len(cfg.weight_decays) + GRID_EXTENSIONS + 1
     encoder_rows = 1 + bool(cfg.random_init)
     per_row = (n + len(test)) * extract_seconds_per_image + probe_seconds(n, feature_dim, c, fits, cfg.probe_steps)
     seconds = encoder_rows * per_row
@@ -83,7 +87,8 @@ def expected_eval_seconds(cfg: Any, image_size: int, feature_dim: int,
     if raw:
         seconds += probe_seconds(n, pixels, c, fits, cfg.probe_steps)
     return seconds, (f"{encoder_rows + raw} rows: {encoder_rows} x {n + len(test)} images to extract at "
-                     f"{1000 * extract_seconds_per_image:.2f} ms, {encoder_rows + raw} probes; stored baselines")
+                     f"{1000 * extract_seconds_per_image:.2f} ms, {encoder_rows + raw} probes of up to {fits} fits; "
+                     "stored baselines")
 
 
 class RowCost(NamedTuple):

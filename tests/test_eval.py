@@ -589,12 +589,15 @@ def test_the_eval_is_reckoned_before_it_runs_from_its_rows_images_and_probes(tmp
     a probe on the encoder's features; raw pixels (3 x 32 x 32 <= 4096) fit one on the pixels."""
     import eval.progress
 
-    monkeypatch.setattr(eval.progress, "probe_seconds", lambda n, features, c, fits, steps: features / 100)
+    fits_asked = set()
+    monkeypatch.setattr(eval.progress, "probe_seconds",
+                        lambda n, features, c, fits, steps: fits_asked.add(fits) or features / 100)
     config = tmp_path / "eval.yaml"
     config.write_text("dataset: synthetic\nsynthetic_size: 512\nsynthetic_image_size: 32\n")
     seconds, how = eval.progress.expected_eval_seconds(eval.progress.load_expected_eval(str(config), "runs/x/export"), 32, 64, 0.001)
     assert seconds == pytest.approx(2 * ((512 + 128) * 0.001 + 0.64) + 30.72)
-    assert how == "3 rows: 2 x 640 images to extract at 1.00 ms, 3 probes; stored baselines"
+    assert how == "3 rows: 2 x 640 images to extract at 1.00 ms, 3 probes of up to 7 fits; stored baselines"
+    assert fits_asked == {4 + 2 + 1}  # the grid of 4, the 2 decades beyond an edge choice, the refit
     config.write_text("dataset: synthetic\nsynthetic_size: 512\nrandom_init: false\nraw_pixels: false\n")
     assert eval.progress.expected_eval_seconds(eval.progress.load_expected_eval(str(config), "runs/x/export"), 32, 64, 0.001)[0] == \
         pytest.approx(512 * 1.25 * 0.001 + 0.64)
