@@ -271,8 +271,9 @@ class Run:
         if not self.cfg.monitor.expect_eval:
             return line
         eval_seconds, how = self.expected_eval(step_s)
-        return (f"{line}; the eval ({self.cfg.monitor.expect_eval}) then takes about {format_duration(eval_seconds)} "
-                f"({how}), so the whole run ends in about {format_duration(seconds + eval_seconds)}")
+        # An upper bound: each probe reckoned at every fit it may make, each at L-BFGS's most passes.
+        return (f"{line}; the eval ({self.cfg.monitor.expect_eval}) then takes up to {format_duration(eval_seconds)} "
+                f"({how}), so the whole run ends within about {format_duration(seconds + eval_seconds)}")
 
     def expected_eval(self, step_s: float) -> tuple[float, str]:
         """(seconds, how) of the eval ``monitor.expect_eval`` names, on this run's export, reckoned now
