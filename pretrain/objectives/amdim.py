@@ -39,10 +39,10 @@ class AMDIMObjective(Objective):
             local = [[fp32(m) for m in o["local"]] for o in out]
             b = g[0].shape[0]
             positives = own_rows(b, g[0].device)
-            keys = [[gather_with_grad(m) for m in views_local] for views_local in local]  # K x N x D
+            maps = [[gather_with_grad(m) for m in views_local] for views_local in local]  # K x N x D
             terms: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
             for a, c in ((0, 1), (1, 0)):
-                deep, shallow = keys[c][-1], keys[c][0]
+                deep, shallow = maps[c][-1], maps[c][0]
                 terms[f"1to{len(local[a]) - 1}_{a}{c}"] = multi_positive_nce(g[a], deep, positives, self.tclip)
                 terms[f"1to0_{a}{c}"] = multi_positive_nce(g[a], shallow, positives, self.tclip)
                 n = local[a][-1].shape[1]
