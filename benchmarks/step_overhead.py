@@ -68,7 +68,7 @@ def main() -> None:
         t = time.perf_counter()
         for _ in range(args.steps):
             train_step(accelerator, ours_model, objective, ours_opt, views, grad_clip=1.0,
-                       skip_nonfinite=False, stop_requested=False, step=step)
+                       skip_nonfinite=False, step=step)
             step += 1
             scheduler.step_update(step)
         return (time.perf_counter() - t) / args.steps

@@ -63,7 +63,7 @@ def run_train_step(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         for i in range(steps):
             train_step(accelerator, model, objective, optimizer, views, grad_clip=0.0, skip_nonfinite=False,
-                       stop_requested=False, step=i, channels_last=args.channels_last)
+                       step=i, channels_last=args.channels_last)
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize()
         return args.batch * steps / (time.perf_counter() - start)

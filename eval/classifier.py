@@ -7,8 +7,11 @@ optimizer, the position inside the epoch and every rank's RNG; augmentations are
 
 Its parts: :func:`check_batch` and :func:`build_optimizer` (a fit's batch split and optimizer),
 :func:`sgd_step` (one step), :class:`SGDFit` (a fit's state: resume and save through
-:class:`~pretrain.resumable.Resumable`, the held-out evaluation, and in :meth:`SGDFit.train_one_epoch`
-the position, the ranks' agreement and the checkpoint cadence), :func:`fit_classifier` (the outer loop).
+:class:`~pretrain.resumable.Resumable`, the held-out evaluation, and the
+:class:`~pretrain.resumable.Trainer` hooks the shared :class:`~pretrain.resumable.TrainingLoop` calls: its
+batches, its step with the clock agreed beside the stop request, the held-out curve after a step, the time cap
+and early stopping), :func:`fit_classifier` (builds the fit and runs its loop). The loop, as pretraining's, owns
+the epochs, the position, the agreement, the checkpoint cadence and the progress bar.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from torch import nn
 
 from pretrain import checkpoint as ckpt
 from pretrain.data import MultiViewDataset
-from pretrain.resumable import Resumable
+from pretrain.distributed import Agree
+from pretrain.resumable import Resumable, Trainer, TrainingLoop
 from pretrain.stop import StopFlag
-from pretrain.tracking import progress_bar
 
 
 @dataclass
@@ -189,11 +192,12 @@ def sgd_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.
 
 
 @dataclass
-class SGDFit:
-    """One fit in progress: its prepared parts, position (``loop.progress``) and what its checkpoint holds
-    beside the weights and optimizer (the held-out curve, the training time so far, whether it ended).
+class SGDFit(Trainer):
+    """One fit in progress: its prepared parts, position (``resumable.progress``) and what its checkpoint holds
+    beside the weights and optimizer (the held-out curve, the training time so far, whether it ended); the
+    :class:`~pretrain.resumable.Trainer` of its :class:`~pretrain.resumable.TrainingLoop` (:attr:`loop`).
 
-    Every rank holds the same state: the flags that end the fit are agreed (:meth:`Resumable.agree`)."""
+    Every rank holds the same state: the flags that end the fit are agreed (:meth:`TrainingLoop.agree`)."""
 
     accelerator: Accelerator
     model: nn.Module  # prepared: B x C x H x W -> B x classes logits
@@ -202,7 +206,7 @@ class SGDFit:
     loader: torch.utils.data.DataLoader  # prepared; batches of {"views": [B x C x H x W], "label": B}
     train_set: MultiViewDataset
     schedule: SGDSchedule
-    loop: Resumable
+    resumable: Resumable
     desc: str
     input_fn: Callable[[torch.Tensor], torch.Tensor]
     stop: StopFlag | None
@@ -212,15 +216,24 @@ class SGDFit:
     wall_before: float = 0.0  # training wall time of the runs before this one
     early_stopped: bool = False
     finished: bool = False  # a rerun of a finished fit (a wall-time budget, early stopping) takes no more steps
-    stopped: bool = False  # a stop request (on any rank)
     over_time: bool = False  # the agreed clock reached ``schedule.max_seconds``
     agreed_wall: float = 0.0  # training time as all ranks agree on it (each rank's own clock differs)
     started: float = 0.0
-    bar: Any = None  # the progress bar (tqdm, or log lines off a terminal)
+    loop: TrainingLoop | None = None  # built by :meth:`start`, once the fit has resumed
 
     @property
     def progress(self) -> ckpt.Progress:
-        return self.loop.progress
+        return self.resumable.progress
+
+    @property
+    def bar(self) -> Any:
+        """The loop's progress bar (tqdm, or log lines off a terminal)."""
+        return self.loop.bar
+
+    @property
+    def stopped(self) -> bool:
+        """A stop request (on any rank) ended the fit."""
+        return self.loop is not None and self.loop.stopped
 
     @property
     def steps_per_epoch(self) -> int:
@@ -235,21 +248,15 @@ class SGDFit:
         """Steps between held-out evaluations: ``schedule.eval_every``, else each epoch, or 10 over a shorter budget."""
         return self.schedule.eval_every or min(self.steps_per_epoch, max(1, self.total // 10))
 
-    @property
-    def ended(self) -> bool:
-        """Whether no more steps are to be taken (the step cap, a stop request, the time cap, early stopping, or
-        a finished fit resumed)."""
-        return self.progress.global_step >= self.total or self.stopped or self.over_time or self.early_stopped \
-            or self.finished
-
     def wall(self) -> float:
         """This rank's training wall time over all runs of the fit."""
         return self.wall_before + time.perf_counter() - self.started
 
     def start(self) -> None:
-        """Resume from the newest checkpoint in ``loop.directory``, if any (position and RNG:
-        :meth:`Resumable.resume`), then start this run's clock and progress bar, the model in train mode."""
-        loaded = self.loop.resume(f"delete {self.loop.directory} to fit '{self.desc}' afresh")
+        """Resume from the newest checkpoint in ``resumable.directory``, if any (position and RNG:
+        :meth:`Resumable.resume`), then start this run's clock and its loop (the progress bar), the model in
+        train mode."""
+        loaded = self.resumable.resume(f"delete {self.resumable.directory} to fit '{self.desc}' afresh")
         if loaded:
             state, path = loaded
             self.trainable.load_state_dict(state["trainable"])
@@ -261,15 +268,16 @@ class SGDFit:
             self.accelerator.print(f"{self.desc}: resumed from {path} (epoch {self.progress.epoch}, step "
                                    f"{self.progress.global_step})")
         self.started, self.agreed_wall = time.perf_counter(), self.wall_before
-        self.bar = progress_bar(self.total, initial=self.progress.global_step, desc=self.desc,
-                                disable=not self.accelerator.is_main_process)
+        self.loop = TrainingLoop(self, self.resumable, steps_per_epoch=self.steps_per_epoch, total_steps=self.total,
+                                 epochs=self.schedule.epochs, checkpoint_every=self.schedule.checkpoint_every,
+                                 stop=self.stop, desc=self.desc)
         self.model.train()
 
-    def save(self) -> None:
-        """A checkpoint (all ranks call; rank 0 writes)."""
-        self.loop.save({"trainable": self.trainable.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "held_out": [list(p) for p in self.curve], "wall_s": self.wall(),
-                        "early_stopped": self.early_stopped, "finished": self.finished})
+    def save(self) -> Path | None:
+        """A checkpoint (all ranks call; rank 0 writes); its path on rank 0."""
+        return self.resumable.save({"trainable": self.trainable.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                    "held_out": [list(p) for p in self.curve], "wall_s": self.wall(),
+                                    "early_stopped": self.early_stopped, "finished": self.finished})
 
     def evaluate(self) -> None:
         """Score the held-out images at this step (once per step), and with ``schedule.patience`` end the fit
@@ -282,42 +290,46 @@ class SGDFit:
         best = max(range(len(self.curve)), key=lambda i: self.curve[i][1])  # the first best
         self.early_stopped = bool(self.schedule.patience) and len(self.curve) - 1 - best >= self.schedule.patience
 
-    def train_one_epoch(self) -> None:
-        """Train from the current position to the end of its epoch, or until the fit ends: a stop request,
-        the time cap or the step cap (all agreed across ranks), or early stopping. Moves the position,
-        evaluates every ``eval_every`` steps and checkpoints every ``schedule.checkpoint_every``."""
-        acc, schedule, progress, steps_per_epoch = self.accelerator, self.schedule, self.progress, self.steps_per_epoch
-        self.train_set.set_epoch(progress.epoch)
-        self.loader.set_epoch(progress.epoch)
-        batches = acc.skip_first_batches(self.loader, progress.step_in_epoch) if progress.step_in_epoch else self.loader
-        for batch in batches:
-            lr = schedule.lr * schedule.factor(progress.global_step, steps_per_epoch, self.agreed_wall)
-            x = batch["views"][0]
-            x = x if self.augment is None else self.augment(x, progress.epoch, progress.step_in_epoch)
-            loss = sgd_step(acc, self.model, self.optimizer, x, batch["label"], lr, self.input_fn)
-            progress.step_in_epoch += 1
-            progress.global_step += 1
-            if progress.step_in_epoch == steps_per_epoch:
-                progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
-            # One collective for the stop flag and the clock, so every rank takes the same branch and lr.
-            requested, self.agreed_wall = self.loop.agree(float(self.stop is not None and self.stop.requested),
-                                                          self.wall())
-            self.stopped = requested > 0
-            self.over_time = bool(schedule.max_seconds) and self.agreed_wall >= schedule.max_seconds
-            if schedule.max_seconds:  # the clock ends the fit: show the steps it will reach at this rate
-                reach = round(progress.global_step * schedule.max_seconds / max(self.agreed_wall, 1e-9))
-                self.bar.total = max(progress.global_step, min(self.total, reach))
-            if progress.global_step % 20 == 0:
-                self.bar.set_postfix(loss=f"{loss.item():.3f}")
-            self.bar.update(1)
-            if self.stopped or self.over_time or progress.global_step >= self.total:
-                return
-            if progress.global_step % self.eval_every == 0:
-                self.evaluate()
-                if self.early_stopped:
-                    return
-            if progress.global_step % schedule.checkpoint_every == 0:
-                self.save()
+    # ------------------------------------------------------------------ the loop's hooks (pretrain.resumable.Trainer)
+    def batches(self, epoch: int, start: int) -> Any:
+        """The epoch's batches (its shuffle and augmentations seeded by ``epoch``) from batch ``start`` on."""
+        self.train_set.set_epoch(epoch)
+        self.loader.set_epoch(epoch)
+        return self.accelerator.skip_first_batches(self.loader, start) if start else self.loader
+
+    def step(self, batch: dict[str, Any], agree: Agree) -> torch.Tensor:
+        """One SGD step at the schedule's lr for this position, then the training clock agreed in the loop's
+        collective beside the stop request, so every rank takes the same branch and the same next lr."""
+        schedule, progress = self.schedule, self.progress
+        lr = schedule.lr * schedule.factor(progress.global_step, self.steps_per_epoch, self.agreed_wall)
+        x = batch["views"][0]
+        x = x if self.augment is None else self.augment(x, progress.epoch, progress.step_in_epoch)
+        loss = sgd_step(self.accelerator, self.model, self.optimizer, x, batch["label"], lr, self.input_fn)
+        [self.agreed_wall] = agree(self.wall())
+        self.over_time = bool(schedule.max_seconds) and self.agreed_wall >= schedule.max_seconds
+        return loss
+
+    def after_step(self, loss: torch.Tensor, last: bool) -> None:
+        """Under a time budget the bar's total follows the clock; the loss every 20 steps; the held-out
+        evaluation every ``eval_every`` steps unless the fit ends here (:meth:`at_end` evaluates then)."""
+        schedule, step = self.schedule, self.progress.global_step
+        if schedule.max_seconds:  # the clock ends the fit: show the steps it will reach at this rate
+            reach = round(step * schedule.max_seconds / max(self.agreed_wall, 1e-9))
+            self.bar.total = max(step, min(self.total, reach))
+        if step % 20 == 0:
+            self.bar.set_postfix(loss=f"{loss.item():.3f}")
+        if not last and not self.over_time and step % self.eval_every == 0:
+            self.evaluate()
+
+    def done(self) -> bool:
+        """The time cap, early stopping, or a finished fit resumed."""
+        return self.over_time or self.early_stopped or self.finished
+
+    def at_end(self) -> None:
+        """The final point of the held-out curve; a rerun of a finished fit (a wall-time budget, early stopping)
+        takes no more steps."""
+        self.evaluate()
+        self.finished = True
 
     def outcome(self) -> FitOutcome:
         """Where the fit ended and what ended it."""
@@ -364,12 +376,6 @@ def fit_classifier(
     fit = SGDFit(accelerator, model, trainable, optimizer, loader, train_set, schedule,
                  Resumable(accelerator, ckpt_dir, schedule.keep_checkpoints), desc, input_fn, stop, held_out, augment)
     fit.start()
-    while not fit.ended:
-        fit.train_one_epoch()
-    fit.bar.close()
-    if not fit.stopped:
-        fit.evaluate()  # the final point of the held-out curve
-        fit.finished = True  # a rerun of a finished fit (a wall-time budget, early stopping) takes no more steps
-    fit.save()
+    fit.loop.run()  # epochs of fit.step to the step cap, a stop, the time cap or early stopping; its last checkpoint
     model.eval()
     return None if fit.stopped else fit.outcome()

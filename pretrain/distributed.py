@@ -9,7 +9,7 @@ Their exactness is pinned by tests/test_distributed.py (2 processes == 1 process
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -100,6 +100,20 @@ def all_reduce_max_(t: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+# A step's agreement: values (floats, or 0-dim tensors on the device) -> their max over ranks, in one collective.
+Agree = Callable[..., list[float]]
+
+
+def agree_max(device: torch.device | str, *values: float | torch.Tensor) -> list[float]:
+    """The max over ranks of each value, in one collective read back once, so every rank takes the same
+    branch (a stop request, a non-finite loss, a clock). A value may be a 0-dim tensor on ``device`` (a step's
+    non-finite flag): nothing is read back before the collective, whose result is the one host sync a
+    decision needs (docs/DESIGN.md, invariant 8). Float64, so a clock in seconds keeps its precision."""
+    dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
+    flags = torch.stack([torch.as_tensor(v, device=device).to(dtype).reshape(()) for v in values])
+    return all_reduce_max_(flags).tolist()
 
 
 class _AllReduceSumWithGrad(torch.autograd.Function):

@@ -1,4 +1,7 @@
-"""One training step under Accelerate: forward, fp32 objective, cross-rank flags, backward, clip, step."""
+"""One training step under Accelerate: forward, fp32 objective, cross-rank flags, backward, clip, step.
+
+The step is :class:`pretrain.loop.Run`'s step in the shared :class:`pretrain.resumable.TrainingLoop`, whose
+per-step agreement carries the non-finite flag beside the stop request."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from pretrain.distributed import all_reduce_max_
+from pretrain.distributed import Agree, agree_max
 from pretrain.momentum import MomentumKeys
 from pretrain.online_probe import probe_step
 
@@ -24,7 +27,6 @@ class StepResult:
     loss: torch.Tensor  # detached scalar
     diag: dict[str, torch.Tensor]
     grad_norm: torch.Tensor | None  # None when the step was skipped
-    stop: bool  # some rank asked to stop
     probe_loss: torch.Tensor | None = None  # the online probe's cross-entropy, when it trained
 
 
@@ -37,13 +39,17 @@ def train_step(
     *,
     grad_clip: float,
     skip_nonfinite: bool,
-    stop_requested: bool,
     step: int,
+    agree: Agree | None = None,
     channels_last: bool = False,
     key_model: MomentumKeys | None = None,
     probe: tuple[nn.Module, torch.optim.Optimizer, torch.Tensor] | None = None,
 ) -> StepResult:
-    """Forward V views, InfoNCE in fp32, agree across ranks on (non-finite, stop), backward, clip, step.
+    """Forward V views, InfoNCE in fp32, agree across ranks on the non-finite flag, backward, clip, step.
+
+    ``agree`` is the loop's agreement for this step (:meth:`pretrain.resumable.TrainingLoop.agree`): the
+    non-finite flag goes into it beside the loop's stop request, one collective for both. Without it (a
+    lone step: tests, benchmarks) the flag is agreed alone (:func:`pretrain.distributed.agree_max`).
 
     With ``key_model`` (the momentum queue) the keys come from it, and after the optimizer step it
     moves towards the online model. Raises NonFiniteLoss on a NaN/inf loss unless ``skip_nonfinite``
@@ -56,11 +62,10 @@ def train_step(
         z, features = model(views, with_features=True) if probe is not None else (model(views), None)
         keys = key_model(views, step) if key_model is not None else None
     loss, diag = objective(z, keys)  # pretrain.objectives.base.Objective
-    # One collective for both decisions, so every rank takes the same branch (no DDP hang).
-    # Built on the device and read once: the step's one host sync, which deciding to skip or stop needs.
-    stop_flag = torch.tensor(float(stop_requested), device=loss.device)
-    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), stop_flag])
-    nonfinite, stop = (bool(f) for f in all_reduce_max_(flags).tolist())
+    # One collective for the step's decisions (skip or raise here, stop in the loop), so every rank takes the same
+    # branch (no DDP hang). The flag stays on the device until it: the step's one host sync (invariant 8).
+    agree = agree if agree is not None else (lambda *values: agree_max(loss.device, *values))
+    nonfinite = bool(agree(~torch.isfinite(loss.detach()))[0])
     if nonfinite:
         optimizer.zero_grad(set_to_none=True)
         if not skip_nonfinite:
@@ -68,7 +73,7 @@ def train_step(
                 f"loss is not finite at step {step} (local loss {loss.item()}): lower optim.lr, set optim.grad_clip, "
                 "prefer run.precision=bf16 over fp16, or set optim.skip_nonfinite=true to skip such steps"
             )
-        return StepResult(loss.detach(), diag, None, stop)
+        return StepResult(loss.detach(), diag, None)
     accelerator.backward(loss)
     params = [p for group in optimizer.param_groups for p in group["params"]]  # model and any learned critic
     grad_norm = accelerator.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
@@ -78,4 +83,4 @@ def train_step(
         key_model.update(accelerator.unwrap_model(model))
     accelerator.unwrap_model(objective).after_step()  # MoCo's queue, NNCLR's support set
     probe_loss = probe_step(*probe[:2], features, probe[2]) if probe is not None else None
-    return StepResult(loss.detach(), diag, torch.as_tensor(grad_norm).detach(), stop, probe_loss)
+    return StepResult(loss.detach(), diag, torch.as_tensor(grad_norm).detach(), probe_loss)

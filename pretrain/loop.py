@@ -1,8 +1,10 @@
 """The pretraining loop's parts, which ``pretrain.main.train`` calls in order: the model and objective,
-the optimizer and schedule, resuming, one epoch, the kNN monitor, and the summary with the export.
+the optimizer and schedule, resuming, the steps, the kNN monitor, and the summary with the export.
 
-:class:`Run` holds what one run needs across them (the DINO ``train_one_epoch`` shape: the entry
-point builds, this module loops).
+:class:`Run` holds what one run needs across them, and is the pretraining's
+:class:`~pretrain.resumable.Trainer`: the shared :class:`~pretrain.resumable.TrainingLoop` owns the epochs,
+the position, the ranks' agreement, checkpoints and the progress bar, and calls the run's batches, its
+step (:func:`pretrain.engine.train_step`), its logging after a step and its kNN monitor at an epoch's end.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from accelerate import Accelerator
@@ -21,7 +23,7 @@ from torch import nn
 from pretrain.checkpoint import load_part, make_room, no_room
 from pretrain.config import Config, ConfigError, effective_lr, to_yaml
 from pretrain.data.train_loader import TrainData
-from pretrain.distributed import sync_batchnorm, wrap_learned_critic
+from pretrain.distributed import Agree, sync_batchnorm, wrap_learned_critic
 from pretrain.engine import StepResult, train_step
 from pretrain.export import META, ExportFailed, export_encoder, export_problem
 from pretrain.features import ImageListDataset, knn_monitor
@@ -31,10 +33,10 @@ from pretrain.models import LocalGlobalModel, MultiViewModel, check_takes_views,
 from pretrain.momentum import MomentumKeys
 from pretrain.objectives import build_objective
 from pretrain.online_probe import OnlineProbe
-from pretrain.resumable import Resumable
+from pretrain.resumable import Resumable, Trainer, TrainingLoop
 from pretrain.revision import git_revision
 from pretrain.stop import StopFlag
-from pretrain.tracking import TensorBoard, Throughput, format_duration, progress_bar
+from pretrain.tracking import TensorBoard, Throughput, format_duration
 
 
 @dataclass
@@ -134,8 +136,9 @@ TIMED_STEPS = 20  # steps timed (after the first) before the run prints how long
 
 
 @dataclass
-class Run:
-    """One pretraining run in progress: its config, parts, position and reporting."""
+class Run(Trainer):
+    """One pretraining run in progress: its config, parts, position and reporting; the
+    :class:`~pretrain.resumable.Trainer` of its :class:`~pretrain.resumable.TrainingLoop` (:attr:`loop`)."""
 
     cfg: Config
     accelerator: Accelerator
@@ -144,15 +147,14 @@ class Run:
     optimizer: Any
     scheduler: Any
     lr: float
-    loop: Resumable
+    resumable: Resumable
     total_steps: int
+    loop: TrainingLoop | None = None  # built by start_reporting, once the run has resumed
     tb: TensorBoard | None = None
-    bar: Any = None
     stop: StopFlag = field(default_factory=StopFlag)
     meter: Throughput = field(default_factory=Throughput)
     started: float = 0.0
     seconds_before: float = 0.0
-    steps_this_run: int = 0
     last: dict[str, float] = field(default_factory=dict)  # the last logged (rank-averaged) diagnostics
     knn_top1: float = float("nan")
     probe_top1: float | None = None
@@ -163,7 +165,15 @@ class Run:
 
     @property
     def progress(self) -> Any:
-        return self.loop.progress
+        return self.resumable.progress
+
+    @property
+    def bar(self) -> Any:
+        return self.loop.bar
+
+    @property
+    def steps_this_run(self) -> int:
+        return self.loop.steps_this_run if self.loop is not None else 0
 
     @property
     def main(self) -> bool:
@@ -206,7 +216,7 @@ class Run:
         """A checkpoint of everything (all ranks call; rank 0 writes); returns its path on rank 0."""
         self.progress.train_seconds = self.seconds_before + time.perf_counter() - self.started
         p, acc = self.parts, self.accelerator
-        return self.loop.save({
+        return self.resumable.save({
             "model": self.raw_model.state_dict(),
             "objective": self.raw_objective.state_dict(),  # includes the momentum queue
             "momentum_model": p.key_model.state_dict() if p.key_model is not None else None,
@@ -219,11 +229,14 @@ class Run:
         })
 
     def start_reporting(self, run_dir: Path) -> None:
+        """TensorBoard, the stop signals, the loop (its progress bar) and the clocks, once the run has resumed."""
         self.tb = TensorBoard(run_dir / "tb", enabled=self.main)
         self.tb.text("config", to_yaml(self.cfg))
         self.stop.install()
-        self.bar = progress_bar(self.total_steps, initial=self.progress.global_step, disable=not self.main,
-                                desc="pretrain")
+        cfg = self.cfg
+        self.loop = TrainingLoop(self, self.resumable, steps_per_epoch=len(self.data), total_steps=self.total_steps,
+                                 epochs=cfg.optim.epochs, checkpoint_every=cfg.run.checkpoint_every, stop=self.stop,
+                                 desc="pretrain", save_at_epoch_end=True)
         self.started, self.seconds_before = time.perf_counter(), self.progress.train_seconds
         self.meter.reset()  # images/s from here, not from when the run was built
 
@@ -252,7 +265,7 @@ class Run:
 
     def knn_passes_ahead(self) -> int:
         """kNN monitor passes still to come: at every knn_every-th epoch end, and once more at the last step
-        unless that is such an epoch end (pretrain/main.py's epoch loop)."""
+        unless that is such an epoch end (:meth:`epoch_end`, :meth:`at_end`)."""
         every, n = self.cfg.monitor.knn_every, len(self.data)
         if not every:
             return 0
@@ -289,45 +302,52 @@ class Run:
         eval_cfg = load_expected_eval(cfg.monitor.expect_eval, str(Path(cfg.run.dir) / "export"))
         return expected_eval_seconds(eval_cfg, cfg.data.views[0].size, self.raw_model.feature_dim, per_image)
 
+    # ------------------------------------------------------------------ the loop's hooks (pretrain.resumable.Trainer)
+    def batches(self, epoch: int, start: int) -> Iterable[dict[str, Any]]:
+        """The epoch's batches from ``start`` on, the time spent waiting for each counted (perf/data_wait_frac)."""
+        return self.meter.timed(self.data.epoch_batches(self.accelerator, epoch, start))
 
-def train_one_epoch(run: Run) -> bool:
-    """Train from the current position to the end of the epoch; False when it ended early (a stop
-    request, ``run.max_steps``). Checkpoints every ``run.checkpoint_every`` steps."""
-    cfg, acc, progress, parts, data = run.cfg, run.accelerator, run.progress, run.parts, run.data
-    t_ready = time.perf_counter()
-    for batch in data.epoch_batches(acc, progress.epoch, progress.step_in_epoch):
-        run.meter.wait += time.perf_counter() - t_ready
+    def step(self, batch: dict[str, Any], agree: Agree) -> StepResult:
+        """The batch's views (drawn for this position), then :func:`train_step`, which puts its non-finite flag
+        into the loop's agreement for the step."""
+        cfg, acc, progress, parts, data = self.cfg, self.accelerator, self.progress, self.parts, self.data
         views = data.views(batch, progress.epoch, progress.step_in_epoch, acc)
-        if progress.global_step == 0 and run.steps_this_run == 0:
-            run.tb.views(views, data.images.mean, data.images.std)
+        if progress.global_step == 0 and self.steps_this_run == 0:
+            self.tb.views(views, data.images.mean, data.images.std)
         progress.note_unreadable(data.skipped(batch))
         probe = (parts.probe, parts.probe_optimizer, batch["label"].to(acc.device)) if parts.probe else None
-        result = train_step(acc, parts.model, parts.objective, run.optimizer, data.model_views(views),
+        result = train_step(acc, parts.model, parts.objective, self.optimizer, data.model_views(views),
                             grad_clip=cfg.optim.grad_clip, skip_nonfinite=cfg.optim.skip_nonfinite,
-                            stop_requested=run.stop.requested, step=progress.global_step,
-                            channels_last=cfg.model.channels_last, key_model=parts.key_model, probe=probe)
+                            step=progress.global_step, agree=agree, channels_last=cfg.model.channels_last,
+                            key_model=parts.key_model, probe=probe)
+        self.meter.images += batch["views"][0].shape[0] * acc.num_processes
+        return result
+
+    def after_step(self, result: StepResult, last: bool) -> None:
+        """The schedule, the expected-duration line after the first timed steps, logging every ``run.log_every``
+        steps and at the last, and what stopped the run."""
+        progress = self.progress
         if result.grad_norm is None:
             progress.skipped_steps += 1
-        progress.step_in_epoch += 1
-        progress.global_step += 1
-        run.steps_this_run += 1
-        run.scheduler.step_update(progress.global_step)
-        run.meter.images += batch["views"][0].shape[0] * acc.num_processes
-        run.bar.update(1)
-        if run.steps_this_run == 1:
-            run.first_step_done = time.perf_counter()  # the first step warms up: time the ones after it
-        elif run.steps_this_run == TIMED_STEPS + 1 and progress.global_step < run.total_steps and run.main:
-            run.bar.write(run.expected_duration())
-        if progress.global_step % cfg.run.log_every == 0 or progress.global_step == run.total_steps:
-            log_step(run, result)
-        if result.stop:
-            run.stopped_by = run.stop.signal_name or "signal on another rank"
-        elif progress.global_step % cfg.run.checkpoint_every == 0:
-            run.save()
-        if run.stopped_by or (progress.global_step >= run.total_steps and progress.step_in_epoch < len(data)):
-            return False  # mid-epoch: a stop request or run.max_steps
-        t_ready = time.perf_counter()
-    return True
+        self.scheduler.step_update(progress.global_step)
+        if self.steps_this_run == 1:
+            self.first_step_done = time.perf_counter()  # the first step warms up: time the ones after it
+        elif self.steps_this_run == TIMED_STEPS + 1 and progress.global_step < self.total_steps and self.main:
+            self.bar.write(self.expected_duration())
+        if progress.global_step % self.cfg.run.log_every == 0 or progress.global_step == self.total_steps:
+            log_step(self, result)
+        if self.loop.stopped:
+            self.stopped_by = self.stop.signal_name or "signal on another rank"
+
+    def epoch_end(self) -> None:
+        """The kNN monitor every ``monitor.knn_every`` epochs."""
+        if self.cfg.monitor.knn_every and self.progress.epoch % self.cfg.monitor.knn_every == 0:
+            self.run_knn()
+
+    def at_end(self) -> None:
+        """The final state is always measured (a run ending mid-epoch, e.g. at ``run.max_steps``)."""
+        if self.cfg.monitor.knn_every and self.knn_step != self.progress.global_step and self.steps_this_run:
+            self.run_knn()
 
 
 def log_step(run: Run, result: StepResult) -> None:

@@ -5,7 +5,7 @@
 
 Re-running with the same ``run.dir`` resumes from its newest checkpoint. ``train`` reads top to
 bottom: run-dir guard, accelerator, data, model, objective, optimizer, resume, epochs, export; the
-loop's parts are in :mod:`pretrain.loop`.
+run's parts are in :mod:`pretrain.loop`, the epochs in :class:`pretrain.resumable.TrainingLoop`.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:
     from pretrain.data.train_loader import build_train_data
     from pretrain.distributed import make_accelerator
     from pretrain.hardware import check_deterministic_supported
-    from pretrain.loop import Run, already_complete, build_optimizer, build_parts, finish, train_one_epoch
+    from pretrain.loop import Run, already_complete, build_optimizer, build_parts, finish
     from pretrain.resumable import Resumable
     from pretrain.revision import git_revision
     from pretrain.run_dir import check_run_dir, check_writable, mark_ours
@@ -92,15 +92,15 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:
         mark_ours(run_dir)
         check_writable(run_dir)
     accelerator.wait_for_everyone()
-    loop = Resumable(accelerator, run_dir / "checkpoints", cfg.run.keep_checkpoints)
-    run = Run(cfg, accelerator, data, parts, optimizer, scheduler, lr, loop, total_steps)
+    resumable = Resumable(accelerator, run_dir / "checkpoints", cfg.run.keep_checkpoints)
+    run = Run(cfg, accelerator, data, parts, optimizer, scheduler, lr, resumable, total_steps)
     loaded = None
     if cfg.run.resume == "never":
-        if main and (aside := ckpt.move_aside(loop.directory)):
+        if main and (aside := ckpt.move_aside(resumable.directory)):
             print(f"run.resume=never: starting afresh; the earlier checkpoints are kept in {aside}", flush=True)
     else:
-        loaded = loop.resume("rerun with run.resume=never to start afresh (they are moved aside, not deleted), "
-                             "or copy an intact checkpoint back into that dir")
+        loaded = resumable.resume("rerun with run.resume=never to start afresh (they are moved aside, not "
+                                  "deleted), or copy an intact checkpoint back into that dir")
     if loaded:
         run.restore(*loaded)
         p = run.progress
@@ -115,23 +115,14 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:
         return summary
 
     # ------------------------------------------------------------------ epochs
-    run.start_reporting(run_dir)
-    progress, monitor_every = run.progress, cfg.monitor.knn_every
-    if monitor_every and progress.global_step == 0:
+    run.start_reporting(run_dir)  # TensorBoard, stop signals, the loop and its progress bar
+    progress = run.progress
+    if cfg.monitor.knn_every and progress.global_step == 0:
         run.run_knn()  # the untrained encoder's score: the floor the monitor should climb from
     parts.model.train()
-    while progress.epoch < cfg.optim.epochs and progress.global_step < total_steps and not run.stopped_by:
-        if not train_one_epoch(run):
-            break
-        progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
-        if monitor_every and progress.epoch % monitor_every == 0:
-            run.run_knn()
-        if progress.global_step < total_steps:
-            run.save()
-    if monitor_every and not run.stopped_by and run.knn_step != progress.global_step and run.steps_this_run:
-        run.run_knn()  # the final state is always measured (runs ending mid-epoch, e.g. run.max_steps)
-    run.bar.close()
-    checkpoint_path = run.save()
+    # Epochs of Run.step from the position, checkpoints every run.checkpoint_every steps and at each epoch end, the
+    # kNN monitor at epoch ends and at the last step, until the budget or a stop; then the last checkpoint.
+    checkpoint_path = run.loop.run()
     if progress.unreadable_count:
         accelerator.print(f"warning: {progress.unreadable_count} unreadable images were skipped, e.g. "
                           + ", ".join(progress.unreadable[:3]))

@@ -6,12 +6,18 @@ resumes from the newest intact checkpoint (position and every rank's RNG restore
 state returned), saves atomically from rank 0 with every rank's RNG and a barrier after, and gives
 the ranks one way to agree (the max over ranks of a few flags, e.g. a stop request and a clock), so
 every rank takes the same branch.
+
+A :class:`TrainingLoop` is the one loop over it: epochs of steps from the position, one agreement
+per step, checkpoints, the step budget and the progress bar. What differs between its callers is a
+:class:`Trainer`: pretraining's :class:`pretrain.loop.Run` and the eval's :class:`eval.classifier.SGDFit`
+supply their batches, their step, and what they do after a step (logging, held-out evaluation), at an
+epoch's end (the kNN monitor) and at the end.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from accelerate import Accelerator
@@ -19,7 +25,9 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from pretrain import checkpoint as ckpt
 from pretrain.config import ConfigError
-from pretrain.distributed import all_reduce_max_
+from pretrain.distributed import Agree, agree_max
+from pretrain.stop import StopFlag
+from pretrain.tracking import progress_bar
 
 
 class WorldSizeChanged(ConfigError):
@@ -91,7 +99,143 @@ class Resumable:
         self.accelerator.wait_for_everyone()
         return path
 
-    def agree(self, *values: float) -> list[float]:
-        """The max over ranks of each value: one collective, so every rank decides alike."""
-        flags = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
-        return all_reduce_max_(flags).tolist()
+    def agree(self, *values: float | torch.Tensor) -> list[float]:
+        """The max over ranks of each value (a float, or a 0-dim tensor on the device): one collective, so
+        every rank decides alike (:func:`pretrain.distributed.agree_max`)."""
+        return agree_max(self.accelerator.device, *values)
+
+
+class Trainer:
+    """What a caller of :class:`TrainingLoop` supplies. ``batches``, ``step`` and ``save`` are its own;
+    the other hooks do nothing unless it has something to do there."""
+
+    def batches(self, epoch: int, start: int) -> Iterable[Any]:
+        """The batches of ``epoch`` from its batch ``start`` on (resuming inside an epoch)."""
+        raise NotImplementedError
+
+    def step(self, batch: Any, agree: Agree) -> Any:
+        """Train on ``batch`` at the current position (not yet moved past it); returns what
+        :meth:`after_step` gets. ``agree(*values)`` is the step's one collective (:meth:`TrainingLoop.agree`):
+        a step with values of its own to agree passes them (pretraining's non-finite flag before backward,
+        a fit's clock) and gets their max over ranks; the stop request rides in it. A step that does not
+        call it leaves the loop to agree the stop alone after it."""
+        raise NotImplementedError
+
+    def after_step(self, result: Any, last: bool) -> None:
+        """After each step, the position moved past it and the ranks agreed; ``last``: the loop ends after
+        this step (a stop request, the step budget)."""
+
+    def done(self) -> bool:
+        """The trainer's own reason to take no more steps (a time cap, early stopping, a finished fit)."""
+        return False
+
+    def epoch_end(self) -> None:
+        """After an epoch's last step, the position moved to the next epoch; skipped at a stop, which leaves
+        the epoch's end to the resumed run."""
+
+    def at_end(self) -> None:
+        """After the last step of a loop that no stop request ended (the final measurement)."""
+
+    def save(self) -> Path | None:
+        """A checkpoint of everything through :meth:`Resumable.save` (all ranks call; rank 0 writes); its path
+        on rank 0."""
+        raise NotImplementedError
+
+
+class TrainingLoop:
+    """The one training loop, shared by pretraining and the eval's SGD fits (a :class:`Trainer` each).
+
+    It owns the position (``resumable.progress``: epoch and step inside it), which it moves after each
+    step; iterates each epoch's batches from that position; agrees once per step across ranks on the stop
+    request (with any values the step adds, :meth:`agree`); checkpoints every ``checkpoint_every`` steps
+    (and at each epoch end with ``save_at_epoch_end``) and once at the end, a stop included; ends at
+    ``total_steps``, ``epochs``, a stop or the trainer's :meth:`Trainer.done`; and draws the progress bar.
+
+    At an epoch's last step the position moves to the next epoch before that step's checkpoint, unless a
+    stop request ended the step: then the checkpoint holds the finished epoch (step ``steps_per_epoch``)
+    and the resumed run ends it (:meth:`Trainer.epoch_end`, the kNN monitor) as the uninterrupted run would.
+    """
+
+    def __init__(self, trainer: Trainer, resumable: Resumable, *, steps_per_epoch: int, total_steps: int,
+                 epochs: float, checkpoint_every: int, stop: StopFlag | None, desc: str,
+                 save_at_epoch_end: bool = False) -> None:
+        self.trainer, self.resumable, self.stop = trainer, resumable, stop
+        self.steps_per_epoch, self.total_steps, self.epochs = steps_per_epoch, total_steps, epochs
+        self.checkpoint_every, self.save_at_epoch_end = checkpoint_every, save_at_epoch_end
+        self.steps_this_run = 0
+        self.stopped = False  # a stop request on some rank, agreed at the last step
+        self._agreed = False  # this step's collective has been made
+        self.bar = progress_bar(total_steps, initial=self.progress.global_step, desc=desc,
+                                disable=not resumable.accelerator.is_main_process)
+
+    @property
+    def progress(self) -> ckpt.Progress:
+        return self.resumable.progress
+
+    def over(self) -> bool:
+        """Whether no more steps are to be taken: the budget (steps, epochs), a stop, the trainer's own end."""
+        p = self.progress
+        return p.global_step >= self.total_steps or p.epoch >= self.epochs or self.stopped or self.trainer.done()
+
+    def agree(self, *values: float | torch.Tensor) -> list[float]:
+        """This step's one collective: this rank's stop request beside ``values``, each maxed over ranks.
+        Records the agreed stop (:attr:`stopped`) and returns the values' maxima. Once per step."""
+        if self._agreed:
+            raise RuntimeError("a training step agrees across ranks once (one collective per step)")
+        self._agreed = True
+        stop, *agreed = self.resumable.agree(float(self.stop is not None and self.stop.requested), *values)
+        self.stopped = stop > 0
+        return agreed
+
+    def run(self) -> Path | None:
+        """Train from the position until the loop is :meth:`over`; then, unless stopped, the trainer's
+        :meth:`Trainer.at_end`; the bar's last line, and the last checkpoint, whose path (rank 0) it returns."""
+        # A run stopped at an epoch's last step resumes with that epoch's end still to do.
+        ended_epoch = self.progress.step_in_epoch >= self.steps_per_epoch
+        while True:
+            if ended_epoch:
+                self._end_epoch()
+            if self.over():
+                break
+            ended_epoch = self._train_epoch()
+        if not self.stopped:
+            self.trainer.at_end()
+        self.bar.close()
+        return self.trainer.save()
+
+    def _train_epoch(self) -> bool:
+        """Steps from the position through the epoch's batches; False when the loop ended inside the epoch
+        (a stop at any step of it, or the end of training before its last step)."""
+        p = self.progress
+        for batch in self.trainer.batches(p.epoch, p.step_in_epoch):
+            self._step(batch)
+            if self.stopped:
+                return False
+            if p.step_in_epoch < self.steps_per_epoch:  # the epoch's last step is checkpointed at its end
+                if self.over():
+                    return False
+                if p.global_step % self.checkpoint_every == 0:
+                    self.trainer.save()
+        return True
+
+    def _step(self, batch: Any) -> None:
+        """One step: the trainer's, the position moved past it, the ranks' agreement, the trainer's after-step."""
+        p = self.progress
+        self._agreed = False
+        result = self.trainer.step(batch, self.agree)
+        p.step_in_epoch += 1
+        p.global_step += 1
+        self.steps_this_run += 1
+        if not self._agreed:
+            self.agree()
+        self.trainer.after_step(result, last=self.stopped or p.global_step >= self.total_steps)
+        self.bar.update(1)
+
+    def _end_epoch(self) -> None:
+        """The position to the next epoch, the trainer's epoch end, and its checkpoint unless the loop is over
+        (the last checkpoint follows)."""
+        p = self.progress
+        p.epoch, p.step_in_epoch = p.epoch + 1, 0
+        self.trainer.epoch_end()
+        if not self.over() and (self.save_at_epoch_end or p.global_step % self.checkpoint_every == 0):
+            self.trainer.save()

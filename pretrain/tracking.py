@@ -7,13 +7,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 from torchvision.utils import make_grid
+
+T = TypeVar("T")
 
 
 class TensorBoard:
@@ -138,6 +140,14 @@ class Throughput:
         out = self.images / elapsed, self.wait / elapsed
         self.reset()
         return out
+
+    def timed(self, batches: Iterable[T]) -> Iterator[T]:
+        """``batches``, each one's wait for the loader (from when it is asked for) added to :attr:`wait`."""
+        asked = time.perf_counter()
+        for batch in batches:
+            self.wait += time.perf_counter() - asked
+            yield batch
+            asked = time.perf_counter()
 
 
 class LogProgress:

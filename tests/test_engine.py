@@ -15,7 +15,7 @@ def _step(model: nn.Module, views: list[torch.Tensor], skip: bool):
     accelerator = Accelerator(cpu=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     return train_step(accelerator, model, contrastive(0.1), optimizer, views, grad_clip=1.0,
-                      skip_nonfinite=skip, stop_requested=False, step=7)
+                      skip_nonfinite=skip, step=7)
 
 
 class TwoView(nn.Module):

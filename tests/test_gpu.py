@@ -28,7 +28,7 @@ def test_bf16_channels_last_step_on_cuda_keeps_fp32_logits_and_learns() -> None:
     losses = []
     for step in range(30):
         r = train_step(accelerator, model, objective, optimizer, views, grad_clip=1.0, skip_nonfinite=False,
-                       stop_requested=False, step=step, channels_last=True)
+                       step=step, channels_last=True)
         assert r.loss.dtype == torch.float32
         losses.append(r.loss.item())
     assert losses[-1] < losses[0] - 0.5, losses

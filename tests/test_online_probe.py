@@ -28,7 +28,7 @@ def test_encoder_update_is_identical_with_and_without_the_probe() -> None:
         probe_arg = (probe, torch.optim.SGD(probe.parameters(), lr=0.5), labels) if with_probe else None
         for step in range(2):  # a gradient leaked by step 0's probe would show in step 1's update
             result = train_step(Accelerator(cpu=True), m, contrastive(0.2, dim=8), optimizer, views,
-                                grad_clip=0.0, skip_nonfinite=False, stop_requested=False, step=step, probe=probe_arg)
+                                grad_clip=0.0, skip_nonfinite=False, step=step, probe=probe_arg)
         results.append(result)
     assert results[0].probe_loss is not None and results[1].probe_loss is None
     assert torch.equal(results[0].loss, results[1].loss)
