@@ -114,7 +114,7 @@ def test_sigkill_with_queue_and_batch_views_resumes_queue_and_momentum_weights_e
     reference = tmp_path / "uninterrupted"
     run_main(f"run.dir={reference}", *QUEUE_SETTINGS)
     expected = final_state(reference)
-    assert int(expected["objective"]["queue.filled"]) == 48
+    assert int(expected["objective"]["candidates.queue.filled"]) == 48
 
     killed = tmp_path / "killed"
     proc = start(killed, QUEUE_SETTINGS)
