@@ -2,6 +2,7 @@
 # Precision on both CPU kinds of this project, side by side on one machine: natively, and with oneDNN and
 # ATen limited to AVX2 (what an AVX2-only CPU without native bf16 runs; benchmarks/README.md, "CPU speed").
 #   bash benchmarks/cpu_kinds.sh            # about 10 minutes on 2 cores
+#   bash benchmarks/cpu_kinds.sh compile    # about 8 minutes: torch.compile against eager instead (below)
 # For each kind: the machine line, the demo encoder's compute step in fp32 and bf16 autocast, with and
 # without channels_last (throughput.py encoders, interleaved rounds), and 12 steps of the demo's whole
 # pretraining (loader, batch views, step; start-up excluded, the first step's warm-up included) under
@@ -10,9 +11,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-$(mktemp -d)}
+# With `compile`: for each kind, the demo encoder's compute step eager against torch.compile'd (inductor), at
+# the precision run.precision=auto takes there, interleaved after each variant's warm-up (and compilation).
 for kind in native avx2; do
   if [ "$kind" = avx2 ]; then export ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2; fi
-  echo "== $kind: $($PY benchmarks/machine.py)"
+  machine=$($PY benchmarks/machine.py)
+  echo "== $kind: $machine"
+  if [ "${1:-}" = compile ]; then
+    precision=$(case "$machine" in *"native bf16: yes"*) echo --bf16-only;; esac)
+    $PY benchmarks/throughput.py encoders --batch 128 --rounds 3 --steps 3 --channels-last --compile $precision \
+      --only "resnet14t w0.5 deep s2 stem" | tail -2 | sed "s/^/  /"
+    continue
+  fi
   for layout in --channels-last ""; do
     echo "  throughput.py encoders ${layout:-(contiguous)}:"
     $PY benchmarks/throughput.py encoders --batch 128 --rounds 3 --steps 3 $layout --bf16 \

@@ -1,7 +1,7 @@
 """Pretraining throughput: our train_step on synthetic batches, each encoder recipe's compute step, the CPU split.
 
     python benchmarks/throughput.py train-step --arch resnet50 --size 224 --batch 128 --precision bf16 --channels-last --seconds 100
-    .venv/bin/python benchmarks/throughput.py encoders --size 28 --batch 256 --rounds 5 [--channels-last --bf16 --compile --only NAME ...]
+    .venv/bin/python benchmarks/throughput.py encoders --size 28 --batch 256 --rounds 5 [--channels-last --bf16 | --bf16-only] [--compile] [--only NAME ...]
     .venv/bin/python benchmarks/throughput.py cpu-split --steps 20 --rounds 3 [overrides of configs/fmnist_cpu.yaml]
 
 ``train-step`` (the default when no subcommand is named; gpu_check.sh runs it): images/s of
@@ -127,14 +127,16 @@ def run_encoders(args: argparse.Namespace) -> None:
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     views = [torch.randn(args.batch, 1, args.size, args.size).to(memory_format=fmt) for _ in range(2)]
     setups = {}
-    for name, over, bf16 in [(n, o, b) for n, o in RECIPES.items() for b in (False, True)[:1 + args.bf16]]:
+    precisions = (False, True)[:1 + args.bf16] if not args.bf16_only else (True,)
+    for name, over, bf16, compiled in [(n, o, b, c) for n, o in RECIPES.items() for b in precisions
+                                       for c in (False, True)[:1 + args.compile]]:
         if args.only and name not in args.only:
             continue
-        name += " bf16" if bf16 else ""
+        name += (" bf16" if bf16 else "") + (" compiled" if compiled else "")
         model = MultiViewModel(ModelConfig(**over), 1, 2).to(memory_format=fmt)
         objective = build_objective(ObjectiveConfig(temperature=0.2), num_views=2, embed_dim=128)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        run = torch.compile(model) if args.compile else model
+        run = torch.compile(model) if compiled else model
         t0 = time.perf_counter()
         step_seconds(run, objective, opt, views, 2, bf16)  # warm-up (and compilation)
         print(f"{name}: warm-up {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -217,9 +219,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=2, help="steps per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor, CPU C++ codegen)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each recipe torch.compile'd (inductor, CPU C++ codegen), interleaved")
     p.add_argument("--only", nargs="*", help="recipe names to run (default: all)")
     p.add_argument("--bf16", action="store_true", help="also time each recipe under bf16 autocast, interleaved")
+    p.add_argument("--bf16-only", action="store_true", help="time each recipe under bf16 autocast only")
     p.set_defaults(run=run_encoders)
 
     p = sub.add_parser("cpu-split", help="images/s of the demo's pretraining per split of the CPU cores (was "

@@ -49,44 +49,57 @@ def probe_seconds(n: int, features: int, num_classes: int, fits: int, steps: int
     return statistics.median(times[1:]) * n / rows * 1.25 * steps * fits
 
 
-def load_expected_eval(path: str, export: str) -> Any:
+class EvalToCome(NamedTuple):
+    """The eval a pretraining run is followed by (``monitor.expect_eval``): its config and what its splits
+    hold, taken once as the run starts."""
+
+    cfg: Any  # an EvalConfig
+    fit_images: int  # the images its probes fit on
+    scored_images: int
+    num_classes: int
+    channels: int
+
+
+def load_expected_eval(path: str, export: str) -> EvalToCome:
     """The eval config ``monitor.expect_eval`` names, loaded and checked for the ``export`` still to be
-    written, or one line on what is wrong."""
+    written, and the sizes of its splits (opened once, so a missing dataset is said before any work), or
+    one line on what is wrong."""
     from eval.config import EvalConfig, validate_eval
+    from eval.main import open_splits
     from pretrain.config import ConfigError, load_config
 
     try:
-        return load_config(path, [f"weights=[{export}]"], schema=EvalConfig, check=validate_eval)
+        cfg = load_config(path, [f"weights=[{export}]"], schema=EvalConfig, check=validate_eval)
     except ConfigError as e:
         raise ConfigError(f"bad value for config key 'monitor.expect_eval': {e}; give the eval config the export will "
                           "be scored with, or monitor.expect_eval=''") from None
+    train, test = open_splits(cfg)
+    return EvalToCome(cfg, len(train), len(test), train.num_classes, train.channels)
 
 
-def expected_eval_seconds(cfg: Any, image_size: int, feature_dim: int,
+def expected_eval_seconds(plan: EvalToCome, image_size: int, feature_dim: int,
                           extract_seconds_per_image: float) -> tuple[float, str]:
-    """The fast eval of one export (``cfg``: an EvalConfig), reckoned before it runs: (seconds, how).
+    """The fast eval of one export (``plan``: the eval to come), reckoned before it runs: (seconds, how).
 
     Each encoder row (the export, and its random init) extracts the fit and scored images at
     ``extract_seconds_per_image`` (the pretraining's kNN monitor measures it) and fits a probe on
     ``feature_dim`` features (:func:`probe_seconds`, at its most fits); raw pixels fit a probe only. The
     supervised rows are taken as stored (``make baselines``): a fit still to train says so, with its own
     time, as the eval starts."""
-    from eval.main import open_splits
     from eval.probe import GRID_EXTENSIONS
     from eval.rows import has_raw_pixels_row
 
-    train, test = open_splits(cfg)
+    cfg, n, images, c = plan.cfg, plan.fit_images, plan.fit_images + plan.scored_images, plan.num_classes
     # Every fit the probe may make: the grid, the decades beyond it when its choice sits at an edge (measured:
     # 2 more for a random init and 1 for raw pixels on Fashion-MNIST, and 0 or 1 for ours), and the refit.
-    n, c, fits = len(train), train.num_classes, len(cfg.weight_decays) + GRID_EXTENSIONS + 1
+    fits = len(cfg.weight_decays) + GRID_EXTENSIONS + 1
     encoder_rows = 1 + bool(cfg.random_init)
-    per_row = (n + len(test)) * extract_seconds_per_image + probe_seconds(n, feature_dim, c, fits, cfg.probe_steps)
+    per_row = images * extract_seconds_per_image + probe_seconds(n, feature_dim, c, fits, cfg.probe_steps)
     seconds = encoder_rows * per_row
-    pixels = train.channels * image_size * image_size
-    raw = has_raw_pixels_row(cfg, train.channels, image_size)  # as eval.rows.Rows.plan decides
+    raw = has_raw_pixels_row(cfg, plan.channels, image_size)  # as eval.rows.Rows.plan decides
     if raw:
-        seconds += probe_seconds(n, pixels, c, fits, cfg.probe_steps)
-    return seconds, (f"{encoder_rows + raw} rows: {encoder_rows} x {n + len(test)} images to extract at "
+        seconds += probe_seconds(n, plan.channels * image_size * image_size, c, fits, cfg.probe_steps)
+    return seconds, (f"{encoder_rows + raw} rows: {encoder_rows} x {images} images to extract at "
                      f"{1000 * extract_seconds_per_image:.2f} ms, {encoder_rows + raw} probes of up to {fits} fits; "
                      "stored baselines")
 

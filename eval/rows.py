@@ -97,8 +97,8 @@ def view_label(meta: dict, v: int) -> str:
 
 
 def random_like(meta: dict, in_chans: int) -> nn.Module:
-    return create_encoder(meta["architecture"], in_chans, meta["small_input"], meta.get("stem_stride", 1),
-                          meta.get("timm_kwargs"))
+    return create_encoder(meta["architecture"], in_chans, meta["small_input"], meta["stem_stride"],
+                          meta["timm_kwargs"])
 
 
 def all_views(encoder: nn.Module, meta: dict, views: list) -> tuple[ConcatViewEncoders, dict]:

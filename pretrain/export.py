@@ -131,7 +131,8 @@ def write_atomically(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-REQUIRED_META = ("architecture", "in_chans", "input_size", "mean", "std", "small_input", "sha256")
+REQUIRED_META = ("architecture", "timm_kwargs", "in_chans", "input_size", "mean", "std", "small_input", "stem_stride",
+                 "sha256")
 
 
 def export_dir_of(path: str | Path) -> Path:
@@ -156,8 +157,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise DamagedExport(f"{meta_path} is not valid JSON ({e})") from None
     missing = [k for k in REQUIRED_META if not isinstance(meta, dict) or k not in meta]
     if missing:
-        raise DamagedExport(f"{meta_path} lacks {', '.join(missing)}: it was not written by infomax's export, or was "
-                            "edited")
+        raise DamagedExport(f"{meta_path} lacks {', '.join(missing)}: it was written by an older version of infomax "
+                            "(re-export with the version that wrote it), by something else, or edited")
     return meta
 
 
@@ -205,7 +206,7 @@ def _checked_weights(export_dir: Path, entry: dict[str, Any], verify: bool) -> P
 
 
 def _load_weights(weights: Path, meta: dict[str, Any], in_chans: int) -> nn.Module:
-    encoder = create_encoder(meta["architecture"], in_chans, meta["small_input"], meta.get("stem_stride", 1),
-                             meta.get("timm_kwargs"))
+    encoder = create_encoder(meta["architecture"], in_chans, meta["small_input"], meta["stem_stride"],
+                             meta["timm_kwargs"])
     encoder.load_state_dict(load_file(str(weights)), strict=True)
     return encoder.eval()

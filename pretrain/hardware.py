@@ -83,8 +83,6 @@ def choose_precision(requested: str, launch: str | None = None) -> Precision:
     fp16 is taken as given; its ``no`` is also its default when the flag is absent, so it cannot be told
     from "not set" and the hardware decides (``run.precision=no`` forces fp32). An explicit choice wins.
     Raises ConfigError for fp16 without a GPU."""
-    from pretrain.config import ConfigError
-
     cuda = torch.cuda.is_available()
     if requested != "auto":
         mode, reason = requested, f"run.precision={requested}"
@@ -104,8 +102,7 @@ def choose_precision(requested: str, launch: str | None = None) -> Precision:
     warning = ""
     if mode == "bf16" and not cuda and not cpu_has_native_bf16():
         warning = (f"warning: bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}) runs "
-                   "several "
-                   "times slower than fp32; run.precision=auto picks fp32 here")
+                   "several times slower than fp32; run.precision=auto picks fp32 here")
     return Precision(mode, reason, warning)
 
 

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from accelerate import Accelerator
@@ -37,6 +37,9 @@ from pretrain.resumable import Resumable, Trainer, TrainingLoop
 from pretrain.revision import git_revision
 from pretrain.stop import StopFlag
 from pretrain.tracking import TensorBoard, Throughput, format_duration
+
+if TYPE_CHECKING:
+    from eval.progress import EvalToCome
 
 
 @dataclass
@@ -149,6 +152,7 @@ class Run(Trainer):
     lr: float
     resumable: Resumable
     total_steps: int
+    eval_to_come: EvalToCome | None = None  # monitor.expect_eval's eval, loaded at start
     loop: TrainingLoop | None = None  # built by start_reporting, once the run has resumed
     tb: TensorBoard | None = None
     stop: StopFlag = field(default_factory=StopFlag)
@@ -281,7 +285,7 @@ class Run(Trainer):
         knn = f", {passes} kNN passes of {self.knn_seconds:.0f} s" if passes else ""
         line = (f"expected: pretraining ends in about {format_duration(seconds)} ({steps_left} steps at {step_s:.3f} s"
                 f"{knn}) on {describe_machine()}")
-        if not self.cfg.monitor.expect_eval:
+        if self.eval_to_come is None:
             return line
         eval_seconds, how = self.expected_eval(step_s)
         # An upper bound: each probe reckoned at every fit it may make, each at L-BFGS's most passes.
@@ -292,15 +296,14 @@ class Run(Trainer):
         """(seconds, how) of the eval ``monitor.expect_eval`` names, on this run's export, reckoned now
         (:func:`eval.progress.expected_eval_seconds`) from this machine's extraction speed: the kNN
         monitor's pass, or without it a third of a step's images."""
-        from eval.progress import expected_eval_seconds, load_expected_eval
+        from eval.progress import expected_eval_seconds
 
         cfg, acc = self.cfg, self.accelerator
         if self.knn_seconds:
             per_image = self.knn_seconds / (len(self.data.knn_bank) + len(self.data.knn_queries))
         else:  # a forward pass costs about a third of a training step's forward and backward
             per_image = step_s / (3 * cfg.optim.batch_size_per_process * len(cfg.data.views) * acc.num_processes)
-        eval_cfg = load_expected_eval(cfg.monitor.expect_eval, str(Path(cfg.run.dir) / "export"))
-        return expected_eval_seconds(eval_cfg, cfg.data.views[0].size, self.raw_model.feature_dim, per_image)
+        return expected_eval_seconds(self.eval_to_come, cfg.data.views[0].size, self.raw_model.feature_dim, per_image)
 
     # ------------------------------------------------------------------ the loop's hooks (pretrain.resumable.Trainer)
     def batches(self, epoch: int, start: int) -> Iterable[dict[str, Any]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
+    from eval.progress import EvalToCome
     from pretrain.config import Config
     from pretrain.run_dir import RunDirLock
 
@@ -39,19 +40,20 @@ def train(cfg: Config) -> dict[str, Any]:
     same dir stops at once instead of racing this one."""
     from pretrain.run_dir import RunDirLock, check_run_dir
 
-    if cfg.monitor.expect_eval:  # checked before any work, not at the expected-duration line
+    eval_to_come = None
+    if cfg.monitor.expect_eval:  # loaded and checked before any work, for the expected-duration line
         from eval.progress import load_expected_eval
 
-        load_expected_eval(cfg.monitor.expect_eval, str(Path(cfg.run.dir) / "export"))
+        eval_to_come = load_expected_eval(cfg.monitor.expect_eval, str(Path(cfg.run.dir) / "export"))
     check_run_dir(cfg)
     lock = RunDirLock(Path(cfg.run.dir))  # taken by rank 0 just before its first write
     try:
-        return _train(cfg, lock)
+        return _train(cfg, lock, eval_to_come)
     finally:
         lock.release()
 
 
-def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:
+def _train(cfg: Config, lock: RunDirLock, eval_to_come: EvalToCome | None = None) -> dict[str, Any]:
     """The run, as a table of contents: processes, data, model, optimizer, resume, epochs, export."""
     import torch
     from accelerate.utils import set_seed
@@ -93,7 +95,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict[str, Any]:
         check_writable(run_dir)
     accelerator.wait_for_everyone()
     resumable = Resumable(accelerator, run_dir / "checkpoints", cfg.run.keep_checkpoints)
-    run = Run(cfg, accelerator, data, parts, optimizer, scheduler, lr, resumable, total_steps)
+    run = Run(cfg, accelerator, data, parts, optimizer, scheduler, lr, resumable, total_steps, eval_to_come)
     loaded = None
     if cfg.run.resume == "never":
         if main and (aside := ckpt.move_aside(resumable.directory)):

@@ -21,13 +21,13 @@ EVAL_HEADING = "## Linear evaluation"
 
 def loading_code(meta: dict[str, Any], encoder: nn.Module) -> str:
     """Python that rebuilds ``encoder`` from the export with timm and safetensors alone (no infomax)."""
-    kwargs = "".join(f", {k}={v!r}" for k, v in meta.get("timm_kwargs", {}).items())
+    kwargs = "".join(f", {k}={v!r}" for k, v in meta["timm_kwargs"].items())
     create = f'timm.create_model("{meta["architecture"]}", num_classes=0, in_chans={meta["in_chans"]}{kwargs}'
     if not meta["small_input"]:
         return ("import timm\n\n"
                 f'encoder = {create},\n    pretrained=True, pretrained_cfg_overlay=dict(file="encoder.safetensors"))\n'
                 "encoder.eval()\n")
-    stride = meta.get("stem_stride", 1)
+    stride = meta["stem_stride"]
     if isinstance(encoder.conv1, nn.Conv2d):
         stem = (f"encoder.conv1 = torch.nn.Conv2d({encoder.conv1.in_channels}, {encoder.conv1.out_channels}, 3, "
                 f"stride={stride}, padding=1, bias=False)\n")
@@ -59,8 +59,8 @@ def card_text(meta: dict[str, Any], encoder: nn.Module, run: dict[str, Any]) -> 
         "| | |",
         "|---|---|",
         f"| architecture | timm `{meta['architecture']}`, `in_chans={meta['in_chans']}`"
-        + (f", timm kwargs `{json.dumps(meta['timm_kwargs'])}`" if meta.get("timm_kwargs") else "")
-        + (f"; small-image stem (3x3 at stride {meta.get('stem_stride', 1)}, no max-pool)"
+        + (f", timm kwargs `{json.dumps(meta['timm_kwargs'])}`" if meta["timm_kwargs"] else "")
+        + (f"; small-image stem (3x3 at stride {meta['stem_stride']}, no max-pool)"
            if meta["small_input"] else "")
         + " |",
         f"| input | {pre}, `{meta['input_transform']}`: pixels in [0, 1], then (x - mean) / std with mean "

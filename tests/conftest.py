@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -39,14 +42,32 @@ def main_in_process(capsys: pytest.CaptureFixture, *overrides: str, config: Path
     AcceleratorState._reset_state(reset_partial_state=True)
     os.chdir(REPO)
     try:
-        code = main(["--config", str(config), *overrides])
+        with warnings.catch_warnings(record=True) as caught:  # a process prints them to stderr; pytest keeps them
+            warnings.simplefilter("always")
+            code = main(["--config", str(config), *overrides])
     finally:
         os.chdir(here)
         os.environ.clear()
         os.environ.update(environ)
         AcceleratorState._reset_state(reset_partial_state=True)
     out, err = capsys.readouterr()
-    return code, out, err
+    return code, out, err + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+
+
+def pretrain_in_process(capsys: pytest.CaptureFixture, *overrides: str, config: Path = TINY,
+                        check: bool = True) -> subprocess.CompletedProcess:
+    """:func:`main_in_process` shaped as :func:`run_main`'s result (returncode, stdout, stderr), raising on
+    failure with ``check``: for runs whose resume, refusal or fallback is under test, not their process."""
+    code, out, err = main_in_process(capsys, *overrides, config=config)
+    if check and code != 0:
+        raise AssertionError(f"pretrain/main.py {' '.join(overrides)} exited {code}\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(["pretrain/main.py", *overrides], code, out, err)
+
+
+@pytest.fixture
+def pretrain(capsys: pytest.CaptureFixture) -> Callable[..., subprocess.CompletedProcess]:
+    """``pretrain(*overrides, check=True)``: :func:`pretrain_in_process` with this test's capsys."""
+    return functools.partial(pretrain_in_process, capsys)
 
 
 @pytest.fixture

@@ -265,10 +265,11 @@ def test_every_list_of_choices_has_one_source() -> None:
 
 def test_artefacts_of_an_older_version_are_refused_in_one_line(tmp_path: Path) -> None:
     """Issue 28.5: no compatibility shims in a v0.1. A run dir whose config.yaml has a key this version does
-    not know (optim.batch_size, renamed), a saved config with one, and a checkpoint without a manifest are
-    each said to come from an older version."""
+    not know (optim.batch_size, renamed), a saved config with one, a checkpoint without a manifest and an export
+    without the keys this version records are each said to come from an older version."""
     from pretrain.checkpoint import read_intact
     from pretrain.config import from_yaml, to_yaml
+    from pretrain.export import META, DamagedExport, read_meta
     from pretrain.run_dir import MARKER, RunDirError, check_run_dir
 
     cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", "optim.batch_size_per_process=64"])
@@ -286,6 +287,16 @@ def test_artefacts_of_an_older_version_are_refused_in_one_line(tmp_path: Path) -
         check_run_dir(cfg)
     with pytest.raises(ValueError, match="no manifest.json: written by an older version"):
         read_intact(run / "checkpoints" / "step_00000004")
+    # An export from before stem_stride and timm_kwargs were recorded is refused, not rebuilt with defaults.
+    export = tmp_path / "export"
+    export.mkdir()
+    meta = {"architecture": "resnet18", "in_chans": 1, "input_size": [1, 28, 28], "mean": [0.5], "std": [0.5],
+            "small_input": True, "sha256": "0" * 64}
+    (export / META).write_text(json.dumps(meta))
+    with pytest.raises(DamagedExport, match="lacks timm_kwargs, stem_stride: it was written by an older version"):
+        read_meta(export)
+    (export / META).write_text(json.dumps({**meta, "timm_kwargs": {}, "stem_stride": 1}))
+    assert read_meta(export)["stem_stride"] == 1
 
 
 def test_a_checkpoint_part_laid_out_by_an_older_version_is_refused_in_one_line(tmp_path: Path) -> None:

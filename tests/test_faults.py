@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from pretrain import checkpoint as ckpt
 from pretrain.run_dir import RunDirError, RunDirLock
 
 FAST = ["monitor.knn_every=0", "run.checkpoint_every=4"]
+Pretrain = Callable[..., subprocess.CompletedProcess]  # the conftest fixture `pretrain`: main in this process
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
@@ -39,30 +41,30 @@ def one_line_error(proc: subprocess.CompletedProcess, code: int) -> str:
     return errors[0]
 
 
-def test_run_dir_with_another_config_is_refused_before_anything_is_written(run_dir: Path) -> None:
-    run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+def test_run_dir_with_another_config_is_refused_before_anything_is_written(run_dir: Path, pretrain: Pretrain) -> None:
+    pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     before = snapshot(run_dir)
-    proc = run_main(f"run.dir={run_dir}", "optim.lr=0.5", "objective.bound=nwj", "optim.epochs=3", *FAST, check=False)
+    proc = pretrain(f"run.dir={run_dir}", "optim.lr=0.5", "objective.bound=nwj", "optim.epochs=3", *FAST, check=False)
     line = one_line_error(proc, 2)
     assert "belongs to a different config (objective.bound, optim.lr differ)" in line
     assert snapshot(run_dir) == before  # config.yaml still records the first experiment
     # Another head shape used to crash with a size-mismatch traceback after overwriting config.yaml.
-    proc = run_main(f"run.dir={run_dir}", "model.head_dims=[64,16]", *FAST, check=False)
+    proc = pretrain(f"run.dir={run_dir}", "model.head_dims=[64,16]", *FAST, check=False)
     assert "model.head_dims" in one_line_error(proc, 2) and snapshot(run_dir) == before
     # Budgets may change: a larger one continues the run.
-    proc = run_main(f"run.dir={run_dir}", "run.max_steps=6", *FAST)
+    proc = pretrain(f"run.dir={run_dir}", "run.max_steps=6", *FAST)
     assert "resumed from" in proc.stdout and "step 6/6" in proc.stdout
 
 
 @pytest.mark.parametrize("damage", ["emptied", "cut_in_half"])
-def test_damaged_run_dir_config_says_so_and_is_restored_from_the_checkpoint(run_dir: Path, damage: str) -> None:
-    run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+def test_damaged_run_dir_config_says_so_and_is_restored_from_the_checkpoint(run_dir: Path, damage: str, pretrain: Pretrain) -> None:
+    pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     saved = run_dir / "config.yaml"
     text = saved.read_text()
     cut = text.index("\n", len(text) // 2) - 2  # mid-line: what a partial copy or a full disk leaves
     saved.write_text("" if damage == "emptied" else text[:cut])
     before = snapshot(run_dir)
-    line = one_line_error(run_main(f"run.dir={run_dir}", "run.max_steps=6", *FAST, check=False), 2)
+    line = one_line_error(pretrain(f"run.dir={run_dir}", "run.max_steps=6", *FAST, check=False), 2)
     assert f"{saved} is empty" in line if damage == "emptied" else f"{saved} is " in line
     assert f"python -m pretrain.run_dir --restore-config {run_dir}" in line and "different config" not in line
     assert snapshot(run_dir) == before
@@ -70,15 +72,15 @@ def test_damaged_run_dir_config_says_so_and_is_restored_from_the_checkpoint(run_
                              capture_output=True, text=True, cwd=REPO, timeout=120)
     assert restore.returncode == 0, restore.stderr
     assert saved.read_text().partition("\n")[2] == text.partition("\n")[2]
-    proc = run_main(f"run.dir={run_dir}", "run.max_steps=6", *FAST)
+    proc = pretrain(f"run.dir={run_dir}", "run.max_steps=6", *FAST)
     assert "resumed from" in proc.stdout and "step 6/6" in proc.stdout
 
 
-def test_run_dir_that_never_checkpointed_may_start_over_with_another_config(run_dir: Path) -> None:
-    run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+def test_run_dir_that_never_checkpointed_may_start_over_with_another_config(run_dir: Path, pretrain: Pretrain) -> None:
+    pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     shutil.rmtree(run_dir / "checkpoints")  # as a run that failed at its first step leaves it
     shutil.rmtree(run_dir / "export")
-    proc = run_main(f"run.dir={run_dir}", "run.max_steps=4", "optim.lr=0.5", *FAST)
+    proc = pretrain(f"run.dir={run_dir}", "run.max_steps=4", "optim.lr=0.5", *FAST)
     assert "step 4/4" in proc.stdout and "optim:\n" in (run_dir / "config.yaml").read_text()
     assert "lr: 0.5" in (run_dir / "config.yaml").read_text()
 
@@ -116,66 +118,66 @@ def test_the_queue_without_synchronised_batchnorm_on_several_ranks_is_refused_un
     assert "infomax pretraining finished: step 2/" in proc.stdout, proc.stdout[-2000:]
 
 
-def test_foreign_directory_is_refused_and_left_alone(tmp_path: Path) -> None:
+def test_foreign_directory_is_refused_and_left_alone(tmp_path: Path, pretrain: Pretrain) -> None:
     other = tmp_path / "some-other-project"
     other.mkdir()
     (other / "config.yaml").write_text("their: settings\n")
     (other / "export").mkdir()
     (other / "export" / "config.json").write_text("{}")
     before = snapshot(other)
-    line = one_line_error(run_main(f"run.dir={other}", "run.max_steps=2", *FAST, check=False), 2)
+    line = one_line_error(pretrain(f"run.dir={other}", "run.max_steps=2", *FAST, check=False), 2)
     assert "non-empty directory that infomax did not create" in line
     assert snapshot(other) == before
 
 
-def test_unwritable_checkpoint_dir_is_found_at_start(run_dir: Path) -> None:
-    run_main(f"run.dir={run_dir}", "run.max_steps=2", *FAST)
+def test_unwritable_checkpoint_dir_is_found_at_start(run_dir: Path, pretrain: Pretrain) -> None:
+    pretrain(f"run.dir={run_dir}", "run.max_steps=2", *FAST)
     shutil.rmtree(run_dir / "checkpoints")
     (run_dir / "checkpoints").write_text("")  # unwritable even for root (chmod would not stop root)
-    line = one_line_error(run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST, check=False), 2)
+    line = one_line_error(pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST, check=False), 2)
     assert f"'{run_dir / 'checkpoints'}' is not a writable directory" in line
 
 
-def test_zero_byte_newest_checkpoint_falls_back_to_the_previous_one(run_dir: Path) -> None:
-    run_main(f"run.dir={run_dir}", "run.max_steps=8", *FAST)
+def test_zero_byte_newest_checkpoint_falls_back_to_the_previous_one(run_dir: Path, pretrain: Pretrain) -> None:
+    pretrain(f"run.dir={run_dir}", "run.max_steps=8", *FAST)
     (run_dir / "checkpoints" / "step_00000008" / "state.pt").write_bytes(b"")
-    proc = run_main(f"run.dir={run_dir}", "run.max_steps=10", *FAST)
+    proc = pretrain(f"run.dir={run_dir}", "run.max_steps=10", *FAST)
     assert "step_00000008 is damaged" in proc.stderr and "IndexError" not in proc.stderr
     assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout and "step 10/10" in proc.stdout
 
 
-def test_bit_rot_is_caught_by_the_checksum_and_the_previous_checkpoint_is_used(run_dir: Path) -> None:
-    run_main(f"run.dir={run_dir}", "run.max_steps=8", *FAST)
+def test_bit_rot_is_caught_by_the_checksum_and_the_previous_checkpoint_is_used(run_dir: Path, pretrain: Pretrain) -> None:
+    pretrain(f"run.dir={run_dir}", "run.max_steps=8", *FAST)
     state = run_dir / "checkpoints" / "step_00000008" / "state.pt"
     data = bytearray(state.read_bytes())
     middle = len(data) // 2  # inside a tensor record: torch.load alone would not notice
     data[middle:middle + 64] = bytes(b ^ 0x5A for b in data[middle:middle + 64])
     state.write_bytes(bytes(data))
-    proc = run_main(f"run.dir={run_dir}", "run.max_steps=10", *FAST)
+    proc = pretrain(f"run.dir={run_dir}", "run.max_steps=10", *FAST)
     assert "step_00000008 is damaged" in proc.stderr and "sha256" in proc.stderr
     assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
 
 
-def test_every_checkpoint_damaged_stops_with_their_names_unless_a_fresh_start_is_asked_for(run_dir: Path) -> None:
-    run_main(f"run.dir={run_dir}", "run.max_steps=8", *FAST)
+def test_every_checkpoint_damaged_stops_with_their_names_unless_a_fresh_start_is_asked_for(run_dir: Path, pretrain: Pretrain) -> None:
+    pretrain(f"run.dir={run_dir}", "run.max_steps=8", *FAST)
     for state in (run_dir / "checkpoints").glob("step_*/state.pt"):
         state.write_bytes(state.read_bytes()[:100])
     before = snapshot(run_dir)
-    line = one_line_error(run_main(f"run.dir={run_dir}", "run.max_steps=10", *FAST, check=False), 1)
+    line = one_line_error(pretrain(f"run.dir={run_dir}", "run.max_steps=10", *FAST, check=False), 1)
     assert "every checkpoint" in line and "step_00000004" in line and "step_00000008" in line
     assert "run.resume=never" in line and snapshot(run_dir) == before
-    proc = run_main(f"run.dir={run_dir}", "run.max_steps=10", "run.resume=never", *FAST)
+    proc = pretrain(f"run.dir={run_dir}", "run.max_steps=10", "run.resume=never", *FAST)
     assert "starting afresh" in proc.stdout and "resumed from" not in proc.stdout and "step 10/10" in proc.stdout
     kept = list(run_dir.glob("checkpoints.old-*/step_00000008/state.pt"))
     assert len(kept) == 1 and len(kept[0].read_bytes()) == 100  # moved aside, not deleted
 
 
-def test_finished_run_rerun_changes_nothing_and_a_larger_budget_continues_it(run_dir: Path) -> None:
-    run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+def test_finished_run_rerun_changes_nothing_and_a_larger_budget_continues_it(run_dir: Path, pretrain: Pretrain) -> None:
+    pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     before = snapshot(run_dir)
-    proc = run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+    proc = pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     assert "already complete" in proc.stdout and snapshot(run_dir) == before
-    proc = run_main(f"run.dir={run_dir}", "run.max_steps=6", *FAST)
+    proc = pretrain(f"run.dir={run_dir}", "run.max_steps=6", *FAST)
     assert "resumed from" in proc.stdout and "step 6/6" in proc.stdout
 
 
@@ -548,10 +550,10 @@ def test_disk_full_at_the_export_is_one_line_and_a_rerun_writes_the_export(run_d
 
 
 @pytest.mark.parametrize("damage", ["config_cut_short", "stale_beside_new_weights"])
-def test_damaged_export_of_a_finished_run_is_written_again(run_dir: Path, damage: str) -> None:
+def test_damaged_export_of_a_finished_run_is_written_again(run_dir: Path, damage: str, pretrain: Pretrain) -> None:
     """A cut config.json made every rerun a JSONDecodeError traceback; weights that are not the ones config.json
     names made the run "already complete" forever while the eval's sha256 check failed."""
-    run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+    pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     export = run_dir / "export"
     good = (export / "encoder.safetensors").read_bytes()
     if damage == "config_cut_short":
@@ -559,8 +561,8 @@ def test_damaged_export_of_a_finished_run_is_written_again(run_dir: Path, damage
         (export / "config.json").write_text(text[: len(text) // 2])
     else:
         (export / "encoder.safetensors").write_bytes(good[:-4] + b"\0\0\0\0")
-    proc = run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+    proc = pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     assert "the run is complete but its export cannot be used" in proc.stdout, proc.stdout[-2000:]
     assert (export / "encoder.safetensors").read_bytes() == good  # the same weights, from the same checkpoint
-    proc = run_main(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+    proc = pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     assert "is already complete" in proc.stdout
