@@ -97,7 +97,8 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     accelerator.print(f"eval: {len(train)} train / {len(test)} scored images ({scored_split(cfg.holdout)}) of "
                       f"{cfg.dataset}, "
                       f"protocol {cfg.protocol}, "
-                      f"{len(computed)} rows to compute on {accelerator.num_processes} process(es)")
+                      f"{len(computed)} rows to compute on {accelerator.num_processes} process(es): "
+                      f"{', '.join(r.name for r in computed)}")
     clock = RowClock.for_rows([r.cost() for r in computed], accelerator.print)
     rows: list[dict[str, Any]] = []
     for builder in plan:

@@ -74,8 +74,11 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay:
     return model
 
 
+GRID_EXTENSIONS = 2  # decades the weight-decay search may go beyond its grid (choose_weight_decay's extend)
+
+
 def choose_weight_decay(score: Callable[[float], float], grid: Sequence[float],
-                        extend: int = 2) -> tuple[float, dict[float, float], bool]:
+                        extend: int = GRID_EXTENSIONS) -> tuple[float, dict[float, float], bool]:
     """The weight decay with the best ``score`` (ties: the larger), the scores of all values tried, and
     whether the choice is still at the edge of them.
 
@@ -98,8 +101,6 @@ def choose_weight_decay(score: Callable[[float], float], grid: Sequence[float],
         scores[nxt] = score(nxt)
     return best(), scores, beyond(best()) is not None
 
-
-GRID_EXTENSIONS = 2  # decades the weight-decay search may go beyond its grid (choose_weight_decay's extend)
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,

@@ -28,7 +28,7 @@ SUPERVISED_STEP_PER_PRETRAIN_STEP = 0.5
 def pretrain_step_seconds(meta: dict) -> float:
     """Seconds per pretraining step in the export's own run (0 when its summary does not say)."""
     summary = meta.get("summary") or {}
-    steps, seconds = summary.get("steps_this_run") or 0, summary.get("pretrain_seconds") or 0
+    steps, seconds = summary.get("steps") or 0, summary.get("pretrain_seconds") or 0  # both over every resume
     return float(seconds) / steps if steps else 0.0
 
 
@@ -67,23 +67,26 @@ def load_expected_eval(path: str, export: str) -> EvalToCome:
     from eval.config import EvalConfig, validate_eval
     from eval.main import open_splits
     from pretrain.config import ConfigError, load_config
+    from pretrain.data.datasets import DataError
 
     try:
         cfg = load_config(path, [f"weights=[{export}]"], schema=EvalConfig, check=validate_eval)
-    except ConfigError as e:
-        raise ConfigError(f"bad value for config key 'monitor.expect_eval': {e}; give the eval config the export will "
-                          "be scored with, or monitor.expect_eval=''") from None
-    train, test = open_splits(cfg)
+        train, test = open_splits(cfg)
+    except (ConfigError, DataError) as e:  # said as the eval's, not the pretraining's, whose keys may read alike
+        raise ConfigError(f"bad value for config key 'monitor.expect_eval': {e}; give the eval config the "
+                          "export will be scored with, or monitor.expect_eval=''") from None
     return EvalToCome(cfg, len(train), len(test), train.num_classes, train.channels)
 
 
-def expected_eval_seconds(plan: EvalToCome, image_size: int, feature_dim: int,
-                          extract_seconds_per_image: float) -> tuple[float, str]:
+def expected_eval_seconds(plan: EvalToCome, image_size: int, feature_dim: int, extract_seconds_per_image: float,
+                          encoders: int = 1) -> tuple[float, str]:
     """The fast eval of one export (``plan``: the eval to come), reckoned before it runs: (seconds, how).
 
     Each encoder row (the export, and its random init) extracts the fit and scored images at
-    ``extract_seconds_per_image`` (the pretraining's kNN monitor measures it) and fits a probe on
-    ``feature_dim`` features (:func:`probe_seconds`, at its most fits); raw pixels fit a probe only. The
+    ``extract_seconds_per_image`` an encoder (the pretraining's kNN monitor measures it) and fits a probe on
+    its features (:func:`probe_seconds`, at its most fits); raw pixels fit a probe only. An export with
+    ``encoders`` > 1 (one per view) is scored as :meth:`eval.rows.Rows.export_rows` does: every view's
+    ``feature_dim`` features concatenated, then the first view's alone, and a concatenated random init. The
     supervised rows are taken as stored (``make baselines``): a fit still to train says so, with its own
     time, as the eval starts."""
     from eval.probe import GRID_EXTENSIONS
@@ -93,14 +96,15 @@ def expected_eval_seconds(plan: EvalToCome, image_size: int, feature_dim: int,
     # Every fit the probe may make: the grid, the decades beyond it when its choice sits at an edge (measured:
     # 2 more for a random init and 1 for raw pixels on Fashion-MNIST, and 0 or 1 for ours), and the refit.
     fits = len(cfg.weight_decays) + GRID_EXTENSIONS + 1
-    encoder_rows = 1 + bool(cfg.random_init)
-    per_row = images * extract_seconds_per_image + probe_seconds(n, feature_dim, c, fits, cfg.probe_steps)
-    seconds = encoder_rows * per_row
+    # (encoders each row runs) per encoder row: ours (concatenated, then the first view alone), random init
+    rows = [encoders, *([1] if encoders > 1 else []), *([encoders] if cfg.random_init else [])]
+    seconds = sum(images * k * extract_seconds_per_image + probe_seconds(n, k * feature_dim, c, fits, cfg.probe_steps)
+                  for k in rows)
     raw = has_raw_pixels_row(cfg, plan.channels, image_size)  # as eval.rows.Rows.plan decides
     if raw:
         seconds += probe_seconds(n, plan.channels * image_size * image_size, c, fits, cfg.probe_steps)
-    return seconds, (f"{encoder_rows + raw} rows: {encoder_rows} x {images} images to extract at "
-                     f"{1000 * extract_seconds_per_image:.2f} ms, {encoder_rows + raw} probes of up to {fits} fits; "
+    return seconds, (f"{len(rows) + raw} rows: {sum(rows)} x {images} images to extract at "
+                     f"{1000 * extract_seconds_per_image:.2f} ms, {len(rows) + raw} probes of up to {fits} fits; "
                      "stored baselines")
 
 

@@ -49,7 +49,7 @@ class PretrainJob:
         if env is not None:
             print(f"infomax job: {env} run dir {cfg.run.dir} (requeued {self.requeues} times)", flush=True)
         summary = train(cfg)
-        if summary["stopped_by"] == signal.Signals(PREEMPT_SIGNAL).name and callable(submitit_handler):
+        if summary.get("stopped_by") == signal.Signals(PREEMPT_SIGNAL).name and callable(submitit_handler):
             # The checkpoint is on disk: now let submitit call checkpoint() and requeue (rank 0 only;
             # its handler ignores the other ranks, which just return).
             submitit_handler(PREEMPT_SIGNAL, None)

@@ -144,6 +144,21 @@ def resolve_evals(args: argparse.Namespace, runs: list[Config]) -> list[EvalConf
                         schema=EvalConfig, check=validate_eval) for cfg in runs]
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """The resource flags' ranges, and what a cluster other than SLURM can run, before any config is read
+    (submitit and sbatch would otherwise refuse them with a traceback, or only once the job is queued)."""
+    least = {"--nodes": (args.nodes, 1), "--gpus-per-node": (args.gpus_per_node, 0),
+             "--tasks-per-node": (args.tasks_per_node, 0), "--cpus-per-task": (args.cpus_per_task, 0),
+             "--mem-gb": (args.mem_gb, 0), "--max-requeues": (args.max_requeues, 0),
+             "--signal-delay": (args.signal_delay, 0), "--array-parallelism": (args.array_parallelism, 1)}
+    for flag, (value, lowest) in least.items():
+        if value < lowest:
+            raise SubmitError(f"{flag} must be >= {lowest}, got {value}")
+    if args.cluster != "slurm" and args.nodes > 1:
+        raise SubmitError(f"--nodes {args.nodes} needs SLURM: --cluster {args.cluster} runs on this machine alone; "
+                          "use --nodes 1, or --cluster slurm")
+
+
 def tasks_per_node(args: argparse.Namespace) -> int:
     """One task per GPU (``--tasks-per-node`` may only repeat it); one task without GPUs unless told."""
     gpus = args.gpus_per_node
@@ -175,8 +190,6 @@ def check_cluster(args: argparse.Namespace) -> None:
 def cpus_per_task(args: argparse.Namespace, runs: list[Config], evals: list[EvalConfig]) -> int:
     """``--cpus-per-task``, by default the loader's workers + 1: each task runs its loader's workers beside
     its main process, and with fewer cores they share and the GPU waits (a SLURM task gets 1 CPU unless told)."""
-    if args.max_requeues < 0 or args.nodes < 1 or args.cpus_per_task < 0:
-        raise SubmitError("--nodes must be >= 1, --cpus-per-task >= 0 (0 = workers + 1) and --max-requeues >= 0")
     workers = max([cfg.data.num_workers for cfg in runs] + [e.num_workers for e in evals])
     cpus = args.cpus_per_task or workers + 1
     if cpus < workers + 1:
@@ -237,7 +250,9 @@ def print_dry_run(args: argparse.Namespace, runs: list[Config], evals: list[Eval
             if made is not None:
                 remove_empty_tree(made)
         script = f"({args.cluster} executor: no sbatch script)"
-    print(f"# sbatch script ({len(runs)} job{'s' if len(runs) > 1 else ''})\n{script}")
+    jobs = "1 job" if len(runs) == 1 else (f"{len(runs)} jobs: a job array of this script, --array=0-{len(runs) - 1}"
+                                            f"%{args.array_parallelism}, each job's logs under %A_%a, not %j")
+    print(f"# sbatch script ({jobs})\n{script}")
     for cfg in runs:
         print(f"# resolved config for {cfg.run.dir}\n{to_yaml(cfg)}")
     for ecfg in evals:
@@ -298,6 +313,7 @@ def print_follow_up(cluster: str, runs: list[Config], submitted: list[submitit.J
 def submit(args: argparse.Namespace) -> list[submitit.Job]:
     """Check everything (configs, run dirs, resources, the cluster) before anything is submitted; then
     print the dry run, or submit and print how to follow the jobs. Returns the jobs (none for a dry run)."""
+    check_numbers(args)
     runs = resolve_runs(args)
     evals = resolve_evals(args, runs)
     tasks = tasks_per_node(args)

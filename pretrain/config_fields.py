@@ -173,13 +173,14 @@ def check_fields(node: Any, prefix: str = "") -> None:
         if "min_len" in m:
             n = m["min_len"]
             require(len(value) >= n, key, f"needs at least {n} {'entry' if n == 1 else 'entries'}, got {value}")
-        if not any(b in m for b in _BOUNDS):
+        if not any(b in m for b in (*_BOUNDS, "finite")):
             continue
         if isinstance(value, list):
             require(all(_in_bounds(x, m) for x in value), key, f"needs values {_bounds_text(m)}, got {value}")
         else:
+            bounds = _bounds_text(m) if any(b in m for b in _BOUNDS) else ""
             finite, why = "a finite number " if m.get("finite") else "", f" ({m['why']})" if "why" in m else ""
-            require(_in_bounds(value, m), key, f"must be {finite}{_bounds_text(m)}{why}, got {value}")
+            require(_in_bounds(value, m), key, f"must be {finite}{bounds}{why}".rstrip() + f", got {value}")
 
 
 def to_yaml(c: Any) -> str:

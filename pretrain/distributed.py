@@ -112,7 +112,7 @@ def agree_max(device: torch.device | str, *values: float | torch.Tensor) -> list
     non-finite flag): nothing is read back before the collective, whose result is the one host sync a
     decision needs (docs/DESIGN.md, invariant 8). Float64, so a clock in seconds keeps its precision."""
     dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
-    flags = torch.stack([torch.as_tensor(v, device=device).to(dtype).reshape(()) for v in values])
+    flags = torch.stack([torch.as_tensor(v, dtype=dtype, device=device).reshape(()) for v in values])
     return all_reduce_max_(flags).tolist()
 
 

@@ -303,7 +303,8 @@ class Run(Trainer):
             per_image = self.knn_seconds / (len(self.data.knn_bank) + len(self.data.knn_queries))
         else:  # a forward pass costs about a third of a training step's forward and backward
             per_image = step_s / (3 * cfg.optim.batch_size_per_process * len(cfg.data.views) * acc.num_processes)
-        return expected_eval_seconds(self.eval_to_come, cfg.data.views[0].size, self.raw_model.feature_dim, per_image)
+        return expected_eval_seconds(self.eval_to_come, cfg.data.views[0].size, self.raw_model.feature_dim, per_image,
+                                     len(self.raw_model.encoders))
 
     # ------------------------------------------------------------------ the loop's hooks (pretrain.resumable.Trainer)
     def batches(self, epoch: int, start: int) -> Iterable[dict[str, Any]]:

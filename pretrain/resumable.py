@@ -99,11 +99,6 @@ class Resumable:
         self.accelerator.wait_for_everyone()
         return path
 
-    def agree(self, *values: float | torch.Tensor) -> list[float]:
-        """The max over ranks of each value (a float, or a 0-dim tensor on the device): one collective, so
-        every rank decides alike (:func:`pretrain.distributed.agree_max`)."""
-        return agree_max(self.accelerator.device, *values)
-
 
 class Trainer:
     """What a caller of :class:`TrainingLoop` supplies. ``batches``, ``step`` and ``save`` are its own;
@@ -183,7 +178,8 @@ class TrainingLoop:
         if self._agreed:
             raise RuntimeError("a training step agrees across ranks once (one collective per step)")
         self._agreed = True
-        stop, *agreed = self.resumable.agree(float(self.stop is not None and self.stop.requested), *values)
+        requested = float(self.stop is not None and self.stop.requested)
+        stop, *agreed = agree_max(self.resumable.accelerator.device, requested, *values)
         self.stopped = stop > 0
         return agreed
 

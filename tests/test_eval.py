@@ -356,8 +356,9 @@ def test_the_progress_counts_the_rows_the_report_holds(tmp_path: Path, capsys, s
     computed = [r for r in rows if r["kind"] != "published"]
     assert [r["kind"] for r in computed] == kinds and len(rows) > len(computed)
     assert json.loads((tmp_path / "report" / "report.json").read_text())["rows"] == rows
-    n, = (int(m) for m in re.findall(r"^eval: .*, (\d+) rows to compute on ", stdout, re.M))
-    assert n == len(computed)
+    (n, names), = ((int(m), names) for m, names in re.findall(r"^eval: .*, (\d+) rows to compute on .*: (.*)$", stdout,
+                                                               re.M))
+    assert n == len(computed) and len(names.split(", ")) == n
     assert re.findall(r"^eval: (.*): top-1 ", stdout, re.M) == [r["name"] for r in computed]
     left = [int(m) for m in re.findall(r"^expected: eval ends in about .* \((\d+) row\(s\) to score", stdout, re.M)]
     assert left == list(range(n - 1, 0, -1))
@@ -598,8 +599,16 @@ def test_the_eval_is_reckoned_before_it_runs_from_its_rows_images_and_probes(tmp
     assert seconds == pytest.approx(2 * ((512 + 128) * 0.001 + 0.64) + 30.72)
     assert how == "3 rows: 2 x 640 images to extract at 1.00 ms, 3 probes of up to 7 fits; stored baselines"
     assert fits_asked == {4 + 2 + 1}  # the grid of 4, the 2 decades beyond an edge choice, the refit
+    # One encoder per view (CMC): ours concatenated (2 x 64 features) and alone, the random init concatenated.
+    seconds, how = eval.progress.expected_eval_seconds(eval.progress.load_expected_eval(str(config), "runs/x/export"),
+                                                       32, 64, 0.001, encoders=2)
+    assert seconds == pytest.approx((2 + 1 + 2) * 640 * 0.001 + 1.28 + 0.64 + 1.28 + 30.72)
+    assert how.startswith("4 rows: 5 x 640 images to extract")
     config.write_text("dataset: synthetic\nsynthetic_size: 512\nrandom_init: false\nraw_pixels: false\n")
     assert eval.progress.expected_eval_seconds(eval.progress.load_expected_eval(str(config), "runs/x/export"), 32, 64, 0.001)[0] == \
         pytest.approx(512 * 1.25 * 0.001 + 0.64)
     with pytest.raises(ConfigError, match="'monitor.expect_eval': config file 'nowhere.yaml' not found"):
         eval.progress.load_expected_eval("nowhere.yaml", "runs/x/export")
+    config.write_text(f"dataset: fashion_mnist\nroot: {tmp_path / 'nowhere'}\n")  # the eval's data, said as the eval's
+    with pytest.raises(ConfigError, match=r"'monitor.expect_eval': .*nowhere.* give the eval config the export"):
+        eval.progress.load_expected_eval(str(config), "runs/x/export")

@@ -388,6 +388,33 @@ def test_slurm_tasks_get_a_core_for_each_loader_worker_and_the_main_process(tmp_
         "leave --cpus-per-task out (it then asks for 11) or lower data.num_workers to 3"], proc.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--cluster", "local", "--nodes", "2"], "--nodes 2 needs SLURM: --cluster local runs on this machine alone"),
+    (["--mem-gb", "-1"], "--mem-gb must be >= 0, got -1"),
+    (["--array-parallelism", "0"], "--array-parallelism must be >= 1, got 0"),
+])
+def test_submit_refuses_resources_it_cannot_ask_for_in_one_line(tmp_path: Path, capsys, flags: list[str],
+                                                                 message: str) -> None:
+    """submitit's LocalExecutor raised a ValueError traceback for several nodes; negative sizes reached sbatch."""
+    from launch.submit import main
+
+    code = main(["--config", str(TINY), f"run.dir={tmp_path / 'r'}", "--cluster", "local", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_sweeps_dry_run_says_its_script_goes_as_a_job_array(tmp_path: Path, capsys) -> None:
+    """The dry run prints one job's script; for a sweep it says how the array submits it."""
+    from launch.submit import main
+
+    code = main(["--config", str(TINY), f"run.dir={tmp_path / 'r'}", "--sweep", "optim.lr=0.1,0.3", "--dry-run",
+                 "--array-parallelism", "4"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("# sbatch script (2 jobs: a job array of this script, --array=0-1%4, "), out
+    assert not (tmp_path / "r").exists()
+
+
 def test_slurm_dry_run_prints_the_script_on_a_machine_without_slurm(tmp_path: Path) -> None:
     no_slurm = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no sbatch, srun or sinfo
     args = [sys.executable, str(REPO / "launch" / "submit.py"), "--config", str(TINY), f"run.dir={tmp_path / 'r'}",

@@ -100,23 +100,26 @@ def jitter(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tenso
     on = (torch.rand(b, generator=g) < view.jitter_p).float()
     bright = (1 + on * torch.empty(b).uniform_(-view.brightness, view.brightness, generator=g)).clamp_min(0)
     contrast = (1 + on * torch.empty(b).uniform_(-view.contrast, view.contrast, generator=g)).clamp_min(0)
-    steps = [lambda x, acts: blend(x, 0.0, torch.where(acts, bright, 1.0)),
-             lambda x, acts: blend(x, grey(x).mean(dim=(1, 2, 3), keepdim=True), torch.where(acts, contrast, 1.0))]
+    # Each step maps the images `rows` (host indices) selects, x[rows], to their new values.
+    steps = [lambda x, rows: blend(x, 0.0, bright[rows]),
+             lambda x, rows: blend(x, grey(x).mean(dim=(1, 2, 3), keepdim=True), contrast[rows])]
     rgb = x.shape[1] == 3
     if rgb and view.saturation > 0:  # drawn only when they act, so grey recipes keep their random stream
         sat = (1 + on * torch.empty(b).uniform_(-view.saturation, view.saturation, generator=g)).clamp_min(0)
-        steps.append(lambda x, acts: blend(x, grey(x), torch.where(acts, sat, 1.0)))
+        steps.append(lambda x, rows: blend(x, grey(x), sat[rows]))
     if rgb and view.hue > 0:
         shift = on * torch.empty(b).uniform_(-view.hue, view.hue, generator=g)
-        steps.append(lambda x, acts: rotate_hue_of(x, acts, shift))
-    # Stage k applies to each image the step its order puts k-th; a step an image skips there is an exact
-    # identity (a blend by 1), and images without the jitter skip every step.
+        steps.append(lambda x, rows: shift_hue(x, shift[rows]))
+    # Stage k applies to each image the step its order puts k-th, computed on those images alone: each image
+    # pays for each step once, as with torchvision, and images without the jitter are left as they are.
     order = torch.rand(b, len(steps), generator=g).argsort(dim=1)
+    x = x.clone()
     for stage in range(len(steps)):
         for j, step in enumerate(steps):
-            acts = (order[:, stage] == j) & on.bool()
-            if acts.any():
-                x = step(x, acts)
+            rows = ((order[:, stage] == j) & on.bool()).nonzero().squeeze(1)  # on the host: asks the device nothing
+            if len(rows):
+                on_device = rows.to(x.device)
+                x[on_device] = step(x[on_device], rows)
     if view.gamma > 0:  # drawn only when asked, so recipes without it keep their random stream
         log_g = on * torch.empty(b).uniform_(-math.log1p(view.gamma), math.log1p(view.gamma), generator=g)
         x = x ** log_g.exp().to(x).view(b, 1, 1, 1)
@@ -124,15 +127,6 @@ def jitter(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tenso
         curved = tone_curve(x, random_tone_slopes(b, view.tone, g))
         x = torch.where(on.bool().to(x.device).view(b, 1, 1, 1), curved, x)
     return x
-
-
-def rotate_hue_of(x: torch.Tensor, acts: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """x with the images ``acts`` marks hue-rotated by their ``shift`` (:func:`shift_hue`), on those alone:
-    through HSV even a zero shift is not exact. x: B x 3 x H x W; acts: B bool; shift: B turns."""
-    idx = acts.nonzero().squeeze(1)
-    out = x.clone()
-    out[idx.to(x.device)] = shift_hue(x[idx.to(x.device)], shift[idx])
-    return out
 
 
 def grayscale(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
