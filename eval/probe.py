@@ -102,7 +102,6 @@ def choose_weight_decay(score: Callable[[float], float], grid: Sequence[float],
     return best(), scores, beyond(best()) is not None
 
 
-
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  weight_decays: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3), held_out: float = 0.1,
                  steps: int = 100, seed: int = 0, extend: int = GRID_EXTENSIONS) -> ProbeResult:

@@ -32,6 +32,16 @@ def pretrain_step_seconds(meta: dict) -> float:
     return float(seconds) / steps if steps else 0.0
 
 
+def _timed(fn: Callable[[], Any]) -> float:
+    """The median seconds of three calls of ``fn`` after a warm-up call."""
+    times = []
+    for _ in range(4):  # the first warms up
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
 def probe_seconds(n: int, features: int, num_classes: int, fits: int, steps: int) -> float:
     """Expected seconds of the fast probe (:func:`eval.probe.linear_probe`) on n x ``features`` features:
     one loss-and-gradient pass timed here on random features (at most 8192 rows, scaled to n), times the
@@ -41,12 +51,20 @@ def probe_seconds(n: int, features: int, num_classes: int, fits: int, steps: int
     rows = max(1, min(n, 8192))
     x, y = torch.randn(rows, features), torch.randint(num_classes, (rows,))
     model = torch.nn.Linear(features, num_classes)
-    times = []
-    for _ in range(4):  # the first warms up
-        t0 = time.perf_counter()
-        loss_and_grad(model, x, y, 0.0)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:]) * n / rows * 1.25 * steps * fits
+    return _timed(lambda: loss_and_grad(model, x, y, 0.0)) * n / rows * 1.25 * steps * fits
+
+
+def knn_seconds(bank: int, queries: int, features: int, ks: Sequence[int], num_classes: int) -> float:
+    """Expected seconds of the eval's kNN (:func:`pretrain.knn.knn_predict_many`) of ``queries`` against a bank
+    of ``bank`` x ``features``: one chunk of its queries against at most 16384 bank rows, timed here on random
+    features and scaled to all of them (each timed call also normalises its bank, which the eval does once)."""
+    from pretrain.knn import knn_predict_many
+
+    if not ks:
+        return 0.0
+    chunk, rows = max(1, min(queries, 1024)), max(max(ks), min(bank, 16384))  # 1024: knn_predict_many's chunk
+    b, q, labels = torch.randn(rows, features), torch.randn(chunk, features), torch.randint(num_classes, (rows,))
+    return _timed(lambda: knn_predict_many(b, labels, q, ks, 0.07, num_classes)) * queries / chunk * bank / rows
 
 
 class EvalToCome(NamedTuple):
@@ -83,8 +101,9 @@ def expected_eval_seconds(plan: EvalToCome, image_size: int, feature_dim: int, e
     """The fast eval of one export (``plan``: the eval to come), reckoned before it runs: (seconds, how).
 
     Each encoder row (the export, and its random init) extracts the fit and scored images at
-    ``extract_seconds_per_image`` an encoder (the pretraining's kNN monitor measures it) and fits a probe on
-    its features (:func:`probe_seconds`, at its most fits); raw pixels fit a probe only. An export with
+    ``extract_seconds_per_image`` an encoder (the pretraining's kNN monitor measures it), fits a probe on
+    its features (:func:`probe_seconds`, at its most fits) and votes the kNN (:func:`knn_seconds`); raw
+    pixels fit a probe and vote only. An export with
     ``encoders`` > 1 (one per view) is scored as :meth:`eval.rows.Rows.export_rows` does: every view's
     ``feature_dim`` features concatenated, then the first view's alone, and a concatenated random init. The
     supervised rows are taken as stored (``make baselines``): a fit still to train says so, with its own
@@ -98,14 +117,18 @@ def expected_eval_seconds(plan: EvalToCome, image_size: int, feature_dim: int, e
     fits = len(cfg.weight_decays) + GRID_EXTENSIONS + 1
     # (encoders each row runs) per encoder row: ours (concatenated, then the first view alone), random init
     rows = [encoders, *([1] if encoders > 1 else []), *([encoders] if cfg.random_init else [])]
-    seconds = sum(images * k * extract_seconds_per_image + probe_seconds(n, k * feature_dim, c, fits, cfg.probe_steps)
-                  for k in rows)
+    scored = plan.scored_images
+
+    def fitted(features: int) -> float:  # a probe and the kNN votes on n x features
+        return probe_seconds(n, features, c, fits, cfg.probe_steps) + knn_seconds(n, scored, features, cfg.knn_k, c)
+
+    seconds = sum(images * k * extract_seconds_per_image + fitted(k * feature_dim) for k in rows)
     raw = has_raw_pixels_row(cfg, plan.channels, image_size)  # as eval.rows.Rows.plan decides
     if raw:
-        seconds += probe_seconds(n, plan.channels * image_size * image_size, c, fits, cfg.probe_steps)
+        seconds += fitted(plan.channels * image_size * image_size)
     return seconds, (f"{len(rows) + raw} rows: {sum(rows)} x {images} images to extract at "
-                     f"{1000 * extract_seconds_per_image:.2f} ms, {len(rows) + raw} probes of up to {fits} fits; "
-                     "stored baselines")
+                     f"{1000 * extract_seconds_per_image:.2f} ms, {len(rows) + raw} probes of up to {fits} fits and "
+                     "kNN votes; stored baselines")
 
 
 class RowCost(NamedTuple):

@@ -585,28 +585,42 @@ def test_probe_seconds_are_one_timed_pass_scaled_to_the_rows_and_the_passes_of_e
     assert seconds == pytest.approx(0.01 * 2 * 1.25 * 100 * 5)
 
 
+def test_knn_seconds_are_one_timed_chunk_of_queries_scaled_to_all_of_them(monkeypatch) -> None:
+    """One chunk of 1024 queries against the whole bank, its median of three after a warm-up, scaled to the
+    queries; no neighbour counts, no kNN."""
+    import eval.progress
+
+    ticks = iter([0.0, 9.0, 10.0, 10.02, 11.0, 11.05, 12.0, 12.02])  # warm-up 9 s, then 0.02, 0.05, 0.02
+    monkeypatch.setattr(eval.progress.time, "perf_counter", lambda: next(ticks))
+    assert eval.progress.knn_seconds(300, 4096, 8, [20, 200], 10) == pytest.approx(0.02 * 4096 / 1024)
+    assert eval.progress.knn_seconds(300, 4096, 8, [], 10) == 0.0
+
+
 def test_the_eval_is_reckoned_before_it_runs_from_its_rows_images_and_probes(tmp_path: Path, monkeypatch) -> None:
     """``monitor.expect_eval``'s estimate: ours and random init extract the fit and scored images and fit
     a probe on the encoder's features; raw pixels (3 x 32 x 32 <= 4096) fit one on the pixels."""
     import eval.progress
 
-    fits_asked = set()
+    fits_asked, knn_asked = set(), set()
     monkeypatch.setattr(eval.progress, "probe_seconds",
                         lambda n, features, c, fits, steps: fits_asked.add(fits) or features / 100)
+    monkeypatch.setattr(eval.progress, "knn_seconds",
+                        lambda bank, queries, features, ks, c: knn_asked.add((bank, queries)) or features / 1000)
     config = tmp_path / "eval.yaml"
     config.write_text("dataset: synthetic\nsynthetic_size: 512\nsynthetic_image_size: 32\n")
     seconds, how = eval.progress.expected_eval_seconds(eval.progress.load_expected_eval(str(config), "runs/x/export"), 32, 64, 0.001)
-    assert seconds == pytest.approx(2 * ((512 + 128) * 0.001 + 0.64) + 30.72)
-    assert how == "3 rows: 2 x 640 images to extract at 1.00 ms, 3 probes of up to 7 fits; stored baselines"
+    assert seconds == pytest.approx(2 * ((512 + 128) * 0.001 + 0.64 + 0.064) + 30.72 + 3.072)
+    assert how == "3 rows: 2 x 640 images to extract at 1.00 ms, 3 probes of up to 7 fits and kNN votes; stored baselines"
+    assert knn_asked == {(512, 128)}  # the fit images are the bank, the scored ones the queries
     assert fits_asked == {4 + 2 + 1}  # the grid of 4, the 2 decades beyond an edge choice, the refit
     # One encoder per view (CMC): ours concatenated (2 x 64 features) and alone, the random init concatenated.
     seconds, how = eval.progress.expected_eval_seconds(eval.progress.load_expected_eval(str(config), "runs/x/export"),
                                                        32, 64, 0.001, encoders=2)
-    assert seconds == pytest.approx((2 + 1 + 2) * 640 * 0.001 + 1.28 + 0.64 + 1.28 + 30.72)
+    assert seconds == pytest.approx((2 + 1 + 2) * 640 * 0.001 + 1.1 * (1.28 + 0.64 + 1.28 + 30.72))
     assert how.startswith("4 rows: 5 x 640 images to extract")
     config.write_text("dataset: synthetic\nsynthetic_size: 512\nrandom_init: false\nraw_pixels: false\n")
     assert eval.progress.expected_eval_seconds(eval.progress.load_expected_eval(str(config), "runs/x/export"), 32, 64, 0.001)[0] == \
-        pytest.approx(512 * 1.25 * 0.001 + 0.64)
+        pytest.approx(512 * 1.25 * 0.001 + 0.64 + 0.064)
     with pytest.raises(ConfigError, match="'monitor.expect_eval': config file 'nowhere.yaml' not found"):
         eval.progress.load_expected_eval("nowhere.yaml", "runs/x/export")
     config.write_text(f"dataset: fashion_mnist\nroot: {tmp_path / 'nowhere'}\n")  # the eval's data, said as the eval's
