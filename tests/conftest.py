@@ -126,6 +126,7 @@ def spawn_ranks(worker, tmp_path: Path, *args, nprocs: int = 2) -> None:
     machine, as a CI run showed. A rank that raises (a failed check) is never retried."""
     import torch.multiprocessing as mp
 
+    inputs = set(tmp_path.iterdir())  # what the test wrote for its ranks: kept for the second attempt
     for attempt in (1, 2):
         try:
             mp.spawn(worker, args=(str(tmp_path), *args), nprocs=nprocs, join=True)
@@ -133,7 +134,7 @@ def spawn_ranks(worker, tmp_path: Path, *args, nprocs: int = 2) -> None:
         except mp.ProcessExitedException as e:
             if e.signal_name is None or attempt == 2:
                 raise
-            for f in tmp_path.iterdir():  # the file store and any rank's results of the aborted attempt
+            for f in set(tmp_path.iterdir()) - inputs:  # the file store and any rank's results of the aborted attempt
                 if f.is_file():
                     f.unlink()
 

@@ -512,3 +512,24 @@ def test_eval_knn_keeps_the_bank_split_across_ranks_and_predicts_as_one_process(
         assert all(torch.equal(result["preds"][k], alone[k]) for k in (5, 20))
         assert result["bank_rows"] == len(range(r, BANK, WORLD))  # its share, each image on one rank
         assert max(q for q, _, _ in result["blocks"]) == 64 and {n for _, _, n in result["blocks"]} == {result["bank_rows"]}
+
+
+def _abort_once_worker(rank: int, tmp: str) -> None:
+    """Rank 0 aborts on the first attempt (as gloo can in teardown on a loaded machine); then each rank copies
+    the input the test wrote before spawning."""
+    first = Path(tmp) / "attempts" / "first"
+    if rank == 0 and not first.exists():
+        first.touch()
+        os.abort()
+    (Path(tmp) / f"rank{rank}.txt").write_text((Path(tmp) / "input.txt").read_text())
+
+
+def test_a_rank_killed_by_a_signal_is_retried_with_the_tests_inputs_kept(tmp_path: Path) -> None:
+    """spawn_ranks retries once when a rank dies of a signal, clearing what the attempt wrote. It used to clear
+    every file, the test's own inputs too, so the retry's ranks failed on a missing file (two CI runs lost
+    test_a_learned_critic_is_not_sent_its_buffers_... that way)."""
+    (tmp_path / "input.txt").write_text("scores")
+    (tmp_path / "attempts").mkdir()
+    spawn_ranks(_abort_once_worker, tmp_path, nprocs=WORLD)
+    assert (tmp_path / "attempts" / "first").exists()  # the first attempt did abort
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)] == ["scores"] * WORLD
