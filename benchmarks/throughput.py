@@ -127,7 +127,7 @@ def run_encoders(args: argparse.Namespace) -> None:
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     views = [torch.randn(args.batch, 1, args.size, args.size).to(memory_format=fmt) for _ in range(2)]
     setups = {}
-    precisions = (False, True)[:1 + args.bf16] if not args.bf16_only else (True,)
+    precisions = (True,) if args.bf16_only else (False, True)[:1 + args.bf16]
     for name, over, bf16, compiled in [(n, o, b, c) for n, o in RECIPES.items() for b in precisions
                                        for c in (False, True)[:1 + args.compile]]:
         if args.only and name not in args.only:
@@ -222,8 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", action="store_true",
                    help="also time each recipe torch.compile'd (inductor, CPU C++ codegen), interleaved")
     p.add_argument("--only", nargs="*", help="recipe names to run (default: all)")
-    p.add_argument("--bf16", action="store_true", help="also time each recipe under bf16 autocast, interleaved")
-    p.add_argument("--bf16-only", action="store_true", help="time each recipe under bf16 autocast only")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="also time each recipe under bf16 autocast, interleaved")
+    precision.add_argument("--bf16-only", action="store_true", help="time each recipe under bf16 autocast only")
     p.set_defaults(run=run_encoders)
 
     p = sub.add_parser("cpu-split", help="images/s of the demo's pretraining per split of the CPU cores (was "
