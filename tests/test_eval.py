@@ -17,7 +17,7 @@ import torchvision
 from accelerate import Accelerator, DataLoaderConfiguration
 from PIL import Image
 
-from conftest import REPO, synthetic_views
+from conftest import ALL_CORES, REPO, synthetic_views
 from eval.classifier import FrozenEncoder, LinearProbeModel, SGDSchedule, fit_classifier
 from eval.features import EncoderChanged, assert_unchanged, fingerprint
 from eval.probe import choose_weight_decay, fit_linear, linear_probe, loss_and_grad
@@ -209,9 +209,10 @@ def test_linear_probe_uses_every_image_each_epoch(tmp_path: Path) -> None:
     assert seen == [16, 16, 8] * 2
 
 
-def run_eval(*overrides: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+def run_eval(*overrides: str, launcher: list[str] | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [*(launcher or [sys.executable]), str(REPO / "eval" / "main.py"), *FAST, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO, env=env)
 
 
@@ -398,7 +399,7 @@ def test_learned_encoder_beats_random_init_end_to_end(tmp_path: Path) -> None:
                                 "limit_test=500", "raw_pixels=false", "baselines.alexnet_supervised=true",
                                 "baselines.alexnet_max_steps=100", "baselines.alexnet_global_batch_size=32",
                                 "baselines.alexnet_epochs=5", "baselines.alexnet_lr=0.03",
-                                "baselines.alexnet_crop_scale_min=1.0"), out)
+                                "baselines.alexnet_crop_scale_min=1.0", env=ALL_CORES), out)
     ours, random_init, alexnet = report["rows"]
     assert ours["top1"] > 0.8 and ours["top1"] > random_init["top1"] + 0.08, report["rows"]
     assert alexnet["kind"] == "alexnet_supervised" and alexnet["top1"] > 0.2  # 10 classes: chance is 0.1

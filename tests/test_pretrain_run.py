@@ -15,7 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from conftest import REPO, TINY, free_port, run_main
+from conftest import ALL_CORES, REPO, TINY, free_port, run_main
 from pretrain.checkpoint import checkpoint_dirs
 from pretrain.config import load_config
 from pretrain.export import export_encoder, load_encoder
@@ -169,7 +169,7 @@ def test_demo_recipe_learns_on_real_fashion_mnist(run_dir: Path) -> None:
     written; solarizing every image of both views instead reached only 73.3)."""
     proc = run_main(f"run.dir={run_dir}", "data.limit=3840", "optim.epochs=2", "monitor.knn_bank=2000",
                     "monitor.knn_queries=1000", "monitor.online_probe=false", config=REPO / "configs" / "fmnist_cpu.yaml",
-                    env={"INFOMAX_PROGRESS_SECONDS": "0"})
+                    env={"INFOMAX_PROGRESS_SECONDS": "0", **ALL_CORES})
     assert re.search(r"expected: pretraining ends in about \d+ s \(39 steps at [\d.]+ s, 2 kNN passes of \d+ s\) on .*"
                      r"native bf16: (yes|no)", proc.stdout), proc.stdout[:2000]  # after 1 + 20 of 60 steps
     # ... and, as the demo's config names its eval, the whole demo: 60000 + 10000 images for ours and random init
