@@ -14,6 +14,7 @@ duration after its first steps.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -58,11 +59,11 @@ def knn_seconds(bank: int, queries: int, features: int, ks: Sequence[int], num_c
     """Expected seconds of the eval's kNN (:func:`pretrain.knn.knn_predict_many`) of ``queries`` against a bank
     of ``bank`` x ``features``: one chunk of its queries against at most 16384 bank rows, timed here on random
     features and scaled to all of them (each timed call also normalises its bank, which the eval does once)."""
-    from pretrain.knn import knn_predict_many
+    from pretrain.knn import QUERY_CHUNK, knn_predict_many
 
     if not ks:
         return 0.0
-    chunk, rows = max(1, min(queries, 1024)), max(max(ks), min(bank, 16384))  # 1024: knn_predict_many's chunk
+    chunk, rows = max(1, min(queries, QUERY_CHUNK)), max(max(ks), min(bank, 16384))
     b, q, labels = torch.randn(rows, features), torch.randn(chunk, features), torch.randint(num_classes, (rows,))
     return _timed(lambda: knn_predict_many(b, labels, q, ks, 0.07, num_classes)) * queries / chunk * bank / rows
 
@@ -119,6 +120,7 @@ def expected_eval_seconds(plan: EvalToCome, image_size: int, feature_dim: int, e
     rows = [encoders, *([1] if encoders > 1 else []), *([encoders] if cfg.random_init else [])]
     scored = plan.scored_images
 
+    @functools.cache  # ours and its random init have the same features: timed once
     def fitted(features: int) -> float:  # a probe and the kNN votes on n x features
         return probe_seconds(n, features, c, fits, cfg.probe_steps) + knn_seconds(n, scored, features, cfg.knn_k, c)
 

@@ -12,11 +12,13 @@ import torch.nn.functional as F
 
 from pretrain.distributed import gather, is_distributed
 
+QUERY_CHUNK = 1024  # queries scored against the bank at once: a 1024 x bank similarity block
+
 
 @torch.no_grad()
 def knn_predict_many(
     bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, ks: Sequence[int], temperature: float,
-    num_classes: int, chunk: int = 1024,
+    num_classes: int, chunk: int = QUERY_CHUNK,
 ) -> dict[int, torch.Tensor]:
     """Class predictions for each neighbour count in ``ks`` by temperature-weighted cosine votes of the
     k nearest bank entries, from one similarity pass: the k nearest are the first k of the largest k.
@@ -42,7 +44,7 @@ def knn_predict_many(
 @torch.no_grad()
 def sharded_knn_predict_many(
     bank_shard: torch.Tensor, shard_labels: torch.Tensor, queries: torch.Tensor, ks: Sequence[int], temperature: float,
-    num_classes: int, chunk: int = 1024,
+    num_classes: int, chunk: int = QUERY_CHUNK,
 ) -> dict[int, torch.Tensor]:
     """:func:`knn_predict_many` with the bank split across ranks: each rank holds only its shard
     (N_r x F, disjoint shards that together are the bank) and the same M x F queries. For each chunk of
@@ -90,7 +92,7 @@ def _vote(sim: torch.Tensor, labels: torch.Tensor, temperature: float, num_class
 
 def knn_predict(
     bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, k: int, temperature: float, num_classes: int,
-    chunk: int = 1024,
+    chunk: int = QUERY_CHUNK,
 ) -> torch.Tensor:
     """M long predictions of :func:`knn_predict_many` for one neighbour count ``k``."""
     return knn_predict_many(bank, bank_labels, queries, [k], temperature, num_classes, chunk)[k]
