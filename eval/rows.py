@@ -23,7 +23,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -130,6 +130,16 @@ def supervised_encoder_protocol(meta: dict, cfg: Any) -> str:
             f"(centre crop ratio {cfg.center_crop_ratio}, kNN k {list(cfg.knn_k)}), {scored_split(cfg.holdout)}")
 
 
+def knn_top1(train_xy: tuple[torch.Tensor, torch.Tensor], test_xy: tuple[torch.Tensor, torch.Tensor],
+             ks: Sequence[int], temperature: float, num_classes: int, bank_sharded: bool = False) -> dict[str, float]:
+    """kNN top-1 per k on every process, from (N x F, N) train and (M x F, M) test features and labels. With
+    ``bank_sharded`` ``train_xy`` is this process's share of the bank, on the device (the imagenet protocol)."""
+    (fx, fy), (tx, ty) = train_xy, test_xy
+    predict = sharded_knn_predict_many if bank_sharded else knn_predict_many
+    preds = predict(fx, fy, tx, ks, temperature, num_classes)
+    return {str(k): (pred.cpu() == ty.cpu()).float().mean().item() for k, pred in preds.items()}
+
+
 class Rows:
     def __init__(self, cfg: Any, accelerator: Accelerator, train: ImageDataset, test: ImageDataset, size: int,
                  out: Path, fit_key: str) -> None:
@@ -161,11 +171,7 @@ class Rows:
                                 shard=True, keep_shard=keep_shard)
 
     def knn(self, train_xy, test_xy, bank_sharded: bool = False) -> dict[str, float]:
-        """kNN top-1 per k on every process; with ``bank_sharded`` ``train_xy`` is this process's share of the bank."""
-        (fx, fy), (tx, ty) = train_xy, test_xy
-        predict = sharded_knn_predict_many if bank_sharded else knn_predict_many
-        preds = predict(fx, fy, tx, self.cfg.knn_k, self.cfg.knn_temperature, self.num_classes)
-        return {str(k): (pred == ty).float().mean().item() for k, pred in preds.items()}
+        return knn_top1(train_xy, test_xy, self.cfg.knn_k, self.cfg.knn_temperature, self.num_classes, bank_sharded)
 
     def fast_row(self, name: str, kind: str, train_xy, test_xy, **extra: Any) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.perf_counter()

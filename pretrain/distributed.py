@@ -29,6 +29,30 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+# Backends whose collectives take device tensors only. NCCL refuses a host tensor ("No backend type associated
+# with device type cpu"); torch's fake process group stands in for it in the CPU rehearsal of the GPU's rules
+# (tests/fake_nccl.py) and accepts anything, so we refuse for it. Gloo takes host tensors.
+DEVICE_ONLY_BACKENDS = frozenset({"nccl", "fake"})
+
+
+class HostTensorInCollective(RuntimeError):
+    """A collective was handed a host (CPU) tensor on a process group whose backend takes device tensors only."""
+
+
+def require_device_tensors(*tensors: torch.Tensor) -> None:
+    """Refuse a host tensor in a collective on a device-only backend (NCCL, or the fake group rehearsing it).
+
+    Every collective of ours passes its tensors through here, so the CPU rehearsal keeps NCCL's rule; host data
+    crosses ranks on purpose instead, through ``gather_object``/``broadcast_object_list`` (docs/DESIGN.md)."""
+    if not is_distributed() or dist.get_backend() not in DEVICE_ONLY_BACKENDS:
+        return
+    host = [tuple(t.shape) for t in tensors if t.device.type == "cpu"]
+    if host:
+        raise HostTensorInCollective(
+            f"a collective on the {dist.get_backend()} backend was given host tensor(s) of shape {host}: "
+            "NCCL takes device tensors only. Keep the tensor on the accelerator (a bug in infomax: please report it)")
+
+
 def own_rows(b: int, device: torch.device) -> torch.Tensor:
     """The indices of this rank's B rows in a gathered W*B tensor: rank*B + i, each query's positive key
     (lightly's ``eye_rank`` in index form)."""
@@ -39,6 +63,7 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.batch = x.shape[0]
+        require_device_tensors(x)
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=0)
@@ -46,6 +71,7 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         grad = grad.contiguous().clone()  # never all-reduce autograd's own buffer in place
+        require_device_tensors(grad)
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = dist.get_rank() * ctx.batch
         return grad[start : start + ctx.batch]
@@ -76,6 +102,7 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return x
+    require_device_tensors(x)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
@@ -98,6 +125,7 @@ def wrap_learned_critic(objective: torch.nn.Module, accelerator: Any) -> torch.n
 def all_reduce_max_(t: torch.Tensor) -> torch.Tensor:
     """In-place max over ranks (used to agree on stop / non-finite flags). No gradient."""
     if is_distributed():
+        require_device_tensors(t)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
@@ -123,12 +151,14 @@ class _AllReduceSumWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x = x.clone()
+        require_device_tensors(x)
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         return x
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         grad = grad.contiguous().clone()
+        require_device_tensors(grad)
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad
 

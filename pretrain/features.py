@@ -77,30 +77,36 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def gather_rows(accelerator: Accelerator, feats: torch.Tensor, labels: torch.Tensor,
-                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every process's rows of one batch (B_r x F, B_r, B_r dataset positions) on every process; the
-    processes may hold different counts (a short last batch): padded rows carry position -1 and are dropped."""
+def gather_rows(accelerator: Accelerator, feats: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
+                rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every process's rows of one batch (B_r x F, B_r, B_r dataset positions, on the device) on every process.
+
+    The processes may hold different counts (a short last batch): each pads its batch to ``rows``, the
+    loader's batch size that every rank knows, with position -1 (:func:`in_dataset_order` drops those). No
+    rank asks the others for their sizes, so a batch costs one gather and no read back to the host."""
     if accelerator.num_processes == 1:
         return feats, labels, positions
-    feats, labels = accelerator.pad_across_processes(feats), accelerator.pad_across_processes(labels)
-    positions = accelerator.pad_across_processes(positions, pad_index=-1)
-    feats, labels, positions = accelerator.gather((feats, labels, positions))
-    keep = positions >= 0
-    return feats[keep], labels[keep], positions[keep]
+    pad = rows - feats.shape[0]
+    if pad > 0:
+        feats = torch.cat([feats, feats.new_zeros(pad, *feats.shape[1:])])
+        labels = torch.cat([labels, labels.new_zeros(pad)])
+        positions = torch.cat([positions, positions.new_full((pad,), -1)])
+    return accelerator.gather((feats, labels, positions))
 
 
 def in_dataset_order(feats: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
                      count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows with their dataset positions -> (count x F, count) in dataset order. A repeated position
-    holds the same image's features again, so keeping either copy is right; a missing one is a bug."""
-    out = torch.empty(count, feats.shape[1], dtype=feats.dtype)
-    out_labels = torch.empty(count, dtype=torch.long)
-    seen = torch.zeros(count, dtype=torch.bool)
-    out[positions], out_labels[positions], seen[positions] = feats, labels.long(), True
-    if not bool(seen.all()):
-        raise RuntimeError(f"feature extraction lost {int((~seen).sum())} of {count} images")
-    return out, out_labels
+    holds the same image's features again, so keeping either copy is right; position -1 is padding
+    (:func:`gather_rows`), written to a spare row that is cut off; a missing position is a bug."""
+    out = torch.empty(count + 1, feats.shape[1], dtype=feats.dtype)
+    out_labels = torch.empty(count + 1, dtype=torch.long)
+    seen = torch.zeros(count + 1, dtype=torch.bool)
+    where = torch.where(positions >= 0, positions, count)  # no boolean index: its length would be read back
+    out[where], out_labels[where], seen[where] = feats, labels.long(), True
+    if not bool(seen[:count].all()):
+        raise RuntimeError(f"feature extraction lost {int((~seen[:count]).sum())} of {count} images")
+    return out[:count], out_labels[:count]
 
 
 @torch.no_grad()
@@ -112,12 +118,14 @@ def extract_features(encoder: nn.Module, dataset: torch.utils.data.Dataset, acce
     ``input_fn`` maps a device batch to the encoder's input (e.g. the L channel of Lab for CMC).
     With ``shard`` every process computes its shard and all receive the whole split, each image
     once whatever the process count. With ``keep_shard`` each process returns only its own disjoint
-    share (every W-th image from its rank; N_r x F): a kNN bank that stays split
-    (:func:`pretrain.knn.sharded_knn_predict_many`). With neither the calling process computes everything alone.
+    share (every W-th image from its rank; N_r x F and N_r labels) *on the device*: a kNN bank that stays
+    split (:func:`pretrain.knn.sharded_knn_predict_many`), whose candidates cross ranks in collectives that
+    take device tensors only (NCCL). With neither the calling process computes everything alone.
     """
     if keep_shard:
         rank, world = accelerator.process_index, accelerator.num_processes
         dataset, shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world)), False
+    keep = (lambda t: t) if keep_shard else (lambda t: t.cpu())  # a split bank stays on the device
     loader = torch.utils.data.DataLoader(_WithPosition(dataset), batch_size=batch_size, num_workers=num_workers)
     if shard:
         loader = accelerator.prepare_data_loader(loader)
@@ -126,9 +134,12 @@ def extract_features(encoder: nn.Module, dataset: torch.utils.data.Dataset, acce
         for x, y, i in loader:
             with accelerator.autocast():
                 out = encoder(input_fn(x.to(accelerator.device))).float()
-            rows = (out, y.to(accelerator.device), i.to(accelerator.device))
-            for kept, part in zip(gather_rows(accelerator, *rows) if shard else rows, (feats, labels, positions)):
-                part.append(kept.cpu())
+            rows = (out, y.to(accelerator.device, non_blocking=True), i.to(accelerator.device, non_blocking=True))
+            for kept, part in zip(gather_rows(accelerator, *rows, batch_size) if shard else rows,
+                                   (feats, labels, positions)):
+                part.append(keep(kept))
+    if keep_shard:  # the Subset's loader keeps its order: no positions to sort by
+        return torch.cat(feats), torch.cat(labels).long()
     return in_dataset_order(torch.cat(feats), torch.cat(labels), torch.cat(positions), len(dataset))
 
 
@@ -138,7 +149,8 @@ def beton_features(encoder: nn.Module, path: str, size: int, crop_ratio: float, 
                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                    keep_shard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen-encoder features (N x F, CPU) and labels (N) of every image of a .beton, in file order
-    (``keep_shard``: this process's own share only, each image on one rank, as :func:`extract_features`).
+    (``keep_shard``: this process's own share only, each image on one rank, on the device, as
+    :func:`extract_features`).
 
     Centre crop ``crop_ratio`` of the short side resized to ``size`` (FFCV's decoder), normalised in
     torch with ``mean``/``std`` (default: the .beton's own). Several processes each read the shard
@@ -175,10 +187,10 @@ def beton_features(encoder: nn.Module, path: str, size: int, crop_ratio: float, 
             done += len(out)
             if keep_shard:  # drop the repeats that even the shards: each image stays on one rank
                 own = raw[done - len(out) : done] < info.count
-                feats.append(out[own].cpu())
-                labels.append(label.to(accelerator.device)[own].long().cpu())
+                feats.append(out[own])
+                labels.append(label.to(accelerator.device, non_blocking=True)[own].long())
                 continue
-            for kept, part in zip(gather_rows(accelerator, out, label.to(accelerator.device).long(), where),
+            for kept, part in zip(gather_rows(accelerator, out, label.to(accelerator.device).long(), where, batch_size),
                                   (feats, labels, positions)):
                 part.append(kept.cpu())
     if keep_shard:

@@ -51,7 +51,11 @@ def sharded_knn_predict_many(
     queries every rank finds the largest k in its shard, the ranks gather those (M' x W*k scores and
     labels) and keep the largest k: the same neighbours as one bank in one process. No rank holds more
     than its shard, one chunk's M' x N_r similarities and the gathered candidates. Every rank returns
-    the predictions. With one process it is :func:`knn_predict_many`."""
+    the predictions, on the shard's device. With one process it is :func:`knn_predict_many`.
+
+    As DINO's ``knn_classifier``, each chunk is scored where the shard lives and only device tensors cross
+    ranks (NCCL takes nothing else): keep the shard on the accelerator; the queries may be on the host.
+    """
     if not ks:
         return {}
     if not is_distributed():
@@ -63,7 +67,7 @@ def sharded_knn_predict_many(
     pad = max(0, top - bank_shard.shape[0])
     preds: dict[int, list[torch.Tensor]] = {int(k): [] for k in ks}
     for q in queries.split(chunk):
-        sim = similarities(q, bank_shard)
+        sim = similarities(q.to(bank_shard.device, non_blocking=True), bank_shard)
         if pad:
             sim = torch.cat([sim, sim.new_full((q.shape[0], pad), float("-inf"))], dim=1)
         labels = torch.cat([shard_labels, shard_labels.new_zeros(pad)]) if pad else shard_labels

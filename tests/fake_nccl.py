@@ -1,0 +1,142 @@
+"""The GPU's rules on a CPU: a rehearsal that refuses what NCCL and CUDA refuse.
+
+Our multi-rank tests run real numerics on gloo, which accepts collectives on host tensors, and CPU tensors
+never wait on a copy. Here torch's fake process group (world size W, one process, no data moved) runs under
+``FakeTensorMode``, so tensors made on ``cuda`` are fake device tensors on a CPU-only build, and one dispatch
+mode (:class:`GpuRules`) watches every op:
+
+- a collective (``c10d.*``) handed a host tensor is refused, as NCCL refuses it ("No backend type associated
+  with device type cpu"); ours are also refused by ``pretrain.distributed.require_device_tensors``, this
+  catches the ones a library makes (Accelerate's gather);
+- a read back to the host (``.item()``, ``bool()``, ``.tolist()``: ``_local_scalar_dense``; ``.cpu()``) is
+  counted, and answered with 0 (True for a boolean check), since a fake tensor holds no values; so is a
+  data-dependent shape (``nonzero``);
+- a blocking host-to-device copy (``.to(cuda)`` / ``copy_`` from a CPU tensor without ``non_blocking``,
+  ``torch.tensor(..., device=cuda)``) is counted: on CUDA each one waits for the stream.
+
+What it cannot run: the autograd engine asks the CUDA runtime for a context when it meets a ``cuda`` tensor,
+so a backward pass over fake ``cuda`` tensors fails on a CPU-only build. The rehearsed steps run forward,
+objective, the step's agreement and the after-step updates; gradients' collectives are checked on gloo.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from torch.utils._python_dispatch import TorchDispatchMode
+
+CUDA = torch.device("cuda", 0)
+
+
+class HostTensorToNccl(RuntimeError):
+    """A collective got a host tensor where NCCL takes device tensors only."""
+
+
+def _tensors(value: object) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+class GpuRules(TorchDispatchMode):
+    """Counts host reads and blocking host-to-device copies; refuses collectives on host tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host_reads: Counter[str] = Counter()
+        self.blocking_copies: list[tuple[int, ...]] = []
+        self.collectives: Counter[str] = Counter()
+
+    @property
+    def syncs(self) -> int:
+        """Every op that makes the host wait for the device: reads back and blocking copies."""
+        return sum(self.host_reads.values()) + len(self.blocking_copies)
+
+    def reset(self) -> None:
+        self.host_reads.clear()
+        self.blocking_copies.clear()
+        self.collectives.clear()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if func.namespace == "c10d":
+            host = [tuple(t.shape) for t in _tensors(args) if t.device.type == "cpu"]
+            if host:
+                raise HostTensorToNccl(f"c10d.{name} was given host tensor(s) {host}: NCCL refuses them "
+                                       "(No backend type associated with device type cpu)")
+            self.collectives[name] += 1
+        elif name in ("_local_scalar_dense", "is_nonzero") and isinstance(args[0], FakeTensor):
+            if args[0].device.type == "cuda":  # a fake host tensor was read back already, by its copy
+                self.host_reads[name] += 1
+            # A fake tensor holds no value. A check reads True (it passes); a number reads 0 (no stop
+            # requested, a finite loss).
+            return True if args[0].dtype == torch.bool else 0
+        elif name in ("nonzero", "masked_select") and args[0].device.type == "cuda":
+            self.host_reads[name] += 1
+        elif name == "_to_copy" and kwargs.get("device") is not None:
+            source, target = args[0].device.type, torch.device(kwargs["device"]).type
+            if source == "cpu" and target == "cuda" and not kwargs.get("non_blocking", False):
+                self.blocking_copies.append(tuple(args[0].shape))
+            elif source == "cuda" and target == "cpu":
+                self.host_reads["to_host"] += 1
+        elif name == "copy_" and args[0].device.type == "cuda" and args[1].device.type == "cpu" \
+                and not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False)):
+            self.blocking_copies.append(tuple(args[1].shape))
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def fake_nccl(world_size: int = 2, rank: int = 0) -> Iterator[GpuRules]:
+    """A fake process group of ``world_size`` ranks (this process is ``rank``) under fake ``cuda`` tensors.
+
+    Build models inside it under ``torch.device(CUDA)`` (``Module.to('cuda')`` cannot swap in fake
+    parameters). Yields the :class:`GpuRules` that watched the block."""
+    if dist.is_initialized():
+        raise RuntimeError("fake_nccl needs a process without a process group")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), GpuRules() as rules:
+            yield rules
+    finally:
+        dist.destroy_process_group()
+
+
+@contextmanager
+def fake_cuda() -> Iterator[GpuRules]:
+    """Fake ``cuda`` tensors on one process, without a process group: host syncs counted as CUDA counts them."""
+    with FakeTensorMode(allow_non_fake_inputs=True), GpuRules() as rules:
+        yield rules
+
+
+@contextmanager
+def fake_nccl_accelerator(world_size: int = 2, rank: int = 0) -> Iterator[tuple[Any, GpuRules]]:
+    """:func:`fake_nccl` with an ``Accelerator`` whose device is ``cuda:0`` (Accelerate reads
+    ``ACCELERATE_TORCH_DEVICE``), so code that places tensors on ``accelerator.device`` makes fake device
+    tensors. Accelerate's one-per-process state is reset before and after."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    environ = dict(os.environ)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT="29400",
+                      ACCELERATE_TORCH_DEVICE=str(CUDA))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        with fake_nccl(world_size, rank) as rules:
+            accelerator = Accelerator(cpu=True)
+            rules.reset()
+            yield accelerator, rules
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        os.environ.clear()
+        os.environ.update(environ)

@@ -1,0 +1,116 @@
+"""The GPU's rules held on a CPU (tests/fake_nccl.py): collectives take device tensors only, as under NCCL.
+
+Each scenario runs our code on fake ``cuda`` tensors in a fake 2-rank process group, where a collective on
+a host tensor fails as NCCL fails. The numerics of the same code are tested on gloo (test_distributed.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from conftest import contrastive
+from fake_nccl import CUDA, HostTensorToNccl, fake_nccl, fake_nccl_accelerator
+from pretrain.distributed import HostTensorInCollective, agree_max, gather, gather_with_grad
+
+
+class _Labelled(torch.utils.data.Dataset):
+    """N grey 8x8 images (host tensors, as a loader yields them) and labels of 3 classes."""
+
+    def __init__(self, n: int) -> None:
+        self.x, self.y = torch.rand(n, 1, 8, 8), torch.arange(n) % 3
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i], int(self.y[i])
+
+
+def _encoder() -> nn.Module:
+    with torch.device(CUDA):  # Module.to('cuda') cannot swap fake parameters in: build on the device
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def test_nccl_rehearsal_refuses_host_tensors_in_ours_and_a_librarys_collectives() -> None:
+    """The rehearsal itself: our gathers refuse a host tensor in one line; a library's collective (here
+    torch's own all_gather, as Accelerate calls it) is refused by the dispatch check; device tensors pass;
+    reads back to the host and blocking copies are counted."""
+    with fake_nccl() as rules:
+        device = torch.ones(3, 2, device="cuda")
+        assert gather(device).shape == (6, 2) and gather_with_grad(device).shape == (6, 2)
+        assert agree_max(CUDA, 1.0, device.sum()) == [0.0, 0.0]  # fake values read as 0
+        with pytest.raises(HostTensorInCollective, match=r"host tensor\(s\) of shape \[\(3, 2\)\]"):
+            gather(torch.ones(3, 2))
+        with pytest.raises(HostTensorToNccl, match="allgather"):
+            dist.all_gather([torch.empty(2), torch.empty(2)], torch.ones(2))
+        assert rules.collectives["allgather_"] == 2 and rules.collectives["allreduce_"] == 1
+        assert rules.host_reads["_local_scalar_dense"] == 2  # agree_max's one read of its two values
+        rules.reset()
+        torch.ones(4).to("cuda")
+        torch.tensor([1.0, 2.0], device="cuda")
+        torch.zeros(2, device="cuda").copy_(torch.ones(2))
+        torch.ones(4).pin_memory().to("cuda", non_blocking=True) if torch.cuda.is_available() else \
+            torch.ones(4).to("cuda", non_blocking=True)
+        assert rules.blocking_copies == [(4,), (2,), (2,)]
+
+
+def test_nccl_eval_knn_of_the_imagenet_protocol_keeps_its_bank_on_the_device() -> None:
+    """The imagenet protocol keeps each rank's share of the train features as a kNN bank and merges the ranks'
+    top-k. The bank was kept on the host (``.cpu()``), so the merge all-gathered host tensors: NCCL raised after
+    the 100-epoch probe, before the report. Now the share stays on the device; the queries (the test split,
+    on the host) are sent a chunk at a time."""
+    from eval.rows import knn_top1
+    from pretrain.features import extract_features
+    from pretrain.knn import sharded_knn_predict_many
+
+    with fake_nccl_accelerator() as (accelerator, rules):
+        encoder = _encoder()
+        bank, labels = extract_features(encoder, _Labelled(50), accelerator, batch_size=16, keep_shard=True)
+        assert bank.device == CUDA and labels.device == CUDA and bank.shape == (25, 4)
+        queries, query_labels = torch.rand(30, 4), torch.arange(30) % 3  # the test split's features, on the host
+        top1 = knn_top1((bank, labels), (queries, query_labels), [5, 20], 0.1, 3, bank_sharded=True)
+        assert set(top1) == {"5", "20"} and rules.collectives["allgather_"] == 2  # scores and labels, one chunk
+        with pytest.raises(HostTensorInCollective):  # where the bank used to be
+            sharded_knn_predict_many(bank.cpu(), labels.cpu(), queries, [5], 0.1, 3)
+
+
+def test_nccl_knn_monitor_gathers_device_rows_without_asking_sizes() -> None:
+    """The kNN monitor's feature pass: every rank's batch rows are gathered on the device, padded to the
+    loader's batch size (a short last batch), with no exchange of sizes and no host read per batch."""
+    from pretrain.features import knn_monitor
+
+    with fake_nccl_accelerator() as (accelerator, rules):
+        top1, probe = knn_monitor(_encoder(), _Labelled(40), _Labelled(20), accelerator, k=5, temperature=0.1,
+                                  num_workers=0)
+        assert probe is None and top1 == 0  # a fake accuracy reads 0
+        # bank 20 and queries 10 per rank, one batch each of the monitor's 256: rows, labels and positions
+        assert rules.collectives == {"allgather_": 6}
+        assert rules.host_reads == {"to_host": 6}  # each batch's gathered rows, labels and positions, once
+
+
+def test_nccl_pretraining_step_with_the_queue_gathers_and_agrees_on_the_device() -> None:
+    """A pretraining step with MoCo's momentum keys and queue, minus the backward pass (which a CPU build
+    cannot run on fake ``cuda`` tensors): forward, the gathered keys, the step's one agreement, the queue's
+    push and the EMA update make only device collectives and exactly one host read, the agreement's."""
+    from pretrain.config import ModelConfig
+    from pretrain.models import MultiViewModel
+    from pretrain.momentum import MomentumKeys
+
+    with fake_nccl() as rules:
+        with torch.device(CUDA):
+            model = MultiViewModel(ModelConfig(arch="resnet18", small_input=True, width=0.25, head_dims=[32, 16]), 1, 2)
+            objective = contrastive(0.2, dim=16, queue_size=32)
+        key_model = MomentumKeys(model, 0.99)
+        views = [torch.rand(4, 1, 16, 16, device="cuda") for _ in range(2)]
+        rules.reset()
+        for step in range(2):  # the second scores against the filled queue
+            z, keys = model(views), key_model(views, step)
+            loss, diag = objective(z, keys)
+            nonfinite, = agree_max(CUDA, ~torch.isfinite(loss.detach()))
+            objective.after_step()
+            key_model.update(model)
+            assert nonfinite == 0 and diag["mi"].device == CUDA
+        assert rules.collectives["allgather_"] > 0 and rules.collectives["allreduce_"] == 2
+        assert rules.host_reads == {"_local_scalar_dense": 2}, rules.host_reads
