@@ -53,7 +53,9 @@ def train_step(
 
     With ``key_model`` (the momentum queue) the keys come from it, and after the optimizer step it
     moves towards the online model. Raises NonFiniteLoss on a NaN/inf loss unless ``skip_nonfinite``
-    (then no update is made). ``probe`` = (online probe, its optimizer, labels): it trains on view 0's
+    (then no update is made). When fp16's gradient scaler skips the optimizer step (inf/NaN gradients), the
+    momentum model, the queue and the probe stay as they were too: keys of an encoder that did not move would
+    enter the queue twice, and the EMA would drift towards nothing. ``probe`` = (online probe, its optimizer, labels): it trains on view 0's
     detached encoder features after the encoder's step.
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -79,6 +81,8 @@ def train_step(
     grad_norm = accelerator.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if accelerator.optimizer_step_was_skipped:  # fp16's scaler found inf/NaN gradients: nothing moved
+        return StepResult(loss.detach(), diag, None)
     if key_model is not None:
         key_model.update(accelerator.unwrap_model(model))
     accelerator.unwrap_model(objective).after_step()  # MoCo's queue, NNCLR's support set
