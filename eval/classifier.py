@@ -48,6 +48,7 @@ class SGDSchedule:
     max_steps: int = 0  # stop after this many steps in total (a budget); 0 = all epochs
     max_seconds: float = 0.0  # stop after this much training wall time in total (a budget); 0 = none
     checkpoint_every: int = 500
+    checkpoint_every_min: float = 0.0  # also checkpoint every N minutes of training (0 = off)
     keep_checkpoints: int = 2
     eval_every: int = 0  # steps between held-out evaluations (0 = each epoch, or 10 over a shorter budget)
     patience: int = 0  # stop when the held-out accuracy has not improved for this many evaluations (0 = never)
@@ -270,7 +271,8 @@ class SGDFit(Trainer):
         self.started, self.agreed_wall = time.perf_counter(), self.wall_before
         self.loop = TrainingLoop(self, self.resumable, steps_per_epoch=self.steps_per_epoch, total_steps=self.total,
                                  epochs=self.schedule.epochs, checkpoint_every=self.schedule.checkpoint_every,
-                                 stop=self.stop, desc=self.desc)
+                                 stop=self.stop, desc=self.desc,
+                                 checkpoint_every_min=self.schedule.checkpoint_every_min)
         self.model.train()
 
     def save(self) -> Path | None:
@@ -370,7 +372,8 @@ def fit_classifier(
     """
     per_process = check_batch(accelerator, train_set, schedule, desc)
     loader = torch.utils.data.DataLoader(train_set, batch_size=per_process, shuffle=True, drop_last=drop_last,
-                                         num_workers=num_workers, pin_memory=accelerator.device.type == "cuda")
+                                         num_workers=num_workers, pin_memory=accelerator.device.type == "cuda",
+                                         persistent_workers=num_workers > 0)  # not restarted every epoch
     optimizer = build_optimizer(trainable, schedule)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     fit = SGDFit(accelerator, model, trainable, optimizer, loader, train_set, schedule,

@@ -24,6 +24,8 @@ class SGDProbeConfig:
     global_batch_size: int = _f(256, "imagenet protocol: global batch (split across processes)", ge=1)
     crop_scale_min: float = _f(0.08, "imagenet protocol: RandomResizedCrop smallest area (plus horizontal flip)")
     checkpoint_every: int = _f(500, "imagenet protocol: checkpoint every N steps (and when stopped); rerun resumes")
+    checkpoint_every_min: float = _f(30, "SGD fits: also checkpoint every N minutes of training, agreed across "
+                                         "ranks (0 = off)", ge=0)
 
 
 @dataclass

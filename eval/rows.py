@@ -260,7 +260,8 @@ class Rows:
             torch.nn.init.zeros_(head.bias)
             schedule = SGDSchedule(lr=s.lr, epochs=s.epochs, global_batch_size=s.global_batch_size, momentum=s.momentum,
                                    weight_decay=s.weight_decay, milestones=tuple(s.milestones),
-                                   checkpoint_every=s.checkpoint_every)
+                                   checkpoint_every=s.checkpoint_every,
+                                   checkpoint_every_min=s.checkpoint_every_min)
             # One checkpoint dir per row: two exports may share a run-dir name or an architecture.
             slug = "probe_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + f"_{meta['sha256'][:8]}"
             scores = self.sgd_fit(slug, LinearProbeModel(encoder, head), head, image_size, schedule, s.crop_scale_min,
@@ -314,7 +315,8 @@ class Rows:
         alexnet = supervised_alexnet(self.train.channels, size, self.num_classes)
         schedule = SGDSchedule(lr=b.alexnet_lr, epochs=b.alexnet_epochs, global_batch_size=b.alexnet_global_batch_size,
                                weight_decay=b.alexnet_weight_decay, max_steps=b.alexnet_max_steps,
-                               checkpoint_every=cfg.sgd.checkpoint_every, eval_every=b.alexnet_eval_every,
+                               checkpoint_every=cfg.sgd.checkpoint_every,
+                               checkpoint_every_min=cfg.sgd.checkpoint_every_min, eval_every=b.alexnet_eval_every,
                                patience=b.alexnet_patience, optimizer=b.alexnet_optimizer,
                                warmup_steps=b.alexnet_warmup_steps)
         scores = self.sgd_fit("alexnet_supervised", alexnet, alexnet, size, schedule, b.alexnet_crop_scale_min,
@@ -379,7 +381,8 @@ class Rows:
         schedule = SGDSchedule(lr=b.supervised_encoder_lr, epochs=math.ceil(epochs), max_steps=steps,
                                global_batch_size=b.alexnet_global_batch_size,
                                weight_decay=b.supervised_encoder_weight_decay,
-                               checkpoint_every=self.cfg.sgd.checkpoint_every)
+                               checkpoint_every=self.cfg.sgd.checkpoint_every,
+                               checkpoint_every_min=self.cfg.sgd.checkpoint_every_min)
         scores = self.sgd_fit(f"supervised_{meta['architecture']}_{meta['sha256'][:8]}", model, model,
                               meta["input_size"][-1], schedule, b.alexnet_crop_scale_min, input_fn=input_fn_for(meta),
                               norm=norm_of(meta))

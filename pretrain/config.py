@@ -79,8 +79,12 @@ class RunConfig:
     dist_timeout_min: float = _f(60, "minutes a rank waits in a collective before the job aborts (longer than rank "
                                      "0's checkpoint and export writes)", gt=0)
     log_every: int = _f(10, "optimizer steps between TensorBoard scalar writes (metrics reduced across ranks)", ge=1)
-    checkpoint_every: int = _f(500, "optimizer steps between checkpoints (also saved at each epoch end and on "
-                                    "SIGTERM/SIGUSR1/SIGUSR2)", ge=1)
+    checkpoint_every: int = _f(500, "optimizer steps between checkpoints (also saved on SIGTERM/SIGUSR1/SIGUSR2 "
+                                    "and at the end)", ge=1)
+    checkpoint_every_min: float = _f(30, "minutes of training between checkpoints, agreed across ranks (0 = off): "
+                                         "a save stops every GPU for its copy, write and barrier", ge=0)
+    save_at_epoch_end: bool = _f(False, "also checkpoint at each epoch end (short CPU runs; at a large global batch "
+                                        "an epoch can take a minute)")
     keep_checkpoints: int = _f(3, "how many most recent checkpoints to keep", ge=1)
     export: bool = _f(True, "write export/encoder.safetensors + config.json at the end")
     resume: str = _choice("run.resume", "auto")

@@ -55,8 +55,8 @@ def train_step(
     moves towards the online model. Raises NonFiniteLoss on a NaN/inf loss unless ``skip_nonfinite``
     (then no update is made). When fp16's gradient scaler skips the optimizer step (inf/NaN gradients), the
     momentum model, the queue and the probe stay as they were too: keys of an encoder that did not move would
-    enter the queue twice, and the EMA would drift towards nothing. ``probe`` = (online probe, its optimizer, labels): it trains on view 0's
-    detached encoder features after the encoder's step.
+    enter the queue twice, and the EMA would drift towards nothing. ``probe`` = (online probe, its optimizer,
+    labels): it trains on view 0's detached encoder features after the encoder's step.
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     views = [v.to(memory_format=fmt) for v in views]

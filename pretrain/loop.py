@@ -240,7 +240,8 @@ class Run(Trainer):
         cfg = self.cfg
         self.loop = TrainingLoop(self, self.resumable, steps_per_epoch=len(self.data), total_steps=self.total_steps,
                                  epochs=cfg.optim.epochs, checkpoint_every=cfg.run.checkpoint_every, stop=self.stop,
-                                 desc="pretrain", save_at_epoch_end=True)
+                                 desc="pretrain", save_at_epoch_end=cfg.run.save_at_epoch_end,
+                                 checkpoint_every_min=cfg.run.checkpoint_every_min)
         self.started, self.seconds_before = time.perf_counter(), self.progress.train_seconds
         self.meter.reset()  # images/s from here, not from when the run was built
 

@@ -16,6 +16,7 @@ epoch's end (the kNN monitor) and at the end.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -142,8 +143,9 @@ class TrainingLoop:
 
     It owns the position (``resumable.progress``: epoch and step inside it), which it moves after each
     step; iterates each epoch's batches from that position; agrees once per step across ranks on the stop
-    request (with any values the step adds, :meth:`agree`); checkpoints every ``checkpoint_every`` steps
-    (and at each epoch end with ``save_at_epoch_end``) and once at the end, a stop included; ends at
+    request (with any values the step adds, :meth:`agree`); checkpoints every ``checkpoint_every`` steps, every
+    ``checkpoint_every_min`` minutes of wall time (agreed in the same collective, so every rank saves at the same
+    step), at each epoch end with ``save_at_epoch_end``, and once at the end, a stop included; ends at
     ``total_steps``, ``epochs``, a stop or the trainer's :meth:`Trainer.done`; and draws the progress bar.
 
     At an epoch's last step the position moves to the next epoch before that step's checkpoint, unless a
@@ -153,10 +155,14 @@ class TrainingLoop:
 
     def __init__(self, trainer: Trainer, resumable: Resumable, *, steps_per_epoch: int, total_steps: int,
                  epochs: float, checkpoint_every: int, stop: StopFlag | None, desc: str,
-                 save_at_epoch_end: bool = False) -> None:
+                 save_at_epoch_end: bool = False, checkpoint_every_min: float = 0.0) -> None:
         self.trainer, self.resumable, self.stop = trainer, resumable, stop
         self.steps_per_epoch, self.total_steps, self.epochs = steps_per_epoch, total_steps, epochs
         self.checkpoint_every, self.save_at_epoch_end = checkpoint_every, save_at_epoch_end
+        # A large state saved often stops every GPU for its copy, write and barrier: by time, not by epoch.
+        self.checkpoint_every_s = checkpoint_every_min * 60
+        self.last_save = time.monotonic()
+        self.save_due = False  # the time since the last save reached checkpoint_every_min on some rank
         self.steps_this_run = 0
         self.stopped = False  # a stop request on some rank, agreed at the last step
         self._agreed = False  # this step's collective has been made
@@ -179,8 +185,9 @@ class TrainingLoop:
             raise RuntimeError("a training step agrees across ranks once (one collective per step)")
         self._agreed = True
         requested = float(self.stop is not None and self.stop.requested)
-        stop, *agreed = agree_max(self.resumable.accelerator.device, requested, *values)
-        self.stopped = stop > 0
+        due = float(0 < self.checkpoint_every_s <= time.monotonic() - self.last_save)
+        stop, save, *agreed = agree_max(self.resumable.accelerator.device, requested, due, *values)
+        self.stopped, self.save_due = stop > 0, save > 0
         return agreed
 
     def run(self) -> Path | None:
@@ -197,7 +204,12 @@ class TrainingLoop:
         if not self.stopped:
             self.trainer.at_end()
         self.bar.close()
-        return self.trainer.save()
+        return self._save()
+
+    def _save(self) -> Path | None:
+        path = self.trainer.save()
+        self.last_save = time.monotonic()
+        return path
 
     def _train_epoch(self) -> bool:
         """Steps from the position through the epoch's batches; False when the loop ended inside the epoch
@@ -210,8 +222,8 @@ class TrainingLoop:
             if p.step_in_epoch < self.steps_per_epoch:  # the epoch's last step is checkpointed at its end
                 if self.over():
                     return False
-                if p.global_step % self.checkpoint_every == 0:
-                    self.trainer.save()
+                if p.global_step % self.checkpoint_every == 0 or self.save_due:
+                    self._save()
         return True
 
     def _step(self, batch: Any) -> None:
@@ -233,5 +245,5 @@ class TrainingLoop:
         p = self.progress
         p.epoch, p.step_in_epoch = p.epoch + 1, 0
         self.trainer.epoch_end()
-        if not self.over() and (self.save_at_epoch_end or p.global_step % self.checkpoint_every == 0):
-            self.trainer.save()
+        if not self.over() and (self.save_at_epoch_end or self.save_due or p.global_step % self.checkpoint_every == 0):
+            self._save()

@@ -26,6 +26,7 @@ LOCK_FILE = ".lock"
 # Keys that may change between runs of one directory: budgets (a larger one continues the run) and
 # settings that leave the trajectory alone. Everything else defines the experiment.
 BUDGET_KEYS = frozenset({"optim.epochs", "run.max_steps", "run.log_every", "run.checkpoint_every",
+                         "run.checkpoint_every_min", "run.save_at_epoch_end",
                          "run.keep_checkpoints", "run.export", "run.resume", "data.num_workers", "run.dir"})
 
 

@@ -627,3 +627,24 @@ def test_the_eval_is_reckoned_before_it_runs_from_its_rows_images_and_probes(tmp
     config.write_text(f"dataset: fashion_mnist\nroot: {tmp_path / 'nowhere'}\n")  # the eval's data, said as the eval's
     with pytest.raises(ConfigError, match=r"'monitor.expect_eval': .*nowhere.* give the eval config the export"):
         eval.progress.load_expected_eval(str(config), "runs/x/export")
+
+
+def test_the_shipped_imagenet_eval_plans_no_supervised_fit_unless_asked(tmp_path: Path) -> None:
+    """configs/probe_imagenet.yaml plans our export's probe and nothing that trains a network with labels:
+    the supervised encoder was on by default there, a 200-epoch fit at AlexNet's lr nobody asked for. Asked
+    for, it plans the fit with a ResNet recipe."""
+    from eval.config import EvalConfig, validate_eval
+    from eval.rows import Rows
+    from pretrain.config import load_config
+
+    images = open_dataset("synthetic", "train", synthetic_size=8, synthetic_image_size=16)
+    meta = {"architecture": "resnet18", "in_chans": 3, "sha256": "0" * 64, "summary": {"epochs_trained": 2}}
+    shipped = REPO / "configs" / "probe_imagenet.yaml"
+    for asked in (False, True):
+        cfg = load_config(str(shipped), ["weights=[x]", f"baselines.supervised_encoder={str(asked).lower()}"],
+                          schema=EvalConfig, check=validate_eval)
+        rows = Rows(cfg, Accelerator(cpu=True), images, images, 16, tmp_path, "key")
+        planned = rows.plan([("runs/x/export", None, meta)], {"runs/x/export": []}, None)
+        fits = [row.name for row in planned if "supervised" in row.name.lower() and not row.quoted]
+        assert fits == (["supervised resnet18"] if asked else []), fits
+    assert cfg.baselines.supervised_encoder_lr == 0.1 and cfg.baselines.supervised_encoder_weight_decay == 1e-4

@@ -104,3 +104,21 @@ def test_a_step_agrees_once_and_reads_the_stop_request_once(tmp_path: Path) -> N
     loop.total_steps = 4
     with pytest.raises(RuntimeError, match="agrees across ranks once"):
         loop.run()
+
+
+def test_checkpoints_by_time_bound_the_saves_per_hour_of_steps(tmp_path: Path, monkeypatch) -> None:
+    """With checkpoint_every_min, saves follow the clock, not the steps: 120 steps of a minute each, no step rule
+    and no epoch-end saves, save every 30 minutes of training: at steps 30, 60, 90 and the end (at most 2 an
+    hour). The time is agreed in the step's one collective, so every rank saves at the same step."""
+    from pretrain import resumable as module
+
+    clock = iter(range(0, 10_000 * 60, 60))  # each read of the clock is a minute later
+    monkeypatch.setattr(module.time, "monotonic", lambda: next(clock))
+    resumable = Resumable(Accelerator(cpu=True), tmp_path, keep=10)
+    trainer = Recorder(resumable, 40)
+    resumable.resume("start afresh")
+    loop = TrainingLoop(trainer, resumable, steps_per_epoch=40, total_steps=120, epochs=3, checkpoint_every=10**9,
+                        stop=None, desc="t", checkpoint_every_min=30)
+    loop.run()
+    saves = [global_step for event, _, _, global_step in trainer.events if event == "save"]
+    assert saves == [30, 60, 90, 120], trainer.events
