@@ -43,6 +43,13 @@ class JobRequest:
     signal_delay_s: int = 120  # SLURM signals the job this long before its time limit, to save
     array_parallelism: int = 16  # sweep jobs running at once
 
+    def srun_args(self) -> list[str]:
+        """srun's own flags. Since SLURM 22.05 srun no longer inherits sbatch's ``--cpus-per-task``: under
+        task/affinity or task/cgroup each rank would get one core for itself and all its loader workers.
+        ``--kill-on-bad-exit=1``: one dead rank ends the step, instead of the others waiting in a collective
+        until the process group's timeout."""
+        return [f"--cpus-per-task={self.cpus_per_task}", "--kill-on-bad-exit=1"]
+
     def executor_parameters(self) -> dict[str, Any]:
         """Keyword arguments for ``submitit.AutoExecutor.update_parameters`` (generic names, ``slurm_`` extras)."""
         params: dict[str, Any] = {"nodes": self.nodes, "tasks_per_node": self.tasks_per_node,
@@ -55,7 +62,8 @@ class JobRequest:
         slurm = {"partition": self.partition, "account": self.account, "qos": self.qos,
                  "constraint": self.constraint}
         params.update({f"slurm_{k}": v for k, v in slurm.items() if v})
-        params.update(slurm_signal_delay_s=self.signal_delay_s, slurm_array_parallelism=self.array_parallelism)
+        params.update(slurm_signal_delay_s=self.signal_delay_s, slurm_array_parallelism=self.array_parallelism,
+                      slurm_srun_args=self.srun_args())
         return params
 
     def sbatch_script(self, folder: Path) -> str:
@@ -73,7 +81,7 @@ class JobRequest:
             "output": stdout.replace("%t", "0"), "error": stderr.replace("%t", "0"), "open-mode": "append"}
         directives = [f"#SBATCH --{key.replace('_', '-')}={shlex.quote(str(flags[key]))}"
                       for key in sorted(flags) if flags[key] is not None]
-        srun = shlex.join(["srun", "--unbuffered", "--output", stdout, "--error", stderr])
+        srun = shlex.join(["srun", "--unbuffered", "--output", stdout, "--error", stderr, *self.srun_args()])
         command = f"{srun} {shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
         return "\n".join(["#!/bin/bash", "", "# Parameters", *directives,
                           "", "# command", "export SUBMITIT_EXECUTOR=slurm", command, ""])

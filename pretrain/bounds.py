@@ -123,7 +123,9 @@ def infonce(S: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Ten
 
 def tuba(S: torch.Tensor, log_a: torch.Tensor | float = 0.0, positives: torch.Tensor | None = None) -> torch.Tensor:
     """TUBA with baseline a(y_i) = e^{log_a[i]} (scalar or per row): 1 + E_p[S - log a] - E_q[e^{S - log a}]."""
-    log_a = torch.as_tensor(log_a, dtype=S.dtype, device=S.device).expand(S.shape[0])
+    if not isinstance(log_a, torch.Tensor):
+        log_a = S.new_full((), log_a)  # made on the device: torch.as_tensor would copy it from the host
+    log_a = log_a.to(S.dtype).expand(S.shape[0])
     pos, shifted = _positive_mask(S, positives), S - log_a[:, None]
     return 1.0 + _positive_mean(shifted, pos) - _exp_mean(shifted, pos)
 
@@ -240,6 +242,6 @@ class GaussianDecoder(nn.Module):
 
 def gaussian_log_prob(x: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor | float) -> torch.Tensor:
     """Sum over dimensions of log N(x; mu, e^{log_var}); N x D inputs -> N values."""
-    log_var = torch.as_tensor(log_var, dtype=x.dtype, device=x.device)
+    log_var = log_var.to(x.dtype) if isinstance(log_var, torch.Tensor) else x.new_full((), log_var)
     return (-0.5 * (math.log(2 * math.pi) + log_var + (x - mu) ** 2 / log_var.exp())).sum(dim=1)
 

@@ -76,8 +76,9 @@ class RunConfig:
     max_steps: int = _f(0, "stop after this many optimizer steps in total (0 = run all epochs); for smoke runs", ge=0)
     precision: str = _choice("run.precision", "auto", "mixed precision: ")
     deterministic: bool = _f(False, "deterministic kernels (torch.use_deterministic_algorithms); exact resume on CPU")
-    dist_timeout_min: float = _f(60, "minutes a rank waits in a collective before the job aborts (longer than rank "
-                                     "0's checkpoint and export writes)", gt=0)
+    dist_timeout_min: float = _f(15, "minutes a rank waits in a collective before the job aborts: a dead or hung "
+                                     "rank ends the job this soon, and rank 0's longest wait (a checkpoint save, "
+                                     "the export) takes seconds to a minute", gt=0)
     log_every: int = _f(10, "optimizer steps between TensorBoard scalar writes (metrics reduced across ranks)", ge=1)
     checkpoint_every: int = _f(500, "optimizer steps between checkpoints (also saved on SIGTERM/SIGUSR1/SIGUSR2 "
                                     "and at the end)", ge=1)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from pretrain.hardware import Precision, choose_precision
+from pretrain.hardware import Precision, choose_precision, require_the_gpus_given
 
 
 def is_distributed() -> bool:
@@ -140,8 +140,10 @@ def agree_max(device: torch.device | str, *values: float | torch.Tensor) -> list
     non-finite flag): nothing is read back before the collective, whose result is the one host sync a
     decision needs (docs/DESIGN.md, invariant 8). Float64, so a clock in seconds keeps its precision."""
     dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
-    flags = torch.stack([torch.as_tensor(v, dtype=dtype, device=device).reshape(()) for v in values])
-    return all_reduce_max_(flags).tolist()
+    # A number is filled in on the device (torch.as_tensor would copy it from the host, a blocking copy on CUDA)
+    flags = torch.stack([v.to(dtype).reshape(()) if isinstance(v, torch.Tensor)
+                         else torch.full((), float(v), dtype=dtype, device=device) for v in values])
+    return all_reduce_max_(flags).cpu().tolist()  # one copy back: the decision's one host sync
 
 
 class _AllReduceSumWithGrad(torch.autograd.Function):
@@ -239,7 +241,7 @@ def sync_batchnorm(module: torch.nn.Module, device_type: str) -> torch.nn.Module
     return convert_sync_batchnorm(module) if device_type == "cuda" else convert_global_batchnorm(module)
 
 
-def make_accelerator(seed: int, precision: str = "auto", timeout_min: float = 60) -> tuple[Any, Precision]:
+def make_accelerator(seed: int, precision: str = "auto", timeout_min: float = 15) -> tuple[Any, Precision]:
     """The Accelerator for this process (GPUs when there are, gloo CPU processes otherwise) and the
     precision it runs in, chosen by :func:`pretrain.hardware.choose_precision` and printed in one line.
 
@@ -247,14 +249,15 @@ def make_accelerator(seed: int, precision: str = "auto", timeout_min: float = 60
     ``cpu=True``; otherwise every rank would think it is alone (and the main process). ``seed``: the
     shuffling seed, the same on every rank (each rank reads its own shard of each global batch).
     ``precision``: auto | no | bf16 | fp16, as ``run.precision``. ``timeout_min``: how long a rank waits
-    in a collective; NCCL's default of 10 minutes can abort a job whose rank 0 writes a large checkpoint
-    or runs the kNN monitor on a slow filesystem while the others wait.
+    in a collective (``run.dist_timeout_min``). Refuses to start when the job was given GPUs torch cannot see
+    (:func:`pretrain.hardware.require_the_gpus_given`).
     """
     from datetime import timedelta
 
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import InitProcessGroupKwargs
 
+    require_the_gpus_given()
     chosen = choose_precision(precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(cpu=multi_cpu, mixed_precision=chosen.mode,

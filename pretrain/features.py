@@ -99,9 +99,9 @@ def in_dataset_order(feats: torch.Tensor, labels: torch.Tensor, positions: torch
     """Rows with their dataset positions -> (count x F, count) in dataset order. A repeated position
     holds the same image's features again, so keeping either copy is right; position -1 is padding
     (:func:`gather_rows`), written to a spare row that is cut off; a missing position is a bug."""
-    out = torch.empty(count + 1, feats.shape[1], dtype=feats.dtype)
-    out_labels = torch.empty(count + 1, dtype=torch.long)
-    seen = torch.zeros(count + 1, dtype=torch.bool)
+    out = feats.new_empty(count + 1, feats.shape[1])
+    out_labels = labels.new_empty(count + 1, dtype=torch.long)
+    seen = positions.new_zeros(count + 1, dtype=torch.bool)
     where = torch.where(positions >= 0, positions, count)  # no boolean index: its length would be read back
     out[where], out_labels[where], seen[where] = feats, labels.long(), True
     if not bool(seen[:count].all()):

@@ -115,3 +115,44 @@ def check_deterministic_supported(device_type: str) -> None:
         raise ConfigError("bad value for config key 'run.deterministic': true is supported on CPU only; on CUDA "
                           "AdaptiveAvgPool2d's backward has no deterministic kernel. Set run.deterministic=false "
                           "(CUDA runs then resume exactly in position and data order, not bit for bit)")
+
+
+# Where a job learns that it was given GPUs: SLURM's own count, and the devices the scheduler or user exposed.
+_NO_DEVICES = {"", "-1", "none", "NoDevFiles", "void"}
+
+
+def gpus_given(environ: dict[str, str] | None = None) -> str:
+    """The sign that this process was given GPUs ("SLURM_GPUS_ON_NODE=4"), or "" when there is none."""
+    environ = dict(os.environ if environ is None else environ)
+    if environ.get("SLURM_GPUS_ON_NODE", "0").strip() not in ("", "0"):
+        return f"SLURM_GPUS_ON_NODE={environ['SLURM_GPUS_ON_NODE']}"
+    if environ.get("CUDA_VISIBLE_DEVICES", "").strip() not in _NO_DEVICES:
+        return f"CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']}"
+    return ""
+
+
+def require_the_gpus_given(environ: dict[str, str] | None = None) -> None:
+    """Refuse in one line to start when the job was given GPUs that torch cannot see: the ranks would
+    otherwise train on CPUs over gloo, silently, hundreds of times slower."""
+    sign = gpus_given(environ)
+    if not sign or torch.cuda.is_available():
+        return
+    if torch.version.cuda is None:
+        cause = f"this torch ({torch.__version__}) is a CPU-only build: install a CUDA wheel"
+    else:
+        cause = (f"this torch is built for CUDA {torch.version.cuda}: the NVIDIA driver is missing or older than it "
+                 "needs (nvidia-smi shows the driver's CUDA version), or the container was started without GPUs "
+                 "(docker --gpus all, apptainer --nv)")
+    raise ConfigError(f"this job was given GPUs ({sign}) but torch sees none: {cause}. To run on CPUs on purpose, "
+                      "unset CUDA_VISIBLE_DEVICES and submit without --gpus-per-node")
+
+
+def few_cores_warning(num_workers: int) -> str:
+    """One line when this process may run on fewer cores than its main loop and ``num_workers`` loader workers
+    need (a scheduler that binds tasks to cores, e.g. srun without --cpus-per-task); "" otherwise."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cores >= num_workers + 1:
+        return ""
+    return (f"warning: this process may run on {cores} core(s), fewer than its {num_workers} loader worker(s) + 1 "
+            "need: the loader will starve the step. Give each task more cores (srun/sbatch --cpus-per-task) or "
+            "lower data.num_workers")

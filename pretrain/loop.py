@@ -320,7 +320,8 @@ class Run(Trainer):
         if progress.global_step == 0 and self.steps_this_run == 0:
             self.tb.views(views, data.images.mean, data.images.std)
         progress.note_unreadable(data.skipped(batch))
-        probe = (parts.probe, parts.probe_optimizer, batch["label"].to(acc.device)) if parts.probe else None
+        labels = batch["label"].to(acc.device, non_blocking=True)  # pinned by the loader on CUDA
+        probe = (parts.probe, parts.probe_optimizer, labels) if parts.probe else None
         result = train_step(acc, parts.model, parts.objective, self.optimizer, data.model_views(views),
                             grad_clip=cfg.optim.grad_clip, skip_nonfinite=cfg.optim.skip_nonfinite,
                             step=progress.global_step, agree=agree, channels_last=cfg.model.channels_last,

@@ -62,7 +62,7 @@ def _train(cfg: Config, lock: RunDirLock, eval_to_come: EvalToCome | None = None
     from pretrain.config import to_yaml
     from pretrain.data.train_loader import build_train_data
     from pretrain.distributed import make_accelerator
-    from pretrain.hardware import check_deterministic_supported
+    from pretrain.hardware import check_deterministic_supported, few_cores_warning
     from pretrain.loop import Run, already_complete, build_optimizer, build_parts, finish
     from pretrain.resumable import Resumable
     from pretrain.revision import git_revision
@@ -73,6 +73,8 @@ def _train(cfg: Config, lock: RunDirLock, eval_to_come: EvalToCome | None = None
     # prints its precision choice and why
     accelerator, precision = make_accelerator(cfg.run.seed, cfg.run.precision, cfg.run.dist_timeout_min)
     set_seed(cfg.run.seed + accelerator.process_index)
+    if warning := few_cores_warning(cfg.data.num_workers):  # every rank: binding differs from node to node
+        print(f"rank {accelerator.process_index}: {warning}", flush=True)
     if cfg.run.deterministic:
         check_deterministic_supported(accelerator.device.type)
         torch.use_deterministic_algorithms(True)

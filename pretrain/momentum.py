@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pretrain.device import send
 from pretrain.distributed import gather, own_rows, rank, world_size
 
 
@@ -67,7 +68,7 @@ def shuffled_keys(model: Callable[[list[torch.Tensor]], list[torch.Tensor]], vie
     views: V x (B x C x H x W), this rank's; returns V x (B x D) in the views' row order."""
     b, device = views[0].shape[0], views[0].device
     images = [gather(v) for v in views]  # V x (W*B x C x H x W)
-    order = torch.randperm(world_size() * b, generator=g).to(device)
+    order = send(torch.randperm(world_size() * b, generator=g), device)
     share = order[rank() * b: (rank() + 1) * b]
     computed = [model([v[rows] for v in images]) for rows in share.chunk(groups)]  # per group: V x (rows x D)
     keys = [gather(torch.cat(per_view)) for per_view in zip(*computed)]  # V x (W*B x D): key j is of row order[j]

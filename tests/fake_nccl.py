@@ -11,6 +11,8 @@ mode (:class:`GpuRules`) watches every op:
 - a read back to the host (``.item()``, ``bool()``, ``.tolist()``: ``_local_scalar_dense``; ``.cpu()``) is
   counted, and answered with 0 (True for a boolean check), since a fake tensor holds no values; so is a
   data-dependent shape (``nonzero``);
+- an op on real host tensors runs for real (the host's draws decide shapes: which images a colour step
+  takes), so only what reaches the device is fake;
 - a blocking host-to-device copy (``.to(cuda)`` / ``copy_`` from a CPU tensor without ``non_blocking``,
   ``torch.tensor(..., device=cuda)``) is counted: on CUDA each one waits for the stream.
 
@@ -30,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.testing._internal.distributed.fake_pg import FakeStore
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 CUDA = torch.device("cuda", 0)
 
@@ -45,6 +47,14 @@ def _tensors(value: object) -> Iterator[torch.Tensor]:
     elif isinstance(value, (list, tuple)):
         for v in value:
             yield from _tensors(v)
+
+
+def _on_the_host(args: tuple, kwargs: dict) -> bool:
+    """Whether an op only touches real host tensors and makes none on the device (it then runs for real)."""
+    device = kwargs.get("device")
+    if device is not None and torch.device(device).type != "cpu":
+        return False
+    return not any(isinstance(t, FakeTensor) for t in _tensors((args, tuple(kwargs.values()))))
 
 
 class GpuRules(TorchDispatchMode):
@@ -69,6 +79,9 @@ class GpuRules(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
+        if func.namespace != "c10d" and _on_the_host(args, kwargs):
+            with _disable_current_modes():  # host data is real: a step's draws decide its shapes
+                return func(*args, **kwargs)
         if func.namespace == "c10d":
             host = [tuple(t.shape) for t in _tensors(args) if t.device.type == "cpu"]
             if host:
@@ -105,7 +118,7 @@ def fake_nccl(world_size: int = 2, rank: int = 0) -> Iterator[GpuRules]:
         raise RuntimeError("fake_nccl needs a process without a process group")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True), GpuRules() as rules:
+        with fake_cuda() as rules:
             yield rules
     finally:
         dist.destroy_process_group()
@@ -114,8 +127,14 @@ def fake_nccl(world_size: int = 2, rank: int = 0) -> Iterator[GpuRules]:
 @contextmanager
 def fake_cuda() -> Iterator[GpuRules]:
     """Fake ``cuda`` tensors on one process, without a process group: host syncs counted as CUDA counts them."""
-    with FakeTensorMode(allow_non_fake_inputs=True), GpuRules() as rules:
-        yield rules
+    from pretrain.device import _constant
+
+    _constant.cache_clear()  # device constants made here are fake: none may outlive the block
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), GpuRules() as rules:
+            yield rules
+    finally:
+        _constant.cache_clear()
 
 
 @contextmanager

@@ -114,3 +114,32 @@ def test_deterministic_runs_are_refused_on_cuda_in_one_line_and_allowed_on_cpu()
     hardware.check_deterministic_supported("cpu")
     with pytest.raises(ConfigError, match="'run.deterministic': true is supported on CPU only"):
         hardware.check_deterministic_supported("cuda")
+
+
+@pytest.mark.parametrize("environ, sign", [
+    ({}, ""), ({"CUDA_VISIBLE_DEVICES": ""}, ""), ({"CUDA_VISIBLE_DEVICES": "-1"}, ""),
+    ({"SLURM_GPUS_ON_NODE": "0"}, ""), ({"SLURM_GPUS_ON_NODE": "4"}, "SLURM_GPUS_ON_NODE=4"),
+    ({"CUDA_VISIBLE_DEVICES": "0,1"}, "CUDA_VISIBLE_DEVICES=0,1"),
+])
+def test_the_signs_that_a_job_was_given_gpus(environ: dict, sign: str) -> None:
+    assert hardware.gpus_given(environ) == sign
+
+
+def test_a_job_given_gpus_that_torch_cannot_see_is_refused_in_one_line(cpu_only, pretrain, run_dir: Path,
+                                                                        monkeypatch) -> None:
+    """SLURM gave the job GPUs, but this torch sees none (a driver too old for the wheel, a container without
+    GPUs): the ranks would silently train on CPUs over gloo. Refused before the run dir is claimed."""
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "2")
+    proc = pretrain(f"run.dir={run_dir}", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "given GPUs (SLURM_GPUS_ON_NODE=2) but torch sees none" in errors[0] and "driver" in errors[0]
+    assert not run_dir.exists()
+
+
+def test_a_process_bound_to_fewer_cores_than_its_workers_need_is_warned(monkeypatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    line = hardware.few_cores_warning(num_workers=4)
+    assert "1 core(s), fewer than its 4 loader worker(s) + 1" in line and "--cpus-per-task" in line
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(5)))
+    assert hardware.few_cores_warning(num_workers=4) == ""

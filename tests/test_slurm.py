@@ -145,6 +145,10 @@ def test_dry_run_prints_resources_and_submits_nothing(tmp_path: Path) -> None:
     for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--account=acct",
                  "--time=2880", "--signal=USR2@300"):
         assert f"#SBATCH {line}" in proc.stdout, line
+    # srun does not inherit sbatch's --cpus-per-task (SLURM >= 22.05); one dead rank ends the step
+    srun = next(line for line in proc.stdout.splitlines() if line.startswith("srun "))
+    cpus = next(line for line in proc.stdout.splitlines() if line.startswith("#SBATCH --cpus-per-task="))
+    assert f" --cpus-per-task={cpus.split('=')[1]} " in srun and " --kill-on-bad-exit=1 " in srun, srun
     assert f"dir: {tmp_path / 'run'}" in proc.stdout
 
 

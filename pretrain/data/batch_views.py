@@ -9,6 +9,9 @@ grayscale as broadcast arithmetic, a hue rotation through HSV, a tone curve as a
 one grouped convolution. Each op equals torchvision's per-image op for the same drawn parameters
 (tests/test_data.py). We own these ~130 lines rather than add kornia for them.
 
+The draws are made on the host (a private generator) and travel pinned and non-blocking
+(:func:`pretrain.device.send`): on CUDA the views of a step make the host wait for nothing.
+
 Randomness is a pure function of (seed, epoch, batch index, rank), drawn from a private
 generator, so a resumed run draws exactly the views the uninterrupted run drew.
 
@@ -28,13 +31,8 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from pretrain.config import ViewConfig
-from pretrain.data.transforms import (
-    SOLARIZE_THRESHOLD_UINT8,
-    blur_kernel_size,
-    normalise_steps,
-    random_tone_slopes,
-    tone_curve,
-)
+from pretrain.data.transforms import SOLARIZE_THRESHOLD_UINT8, blur_kernel_size, random_tone_slopes, tone_curve
+from pretrain.device import constant, send
 
 
 def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
@@ -58,7 +56,8 @@ def random_resized_crop_flip(images: torch.Tensor, view: ViewConfig, g: torch.Ge
     theta[:, 0, 2] = 2 * x0 + w - 1
     theta[:, 1, 1] = h
     theta[:, 1, 2] = 2 * y0 + h - 1
-    grid = F.affine_grid(theta.to(images), [b, images.shape[1], view.size, view.size], align_corners=False)
+    size = [b, images.shape[1], view.size, view.size]
+    grid = F.affine_grid(send(theta, images.device, images.dtype), size, align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -70,7 +69,7 @@ def grey(x: torch.Tensor) -> torch.Tensor:
 def blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """torchvision's blend of each image with ``other`` by its own factor: factor * x + (1 - factor) * other,
     clamped to [0, 1]. x: B x C x H x W; other broadcasts to it; factor: B."""
-    f = factor.to(x).view(-1, 1, 1, 1)
+    f = send(factor, x.device, x.dtype).view(-1, 1, 1, 1)
     return (f * x + (1 - f) * other).clamp(0, 1)
 
 
@@ -85,8 +84,8 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hi, lo = x.amax(1), x.amin(1)
     span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))  # hue is irrelevant where the pixel is grey
     sector = torch.where(hi == r, (g - b) / span, torch.where(hi == g, 2 + (b - r) / span, 4 + (r - g) / span))
-    hue = (sector / 6 + shift.to(x).view(-1, 1, 1)).remainder(1)
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1) + 6 * hue[:, None]).remainder(6)
+    hue = (sector / 6 + send(shift, x.device, x.dtype).view(-1, 1, 1)).remainder(1)
+    k = (constant([5.0, 3.0, 1.0], x.device, x.dtype).view(1, 3, 1, 1) + 6 * hue[:, None]).remainder(6)
     return hi[:, None] - (hi - lo)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
@@ -118,14 +117,14 @@ def jitter(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tenso
         for j, step in enumerate(steps):
             rows = ((order[:, stage] == j) & on.bool()).nonzero().squeeze(1)  # on the host: asks the device nothing
             if len(rows):
-                on_device = rows.to(x.device)
+                on_device = send(rows, x.device)
                 x[on_device] = step(x[on_device], rows)
     if view.gamma > 0:  # drawn only when asked, so recipes without it keep their random stream
         log_g = on * torch.empty(b).uniform_(-math.log1p(view.gamma), math.log1p(view.gamma), generator=g)
-        x = x ** log_g.exp().to(x).view(b, 1, 1, 1)
+        x = x ** send(log_g.exp(), x.device, x.dtype).view(b, 1, 1, 1)
     if view.tone > 0:
         curved = tone_curve(x, random_tone_slopes(b, view.tone, g))
-        x = torch.where(on.bool().to(x.device).view(b, 1, 1, 1), curved, x)
+        x = torch.where(send(on.bool(), x.device).view(b, 1, 1, 1), curved, x)
     return x
 
 
@@ -134,7 +133,7 @@ def grayscale(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Te
     RandomGrayscale). x: B x C x H x W -> same shape; 1-channel images pass through, drawing nothing."""
     if x.shape[1] != 3 or view.grayscale_p <= 0:
         return x
-    on = (torch.rand(x.shape[0], generator=g) < view.grayscale_p).to(x.device).view(-1, 1, 1, 1)
+    on = send(torch.rand(x.shape[0], generator=g) < view.grayscale_p, x.device).view(-1, 1, 1, 1)
     return torch.where(on, grey(x).expand_as(x), x)
 
 
@@ -155,8 +154,8 @@ def blur(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Tensor:
     d = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
     kern = torch.exp(-0.5 * (d / sigma[chosen, None]) ** 2)
     # n*C x k: one per image and channel
-    kern = (kern / kern.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0).to(x)
-    rows = chosen.to(x.device)
+    kern = send((kern / kern.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0), x.device, x.dtype)
+    rows = send(chosen, x.device)
     y = F.pad(x[rows].reshape(1, n * c, h, w), [k // 2] * 4, mode="reflect")
     y = F.conv2d(y, kern.view(n * c, 1, 1, k), groups=n * c)  # separable: rows, then columns
     y = F.conv2d(y, kern.view(n * c, 1, k, 1), groups=n * c).view(n, c, h, w)
@@ -173,7 +172,7 @@ def solarize(x: torch.Tensor, view: ViewConfig, g: torch.Generator) -> torch.Ten
     x: B x C x H x W in [0, 1] -> same shape."""
     if view.solarize_p <= 0:  # drawn only when asked, so recipes without it keep their random stream
         return x
-    on = (torch.rand(x.shape[0], generator=g) < view.solarize_p).to(x.device).view(-1, 1, 1, 1)
+    on = send(torch.rand(x.shape[0], generator=g) < view.solarize_p, x.device).view(-1, 1, 1, 1)
     return torch.where(on & (x >= SOLARIZE_THRESHOLD_UINT8 / 255), 1 - x, x)
 
 
@@ -183,7 +182,13 @@ class BatchViews:
 
     def __init__(self, views: Sequence[ViewConfig], mean: Sequence[float], std: Sequence[float], seed: int) -> None:
         self.views, self.seed = list(views), seed
-        self.normalise = v2.Compose(normalise_steps(mean, std))
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] floats B x C x H x W -> (x - mean) / std in float32, as torchvision's Normalize computes it,
+        with the mean and std sent to the device once (Normalize sends them at every call, a blocking copy)."""
+        x = x.to(torch.float32)
+        return x.sub(constant(self.mean, x.device).view(-1, 1, 1)).div(constant(self.std, x.device).view(-1, 1, 1))
 
     def __call__(self, images: torch.Tensor, epoch: int, batch: int, rank: int = 0) -> list[torch.Tensor]:
         """uint8 images B x C x H x W (any device) -> V normalised float32 views B x C x size_v x size_v."""

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from pretrain.device import constant
+
 _RGB_TO_XYZ = torch.tensor([[0.412453, 0.357580, 0.180423],
                             [0.212671, 0.715160, 0.072169],
                             [0.019334, 0.119193, 0.950227]])
@@ -24,8 +26,8 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """B x 3 x H x W sRGB in [0, 1] -> B x 3 x H x W Lab (L in [0, 100], a/b roughly [-110, 110])."""
     rgb = rgb.float().clamp(0, 1)
     linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    xyz = torch.einsum("ij,bjhw->bihw", _RGB_TO_XYZ.to(rgb.device), linear)
-    xyz = xyz / _WHITE.to(rgb.device).view(1, 3, 1, 1)
+    xyz = torch.einsum("ij,bjhw->bihw", constant(_RGB_TO_XYZ.tolist(), rgb.device), linear)
+    xyz = xyz / constant(_WHITE.tolist(), rgb.device).view(1, 3, 1, 1)
     f = torch.where(xyz > _EPS, xyz.clamp_min(1e-12) ** (1 / 3), (_KAPPA * xyz + 16) / 116)
     L = 116 * f[:, 1] - 16
     a = 500 * (f[:, 0] - f[:, 1])
@@ -56,10 +58,9 @@ def split_lab(views: Sequence[torch.Tensor], mean: Sequence[float], std: Sequenc
     """
     out = []
     for v in views:
-        m = torch.tensor(mean, device=v.device).view(1, -1, 1, 1)
-        s = torch.tensor(std, device=v.device).view(1, -1, 1, 1)
+        m = constant(tuple(mean), v.device).view(1, -1, 1, 1)
+        s = constant(tuple(std), v.device).view(1, -1, 1, 1)
         lab = rgb_to_lab(v.float() * s + m)
-        lab = (lab - torch.tensor(LAB_MEAN, device=v.device).view(1, 3, 1, 1)) / \
-            torch.tensor(LAB_STD, device=v.device).view(1, 3, 1, 1)
+        lab = (lab - constant(LAB_MEAN, v.device).view(1, 3, 1, 1)) / constant(LAB_STD, v.device).view(1, 3, 1, 1)
         out += [lab[:, :1], lab[:, 1:]]
     return out

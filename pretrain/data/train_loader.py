@@ -63,7 +63,8 @@ class TrainData:
             return batch["views"]
         if self.train_set is None:  # FFCV: cropped while decoding, on the device already
             return self.batch_views.colour(batch["views"], epoch, step_in_epoch, accelerator.process_index)
-        return self.batch_views(batch["views"][0].to(accelerator.device), epoch, step_in_epoch,
+        # the loader pins its batches on CUDA: the copy does not make the host wait
+        return self.batch_views(batch["views"][0].to(accelerator.device, non_blocking=True), epoch, step_in_epoch,
                                 accelerator.process_index)
 
     def model_views(self, views: list[torch.Tensor]) -> list[torch.Tensor]:

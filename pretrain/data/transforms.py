@@ -10,6 +10,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from pretrain.config import ViewConfig
+from pretrain.device import send
 
 
 def build_view_transform(view: ViewConfig, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
@@ -108,7 +109,7 @@ def tone_curve(x: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
     """
     b, s = slopes.shape
     knots = torch.cat([slopes.new_zeros(b, 1), slopes.cumsum(1)], 1)
-    knots = (knots / knots[:, -1:]).to(x)  # B x (S + 1): the curve's value at 0, 1/S, ..., 1
+    knots = send(knots / knots[:, -1:], x.device, x.dtype)  # B x (S + 1): the curve's value at 0, 1/S, ..., 1
     t = x.reshape(b, -1) * s
     seg = t.floor().clamp(0, s - 1)  # x = 1 falls in the last segment, at its end
     i = seg.long()

@@ -46,7 +46,7 @@ def diagnostics(mi: torch.Tensor, log_k: torch.Tensor | float, **extra: torch.Te
     """The diagnostics every objective returns: ``mi`` (its bound in nats, detached), ``log_k`` (the bound's
     ceiling, log of the candidates per positive: the progress bar shows mi / log_k) and its own ``extra``
     (``monitor/x`` keys are logged under monitor/, the rest under train/)."""
-    log_k = log_k if isinstance(log_k, torch.Tensor) else torch.tensor(log_k, device=mi.device)
+    log_k = log_k if isinstance(log_k, torch.Tensor) else mi.new_full((), log_k)  # made on the device: no copy
     return {"mi": mi.detach(), "log_k": log_k.detach(), **extra}
 
 

@@ -1,4 +1,6 @@
-"""The GPU's rules held on a CPU (tests/fake_nccl.py): collectives take device tensors only, as under NCCL.
+"""The GPU's rules held on a CPU (tests/fake_nccl.py): collectives take device tensors only, as under NCCL
+(``nccl`` tests), and a training step makes the host wait at most once, counted as CUDA counts it
+(``fake_cuda`` tests).
 
 Each scenario runs our code on fake ``cuda`` tensors in a fake 2-rank process group, where a collective on
 a host tensor fails as NCCL fails. The numerics of the same code are tested on gloo (test_distributed.py)."""
@@ -46,7 +48,7 @@ def test_nccl_rehearsal_refuses_host_tensors_in_ours_and_a_librarys_collectives(
         with pytest.raises(HostTensorToNccl, match="allgather"):
             dist.all_gather([torch.empty(2), torch.empty(2)], torch.ones(2))
         assert rules.collectives["allgather_"] == 2 and rules.collectives["allreduce_"] == 1
-        assert rules.host_reads["_local_scalar_dense"] == 2  # agree_max's one read of its two values
+        assert rules.host_reads == {"to_host": 1}  # agree_max's one copy back of its two values
         rules.reset()
         torch.ones(4).to("cuda")
         torch.tensor([1.0, 2.0], device="cuda")
@@ -113,4 +115,44 @@ def test_nccl_pretraining_step_with_the_queue_gathers_and_agrees_on_the_device()
             key_model.update(model)
             assert nonfinite == 0 and diag["mi"].device == CUDA
         assert rules.collectives["allgather_"] > 0 and rules.collectives["allreduce_"] == 2
-        assert rules.host_reads == {"_local_scalar_dense": 2}, rules.host_reads
+        assert rules.host_reads == {"to_host": 2}, rules.host_reads  # one a step
+
+
+@pytest.mark.parametrize("lab", [False, True], ids=["rgb", "cmc-lab"])
+def test_fake_cuda_training_step_makes_at_most_one_host_sync(lab: bool, monkeypatch) -> None:
+    """One whole pretraining step (engine.train_step) on 2 fake-NCCL ranks: the views drawn per batch with
+    every colour step (jitter in a random order, gamma, tone curve, grayscale, blur, solarize), CMC's Lab split,
+    the model, MoCo's momentum keys and queue, the objective's diagnostics and the step's agreement. Every
+    blocking host-to-device copy and every read back is counted: the agreement's one copy back is the only
+    sync. The batch colour steps made ~80 blocking copies a step (each draw sent with ``.to(device)``,
+    torchvision's Normalize sending its mean and std). A CPU build cannot run backward on fake ``cuda``
+    tensors, so the step's backward is left out here (its gradients never leave the device)."""
+    from pretrain.config import ModelConfig, ViewConfig
+    from pretrain.data.batch_views import BatchViews
+    from pretrain.data.colour import split_lab
+    from pretrain.engine import train_step
+    from pretrain.models import MultiViewModel
+    from pretrain.momentum import MomentumKeys
+
+    recipe = ViewConfig(size=16, jitter_p=0.8, hue=0.1, gamma=0.2, tone=0.3, grayscale_p=0.3, blur_p=0.5,
+                        solarize_p=0.3)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    with fake_nccl_accelerator() as (accelerator, rules):
+        views_of = BatchViews([recipe] if lab else [recipe, recipe], mean, std, seed=0)  # Lab: L and ab of one
+        with torch.device(CUDA):
+            cfg = ModelConfig(arch="resnet18", small_input=True, width=0.25, head_dims=[32, 16], encoder_per_view=lab)
+            model = MultiViewModel(cfg, [1, 2] if lab else 3, 2)
+            objective = contrastive(0.2, dim=16, queue_size=32)
+        key_model = MomentumKeys(model, 0.99)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        monkeypatch.setattr(accelerator, "backward", lambda loss: None)  # see the docstring
+        images = torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8).to(CUDA, non_blocking=True)  # pinned
+        for step in range(3):  # from the second step on, the queue holds keys
+            rules.reset()
+            views = views_of(images, epoch=0, batch=step)
+            views = split_lab(views, mean, std) if lab else views
+            result = train_step(accelerator, model, objective, optimizer, views, grad_clip=1.0,
+                                skip_nonfinite=False, step=step, key_model=key_model)
+            assert rules.blocking_copies == [], (step, rules.blocking_copies)
+            assert rules.host_reads == {"to_host": 1}, (step, rules.host_reads)
+            assert result.loss.device == CUDA and rules.collectives["allreduce_"] == 1
