@@ -94,8 +94,16 @@ class GpuRules(TorchDispatchMode):
             # A fake tensor holds no value. A check reads True (it passes); a number reads 0 (no stop
             # requested, a finite loss).
             return True if args[0].dtype == torch.bool else 0
+        elif name == "index" and args[0].device.type == "cuda" and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            self.host_reads["boolean_index"] += 1  # the mask's count is read back; answered as if all set
+            every = [torch.arange(i.numel(), device=i.device) if isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                     else i for i in args[1]]
+            return func(args[0], every)
         elif name in ("nonzero", "masked_select") and args[0].device.type == "cuda":
-            self.host_reads[name] += 1
+            self.host_reads[name] += 1  # its length is read back; answered as if every entry were set
+            if name == "nonzero":
+                return torch.zeros(args[0].numel(), args[0].dim(), dtype=torch.long, device=args[0].device)
         elif name == "_to_copy" and kwargs.get("device") is not None:
             source, target = args[0].device.type, torch.device(kwargs["device"]).type
             if source == "cpu" and target == "cuda" and not kwargs.get("non_blocking", False):
@@ -106,6 +114,24 @@ class GpuRules(TorchDispatchMode):
                 and not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False)):
             self.blocking_copies.append(tuple(args[1].shape))
         return func(*args, **kwargs)
+
+
+_META_LIBRARY: list[torch.library.Library] = []
+
+
+def _sync_batchnorm_shapes() -> None:
+    """Shape-only kernels for the three CUDA ops of torch's SyncBatchNorm, which have none, so that fake
+    tensors can run it (once per process)."""
+    if _META_LIBRARY:
+        return
+    lib = torch.library.Library("aten", "IMPL")
+    lib.impl("batch_norm_stats", lambda x, eps: (x.new_empty(x.shape[1], dtype=torch.float32),
+                                                 x.new_empty(x.shape[1], dtype=torch.float32)), "Meta")
+    lib.impl("batch_norm_gather_stats_with_counts",
+             lambda x, mean, invstd, rm, rv, momentum, eps, counts: (mean.new_empty(mean.shape[-1]),
+                                                                     mean.new_empty(mean.shape[-1])), "Meta")
+    lib.impl("batch_norm_elemt", lambda x, w, b, mean, invstd, eps: torch.empty_like(x), "Meta")
+    _META_LIBRARY.append(lib)
 
 
 @contextmanager
@@ -130,6 +156,7 @@ def fake_cuda() -> Iterator[GpuRules]:
     from pretrain.device import _constant
 
     _constant.cache_clear()  # device constants made here are fake: none may outlive the block
+    _sync_batchnorm_shapes()
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), GpuRules() as rules:
             yield rules

@@ -156,3 +156,22 @@ def test_fake_cuda_training_step_makes_at_most_one_host_sync(lab: bool, monkeypa
             assert rules.blocking_copies == [], (step, rules.blocking_copies)
             assert rules.host_reads == {"to_host": 1}, (step, rules.host_reads)
             assert result.loss.device == CUDA and rules.collectives["allreduce_"] == 1
+
+
+def test_fake_cuda_torchs_sync_batchnorm_reads_back_three_times_a_layer() -> None:
+    """Outside our bound, and measured so a reader knows it: torch's SyncBatchNorm (model.sync_bn on GPUs)
+    drops the statistics of ranks with empty inputs by three boolean masks in every forward, each a read back
+    to the host (torch issue 78549; skipped only under CUDA-graph capture). ResNet-18: 20 layers, 60 syncs
+    a forward pass; benchmarks/README.md, "Host syncs", has ResNet-50's. If torch removes them, this fails."""
+    import timm
+
+    from pretrain.distributed import sync_batchnorm
+
+    with fake_nccl() as rules:
+        with torch.device(CUDA):
+            net = sync_batchnorm(timm.create_model("resnet18", num_classes=0), "cuda")
+        layers = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in net.modules())
+        rules.reset()
+        net(torch.randn(4, 3, 32, 32, device="cuda"))
+    assert layers == 20 and rules.host_reads == {"boolean_index": 3 * layers} and rules.blocking_copies == []
+    assert rules.collectives == {"_allgather_base_": layers}
