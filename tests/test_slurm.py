@@ -81,6 +81,48 @@ def test_two_tasks_form_one_process_group(slurm_cluster: Path, tmp_path: Path) -
     assert (run / "export" / "encoder.safetensors").is_file()
 
 
+def test_the_test_cluster_binds_each_task_to_its_own_cores(slurm_cluster: Path) -> None:
+    """As a real cluster (task/affinity or task/cgroup): srun gives each task the cores it asked for, no more;
+    the scheduler of this suite used to leave every task on every core (task/none), hiding a missing
+    --cpus-per-task on the srun line."""
+    code = "import os; print(os.environ['SLURM_PROCID'], sorted(os.sched_getaffinity(0)))"
+    proc = subprocess.run(["srun", "-n2", "--cpus-per-task=1", sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=120)
+    cores = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    assert proc.returncode == 0 and set(cores) == {"0", "1"}, proc.stderr
+    assert all(len(eval(c)) == 1 for c in cores.values()) and cores["0"] != cores["1"], cores
+
+
+def test_a_rank_bound_to_fewer_cores_than_its_loader_needs_warns(slurm_cluster: Path, tmp_path: Path) -> None:
+    """A hand-written srun line without --cpus-per-task: the rank is bound to one core for itself and its loader
+    worker, and says so in one line at start (launch/submit.py's own srun line carries the flag)."""
+    proc = subprocess.run(["srun", "-n1", "--cpus-per-task=1", sys.executable, str(REPO / "pretrain" / "main.py"),
+                           "--config", str(TINY), f"run.dir={tmp_path / 'run'}", "run.max_steps=1",
+                           "data.num_workers=1", "monitor.knn_every=0"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warned = [line for line in proc.stdout.splitlines() if "may run on 1 core(s)" in line]
+    assert len(warned) == 1 and warned[0].startswith("rank 0: warning:") and "--cpus-per-task" in warned[0]
+
+
+def test_a_job_whose_rank_dies_ends_at_once_instead_of_waiting_for_the_timeout(slurm_cluster: Path,
+                                                                                tmp_path: Path) -> None:
+    """srun's --kill-on-bad-exit=1: when one of two ranks is killed (a node's OOM killer, a hardware fault), the
+    step ends within seconds; without it the other rank waits in its next collective until
+    run.dist_timeout_min runs out (15 minutes), holding the node."""
+    run = tmp_path / "run"
+    _, (job,) = submit(f"run.dir={run}", "optim.epochs=50", "run.checkpoint_every=1000", "--tasks-per-node", "2")
+    wait_for_step(run, job, 3)
+    ranks = subprocess.run(["pgrep", "-f", f"submitit.core._submit {run / 'slurm'}"], capture_output=True, text=True)
+    rank1 = [pid for pid in ranks.stdout.split()
+             if b"SLURM_PROCID=1\0" in Path(f"/proc/{pid}/environ").read_bytes()]
+    assert rank1, ranks.stdout
+    killed = time.monotonic()
+    os.kill(int(rank1[0]), 9)
+    state = wait_done(job, timeout=120)
+    assert state in ("FAILED", "CANCELLED") and time.monotonic() - killed < 90, (state, log_of(run, job)[-2000:])
+
+
 def test_preempted_job_saves_requeues_and_resumes_without_losing_steps(slurm_cluster: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     _, (job,) = submit(f"run.dir={run}", "optim.epochs=5", "run.checkpoint_every=1000")  # 40 steps

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster (slurmctld + slurmd + slurmdbd/MariaDB for sacct, munge for auth) on
-# this machine, for the tests: no systemd, no cgroups, everything under one directory.
+# this machine, for the tests: no systemd, no cgroups, everything under one directory; tasks bound to
+# their cores (task/affinity).
 #
 #   eval "$(tests/slurm/start.sh [DIR])"   # prints `export SLURM_CONF=...`; DIR defaults to /tmp/infomax-slurm
 #   tests/slurm/stop.sh [DIR]             # ends exactly the daemons started here
@@ -89,9 +90,10 @@ SlurmctldPidFile=$D/run/slurmctld.pid
 SlurmdPidFile=$D/run/slurmd.pid
 SlurmctldLogFile=$D/log/slurmctld.log
 SlurmdLogFile=$D/log/slurmd.log
-# No cgroups on these machines.
+# No cgroups on these machines. task/affinity binds each task to the cores it was given, as a real cluster
+# does (task/cgroup or task/affinity): a task asking for too few cores gets exactly those.
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
 JobAcctGatherType=jobacct_gather/none
 # Jobs share the node by cores and memory; without DefMemPerCPU a job takes all memory.
 SelectType=select/cons_tres
