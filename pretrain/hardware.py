@@ -156,3 +156,66 @@ def few_cores_warning(num_workers: int) -> str:
     return (f"warning: this process may run on {cores} core(s), fewer than its {num_workers} loader worker(s) + 1 "
             "need: the loader will starve the step. Give each task more cores (srun/sbatch --cpus-per-task) or "
             "lower data.num_workers")
+
+
+def memory_limit(cgroup_root: Path = Path("/sys/fs/cgroup"),
+                 proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """This process's memory limit in bytes from its cgroup (v2 ``memory.max``, v1 ``memory.limit_in_bytes``,
+    a SLURM job's or a container's), or None when there is none or it cannot be read."""
+    own = ""
+    try:
+        for line in proc_cgroup.read_text().splitlines():
+            hierarchy, controllers, path = line.split(":", 2)
+            if hierarchy == "0" or "memory" in controllers.split(","):
+                own = path.lstrip("/")
+                break
+    except (OSError, ValueError):
+        pass
+    candidates = [cgroup_root / own / "memory.max", cgroup_root / "memory" / own / "memory.limit_in_bytes",
+                  cgroup_root / "memory.max", cgroup_root / "memory" / "memory.limit_in_bytes"]
+    for path in candidates:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text == "max":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            continue
+        return None if value >= 1 << 60 else value  # v1 writes "no limit" as a huge number
+    return None
+
+
+def beton_memory_warning(beton_bytes: int, limit: int | None, os_cache: bool) -> str:
+    """One line when a .beton read through the page cache cannot stay in it: every epoch then reads the whole
+    file again from its filesystem (a shared one, on a cluster)."""
+    if not os_cache or limit is None or beton_bytes <= limit:
+        return ""
+    gib = 2 ** 30
+    return (f"warning: the .beton is {beton_bytes / gib:.1f} GiB and this job may hold {limit / gib:.1f} GiB of "
+            "memory: with data.os_cache=true every epoch reads the file again from disk. Ask for more memory "
+            "(--mem), copy the .beton to node-local disk, or write a smaller one (--max-resolution 256)")
+
+
+# FFCV's decodes and crops a second on one thread, two 224 px views from 500 x 375 JPEGs: measured on a 2-core
+# Intel Xeon (AVX512) with benchmarks/loader.py beton-resolution (benchmarks/README.md, "Expected on GPUs").
+FFCV_DECODES_PER_THREAD_S = 716
+IMAGENET_SCALE = 100_000  # images: where the per-image loader's cost decides a run's length
+
+
+def loader_line(data_format: str, num_workers: int, num_views: int, images: int, device_type: str) -> str:
+    """What a GPU run's loader can feed, said at start: FFCV's ceiling from its thread count, or on an
+    ImageNet-scale image folder read per image, that the .beton path is several times faster. "" on CPUs."""
+    if device_type != "cuda":
+        return ""
+    if data_format == "ffcv":
+        ceiling = FFCV_DECODES_PER_THREAD_S * max(1, num_workers) / max(1, num_views)
+        return (f"loader: FFCV, {num_workers} threads, {num_views} decodes an image: up to about {ceiling:,.0f} "
+                "images/s a process on a CPU like the one measured (benchmarks/README.md, 'Expected on GPUs')")
+    if images >= IMAGENET_SCALE:
+        return (f"loader: {images:,} images decoded per image by torchvision, about 3x slower than FFCV at 224 px "
+                "(benchmarks/README.md, 'Loading'): write a .beton once (python -m pretrain.data.beton --dataset "
+                "imagefolder --root DIR --out train.beton) and pass data.format=ffcv data.path=train.beton")
+    return ""

@@ -62,7 +62,7 @@ def _train(cfg: Config, lock: RunDirLock, eval_to_come: EvalToCome | None = None
     from pretrain.config import to_yaml
     from pretrain.data.train_loader import build_train_data
     from pretrain.distributed import make_accelerator
-    from pretrain.hardware import check_deterministic_supported, few_cores_warning
+    from pretrain.hardware import check_deterministic_supported, few_cores_warning, loader_line
     from pretrain.loop import Run, already_complete, build_optimizer, build_parts, finish
     from pretrain.resumable import Resumable
     from pretrain.revision import git_revision
@@ -83,6 +83,9 @@ def _train(cfg: Config, lock: RunDirLock, eval_to_come: EvalToCome | None = None
 
     # ------------------------------------------------------------------ data, model, objective, optimizer
     data = build_train_data(cfg, accelerator)  # every data error is raised here, before the model
+    if line := loader_line(cfg.data.format, cfg.data.num_workers, len(cfg.data.views), len(data.images),
+                           accelerator.device.type):
+        accelerator.print(line, flush=True)
     parts = build_parts(cfg, data, accelerator)
     optimizer, scheduler, lr = build_optimizer(cfg, parts, accelerator, len(data))
     total_steps = max(1, round(cfg.optim.epochs * len(data)))

@@ -143,3 +143,38 @@ def test_a_process_bound_to_fewer_cores_than_its_workers_need_is_warned(monkeypa
     assert "1 core(s), fewer than its 4 loader worker(s) + 1" in line and "--cpus-per-task" in line
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(5)))
     assert hardware.few_cores_warning(num_workers=4) == ""
+
+
+@pytest.mark.parametrize("files, limit", [
+    ({"memory.max": "max\n"}, None),
+    ({"job_7/memory.max": "8589934592\n", "memory.max": "max\n"}, 8 * 2**30),  # v2, the job's own cgroup
+    ({"memory/job_7/memory.limit_in_bytes": "4294967296\n"}, 4 * 2**30),  # v1
+    ({"memory/memory.limit_in_bytes": str(2**63 - 4096)}, None),  # v1's "no limit"
+    ({}, None),
+])
+def test_the_memory_limit_is_read_from_this_process_cgroup(tmp_path: Path, files: dict, limit: int | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("0::/job_7\n" if "job_7/memory.max" in files else "4:memory:/job_7\n")
+    assert hardware.memory_limit(tmp_path, proc) == limit
+
+
+def test_a_beton_larger_than_the_memory_limit_is_warned_when_read_through_the_page_cache() -> None:
+    line = hardware.beton_memory_warning(150 * 2**30, 64 * 2**30, os_cache=True)
+    assert "150.0 GiB" in line and "64.0 GiB" in line and "--mem" in line
+    assert hardware.beton_memory_warning(150 * 2**30, 64 * 2**30, os_cache=False) == ""
+    assert hardware.beton_memory_warning(10 * 2**30, 64 * 2**30, os_cache=True) == ""
+    assert hardware.beton_memory_warning(10 * 2**30, None, os_cache=True) == ""
+
+
+def test_a_gpu_run_says_what_its_loader_can_feed() -> None:
+    """FFCV's ceiling from its threads (716 decodes a thread-second, two decodes an image: 3,580 with 10); an
+    ImageNet-scale folder read per image is pointed at the .beton; nothing on a CPU."""
+    line = hardware.loader_line("ffcv", 10, 2, 1_281_167, "cuda")
+    assert "10 threads" in line and "3,580 images/s" in line
+    line = hardware.loader_line("torchvision", 10, 2, 1_281_167, "cuda")
+    assert "1,281,167 images" in line and "data.format=ffcv" in line and "python -m pretrain.data.beton" in line
+    assert hardware.loader_line("torchvision", 10, 2, 60_000, "cuda") == ""
+    assert hardware.loader_line("ffcv", 10, 2, 1_281_167, "cpu") == ""

@@ -10,6 +10,7 @@ With ``data.augment=loader`` on the torchvision format the loader workers do the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -30,6 +31,7 @@ from pretrain.data.datasets import (
 )
 from pretrain.data.multiview import MultiViewDataset, collate_skipped
 from pretrain.data.transforms import build_view_transform
+from pretrain.hardware import beton_memory_warning, memory_limit
 
 
 @dataclass
@@ -142,6 +144,8 @@ def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
 
         require_ffcv()
         images = BetonInfo(d.path)
+        if warning := beton_memory_warning(Path(d.path).stat().st_size, memory_limit(), d.os_cache):
+            accelerator.print(warning, flush=True)
     else:
         images = decoded
     batch_views = BatchViews(d.views, images.mean, images.std, cfg.run.seed) if d.augment == "batch" or ffcv else None
