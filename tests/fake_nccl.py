@@ -23,7 +23,9 @@ objective, the step's agreement and the after-step updates; gradients' collectiv
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 from collections import Counter
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -82,7 +84,7 @@ class GpuRules(TorchDispatchMode):
         if func.namespace != "c10d" and _on_the_host(args, kwargs):
             with _disable_current_modes():  # host data is real: a step's draws decide its shapes
                 return func(*args, **kwargs)
-        if func.namespace == "c10d":
+        if func.namespace == "c10d" and name != "barrier":  # a barrier's tensor is torch's, on NCCL's device
             host = [tuple(t.shape) for t in _tensors(args) if t.device.type == "cpu"]
             if host:
                 raise HostTensorToNccl(f"c10d.{name} was given host tensor(s) {host}: NCCL refuses them "
@@ -134,6 +136,24 @@ def _sync_batchnorm_shapes() -> None:
     _META_LIBRARY.append(lib)
 
 
+class _ObjectsAsIfAgreed:
+    """torch's object collectives on the fake group, which moves no bytes: each object is pickled, as NCCL
+    would send it (on the device, which torch chooses itself), and every rank is answered with this rank's
+    object, as if all ranks agreed. Counted in ``rules.collectives``."""
+
+    def __init__(self, rules: GpuRules) -> None:
+        self.rules = rules
+
+    def all_gather_object(self, object_list: list, obj: object, group=None) -> None:
+        pickle.dumps(obj)
+        self.rules.collectives["all_gather_object"] += 1
+        object_list[:] = [copy.deepcopy(obj) for _ in object_list]
+
+    def broadcast_object_list(self, object_list: list, src: int = 0, group=None, device=None, group_src=None) -> None:
+        pickle.dumps(object_list)
+        self.rules.collectives["broadcast_object_list"] += 1
+
+
 @contextmanager
 def fake_nccl(world_size: int = 2, rank: int = 0) -> Iterator[GpuRules]:
     """A fake process group of ``world_size`` ranks (this process is ``rank``) under fake ``cuda`` tensors.
@@ -143,10 +163,16 @@ def fake_nccl(world_size: int = 2, rank: int = 0) -> Iterator[GpuRules]:
     if dist.is_initialized():
         raise RuntimeError("fake_nccl needs a process without a process group")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    patched = {name: getattr(dist, name) for name in ("all_gather_object", "broadcast_object_list")}
     try:
         with fake_cuda() as rules:
+            objects = _ObjectsAsIfAgreed(rules)
+            for name in patched:
+                setattr(dist, name, getattr(objects, name))
             yield rules
     finally:
+        for name, original in patched.items():
+            setattr(dist, name, original)
         dist.destroy_process_group()
 
 
@@ -157,10 +183,18 @@ def fake_cuda() -> Iterator[GpuRules]:
 
     _constant.cache_clear()  # device constants made here are fake: none may outlive the block
     _sync_batchnorm_shapes()
+    load = torch.load
+
+    def real_load(*args: Any, **kwargs: Any) -> Any:  # what a file holds is host data, with its values
+        with _disable_current_modes():
+            return load(*args, **kwargs)
+
+    torch.load = real_load
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), GpuRules() as rules:
             yield rules
     finally:
+        torch.load = load
         _constant.cache_clear()
 
 

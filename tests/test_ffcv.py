@@ -373,3 +373,51 @@ def test_beton_features_kept_as_a_shard_are_the_whole_file_on_one_process(tmp_pa
     args = (encoder, str(path), 16, 1.0, 16, Accelerator(cpu=True))
     whole, shard = beton_features(*args), beton_features(*args, keep_shard=True)
     assert torch.equal(whole[0], shard[0]) and torch.equal(whole[1], shard[1]) and len(shard[1]) == 40
+
+
+def fixed_crop(height, width, scale, ratio):
+    """A crop drawn from nothing, placed by the view's scale range: both paths then make the same draws."""
+    lo, span = scale[0], scale[1] - scale[0]
+    return int(height * lo), int(width * lo), max(1, int(height * span)), max(1, int(width * span))
+
+
+def test_views_cut_from_one_decode_equal_a_decode_per_view_on_the_same_draws(tmp_path: Path) -> None:
+    """Each JPEG is decoded once a sample and the V crops are cut from it (MultiCropDecoder), where each view
+    used to decode it again. With the crop draws fixed, every view's crop and flip equal those of today's
+    per-view decoders pixel for pixel (the flip on view 1 included)."""
+    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
+
+    from pretrain.data.ffcv_multicrop import MultiCropDecoder, views_of
+
+    class FixedCrop(RandomResizedCropRGBImageDecoder):
+        get_crop_generator = property(lambda self: fixed_crop)
+
+    class FixedMultiCrop(MultiCropDecoder):
+        get_crop_generator = property(lambda self: fixed_crop)
+
+    args = argparse.Namespace(out=str(tmp_path / "j.beton"), write_mode="jpg", max_resolution=0, jpeg_quality=90,
+                              compress_probability=0.5, workers=2, skip_unreadable=False, stall_timeout=60,
+                              dataset="ramps", root="", split="train")
+    write_beton(args, Ramps(32, side=48))
+    scales, flips, size = [(0.1, 0.6), (0.25, 0.9)], [0.0, 1.0], 20
+    label = [IntDecoder(), ToTensor()]
+
+    def batches(pipelines: dict) -> list:
+        loader = Loader(args.out, batch_size=16, num_workers=1, order=OrderOption.SEQUENTIAL, pipelines=pipelines)
+        return [[t.clone() for t in batch] for batch in loader]
+
+    per_view = {"image": [FixedCrop((size, size), scale=scales[0]), RandomHorizontalFlip(flips[0]), ToTensor(),
+                          ToTorchImage()], "label": label,
+                "view1": PipelineSpec(source="image", decoder=FixedCrop((size, size), scale=scales[1]),
+                                      transforms=[RandomHorizontalFlip(flips[1]), ToTensor(), ToTorchImage()])}
+    once = {"image": [FixedMultiCrop(size, scales, flips), ToTensor()], "label": label}
+    before, after = batches(per_view), batches(once)
+    assert len(before) == len(after) == 2
+    for (image, _, view1), (crops, _) in zip(before, after):
+        cut = views_of(crops, 3)
+        assert crops.shape == (16, 2, size, size, 3) and cut[0].shape == (16, 3, size, size)
+        assert torch.equal(cut[0], image) and torch.equal(cut[1], view1)
+        assert not torch.equal(cut[0], cut[1])

@@ -92,15 +92,17 @@ def test_nccl_knn_monitor_gathers_device_rows_without_asking_sizes() -> None:
         assert rules.host_reads == {"to_host": 6}  # each batch's gathered rows, labels and positions, once
 
 
-def test_nccl_pretraining_step_with_the_queue_gathers_and_agrees_on_the_device() -> None:
+@pytest.mark.parametrize("world, rank", [(2, 0), (4, 2)], ids=["one-machine", "two-machines-second-node"])
+def test_nccl_pretraining_step_with_the_queue_gathers_and_agrees_on_the_device(world: int, rank: int) -> None:
     """A pretraining step with MoCo's momentum keys and queue, minus the backward pass (which a CPU build
     cannot run on fake ``cuda`` tensors): forward, the gathered keys, the step's one agreement, the queue's
-    push and the EMA update make only device collectives and exactly one host read, the agreement's."""
+    push and the EMA update make only device collectives and exactly one host read, the agreement's. Also
+    as the first rank of the second of two 2-GPU machines (the two-machine run's collectives)."""
     from pretrain.config import ModelConfig
     from pretrain.models import MultiViewModel
     from pretrain.momentum import MomentumKeys
 
-    with fake_nccl() as rules:
+    with fake_nccl(world, rank) as rules:
         with torch.device(CUDA):
             model = MultiViewModel(ModelConfig(arch="resnet18", small_input=True, width=0.25, head_dims=[32, 16]), 1, 2)
             objective = contrastive(0.2, dim=16, queue_size=32)
@@ -175,3 +177,19 @@ def test_fake_cuda_torchs_sync_batchnorm_reads_back_three_times_a_layer() -> Non
         net(torch.randn(4, 3, 32, 32, device="cuda"))
     assert layers == 20 and rules.host_reads == {"boolean_index": 3 * layers} and rules.blocking_copies == []
     assert rules.collectives == {"_allgather_base_": layers}
+
+
+def test_nccl_checkpoint_agreement_on_resume_sends_host_data_only_as_objects(tmp_path) -> None:
+    """Resume's agreement (rank 0 chooses the checkpoint, every rank reports the step it read) and the save's
+    RNG states cross ranks as pickled objects (``broadcast_object_list``, ``gather_object``), which torch
+    sends on the device under NCCL: no host tensor reaches a collective."""
+    from pretrain.resumable import Resumable
+
+    with fake_nccl_accelerator() as (accelerator, rules):
+        resumable = Resumable(accelerator, tmp_path, keep=2)
+        assert resumable.resume("start afresh") is None
+        resumable.progress.global_step = 5
+        resumable.save({"note": "host data"})
+        state, path = resumable.resume("start afresh")
+        assert state["note"] == "host data" and path.name == "step_00000005"
+    assert rules.collectives["broadcast_object_list"] == 2 and rules.collectives["all_gather_object"] == 2

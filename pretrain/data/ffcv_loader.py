@@ -11,8 +11,10 @@ torch in the main process (benchmarks/README.md, "Loading"). Such a view is FFCV
 reused about ``batches_ahead`` + 2 batches later, as FFCV's outputs always are: copy a batch to keep
 it longer.
 
-ffcv 1.0.2 has no field mapper: each extra view is another ``PipelineSpec(source="image")``; the
-batch comes back as the stored fields first (image, label), then the extra views.
+Views of one side whose crops go to torch (all of them on GPUs) are cut from one decode of each image
+(:class:`pretrain.data.ffcv_multicrop.MultiCropDecoder`). Otherwise, since ffcv 1.0.2 has no field mapper,
+each extra view is another ``PipelineSpec(source="image")`` that decodes the image again; the batch comes
+back as the stored fields first (image, label), then the extra views.
 
 Resume: the epoch order is ``OrderOption.RANDOM`` seeded with run.seed + epoch (per rank a
 ``DistributedSampler`` shard under several processes), so :meth:`epoch_batches` can restart an
@@ -73,7 +75,7 @@ class FFCVMultiViewLoader:
 
     def __init__(self, path: str, views: Sequence[ViewConfig], batch_size: int, device: torch.device, *,
                  seed: int, distributed: bool, num_workers: int, os_cache: bool = True, batches_ahead: int = 3,
-                 info: BetonInfo | None = None, normalise_in_ffcv: bool = True) -> None:
+                 info: BetonInfo | None = None, normalise_in_ffcv: bool = True, decode_once: bool = True) -> None:
         require_ffcv()
         from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
@@ -101,8 +103,20 @@ class FFCVMultiViewLoader:
 
         label = [IntDecoder(), ToTensor(), Squeeze()]
         label += [] if on_cpu else [ToDevice(device, non_blocking=non_blocking)]
-        pipelines: dict[str, Any] = {"image": image_pipeline(views[0], self.normalised[0]), "label": label}
-        for i, view in enumerate(views[1:], start=1):
+        # One decode for every view: views of one side, each handed to torch as uint8 crops (decode_once=False:
+        # a decode per view, as before; benchmarks/loader.py decode-once measures the difference).
+        self.decode_once = (decode_once and len(views) > 1 and len({v.size for v in views}) == 1
+                            and not any(self.normalised))
+        if self.decode_once:
+            from pretrain.data.ffcv_multicrop import MultiCropDecoder
+
+            crops = [MultiCropDecoder(views[0].size, [(v.crop_scale_min, v.crop_scale_max) for v in views],
+                                      [v.flip_p for v in views]), ToTensor()]
+            crops += [] if on_cpu else [ToDevice(device, non_blocking=non_blocking)]
+            pipelines: dict[str, Any] = {"image": crops, "label": label}
+        else:
+            pipelines = {"image": image_pipeline(views[0], self.normalised[0]), "label": label}
+        for i, view in enumerate(views[1:] if not self.decode_once else [], start=1):
             first, *rest = image_pipeline(view, self.normalised[i])
             pipelines[f"view{i}"] = PipelineSpec(source="image", decoder=first, transforms=rest)
         self.loader = Loader(path, batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
@@ -119,13 +133,18 @@ class FFCVMultiViewLoader:
         """This epoch's batches from batch ``start`` on (earlier ones are not decoded)."""
         from ffcv.loader.epoch_iterator import EpochIterator
 
+        from pretrain.data.ffcv_multicrop import views_of
+
         bs = self.loader.batch_size
         order = self.loader.traversal_order.sample_order(self.epoch)[: len(self) * bs]
         self.loader.next_epoch = self.epoch + 1
         if self.loader.code is None:
             self.loader.generate_code()
         for image, label, *extra in EpochIterator(self.loader, order[start * bs:]):
-            views = [x[:, : self.info.channels] for x in (image, *extra)]  # one-channel data: stored as three
+            if self.decode_once:
+                views = views_of(image, self.info.channels)
+            else:
+                views = [x[:, : self.info.channels] for x in (image, *extra)]  # one-channel data: stored as three
             yield {"views": views, "label": label.long(), "skipped": [""] * len(label)}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
