@@ -27,9 +27,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
-    """2 epochs of the tiny synthetic config with timm's standard stem (so timm itself can load the export)."""
+    """2 epochs of the tiny synthetic config with timm's standard stem (so timm itself can load the export).
+
+    In fp32: with bf16 on a CPU with AMX (Intel Xeon, family 6 model 167) this toy, 16 px images through a
+    224 px stem down to 1 x 1 maps at lr 0.1, diverges (gradient norm 28 -> inf at its third step); the
+    tests here are about the run's records and its export, not about that toy's numerics."""
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    proc = run_main(f"run.dir={run_dir}", "model.small_input=false", env={"INFOMAX_PROGRESS_SECONDS": "0"})
+    proc = run_main(f"run.dir={run_dir}", "model.small_input=false", "run.precision=no",
+                    env={"INFOMAX_PROGRESS_SECONDS": "0"})
     return run_dir, proc.stdout, proc.stderr
 
 
@@ -72,7 +77,7 @@ def test_tensorboard_has_diagnostics_and_view_grid(tiny_run) -> None:
 
 def test_run_prints_its_precision_and_why(tiny_run) -> None:
     _, out, _ = tiny_run
-    assert choose_precision("auto").line() + "\n" in out  # e.g. precision: no (auto: this CPU has no native bf16; ...)
+    assert choose_precision("no").line() + "\n" in out  # the fixture's explicit choice, and why
 
 
 def trained_encoder(run_dir: Path) -> torch.nn.Module:
