@@ -24,10 +24,10 @@ def knn_predict_many(
     k nearest bank entries, from one similarity pass: the k nearest are the first k of the largest k.
 
     Args:
-        bank: N x F features; bank_labels: N long; queries: M x F features.
+        bank: N x F features; bank_labels: N long (on the bank's device); queries: M x F features (any device).
 
     Returns:
-        k -> M long predictions.
+        k -> M long predictions, on the bank's device.
     """
     if not ks:
         return {}
@@ -35,8 +35,8 @@ def knn_predict_many(
     queries = F.normalize(queries.float(), dim=1)
     top = min(max(ks), bank.shape[0])
     preds: dict[int, list[torch.Tensor]] = {int(k): [] for k in ks}
-    for q in queries.split(chunk):
-        sim, idx = similarities(q, bank).topk(top, dim=1)  # M' x top, most similar first
+    for q in queries.split(chunk):  # the queries may be on the host; each chunk is scored where the bank is
+        sim, idx = similarities(q.to(bank.device, non_blocking=True), bank).topk(top, dim=1)  # M' x top, best first
         _vote(sim, bank_labels[idx], temperature, num_classes, preds)
     return {k: torch.cat(p) for k, p in preds.items()}
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from conftest import contrastive
-from fake_nccl import CUDA, HostTensorToNccl, fake_nccl, fake_nccl_accelerator
+from fake_nccl import CUDA, HostTensorToNccl, fake_cuda, fake_nccl, fake_nccl_accelerator
 from pretrain.distributed import HostTensorInCollective, agree_max, gather, gather_with_grad
 
 
@@ -76,6 +76,18 @@ def test_nccl_eval_knn_of_the_imagenet_protocol_keeps_its_bank_on_the_device() -
         assert set(top1) == {"5", "20"} and rules.collectives["allgather_"] == 2  # scores and labels, one chunk
         with pytest.raises(HostTensorInCollective):  # where the bank used to be
             sharded_knn_predict_many(bank.cpu(), labels.cpu(), queries, [5], 0.1, 3)
+
+
+def test_fake_cuda_eval_knn_on_one_gpu_scores_host_queries_against_the_device_bank() -> None:
+    """The imagenet protocol on one GPU: the bank (kept as a "shard" of one) is on the device, the test split's
+    features on the host; each query chunk goes to the bank's device (it was scored on the host against a
+    device bank: a device mismatch after the probe)."""
+    from eval.rows import knn_top1
+
+    with fake_cuda():
+        bank, labels = torch.rand(40, 4, device="cuda"), torch.zeros(40, dtype=torch.long, device="cuda")
+        top1 = knn_top1((bank, labels), (torch.rand(30, 4), torch.arange(30) % 3), [5, 20], 0.1, 3, bank_sharded=True)
+    assert set(top1) == {"5", "20"}
 
 
 def test_nccl_knn_monitor_gathers_device_rows_without_asking_sizes() -> None:
