@@ -2,7 +2,7 @@
 
 Runs pretraining's step (views drawn per batch with every colour step, the model, MoCo's momentum keys and
 queue, the objective, the step's agreement) on fake ``cuda`` tensors in a fake 2-rank NCCL group
-(tests/fake_nccl.py), and counts each read back to the host and each blocking host-to-device copy. Then
+(pretrain/gpu_rehearsal.py), and counts each read back to the host and each blocking host-to-device copy. Then
 the same for torch's SyncBatchNorm (model.sync_bn on GPUs), which we do not own. The backward pass cannot
 run on fake ``cuda`` tensors on a CPU build, so it is not counted.
 
@@ -12,21 +12,17 @@ run on fake ``cuda`` tensors on a CPU build, so it is not counted.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from fake_nccl import CUDA, fake_nccl, fake_nccl_accelerator  # noqa: E402
-from pretrain.config import ModelConfig, ObjectiveConfig, ViewConfig  # noqa: E402
-from pretrain.data.batch_views import BatchViews  # noqa: E402
-from pretrain.distributed import sync_batchnorm  # noqa: E402
-from pretrain.engine import train_step  # noqa: E402
-from pretrain.models import MultiViewModel  # noqa: E402
-from pretrain.momentum import MomentumKeys  # noqa: E402
-from pretrain.objectives import build_objective  # noqa: E402
+from pretrain.config import ModelConfig, ObjectiveConfig, ViewConfig
+from pretrain.data.batch_views import BatchViews
+from pretrain.distributed import sync_batchnorm
+from pretrain.engine import train_step
+from pretrain.gpu_rehearsal import CUDA, fake_nccl, fake_nccl_accelerator
+from pretrain.models import MultiViewModel
+from pretrain.momentum import MomentumKeys
+from pretrain.objectives import build_objective
 
 
 def step_syncs(arch: str, size: int, batch: int) -> tuple[int, int]:

@@ -31,7 +31,7 @@ def world_size() -> int:
 
 # Backends whose collectives take device tensors only. NCCL refuses a host tensor ("No backend type associated
 # with device type cpu"); torch's fake process group stands in for it in the CPU rehearsal of the GPU's rules
-# (tests/fake_nccl.py) and accepts anything, so we refuse for it. Gloo takes host tensors.
+# (pretrain/gpu_rehearsal.py) and accepts anything, so we refuse for it. Gloo takes host tensors.
 DEVICE_ONLY_BACKENDS = frozenset({"nccl", "fake"})
 
 

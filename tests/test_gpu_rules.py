@@ -1,4 +1,4 @@
-"""The GPU's rules held on a CPU (tests/fake_nccl.py): collectives take device tensors only, as under NCCL
+"""The GPU's rules held on a CPU (pretrain/gpu_rehearsal.py): collectives take device tensors only, as under NCCL
 (``nccl`` tests), and a training step makes the host wait at most once, counted as CUDA counts it
 (``fake_cuda`` tests).
 
@@ -13,8 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 from conftest import contrastive
-from fake_nccl import CUDA, HostTensorToNccl, fake_cuda, fake_nccl, fake_nccl_accelerator
 from pretrain.distributed import HostTensorInCollective, agree_max, gather, gather_with_grad
+from pretrain.gpu_rehearsal import CUDA, HostTensorToNccl, fake_cuda, fake_nccl, fake_nccl_accelerator
 
 
 class _Labelled(torch.utils.data.Dataset):

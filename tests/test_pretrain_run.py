@@ -72,7 +72,7 @@ def test_tensorboard_has_diagnostics_and_view_grid(tiny_run) -> None:
     assert max(lrs) <= 0.1 + 1e-9 and lrs[0] < max(lrs)  # warmup then cosine from timm's scheduler
     assert any("config" in t for t in tags["tensors"])  # the resolved config as text
     start = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
-    assert start.session_start_info.hparams["precision"].string_value == choose_precision("auto").mode
+    assert start.session_start_info.hparams["precision"].string_value == "no"  # the fixture's fp32
 
 
 def test_run_prints_its_precision_and_why(tiny_run) -> None:
@@ -93,7 +93,7 @@ def test_export_loads_in_timm_and_load_encoder_with_identical_features(tiny_run)
     meta = json.loads((run_dir / "export" / "config.json").read_text())
     assert meta["architecture"] == "test_resnet" and meta["in_chans"] == 3 and meta["input_size"] == [3, 16, 16]
     assert meta["num_features"] == 96 and len(meta["sha256"]) == 64 and meta["summary"]["steps"] == 16
-    assert meta["summary"]["precision"] == choose_precision("auto").mode  # the hardware's choice, recorded
+    assert meta["summary"]["precision"] == "no"  # the fixture's fp32, recorded (auto's: test_hardware.py)
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         expected = trained_encoder(run_dir)(x)

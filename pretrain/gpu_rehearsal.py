@@ -1,4 +1,4 @@
-"""The GPU's rules on a CPU: a rehearsal that refuses what NCCL and CUDA refuse.
+"""The GPU's rules on a CPU: a rehearsal that refuses what NCCL and CUDA refuse (for tests and benchmarks).
 
 Our multi-rank tests run real numerics on gloo, which accepts collectives on host tensors, and CPU tensors
 never wait on a copy. Here torch's fake process group (world size W, one process, no data moved) runs under
