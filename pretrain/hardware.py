@@ -199,21 +199,25 @@ def beton_memory_warning(beton_bytes: int, limit: int | None, os_cache: bool) ->
             "(--mem), copy the .beton to node-local disk, or write a smaller one (--max-resolution 256)")
 
 
-# FFCV's decodes and crops a second on one thread, two 224 px views from 500 x 375 JPEGs: measured on a 2-core
-# Intel Xeon (AVX512) with benchmarks/loader.py beton-resolution (benchmarks/README.md, "Expected on GPUs").
-FFCV_DECODES_PER_THREAD_S = 716
+# Images a second that one FFCV thread turns into two 224 px views, from 500 x 375 sources (half stored as JPEG):
+# with one decode an image (views of one side) and with a decode per view. Measured on a 2-core Intel Xeon
+# (AVX512) by benchmarks/loader.py decode-once (benchmarks/README.md, "Expected on GPUs").
+FFCV_TWO_VIEWS_PER_THREAD_S = {True: 655, False: 422}
 IMAGENET_SCALE = 100_000  # images: where the per-image loader's cost decides a run's length
 
 
-def loader_line(data_format: str, num_workers: int, num_views: int, images: int, device_type: str) -> str:
+def loader_line(data_format: str, num_workers: int, view_sizes: list[int], images: int, device_type: str) -> str:
     """What a GPU run's loader can feed, said at start: FFCV's ceiling from its thread count, or on an
     ImageNet-scale image folder read per image, that the .beton path is several times faster. "" on CPUs."""
     if device_type != "cuda":
         return ""
     if data_format == "ffcv":
-        ceiling = FFCV_DECODES_PER_THREAD_S * max(1, num_workers) / max(1, num_views)
-        return (f"loader: FFCV, {num_workers} threads, {num_views} decodes an image: up to about {ceiling:,.0f} "
-                "images/s a process on a CPU like the one measured (benchmarks/README.md, 'Expected on GPUs')")
+        once = len(set(view_sizes)) == 1
+        # measured for two views; with a decode per view each further view costs as much again
+        ceiling = FFCV_TWO_VIEWS_PER_THREAD_S[once] * max(1, num_workers) * (1 if once else 2 / len(view_sizes))
+        decodes = "one decode an image" if once else f"{len(view_sizes)} decodes an image (views of several sides)"
+        return (f"loader: FFCV, {num_workers} threads, {decodes}: up to about {ceiling:,.0f} images/s a process on "
+                "a CPU like the one measured (benchmarks/README.md, 'Expected on GPUs')")
     if images >= IMAGENET_SCALE:
         return (f"loader: {images:,} images decoded per image by torchvision, about 3x slower than FFCV at 224 px "
                 "(benchmarks/README.md, 'Loading'): write a .beton once (python -m pretrain.data.beton --dataset "

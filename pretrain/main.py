@@ -83,7 +83,7 @@ def _train(cfg: Config, lock: RunDirLock, eval_to_come: EvalToCome | None = None
 
     # ------------------------------------------------------------------ data, model, objective, optimizer
     data = build_train_data(cfg, accelerator)  # every data error is raised here, before the model
-    if line := loader_line(cfg.data.format, cfg.data.num_workers, len(cfg.data.views), len(data.images),
+    if line := loader_line(cfg.data.format, cfg.data.num_workers, [v.size for v in cfg.data.views], len(data.images),
                            accelerator.device.type):
         accelerator.print(line, flush=True)
     parts = build_parts(cfg, data, accelerator)

@@ -68,8 +68,15 @@ class MultiCropDecoder(ResizedCropRGBImageDecoder):
                 for v in range(views):
                     i, j, h, w = get_crop_c(height, width, scales[v], ratio)
                     resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix, v])
-                    if np.random.rand() < flips[v]:
-                        destination[dst_ix, v] = destination[dst_ix, v, :, ::-1].copy()
+                    if np.random.rand() < flips[v]:  # mirrored in place: no buffer allocated per image
+                        crop = destination[dst_ix, v]
+                        side = crop.shape[1]
+                        for row in range(crop.shape[0]):
+                            for col in range(side // 2):
+                                for ch in range(3):
+                                    left = crop[row, col, ch]
+                                    crop[row, col, ch] = crop[row, side - 1 - col, ch]
+                                    crop[row, side - 1 - col, ch] = left
             return destination[: len(batch_indices)]
 
         decode.is_parallel = True
