@@ -68,11 +68,6 @@ class GpuRules(TorchDispatchMode):
         self.blocking_copies: list[tuple[int, ...]] = []
         self.collectives: Counter[str] = Counter()
 
-    @property
-    def syncs(self) -> int:
-        """Every op that makes the host wait for the device: reads back and blocking copies."""
-        return sum(self.host_reads.values()) + len(self.blocking_copies)
-
     def reset(self) -> None:
         self.host_reads.clear()
         self.blocking_copies.clear()
