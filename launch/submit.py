@@ -281,7 +281,8 @@ def submit_jobs(args: argparse.Namespace, executor: submitit.AutoExecutor, runs:
     eval_jobs = []
     for job, ecfg in zip(submitted, evals):
         executor.update_parameters(name=f"{request.name}-eval", **(
-            {"slurm_additional_parameters": {"dependency": f"afterok:{job.job_id}"}}
+            # A failed pretraining (a lost node, a killed rank) cancels its eval instead of leaving it pending.
+            {"slurm_additional_parameters": {"dependency": f"afterok:{job.job_id}", "kill_on_invalid_dep": "yes"}}
             if args.cluster == "slurm" else {}))
         if args.cluster != "slurm":
             job.result()  # local/debug: no scheduler to hold the eval back, so wait here
@@ -306,6 +307,9 @@ def print_follow_up(cluster: str, runs: list[Config], submitted: list[submitit.J
         print(f"follow:   squeue -j {ids}   |   sacct -j {ids} -X -o JobID,JobName,State,Elapsed\n"
               f"          tail -f {submitted[0].paths.stdout}   |   tensorboard --logdir {logdir}\n"
               f"cancel:   scancel {ids}  (a cancelled run keeps its checkpoint: resubmit the same command to resume)")
+        if eval_jobs:
+            print("if pretraining fails (a lost node, a killed rank), SLURM cancels its eval: resubmit the same "
+                  "command to resume pretraining from its checkpoint and chain the eval again")
     else:
         print(f"follow:   tail -f {submitted[0].paths.stdout}   |   tensorboard --logdir {logdir}")
 

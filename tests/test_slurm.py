@@ -109,9 +109,14 @@ def test_a_job_whose_rank_dies_ends_at_once_instead_of_waiting_for_the_timeout(s
                                                                                 tmp_path: Path) -> None:
     """srun's --kill-on-bad-exit=1: when one of two ranks is killed (a node's OOM killer, a hardware fault), the
     step ends within seconds; without it the other rank waits in its next collective until
-    run.dist_timeout_min runs out (15 minutes), holding the node."""
+    run.dist_timeout_min runs out (15 minutes), holding the node. Its chained eval is then cancelled by SLURM
+    (kill-on-invalid-dep) instead of pending forever, as the submission said it would be."""
     run = tmp_path / "run"
-    _, (job,) = submit(f"run.dir={run}", "optim.epochs=50", "run.checkpoint_every=1000", "--tasks-per-node", "2")
+    probe = tmp_path / "probe.yaml"
+    probe.write_text(yaml.safe_dump({"dataset": "synthetic", "num_workers": 0}))
+    proc, (job, eval_job) = submit(f"run.dir={run}", "optim.epochs=50", "run.checkpoint_every=1000",
+                                   "--tasks-per-node", "2", "--eval", str(probe))
+    assert "SLURM cancels its eval: resubmit the same command" in proc.stdout
     wait_for_step(run, job, 3)
     ranks = subprocess.run(["pgrep", "-f", f"submitit.core._submit {run / 'slurm'}"], capture_output=True, text=True)
     rank1 = [pid for pid in ranks.stdout.split()
@@ -121,6 +126,7 @@ def test_a_job_whose_rank_dies_ends_at_once_instead_of_waiting_for_the_timeout(s
     os.kill(int(rank1[0]), 9)
     state = wait_done(job, timeout=120)
     assert state in ("FAILED", "CANCELLED") and time.monotonic() - killed < 90, (state, log_of(run, job)[-2000:])
+    assert wait_done(eval_job, timeout=60) == "CANCELLED"
 
 
 def test_preempted_job_saves_requeues_and_resumes_without_losing_steps(slurm_cluster: Path, tmp_path: Path) -> None:
