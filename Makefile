@@ -1,4 +1,4 @@
-# The README's commands. Each target does its own set-up; `make setup` is a no-op once complete.
+# The README's commands (make demo, make test). Each target does its own set-up; `make setup` is a no-op once complete.
 PY      := .venv/bin/python
 STAMP   := .venv/.setup-complete
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz

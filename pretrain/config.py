@@ -2,7 +2,7 @@
 
 Every field has a default, a type, a one-sentence help text and, where it has one, the range or the
 choices it must lie in (``_f(0.1, "...", gt=0)``): :func:`check_fields` reads them all in one loop; only
-rules that tie several keys together are written out in :func:`validate`. The README's config reference
+rules that tie several keys together are written out in :func:`validate`. The config reference (docs/configuration.md)
 is generated from the help texts (``python -m pretrain.config``) and a test keeps it in sync. YAML files
 in ``configs/`` hold only differences from these defaults.
 
@@ -33,7 +33,7 @@ from pretrain.config_fields import (  # noqa: F401
     yaml_problem,
 )
 
-# Each list of choices, written once: validation, the help texts (so the README's reference) and the
+# Each list of choices, written once: validation, the help texts (so docs/configuration.md's reference) and the
 # registries (datasets, critics) all follow it. choice -> what it means ("" when its name says it).
 CHOICE_HELP: dict[str, dict[str, str]] = {
     "run.precision": {"auto": "the hardware decides, unless accelerate launch gives bf16/fp16", "no": "", "bf16": "",
@@ -160,8 +160,7 @@ class ModelConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = _choice("objective.name", "contrastive", "training objective: ")
-    bound: str = _choice("objective.bound", "infonce", "MI lower bound maximised: ", " (see README: Objectives and "
-                                                                                     "bounds)")
+    bound: str = _choice("objective.bound", "infonce", "MI lower bound maximised: ", " (see docs/objectives.md)")
     graph: str = _choice("objective.graph", "full", "which view pairs: ")
     critic: str = _choice("objective.critic", "cosine", "contrastive: ")
     temperature: float = _f(0.1, "temperature of the cosine critic: score = cos(z_a, z_b) / temperature", gt=0)
@@ -305,7 +304,7 @@ def _cell(text: str) -> str:
 
 
 def reference_markdown() -> str:
-    """The README's config reference table, generated from the dataclasses."""
+    """The config reference (docs/configuration.md) table, generated from the dataclasses."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for section in dataclasses.fields(Config):
         cls = type(section.default_factory())  # type: ignore[misc]

@@ -1,6 +1,6 @@
 """Faults a user can cause, each reproduced: what infomax does must be one clear line and no lost work.
 
-The README's table "Faults and what happens" lists these tests."""
+docs/faults.md, "Faults and what happens", lists these tests."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def test_resuming_under_another_world_size_is_refused_naming_both(run_dir: Path)
                 "--mixed_precision", "no", "--dynamo_backend", "no"]
     proc = run_main(f"run.dir={run_dir}", "run.max_steps=8", *FAST, launcher=launcher, check=False)
     assert proc.returncode != 0
-    # One line per rank, the same on each; the launcher's ChildFailedError report follows (README, fault table).
+    # One line per rank, the same on each; the launcher's ChildFailedError report follows (docs/faults.md).
     errors = {line for line in proc.stderr.splitlines() if line.startswith("error:")}
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "step_00000004 was saved by 1 process(es) and is resumed on 2" in errors.pop()

@@ -75,7 +75,7 @@ def ranks_of(launcher: subprocess.Popen) -> list[int]:
 def test_the_imagenet_config_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
     data, beton, run_dir = tmp_path / "imagenet", tmp_path / "train.beton", tmp_path / "run"
     write_image_folder(data)
-    # 1. the .beton, as README "ImageNet on GPUs with FFCV" writes it
+    # 1. the .beton, as README.md and docs/slurm.md write it
     proc = subprocess.run([sys.executable, "-m", "pretrain.data.beton", "--dataset", "imagefolder", "--root", str(data),
                            "--split", "train", "--out", str(beton), "--workers", "2"], capture_output=True, text=True,
                           timeout=600, cwd=REPO)
