@@ -5,7 +5,7 @@ before they copy: in a training step each one is a host sync, as an ``.item()`` 
 draws (crop boxes, jitter factors, the rows a colour step acts on) are made on the host, so they travel
 with :func:`send`: a pinned, non-blocking copy that the stream orders after the work queued before it.
 Constants (normalisation means, colour matrices) are sent once per device and dtype (:func:`constant`).
-tests/test_nccl_rules.py counts the blocking copies of a whole step on fake ``cuda`` tensors.
+tests/test_gpu_rules.py counts the blocking copies of a whole step on fake ``cuda`` tensors.
 """
 
 from __future__ import annotations

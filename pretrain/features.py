@@ -17,6 +17,7 @@ from torch import nn
 
 from pretrain.data import ImageDataset, build_eval_transform
 from pretrain.data.multiview import load_readable
+from pretrain.device import send
 from pretrain.knn import knn_predict
 from pretrain.online_probe import probe_accuracy
 
@@ -133,8 +134,8 @@ def extract_features(encoder: nn.Module, dataset: torch.utils.data.Dataset, acce
     with eval_mode(encoder):
         for x, y, i in loader:
             with accelerator.autocast():
-                out = encoder(input_fn(x.to(accelerator.device))).float()
-            rows = (out, y.to(accelerator.device, non_blocking=True), i.to(accelerator.device, non_blocking=True))
+                out = encoder(input_fn(send(x, accelerator.device))).float()
+            rows = (out, send(y, accelerator.device), send(i, accelerator.device))
             for kept, part in zip(gather_rows(accelerator, *rows, batch_size) if shard else rows,
                                    (feats, labels, positions)):
                 part.append(keep(kept))
@@ -175,12 +176,12 @@ def beton_features(encoder: nn.Module, path: str, size: int, crop_ratio: float, 
                                "label": [IntDecoder(), ToTensor(), Squeeze(1)]})
     normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean or info.mean),
                                                                                list(std or info.std))])
-    raw = torch.arange(-(-info.count // world) * world)[rank::world].to(accelerator.device)
+    raw = send(torch.arange(-(-info.count // world) * world)[rank::world], accelerator.device)
     shard = raw % info.count  # this rank's positions, in order
     feats, labels, positions, done = [], [], [], 0
     with eval_mode(encoder):
         for image, label in loader:
-            x = normalise(image[:, : info.channels].to(accelerator.device))
+            x = normalise(send(image[:, : info.channels], accelerator.device))
             with accelerator.autocast():
                 out = encoder(input_fn(x)).float()
             where = shard[done : done + len(out)]
@@ -188,9 +189,9 @@ def beton_features(encoder: nn.Module, path: str, size: int, crop_ratio: float, 
             if keep_shard:  # drop the repeats that even the shards: each image stays on one rank
                 own = raw[done - len(out) : done] < info.count
                 feats.append(out[own])
-                labels.append(label.to(accelerator.device, non_blocking=True)[own].long())
+                labels.append(send(label, accelerator.device)[own].long())
                 continue
-            for kept, part in zip(gather_rows(accelerator, out, label.to(accelerator.device).long(), where, batch_size),
+            for kept, part in zip(gather_rows(accelerator, out, send(label, accelerator.device).long(), where, batch_size),
                                   (feats, labels, positions)):
                 part.append(kept.cpu())
     if keep_shard:

@@ -205,3 +205,31 @@ def test_nccl_checkpoint_agreement_on_resume_sends_host_data_only_as_objects(tmp
         state, path = resumable.resume("start afresh")
         assert state["note"] == "host data" and path.name == "step_00000005"
     assert rules.collectives["broadcast_object_list"] == 2 and rules.collectives["all_gather_object"] == 2
+
+
+def test_nccl_cmc_export_is_scored_on_the_device_with_its_views_concatenated(tmp_path) -> None:
+    """A CMC export (an L encoder, its ab encoder beside it) as the imagenet protocol scores it: both encoders
+    loaded from the export onto the device, each reading its own Lab channels of the loaded RGB batches, the
+    concatenated features kept as this rank's kNN bank on the device and scored across ranks there; the
+    batches reach the device without making the host wait."""
+    from eval.rows import all_views, knn_top1
+    from pretrain.export import export_encoder, load_encoder, load_view_encoders
+    from pretrain.features import extract_features
+    from pretrain.models import create_encoder
+
+    encoders = [(create_encoder("resnet18", chans, True, 1, {"channels": (8, 8, 8, 8)}), chans, transform)
+                for chans, transform in ((1, "lab_L"), (2, "lab_ab"))]
+    export_encoder(encoders[0][0], tmp_path, arch="resnet18", in_chans=1, input_size=16, mean=[0.5] * 3,
+                   std=[0.25] * 3, small_input=True, timm_kwargs={"channels": (8, 8, 8, 8)}, summary={},
+                   input_transform="lab_L", view_encoders=encoders[1:])
+    images = _Labelled(40)
+    images.x = torch.rand(40, 3, 16, 16)  # RGB: the eval splits each batch into L and ab itself
+    with fake_nccl_accelerator() as (accelerator, rules):
+        encoder, meta = load_encoder(tmp_path)
+        model, _ = all_views(encoder, meta, load_view_encoders(tmp_path, meta))
+        model = model.to(accelerator.device).eval()
+        rules.reset()
+        bank, labels = extract_features(model, images, accelerator, batch_size=8, keep_shard=True)
+        assert bank.device == CUDA and bank.shape == (20, 16)  # 8 L features + 8 ab features
+        top1 = knn_top1((bank, labels), (torch.rand(30, 16), torch.arange(30) % 3), [5], 0.1, 3, bank_sharded=True)
+    assert set(top1) == {"5"} and rules.collectives["allgather_"] == 2 and rules.blocking_copies == []
