@@ -191,8 +191,8 @@ def beton_features(encoder: nn.Module, path: str, size: int, crop_ratio: float, 
                 feats.append(out[own])
                 labels.append(send(label, accelerator.device)[own].long())
                 continue
-            for kept, part in zip(gather_rows(accelerator, out, send(label, accelerator.device).long(), where, batch_size),
-                                  (feats, labels, positions)):
+            rows = gather_rows(accelerator, out, send(label, accelerator.device).long(), where, batch_size)
+            for kept, part in zip(rows, (feats, labels, positions)):
                 part.append(kept.cpu())
     if keep_shard:
         return torch.cat(feats), torch.cat(labels)
