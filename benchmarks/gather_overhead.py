@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pretrain.config import ModelConfig, ObjectiveConfig
-from pretrain.models import MultiViewModel
-from pretrain.objectives import build_objective, contrastive
+from infomax.config.pretrain import ModelConfig, ObjectiveConfig
+from infomax.method.models import MultiViewModel
+from infomax.method.objectives import build_objective, contrastive
 
 WORLD = 2
 

@@ -81,7 +81,7 @@ def main() -> None:
     if not data.is_dir():
         write_image_folder(data, args.images)
     if loader and not beton.is_file():
-        subprocess.run([sys.executable, "-m", "pretrain.data.beton", "--dataset", "imagefolder", "--root", str(data),
+        subprocess.run([sys.executable, "-m", "infomax.data.beton", "--dataset", "imagefolder", "--root", str(data),
                         "--out", str(beton)], check=True, cwd=REPO)
     print(f"data: {args.images} images, {'a .beton' if loader else 'FFCV missing: torchvision per image'} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)

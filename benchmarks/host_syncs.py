@@ -2,7 +2,7 @@
 
 Runs pretraining's step (views drawn per batch with every colour step, the model, MoCo's momentum keys and
 queue, the objective, the step's agreement) on fake ``cuda`` tensors in a fake 2-rank NCCL group
-(pretrain/gpu_rehearsal.py), and counts each read back to the host and each blocking host-to-device copy. Then
+(infomax/runtime/gpu_rehearsal.py), and counts each read back to the host and each blocking host-to-device copy. Then
 the same for torch's SyncBatchNorm (model.sync_bn on GPUs), which we do not own. The backward pass cannot
 run on fake ``cuda`` tensors on a CPU build, so it is not counted.
 
@@ -15,14 +15,14 @@ import argparse
 
 import torch
 
-from pretrain.config import ModelConfig, ObjectiveConfig, ViewConfig
-from pretrain.data.batch_views import BatchViews
-from pretrain.distributed import sync_batchnorm
-from pretrain.engine import train_step
-from pretrain.gpu_rehearsal import CUDA, fake_nccl, fake_nccl_accelerator
-from pretrain.models import MultiViewModel
-from pretrain.momentum import MomentumKeys
-from pretrain.objectives import build_objective
+from infomax.config.pretrain import ModelConfig, ObjectiveConfig, ViewConfig
+from infomax.data.batch_views import BatchViews
+from infomax.method.models import MultiViewModel
+from infomax.method.momentum import MomentumKeys
+from infomax.method.objectives import build_objective
+from infomax.runtime.distributed import sync_batchnorm
+from infomax.runtime.gpu_rehearsal import CUDA, fake_nccl, fake_nccl_accelerator
+from infomax.train.engine import train_step
 
 
 def step_syncs(arch: str, size: int, batch: int) -> tuple[int, int]:

@@ -39,13 +39,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pretrain.config import ViewConfig
-from pretrain.data import MultiViewDataset, build_view_transform
-from pretrain.data.batch_views import BatchViews
-from pretrain.data.beton import parse_args as beton_args
-from pretrain.data.beton import validate, write_beton
-from pretrain.data.datasets import ImageFolder
-from pretrain.data.ffcv_loader import FFCVMultiViewLoader
+from infomax.config.pretrain import ViewConfig
+from infomax.data import MultiViewDataset, build_view_transform
+from infomax.data.batch_views import BatchViews
+from infomax.data.beton import parse_args as beton_args
+from infomax.data.beton import validate, write_beton
+from infomax.data.datasets import ImageFolder
+from infomax.data.ffcv_loader import FFCVMultiViewLoader
 
 
 def cpu_seconds() -> float:

@@ -8,7 +8,7 @@ on a GPU machine, the cards first. Honours ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_
 AVX2 run names itself as one.
 """
 
-from pretrain.hardware import choose_precision, describe_machine
+from infomax.runtime.hardware import choose_precision, describe_machine
 
 if __name__ == "__main__":
     print(f"{describe_machine()}; run.precision=auto -> {choose_precision('auto').line()}")

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pretrain import bounds
+from infomax.method import bounds
 
 ALL_ESTIMATORS = "infonce,nwj,dv,mine,js,js_nwj,smile5,smile1,ba"
 

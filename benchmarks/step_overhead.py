@@ -22,10 +22,10 @@ from accelerate import Accelerator
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
-from pretrain.config import ModelConfig, ObjectiveConfig
-from pretrain.engine import train_step
-from pretrain.models import MultiViewModel
-from pretrain.objectives import build_objective
+from infomax.config.pretrain import ModelConfig, ObjectiveConfig
+from infomax.method.models import MultiViewModel
+from infomax.method.objectives import build_objective
+from infomax.train.engine import train_step
 
 
 def bare_step(model, optimizer, views, temperature: float) -> None:

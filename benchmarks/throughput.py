@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/throughput.py cpu-split --steps 20 --rounds 3 [overrides of configs/fmnist_cpu.yaml]
 
 ``train-step`` (the default when no subcommand is named; gpu_check.sh runs it): images/s of
-pretrain.engine.train_step on synthetic in-memory batches (no loader), the median over 10-step windows
+infomax.train.engine.train_step on synthetic in-memory batches (no loader), the median over 10-step windows
 after warm-up; with --json PATH it also writes the figures.
 
 ``encoders`` (encoder_cost.py before issue 28.8): the cost of one training step (forward + backward of 2
@@ -38,10 +38,10 @@ import torch
 from accelerate import Accelerator
 from timm.optim import create_optimizer_v2
 
-from pretrain.config import ModelConfig, ObjectiveConfig
-from pretrain.engine import train_step
-from pretrain.models import MultiViewModel
-from pretrain.objectives import build_objective
+from infomax.config.pretrain import ModelConfig, ObjectiveConfig
+from infomax.method.models import MultiViewModel
+from infomax.method.objectives import build_objective
+from infomax.train.engine import train_step
 
 REPO = Path(__file__).resolve().parents[1]
 

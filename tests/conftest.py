@@ -37,7 +37,7 @@ def main_in_process(capsys: pytest.CaptureFixture, *overrides: str, config: Path
     import (seconds) for each case. The real process's exit code and stderr are tested in test_config.py."""
     from accelerate.state import AcceleratorState
 
-    from pretrain.main import main
+    from infomax.train.main import main
 
     # accelerate's state is one per process: another test's Accelerator(cpu=True) would refuse this run's
     # precision, and this run's must not reach the tests after it.
@@ -106,9 +106,9 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
 def synthetic_views(n: int, image_size: int):
     """``n`` synthetic training images (8 classes, ``image_size`` px) through the default training view
     (a 32 px crop): the input of the eval stage's SGD fits in unit tests."""
-    from pretrain.config import ViewConfig
-    from pretrain.data import MultiViewDataset, build_view_transform
-    from pretrain.data.datasets import open_dataset
+    from infomax.config.pretrain import ViewConfig
+    from infomax.data import MultiViewDataset, build_view_transform
+    from infomax.data.datasets import open_dataset
 
     images = open_dataset("synthetic", "train", synthetic_size=n, synthetic_image_size=image_size)
     return MultiViewDataset(images, [build_view_transform(ViewConfig(), 3, images.mean, images.std)], seed=0)
@@ -145,7 +145,7 @@ def spawn_ranks(worker, tmp_path: Path, *args, nprocs: int = 2) -> None:
 def contrastive(temperature: float, bound: str = "infonce", *, num_views: int = 2, dim: int = 128, **options):
     """The contrastive objective as a run builds it, from ``objective.*`` settings (``options``: queue_size, critic,
     intra_view_negatives, nn_support_size, debias_tau_plus, graph, ...) for ``num_views`` views of ``dim``."""
-    from pretrain.config import ObjectiveConfig
-    from pretrain.objectives import build_objective
+    from infomax.config.pretrain import ObjectiveConfig
+    from infomax.method.objectives import build_objective
 
     return build_objective(ObjectiveConfig(temperature=temperature, bound=bound, **options), num_views, dim)

@@ -11,9 +11,9 @@ import torch.distributed as dist
 from torch import nn
 
 from conftest import REPO, run_main, spawn_ranks
-from pretrain.config import ModelConfig
-from pretrain.models import LocalGlobalModel
-from pretrain.objectives import AMDIMObjective, DIMObjective, multi_positive_nce
+from infomax.config.pretrain import ModelConfig
+from infomax.method.models import LocalGlobalModel
+from infomax.method.objectives import AMDIMObjective, DIMObjective, multi_positive_nce
 
 B, WORLD = 4, 2
 

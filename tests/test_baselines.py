@@ -13,13 +13,13 @@ from accelerate import Accelerator
 from test_eval import export_dir, report_of, run_eval  # noqa: F401 (fixture)
 
 from conftest import synthetic_views
-from eval.classifier import FitOutcome, SGDSchedule, fit_classifier
-from eval.config import EvalConfig, validate_eval
-from eval.rows import pretrain_epochs
-from eval.stored_baselines import alexnet_protocol, data_fingerprint, find_stored, store_dir
-from pretrain.checkpoint import Progress
-from pretrain.config import load_config
-from pretrain.data.datasets import FMNIST_DEFAULT_ROOT, open_dataset
+from infomax.config.eval import EvalConfig, validate_eval
+from infomax.config.pretrain import load_config
+from infomax.data.datasets import FMNIST_DEFAULT_ROOT, open_dataset
+from infomax.eval.classifier import FitOutcome, SGDSchedule, fit_classifier
+from infomax.eval.rows import pretrain_epochs
+from infomax.eval.stored_baselines import alexnet_protocol, data_fingerprint, find_stored, store_dir
+from infomax.runtime.checkpoint import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 ALEXNET = ["baselines.alexnet_supervised=true", "baselines.alexnet_global_batch_size=16", "random_init=false",
@@ -29,7 +29,7 @@ ALEXNET = ["baselines.alexnet_supervised=true", "baselines.alexnet_global_batch_
 def test_converged_means_early_stopped_or_a_plateau_and_the_label_says_what_stopped_it() -> None:
     """Issue 26: a fit that ran to its epoch cap used to be called "converged" because its last point was
     not a new best; now it is labelled by what stopped it, and converged only on a stated plateau."""
-    from eval.classifier import fit_label
+    from infomax.eval.classifier import fit_label
 
     p = Progress()
     rising = FitOutcome(p, [(1, 0.5), (2, 0.6), (3, 0.7)], 1.0, False)
@@ -146,9 +146,9 @@ def test_the_demo_finds_the_stored_converged_alexnet() -> None:
 def test_the_demo_finds_the_stored_supervised_encoder() -> None:
     """`make baselines-encoder` stores the demo encoder's supervised row: a fresh clone's `make demo` must find it
     from what its export will record (architecture, input, epochs), without training."""
-    from eval.rows import supervised_encoder_protocol
-    from pretrain.data.datasets import FashionMNIST
-    from pretrain.models import width_kwargs
+    from infomax.data.datasets import FashionMNIST
+    from infomax.eval.rows import supervised_encoder_protocol
+    from infomax.method.models import width_kwargs
 
     demo = load_config(str(REPO / "configs" / "fmnist_cpu.yaml"))
     m = demo.model

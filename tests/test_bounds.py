@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pretrain import bounds
+from infomax.method import bounds
 
 D, K, BATCHES = 20, 64, 2000
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, contrastive, run_main
-from pretrain.data.colour import LAB_MEAN, LAB_STD, lab_to_rgb, rgb_to_lab, split_lab
-from pretrain.objectives import view_pairs
+from infomax.data.colour import LAB_MEAN, LAB_STD, lab_to_rgb, rgb_to_lab, split_lab
+from infomax.method.objectives import view_pairs
 
 
 def naive_loss(z: list[torch.Tensor], pairs: list[tuple[int, int]], t: float) -> torch.Tensor:
@@ -69,7 +69,7 @@ def test_cmc_lab_config_pretrains_one_encoder_per_channel_group(run_dir: Path) -
     assert ab["in_chans"] == 2 and ab["input_transform"] == "lab_ab" and ab["file"] == "encoder_view1.safetensors"
     import timm
 
-    from pretrain.export import load_encoder, load_view_encoders
+    from infomax.export.encoder import load_encoder, load_view_encoders
 
     L, _ = load_encoder(run_dir / "export")
     ((_, ab_encoder),) = load_view_encoders(run_dir / "export", meta)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO, main_in_process, run_main
-from pretrain.config import Config, ConfigError, load_config, reference_markdown
+from infomax.config.pretrain import Config, ConfigError, load_config, reference_markdown
 
 
 def test_defaults_and_file_and_overrides_merge() -> None:
@@ -56,8 +56,8 @@ def test_a_range_declared_in_field_metadata_is_refused_with_its_key() -> None:
     through nested configs and lists of them: a schema of its own gets the same checks with no code of its own."""
     from dataclasses import dataclass
 
-    from eval.config import EvalConfig, validate_eval
-    from pretrain.config import _f, check_fields
+    from infomax.config.eval import EvalConfig, validate_eval
+    from infomax.config.pretrain import _f, check_fields
 
     @dataclass
     class Inner:
@@ -166,13 +166,13 @@ def test_every_field_has_help_and_readme_reference_is_current() -> None:
     table = reference_markdown()
     assert all(re.search(r"\| [^|]+ \|$", row) for row in table.splitlines() if row.startswith("| `"))
     reference = (REPO / "docs" / "configuration.md").read_text()
-    assert table in reference, "docs/configuration.md is stale: paste the output of `python -m pretrain.config`"
+    assert table in reference, "docs/configuration.md is stale: paste the output of `python -m infomax.config.pretrain`"
     assert all(reference.count(row) == 1 for row in table.splitlines() if row.startswith("| `")), \
         "a key's row is in docs/configuration.md twice"
 
 
 def test_shipped_configs_validate() -> None:
-    from eval.config import EvalConfig, validate_eval
+    from infomax.config.eval import EvalConfig, validate_eval
 
     for path in (REPO / "configs").glob("*.yaml"):
         if path.name.startswith(("probe_", "baselines_")):  # eval-stage configs have their own schema
@@ -187,14 +187,14 @@ def test_shipped_configs_validate() -> None:
     ("precision=fp8", r"'precision': 'fp8' is not one of auto, no, bf16, fp16"),
 ])
 def test_bad_eval_values_name_the_key(override: str, pattern: str) -> None:
-    from eval.config import EvalConfig, validate_eval
+    from infomax.config.eval import EvalConfig, validate_eval
 
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, ["weights=[runs/x/export]", override], schema=EvalConfig, check=validate_eval)
 
 
 def test_lr_scaling_makes_one_config_right_for_any_process_count() -> None:
-    from pretrain.config import effective_lr
+    from infomax.config.pretrain import effective_lr
 
     optim = load_config(None, ["optim.lr=0.3", "optim.lr_scaling=linear"]).optim
     assert effective_lr(optim, 2048) == pytest.approx(2.4) and effective_lr(optim, 512) == pytest.approx(0.6)
@@ -217,7 +217,7 @@ def test_effective_lr_is_printed_and_used(run_dir: Path) -> None:
 def test_unquoted_no_is_the_precision_choice_not_false(tmp_path: Path) -> None:
     """YAML 1.1 reads `no` as false; `run.precision=no` (and `precision: no` in a file) must still mean no,
     while a bool field still takes yes/no (OmegaConf's conversion)."""
-    from eval.config import EvalConfig, validate_eval
+    from infomax.config.eval import EvalConfig, validate_eval
 
     assert load_config(None, ["run.precision=no"]).run.precision == "no"
     (tmp_path / "c.yaml").write_text("run:\n  precision: no\n")
@@ -241,18 +241,18 @@ def test_every_list_of_choices_has_one_source() -> None:
     """CHOICES is the list; the dataset registry, the critics, the eval schema and each help text follow it."""
     import dataclasses
 
-    from eval.config import EvalConfig, validate_eval
-    from pretrain.config import CHOICES, Config, choices_help
-    from pretrain.critics import CRITICS
-    from pretrain.data.datasets import REGISTRY
+    from infomax.config.eval import EvalConfig, validate_eval
+    from infomax.config.pretrain import CHOICES, Config, choices_help
+    from infomax.data.datasets import REGISTRY
+    from infomax.method.critics import CRITICS
 
     assert tuple(REGISTRY) == CHOICES["data.dataset"] and CRITICS == CHOICES["objective.critic"]
     for key in CHOICES:
         section, name = key.split(".")
         field = {f.name: f for f in dataclasses.fields(getattr(Config(), section))}[name]
         assert choices_help(key) in field.metadata["help"], key  # the help text lists them from CHOICES
-    from eval.config import EVAL_CHOICES
-    from eval.main import PROTOCOLS
+    from infomax.config.eval import EVAL_CHOICES
+    from infomax.eval.main import PROTOCOLS
 
     assert tuple(PROTOCOLS) == tuple(EVAL_CHOICES["protocol"])  # every protocol has its report description
     for key in EVAL_CHOICES:
@@ -268,10 +268,10 @@ def test_artefacts_of_an_older_version_are_refused_in_one_line(tmp_path: Path) -
     """Issue 28.5: no compatibility shims in a v0.1. A run dir whose config.yaml has a key this version does
     not know (optim.batch_size, renamed), a saved config with one, a checkpoint without a manifest and an export
     without the keys this version records are each said to come from an older version."""
-    from pretrain.checkpoint import read_intact
-    from pretrain.config import from_yaml, to_yaml
-    from pretrain.export import META, DamagedExport, read_meta
-    from pretrain.run_dir import MARKER, RunDirError, check_run_dir
+    from infomax.config.pretrain import from_yaml, to_yaml
+    from infomax.export.encoder import META, DamagedExport, read_meta
+    from infomax.runtime.checkpoint import read_intact
+    from infomax.runtime.run_dir import MARKER, RunDirError, check_run_dir
 
     cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", "optim.batch_size_per_process=64"])
     old_yaml = to_yaml(cfg).replace("batch_size_per_process: 64", "batch_size: 64")
@@ -304,7 +304,7 @@ def test_a_checkpoint_part_laid_out_by_an_older_version_is_refused_in_one_line(t
     """The contrastive objective's queue moved under its candidates (issue 28.3): a checkpoint whose objective
     state has the old layout (``queue.queue``) is refused in one line naming the keys, not loaded half."""
     from conftest import contrastive
-    from pretrain.checkpoint import PartMismatch, load_part
+    from infomax.runtime.checkpoint import PartMismatch, load_part
 
     objective = contrastive(0.2, queue_size=8, dim=4)
     old = {k.removeprefix("candidates."): v for k, v in objective.state_dict().items()}
@@ -317,7 +317,7 @@ def test_a_checkpoint_part_laid_out_by_an_older_version_is_refused_in_one_line(t
 @pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_every_shipped_config_loads_and_validates(path: str) -> None:
     """A shipped config that fails its own validation would be the first thing a user runs into."""
-    from eval.config import EvalConfig, validate_eval
+    from infomax.config.eval import EvalConfig, validate_eval
 
     file = str(REPO / "configs" / path)
     if path.startswith("probe_"):  # the exports to probe come from the command line

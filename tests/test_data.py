@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from conftest import run_main
-from pretrain.config import ViewConfig, load_config
-from pretrain.data import DataError, MultiViewDataset, build_dataset, build_view_transform, collate_skipped
-from pretrain.data.datasets import FMNIST_DEFAULT_ROOT, ImageFolder, Synthetic, spaced_subset
+from infomax.config.pretrain import ViewConfig, load_config
+from infomax.data import DataError, MultiViewDataset, build_dataset, build_view_transform, collate_skipped
+from infomax.data.datasets import FMNIST_DEFAULT_ROOT, ImageFolder, Synthetic, spaced_subset
 
 
 def make_imagefolder(root: Path, good_per_class: int = 12, corrupt: int = 3) -> list[Path]:
@@ -85,7 +85,7 @@ def test_fashion_mnist_reads_the_real_idx_files() -> None:
 def test_in_memory_batches_are_transformed_exactly_as_single_images(size: int, crop_ratio: float) -> None:
     """The eval transform on a whole Fashion-MNIST batch (``load_many``) gives each image's per-item
     result bit for bit, through a Subset (the kNN monitor's) too, and the DataLoader takes that path."""
-    from pretrain.features import ImageListDataset, _WithPosition
+    from infomax.features.extract import ImageListDataset, _WithPosition
 
     test = build_dataset(load_config(None, ["data.dataset=fashion_mnist"]), "test")
     for base in (test, spaced_subset(test, 135, offset=5000)):
@@ -132,7 +132,7 @@ def test_training_on_imagefolder_skips_and_reports_corrupt_files(tmp_path: Path)
 
 
 def test_unreadable_images_are_counted_once_each() -> None:
-    from pretrain.checkpoint import Progress
+    from infomax.runtime.checkpoint import Progress
 
     progress = Progress()
     progress.note_unreadable(["a.jpg", "b.jpg", "a.jpg"])  # b.jpg retried past a bad neighbour
@@ -153,8 +153,8 @@ def test_val_split_without_a_readable_image_is_one_line_at_start(tmp_path: Path)
 
 
 def test_knn_monitor_queries_are_never_bank_images(tmp_path: Path) -> None:
-    from pretrain.data.datasets import disjoint_subsets
-    from pretrain.data.train_loader import build_knn_sets
+    from infomax.data.datasets import disjoint_subsets
+    from infomax.data.train_loader import build_knn_sets
 
     base = Synthetic(1300, 4, 8, seed=0)
     for n_bank, n_queries in ((500, 200), (5000, 1000), (1300, 1300), (10, 5)):
@@ -169,7 +169,7 @@ def test_knn_monitor_queries_are_never_bank_images(tmp_path: Path) -> None:
 
 
 def test_batch_views_depend_only_on_seed_epoch_batch_and_rank() -> None:
-    from pretrain.data.batch_views import BatchViews
+    from infomax.data.batch_views import BatchViews
 
     images = Synthetic(16, 4, 12, seed=0)
     x = torch.stack([images.load(i)[0] for i in range(16)])
@@ -203,7 +203,7 @@ def power_of(out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 def grey_ramps_jittered(path: str, **jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
     """8 identical 8 x 8 grey ramps in [0, 1] and the same ramps after a view whose only jitter is ``jitter``
     (crop of the whole image, no flip, brightness and contrast 0), on the batch or the loader path."""
-    from pretrain.data.batch_views import BatchViews
+    from infomax.data.batch_views import BatchViews
 
     view = ViewConfig(size=8, crop_scale_min=1.0, flip_p=0.0, brightness=0.0, contrast=0.0, **{"jitter_p": 1.0, **jitter})
     x = (torch.linspace(0, 1, 64).view(1, 1, 8, 8).repeat(8, 1, 1, 1) * 255).round().to(torch.uint8)
@@ -225,7 +225,7 @@ def test_gamma_raises_each_image_to_one_power_within_its_strength(path: str) -> 
 
 
 def test_tone_curve_is_monotone_onto_and_bends_by_its_slopes() -> None:
-    from pretrain.data.transforms import random_tone_slopes, tone_curve
+    from infomax.data.transforms import random_tone_slopes, tone_curve
 
     x = torch.linspace(0, 1, 101).repeat(6, 1)
     slopes = random_tone_slopes(6, 1.0, torch.Generator().manual_seed(0))
@@ -256,8 +256,8 @@ def test_batch_blur_is_torchvisions_gaussian_blur_per_image() -> None:
     padding included); with blur_p=0.5 the others are left exactly as they were."""
     from torchvision.transforms import v2
 
-    from pretrain.data.batch_views import blur
-    from pretrain.data.transforms import blur_kernel_size
+    from infomax.data.batch_views import blur
+    from infomax.data.transforms import blur_kernel_size
 
     x = torch.rand(16, 3, 64, 64)  # 3 channels: each image's kernel must reach each of its channels
     view = ViewConfig(size=64, blur_p=0.5, blur_sigma_max=3.0)
@@ -284,8 +284,8 @@ def test_batch_solarize_is_torchvisions_per_image_and_keeps_the_stream_when_off(
     >= 128 become 255 - x) or untouched, as its draw says; with solarize_p=0 nothing is drawn."""
     from torchvision.transforms import v2
 
-    from pretrain.data.batch_views import solarize
-    from pretrain.data.transforms import random_colour_steps
+    from infomax.data.batch_views import solarize
+    from infomax.data.transforms import random_colour_steps
 
     x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     view = ViewConfig(size=8, jitter_p=0.0, solarize_p=0.5)
@@ -305,7 +305,7 @@ def test_batch_solarize_is_torchvisions_per_image_and_keeps_the_stream_when_off(
 def test_batch_views_draw_as_before_for_recipes_without_blur_or_tone() -> None:
     """Blur, tone and solarize draw from the view generator only when asked, so older recipes keep their
     views (and resumed runs of them their exact stream): a recipe with all three off equals one built by hand."""
-    from pretrain.data.batch_views import BatchViews, batch_seed, jitter, random_resized_crop_flip
+    from infomax.data.batch_views import BatchViews, batch_seed, jitter, random_resized_crop_flip
 
     x = (torch.rand(8, 1, 12, 12) * 255).to(torch.uint8)
     views = [ViewConfig(size=10, crop_scale_min=0.3, flip_p=0.5, gamma=1.0), ViewConfig(size=8, contrast=0.8)]
@@ -324,7 +324,7 @@ def test_batch_jitter_on_rgb_is_torchvisions_colour_jitter_per_image() -> None:
     undrawn images are left as they were."""
     from torchvision.transforms.v2 import functional as TF
 
-    from pretrain.data.batch_views import jitter
+    from infomax.data.batch_views import jitter
 
     x = torch.rand(16, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     view = ViewConfig(size=12, jitter_p=0.5, brightness=0.4, contrast=0.4, saturation=0.6, hue=0.3)
@@ -349,7 +349,7 @@ def test_batch_jitter_on_grey_images_orders_brightness_and_contrast_per_image() 
     The two orders differ where the brightness clamps, so both are checked to occur."""
     from torchvision.transforms.v2 import functional as TF
 
-    from pretrain.data.batch_views import jitter
+    from infomax.data.batch_views import jitter
 
     x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     out = jitter(x, ViewConfig(size=8, jitter_p=1.0, brightness=0.8, contrast=0.8), torch.Generator().manual_seed(5))
@@ -368,7 +368,7 @@ def test_batch_jitter_on_grey_images_orders_brightness_and_contrast_per_image() 
 def test_batch_grayscale_is_torchvisions_per_image_and_grey_images_draw_nothing() -> None:
     from torchvision.transforms.v2 import functional as TF
 
-    from pretrain.data.batch_views import grayscale
+    from infomax.data.batch_views import grayscale
 
     x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     out = grayscale(x, ViewConfig(size=8, grayscale_p=0.5), torch.Generator().manual_seed(2))
@@ -387,7 +387,7 @@ def test_ffcv_crops_get_the_batch_paths_colour_steps_in_one_pass() -> None:
     FFCV normalised alone. Without colour steps it is exactly the recipe's ToDtype + Normalize."""
     from torchvision.transforms import v2
 
-    from pretrain.data.batch_views import BatchViews, batch_seed, colour_steps
+    from infomax.data.batch_views import BatchViews, batch_seed, colour_steps
 
     plain = ViewConfig(size=8, jitter_p=0.0, grayscale_p=0.0)
     jittered = ViewConfig(size=8, jitter_p=1.0, brightness=0.4, contrast=0.2, saturation=0.4, hue=0.1, blur_p=0.5)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from conftest import contrastive, free_port, spawn_ranks
-from pretrain.objectives import contrastive as contrastive_module
+from infomax.method.objectives import contrastive as contrastive_module
 
 B, WORLD = 4, 2
 
@@ -101,7 +101,7 @@ def tiny_bn_model() -> nn.Module:
 
 
 def _bn_worker(rank: int, tmp: str, global_bn: bool) -> None:
-    from pretrain.distributed import convert_global_batchnorm
+    from infomax.runtime.distributed import convert_global_batchnorm
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     model = tiny_bn_model()
@@ -135,7 +135,7 @@ def test_batchnorm_over_two_cpu_ranks_matches_one_process(tmp_path: Path, global
 
 
 def _offset_bn_worker(rank: int, tmp: str) -> None:
-    from pretrain.distributed import GlobalBatchNorm
+    from infomax.runtime.distributed import GlobalBatchNorm
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     y = GlobalBatchNorm(3)(offset_batch()[rank * B : (rank + 1) * B])
@@ -160,8 +160,8 @@ def test_global_batchnorm_keeps_fp32_variance_when_the_mean_is_large(tmp_path: P
 def test_global_batchnorm_refuses_batchnorm_subclasses_it_would_strip() -> None:
     from timm.layers import BatchNormAct2d
 
-    from pretrain.config import ConfigError
-    from pretrain.distributed import GlobalBatchNorm, convert_global_batchnorm
+    from infomax.config.pretrain import ConfigError
+    from infomax.runtime.distributed import GlobalBatchNorm, convert_global_batchnorm
 
     converted = convert_global_batchnorm(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)))
     assert type(converted[1]) is GlobalBatchNorm
@@ -175,7 +175,7 @@ def test_gpu_sync_batchnorm_keeps_the_activation_of_timms_batchnorm_act() -> Non
     conversion needs no GPU: only running SyncBatchNorm does."""
     from timm.layers import BatchNormAct2d, SyncBatchNormAct
 
-    from pretrain.distributed import sync_batchnorm
+    from infomax.runtime.distributed import sync_batchnorm
 
     def model() -> nn.Module:
         return nn.Sequential(nn.Conv2d(1, 4, 3), BatchNormAct2d(4, act_layer=nn.ReLU), nn.BatchNorm2d(4))
@@ -192,7 +192,7 @@ def test_gpu_sync_batchnorm_keeps_the_activation_of_timms_batchnorm_act() -> Non
 
 
 def test_gather_is_identity_without_process_group() -> None:
-    from pretrain.distributed import gather_with_grad
+    from infomax.runtime.distributed import gather_with_grad
 
     x = torch.randn(3, 2, requires_grad=True)
     assert gather_with_grad(x) is x
@@ -205,7 +205,7 @@ QUEUE = 12  # smaller than 3 global batches of 8: the second push wraps around
 def queue_steps(model: nn.Module, views_per_step: list[list[torch.Tensor]]) -> dict[str, object]:
     """Three optimizer steps with a momentum key model and a queue; the last step's loss and gradients,
     the final queue and the final momentum weights."""
-    from pretrain.momentum import MomentumKeys
+    from infomax.method.momentum import MomentumKeys
 
     raw = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     keys = MomentumKeys(raw, momentum=0.9)
@@ -256,7 +256,7 @@ def test_queue_is_identical_on_every_rank_and_matches_one_process(tmp_path: Path
 
 
 def test_queue_wraps_around_keeping_the_newest_keys() -> None:
-    from pretrain.momentum import KeyQueue
+    from infomax.method.momentum import KeyQueue
 
     q = KeyQueue(num_views=1, size=5, dim=1)
     for start in (0, 3, 6):
@@ -280,7 +280,7 @@ def test_shuffled_bn_computes_each_keys_group_on_its_own_statistics() -> None:
     """Issue 26.3, one process (MoCo's SplitBatchNorm demo): the keys of a random permutation of the batch,
     each group's BatchNorm on its own statistics, come back in the batch's order; a query's positive key is
     not normalised with the statistics of the whole batch it was computed in."""
-    from pretrain.momentum import MomentumKeys
+    from infomax.method.momentum import MomentumKeys
 
     views = global_batch()  # 2 views of 8
     keys = MomentumKeys(_ViewsBN(), 0.99, shuffle_groups=2, seed=3)
@@ -296,7 +296,7 @@ def test_shuffled_bn_computes_each_keys_group_on_its_own_statistics() -> None:
 
 
 def _shuffled_bn_worker(rank: int, tmp: str) -> None:
-    from pretrain.momentum import MomentumKeys
+    from infomax.method.momentum import MomentumKeys
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     local = [v[rank * B : (rank + 1) * B] for v in global_batch()]
@@ -309,7 +309,7 @@ def test_shuffled_bn_over_two_ranks_is_mocos_batch_shuffle(tmp_path: Path) -> No
     """MoCo's _batch_shuffle_ddp: 2 ranks of B, each computing its share of the shuffled global batch on its
     own BatchNorm, return for their own rows exactly the keys of one process splitting the 2B batch into 2
     groups of the same order."""
-    from pretrain.momentum import MomentumKeys
+    from infomax.method.momentum import MomentumKeys
 
     one = MomentumKeys(_ViewsBN(), 0.99, shuffle_groups=WORLD, seed=3)(global_batch(), step=5)
     spawn_ranks(_shuffled_bn_worker, tmp_path, nprocs=WORLD)
@@ -325,10 +325,10 @@ def _key_model_worker(rank: int, tmp: str, port: int) -> None:
     from accelerate.utils import set_seed
 
     from conftest import REPO
-    from pretrain.config import load_config
-    from pretrain.data.train_loader import build_train_data
-    from pretrain.distributed import make_accelerator
-    from pretrain.loop import build_optimizer, build_parts
+    from infomax.config.pretrain import load_config
+    from infomax.data.train_loader import build_train_data
+    from infomax.runtime.distributed import make_accelerator
+    from infomax.train.loop import build_optimizer, build_parts
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -391,7 +391,7 @@ def _monitor_encoder() -> nn.Module:
 def _knn_monitor_worker(rank: int, tmp: str, port: int) -> None:
     from accelerate import Accelerator
 
-    from pretrain.features import knn_monitor
+    from infomax.features.extract import knn_monitor
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -409,7 +409,7 @@ def test_knn_monitor_is_shared_by_the_ranks_and_scores_as_one_process(tmp_path: 
     extracts its share of the batches of 256 (half of them, the last one padded)."""
     from accelerate import Accelerator
 
-    from pretrain.features import knn_monitor
+    from infomax.features.extract import knn_monitor
 
     port = free_port()
     spawn_ranks(_knn_monitor_worker, tmp_path, port, nprocs=WORLD)
@@ -424,8 +424,8 @@ def test_knn_monitor_is_shared_by_the_ranks_and_scores_as_one_process(tmp_path: 
 def _critic_worker(rank: int, tmp: str, port: int) -> None:
     from accelerate import Accelerator
 
-    from pretrain.bounds import MINE
-    from pretrain.distributed import wrap_learned_critic
+    from infomax.method.bounds import MINE
+    from infomax.runtime.distributed import wrap_learned_critic
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -456,7 +456,7 @@ def test_a_learned_critic_is_not_sent_its_buffers_and_mine_follows_the_global_ba
     """Issue 25.8: DDP broadcast a learned critic's buffers from rank 0 before every forward (MoCo's queue: 32 MB
     a step, though every rank already holds the same keys). Now nothing is sent, and MINE's moving average
     follows the whole batch's E_q[e^S], so both ranks keep the one a single process would."""
-    from pretrain.bounds import MINE
+    from infomax.method.bounds import MINE
 
     torch.manual_seed(0)
     S = torch.randn(8, 6)
@@ -476,8 +476,8 @@ def test_a_learned_critic_is_not_sent_its_buffers_and_mine_follows_the_global_ba
 def _sharded_knn_worker(rank: int, tmp: str, port: int) -> None:
     from accelerate import Accelerator
 
-    from pretrain import knn
-    from pretrain.features import extract_features
+    from infomax.features import knn
+    from infomax.features.extract import extract_features
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -498,8 +498,8 @@ def test_eval_knn_keeps_the_bank_split_across_ranks_and_predicts_as_one_process(
     top-k: the same predictions as one process, and no rank holds more than its shard and a chunk."""
     from accelerate import Accelerator
 
-    from pretrain.features import extract_features
-    from pretrain.knn import knn_predict_many
+    from infomax.features.extract import extract_features
+    from infomax.features.knn import knn_predict_many
 
     port = free_port()
     spawn_ranks(_sharded_knn_worker, tmp_path, port, nprocs=WORLD)

@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from conftest import contrastive
-from pretrain.engine import NonFiniteLoss, train_step
+from infomax.train.engine import NonFiniteLoss, train_step
 
 
 def _step(model: nn.Module, views: list[torch.Tensor], skip: bool):
@@ -48,7 +48,7 @@ def test_fp16_scaler_skip_leaves_the_momentum_model_and_the_queue_alone(gradient
     """fp16 on a GPU: GradScaler skips the optimizer step when a gradient is inf/NaN while the loss is finite.
     The EMA key model and the queue must then not move either. Rehearsed on the CPU with torch's CPU
     GradScaler handed to Accelerate and one gradient forced to ``gradient`` (a finite one: everything moves)."""
-    from pretrain.momentum import MomentumKeys
+    from infomax.method.momentum import MomentumKeys
 
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=True)

@@ -18,18 +18,18 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from PIL import Image
 
 from conftest import ALL_CORES, REPO, synthetic_views
-from eval.classifier import FrozenEncoder, LinearProbeModel, SGDSchedule, fit_classifier
-from eval.features import EncoderChanged, assert_unchanged, fingerprint
-from eval.probe import choose_weight_decay, fit_linear, linear_probe, loss_and_grad
-from pretrain.config import ConfigError, ViewConfig
-from pretrain.data import MultiViewDataset
-from pretrain.data.batch_views import BatchViews
-from pretrain.data.datasets import open_dataset, spaced_subset
-from pretrain.export import export_encoder
-from pretrain.features import ImageListDataset
-from pretrain.hardware import choose_precision
-from pretrain.knn import knn_predict_many
-from pretrain.models import create_encoder
+from infomax.config.pretrain import ConfigError, ViewConfig
+from infomax.data import MultiViewDataset
+from infomax.data.batch_views import BatchViews
+from infomax.data.datasets import open_dataset, spaced_subset
+from infomax.eval.classifier import FrozenEncoder, LinearProbeModel, SGDSchedule, fit_classifier
+from infomax.eval.features import EncoderChanged, assert_unchanged, fingerprint
+from infomax.eval.probe import choose_weight_decay, fit_linear, linear_probe, loss_and_grad
+from infomax.export.encoder import export_encoder
+from infomax.features.extract import ImageListDataset
+from infomax.features.knn import knn_predict_many
+from infomax.method.models import create_encoder
+from infomax.runtime.hardware import choose_precision
 
 FAST = ["dataset=synthetic", "synthetic_size=96", "synthetic_image_size=16", "num_workers=0", "probe_steps=20",
         "knn_k=[5]", "baselines.alexnet_supervised=false",
@@ -108,7 +108,7 @@ def test_knn_of_several_k_in_one_pass_votes_as_each_k_alone() -> None:
 def test_channels_last_extraction_keeps_the_weights_and_the_features() -> None:
     from types import SimpleNamespace
 
-    from eval.rows import Rows
+    from infomax.eval.rows import Rows
 
     encoder = create_encoder("test_resnet", 1, True, 2).eval()
     x = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -300,11 +300,11 @@ def test_two_processes_score_the_same_as_one(export_dir: Path, tmp_path: Path, p
 def test_each_export_is_scored_at_its_own_size_and_normalisation(tmp_path: Path, monkeypatch) -> None:
     """weights=[a,b], a 16 px export and a 24 px one with another mean/std: each split of each export is
     read at that export's own size and normalisation, and each row says its input size."""
-    import eval.rows
-    import pretrain.features
-    from eval.config import EvalConfig, validate_eval
-    from eval.main import evaluate
-    from pretrain.config import load_config
+    import infomax.eval.rows
+    import infomax.features.extract
+    from infomax.config.eval import EvalConfig, validate_eval
+    from infomax.config.pretrain import load_config
+    from infomax.eval.main import evaluate
 
     torch.manual_seed(0)
     encoder = create_encoder("test_resnet", 3, small_input=True)
@@ -314,13 +314,13 @@ def test_each_export_is_scored_at_its_own_size_and_normalisation(tmp_path: Path,
                        mean=mean, std=std, small_input=True, summary={"steps": 1})
     seen = []
 
-    class Recording(pretrain.features.ImageListDataset):
+    class Recording(infomax.features.extract.ImageListDataset):
         def __init__(self, base, size, crop_ratio=1.0, mean=None, std=None) -> None:
             seen.append((size, tuple(mean), tuple(std)))
             super().__init__(base, size, crop_ratio, mean, std)
 
-    monkeypatch.setattr(pretrain.features, "ImageListDataset", Recording)
-    monkeypatch.setattr(eval.rows, "ImageListDataset", Recording)  # its own name, bound when a test imported it
+    monkeypatch.setattr(infomax.features.extract, "ImageListDataset", Recording)
+    monkeypatch.setattr(infomax.eval.rows, "ImageListDataset", Recording)  # its own name, bound when a test imported it
     cfg = load_config(None, [*FAST, f"weights=[{tmp_path / 'a' / 'export'},{tmp_path / 'b' / 'export'}]",
                              f"out={tmp_path / 'ab'}", "random_init=false", "raw_pixels=false",
                              "precision=no"],  # in-process: earlier tests' Accelerator fixed this process's precision
@@ -342,9 +342,9 @@ def test_the_progress_counts_the_rows_the_report_holds(tmp_path: Path, capsys, s
     published figures quoted, not computed) is counted as the report holds them."""
     import re
 
-    from eval.config import EvalConfig, validate_eval
-    from eval.main import evaluate
-    from pretrain.config import load_config
+    from infomax.config.eval import EvalConfig, validate_eval
+    from infomax.config.pretrain import load_config
+    from infomax.eval.main import evaluate
 
     torch.manual_seed(0)
     export = tmp_path / "run" / "export"
@@ -487,9 +487,9 @@ def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage:
 def test_holdout_scores_the_validation_images_the_pretraining_never_saw(tmp_path: Path) -> None:
     """data.holdout=N and eval holdout=N name the same N train images: the pretraining's loader and kNN bank
     never see them, its kNN queries are drawn from them, and the eval fits on the rest and scores them."""
-    from pretrain.config import load_config
-    from pretrain.data.datasets import holdout_split, open_dataset
-    from pretrain.data.train_loader import build_knn_sets, training_and_validation
+    from infomax.config.pretrain import load_config
+    from infomax.data.datasets import holdout_split, open_dataset
+    from infomax.data.train_loader import build_knn_sets, training_and_validation
 
     cfg = load_config(str(REPO / "configs" / "synthetic_tiny.yaml"), ["data.holdout=24", "data.synthetic_size=96",
                                                                       "monitor.knn_queries=8"])
@@ -517,7 +517,7 @@ def test_holdout_scores_the_validation_images_the_pretraining_never_saw(tmp_path
 
 
 def test_report_warns_about_a_weight_decay_at_the_edge(tmp_path: Path) -> None:
-    from eval.report import write_report
+    from infomax.eval.report import write_report
 
     row = {"name": "ours", "kind": "ours", "protocol": "fast", "top1": 0.5, "top5": 0.9, "knn": {"5": 0.4},
            "delta_vs_alexnet": None, "weight_decay": 1e-3, "weight_decay_at_edge": True,
@@ -534,12 +534,12 @@ def test_eval_prints_each_row_and_the_time_left_from_the_rows_so_far(monkeypatch
     """After each scored row: its score and seconds, and the rows left at the mean cost so far plus the
     supervised fits still ahead; a supervised row's own fit is not counted as scoring time; a stored row
     is printed but not timed."""
-    import eval.progress
+    import infomax.eval.progress
 
     clock_times = iter([0.0, 40.0, 100.0, 100.5, 300.0])
-    monkeypatch.setattr(eval.progress.time, "perf_counter", lambda: next(clock_times))
+    monkeypatch.setattr(infomax.eval.progress.time, "perf_counter", lambda: next(clock_times))
     lines: list[str] = []
-    clock = eval.progress.RowClock(3, [120.0], lines.append)
+    clock = infomax.eval.progress.RowClock(3, [120.0], lines.append)
     scored = {"kind": "ours", "probe_seconds": 1.0, "top1": 0.9, "knn": {"20": 0.8, "200": 0.7}}
     clock.done({**scored, "name": "ours"})  # 40 s
     clock.done({**scored, "name": "random init", "kind": "random_init"})  # 60 s
@@ -556,9 +556,9 @@ def test_sgd_fits_draw_same_size_images_per_batch_and_others_per_image(tmp_path:
     """Rows.train_input: same-size images (Fashion-MNIST, synthetic) are collated as uint8 and cropped per
     batch on the device, with no loader workers; other images (an image folder) get the torchvision
     transform per image in the configured workers. Both give normalised crops of the fit's size."""
-    from eval.config import EvalConfig
-    from eval.rows import Rows
-    from pretrain.data.datasets import Subset
+    from infomax.config.eval import EvalConfig
+    from infomax.data.datasets import Subset
+    from infomax.eval.rows import Rows
 
     images = open_dataset("synthetic", "train", synthetic_size=8, synthetic_image_size=16)
     mixed = Subset(images, list(range(8)))
@@ -578,64 +578,64 @@ def test_sgd_fits_draw_same_size_images_per_batch_and_others_per_image(tmp_path:
 def test_probe_seconds_are_one_timed_pass_scaled_to_the_rows_and_the_passes_of_every_fit(monkeypatch) -> None:
     """One loss-and-gradient pass on at most 8192 rows, its median of three after a warm-up, scaled to n
     rows and to L-BFGS's most passes (1.25 x steps) in each fit."""
-    import eval.progress
+    import infomax.eval.progress
 
     ticks = iter([0.0, 9.0, 10.0, 10.01, 11.0, 11.03, 12.0, 12.01])  # warm-up 9 s, then 0.01, 0.03, 0.01
-    monkeypatch.setattr(eval.progress.time, "perf_counter", lambda: next(ticks))
-    seconds = eval.progress.probe_seconds(16384, 8, 10, fits=5, steps=100)
+    monkeypatch.setattr(infomax.eval.progress.time, "perf_counter", lambda: next(ticks))
+    seconds = infomax.eval.progress.probe_seconds(16384, 8, 10, fits=5, steps=100)
     assert seconds == pytest.approx(0.01 * 2 * 1.25 * 100 * 5)
 
 
 def test_knn_seconds_are_one_timed_chunk_of_queries_scaled_to_all_of_them(monkeypatch) -> None:
     """One chunk of 1024 queries against the whole bank, its median of three after a warm-up, scaled to the
     queries; no neighbour counts, no kNN."""
-    import eval.progress
+    import infomax.eval.progress
 
     ticks = iter([0.0, 9.0, 10.0, 10.02, 11.0, 11.05, 12.0, 12.02])  # warm-up 9 s, then 0.02, 0.05, 0.02
-    monkeypatch.setattr(eval.progress.time, "perf_counter", lambda: next(ticks))
-    assert eval.progress.knn_seconds(300, 4096, 8, [20, 200], 10) == pytest.approx(0.02 * 4096 / 1024)
-    assert eval.progress.knn_seconds(300, 4096, 8, [], 10) == 0.0
+    monkeypatch.setattr(infomax.eval.progress.time, "perf_counter", lambda: next(ticks))
+    assert infomax.eval.progress.knn_seconds(300, 4096, 8, [20, 200], 10) == pytest.approx(0.02 * 4096 / 1024)
+    assert infomax.eval.progress.knn_seconds(300, 4096, 8, [], 10) == 0.0
 
 
 def test_the_eval_is_reckoned_before_it_runs_from_its_rows_images_and_probes(tmp_path: Path, monkeypatch) -> None:
     """``monitor.expect_eval``'s estimate: ours and random init extract the fit and scored images and fit
     a probe on the encoder's features; raw pixels (3 x 32 x 32 <= 4096) fit one on the pixels."""
-    import eval.progress
+    import infomax.eval.progress
 
     fits_asked, knn_asked = set(), set()
-    monkeypatch.setattr(eval.progress, "probe_seconds",
+    monkeypatch.setattr(infomax.eval.progress, "probe_seconds",
                         lambda n, features, c, fits, steps: fits_asked.add(fits) or features / 100)
-    monkeypatch.setattr(eval.progress, "knn_seconds",
+    monkeypatch.setattr(infomax.eval.progress, "knn_seconds",
                         lambda bank, queries, features, ks, c: knn_asked.add((bank, queries)) or features / 1000)
     config = tmp_path / "eval.yaml"
     config.write_text("dataset: synthetic\nsynthetic_size: 512\nsynthetic_image_size: 32\n")
-    seconds, how = eval.progress.expected_eval_seconds(eval.progress.load_expected_eval(str(config), "runs/x/export"), 32, 64, 0.001)
+    seconds, how = infomax.eval.progress.expected_eval_seconds(infomax.eval.progress.load_expected_eval(str(config), "runs/x/export"), 32, 64, 0.001)
     assert seconds == pytest.approx(2 * ((512 + 128) * 0.001 + 0.64 + 0.064) + 30.72 + 3.072)
     assert how == "3 rows: 2 x 640 images to extract at 1.00 ms, 3 probes of up to 7 fits and kNN votes; stored baselines"
     assert knn_asked == {(512, 128)}  # the fit images are the bank, the scored ones the queries
     assert fits_asked == {4 + 2 + 1}  # the grid of 4, the 2 decades beyond an edge choice, the refit
     # One encoder per view (CMC): ours concatenated (2 x 64 features) and alone, the random init concatenated.
-    seconds, how = eval.progress.expected_eval_seconds(eval.progress.load_expected_eval(str(config), "runs/x/export"),
+    seconds, how = infomax.eval.progress.expected_eval_seconds(infomax.eval.progress.load_expected_eval(str(config), "runs/x/export"),
                                                        32, 64, 0.001, encoders=2)
     assert seconds == pytest.approx((2 + 1 + 2) * 640 * 0.001 + 1.1 * (1.28 + 0.64 + 1.28 + 30.72))
     assert how.startswith("4 rows: 5 x 640 images to extract")
     config.write_text("dataset: synthetic\nsynthetic_size: 512\nrandom_init: false\nraw_pixels: false\n")
-    assert eval.progress.expected_eval_seconds(eval.progress.load_expected_eval(str(config), "runs/x/export"), 32, 64, 0.001)[0] == \
+    assert infomax.eval.progress.expected_eval_seconds(infomax.eval.progress.load_expected_eval(str(config), "runs/x/export"), 32, 64, 0.001)[0] == \
         pytest.approx(512 * 1.25 * 0.001 + 0.64 + 0.064)
     with pytest.raises(ConfigError, match="'monitor.expect_eval': config file 'nowhere.yaml' not found"):
-        eval.progress.load_expected_eval("nowhere.yaml", "runs/x/export")
+        infomax.eval.progress.load_expected_eval("nowhere.yaml", "runs/x/export")
     config.write_text(f"dataset: fashion_mnist\nroot: {tmp_path / 'nowhere'}\n")  # the eval's data, said as the eval's
     with pytest.raises(ConfigError, match=r"'monitor.expect_eval': .*nowhere.* give the eval config the export"):
-        eval.progress.load_expected_eval(str(config), "runs/x/export")
+        infomax.eval.progress.load_expected_eval(str(config), "runs/x/export")
 
 
 def test_the_shipped_imagenet_eval_plans_no_supervised_fit_unless_asked(tmp_path: Path) -> None:
     """configs/probe_imagenet.yaml plans our export's probe and nothing that trains a network with labels:
     the supervised encoder was on by default there, a 200-epoch fit at AlexNet's lr nobody asked for. Asked
     for, it plans the fit with a ResNet recipe."""
-    from eval.config import EvalConfig, validate_eval
-    from eval.rows import Rows
-    from pretrain.config import load_config
+    from infomax.config.eval import EvalConfig, validate_eval
+    from infomax.config.pretrain import load_config
+    from infomax.eval.rows import Rows
 
     images = open_dataset("synthetic", "train", synthetic_size=8, synthetic_image_size=16)
     meta = {"architecture": "resnet18", "in_chans": 3, "sha256": "0" * 64, "summary": {"epochs_trained": 2}}

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, main_in_process, run_main
-from pretrain import checkpoint as ckpt
-from pretrain.run_dir import RunDirError, RunDirLock
+from infomax.runtime import checkpoint as ckpt
+from infomax.runtime.run_dir import RunDirError, RunDirLock
 
 FAST = ["monitor.knn_every=0", "run.checkpoint_every=4"]
 Pretrain = Callable[..., subprocess.CompletedProcess]  # the conftest fixture `pretrain`: main in this process
@@ -66,9 +66,9 @@ def test_damaged_run_dir_config_says_so_and_is_restored_from_the_checkpoint(run_
     before = snapshot(run_dir)
     line = one_line_error(pretrain(f"run.dir={run_dir}", "run.max_steps=6", *FAST, check=False), 2)
     assert f"{saved} is empty" in line if damage == "emptied" else f"{saved} is " in line
-    assert f"python -m pretrain.run_dir --restore-config {run_dir}" in line and "different config" not in line
+    assert f"python -m infomax.runtime.run_dir --restore-config {run_dir}" in line and "different config" not in line
     assert snapshot(run_dir) == before
-    restore = subprocess.run([sys.executable, "-m", "pretrain.run_dir", "--restore-config", str(run_dir)],
+    restore = subprocess.run([sys.executable, "-m", "infomax.runtime.run_dir", "--restore-config", str(run_dir)],
                              capture_output=True, text=True, cwd=REPO, timeout=120)
     assert restore.returncode == 0, restore.stderr
     assert saved.read_text().partition("\n")[2] == text.partition("\n")[2]
@@ -282,13 +282,13 @@ def test_second_ctrl_c_during_a_save_removes_the_partial_dir_and_says_so_in_one_
 
 @pytest.mark.parametrize("raised", [KeyboardInterrupt(), ckpt.SaveInterrupted("the save of step_00000008 was ...")])
 def test_second_ctrl_c_ends_pretraining_with_one_line_and_exit_130(raised: BaseException, monkeypatch, capsys) -> None:
-    import pretrain.main
+    import infomax.train.main
 
     def interrupted(cfg):
         raise raised
 
-    monkeypatch.setattr(pretrain.main, "train", interrupted)
-    assert pretrain.main.main(["--config", str(TINY)]) == 130
+    monkeypatch.setattr(infomax.train.main, "train", interrupted)
+    assert infomax.train.main.main(["--config", str(TINY)]) == 130
     line, = capsys.readouterr().err.splitlines()
     assert line == f"error: {raised}" if str(raised) else line == f"error: {ckpt.SECOND_CTRL_C}"
 
@@ -296,7 +296,7 @@ def test_second_ctrl_c_ends_pretraining_with_one_line_and_exit_130(raised: BaseE
 def test_partial_saves_of_a_killed_run_are_removed_when_the_loop_resumes(tmp_path: Path, capsys) -> None:
     from types import SimpleNamespace
 
-    from pretrain.resumable import Resumable
+    from infomax.train.resumable import Resumable
 
     good = ckpt.save(tmp_path, {"weights": torch.ones(3), "progress": vars(ckpt.Progress(global_step=4)),
                                 "rng": [ckpt.rng_state()]}, 4, keep=2)
@@ -343,7 +343,7 @@ def test_ranks_whose_launcher_died_stop_at_the_next_step_with_a_checkpoint(run_d
 def test_identical_weights_export_to_an_identical_file_in_every_process(tmp_path: Path) -> None:
     # safetensors writes its metadata map in a per-process order: with two keys about 1 export in 6
     # got another sha256. One process per export, as separate runs would be.
-    script = ("import sys, torch; from pretrain.export import export_encoder; from pretrain.models import "
+    script = ("import sys, torch; from infomax.export.encoder import export_encoder; from infomax.method.models import "
               "create_encoder; from pathlib import Path;"
               "torch.manual_seed(0); e = create_encoder('test_resnet', 1, small_input=True);"
               "export_encoder(e, Path(sys.argv[1]), arch='test_resnet', in_chans=1, input_size=16, mean=(0.5,), "
@@ -368,7 +368,7 @@ def test_local_dry_run_writes_nothing_so_the_real_run_may_claim_the_dir(tmp_path
     proc = subprocess.run([*submit, "--dry-run"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0 and "# resolved config for" in proc.stdout, proc.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
-    from launch.submit import remove_empty_tree
+    from infomax.launch.submit import remove_empty_tree
 
     (run_dir / "slurm" / "1").mkdir(parents=True)
     (run_dir / "user.txt").write_text("mine")
@@ -396,7 +396,7 @@ def test_slurm_tasks_get_a_core_for_each_loader_worker_and_the_main_process(tmp_
 def test_submit_refuses_resources_it_cannot_ask_for_in_one_line(tmp_path: Path, capsys, flags: list[str],
                                                                  message: str) -> None:
     """submitit's LocalExecutor raised a ValueError traceback for several nodes; negative sizes reached sbatch."""
-    from launch.submit import main
+    from infomax.launch.submit import main
 
     code = main(["--config", str(TINY), f"run.dir={tmp_path / 'r'}", "--cluster", "local", *flags])
     err = capsys.readouterr().err.strip().splitlines()
@@ -406,7 +406,7 @@ def test_submit_refuses_resources_it_cannot_ask_for_in_one_line(tmp_path: Path, 
 
 def test_a_sweeps_dry_run_says_its_script_goes_as_a_job_array(tmp_path: Path, capsys) -> None:
     """The dry run prints one job's script; for a sweep it says how the array submits it."""
-    from launch.submit import main
+    from infomax.launch.submit import main
 
     code = main(["--config", str(TINY), f"run.dir={tmp_path / 'r'}", "--sweep", "optim.lr=0.1,0.3", "--dry-run",
                  "--array-parallelism", "4"])
@@ -435,7 +435,7 @@ def _damaged_fashion_mnist(tmp_path: Path, kind: str) -> str:
     """A copy of the Fashion-MNIST files whose train images are cut short, gzipped or raw."""
     import gzip
 
-    from pretrain.data.datasets import FMNIST_DEFAULT_ROOT
+    from infomax.data.datasets import FMNIST_DEFAULT_ROOT
 
     root = tmp_path / f"fm_{kind}"
     shutil.copytree(FMNIST_DEFAULT_ROOT, root)
@@ -451,7 +451,7 @@ def _damaged_fashion_mnist(tmp_path: Path, kind: str) -> str:
 
 def _half_copied_beton(tmp_path: Path) -> str:
     out = tmp_path / "half.beton"
-    subprocess.run([sys.executable, "-m", "pretrain.data.beton", "--dataset", "synthetic", "--limit", "64",
+    subprocess.run([sys.executable, "-m", "infomax.data.beton", "--dataset", "synthetic", "--limit", "64",
                     "--out", str(out)], check=True, capture_output=True, cwd=REPO, timeout=300)
     out.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
     return str(out)
@@ -516,7 +516,7 @@ def _read_scalars(log_dir: Path, tag: str) -> list[int]:
 
 def test_tensorboard_dir_deleted_mid_run_warns_once_and_logging_goes_on(tmp_path: Path, capsys) -> None:
     """Deleting tb/ used to kill the run with a FileNotFoundError from the writer's thread."""
-    from pretrain.tracking import TensorBoard
+    from infomax.runtime.tracking import TensorBoard
 
     tb = TensorBoard(tmp_path / "tb", enabled=True)
     tb.scalars({"train/loss": 1.0}, 0)
@@ -532,7 +532,7 @@ def test_tensorboard_dir_deleted_mid_run_warns_once_and_logging_goes_on(tmp_path
 
 
 def test_tensorboard_that_cannot_be_recreated_stops_logging_not_training(tmp_path: Path, capsys) -> None:
-    from pretrain.tracking import TensorBoard
+    from infomax.runtime.tracking import TensorBoard
 
     tb = TensorBoard(tmp_path / "tb", enabled=True)
     tb.writer.flush()
@@ -548,14 +548,14 @@ def test_tensorboard_that_cannot_be_recreated_stops_logging_not_training(tmp_pat
 
 FULL_AT_EXPORT = """
 import errno, sys
-import pretrain.export as export
+import infomax.export.encoder as export
 real = export.write_atomically
 def full(path, data):
     if path.name == export.WEIGHTS:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
     real(path, data)
 export.write_atomically = full
-from pretrain.main import main
+from infomax.train.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -571,7 +571,7 @@ def test_disk_full_at_the_export_is_one_line_and_a_rerun_writes_the_export(run_d
     assert not (run_dir / "export" / "config.json").exists()
     proc = run_main(*args[2:])
     assert "writing it again from the newest checkpoint" in proc.stdout
-    from pretrain.export import export_problem
+    from infomax.export.encoder import export_problem
 
     assert export_problem(run_dir / "export") is None
 

@@ -20,9 +20,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import REPO, run_main
-from pretrain.config import ViewConfig
-from pretrain.data import MultiViewDataset, build_view_transform
-from pretrain.data.datasets import ImageDataset
+from infomax.config.pretrain import ViewConfig
+from infomax.data import MultiViewDataset, build_view_transform
+from infomax.data.datasets import ImageDataset
 
 pytestmark = pytest.mark.slow
 if os.environ.get("CI"):
@@ -30,9 +30,9 @@ if os.environ.get("CI"):
 else:
     pytest.importorskip("ffcv", reason="FFCV is not installed (make setup installs it as root)")
 
-from pretrain.data.beton import main as beton_main  # noqa: E402
-from pretrain.data.beton import write_beton
-from pretrain.data.ffcv_loader import FFCVMultiViewLoader  # noqa: E402
+from infomax.data.beton import main as beton_main  # noqa: E402
+from infomax.data.beton import write_beton
+from infomax.data.ffcv_loader import FFCVMultiViewLoader  # noqa: E402
 
 
 class Ramps(ImageDataset):
@@ -105,7 +105,7 @@ def test_read_back_of_images_of_varied_sizes_compares_centre_crops(tmp_path: Pat
     """The rehearsal (issue 25.9) found the read-back refusing any ImageNet-like folder: FFCV's plain
     decoder takes one size only. Varied sizes are compared through FFCV's centre crop; the wrong images
     (the same ones in another order) are caught."""
-    from pretrain.data.beton import compare_centre_crops, read_back
+    from infomax.data.beton import compare_centre_crops, read_back
 
     out = tmp_path / "varied.beton"
     args = argparse.Namespace(out=str(out), write_mode="proportion", max_resolution=500, jpeg_quality=90,
@@ -127,7 +127,7 @@ def test_default_resolution_keeps_imagenet_images_so_crops_match_torchvision(tmp
     from ffcv.transforms import ToTensor, ToTorchImage
     from torchvision.transforms import v2
 
-    from pretrain.data.beton import parse_args, stored_sizes
+    from infomax.data.beton import parse_args, stored_sizes
 
     defaults = parse_args(["--dataset", "synthetic", "--out", "x.beton"])
     assert (defaults.write_mode, defaults.max_resolution, defaults.compress_probability, defaults.jpeg_quality) == \
@@ -173,8 +173,8 @@ def test_writer_round_trip_and_json(tmp_path: Path) -> None:
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
 
-    from pretrain.config import Config
-    from pretrain.data.datasets import open_dataset
+    from infomax.config.pretrain import Config
+    from infomax.data.datasets import open_dataset
 
     cfg = Config()
     cfg.data.synthetic_size, cfg.data.synthetic_image_size = 64, 16
@@ -274,7 +274,7 @@ def test_jpeg_read_back_accepts_what_jpeg_keeps(tmp_path: Path, source: str, mod
     out = tmp_path / "x.beton"
     size = ["--synthetic-size", "64"] if source == "synthetic" else ["--limit", "64"]
     assert beton_main(["--dataset", source, *size, "--out", str(out), "--write-mode", mode, "--workers", "2"]) == 0
-    from pretrain.data.beton import jpeg_round_trip
+    from infomax.data.beton import jpeg_round_trip
 
     image = np.random.default_rng(0).integers(0, 256, (16, 16, 1), dtype=np.uint8)  # all detail: JPEG loses most
     assert np.abs(jpeg_round_trip(image, 90) - image).mean() > 2  # a real round trip, not the identity
@@ -302,7 +302,7 @@ def test_the_demo_recipe_composes_with_a_beton(tmp_path: Path) -> None:
 
 
 def beton_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain.data.beton", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "infomax.data.beton", *args], capture_output=True, text=True,
                           timeout=120, cwd=REPO)
 
 
@@ -325,7 +325,7 @@ def test_bad_input_is_a_clear_error_never_a_hang(tmp_path: Path) -> None:
 
 
 def test_asking_for_ffcv_without_it_names_the_install_line(tmp_path: Path) -> None:
-    code = ("import sys; sys.modules['ffcv'] = None; from pretrain.main import main; "
+    code = ("import sys; sys.modules['ffcv'] = None; from infomax.train.main import main; "
             f"sys.exit(main(['--config', 'configs/synthetic_tiny.yaml', 'data.format=ffcv', 'data.path=x.beton', "
             f"'run.dir={tmp_path / 'run'}']))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -334,8 +334,8 @@ def test_asking_for_ffcv_without_it_names_the_install_line(tmp_path: Path) -> No
 
 def test_eval_reads_betons_and_scores_like_the_decoded_dataset(tmp_path: Path) -> None:
     """Raw .beton files of the synthetic splits at the export's size: the same pixels, so the same scores."""
-    from pretrain.export import export_encoder
-    from pretrain.models import create_encoder
+    from infomax.export.encoder import export_encoder
+    from infomax.method.models import create_encoder
 
     torch.manual_seed(0)
     export = tmp_path / "run" / "export"
@@ -364,7 +364,7 @@ def test_beton_features_kept_as_a_shard_are_the_whole_file_on_one_process(tmp_pa
     """The imagenet protocol keeps its kNN bank split (issue 25.6); on one process the share is every image."""
     from accelerate import Accelerator
 
-    from pretrain.features import beton_features
+    from infomax.features.extract import beton_features
 
     path = tmp_path / "train.beton"
     assert beton_main(["--dataset", "synthetic", "--synthetic-size", "40", "--synthetic-image-size", "16",
@@ -390,7 +390,7 @@ def test_views_cut_from_one_decode_equal_a_decode_per_view_on_the_same_draws(tmp
     from ffcv.pipeline import PipelineSpec
     from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
 
-    from pretrain.data.ffcv_multicrop import MultiCropDecoder, views_of
+    from infomax.data.ffcv_multicrop import MultiCropDecoder, views_of
 
     class FixedCrop(RandomResizedCropRGBImageDecoder):
         get_crop_generator = property(lambda self: fixed_crop)

@@ -7,9 +7,9 @@ import torch
 from accelerate import Accelerator
 
 from conftest import contrastive
-from pretrain.config import ModelConfig
-from pretrain.engine import train_step
-from pretrain.models import MultiViewModel
+from infomax.config.pretrain import ModelConfig
+from infomax.method.models import MultiViewModel
+from infomax.train.engine import train_step
 
 pytestmark = pytest.mark.gpu
 

@@ -1,4 +1,4 @@
-"""The GPU's rules held on a CPU (pretrain/gpu_rehearsal.py): collectives take device tensors only, as under NCCL
+"""The GPU's rules held on a CPU (infomax/runtime/gpu_rehearsal.py): collectives take device tensors only, as under NCCL
 (``nccl`` tests), and a training step makes the host wait at most once, counted as CUDA counts it
 (``fake_cuda`` tests).
 
@@ -13,8 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 from conftest import contrastive
-from pretrain.distributed import HostTensorInCollective, agree_max, gather, gather_with_grad
-from pretrain.gpu_rehearsal import CUDA, HostTensorToNccl, fake_cuda, fake_nccl, fake_nccl_accelerator
+from infomax.runtime.distributed import HostTensorInCollective, agree_max, gather, gather_with_grad
+from infomax.runtime.gpu_rehearsal import CUDA, HostTensorToNccl, fake_cuda, fake_nccl, fake_nccl_accelerator
 
 
 class _Labelled(torch.utils.data.Dataset):
@@ -63,9 +63,9 @@ def test_nccl_eval_knn_of_the_imagenet_protocol_keeps_its_bank_on_the_device() -
     top-k. The bank was kept on the host (``.cpu()``), so the merge all-gathered host tensors: NCCL raised after
     the 100-epoch probe, before the report. Now the share stays on the device; the queries (the test split,
     on the host) are sent a chunk at a time."""
-    from eval.rows import knn_top1
-    from pretrain.features import extract_features
-    from pretrain.knn import sharded_knn_predict_many
+    from infomax.eval.rows import knn_top1
+    from infomax.features.extract import extract_features
+    from infomax.features.knn import sharded_knn_predict_many
 
     with fake_nccl_accelerator() as (accelerator, rules):
         encoder = _encoder()
@@ -82,7 +82,7 @@ def test_fake_cuda_eval_knn_on_one_gpu_scores_host_queries_against_the_device_ba
     """The imagenet protocol on one GPU: the bank (kept as a "shard" of one) is on the device, the test split's
     features on the host; each query chunk goes to the bank's device (it was scored on the host against a
     device bank: a device mismatch after the probe)."""
-    from eval.rows import knn_top1
+    from infomax.eval.rows import knn_top1
 
     with fake_cuda():
         bank, labels = torch.rand(40, 4, device="cuda"), torch.zeros(40, dtype=torch.long, device="cuda")
@@ -93,7 +93,7 @@ def test_fake_cuda_eval_knn_on_one_gpu_scores_host_queries_against_the_device_ba
 def test_nccl_knn_monitor_gathers_device_rows_without_asking_sizes() -> None:
     """The kNN monitor's feature pass: every rank's batch rows are gathered on the device, padded to the
     loader's batch size (a short last batch), with no exchange of sizes and no host read per batch."""
-    from pretrain.features import knn_monitor
+    from infomax.features.extract import knn_monitor
 
     with fake_nccl_accelerator() as (accelerator, rules):
         top1, probe = knn_monitor(_encoder(), _Labelled(40), _Labelled(20), accelerator, k=5, temperature=0.1,
@@ -110,9 +110,9 @@ def test_nccl_pretraining_step_with_the_queue_gathers_and_agrees_on_the_device(w
     cannot run on fake ``cuda`` tensors): forward, the gathered keys, the step's one agreement, the queue's
     push and the EMA update make only device collectives and exactly one host read, the agreement's. Also
     as the first rank of the second of two 2-GPU machines (the two-machine run's collectives)."""
-    from pretrain.config import ModelConfig
-    from pretrain.models import MultiViewModel
-    from pretrain.momentum import MomentumKeys
+    from infomax.config.pretrain import ModelConfig
+    from infomax.method.models import MultiViewModel
+    from infomax.method.momentum import MomentumKeys
 
     with fake_nccl(world, rank) as rules:
         with torch.device(CUDA):
@@ -141,12 +141,12 @@ def test_fake_cuda_training_step_makes_at_most_one_host_sync(lab: bool, monkeypa
     sync. The batch colour steps made ~80 blocking copies a step (each draw sent with ``.to(device)``,
     torchvision's Normalize sending its mean and std). A CPU build cannot run backward on fake ``cuda``
     tensors, so the step's backward is left out here (its gradients never leave the device)."""
-    from pretrain.config import ModelConfig, ViewConfig
-    from pretrain.data.batch_views import BatchViews
-    from pretrain.data.colour import split_lab
-    from pretrain.engine import train_step
-    from pretrain.models import MultiViewModel
-    from pretrain.momentum import MomentumKeys
+    from infomax.config.pretrain import ModelConfig, ViewConfig
+    from infomax.data.batch_views import BatchViews
+    from infomax.data.colour import split_lab
+    from infomax.method.models import MultiViewModel
+    from infomax.method.momentum import MomentumKeys
+    from infomax.train.engine import train_step
 
     recipe = ViewConfig(size=16, jitter_p=0.8, hue=0.1, gamma=0.2, tone=0.3, grayscale_p=0.3, blur_p=0.5,
                         solarize_p=0.3)
@@ -179,7 +179,7 @@ def test_fake_cuda_torchs_sync_batchnorm_reads_back_three_times_a_layer() -> Non
     a forward pass; benchmarks/README.md, "Host syncs", has ResNet-50's. If torch removes them, this fails."""
     import timm
 
-    from pretrain.distributed import sync_batchnorm
+    from infomax.runtime.distributed import sync_batchnorm
 
     with fake_nccl() as rules:
         with torch.device(CUDA):
@@ -195,7 +195,7 @@ def test_nccl_checkpoint_agreement_on_resume_sends_host_data_only_as_objects(tmp
     """Resume's agreement (rank 0 chooses the checkpoint, every rank reports the step it read) and the save's
     RNG states cross ranks as pickled objects (``broadcast_object_list``, ``gather_object``), which torch
     sends on the device under NCCL: no host tensor reaches a collective."""
-    from pretrain.resumable import Resumable
+    from infomax.train.resumable import Resumable
 
     with fake_nccl_accelerator() as (accelerator, rules):
         resumable = Resumable(accelerator, tmp_path, keep=2)
@@ -212,10 +212,10 @@ def test_nccl_cmc_export_is_scored_on_the_device_with_its_views_concatenated(tmp
     loaded from the export onto the device, each reading its own Lab channels of the loaded RGB batches, the
     concatenated features kept as this rank's kNN bank on the device and scored across ranks there; the
     batches reach the device without making the host wait."""
-    from eval.rows import all_views, knn_top1
-    from pretrain.export import export_encoder, load_encoder, load_view_encoders
-    from pretrain.features import extract_features
-    from pretrain.models import create_encoder
+    from infomax.eval.rows import all_views, knn_top1
+    from infomax.export.encoder import export_encoder, load_encoder, load_view_encoders
+    from infomax.features.extract import extract_features
+    from infomax.method.models import create_encoder
 
     encoders = [(create_encoder("resnet18", chans, True, 1, {"channels": (8, 8, 8, 8)}), chans, transform)
                 for chans, transform in ((1, "lab_L"), (2, "lab_ab"))]

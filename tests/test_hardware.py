@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import REPO, run_main
-from pretrain import hardware
-from pretrain.config import ConfigError
-from pretrain.hardware import choose_precision
+from infomax.config.pretrain import ConfigError
+from infomax.runtime import hardware
+from infomax.runtime.hardware import choose_precision
 
 # What an AVX2-only CPU (no AVX-512, no native bf16) looks like to PyTorch and oneDNN on any x86 machine.
 AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
@@ -68,7 +68,7 @@ def test_auto_on_cuda_takes_bf16_where_the_card_has_it_else_fp16(monkeypatch, bf
 def test_avx2_emulation_reads_as_no_native_bf16() -> None:
     """The variables benchmarks/README.md uses to emulate an AVX2-only CPU mask native bf16 from our check
     (torch.cpu._is_avx512_bf16_supported() alone still reads the hardware)."""
-    code = "from pretrain.hardware import cpu_has_native_bf16, describe_cpu; print(cpu_has_native_bf16(), describe_cpu())"
+    code = "from infomax.runtime.hardware import cpu_has_native_bf16, describe_cpu; print(cpu_has_native_bf16(), describe_cpu())"
     for env in (AVX2_ONLY, {"ONEDNN_MAX_CPU_ISA": "AVX2"}):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
                              env={**os.environ, **env}).stdout
@@ -102,7 +102,7 @@ def test_explicit_bf16_on_an_avx2_only_cpu_warns_and_still_runs(run_dir: Path) -
 def test_the_expected_duration_counts_the_knn_passes_still_ahead(every, batches, total, epoch, passes) -> None:
     from types import SimpleNamespace
 
-    from pretrain.loop import Run
+    from infomax.train.loop import Run
 
     run = SimpleNamespace(cfg=SimpleNamespace(monitor=SimpleNamespace(knn_every=every)), data=range(batches),
                           total_steps=total, progress=SimpleNamespace(epoch=epoch))
@@ -177,6 +177,6 @@ def test_a_gpu_run_says_what_its_loader_can_feed() -> None:
     line = hardware.loader_line("ffcv", 10, [224, 96, 96], 1_281_167, "cuda")
     assert "3 decodes an image" in line and "2,813 images/s" in line
     line = hardware.loader_line("torchvision", 10, [224, 224], 1_281_167, "cuda")
-    assert "1,281,167 images" in line and "data.format=ffcv" in line and "python -m pretrain.data.beton" in line
+    assert "1,281,167 images" in line and "data.format=ffcv" in line and "python -m infomax.data.beton" in line
     assert hardware.loader_line("torchvision", 10, [224, 224], 60_000, "cuda") == ""
     assert hardware.loader_line("ffcv", 10, [224, 224], 1_281_167, "cpu") == ""

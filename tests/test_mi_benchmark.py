@@ -49,7 +49,7 @@ def test_the_critic_is_the_reference_network_and_js_nwj_reads_nwj_of_s() -> None
     import torch
     from torch import nn
 
-    from pretrain import bounds
+    from infomax.method import bounds
 
     net = mi_gaussian.SeparableCritic(20).g
     shapes = [(m.in_features, m.out_features) for m in net if isinstance(m, nn.Linear)]

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import run_main
-from pretrain.export import export_encoder, load_encoder
-from pretrain.model_card import CARD, EVAL_HEADING, add_eval, card_text
-from pretrain.models import create_encoder
+from infomax.export.encoder import export_encoder, load_encoder
+from infomax.export.model_card import CARD, EVAL_HEADING, add_eval, card_text
+from infomax.method.models import create_encoder
 
 FACTS = {"name": "r", "objective": "contrastive", "bound": "infonce", "dataset": "synthetic", "train_images": 64,
          "views": [16, 16], "global_batch": 32, "processes": 1, "precision": "no (run.precision=no)", "seconds": 3.0,

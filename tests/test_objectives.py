@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import contrastive
-from pretrain.bounds import debiased_infonce_per_query as debiased_infonce
-from pretrain.bounds import infonce_per_query as infonce
-from pretrain.config import CHOICES, ObjectiveConfig
-from pretrain.objectives import Objective, build_objective, objective_class
+from infomax.config.pretrain import CHOICES, ObjectiveConfig
+from infomax.method.bounds import debiased_infonce_per_query as debiased_infonce
+from infomax.method.bounds import infonce_per_query as infonce
+from infomax.method.objectives import Objective, build_objective, objective_class
 
 
 def test_infonce_equals_log_k_minus_cross_entropy_and_never_exceeds_log_k() -> None:
@@ -128,7 +128,7 @@ def test_the_queue_logs_its_negatives_apart_from_the_batch_and_the_bound_over_fr
     """Issue 26.3: queue keys carry older weights and BatchNorm statistics, so the model can tell them from
     the batch's; the two kinds of negative are logged apart, and so is InfoNCE over the batch's keys alone
     (a bound over stale keys is none)."""
-    from pretrain.bounds import infonce as infonce_bound
+    from infomax.method.bounds import infonce as infonce_bound
 
     torch.manual_seed(0)
     objective = contrastive(temperature=0.5, num_views=2, dim=8, queue_size=16)
@@ -198,8 +198,8 @@ def test_a_training_step_of_the_objective_asks_the_device_nothing(settings: dict
 
 def test_deep_infomax_scores_ask_the_device_nothing() -> None:
     """AMDIM's multi-positive NCE and DIM's mask of positive positions, forward and backward."""
-    from pretrain import bounds
-    from pretrain.objectives import multi_positive_nce
+    from infomax.method import bounds
+    from infomax.method.objectives import multi_positive_nce
 
     g = torch.Generator().manual_seed(1)
     queries, local = torch.randn(4, 8, generator=g, requires_grad=True), torch.randn(4, 5, 8, generator=g)
@@ -213,7 +213,7 @@ def test_deep_infomax_scores_ask_the_device_nothing() -> None:
 
 @pytest.mark.parametrize("name", CHOICES["objective.name"])
 def test_every_objective_in_the_registry_declares_its_model_and_returns_mi_and_log_k(name: str) -> None:
-    """The registry is the config's list of names (pretrain/objectives/<name>.py's OBJECTIVE). Each one, built
+    """The registry is the config's list of names (infomax/method/objectives/<name>.py's OBJECTIVE). Each one, built
     from its defaults, takes the output of the model it declares (embeddings per view, or local maps at its
     stages) and returns a finite loss with the diagnostics the loop reads (mi below its ceiling log_k)."""
     objective = build_objective(ObjectiveConfig(name=name), num_views=2, embed_dim=8)

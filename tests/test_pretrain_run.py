@@ -16,11 +16,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from conftest import ALL_CORES, REPO, TINY, free_port, run_main
-from pretrain.checkpoint import checkpoint_dirs
-from pretrain.config import load_config
-from pretrain.export import export_encoder, load_encoder
-from pretrain.hardware import choose_precision
-from pretrain.models import MultiViewModel, create_encoder
+from infomax.config.pretrain import load_config
+from infomax.export.encoder import export_encoder, load_encoder
+from infomax.method.models import MultiViewModel, create_encoder
+from infomax.runtime.checkpoint import checkpoint_dirs
+from infomax.runtime.hardware import choose_precision
 
 pytestmark = pytest.mark.slow
 

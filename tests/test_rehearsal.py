@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from pretrain.checkpoint import checkpoint_dirs
+from infomax.runtime.checkpoint import checkpoint_dirs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 pytest.importorskip("ffcv", reason="the rehearsal writes a .beton: make setup installs FFCV when it can")
@@ -76,7 +76,7 @@ def test_the_imagenet_config_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
     data, beton, run_dir = tmp_path / "imagenet", tmp_path / "train.beton", tmp_path / "run"
     write_image_folder(data)
     # 1. the .beton, as README.md and docs/slurm.md write it
-    proc = subprocess.run([sys.executable, "-m", "pretrain.data.beton", "--dataset", "imagefolder", "--root", str(data),
+    proc = subprocess.run([sys.executable, "-m", "infomax.data.beton", "--dataset", "imagefolder", "--root", str(data),
                            "--split", "train", "--out", str(beton), "--workers", "2"], capture_output=True, text=True,
                           timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, free_port, run_main
-from pretrain.checkpoint import checkpoint_dirs
+from infomax.runtime.checkpoint import checkpoint_dirs
 
 pytestmark = pytest.mark.slow
 
@@ -150,8 +150,8 @@ def _resume_worker(rank: int, tmp: str, port: int, case: str) -> None:
     import torch.distributed as dist
     from accelerate import Accelerator
 
-    from pretrain.checkpoint import RanksDisagree
-    from pretrain.resumable import Resumable
+    from infomax.runtime.checkpoint import RanksDisagree
+    from infomax.train.resumable import Resumable
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -173,7 +173,7 @@ def test_rank_0_chooses_the_checkpoint_and_every_rank_resumes_it_or_all_stop(tmp
     could start at steps 4 and 2, then hang or diverge. Rank 0 now chooses; a rank that cannot read its
     choice, or reads another step there, stops every rank with one message (none waits in a collective)."""
     from conftest import spawn_ranks
-    from pretrain import checkpoint as ckpt
+    from infomax.runtime import checkpoint as ckpt
 
     def state(step: int) -> dict:
         return {"progress": {"global_step": step, "epoch": 0, "step_in_epoch": step}, "rng": [ckpt.rng_state()] * 2}

@@ -207,11 +207,11 @@ def test_dry_run_prints_resources_and_submits_nothing(tmp_path: Path) -> None:
 ])
 def test_dry_run_script_is_the_script_submitit_submits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        extra: dict) -> None:
-    """The dry run renders its sbatch script itself (launch/sbatch.py: submitit has no public way to show
+    """The dry run renders its sbatch script itself (infomax/launch/sbatch.py: submitit has no public way to show
     one). Submitting the same request through the launcher's executor to a stand-in sbatch (and srun,
     which submitit's SlurmExecutor looks for) must hand sbatch exactly that script."""
-    from launch.sbatch import JobRequest
-    from launch.submit import make_executor
+    from infomax.launch.sbatch import JobRequest
+    from infomax.launch.submit import make_executor
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -264,7 +264,7 @@ def test_same_callable_without_slurm(tmp_path: Path, cluster: str) -> None:
 def test_a_two_node_jobs_tasks_derive_one_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 25.10: the environment every task of a 2-node, 8-GPU-per-node job exports for Accelerate, from the
     variables SLURM sets: one master (the first node) and port for all 16 tasks, each its own global rank."""
-    from launch.jobs import export_distributed_env
+    from infomax.launch.jobs import export_distributed_env
 
     slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2",
              "SLURM_JOB_NODELIST": "gpu[07-08]"}

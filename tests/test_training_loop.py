@@ -1,4 +1,4 @@
-"""The one training loop (pretrain.resumable.TrainingLoop) that pretraining and the eval's SGD fits share: where
+"""The one training loop (infomax.train.resumable.TrainingLoop) that pretraining and the eval's SGD fits share: where
 it checkpoints, what it calls when, and that a stop at an epoch's last step resumes as if never stopped
 (docs/DESIGN.md, invariant 3)."""
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from accelerate import Accelerator
 
-from pretrain.resumable import Resumable, Trainer, TrainingLoop
+from infomax.train.resumable import Resumable, Trainer, TrainingLoop
 
 
 class StopAt:
@@ -110,7 +110,7 @@ def test_checkpoints_by_time_bound_the_saves_per_hour_of_steps(tmp_path: Path, m
     """With checkpoint_every_min, saves follow the clock, not the steps: 120 steps of a minute each, no step rule
     and no epoch-end saves, save every 30 minutes of training: at steps 30, 60, 90 and the end (at most 2 an
     hour). The time is agreed in the step's one collective, so every rank saves at the same step."""
-    from pretrain import resumable as module
+    from infomax.train import resumable as module
 
     clock = iter(range(0, 10_000 * 60, 60))  # each read of the clock is a minute later
     monkeypatch.setattr(module.time, "monotonic", lambda: next(clock))

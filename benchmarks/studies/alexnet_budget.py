@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/studies/alexnet_budget.py        # ~25 min on 2 cores (5 settings x 80 steps)
 
-The eval stage's AlexNet for 28 px inputs (eval.baselines.supervised_alexnet), Fashion-MNIST, batch 128
+The eval stage's AlexNet for 28 px inputs (infomax.eval.baselines.supervised_alexnet), Fashion-MNIST, batch 128
 with flips, cosine over 80 steps (after the warmup, if any); scored on the last 1000 train images, which
 the steps never draw.
 """
@@ -16,8 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from eval.baselines import supervised_alexnet
-from pretrain.data.datasets import FashionMNIST
+from infomax.data.datasets import FashionMNIST
+from infomax.eval.baselines import supervised_alexnet
 
 SETTINGS = [("sgd", 0.03, 0), ("sgd", 0.01, 0), ("sgd", 0.01, 10), ("sgd", 0.003, 0), ("adamw", 1e-3, 10)]
 

@@ -21,10 +21,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torchvision.transforms import v2
 
-from pretrain.config import ViewConfig
-from pretrain.data.batch_views import BatchViews
-from pretrain.data.transforms import normalise_steps, random_colour_steps
-from pretrain.hardware import describe_machine
+from infomax.config.pretrain import ViewConfig
+from infomax.data.batch_views import BatchViews
+from infomax.data.transforms import normalise_steps, random_colour_steps
+from infomax.runtime.hardware import describe_machine
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

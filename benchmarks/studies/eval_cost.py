@@ -9,9 +9,9 @@ depend on the weights), under bf16 autocast as configs/probe_fmnist.yaml runs:
   and (both channels_last) the eval transform image by image against once per batch
   (``ImageDataset.load_many``);
 - one loss-and-gradient evaluation of the fast probe's L-BFGS on the standardised train features:
-  autograd against :func:`eval.probe.loss_and_grad`;
+  autograd against :func:`infomax.eval.probe.loss_and_grad`;
 - kNN k=20 and k=200 over the 60k train features for the 10k test features: one similarity pass per
-  k against one pass for both (:func:`pretrain.knn.knn_predict_many`).
+  k against one pass for both (:func:`infomax.features.knn.knn_predict_many`).
 
 Rounds are interleaved so that the machine's drift hits both sides alike; medians are printed.
 """
@@ -28,16 +28,16 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from eval.probe import loss_and_grad
-from pretrain.config import load_config
-from pretrain.data.datasets import Subset, open_dataset
-from pretrain.features import ImageListDataset, extract_features
-from pretrain.knn import knn_predict_many
-from pretrain.models import encoder_from_config
+from infomax.config.pretrain import load_config
+from infomax.data.datasets import Subset, open_dataset
+from infomax.eval.probe import loss_and_grad
+from infomax.features.extract import ImageListDataset, extract_features
+from infomax.features.knn import knn_predict_many
+from infomax.method.models import encoder_from_config
 
 
 def autograd_loss_and_grad(model: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, weight_decay: float) -> torch.Tensor:
-    """The probe's objective written with autograd (how eval/probe.py computed it before the fused pass)."""
+    """The probe's objective written with autograd (how infomax/eval/probe.py computed it before the fused pass)."""
     model.zero_grad()
     loss = F.cross_entropy(model(x), y) + weight_decay * model.weight.pow(2).sum() / 2
     loss.backward()

@@ -20,14 +20,14 @@ import argparse
 import torch
 from torch import nn
 
-from eval.config import EvalConfig, validate_eval
-from eval.rows import norm_of
-from pretrain.config import load_config
-from pretrain.data.datasets import open_dataset, spaced_subset
-from pretrain.distributed import make_accelerator
-from pretrain.export import load_encoder
-from pretrain.features import ImageListDataset, extract_features
-from pretrain.knn import knn_predict_many
+from infomax.config.eval import EvalConfig, validate_eval
+from infomax.config.pretrain import load_config
+from infomax.data.datasets import open_dataset, spaced_subset
+from infomax.eval.rows import norm_of
+from infomax.export.encoder import load_encoder
+from infomax.features.extract import ImageListDataset, extract_features
+from infomax.features.knn import knn_predict_many
+from infomax.runtime.distributed import make_accelerator
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for the annotations only; study_row imports the config where it reads one
-    from pretrain.config import Config, ViewConfig
+    from infomax.config.pretrain import Config, ViewConfig
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "out" / "recipe_study.jsonl"
@@ -46,7 +46,7 @@ def run(cmd: list[str]) -> None:
 
 
 def study_row(name: str, overrides: list[str], config: str, holdout: int) -> dict:
-    from pretrain.config import from_yaml
+    from infomax.config.pretrain import from_yaml
 
     run_dir = REPO / "runs" / "study" / name
     t0 = time.perf_counter()

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from eval.classifier import SGDSchedule, fit_classifier
-from eval.config import EvalConfig
-from eval.rows import Rows
-from pretrain.config import load_config
-from pretrain.data.datasets import Subset, open_dataset
-from pretrain.distributed import make_accelerator
-from pretrain.hardware import describe_machine
-from pretrain.models import encoder_from_config
+from infomax.config.eval import EvalConfig
+from infomax.config.pretrain import load_config
+from infomax.data.datasets import Subset, open_dataset
+from infomax.eval.classifier import SGDSchedule, fit_classifier
+from infomax.eval.rows import Rows
+from infomax.method.models import encoder_from_config
+from infomax.runtime.distributed import make_accelerator
+from infomax.runtime.hardware import describe_machine
 
 
 class PerImage(Subset):

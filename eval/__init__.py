@@ -1,2 +1,0 @@
-"""infomax eval stage: linear probes and kNN on frozen exported encoders, beside supervised baselines;
-reads only exports."""

@@ -1,0 +1,1 @@
+"""infomax: self-supervised pretraining of image encoders by maximising mutual information between views."""

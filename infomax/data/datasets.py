@@ -1,0 +1,308 @@
+"""Dataset registry: a dataset name -> a map-style dataset of uint8 images (C x H x W) and labels.
+
+Independent of any configuration: the pretraining (:mod:`infomax.data.train_loader`) and the eval stage
+open datasets through :func:`open_dataset` with their own settings. Labels are never used for
+pretraining; they feed the online kNN monitor and the eval.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+FMNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """Data a user pointed us at cannot be used; the message names the path and the fix. The entry points
+    print it as one ``error:`` line and exit 2, as they do a config error."""
+
+
+class UnreadableImage(Exception):
+    """One image could not be decoded; carries its path so it can be reported."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+
+
+def next_readable(base: "ImageDataset", index: int) -> tuple[torch.Tensor, int, list[UnreadableImage]]:
+    """Image ``index``, or the next readable one after it (wrapping around); also the failures on the way.
+
+    The one place that skips unreadable images: the training loader (which counts and reports them),
+    the eval features, the .beton writer and the start-up check all go through it."""
+    failures: list[UnreadableImage] = []
+    for attempt in range(len(base)):
+        try:
+            image, label = base.load((index + attempt) % len(base))
+            return image, label, failures
+        except UnreadableImage as e:
+            failures.append(e)
+    raise DataError(f"no image of the {len(base)} in the dataset can be decoded"
+                    + (f" (e.g. {failures[0]})" if failures else "") + "; check the files or data.root")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Base: ``load(i)`` returns (uint8 C x H x W tensor, int label) or raises UnreadableImage."""
+
+    channels: int = 3
+    num_classes: int = 0
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    same_size: bool = False  # every image has one size, so loaded batches collate: views can be drawn per batch
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def label(self, index: int) -> int:
+        """The label alone (subclasses answer without decoding the image)."""
+        return self.load(index)[1]
+
+    def load_many(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """B same-size images (B x C x H x W uint8) and labels (B) in one step, for in-memory datasets
+        whose images are all readable; None (the default) where images are loaded one by one."""
+        return None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.load(index)
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an idx (optionally .gz) file as a numpy array (LeCun's MNIST format)."""
+    way_out = ("reinstall it with 'apt-get install --reinstall dataset-fashion-mnist', or copy it again "
+               "into data.root")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"'{path}' is a damaged gzip file ({e}): {way_out}") from None
+    # idx: two zero bytes, the type (0x08 = uint8), the number of dimensions, then each size as 4 bytes.
+    ndim = data[3] if len(data) >= 4 else 0
+    header = 4 + 4 * ndim
+    if len(data) < header or data[:3] != b"\x00\x00\x08" or ndim == 0:
+        raise DataError(f"'{path}' is not a uint8 idx file (LeCun's MNIST format): {way_out}")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + math.prod(shape)
+    if len(data) != expected:
+        raise DataError(f"'{path}' holds {len(data)} bytes where its header promises {expected} "
+                        f"({' x '.join(map(str, shape))} images), so it was cut short: {way_out}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(base: Path, stem: str) -> Path | None:
+    """``stem.gz`` or ``stem`` under ``base``, whichever exists."""
+    return next((p for p in (base / f"{stem}.gz", base / stem) if p.is_file()), None)
+
+
+class FashionMNIST(ImageDataset):
+    """Fashion-MNIST from the idx files (Debian package dataset-fashion-mnist): 1 x 28 x 28."""
+
+    channels, num_classes, mean, std, same_size = 1, 10, (0.2860,), (0.3530,), True
+    files = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+
+    def __init__(self, root: str, split: str = "train") -> None:
+        base = Path(root or FMNIST_DEFAULT_ROOT)
+        stem = self.files[split]
+        images, labels = _find_idx(base, stem), _find_idx(base, stem.replace("images-idx3", "labels-idx1"))
+        if images is None or labels is None:
+            raise DataError(
+                f"Fashion-MNIST {split} files ({stem}[.gz]) not found in '{base}': "
+                "install them with 'apt-get install dataset-fashion-mnist' or set data.root=/dir/with/idx/files"
+            )
+        self.images = torch.from_numpy(_read_idx(images).copy())  # N x 28 x 28 uint8
+        self.labels = torch.from_numpy(_read_idx(labels).astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index][None], int(self.labels[index])
+
+    def load_many(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """B images (B x 1 x 28 x 28 uint8) and labels (B) in one indexing step: the eval transform then
+        runs once per batch (:class:`infomax.features.extract.ImageListDataset`) instead of once per image."""
+        i = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[i][:, None], self.labels[i]
+
+    def label(self, index: int) -> int:
+        return int(self.labels[index])
+
+
+# --------------------------------------------------------------------------- synthetic
+class Synthetic(ImageDataset):
+    """Deterministic procedurally drawn images with a learnable class structure (for tests).
+
+    Image i belongs to class ``i % classes``. Each class has its own grating orientation and
+    frequency and its own colour; each image has its own phase, blob position and pixel noise,
+    all drawn from a generator seeded by (seed, i), so the same index always gives the same image.
+    """
+
+    mean, std, same_size = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True
+
+    def __init__(self, size: int, classes: int, image_size: int, seed: int) -> None:
+        self.size, self.classes, self.image_size, self.seed = size, classes, image_size, seed
+        self.num_classes = classes
+
+    def __len__(self) -> int:
+        return self.size
+
+    def label(self, index: int) -> int:
+        return index % self.classes
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        c = index % self.classes
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        s = self.image_size
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
+        angle = math.pi * c / self.classes
+        freq = 2.0 + 2.0 * (c % 3)
+        phase = float(torch.rand((), generator=g)) * 2 * math.pi
+        grating = torch.sin(freq * math.pi * (xx * math.cos(angle) + yy * math.sin(angle)) + phase)
+        cx, cy = (torch.rand(2, generator=g) * 1.2 - 0.6).tolist()
+        blob = torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.08)
+        hue = 2 * math.pi * c / self.classes
+        colour = torch.tensor([math.cos(hue), math.cos(hue - 2.094), math.cos(hue + 2.094)]) * 0.5 + 0.5
+        img = 0.5 + 0.3 * grating[None] * colour[:, None, None] + 0.3 * blob[None] * (1 - colour[:, None, None])
+        img = img + 0.05 * torch.randn(3, s, s, generator=g)
+        return (img.clamp(0, 1) * 255).round().to(torch.uint8), c
+
+
+# --------------------------------------------------------------------------- image folder
+class ImageFolder(ImageDataset):
+    """ImageNet layout ``<root>/<split>/<class>/<image>``; unreadable files raise UnreadableImage."""
+
+    def __init__(self, root: str, split: str = "train") -> None:
+        base = Path(root) / split
+        if not root or not base.is_dir():
+            raise DataError(
+                f"imagefolder split directory '{base}' does not exist: set data.root to a directory "
+                f"holding {split}/<class>/<image> (e.g. data.root=/datasets/imagenet)"
+            )
+        self.classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+        self.num_classes = len(self.classes)
+        self.samples = [
+            (str(p), label)
+            for label, cls in enumerate(self.classes)
+            for p in sorted((base / cls).rglob("*"))
+            if p.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        if not self.samples:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under '{base}/<class>/': check data.root")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def label(self, index: int) -> int:
+        return self.samples[index][1]
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as im:
+                rgb = np.asarray(im.convert("RGB"))
+        except Exception as e:  # PIL raises many types for damaged files
+            raise UnreadableImage(path, f"{type(e).__name__}: {e}") from None
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous(), label
+
+    def check_readable(self) -> None:
+        """Fail at start when no image can be decoded (tries files in order until one works)."""
+        try:
+            next_readable(self, 0)
+        except DataError:
+            raise DataError(f"none of the {len(self.samples)} images under '{self.samples[0][0].rsplit('/', 2)[0]}' "
+                            "can be decoded: check the files (e.g. with PIL) or data.root") from None
+
+
+# --------------------------------------------------------------------------- registry
+def _synthetic(split: str, root: str = "", *, synthetic_size: int = 2048, synthetic_classes: int = 8,
+               synthetic_image_size: int = 32, seed: int = 0) -> ImageDataset:
+    size = synthetic_size if split == "train" else max(synthetic_size // 4, 2 * synthetic_classes)
+    # The held-out split draws from another seed: different images, same classes.
+    return Synthetic(size, synthetic_classes, synthetic_image_size, seed=seed + (0 if split == "train" else 7919))
+
+
+REGISTRY: dict[str, Callable[..., ImageDataset]] = {  # name -> builder(split, root, **options)
+    "fashion_mnist": lambda split, root="", **_: FashionMNIST(root, split),
+    "imagefolder": lambda split, root="", **_: ImageFolder(root, "train" if split == "train" else "val"),
+    "synthetic": _synthetic,
+}
+
+
+def open_dataset(name: str, split: str, root: str = "", **options: Any) -> ImageDataset:
+    """The ``split`` ("train" or "test"; ImageFolder reads val/ for "test") of dataset ``name``.
+
+    Independent of any configuration; ``options`` are the synthetic dataset's (``synthetic_size``,
+    ``synthetic_classes``, ``synthetic_image_size``, ``seed``) and are ignored by the others."""
+    return REGISTRY[name](split, root, **options)
+
+
+def open_configured(section: Any, split: str, seed: int = 0) -> ImageDataset:
+    """The ``split`` of the dataset a config section names by its ``dataset``, ``root`` and ``synthetic_*``
+    fields: the pretraining's ``data.*`` and the eval config both have them."""
+    return open_dataset(section.dataset, split, section.root, synthetic_size=section.synthetic_size,
+                        synthetic_classes=section.synthetic_classes,
+                        synthetic_image_size=section.synthetic_image_size, seed=seed)
+
+
+class Subset(ImageDataset):
+    def __init__(self, base: ImageDataset, indices: list[int]) -> None:
+        self.base, self.indices = base, indices
+        self.channels, self.num_classes, self.mean, self.std = base.channels, base.num_classes, base.mean, base.std
+        self.same_size = base.same_size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.base.load(self.indices[index])
+
+    def label(self, index: int) -> int:
+        return self.base.label(self.indices[index])
+
+    def load_many(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.base.load_many([self.indices[i] for i in indices])
+
+
+def spaced_subset(ds: ImageDataset, n: int, offset: int = 0) -> ImageDataset:
+    """``min(n, len(ds))`` evenly spaced items of ``ds`` (spread over a class-sorted folder)."""
+    n = min(n, len(ds))
+    return Subset(ds, [(offset + i * len(ds) // n) % len(ds) for i in range(n)])
+
+
+def holdout_split(ds: ImageDataset, n: int) -> tuple[ImageDataset, ImageDataset]:
+    """(the rest, the validation split): ``n`` evenly spaced images of ``ds`` held out, spread over a
+    class-sorted folder. Pretraining (``data.holdout``) and the eval stage (``holdout``) both call it, so
+    they hold out the same images."""
+    if not 0 < n < len(ds):
+        raise DataError(f"bad value for config key 'data.holdout': {n} held-out images leave none of the "
+                        f"{len(ds)} training images to train on; hold out fewer")
+    held = spaced_subset(ds, n)
+    taken = set(held.indices)
+    return Subset(ds, [i for i in range(len(ds)) if i not in taken]), held
+
+
+def disjoint_subsets(ds: ImageDataset, n_first: int, n_second: int) -> tuple[ImageDataset, ImageDataset]:
+    """Two evenly spaced subsets of ``ds`` that share no index: up to ``n_first`` and ``n_second`` items
+    (the second capped at half of ``ds``, the first at what the second leaves)."""
+    n = len(ds)
+    n_second = min(n_second, n // 2)
+    n_first = min(n_first, n - n_second)
+    first = [i * n // n_first for i in range(n_first)]
+    taken = set(first)
+    rest = [i for i in range(n) if i not in taken]
+    second = [rest[j * len(rest) // n_second] for j in range(n_second)]
+    return Subset(ds, first), Subset(ds, second)

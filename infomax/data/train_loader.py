@@ -1,0 +1,176 @@
+"""The pretraining input, built in one place: the training loader (FFCV fast path or torchvision)
+and the on-device view steps that turn a loaded batch into the model's views.
+
+On-device steps, in order: the views' colour steps, drawn per batch by :mod:`batch_views`, either
+with the crops (``data.augment=batch``) or on the uint8 crops FFCV decoded (every FFCV run); then the
+Lab split (``data.colour_split=lab``: each RGB view becomes an L and an ab view, :mod:`colour`).
+With ``data.augment=loader`` on the torchvision format the loader workers do the colour steps themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from accelerate import Accelerator
+
+from infomax.config.pretrain import Config, ConfigError
+from infomax.data.batch_views import BatchViews
+from infomax.data.colour import split_lab
+from infomax.data.datasets import (
+    DataError,
+    ImageDataset,
+    ImageFolder,
+    Subset,
+    disjoint_subsets,
+    holdout_split,
+    open_configured,
+    spaced_subset,
+)
+from infomax.data.multiview import MultiViewDataset, collate_skipped
+from infomax.data.transforms import build_view_transform
+from infomax.runtime.hardware import beton_memory_warning, memory_limit
+
+
+@dataclass
+class TrainData:
+    """The training loader, the kNN monitor's labelled sets and the on-device view steps."""
+
+    images: Any  # the training ImageDataset, or the .beton's BetonInfo (count, channels, mean/std, classes)
+    loader: Any  # an Accelerate-prepared DataLoader, or an FFCVMultiViewLoader
+    train_set: MultiViewDataset | None  # the torchvision path's dataset (its epoch seeds the augmentations)
+    batch_views: BatchViews | None  # data.augment=batch, and every FFCV run (its crops' colour steps)
+    lab: bool  # data.colour_split=lab
+    view_chans: list[int]  # channels of each model view
+    knn_bank: ImageDataset | None
+    knn_queries: ImageDataset | None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch_batches(self, accelerator: Accelerator, epoch: int, start: int) -> Iterable[dict[str, Any]]:
+        """The batches of ``epoch`` from batch ``start`` on (resume inside an epoch)."""
+        self.loader.set_epoch(epoch)
+        if self.train_set is None:
+            return self.loader.epoch_batches(start)
+        self.train_set.set_epoch(epoch)
+        return accelerator.skip_first_batches(self.loader, start) if start else self.loader
+
+    def views(self, batch: dict[str, Any], epoch: int, step_in_epoch: int,
+              accelerator: Accelerator) -> list[torch.Tensor]:
+        """A loaded batch -> the augmented, normalised views (before any Lab split): V x (B x C x H x W)."""
+        if self.batch_views is None:
+            return batch["views"]
+        if self.train_set is None:  # FFCV: cropped while decoding, on the device already
+            return self.batch_views.colour(batch["views"], epoch, step_in_epoch, accelerator.process_index)
+        # the loader pins its batches on CUDA: the copy does not make the host wait
+        return self.batch_views(batch["views"][0].to(accelerator.device, non_blocking=True), epoch, step_in_epoch,
+                                accelerator.process_index)
+
+    def model_views(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Augmented views -> the model's views (the Lab split turns each into L and ab)."""
+        return split_lab(views, self.images.mean, self.images.std) if self.lab else views
+
+    def first_view(self, x: torch.Tensor) -> torch.Tensor:
+        """An eval-transformed batch -> the first model view's input (the kNN monitor's)."""
+        return self.model_views([x])[0]
+
+    @staticmethod
+    def skipped(batch: dict[str, Any]) -> list[str]:
+        return collate_skipped(batch["skipped"])
+
+
+def open_split(cfg: Config, split: str) -> ImageDataset:
+    """The whole ``split`` of ``data.dataset``, as the pretraining's settings open it."""
+    return open_configured(cfg.data, split, seed=cfg.run.seed)
+
+
+def build_dataset(cfg: Config, split: str = "train") -> ImageDataset:
+    """The training (or held-out) dataset named by ``data.dataset``, less ``data.holdout``'s validation
+    images; fails early on bad paths."""
+    return training_and_validation(cfg)[0] if split == "train" else _checked(open_split(cfg, split))
+
+
+def _checked(ds: ImageDataset) -> ImageDataset:
+    if isinstance(ds, ImageFolder):  # a folder that exists but cannot be decoded is an error now, not mid-run
+        ds.check_readable()
+    return ds
+
+
+def training_and_validation(cfg: Config) -> tuple[ImageDataset, ImageDataset | None]:
+    """(the training images, ``data.holdout``'s validation images or None), from one opening of the train split."""
+    ds, validation = _checked(open_split(cfg, "train")), None
+    if cfg.data.holdout:
+        ds, validation = holdout_split(ds, cfg.data.holdout)
+    if cfg.data.limit:
+        ds = Subset(ds, list(range(min(cfg.data.limit, len(ds)))))
+    return ds, validation
+
+
+def build_knn_sets(cfg: Config, train: ImageDataset,
+                   validation: ImageDataset | None = None) -> tuple[ImageDataset, ImageDataset]:
+    """(memory bank, queries) for the online kNN monitor: labelled, evenly spaced subsets of ``train``
+    and of the images held out of it.
+
+    Queries come from ``validation`` (``data.holdout``'s images) when given, else from the held-out
+    split when the dataset has one (Fashion-MNIST test, ImageFolder val/, synthetic's second seed);
+    otherwise from training images that are not in the bank (a query that is also a bank image would
+    find itself). Then at most half of the images are queries, and the bank is at most the rest.
+    """
+    m = cfg.monitor
+    if cfg.data.holdout and validation is None:  # the queries would come from images the eval does not score
+        raise ValueError("with data.holdout the kNN queries come from its validation images: pass them")
+    if validation is not None:
+        return spaced_subset(train, m.knn_bank), spaced_subset(validation, m.knn_queries)
+    try:
+        held_out = open_split(cfg, "test")
+    except DataError:  # no held-out split
+        return disjoint_subsets(train, m.knn_bank, m.knn_queries)
+    # one that exists but cannot be decoded is an error, not a reason to fall back
+    return spaced_subset(train, m.knn_bank), spaced_subset(_checked(held_out), m.knn_queries)
+
+
+def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
+    """Datasets, loader and view steps for ``cfg.data``; every data error is raised here, before the model."""
+    d, batch = cfg.data, cfg.optim.batch_size_per_process
+    ffcv = d.format == "ffcv"
+    # The kNN monitor reads small labelled subsets of the source dataset through torchvision either way.
+    decoded, validation = training_and_validation(cfg) if cfg.monitor.knn_every or not ffcv else (None, None)
+    if ffcv:
+        from infomax.data.beton import require_ffcv
+        from infomax.data.ffcv_loader import BetonInfo
+
+        require_ffcv()
+        images = BetonInfo(d.path)
+        if warning := beton_memory_warning(Path(d.path).stat().st_size, memory_limit(), d.os_cache):
+            accelerator.print(warning, flush=True)
+    else:
+        images = decoded
+    batch_views = BatchViews(d.views, images.mean, images.std, cfg.run.seed) if d.augment == "batch" or ffcv else None
+    bank, queries = build_knn_sets(cfg, decoded, validation) if cfg.monitor.knn_every else (None, None)
+    if len(images) < batch * accelerator.num_processes:
+        raise ConfigError(
+            f"bad value for config key 'optim.batch_size_per_process': {batch} x {accelerator.num_processes} "
+            f"processes needs at least that many images, the dataset has {len(images)}; lower it"
+        )
+    train_set = None
+    if ffcv:  # FFCV shards across processes itself (distributed=True) and delivers batches on the device
+        from infomax.data.ffcv_loader import FFCVMultiViewLoader
+
+        loader = FFCVMultiViewLoader(
+            d.path, d.views, batch, accelerator.device, seed=cfg.run.seed, distributed=accelerator.num_processes > 1,
+            num_workers=max(1, d.num_workers), os_cache=d.os_cache, batches_ahead=d.batches_ahead, info=images)
+    else:
+        # data.augment=batch: the loader only collates uint8 images; the views are drawn per batch on the device
+        transforms = [] if d.augment == "batch" else [
+            build_view_transform(v, images.channels, images.mean, images.std) for v in d.views]
+        train_set = MultiViewDataset(images, transforms, seed=cfg.run.seed)
+        loader = accelerator.prepare(torch.utils.data.DataLoader(
+            train_set, batch_size=batch, shuffle=True, drop_last=True, num_workers=d.num_workers,
+            pin_memory=accelerator.device.type == "cuda"))
+    lab = d.colour_split == "lab"
+    # With the Lab split each loaded RGB view becomes an L view (1 channel) and an ab view (2 channels).
+    view_chans = [1, 2] * len(d.views) if lab else [images.channels] * len(d.views)
+    return TrainData(images, loader, train_set, batch_views, lab, view_chans, bank, queries)

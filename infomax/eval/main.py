@@ -1,0 +1,173 @@
+"""Eval entry point: frozen exported encoders -> linear probe + kNN, next to the AlexNet baselines -> report.
+
+    python eval/main.py --config configs/probe_fmnist.yaml weights=runs/fmnist_cpu/export
+    accelerate launch eval/main.py --config configs/probe_imagenet.yaml 'weights=[runs/a/export,runs/b/export]'
+
+Reads only exported artefacts (encoder.safetensors + config.json), never training code paths.
+Rows: each encoder, a random-init encoder of the same architecture, raw pixels (small images),
+supervised AlexNet trained here, AlexNet conv1..5 probes (given a weights file), published figures;
+``infomax.eval.rows.Rows.plan`` chooses them from the config as one list, which :func:`evaluate` counts, runs and
+reports in one loop (adding a row touches that list and its test, nothing here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+PROTOCOLS = {
+    "fast": "fast-v2: frozen encoder (eval mode), resize + centre crop, standardised cached features, "
+            "L-BFGS logistic regression warm-started along the weight-decay path, weight decay chosen on 10% of train",
+    "imagenet": "imagenet-v1: frozen encoder and BN, RandomResizedCrop + flip, linear head, SGD momentum 0.9, "
+                "lr drops x0.1 at the milestones, weight decay 0; resize + centre crop for scoring",
+}
+KNN = "kNN: cosine similarity, temperature-weighted votes over the cached train features"
+
+
+def open_splits(cfg: Any) -> tuple[Any, Any]:
+    """(the images the probes fit on, the images they are scored on) for an eval config: the train and
+    test splits, or with ``holdout`` the rest of train and its validation images (the test split then
+    stays unread: it is for the final figure), each cut to ``limit_train`` / ``limit_test``."""
+    from infomax.config.pretrain import ConfigError
+    from infomax.data.datasets import holdout_split, open_configured, spaced_subset
+
+    def split(name: str):
+        ds = open_configured(cfg, name)
+        if len(ds) == 0:
+            raise ConfigError(f"the {name} split of {cfg.dataset} is empty: check root")
+        return ds
+
+    train, test = holdout_split(split("train"), cfg.holdout) if cfg.holdout else (split("train"), split("test"))
+    return tuple(spaced_subset(ds, n) if n else ds for ds, n in ((train, cfg.limit_train), (test, cfg.limit_test)))
+
+
+def evaluate(cfg: Any) -> list[dict[str, Any]]:
+    """Compute every row of the report; returns the rows (also written to the report files)."""
+    import torch
+
+    from infomax.config.pretrain import ConfigError, to_yaml
+    from infomax.eval.baselines import REFERENCE_ALEXNET_TOP1, load_alexnet_features
+    from infomax.eval.progress import RowClock
+    from infomax.eval.report import write_report
+    from infomax.eval.rows import Rows
+    from infomax.eval.stored_baselines import scored_split
+    from infomax.export.encoder import export_dir_of, load_encoder, load_view_encoders
+    from infomax.export.model_card import add_eval
+    from infomax.runtime.distributed import make_accelerator
+    from infomax.runtime.hardware import describe_machine
+    from infomax.runtime.run_dir import ensure_writable
+
+    # ------------------------------------------------------------------ exports and data (checked before any work)
+    exports = [(w, *load_encoder(w)) for w in cfg.weights]  # (path, encoder, meta); checks sha256 and keys
+    view_encoders = {w: load_view_encoders(w, meta) for w, _, meta in exports}  # CMC's ab encoder, if any
+    b = cfg.baselines
+    alexnet_trunk = load_alexnet_features(b.alexnet_weights) if b.alexnet_weights else None
+
+    train, test = open_splits(cfg)
+    for w, _, meta in exports:
+        trained_holdout = int((meta.get("summary") or {}).get("holdout") or 0)
+        if cfg.holdout and trained_holdout != cfg.holdout:
+            raise ConfigError(
+                f"bad value for config key 'holdout': '{w}' was pretrained with data.holdout={trained_holdout}, so "
+                f"holdout={cfg.holdout} would not score the images it was held out of; give holdout={trained_holdout}"
+                if trained_holdout else f"bad value for config key 'holdout': '{w}' was pretrained on every train "
+                f"image (data.holdout=0), so a validation split would score images it trained on; pretrain with "
+                f"data.holdout={cfg.holdout} or score the test split (holdout=0)")
+        needs = 3 if meta.get("input_transform") == "lab_L" else meta["in_chans"]
+        if needs != train.channels:
+            raise ConfigError(f"'{w}' expects {needs}-channel images but {cfg.dataset} has {train.channels}; "
+                              "evaluate it on the dataset it was trained for")
+    size = exports[0][2]["input_size"][-1] if exports else cfg.image_size  # rows without an export (AlexNet, pixels)
+    out = Path(cfg.out or (Path(cfg.weights[0]).resolve().parent if exports else "runs/baselines"))
+    try:  # before any row is computed: the report and the fits' checkpoints go there
+        ensure_writable(out)
+    except OSError as e:
+        raise ConfigError(f"bad value for config key 'out': '{out}' is not a writable directory ({e.strerror}), so "
+                          "the report could not be written; fix its permissions or give out=DIR") from None
+
+    # ------------------------------------------------------------------ processes, rows
+    accelerator, precision = make_accelerator(cfg.seed, cfg.precision, cfg.dist_timeout_min)
+    torch.manual_seed(cfg.seed)
+    fit_key = to_yaml(cfg) + "".join(m["sha256"] for _, _, m in exports)
+    make = Rows(cfg, accelerator, train, test, size, out, fit_key)
+    plan = make.plan(exports, view_encoders, alexnet_trunk)  # every row, in the report's order
+    computed = [r for r in plan if not r.quoted]
+    accelerator.print(f"eval: {len(train)} train / {len(test)} scored images ({scored_split(cfg.holdout)}) of "
+                      f"{cfg.dataset}, "
+                      f"protocol {cfg.protocol}, "
+                      f"{len(computed)} rows to compute on {accelerator.num_processes} process(es): "
+                      f"{', '.join(r.name for r in computed)}")
+    clock = RowClock.for_rows([r.cost() for r in computed], accelerator.print)
+    rows: list[dict[str, Any]] = []
+    for builder in plan:
+        row = builder.build()
+        rows.append(row if builder.quoted else clock.done(row))
+
+    # ------------------------------------------------------------------ delta vs supervised AlexNet, report
+    measured = [r["top1"] for r in rows if r["kind"] == "alexnet_supervised"]
+    reference = measured[0] if measured else (REFERENCE_ALEXNET_TOP1 if b.published else None)
+    for r in rows:
+        compared = reference is not None and r["kind"] != "alexnet_supervised"
+        r["delta_vs_alexnet"] = r["top1"] - reference if compared else None
+    if accelerator.is_main_process:
+        meta = {"dataset": cfg.dataset, "protocol": PROTOCOLS[cfg.protocol].split(":")[0],
+                "protocol_description": f"{PROTOCOLS[cfg.protocol]}. {KNN}.", "seed": cfg.seed,
+                "train_images": len(train), "test_images": len(test), "scored_on": scored_split(cfg.holdout),
+                "processes": accelerator.num_processes,
+                "precision": precision.mode, "precision_reason": precision.reason, "machine": describe_machine(),
+                "alexnet_reference_top1": reference, "config": to_yaml(cfg),
+                "train_step": int((exports[0][2].get("summary") or {}).get("steps") or 0) if exports else 0}
+        table = write_report(out, rows, meta, list(cfg.knn_k))
+        for w, _, _ in exports:  # each export's model card shows how good it is
+            add_eval(export_dir_of(w), table, f"On {cfg.dataset} ({len(train)} train images; scored on the "
+                     f"{scored_split(cfg.holdout)}, {len(test)} images), "
+                     f"{PROTOCOLS[cfg.protocol]}. {KNN}.", out / "report.md")
+        print(f"\n{table}\n\nreport: {out / 'report.md'}  {out / 'report.json'}  {out / 'report.png'}", flush=True)
+    accelerator.wait_for_everyone()
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from infomax.config.eval import EvalConfig, validate_eval
+    from infomax.config.pretrain import ConfigError, load_config
+    from infomax.data.datasets import DataError
+    from infomax.eval.classifier import NothingToTrain
+    from infomax.eval.features import EncoderChanged
+    from infomax.eval.rows import Stopped
+    from infomax.runtime.checkpoint import SECOND_CTRL_C, CheckpointError, SaveInterrupted
+
+    parser = argparse.ArgumentParser(description="Linear probe + kNN of frozen exported encoders, beside AlexNet.")
+    parser.add_argument("--config", help="YAML with differences from the eval defaults (configs/probe_*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. weights=runs/x/export")
+    args = parser.parse_args(argv)
+    # `weights=a` means one export; `weights=[a,b]` several (the schema field is a list).
+    overrides = [f"weights=[{o[8:]}]" if o.startswith("weights=") and not o[8:].startswith("[") else o
+                 for o in args.overrides]
+    try:
+        cfg = load_config(args.config, overrides, schema=EvalConfig, check=validate_eval)
+        evaluate(cfg)
+    except (ConfigError, DataError, EncoderChanged, NothingToTrain) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (SaveInterrupted, KeyboardInterrupt) as e:  # a second Ctrl-C: the user would not wait for the save
+        print(f"error: {str(e) or SECOND_CTRL_C}", file=sys.stderr)
+        return 130
+    except CheckpointError as e:  # every checkpoint of a fit damaged, or the disk full at a save
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Stopped as e:
+        print(f"eval {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # e.g. state-dict key mismatch between config.json and the weights
+        if "state_dict" not in str(e) and "size mismatch" not in str(e):
+            raise
+        print(f"error: the weights do not match the architecture in config.json: {str(e).splitlines()[0]}",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""report.md, report.json, report.png (and TensorBoard scalars) from the evaluation rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from infomax.runtime.tracking import TensorBoard
+
+KIND_COLOURS = {"ours": "C0", "random_init": "C7", "raw_pixels": "C8", "alexnet_supervised": "C3",
+                "alexnet_conv": "C1", "published": "C2"}
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.2f}"
+
+
+def markdown_table(rows: list[dict[str, Any]], knn_k: list[int]) -> str:
+    """encoder / kind / protocol / input side / feature dim / top-1 / top-5 / kNN per k / delta vs
+    supervised AlexNet (points)."""
+    head = ("| encoder | kind | protocol | input px | features | top-1 | top-5 | "
+            + "".join(f"kNN k={k} | " for k in knn_k) + "Δ vs AlexNet |")
+    lines = [head, "|" + "---|" * (8 + len(knn_k))]
+    for r in rows:
+        knn = "".join(f"{_pct((r.get('knn') or {}).get(str(k)))} | " for k in knn_k)
+        delta = r.get("delta_vs_alexnet")
+        delta = "–" if delta is None else f"{100 * delta:+.2f}"
+        size, dim = (r.get(k) or "–" for k in ("input_size", "feature_dim"))
+        lines.append(f"| {r['name']} | {r['kind']} | {r['protocol']} | {size} | {dim} | {_pct(r['top1'])} | "
+                     f"{_pct(r['top5'])} | {knn}{delta} |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], knn_k: list[int]) -> str:
+    """Write the three report files and TensorBoard scalars; returns the markdown table."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows, knn_k)
+    (out / "report.json").write_text(json.dumps({"rows": rows, **meta}, indent=2) + "\n")
+    sources = "\n".join(f"- `{r['name']}`: sha256 `{r['weights_sha256']}`" for r in rows if r.get("weights_sha256"))
+    quoted = "\n".join(f"- {r['name']}: {r['source']}" for r in rows if r["kind"] == "published")
+    reference = meta.get("alexnet_reference_top1")
+    edge = [f"- `{r['name']}`: weight decay {r['weight_decay']:g} is at the edge of the grid tried "
+            f"({', '.join(f'{w:g}' for w in sorted(r['weight_decays_tried']))}); its top-1 may be an underestimate"
+            for r in rows if r.get("weight_decay_at_edge")]
+    (out / "report.md").write_text(
+        f"# Linear evaluation on {meta['dataset']}\n\nScored on the {meta.get('scored_on', 'test split')}"
+        + (f": {meta['test_images']} images, the fits on {meta['train_images']} train images"
+           if "test_images" in meta else "")
+        + f".\n\n{table}\n\n"
+        f"Δ vs AlexNet: top-1 points against "
+        f"{'no AlexNet row' if reference is None else f'supervised AlexNet at {_pct(reference)}%'}.\n\n"
+        f"Protocol: {meta['protocol_description']}\n\n"
+        f"Precision: {meta['precision']} ({meta['precision_reason']}); measured on {meta['machine']}.\n\n"
+        + (f"Quoted, not measured here:\n{quoted}\n\n" if quoted else "")
+        + ("Warnings:\n" + "\n".join(edge) + "\n\n" if edge else "")
+        + f"Weights:\n{sources or '- none'}\n\nConfig:\n\n```yaml\n{meta['config']}```\n"
+    )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(rows), 3.8))
+    ax.bar(range(len(rows)), [100 * (r["top1"] or 0) for r in rows],
+           color=[KIND_COLOURS.get(r["kind"], "C9") for r in rows])
+    ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=25, ha="right", fontsize=7)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{meta['dataset']}: linear probe on frozen features ({meta['protocol']})", fontsize=9)
+    if reference is not None:
+        ax.axhline(100 * reference, color="C3", ls="--", label=f"supervised AlexNet {_pct(reference)}%")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=120)
+    plt.close(fig)
+    # A run of its own (tb/eval/) at the export's training step: evaluations of one run over time line
+    # up, and they do not sit as single points among the training curves.
+    tb = TensorBoard(out / "tb" / "eval", enabled=True)  # a failed TensorBoard write warns, never loses the report
+    tb.scalars({f"eval/{r['name']}/{k}": r[k] for r in rows if r["kind"] != "published" and r["top1"] is not None
+                for k in ("top1", "top5")}, meta.get("train_step", 0))
+    tb.close()
+    return table

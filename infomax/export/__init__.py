@@ -1,0 +1,1 @@
+"""The export (weights timm loads, config.json) and its model card."""

@@ -1,0 +1,99 @@
+"""export/README.md, the model card: what the weights are, how they were made, how to load them, how good they are.
+
+A user who receives only the export folder learns it all there, as beside a Hugging Face or timm
+checkpoint. Pretraining writes the card with the export; the eval stage adds (or replaces) its
+"Linear evaluation" section. The loading code is generated from the encoder itself and a test runs it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from infomax.export.encoder import write_atomically
+
+CARD = "README.md"
+EVAL_HEADING = "## Linear evaluation"
+
+
+def loading_code(meta: dict[str, Any], encoder: nn.Module) -> str:
+    """Python that rebuilds ``encoder`` from the export with timm and safetensors alone (no infomax)."""
+    kwargs = "".join(f", {k}={v!r}" for k, v in meta["timm_kwargs"].items())
+    create = f'timm.create_model("{meta["architecture"]}", num_classes=0, in_chans={meta["in_chans"]}{kwargs}'
+    if not meta["small_input"]:
+        return ("import timm\n\n"
+                f'encoder = {create},\n    pretrained=True, pretrained_cfg_overlay=dict(file="encoder.safetensors"))\n'
+                "encoder.eval()\n")
+    stride = meta["stem_stride"]
+    if isinstance(encoder.conv1, nn.Conv2d):
+        stem = (f"encoder.conv1 = torch.nn.Conv2d({encoder.conv1.in_channels}, {encoder.conv1.out_channels}, 3, "
+                f"stride={stride}, padding=1, bias=False)\n")
+    else:  # a deep stem keeps its convs; the first one runs at the stem stride
+        stem = ("first = next(m for m in encoder.conv1.modules() if isinstance(m, torch.nn.Conv2d))\n"
+                f"first.stride = ({stride}, {stride})\n")
+    return ("import timm\nimport torch\nfrom safetensors.torch import load_file\n\n"
+            f"encoder = {create})\n"
+            f"# the small-image stem (model.small_input): a 3x3 first conv at stride {stride}, no max-pool\n"
+            f"{stem}encoder.maxpool = torch.nn.Identity()\n"
+            'encoder.load_state_dict(load_file("encoder.safetensors"))\n'
+            "encoder.eval()\n")
+
+
+def card_text(meta: dict[str, Any], encoder: nn.Module, run: dict[str, Any]) -> str:
+    """The card from config.json's ``meta`` and the run's facts.
+
+    ``run``: name, objective, bound, dataset, train_images, views (sizes), epochs, steps, global_batch,
+    processes, precision, seconds, machine, revision, config (the resolved YAML)."""
+    s = meta["summary"]
+    pre = " x ".join(map(str, meta["input_size"]))
+    views = ", ".join(f"{size} px" for size in run["views"])
+    lines = [
+        f"# {run['name']}: a {meta['architecture']} encoder pretrained without labels by infomax",
+        "",
+        f"Trained by maximising the `{run['bound']}` lower bound on the mutual information between views of the "
+        f"same image (objective `{run['objective']}`). It maps an image to {meta['num_features']} features.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | timm `{meta['architecture']}`, `in_chans={meta['in_chans']}`"
+        + (f", timm kwargs `{json.dumps(meta['timm_kwargs'])}`" if meta["timm_kwargs"] else "")
+        + (f"; small-image stem (3x3 at stride {meta['stem_stride']}, no max-pool)"
+           if meta["small_input"] else "")
+        + " |",
+        f"| input | {pre}, `{meta['input_transform']}`: pixels in [0, 1], then (x - mean) / std with mean "
+        f"{meta['mean']} and std {meta['std']} |",
+        f"| objective | `{run['objective']}`, bound `{run['bound']}` |",
+        f"| data | `{run['dataset']}`, {run['train_images']} training images, labels unused; views of {views} |",
+        f"| training | {s.get('epochs_trained')} epochs, {s.get('steps')} steps, global batch {run['global_batch']} "
+        f"({run['processes']} process(es)), precision {run['precision']} |",
+        f"| wall time | {run['seconds']:.0f} s of pretraining on {run['machine']} |",
+        f"| code | infomax, git revision `{run['revision']}` |",
+        f"| weights | `encoder.safetensors`, sha256 `{meta['sha256']}` |",
+    ]
+    for view in meta.get("view_encoders", []):
+        lines.append(f"| another view's encoder | `{view['file']}` (`in_chans={view['in_chans']}`, "
+                     f"`{view['input_transform']}`), sha256 `{view['sha256']}` |")
+    lines += ["", "## Load it", "", "From this folder, with timm and safetensors only:", "", "```python",
+              loading_code(meta, encoder).rstrip(), "```", "",
+              "`encoder(images)` then gives a batch of feature vectors (B x "
+              f"{meta['num_features']}) for images of B x {pre}. With infomax installed, "
+              '`infomax.export.encoder.load_encoder("<this folder>")` does the same and checks the sha256.', "",
+              EVAL_HEADING, "", "Not evaluated yet: run `python eval/main.py weights=<this folder>`, which adds the "
+              "scores here.", "", "<details><summary>The resolved training config</summary>", "", "```yaml",
+              run["config"].rstrip(), "```", "", "</details>", ""]
+    return "\n".join(lines)
+
+
+def add_eval(export_dir: Path, table: str, description: str, report: Path) -> None:
+    """Put the eval's rows in the card's "Linear evaluation" section, replacing an earlier eval's."""
+    card = export_dir / CARD
+    text = card.read_text() if card.is_file() else f"# {export_dir.resolve().parent.name}\n\n{EVAL_HEADING}\n"
+    head, found, rest = text.partition(EVAL_HEADING)
+    if not found:
+        head, rest = text.rstrip() + "\n\n", ""
+    tail = rest[rest.index("\n<details>"):] if "\n<details>" in rest else ""
+    section = f"{EVAL_HEADING}\n\n{description}\n\n{table}\n\nThe full report: `{report}`.\n"
+    write_atomically(card, (head + section + tail).encode())

@@ -1,0 +1,349 @@
+"""Send pretraining (and optionally the eval stage after it) to SLURM through submitit.
+
+    python launch/submit.py --config configs/imagenet_resnet50.yaml --nodes 4 --gpus-per-node 8 \\
+        --partition gpu --time 72:00:00 --eval configs/probe_imagenet.yaml
+    python launch/submit.py --config configs/synthetic_tiny.yaml --cluster local      # no SLURM
+    python launch/submit.py --config configs/X.yaml --sweep optim.lr=0.1,0.3 --dry-run
+
+One SLURM task per GPU; each task calls the same ``infomax.train.main.train`` as ``accelerate launch``.
+Preemption / time limit: checkpoint, requeue, resume (see infomax/launch/jobs.py). Every error a user can
+cause is reported in one line before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # first-party modules and submitit load inside the functions, after drop_script_dir()
+    import submitit
+
+    from infomax.config.eval import EvalConfig
+    from infomax.config.pretrain import Config
+    from infomax.launch.sbatch import JobRequest
+
+
+class SubmitError(ValueError):
+    """A request that cannot be submitted; one line with the fix."""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Submit infomax pretraining (and eval) to SLURM via submitit.",
+                                epilog="Overrides are dotted keys, e.g. optim.lr=0.3 run.dir=runs/x")
+    p.add_argument("--config", required=True, help="pretraining YAML (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied after the file")
+    r = p.add_argument_group("resources")
+    r.add_argument("--nodes", type=int, default=1)
+    r.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU")
+    r.add_argument("--tasks-per-node", type=int, default=0, help="default: --gpus-per-node (or 1 without GPUs)")
+    r.add_argument("--cpus-per-task", type=int, default=0,
+                   help="default: the loader's workers + 1 (data.num_workers, and the eval's num_workers)")
+    r.add_argument("--mem-gb", type=int, default=0, help="memory per node in GB (0 = the cluster default)")
+    r.add_argument("--partition", default="")
+    r.add_argument("--account", default="")
+    r.add_argument("--qos", default="")
+    r.add_argument("--constraint", default="")
+    r.add_argument("--time", default="72:00:00", help="time limit, [D-]HH:MM:SS or minutes")
+    r.add_argument("--job-name", default="", help="default: infomax-<run dir name>")
+    j = p.add_argument_group("job control")
+    j.add_argument("--max-requeues", type=int, default=10, help="preemptions / time limits survived by requeueing")
+    j.add_argument("--signal-delay", type=int, default=120, help="seconds before the end SLURM signals the job to save")
+    j.add_argument("--eval", default="", help="eval config (configs/probe_*.yaml): a second job after pretraining "
+                                              "succeeds")
+    j.add_argument("--eval-override", action="append", default=[], help="key=value for the eval config (repeatable)")
+    j.add_argument("--sweep", action="append", default=[], help="key=v1,v2,...: one run per value (product of several)")
+    j.add_argument("--array-parallelism", type=int, default=16, help="sweep jobs running at once")
+    j.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm",
+                   help="slurm; local = submitit's local executor (no SLURM); debug = in this process")
+    j.add_argument("--logs", default="", help="submitit folder (default: <run dir>/slurm)")
+    j.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved configs; submit "
+                                                          "nothing")
+    return p.parse_intermixed_args(argv)
+
+
+def minutes(text: str) -> int:
+    """A SLURM time (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes, rounded up."""
+    try:
+        if "-" in text:
+            days, clock = text.split("-", 1)
+            h, m, sec = ([int(x) for x in clock.split(":")] + [0, 0])[:3]
+        else:
+            days, parts = "0", [int(x) for x in text.split(":")]
+            h, m, sec = {1: [0, *parts, 0], 2: [0, *parts], 3: parts}[len(parts)]
+        return int(days) * 1440 + h * 60 + m + (sec > 0)
+    except (ValueError, KeyError):
+        raise SubmitError(f"--time '{text}' is not a SLURM time: use HH:MM:SS, D-HH:MM:SS or minutes") from None
+
+
+def sweep_points(sweeps: list[str]) -> list[list[str]]:
+    """``["a=1,2", "b=x,y"]`` -> the product as override lists ``[["a=1", "b=x"], ...]``."""
+    axes = []
+    for s in sweeps:
+        key, sep, values = s.partition("=")
+        if not sep or not values:
+            raise SubmitError(f"--sweep '{s}' is not key=v1,v2,..., e.g. --sweep optim.lr=0.1,0.3")
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    return [list(point) for point in itertools.product(*axes)] if axes else [[]]
+
+
+def remove_empty_tree(top: Path) -> None:
+    """Remove ``top`` and the directories under it, if they hold no file (a non-empty one stays)."""
+    for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    with contextlib.suppress(OSError):
+        top.rmdir()
+
+
+def known_partitions() -> list[str]:
+    """The cluster's partitions; asking also proves that a controller answers, before anything is written."""
+    way_out = "is SLURM reachable from here (scontrol ping, SLURM_CONF)? Use --cluster local to run without SLURM"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise SubmitError(f"sbatch is on PATH but sinfo is not: {way_out}") from None
+    except subprocess.TimeoutExpired:
+        raise SubmitError(f"sinfo got no answer from the SLURM controller in 60 s: {way_out}") from None
+    if out.returncode != 0:
+        problem = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+        raise SubmitError(f"sinfo failed ({problem}): {way_out}")
+    return [p.rstrip("*") for p in out.stdout.split()]
+
+
+def resolve_runs(args: argparse.Namespace) -> list[Config]:
+    """One resolved pretraining config per sweep point, each with its own absolute run dir, checked as ours."""
+    from infomax.config.pretrain import load_config
+    from infomax.runtime.run_dir import check_run_dir
+
+    points = sweep_points(args.sweep)
+    runs = []
+    for point in points:
+        cfg = load_config(args.config, [*args.overrides, *point])
+        if len(points) > 1:  # one run dir per sweep value, under the configured one
+            cfg.run.dir = str(Path(cfg.run.dir) / "_".join(o.replace("/", "-") for o in point))
+        cfg.run.dir = str(Path(cfg.run.dir).resolve())
+        check_run_dir(cfg)
+        runs.append(cfg)
+    return runs
+
+
+def resolve_evals(args: argparse.Namespace, runs: list[Config]) -> list[EvalConfig]:
+    """With ``--eval``: one eval config per run, probing that run's export; otherwise none."""
+    from infomax.config.eval import EvalConfig, validate_eval
+    from infomax.config.pretrain import load_config
+
+    if not args.eval:
+        return []
+    return [load_config(args.eval, [*args.eval_override, f"weights=[{Path(cfg.run.dir) / 'export'}]"],
+                        schema=EvalConfig, check=validate_eval) for cfg in runs]
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """The resource flags' ranges, and what a cluster other than SLURM can run, before any config is read
+    (submitit and sbatch would otherwise refuse them with a traceback, or only once the job is queued)."""
+    least = {"--nodes": (args.nodes, 1), "--gpus-per-node": (args.gpus_per_node, 0),
+             "--tasks-per-node": (args.tasks_per_node, 0), "--cpus-per-task": (args.cpus_per_task, 0),
+             "--mem-gb": (args.mem_gb, 0), "--max-requeues": (args.max_requeues, 0),
+             "--signal-delay": (args.signal_delay, 0), "--array-parallelism": (args.array_parallelism, 1)}
+    for flag, (value, lowest) in least.items():
+        if value < lowest:
+            raise SubmitError(f"{flag} must be >= {lowest}, got {value}")
+    if args.cluster != "slurm" and args.nodes > 1:
+        raise SubmitError(f"--nodes {args.nodes} needs SLURM: --cluster {args.cluster} runs on this machine alone; "
+                          "use --nodes 1, or --cluster slurm")
+
+
+def tasks_per_node(args: argparse.Namespace) -> int:
+    """One task per GPU (``--tasks-per-node`` may only repeat it); one task without GPUs unless told."""
+    gpus = args.gpus_per_node
+    tasks = args.tasks_per_node or max(1, gpus)
+    if gpus and tasks != gpus:
+        raise SubmitError(f"--tasks-per-node {tasks} with --gpus-per-node {gpus}: infomax runs one task per GPU")
+    return tasks
+
+
+def check_cluster(args: argparse.Namespace) -> None:
+    """The cluster can take the request: this machine has the GPUs (local), or a SLURM controller answers
+    and knows the partition (not needed for a dry run, which asks SLURM nothing)."""
+    gpus = args.gpus_per_node
+    if args.cluster == "local" and gpus:
+        import torch
+
+        if torch.cuda.device_count() < gpus:
+            raise SubmitError(f"--cluster local asks for {gpus} GPUs but this machine has {torch.cuda.device_count()}; "
+                              "use --gpus-per-node 0 (CPU processes) or submit to SLURM")
+    if args.cluster == "slurm" and not args.dry_run:
+        if shutil.which("sbatch") is None:
+            raise SubmitError("sbatch is not on PATH: run this on a SLURM login node, or use --cluster local")
+        parts = known_partitions()  # also fails, in one line, when no controller answers
+        if args.partition and args.partition not in parts:
+            raise SubmitError(f"--partition '{args.partition}' is not a partition of this cluster "
+                              f"(sinfo knows: {', '.join(parts)})")
+
+
+def cpus_per_task(args: argparse.Namespace, runs: list[Config], evals: list[EvalConfig]) -> int:
+    """``--cpus-per-task``, by default the loader's workers + 1: each task runs its loader's workers beside
+    its main process, and with fewer cores they share and the GPU waits (a SLURM task gets 1 CPU unless told)."""
+    workers = max([cfg.data.num_workers for cfg in runs] + [e.num_workers for e in evals])
+    cpus = args.cpus_per_task or workers + 1
+    if cpus < workers + 1:
+        raise SubmitError(f"--cpus-per-task {cpus} is too few for the loader: {workers} workers and the main process "
+                          f"need {workers + 1} cores per task; leave --cpus-per-task out (it then asks for "
+                          f"{workers + 1}) or lower data.num_workers to {max(0, cpus - 1)}")
+    return cpus
+
+
+def job_request(args: argparse.Namespace, runs: list[Config], tasks: int, cpus: int) -> JobRequest:
+    """What each pretraining job asks of the scheduler."""
+    from infomax.launch.sbatch import JobRequest
+
+    return JobRequest(name=args.job_name or f"infomax-{Path(runs[0].run.dir).name}", nodes=args.nodes,
+                      tasks_per_node=tasks, cpus_per_task=cpus, timeout_min=minutes(args.time),
+                      gpus_per_node=args.gpus_per_node, mem_gb=args.mem_gb, partition=args.partition,
+                      account=args.account, qos=args.qos, constraint=args.constraint,
+                      signal_delay_s=args.signal_delay, array_parallelism=args.array_parallelism)
+
+
+def runs_parent(runs: list[Config]) -> Path:
+    """The run dir, or for a sweep the directory that holds its run dirs."""
+    first = Path(runs[0].run.dir)
+    return first if len(runs) == 1 else first.parent
+
+
+def log_folder(args: argparse.Namespace, runs: list[Config]) -> Path:
+    """submitit's folder: ``--logs``, or ``slurm/`` beside the runs; each job logs in ``<folder>/<job id>``."""
+    return Path(args.logs).resolve() if args.logs else runs_parent(runs) / "slurm"
+
+
+def make_executor(cluster: str, folder: Path, max_requeues: int, request: JobRequest) -> submitit.AutoExecutor:
+    """submitit's executor for ``cluster``, logging in ``folder``/<job id>, set up for ``request``."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster, slurm_max_num_timeout=max_requeues)
+    executor.update_parameters(**request.executor_parameters())
+    return executor
+
+
+def print_dry_run(args: argparse.Namespace, runs: list[Config], evals: list[EvalConfig], request: JobRequest,
+                  folder: Path) -> None:
+    """What would be submitted: the sbatch script and the resolved configs. Writes nothing.
+
+    The SLURM script is rendered by infomax/launch/sbatch.py (submitit can neither show it publicly nor be
+    built without srun). The local and debug executors are built, so that they check the request
+    (the local one takes one node) as a submission would; the local one makes its log folder, which goes again.
+    """
+    from infomax.config.pretrain import to_yaml
+
+    if args.cluster == "slurm":
+        script = request.sbatch_script(folder / "%j")
+    else:
+        made = next((d for d in reversed([folder, *folder.parents]) if not d.exists()), None)
+        try:
+            make_executor(args.cluster, folder, args.max_requeues, request)
+        finally:
+            if made is not None:
+                remove_empty_tree(made)
+        script = f"({args.cluster} executor: no sbatch script)"
+    jobs = "1 job" if len(runs) == 1 else (f"{len(runs)} jobs: a job array of this script, --array=0-{len(runs) - 1}"
+                                            f"%{args.array_parallelism}, each job's logs under %A_%a, not %j")
+    print(f"# sbatch script ({jobs})\n{script}")
+    for cfg in runs:
+        print(f"# resolved config for {cfg.run.dir}\n{to_yaml(cfg)}")
+    for ecfg in evals:
+        print(f"# eval config (after pretraining succeeds)\n{to_yaml(ecfg)}")
+
+
+def submit_jobs(args: argparse.Namespace, executor: submitit.AutoExecutor, runs: list[Config],
+                evals: list[EvalConfig], request: JobRequest) -> tuple[list[submitit.Job], list[submitit.Job]]:
+    """Submit one pretraining job per run (a job array for a sweep), then each run's eval after it.
+
+    Returns the pretraining jobs and the eval jobs. On SLURM an eval waits for its pretraining
+    (``afterok``); local and debug have no scheduler to hold it back, so this waits for the pretraining.
+    """
+    from infomax.config.pretrain import to_yaml
+    from infomax.launch.jobs import EvalJob, PretrainJob
+    from infomax.runtime.run_dir import mark_ours
+
+    for cfg in runs:  # the job's own check then knows the dir (and its slurm/ logs) as infomax's
+        mark_ours(Path(cfg.run.dir))
+    jobs = [PretrainJob(to_yaml(cfg), args.max_requeues) for cfg in runs]
+    if len(jobs) > 1:
+        with executor.batch():
+            submitted = [executor.submit(job) for job in jobs]
+    else:
+        submitted = [executor.submit(jobs[0])]
+    eval_jobs = []
+    for job, ecfg in zip(submitted, evals):
+        executor.update_parameters(name=f"{request.name}-eval", **(
+            # A failed pretraining (a lost node, a killed rank) cancels its eval instead of leaving it pending.
+            {"slurm_additional_parameters": {"dependency": f"afterok:{job.job_id}", "kill_on_invalid_dep": "yes"}}
+            if args.cluster == "slurm" else {}))
+        if args.cluster != "slurm":
+            job.result()  # local/debug: no scheduler to hold the eval back, so wait here
+        eval_jobs.append(executor.submit(EvalJob(to_yaml(ecfg))))
+    if args.cluster == "debug":  # in this process: the jobs run when their results are asked for
+        for job in submitted + eval_jobs:
+            job.result()
+    return submitted, eval_jobs
+
+
+def print_follow_up(cluster: str, runs: list[Config], submitted: list[submitit.Job],
+                    eval_jobs: list[submitit.Job]) -> None:
+    """Each job's id and logs, then the commands to follow (and on SLURM to cancel) them."""
+    for cfg, job in zip(runs, submitted):
+        print(f"submitted {job.job_id}: run dir {cfg.run.dir}\n"
+              f"  logs     {job.paths.stdout}\n           {job.paths.stderr}")
+    for job in eval_jobs:
+        print(f"submitted {job.job_id}: eval after pretraining; report beside the export")
+    ids = ",".join(j.job_id for j in submitted + eval_jobs)
+    logdir = runs_parent(runs)
+    if cluster == "slurm":
+        print(f"follow:   squeue -j {ids}   |   sacct -j {ids} -X -o JobID,JobName,State,Elapsed\n"
+              f"          tail -f {submitted[0].paths.stdout}   |   tensorboard --logdir {logdir}\n"
+              f"cancel:   scancel {ids}  (a cancelled run keeps its checkpoint: resubmit the same command to resume)")
+        if eval_jobs:
+            print("if pretraining fails (a lost node, a killed rank), SLURM cancels its eval: resubmit the same "
+                  "command to resume pretraining from its checkpoint and chain the eval again")
+    else:
+        print(f"follow:   tail -f {submitted[0].paths.stdout}   |   tensorboard --logdir {logdir}")
+
+
+def submit(args: argparse.Namespace) -> list[submitit.Job]:
+    """Check everything (configs, run dirs, resources, the cluster) before anything is submitted; then
+    print the dry run, or submit and print how to follow the jobs. Returns the jobs (none for a dry run)."""
+    check_numbers(args)
+    runs = resolve_runs(args)
+    evals = resolve_evals(args, runs)
+    tasks = tasks_per_node(args)
+    check_cluster(args)
+    request = job_request(args, runs, tasks, cpus_per_task(args, runs, evals))
+    folder = log_folder(args, runs)
+    if args.dry_run:
+        print_dry_run(args, runs, evals, request, folder)
+        return []
+    executor = make_executor(args.cluster, folder, args.max_requeues, request)
+    submitted, eval_jobs = submit_jobs(args, executor, runs, evals, request)
+    print_follow_up(args.cluster, runs, submitted, eval_jobs)
+    return submitted + eval_jobs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from infomax.config.pretrain import ConfigError
+
+    args = parse_args(argv)
+    try:
+        submit(args)
+    except (ConfigError, SubmitError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The method: encoders and heads, critics, MI bounds, momentum keys and the objectives."""

@@ -1,2 +1,0 @@
-"""infomax pretraining: config, data, models, bounds, objectives, distributed gather, the train step,
-frozen features, stop signals, tracking, checkpoints, export."""
