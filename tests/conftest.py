@@ -37,7 +37,7 @@ def main_in_process(capsys: pytest.CaptureFixture, *overrides: str, config: Path
     import (seconds) for each case. The real process's exit code and stderr are tested in test_config.py."""
     from accelerate.state import AcceleratorState
 
-    from infomax.train.main import main
+    from infomax.launch.pretrain import main
 
     # accelerate's state is one per process: another test's Accelerator(cpu=True) would refuse this run's
     # precision, and this run's must not reach the tests after it.

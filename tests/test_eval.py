@@ -597,36 +597,61 @@ def test_knn_seconds_are_one_timed_chunk_of_queries_scaled_to_all_of_them(monkey
     assert infomax.eval.progress.knn_seconds(300, 4096, 8, [], 10) == 0.0
 
 
-def test_the_eval_is_reckoned_before_it_runs_from_its_rows_images_and_probes(tmp_path: Path, monkeypatch) -> None:
-    """``monitor.expect_eval``'s estimate: ours and random init extract the fit and scored images and fit
-    a probe on the encoder's features; raw pixels (3 x 32 x 32 <= 4096) fit one on the pixels."""
-    import infomax.eval.progress
+def _planned_export(views: int = 1, **summary) -> dict:
+    """config.json of an export still to be written, as a pretraining run plans it (64 features an encoder)."""
+    from infomax.export.encoder import export_meta
+
+    return export_meta(arch="resnet18", in_chans=3, input_size=32, mean=[0.5] * 3, std=[0.25] * 3, num_features=64,
+                       small_input=True, views=[{"in_chans": 3, "input_transform": "normalise", "num_features": 64}]
+                       * (views - 1), summary=summary, weights_sha256="planned")
+
+
+def test_the_eval_is_reckoned_before_it_runs_from_the_row_planners_rows(tmp_path: Path, monkeypatch) -> None:
+    """``monitor.expect_eval``'s estimate, from the rows ``Rows.plan`` plans on the export still to be written:
+    ours and random init extract the fit and scored images and fit a probe on the encoder's features; raw
+    pixels (3 x 32 x 32 <= 4096) fit one on the pixels; a supervised fit still to train adds its time; a row
+    the planner adds counts at once."""
+    import infomax.eval.expected
+    from infomax.eval.expected import expected_eval_seconds, load_expected_eval
+    from infomax.eval.progress import RowCost
+    from infomax.eval.rows import RowBuilder, Rows
 
     fits_asked, knn_asked = set(), set()
-    monkeypatch.setattr(infomax.eval.progress, "probe_seconds",
+    monkeypatch.setattr(infomax.eval.expected, "probe_seconds",
                         lambda n, features, c, fits, steps: fits_asked.add(fits) or features / 100)
-    monkeypatch.setattr(infomax.eval.progress, "knn_seconds",
+    monkeypatch.setattr(infomax.eval.expected, "knn_seconds",
                         lambda bank, queries, features, ks, c: knn_asked.add((bank, queries)) or features / 1000)
     config = tmp_path / "eval.yaml"
-    config.write_text("dataset: synthetic\nsynthetic_size: 512\nsynthetic_image_size: 32\n")
-    seconds, how = infomax.eval.progress.expected_eval_seconds(infomax.eval.progress.load_expected_eval(str(config), "runs/x/export"), 32, 64, 0.001)
+    config.write_text("dataset: synthetic\nsynthetic_size: 512\nsynthetic_image_size: 32\n"
+                      "baselines: {alexnet_supervised: false, supervised_encoder: false}\n")
+    plan = load_expected_eval(str(config), str(tmp_path / "run" / "export"))
+    seconds, how = expected_eval_seconds(plan, _planned_export(), 0.001)
     assert seconds == pytest.approx(2 * ((512 + 128) * 0.001 + 0.64 + 0.064) + 30.72 + 3.072)
     assert how == "3 rows: 2 x 640 images to extract at 1.00 ms, 3 probes of up to 7 fits and kNN votes; stored baselines"
     assert knn_asked == {(512, 128)}  # the fit images are the bank, the scored ones the queries
     assert fits_asked == {4 + 2 + 1}  # the grid of 4, the 2 decades beyond an edge choice, the refit
     # One encoder per view (CMC): ours concatenated (2 x 64 features) and alone, the random init concatenated.
-    seconds, how = infomax.eval.progress.expected_eval_seconds(infomax.eval.progress.load_expected_eval(str(config), "runs/x/export"),
-                                                       32, 64, 0.001, encoders=2)
+    seconds, how = expected_eval_seconds(plan, _planned_export(views=2), 0.001)
     assert seconds == pytest.approx((2 + 1 + 2) * 640 * 0.001 + 1.1 * (1.28 + 0.64 + 1.28 + 30.72))
     assert how.startswith("4 rows: 5 x 640 images to extract")
-    config.write_text("dataset: synthetic\nsynthetic_size: 512\nrandom_init: false\nraw_pixels: false\n")
-    assert infomax.eval.progress.expected_eval_seconds(infomax.eval.progress.load_expected_eval(str(config), "runs/x/export"), 32, 64, 0.001)[0] == \
-        pytest.approx(512 * 1.25 * 0.001 + 0.64 + 0.064)
+    # The supervised encoder, not stored: 2 epochs of 512 // 128 steps at half the export's 0.5 s a step.
+    config.write_text("dataset: synthetic\nsynthetic_size: 512\nsynthetic_image_size: 32\nrandom_init: false\n"
+                      "raw_pixels: false\nbaselines: {alexnet_supervised: false}\n")
+    plan = load_expected_eval(str(config), str(tmp_path / "run" / "export"))
+    seconds, how = expected_eval_seconds(plan, _planned_export(epochs_trained=2, steps=100, pretrain_seconds=50), 0.001)
+    assert seconds == pytest.approx(640 * 0.001 + 0.64 + 0.064 + 2 * 4 * 0.5 * 0.5)
+    assert how.endswith("supervised fits of about 2 s")
+    # A row the planner adds is reckoned without any change here.
+    planned = Rows.plan
+    monkeypatch.setattr(Rows, "plan", lambda self, *a: [*planned(self, *a), RowBuilder(
+        "new row", dict, cost=lambda: RowCost(passes=1, features=10))])
+    assert expected_eval_seconds(plan, _planned_export(), 0.001)[0] == pytest.approx(
+        2 * (640 * 0.001) + 0.64 + 0.064 + 0.1 + 0.01)
     with pytest.raises(ConfigError, match="'monitor.expect_eval': config file 'nowhere.yaml' not found"):
-        infomax.eval.progress.load_expected_eval("nowhere.yaml", "runs/x/export")
+        load_expected_eval("nowhere.yaml", "runs/x/export")
     config.write_text(f"dataset: fashion_mnist\nroot: {tmp_path / 'nowhere'}\n")  # the eval's data, said as the eval's
     with pytest.raises(ConfigError, match=r"'monitor.expect_eval': .*nowhere.* give the eval config the export"):
-        infomax.eval.progress.load_expected_eval(str(config), "runs/x/export")
+        load_expected_eval(str(config), "runs/x/export")
 
 
 def test_the_shipped_imagenet_eval_plans_no_supervised_fit_unless_asked(tmp_path: Path) -> None:
@@ -638,7 +663,7 @@ def test_the_shipped_imagenet_eval_plans_no_supervised_fit_unless_asked(tmp_path
     from infomax.eval.rows import Rows
 
     images = open_dataset("synthetic", "train", synthetic_size=8, synthetic_image_size=16)
-    meta = {"architecture": "resnet18", "in_chans": 3, "sha256": "0" * 64, "summary": {"epochs_trained": 2}}
+    meta = {"architecture": "resnet18", "in_chans": 3, "num_features": 512, "sha256": "0" * 64, "summary": {"epochs_trained": 2}}
     shipped = REPO / "configs" / "probe_imagenet.yaml"
     for asked in (False, True):
         cfg = load_config(str(shipped), ["weights=[x]", f"baselines.supervised_encoder={str(asked).lower()}"],

@@ -282,13 +282,13 @@ def test_second_ctrl_c_during_a_save_removes_the_partial_dir_and_says_so_in_one_
 
 @pytest.mark.parametrize("raised", [KeyboardInterrupt(), ckpt.SaveInterrupted("the save of step_00000008 was ...")])
 def test_second_ctrl_c_ends_pretraining_with_one_line_and_exit_130(raised: BaseException, monkeypatch, capsys) -> None:
-    import infomax.train.main
+    import infomax.launch.pretrain
 
     def interrupted(cfg):
         raise raised
 
-    monkeypatch.setattr(infomax.train.main, "train", interrupted)
-    assert infomax.train.main.main(["--config", str(TINY)]) == 130
+    monkeypatch.setattr(infomax.launch.pretrain, "train", interrupted)
+    assert infomax.launch.pretrain.main(["--config", str(TINY)]) == 130
     line, = capsys.readouterr().err.splitlines()
     assert line == f"error: {raised}" if str(raised) else line == f"error: {ckpt.SECOND_CTRL_C}"
 
@@ -555,7 +555,7 @@ def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
     real(path, data)
 export.write_atomically = full
-from infomax.train.main import main
+from infomax.launch.pretrain import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -325,7 +325,7 @@ def test_bad_input_is_a_clear_error_never_a_hang(tmp_path: Path) -> None:
 
 
 def test_asking_for_ffcv_without_it_names_the_install_line(tmp_path: Path) -> None:
-    code = ("import sys; sys.modules['ffcv'] = None; from infomax.train.main import main; "
+    code = ("import sys; sys.modules['ffcv'] = None; from infomax.launch.pretrain import main; "
             f"sys.exit(main(['--config', 'configs/synthetic_tiny.yaml', 'data.format=ffcv', 'data.path=x.beton', "
             f"'run.dir={tmp_path / 'run'}']))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -10,8 +10,8 @@ from accelerate import Accelerator
 from conftest import contrastive
 from infomax.config.pretrain import ModelConfig
 from infomax.method.models import MultiViewModel
+from infomax.method.online_probe import OnlineProbe, probe_accuracy, probe_step
 from infomax.train.engine import train_step
-from infomax.train.online_probe import OnlineProbe, probe_accuracy, probe_step
 
 
 def test_encoder_update_is_identical_with_and_without_the_probe() -> None:

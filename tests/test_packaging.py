@@ -16,7 +16,7 @@ def test_pins_are_consistent() -> None:
 
 
 ENTRY_POINTS = {  # console script: (module for python -m, script path or None)
-    "infomax-pretrain": ("infomax.train.main", "pretrain/main.py"),
+    "infomax-pretrain": ("infomax.launch.pretrain", "pretrain/main.py"),
     "infomax-eval": ("infomax.eval.main", "eval/main.py"),
     "infomax-submit": ("infomax.launch.submit", "launch/submit.py"),
     "infomax-beton": ("infomax.data.beton", None),
@@ -43,3 +43,24 @@ def test_nothing_edits_sys_path() -> None:
                  for p in (REPO / folder).rglob("*.py")
                  if re.search(r"sys\.path(\[.*\])?\s*(=|\.insert|\.append)", p.read_text())]
     assert offenders == [], offenders
+
+
+def test_the_wheel_installs_only_infomax(tmp_path) -> None:
+    """`pip install .` puts one import root into site-packages (and the console scripts), not generic names such as
+    pretrain, eval or launch that other projects use too."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "source"  # a copy: setuptools builds in the source tree, and the checkout stays clean
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+                    str(source)], check=True, capture_output=True, timeout=300)
+    wheel, = tmp_path.glob("infomax-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    roots = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
+    assert roots == {"infomax"}, roots
+    assert "infomax/launch/pretrain.py" in names and "infomax/method/objectives/contrastive.py" in names
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "infomax-pretrain = infomax.launch.pretrain:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

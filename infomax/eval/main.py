@@ -58,6 +58,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     from infomax.runtime.distributed import make_accelerator
     from infomax.runtime.hardware import describe_machine
     from infomax.runtime.run_dir import ensure_writable
+    from infomax.runtime.stop import StopFlag
 
     # ------------------------------------------------------------------ exports and data (checked before any work)
     exports = [(w, *load_encoder(w)) for w in cfg.weights]  # (path, encoder, meta); checks sha256 and keys
@@ -91,7 +92,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     accelerator, precision = make_accelerator(cfg.seed, cfg.precision, cfg.dist_timeout_min)
     torch.manual_seed(cfg.seed)
     fit_key = to_yaml(cfg) + "".join(m["sha256"] for _, _, m in exports)
-    make = Rows(cfg, accelerator, train, test, size, out, fit_key)
+    make = Rows(cfg, accelerator, train, test, size, out, fit_key, StopFlag().install())
     plan = make.plan(exports, view_encoders, alexnet_trunk)  # every row, in the report's order
     computed = [r for r in plan if not r.quoted]
     accelerator.print(f"eval: {len(train)} train / {len(test)} scored images ({scored_split(cfg.holdout)}) of "

@@ -7,14 +7,13 @@ backward) costs about half a pretraining step (two views and the objective): 0.4
 the native-bf16 CPU and 0.51 under the AVX2 emulation (benchmarks/README.md, "Eval stage"); the
 fit's own progress line takes over once it runs.
 
-Before the eval runs, :func:`expected_eval_seconds` reckons it from the pretraining's own measurements,
-so that a run followed by an eval (``monitor.expect_eval``, as the demo is) prints the whole expected
-duration after its first steps.
+Before the eval runs, :mod:`infomax.eval.expected` reckons it from the pretraining's own measurements and
+these timings, so that a run followed by an eval (``monitor.expect_eval``, as the demo is) prints the whole
+expected duration after its first steps.
 """
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -68,71 +67,6 @@ def knn_seconds(bank: int, queries: int, features: int, ks: Sequence[int], num_c
     return _timed(lambda: knn_predict_many(b, labels, q, ks, 0.07, num_classes)) * queries / chunk * bank / rows
 
 
-class EvalToCome(NamedTuple):
-    """The eval a pretraining run is followed by (``monitor.expect_eval``): its config and what its splits
-    hold, taken once as the run starts."""
-
-    cfg: Any  # an EvalConfig
-    fit_images: int  # the images its probes fit on
-    scored_images: int
-    num_classes: int
-    channels: int
-
-
-def load_expected_eval(path: str, export: str) -> EvalToCome:
-    """The eval config ``monitor.expect_eval`` names, loaded and checked for the ``export`` still to be
-    written, and the sizes of its splits (opened once, so a missing dataset is said before any work), or
-    one line on what is wrong."""
-    from infomax.config.eval import EvalConfig, validate_eval
-    from infomax.config.pretrain import ConfigError, load_config
-    from infomax.data.datasets import DataError
-    from infomax.eval.main import open_splits
-
-    try:
-        cfg = load_config(path, [f"weights=[{export}]"], schema=EvalConfig, check=validate_eval)
-        train, test = open_splits(cfg)
-    except (ConfigError, DataError) as e:  # said as the eval's, not the pretraining's, whose keys may read alike
-        raise ConfigError(f"bad value for config key 'monitor.expect_eval': {e}; give the eval config the "
-                          "export will be scored with, or monitor.expect_eval=''") from None
-    return EvalToCome(cfg, len(train), len(test), train.num_classes, train.channels)
-
-
-def expected_eval_seconds(plan: EvalToCome, image_size: int, feature_dim: int, extract_seconds_per_image: float,
-                          encoders: int = 1) -> tuple[float, str]:
-    """The fast eval of one export (``plan``: the eval to come), reckoned before it runs: (seconds, how).
-
-    Each encoder row (the export, and its random init) extracts the fit and scored images at
-    ``extract_seconds_per_image`` an encoder (the pretraining's kNN monitor measures it), fits a probe on
-    its features (:func:`probe_seconds`, at its most fits) and votes the kNN (:func:`knn_seconds`); raw
-    pixels fit a probe and vote only. An export with
-    ``encoders`` > 1 (one per view) is scored as :meth:`infomax.eval.rows.Rows.export_rows` does: every view's
-    ``feature_dim`` features concatenated, then the first view's alone, and a concatenated random init. The
-    supervised rows are taken as stored (``make baselines``): a fit still to train says so, with its own
-    time, as the eval starts."""
-    from infomax.eval.probe import GRID_EXTENSIONS
-    from infomax.eval.rows import has_raw_pixels_row
-
-    cfg, n, images, c = plan.cfg, plan.fit_images, plan.fit_images + plan.scored_images, plan.num_classes
-    # Every fit the probe may make: the grid, the decades beyond it when its choice sits at an edge (measured:
-    # 2 more for a random init and 1 for raw pixels on Fashion-MNIST, and 0 or 1 for ours), and the refit.
-    fits = len(cfg.weight_decays) + GRID_EXTENSIONS + 1
-    # (encoders each row runs) per encoder row: ours (concatenated, then the first view alone), random init
-    rows = [encoders, *([1] if encoders > 1 else []), *([encoders] if cfg.random_init else [])]
-    scored = plan.scored_images
-
-    @functools.cache  # ours and its random init have the same features: timed once
-    def fitted(features: int) -> float:  # a probe and the kNN votes on n x features
-        return probe_seconds(n, features, c, fits, cfg.probe_steps) + knn_seconds(n, scored, features, cfg.knn_k, c)
-
-    seconds = sum(images * k * extract_seconds_per_image + fitted(k * feature_dim) for k in rows)
-    raw = has_raw_pixels_row(cfg, plan.channels, image_size)  # as infomax.eval.rows.Rows.plan decides
-    if raw:
-        seconds += fitted(plan.channels * image_size * image_size)
-    return seconds, (f"{len(rows) + raw} rows: {sum(rows)} x {images} images to extract at "
-                     f"{1000 * extract_seconds_per_image:.2f} ms, {len(rows) + raw} probes of up to {fits} fits and "
-                     "kNN votes; stored baselines")
-
-
 class RowCost(NamedTuple):
     """What a row costs, as :class:`RowClock` reckons the time left: ``scored``, it extracts features and fits
     a probe here, so its time is among those the rows left are reckoned by (not a stored result, nor the
@@ -141,6 +75,8 @@ class RowCost(NamedTuple):
 
     scored: bool = True
     fit_seconds: float | None = None
+    passes: int = 0  # encoder passes over every fit and scored image (CMC's concatenated views: one per view)
+    features: int = 0  # the features its probe and kNN fit on (0: it fits none)
 
 
 class RowClock:

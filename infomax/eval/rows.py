@@ -149,12 +149,12 @@ def knn_top1(train_xy: tuple[torch.Tensor, torch.Tensor], test_xy: tuple[torch.T
 
 class Rows:
     def __init__(self, cfg: Any, accelerator: Accelerator, train: ImageDataset, test: ImageDataset, size: int,
-                 out: Path, fit_key: str) -> None:
+                 out: Path, fit_key: str, stop: StopFlag | None = None) -> None:
         self.cfg, self.b, self.accelerator = cfg, cfg.baselines, accelerator
         self.train, self.test, self.size, self.out, self.fit_key = train, test, size, out, fit_key
         self.splits, self.betons = {"train": train, "test": test}, {"train": cfg.train_beton, "test": cfg.test_beton}
         self.num_classes = train.num_classes
-        self.stop = StopFlag().install()
+        self.stop = stop or StopFlag()  # the eval installs its signal handlers; a plan made elsewhere does not
         self.alexnet_protocol = alexnet_protocol(size, cfg.center_crop_ratio, cfg.holdout)
 
     # ------------------------------------------------------------------ shared steps
@@ -278,21 +278,28 @@ class Rows:
         assert_unchanged(encoder, before, name)
         return row
 
-    def export_rows(self, name: str, encoder: nn.Module, meta: dict, views: list) -> list[RowBuilder]:
+    def export_rows(self, name: str, encoder: nn.Module | None, meta: dict, views: list) -> list[RowBuilder]:
         """Our export's rows: CMC's protocol (every view's features concatenated) first when it has one
-        encoder per view, then the first view's encoder alone; then its random-init floor."""
-        scored = [(name, encoder, meta)]
+        encoder per view, then the first view's encoder alone; then its random-init floor. What each costs is
+        read from config.json alone (``encoder`` and the views' encoders are None when the export is planned)."""
+        widths = [int(meta["num_features"]), *(int(entry["num_features"]) for entry, _ in views)]
+        alone = (name, lambda: (encoder, meta), RowCost(passes=1, features=widths[0]))
+        scored = [alone]
         if views:
             labels = [view_label(meta, 0), *(view_label(entry, v) for v, (entry, _) in enumerate(views, start=1))]
-            scored = [(f"{name} ({' + '.join(labels)} concatenated)", *all_views(encoder, meta, views)),
-                      (f"{name} ({labels[0]} only)", encoder, meta)]
-        rows = [RowBuilder(row_name, functools.partial(self.encoder_row, row_name, "ours", model, row_meta,
-                                                       meta["sha256"]))
-                for row_name, model, row_meta in scored]
+            scored = [(f"{name} ({' + '.join(labels)} concatenated)", lambda: all_views(encoder, meta, views),
+                       RowCost(passes=len(widths), features=sum(widths))), (f"{name} ({labels[0]} only)", *alone[1:])]
+        rows = [RowBuilder(row_name, functools.partial(self.export_row, row_name, model_of, meta["sha256"]),
+                           cost=lambda c=cost: c)
+                for row_name, model_of, cost in scored]
         if self.cfg.random_init:
             random_name = f"random init {meta['architecture']}" + (" (concatenated)" if views else "")
-            rows.append(RowBuilder(random_name, functools.partial(self.random_init_row, random_name, meta, views)))
+            rows.append(RowBuilder(random_name, functools.partial(self.random_init_row, random_name, meta, views),
+                                   cost=lambda: RowCost(passes=len(widths), features=sum(widths))))
         return rows
+
+    def export_row(self, name: str, model_of: Callable[[], tuple[nn.Module, dict]], sha: str) -> dict[str, Any]:
+        return self.encoder_row(name, "ours", *model_of(), sha)
 
     def random_init_row(self, name: str, meta: dict, views: list) -> dict[str, Any]:
         """The export's architecture at random init (every view's encoder, concatenated, for an export with
@@ -435,7 +442,8 @@ class Rows:
         for w, encoder, meta in exports:
             rows += self.export_rows(export_name(w), encoder, meta, view_encoders[w])
         if has_raw_pixels_row(cfg, self.train.channels, self.size):
-            rows.append(RowBuilder("raw pixels", self.raw_pixels_row))
+            pixels = self.train.channels * self.size * self.size
+            rows.append(RowBuilder("raw pixels", self.raw_pixels_row, cost=lambda: RowCost(features=pixels)))
         if b.alexnet_supervised:  # stored, or its fit shows its own progress
             rows.append(RowBuilder("AlexNet supervised", self.alexnet_row, cost=lambda: RowCost(scored=False)))
         for w, _, meta in exports if b.supervised_encoder else []:

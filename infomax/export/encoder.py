@@ -83,28 +83,41 @@ def export_encoder(
         path = out_dir / f"encoder_view{v}.safetensors"
         views.append({"file": path.name, "in_chans": view_chans, "input_transform": view_transform,
                       "num_features": int(view_encoder.num_features), "sha256": _save_weights(view_encoder, path)})
-    meta = {
+    meta = export_meta(arch=arch, in_chans=in_chans, input_size=input_size, mean=mean, std=std,
+                       num_features=int(encoder.num_features), small_input=small_input, stem_stride=stem_stride,
+                       timm_kwargs=timm_kwargs, input_transform=input_transform, views=views, summary=summary,
+                       weights_sha256=weights_sha256)
+    for name, text in (beside or {}).items():
+        write_atomically(out_dir / name, text(meta).encode())
+    write_atomically(out_dir / META, (json.dumps(meta, indent=2) + "\n").encode())
+    return weights
+
+
+def export_meta(*, arch: str, in_chans: int, input_size: int, mean: Sequence[float], std: Sequence[float],
+                num_features: int, small_input: bool, stem_stride: int = 1, timm_kwargs: dict[str, Any] | None = None,
+                input_transform: str = "normalise", views: Sequence[dict[str, Any]] = (),
+                summary: dict[str, Any] | None = None, weights_sha256: str = "") -> dict[str, Any]:
+    """config.json's contents: how to rebuild the encoder, its input, the other views' encoders (``views``:
+    in_chans, input_transform, num_features, and file and sha256 once written) and the run's summary. A
+    pretraining run asks for it before its export exists, so that the eval to come is planned on it."""
+    return {
         "architecture": arch,
         "in_chans": in_chans,
         "input_size": [in_chans, input_size, input_size],
         "mean": list(mean),
         "std": list(std),
-        "num_features": int(encoder.num_features),
+        "num_features": num_features,
         "small_input": small_input,
         "stem_stride": stem_stride,
         "timm_kwargs": timm_kwargs or {},  # pass to timm.create_model as well (e.g. model.width's channels)
         # normalise: RGB/gray in [0,1], then (x - mean) / std.  lab_L: that, un-normalised, converted
         # to Lab, (L - 50) / 50 as the single channel (CMC's constants; infomax.data.colour.split_lab).
         "input_transform": input_transform,
-        **({"view_encoders": views} if views else {}),
-        "summary": summary,
+        **({"view_encoders": list(views)} if views else {}),
+        "summary": summary or {},
         "sha256": weights_sha256,
         "timm_version": timm.__version__,
     }
-    for name, text in (beside or {}).items():
-        write_atomically(out_dir / name, text(meta).encode())
-    write_atomically(out_dir / META, (json.dumps(meta, indent=2) + "\n").encode())
-    return weights
 
 
 def _save_weights(encoder: nn.Module, path: Path) -> str:

@@ -18,8 +18,8 @@ from torch import nn
 from infomax.data import ImageDataset, build_eval_transform
 from infomax.data.multiview import load_readable
 from infomax.features.knn import knn_predict
+from infomax.method.online_probe import probe_accuracy
 from infomax.runtime.device import send
-from infomax.train.online_probe import probe_accuracy
 
 InputFn = Callable[[torch.Tensor], torch.Tensor]
 

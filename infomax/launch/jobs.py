@@ -33,13 +33,14 @@ def export_distributed_env() -> submitit.JobEnvironment | None:
 
 
 class PretrainJob:
-    """``infomax.train.main.train(cfg)`` as a requeueable submitit callable (pickled with its config)."""
+    """``infomax.train.main.train`` as a requeueable submitit callable (pickled with its config)."""
 
     def __init__(self, config_yaml: str, max_requeues: int) -> None:
         self.config_yaml, self.max_requeues, self.requeues = config_yaml, max_requeues, 0
 
     def __call__(self) -> dict[str, Any]:
         from infomax.config.pretrain import from_yaml
+        from infomax.launch.pretrain import eval_clock
         from infomax.runtime.stop import PREEMPT_SIGNAL
         from infomax.train.main import train
 
@@ -48,7 +49,7 @@ class PretrainJob:
         cfg = from_yaml(self.config_yaml)
         if env is not None:
             print(f"infomax job: {env} run dir {cfg.run.dir} (requeued {self.requeues} times)", flush=True)
-        summary = train(cfg)
+        summary = train(cfg, eval_clock(cfg))
         if summary.get("stopped_by") == signal.Signals(PREEMPT_SIGNAL).name and callable(submitit_handler):
             # The checkpoint is on disk: now let submitit call checkpoint() and requeue (rank 0 only;
             # its handler ignores the other ranks, which just return).

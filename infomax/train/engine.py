@@ -14,8 +14,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from infomax.method.momentum import MomentumKeys
+from infomax.method.online_probe import probe_step
 from infomax.runtime.distributed import Agree, agree_max
-from infomax.train.online_probe import probe_step
 
 
 class NonFiniteLoss(RuntimeError):

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from accelerate import Accelerator
@@ -22,12 +22,13 @@ from torch import nn
 
 from infomax.config.pretrain import Config, ConfigError, effective_lr, to_yaml
 from infomax.data.train_loader import TrainData
-from infomax.export.encoder import META, ExportFailed, export_encoder, export_problem
+from infomax.export.encoder import META, ExportFailed, export_encoder, export_meta, export_problem
 from infomax.export.model_card import CARD, card_text
 from infomax.features.extract import ImageListDataset, knn_monitor
 from infomax.method.models import LocalGlobalModel, MultiViewModel, check_takes_views, width_kwargs
 from infomax.method.momentum import MomentumKeys
 from infomax.method.objectives import build_objective
+from infomax.method.online_probe import OnlineProbe
 from infomax.runtime.checkpoint import load_part, make_room, no_room
 from infomax.runtime.distributed import Agree, sync_batchnorm, wrap_learned_critic
 from infomax.runtime.hardware import Precision, describe_machine
@@ -35,11 +36,12 @@ from infomax.runtime.revision import git_revision
 from infomax.runtime.stop import StopFlag
 from infomax.runtime.tracking import TensorBoard, Throughput, format_duration
 from infomax.train.engine import StepResult, train_step
-from infomax.train.online_probe import OnlineProbe
 from infomax.train.resumable import Resumable, Trainer, TrainingLoop
 
-if TYPE_CHECKING:
-    from infomax.eval.progress import EvalToCome
+# The eval to come (monitor.expect_eval), reckoned by the eval stage from the planned export's config.json and
+# this machine's seconds of extraction per image: (seconds, how). Built where both stages are known (infomax.launch),
+# so that training imports nothing of the eval.
+EvalClock = Callable[[dict[str, Any], float], tuple[float, str]]
 
 
 @dataclass
@@ -152,7 +154,7 @@ class Run(Trainer):
     lr: float
     resumable: Resumable
     total_steps: int
-    eval_to_come: EvalToCome | None = None  # monitor.expect_eval's eval, loaded at start
+    eval_clock: EvalClock | None = None  # monitor.expect_eval's eval, loaded at start
     loop: TrainingLoop | None = None  # built by start_reporting, once the run has resumed
     tb: TensorBoard | None = None
     stop: StopFlag = field(default_factory=StopFlag)
@@ -286,7 +288,7 @@ class Run(Trainer):
         knn = f", {passes} kNN passes of {self.knn_seconds:.0f} s" if passes else ""
         line = (f"expected: pretraining ends in about {format_duration(seconds)} ({steps_left} steps at {step_s:.3f} s"
                 f"{knn}) on {describe_machine()}")
-        if self.eval_to_come is None:
+        if self.eval_clock is None:
             return line
         eval_seconds, how = self.expected_eval(step_s)
         # An upper bound: each probe reckoned at every fit it may make, each at L-BFGS's most passes.
@@ -294,18 +296,36 @@ class Run(Trainer):
                 f"({how}), so the whole run ends within about {format_duration(seconds + eval_seconds)}")
 
     def expected_eval(self, step_s: float) -> tuple[float, str]:
-        """(seconds, how) of the eval ``monitor.expect_eval`` names, on this run's export, reckoned now
-        (:func:`infomax.eval.progress.expected_eval_seconds`) from this machine's extraction speed: the kNN
-        monitor's pass, or without it a third of a step's images."""
-        from infomax.eval.progress import expected_eval_seconds
-
+        """(seconds, how) of the eval ``monitor.expect_eval`` names, on this run's export, reckoned now from this
+        machine's extraction speed: the kNN monitor's pass, or without it a third of a step's images."""
         cfg, acc = self.cfg, self.accelerator
         if self.knn_seconds:
             per_image = self.knn_seconds / (len(self.data.knn_bank) + len(self.data.knn_queries))
         else:  # a forward pass costs about a third of a training step's forward and backward
             per_image = step_s / (3 * cfg.optim.batch_size_per_process * len(cfg.data.views) * acc.num_processes)
-        return expected_eval_seconds(self.eval_to_come, cfg.data.views[0].size, self.raw_model.feature_dim, per_image,
-                                     len(self.raw_model.encoders))
+        return self.eval_clock(self.planned_export(step_s), per_image)
+
+    def view_transform(self, v: int) -> str:
+        """The input transform of view ``v``'s encoder, as config.json names it."""
+        return ("lab_L", "lab_ab")[v % 2] if self.data.lab else "normalise"
+
+    def export_spec(self) -> dict[str, Any]:
+        """What config.json says of the first view's encoder: :func:`export_meta`'s keywords but the weights'."""
+        cfg, data = self.cfg, self.data
+        return {"arch": cfg.model.arch, "in_chans": data.view_chans[0], "input_size": cfg.data.views[0].size,
+                "mean": data.images.mean, "std": data.images.std, "small_input": cfg.model.small_input,
+                "stem_stride": cfg.model.stem_stride, "timm_kwargs": width_kwargs(cfg.model.arch, cfg.model.width),
+                "input_transform": self.view_transform(0)}
+
+    def planned_export(self, step_s: float) -> dict[str, Any]:
+        """config.json of the export this run will write, as far as it is known now (step_s: seconds a step)."""
+        model = self.raw_model
+        views = [{"in_chans": self.data.view_chans[v], "input_transform": self.view_transform(v),
+                  "num_features": int(model.encoder_for(v).num_features)} for v in range(1, len(model.encoders))]
+        summary = {"epochs_trained": round(self.total_steps / len(self.data), 3), "steps": self.total_steps,
+                   "pretrain_seconds": step_s * self.total_steps, "holdout": self.cfg.data.holdout}
+        return export_meta(**self.export_spec(), num_features=int(model.encoder_for(0).num_features), views=views,
+                           summary=summary, weights_sha256="planned")
 
     # ------------------------------------------------------- the loop's hooks (infomax.train.resumable.Trainer)
     def batches(self, epoch: int, start: int) -> Iterable[dict[str, Any]]:
@@ -418,7 +438,6 @@ def finish(run: Run, run_dir: Path, checkpoint_path: Path | None, precision: Pre
 def export(run: Run, export_dir: Path, summary: dict[str, Any]) -> None:
     """The first view's encoder for timm (and every other view's beside it), plus TensorBoard's hparams."""
     cfg, data, model = run.cfg, run.data, run.raw_model
-    transform = (lambda v: ("lab_L", "lab_ab")[v % 2]) if data.lab else (lambda v: "normalise")
     facts = {"name": export_dir.resolve().parent.name, "objective": cfg.objective.name, "bound": cfg.objective.bound,
              "dataset": cfg.data.dataset, "train_images": len(data.images), "views": [v.size for v in cfg.data.views],
              "global_batch": cfg.optim.batch_size_per_process * run.accelerator.num_processes,
@@ -426,14 +445,10 @@ def export(run: Run, export_dir: Path, summary: dict[str, Any]) -> None:
              f"({summary['precision_reason']})", "seconds": summary["pretrain_seconds"], "machine": summary["machine"],
              "revision": git_revision(), "config": to_yaml(cfg)}
     card = {CARD: lambda meta: card_text(meta, model.encoder_for(0), facts)}
-    export_encoder(model.encoder_for(0), export_dir, arch=cfg.model.arch, in_chans=data.view_chans[0],
-                   input_size=cfg.data.views[0].size, mean=data.images.mean, std=data.images.std,
-                   small_input=cfg.model.small_input, stem_stride=cfg.model.stem_stride,
-                   timm_kwargs=width_kwargs(cfg.model.arch, cfg.model.width), summary=summary,
-                   input_transform=transform(0),
-                   # one encoder per view (CMC): the others beside it, for the concatenated probe
-                   view_encoders=[(model.encoder_for(v), data.view_chans[v], transform(v))
-                                  for v in range(1, len(model.encoders))], beside=card)
+    # one encoder per view (CMC): the others beside it, for the concatenated probe
+    views = [(model.encoder_for(v), data.view_chans[v], run.view_transform(v)) for v in range(1, len(model.encoders))]
+    export_encoder(model.encoder_for(0), export_dir, **run.export_spec(), summary=summary, view_encoders=views,
+                   beside=card)
     hp = {"arch": cfg.model.arch, "lr": run.lr, "batch_size_per_process": cfg.optim.batch_size_per_process,
           "bound": cfg.objective.bound, "temperature": cfg.objective.temperature,
           "processes": run.accelerator.num_processes, "precision": summary["precision"]}

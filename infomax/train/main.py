@@ -1,7 +1,4 @@
-"""Pretraining entry point.
-
-    accelerate launch pretrain/main.py --config configs/fmnist_cpu.yaml optim.lr=0.3 run.dir=runs/x
-    python pretrain/main.py --config ...          # one process
+"""Pretraining: :func:`train` (the command is :mod:`infomax.launch.pretrain`).
 
 Re-running with the same ``run.dir`` resumes from its newest checkpoint. ``train`` reads top to
 bottom: run-dir guard, accelerator, data, model, objective, optimizer, resume, epochs, export; the
@@ -10,50 +7,34 @@ run's parts are in :mod:`infomax.train.loop`, the epochs in :class:`infomax.trai
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from infomax.config.pretrain import Config
-    from infomax.eval.progress import EvalToCome
     from infomax.runtime.run_dir import RunDirLock
+    from infomax.train.loop import EvalClock
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Self-supervised pretraining by maximising an MI lower bound between views.",
-        epilog="Overrides are dotted keys, e.g. optim.lr=0.3 run.dir=runs/x data.views.0.size=64",
-    )
-    parser.add_argument("--config", help="YAML file with differences from the defaults (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides applied after the file")
-    return parser.parse_args(argv)
-
-
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config, eval_clock: EvalClock | None = None) -> dict[str, Any]:
     """Run (or resume) pretraining as configured; returns the summary. Callable from SLURM jobs.
+    ``eval_clock``: the eval to come (``monitor.expect_eval``), reckoned for the expected-duration line
+    (:func:`infomax.launch.pretrain.eval_clock` builds it).
 
     Every process checks the run dir before anything is written (another experiment's or a foreign
     dir is refused); the global rank 0 holds its lock for the whole run, so a second run on the
     same dir stops at once instead of racing this one."""
     from infomax.runtime.run_dir import RunDirLock, check_run_dir
 
-    eval_to_come = None
-    if cfg.monitor.expect_eval:  # loaded and checked before any work, for the expected-duration line
-        from infomax.eval.progress import load_expected_eval
-
-        eval_to_come = load_expected_eval(cfg.monitor.expect_eval, str(Path(cfg.run.dir) / "export"))
     check_run_dir(cfg)
     lock = RunDirLock(Path(cfg.run.dir))  # taken by rank 0 just before its first write
     try:
-        return _train(cfg, lock, eval_to_come)
+        return _train(cfg, lock, eval_clock)
     finally:
         lock.release()
 
 
-def _train(cfg: Config, lock: RunDirLock, eval_to_come: EvalToCome | None = None) -> dict[str, Any]:
+def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -> dict[str, Any]:
     """The run, as a table of contents: processes, data, model, optimizer, resume, epochs, export."""
     import torch
     from accelerate.utils import set_seed
@@ -100,7 +81,7 @@ def _train(cfg: Config, lock: RunDirLock, eval_to_come: EvalToCome | None = None
         check_writable(run_dir)
     accelerator.wait_for_everyone()
     resumable = Resumable(accelerator, run_dir / "checkpoints", cfg.run.keep_checkpoints)
-    run = Run(cfg, accelerator, data, parts, optimizer, scheduler, lr, resumable, total_steps, eval_to_come)
+    run = Run(cfg, accelerator, data, parts, optimizer, scheduler, lr, resumable, total_steps, eval_clock)
     loaded = None
     if cfg.run.resume == "never":
         if main and (aside := ckpt.move_aside(resumable.directory)):
@@ -140,38 +121,3 @@ def _train(cfg: Config, lock: RunDirLock, eval_to_come: EvalToCome | None = None
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from infomax.config.pretrain import ConfigError, load_config
-    from infomax.data.datasets import DataError
-    from infomax.export.encoder import ExportFailed
-    from infomax.runtime.checkpoint import SECOND_CTRL_C, CheckpointError, SaveInterrupted, make_room, no_room
-    from infomax.train.engine import NonFiniteLoss
-
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        train(cfg)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (SaveInterrupted, KeyboardInterrupt) as e:  # a second Ctrl-C: the user would not wait for the save
-        print(f"error: {str(e) or SECOND_CTRL_C}", file=sys.stderr)
-        return 130
-    except (CheckpointError, ExportFailed) as e:  # every checkpoint damaged, or the disk full at a save or export
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # any other write that found no room (config.yaml, the run-dir marker)
-        if not (reason := no_room(e)):
-            raise
-        print(f"error: {reason} while writing {e.filename or 'a file of the run'}; {make_room(reason)} and rerun "
-              "the same command: it resumes from the last checkpoint", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())

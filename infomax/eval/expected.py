@@ -1,0 +1,83 @@
+"""The eval a pretraining run is followed by (``monitor.expect_eval``), reckoned before it runs.
+
+The rows are the row planner's own (:meth:`infomax.eval.rows.Rows.plan`), planned on the export the run will
+write (its config.json as far as it is known, from :meth:`infomax.train.loop.Run.planned_export`): a new row
+counts here as soon as the eval plans it. Each row's :class:`~infomax.eval.progress.RowCost` says its encoder
+passes and the features its probe fits on; the pretraining measures this machine's extraction speed.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from accelerate import PartialState
+
+from infomax.data.datasets import ImageDataset
+from infomax.eval.probe import GRID_EXTENSIONS
+from infomax.eval.progress import RowCost, knn_seconds, probe_seconds
+from infomax.eval.rows import Rows
+from infomax.runtime.tracking import format_duration
+
+
+class EvalToCome(NamedTuple):
+    """The eval config ``monitor.expect_eval`` names and its splits, opened once as the run starts."""
+
+    cfg: Any  # an EvalConfig, its weights the export still to be written
+    train: ImageDataset  # the images its probes fit on
+    test: ImageDataset  # the images it scores
+
+
+def load_expected_eval(path: str, export: str) -> EvalToCome:
+    """The eval config at ``path``, loaded and checked for the ``export`` still to be written, and its splits
+    (opened once, so a missing dataset is said before any work), or one line on what is wrong."""
+    from infomax.config.eval import EvalConfig, validate_eval
+    from infomax.config.pretrain import ConfigError, load_config
+    from infomax.data.datasets import DataError
+    from infomax.eval.main import open_splits
+
+    try:
+        cfg = load_config(path, [f"weights=[{export}]"], schema=EvalConfig, check=validate_eval)
+        train, test = open_splits(cfg)
+    except (ConfigError, DataError) as e:  # said as the eval's, not the pretraining's, whose keys may read alike
+        raise ConfigError(f"bad value for config key 'monitor.expect_eval': {e}; give the eval config the "
+                          "export will be scored with, or monitor.expect_eval=''") from None
+    return EvalToCome(cfg, train, test)
+
+
+def planned_costs(plan: EvalToCome, meta: dict[str, Any]) -> list[RowCost]:
+    """What each row the eval will compute costs, planned on the export's config.json ``meta``."""
+    cfg, export = plan.cfg, str(plan.cfg.weights[0])
+    out = Path(cfg.out or Path(export).parent)  # where the eval looks for its stored rows, as evaluate() chooses
+    rows = Rows(cfg, PartialState(), plan.train, plan.test, meta["input_size"][-1], out, fit_key="")
+    views = [(entry, None) for entry in meta.get("view_encoders", [])]
+    return [r.cost() for r in rows.plan([(export, None, meta)], {export: views}, None) if not r.quoted]
+
+
+def expected_eval_seconds(plan: EvalToCome, meta: dict[str, Any],
+                          extract_seconds_per_image: float) -> tuple[float, str]:
+    """The eval of the export ``meta`` describes (``plan``: the eval to come), reckoned before it runs:
+    (seconds, how). Each planned row extracts the fit and scored images once per encoder pass at
+    ``extract_seconds_per_image``, fits a probe on its features (:func:`probe_seconds`, at its most fits) and
+    votes the kNN (:func:`knn_seconds`); a supervised fit still to train adds its own expected time."""
+    cfg, n, c = plan.cfg, len(plan.train), plan.train.num_classes
+    images = n + len(plan.test)
+    # Every fit the probe may make: the grid, the decades beyond it when its choice sits at an edge (measured:
+    # 2 more for a random init and 1 for raw pixels on Fashion-MNIST, and 0 or 1 for ours), and the refit.
+    fits = len(cfg.weight_decays) + GRID_EXTENSIONS + 1
+
+    @functools.cache  # ours and its random init have the same features: timed once
+    def fitted(features: int) -> float:  # a probe and the kNN votes on n x features
+        return probe_seconds(n, features, c, fits, cfg.probe_steps) + knn_seconds(n, len(plan.test), features,
+                                                                                  cfg.knn_k, c)
+
+    costs = planned_costs(plan, meta)
+    probed = [cost for cost in costs if cost.features]
+    passes = sum(cost.passes for cost in costs)
+    supervised = sum(cost.fit_seconds or 0.0 for cost in costs)
+    seconds = passes * images * extract_seconds_per_image + sum(fitted(cost.features) for cost in probed) + supervised
+    fit_line = f", supervised fits of about {format_duration(supervised)}" if supervised else "; stored baselines"
+    return seconds, (f"{len(probed)} rows: {passes} x {images} images to extract at "
+                     f"{1000 * extract_seconds_per_image:.2f} ms, {len(probed)} probes of up to {fits} fits and "
+                     f"kNN votes{fit_line}")
