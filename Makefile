@@ -37,8 +37,7 @@ data:
 	fi
 
 demo: setup
-	$(ACCEL) launch --num_processes 1 --num_machines 1 --dynamo_backend no \
-	  --num_cpu_threads_per_process $$(nproc) \
+	$(ACCEL) launch --config_file configs/accelerate/cpu.yaml --num_cpu_threads_per_process $$(nproc) \
 	  pretrain/main.py --config configs/fmnist_cpu.yaml
 	$(PY) eval/main.py --config configs/probe_fmnist.yaml weights=runs/fmnist_cpu/export
 
@@ -51,8 +50,7 @@ baselines: setup
 	$(MAKE) baselines-encoder
 
 baselines-encoder: setup
-	$(ACCEL) launch --num_processes 1 --num_machines 1 --dynamo_backend no \
-	  --num_cpu_threads_per_process $$(nproc) \
+	$(ACCEL) launch --config_file configs/accelerate/cpu.yaml --num_cpu_threads_per_process $$(nproc) \
 	  pretrain/main.py --config configs/fmnist_cpu.yaml
 	$(PY) eval/main.py --config configs/probe_fmnist.yaml weights=runs/fmnist_cpu/export store_baselines=true \
 	  baselines.alexnet_supervised=false random_init=false raw_pixels=false out=runs/fmnist_cpu/baselines

@@ -63,3 +63,4 @@ def test_pretraining_writes_the_card_and_each_eval_replaces_its_scores(tmp_path:
     card = (export / CARD).read_text()
     assert card.count(EVAL_HEADING) == 1 and "| second | table |" in card and "| first |" not in card
     assert "Not evaluated yet" not in card and f"dir: {run_dir}" in card and "## Load it" in card
+    assert "The full report: [report.md](../../report.md)." in card  # relative to the card: it moves with the run

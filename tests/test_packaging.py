@@ -64,3 +64,18 @@ def test_the_wheel_installs_only_infomax(tmp_path) -> None:
     assert "infomax/launch/pretrain.py" in names and "infomax/method/objectives/contrastive.py" in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "infomax-pretrain = infomax.launch.pretrain:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_make_demos_launcher_chooses_no_default_of_its_own(tmp_path) -> None:
+    """`make demo`'s launch line names everything the launcher would otherwise default, so its first screen has no
+    warning that mixed precision defaulted to 'no' above our own precision line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = (REPO / "Makefile").read_text().split("\ndemo: setup\n")[1].split("\n\t$(PY)")[0]
+    command = recipe.replace("\\\n", " ").replace("$(ACCEL)", str(Path(sys.executable).with_name("accelerate")))
+    command = command.replace("$$(nproc)", "1").replace("--config configs/fmnist_cpu.yaml", "--help")
+    proc = subprocess.run(command, shell=True, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+    assert "pretrain/main.py" in command and "defaults used instead" not in proc.stdout + proc.stderr, proc.stderr

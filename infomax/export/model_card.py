@@ -8,6 +8,7 @@ checkpoint. Pretraining writes the card with the export; the eval stage adds (or
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -95,5 +96,7 @@ def add_eval(export_dir: Path, table: str, description: str, report: Path) -> No
     if not found:
         head, rest = text.rstrip() + "\n\n", ""
     tail = rest[rest.index("\n<details>"):] if "\n<details>" in rest else ""
-    section = f"{EVAL_HEADING}\n\n{description}\n\n{table}\n\nThe full report: `{report}`.\n"
+    # relative to the card, so the export still finds its report once copied elsewhere with its run dir
+    link = Path(os.path.relpath(report.resolve(), export_dir.resolve())).as_posix()
+    section = f"{EVAL_HEADING}\n\n{description}\n\n{table}\n\nThe full report: [{report.name}]({link}).\n"
     write_atomically(card, (head + section + tail).encode())
