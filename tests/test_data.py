@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import run_main
 from infomax.config.pretrain import ViewConfig, load_config
 from infomax.data import DataError, MultiViewDataset, build_dataset, build_view_transform, collate_skipped
-from infomax.data.datasets import FMNIST_DEFAULT_ROOT, ImageFolder, Synthetic, spaced_subset
+from infomax.data.datasets import FMNIST_DEFAULT_ROOT, ImageFolder, Synthetic, stratified_subset
 
 
 def make_imagefolder(root: Path, good_per_class: int = 12, corrupt: int = 3) -> list[Path]:
@@ -88,7 +88,7 @@ def test_in_memory_batches_are_transformed_exactly_as_single_images(size: int, c
     from infomax.features.extract import ImageListDataset, _WithPosition
 
     test = build_dataset(load_config(None, ["data.dataset=fashion_mnist"]), "test")
-    for base in (test, spaced_subset(test, 135, offset=5000)):
+    for base in (test, stratified_subset(test, 135)):
         ds, picks = ImageListDataset(base, size, crop_ratio), [3, 0, 17, 101, 64]
         batched = ds.__getitems__(picks)
         assert all(torch.equal(a, ds[i][0]) and b == ds[i][1] for (a, b), i in zip(batched, picks))
@@ -403,3 +403,39 @@ def test_ffcv_crops_get_the_batch_paths_colour_steps_in_one_pass() -> None:
     brightness = (out[1] * 0.2 + 0.4).mean((1, 2, 3)) / (out[0] * 0.2 + 0.4).mean((1, 2, 3))
     assert brightness.std() > 0.05  # per image, not once per batch
     assert out[2] is normalised
+
+
+def test_subsets_hold_every_class_in_proportion_where_evenly_spaced_ones_took_whole_classes() -> None:
+    """The synthetic label is ``i % classes``: evenly spaced picks held out all of classes 0 and 4 (data.holdout=64
+    of 256 images, 8 classes) and gave the kNN bank only the even classes. Every subset is stratified now."""
+    from collections import Counter
+
+    from infomax.data.datasets import disjoint_subsets, holdout_split, labels_of, stratified_indices
+
+    synthetic = Synthetic(256, 8, 16, seed=0)
+    rest, held = holdout_split(synthetic, 64)
+    assert Counter(labels_of(held)) == {c: 8 for c in range(8)} and Counter(labels_of(rest)) == {c: 24 for c in range(8)}
+    assert Counter(labels_of(stratified_subset(rest, 128))) == {c: 16 for c in range(8)}  # synthetic_tiny's bank
+    bank, queries = disjoint_subsets(synthetic, 128, 64)
+    assert set(labels_of(bank)) == set(labels_of(queries)) == set(range(8)) and not set(bank.indices) & set(queries.indices)
+    # uneven classes: proportional by largest remainder, every class at least once when n allows, spread within
+    labels = [0] * 90 + [1] * 9 + [2] * 1
+    picked = stratified_indices(labels, 10)
+    assert Counter(labels[i] for i in picked) == {0: 8, 1: 1, 2: 1} and picked[:8] == [j * 90 // 8 for j in range(8)]
+    assert stratified_indices(labels, 1000) == list(range(100)) and stratified_indices(labels, 10) == picked
+
+
+def test_a_knn_bank_or_a_probes_images_without_a_class_to_score_is_refused(run_dir: Path, capsys) -> None:
+    """A subset smaller than the class count must lack a class the scored images hold: said in one line, before
+    any work, for the kNN monitor's bank (pretraining) and the eval's limit_train."""
+    from conftest import main_in_process
+    from infomax.config.eval import EvalConfig
+    from infomax.config.pretrain import ConfigError
+    from infomax.eval.main import open_splits
+
+    code, _, err = main_in_process(capsys, f"run.dir={run_dir}", "monitor.knn_bank=5")
+    assert code == 2 and "'monitor.knn_bank': its 5 images hold none of class(es) 5, 6, 7 that the kNN queries" in err
+    assert not run_dir.exists()
+    with pytest.raises(ConfigError, match="'limit_train': its 4 images hold none of class[(]es[)] 4, 5, 6, 7 that the"):
+        open_splits(EvalConfig(dataset="synthetic", synthetic_size=64, limit_train=4))
+    assert [len(split) for split in open_splits(EvalConfig(dataset="synthetic", synthetic_size=64, limit_train=8))] == [8, 16]

@@ -21,7 +21,7 @@ from conftest import ALL_CORES, REPO, synthetic_views
 from infomax.config.pretrain import ConfigError, ViewConfig
 from infomax.data import MultiViewDataset
 from infomax.data.batch_views import BatchViews
-from infomax.data.datasets import open_dataset, spaced_subset
+from infomax.data.datasets import open_dataset, stratified_subset
 from infomax.eval.classifier import FrozenEncoder, LinearProbeModel, SGDSchedule, fit_classifier
 from infomax.eval.features import EncoderChanged, assert_unchanged, fingerprint
 from infomax.eval.probe import choose_weight_decay, fit_linear, linear_probe, loss_and_grad
@@ -390,7 +390,7 @@ def test_learned_encoder_beats_random_init_end_to_end(tmp_path: Path) -> None:
     clearly above the random-init row, and the AlexNet trained here must beat chance."""
     torch.manual_seed(0)
     encoder = create_encoder("test_resnet", 1, small_input=True)
-    train_supervised(encoder, spaced_subset(open_dataset("fashion_mnist", "train"), 2000), steps=150, size=28)
+    train_supervised(encoder, stratified_subset(open_dataset("fashion_mnist", "train"), 2000), steps=150, size=28)
     export = tmp_path / "learned" / "export"
     export_encoder(encoder, export, arch="test_resnet", in_chans=1, input_size=28, mean=(0.2860,), std=(0.3530,),
                    small_input=True, summary={})
@@ -514,6 +514,8 @@ def test_holdout_scores_the_validation_images_the_pretraining_never_saw(tmp_path
     assert (report["train_images"], report["test_images"]) == (72, 24)
     assert all(r["scored"] == 24 for r in report["rows"])
     assert "Scored on the validation split (24 train images held out): 24 images" in (out / "report.md").read_text()
+    # the held-out images hold every class (they held whole classes the fit never saw: 0.00 on every row)
+    assert min(min(r["top1"], *r["knn"].values()) for r in report["rows"]) > 0, report["rows"]
 
 
 def test_report_warns_about_a_weight_decay_at_the_edge(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from infomax.config.eval import EvalConfig, validate_eval
 from infomax.config.pretrain import load_config
-from infomax.data.datasets import open_dataset, spaced_subset
+from infomax.data.datasets import open_dataset, stratified_subset
 from infomax.eval.rows import norm_of
 from infomax.export.encoder import load_encoder
 from infomax.features.extract import ImageListDataset, extract_features
@@ -64,7 +64,7 @@ def main() -> None:
         size, norm = meta["input_size"][-1], norm_of(meta)
         views = [ImageListDataset(split, size, cfg.center_crop_ratio, *norm) for split in (train, test)]
         if n_bn:
-            recompute_batchnorm(encoder, spaced_subset(views[0], n_bn), accelerator, cfg.batch_size_per_process)
+            recompute_batchnorm(encoder, stratified_subset(views[0], n_bn), accelerator, cfg.batch_size_per_process)
         (x, y), (tx, ty) = (extract_features(encoder, v, accelerator, cfg.batch_size_per_process) for v in views)
 
         def knn(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor = y, ty: torch.Tensor = ty) -> float:

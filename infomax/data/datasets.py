@@ -11,7 +11,7 @@ import gzip
 import math
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -277,32 +277,60 @@ class Subset(ImageDataset):
         return self.base.load_many([self.indices[i] for i in indices])
 
 
-def spaced_subset(ds: ImageDataset, n: int, offset: int = 0) -> ImageDataset:
-    """``min(n, len(ds))`` evenly spaced items of ``ds`` (spread over a class-sorted folder)."""
-    n = min(n, len(ds))
-    return Subset(ds, [(offset + i * len(ds) // n) % len(ds) for i in range(n)])
+def stratified_indices(labels: Sequence[int], n: int, among: Sequence[int] | None = None) -> list[int]:
+    """``min(n, len(among))`` positions of ``among`` (default: all of ``labels``), ascending, holding each class in
+    proportion to its share (largest remainders), and one of every class at least when ``n`` allows; within a
+    class, evenly spaced. Deterministic, so both stages find the same images.
+
+    Evenly spaced positions alone meet periodic labels (the synthetic data's label is ``i % classes``) and take
+    whole classes; a class-sorted folder they spread well. Stratifying holds for both."""
+    by_class: dict[int, list[int]] = {}
+    for i in range(len(labels)) if among is None else among:
+        by_class.setdefault(int(labels[i]), []).append(i)
+    classes, total = sorted(by_class), sum(len(members) for members in by_class.values())
+    n = min(n, total)
+    exact = {c: n * len(by_class[c]) / total for c in classes}
+    quota = {c: math.floor(exact[c]) for c in classes}
+    for c in sorted(classes, key=lambda c: (quota[c] - exact[c], c))[: n - sum(quota.values())]:
+        quota[c] += 1
+    for c in [c for c in classes if quota[c] == 0] if n >= len(classes) else []:  # one of each, from the most over
+        donor = max((d for d in classes if quota[d] > 1), key=lambda d: (quota[d] - exact[d], -d))
+        quota[donor], quota[c] = quota[donor] - 1, 1
+    return sorted(by_class[c][j * len(by_class[c]) // quota[c]] for c in classes for j in range(quota[c]))
+
+
+def labels_of(ds: ImageDataset) -> list[int]:
+    """Every item's label, read without decoding an image."""
+    return [ds.label(i) for i in range(len(ds))]
+
+
+def stratified_subset(ds: ImageDataset, n: int) -> ImageDataset:
+    """``min(n, len(ds))`` items of ``ds``, each class in proportion (:func:`stratified_indices`)."""
+    return Subset(ds, stratified_indices(labels_of(ds), n))
 
 
 def holdout_split(ds: ImageDataset, n: int) -> tuple[ImageDataset, ImageDataset]:
-    """(the rest, the validation split): ``n`` evenly spaced images of ``ds`` held out, spread over a
-    class-sorted folder. Pretraining (``data.holdout``) and the eval stage (``holdout``) both call it, so
-    they hold out the same images."""
+    """(the rest, the validation split): ``n`` images of ``ds`` held out, each class in proportion. Pretraining
+    (``data.holdout``) and the eval stage (``holdout``) both call it, so they hold out the same images."""
     if not 0 < n < len(ds):
         raise DataError(f"bad value for config key 'data.holdout': {n} held-out images leave none of the "
                         f"{len(ds)} training images to train on; hold out fewer")
-    held = spaced_subset(ds, n)
+    held = stratified_subset(ds, n)
     taken = set(held.indices)
     return Subset(ds, [i for i in range(len(ds)) if i not in taken]), held
 
 
 def disjoint_subsets(ds: ImageDataset, n_first: int, n_second: int) -> tuple[ImageDataset, ImageDataset]:
-    """Two evenly spaced subsets of ``ds`` that share no index: up to ``n_first`` and ``n_second`` items
-    (the second capped at half of ``ds``, the first at what the second leaves)."""
-    n = len(ds)
+    """Two subsets of ``ds`` that share no index, each class in proportion in both: up to ``n_first`` and
+    ``n_second`` items (the second capped at half of ``ds``, the first at what the second leaves)."""
+    n, labels = len(ds), labels_of(ds)
     n_second = min(n_second, n // 2)
-    n_first = min(n_first, n - n_second)
-    first = [i * n // n_first for i in range(n_first)]
+    first = stratified_indices(labels, min(n_first, n - n_second))
     taken = set(first)
-    rest = [i for i in range(n) if i not in taken]
-    second = [rest[j * len(rest) // n_second] for j in range(n_second)]
+    second = stratified_indices(labels, n_second, among=[i for i in range(n) if i not in taken])
     return Subset(ds, first), Subset(ds, second)
+
+
+def missing_classes(subset: ImageDataset, scored: ImageDataset) -> list[int]:
+    """The classes of ``scored`` that ``subset`` holds no image of (a kNN bank that cannot vote for them)."""
+    return sorted(set(labels_of(scored)) - set(labels_of(subset)))

@@ -26,8 +26,10 @@ from infomax.data.datasets import (
     Subset,
     disjoint_subsets,
     holdout_split,
+    labels_of,
+    missing_classes,
     open_configured,
-    spaced_subset,
+    stratified_subset,
 )
 from infomax.data.multiview import MultiViewDataset, collate_skipped
 from infomax.data.transforms import build_view_transform
@@ -111,25 +113,34 @@ def training_and_validation(cfg: Config) -> tuple[ImageDataset, ImageDataset | N
 
 def build_knn_sets(cfg: Config, train: ImageDataset,
                    validation: ImageDataset | None = None) -> tuple[ImageDataset, ImageDataset]:
-    """(memory bank, queries) for the online kNN monitor: labelled, evenly spaced subsets of ``train``
-    and of the images held out of it.
+    """(memory bank, queries) for the online kNN monitor: labelled subsets of ``train`` and of the images held
+    out of it, each class in proportion (:func:`~infomax.data.datasets.stratified_indices`).
 
     Queries come from ``validation`` (``data.holdout``'s images) when given, else from the held-out
     split when the dataset has one (Fashion-MNIST test, ImageFolder val/, synthetic's second seed);
     otherwise from training images that are not in the bank (a query that is also a bank image would
-    find itself). Then at most half of the images are queries, and the bank is at most the rest.
+    find itself). Then at most half of the images are queries, and the bank is at most the rest. A bank
+    without a class the queries hold is refused: the monitor could never vote for it.
     """
     m = cfg.monitor
     if cfg.data.holdout and validation is None:  # the queries would come from images the eval does not score
         raise ValueError("with data.holdout the kNN queries come from its validation images: pass them")
     if validation is not None:
-        return spaced_subset(train, m.knn_bank), spaced_subset(validation, m.knn_queries)
-    try:
-        held_out = open_split(cfg, "test")
-    except DataError:  # no held-out split
-        return disjoint_subsets(train, m.knn_bank, m.knn_queries)
-    # one that exists but cannot be decoded is an error, not a reason to fall back
-    return spaced_subset(train, m.knn_bank), spaced_subset(_checked(held_out), m.knn_queries)
+        bank, queries = stratified_subset(train, m.knn_bank), stratified_subset(validation, m.knn_queries)
+    else:
+        try:
+            held_out = open_split(cfg, "test")
+        except DataError:  # no held-out split
+            held_out = None
+        if held_out is None:
+            bank, queries = disjoint_subsets(train, m.knn_bank, m.knn_queries)
+        else:  # one that exists but cannot be decoded is an error, not a reason to fall back
+            bank, queries = stratified_subset(train, m.knn_bank), stratified_subset(_checked(held_out), m.knn_queries)
+    if missing := missing_classes(bank, queries):
+        raise DataError(f"bad value for config key 'monitor.knn_bank': its {len(bank)} images hold none of class(es) "
+                        f"{', '.join(map(str, missing[:10]))} that the kNN queries hold, so the monitor could never "
+                        f"vote for them; raise it to at least the {len(set(labels_of(queries)))} classes")
+    return bank, queries
 
 
 def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:

@@ -31,7 +31,7 @@ def open_splits(cfg: Any) -> tuple[Any, Any]:
     test splits, or with ``holdout`` the rest of train and its validation images (the test split then
     stays unread: it is for the final figure), each cut to ``limit_train`` / ``limit_test``."""
     from infomax.config.pretrain import ConfigError
-    from infomax.data.datasets import holdout_split, open_configured, spaced_subset
+    from infomax.data.datasets import holdout_split, missing_classes, open_configured, stratified_subset
 
     def split(name: str):
         ds = open_configured(cfg, name)
@@ -40,7 +40,13 @@ def open_splits(cfg: Any) -> tuple[Any, Any]:
         return ds
 
     train, test = holdout_split(split("train"), cfg.holdout) if cfg.holdout else (split("train"), split("test"))
-    return tuple(spaced_subset(ds, n) if n else ds for ds, n in ((train, cfg.limit_train), (test, cfg.limit_test)))
+    cut = [(train, cfg.limit_train), (test, cfg.limit_test)]
+    train, test = (stratified_subset(ds, n) if n else ds for ds, n in cut)
+    if missing := missing_classes(train, test):  # each subset holds every class in proportion: only a tiny one lacks
+        raise ConfigError(f"bad value for config key 'limit_train': its {len(train)} images hold none of class(es) "
+                          f"{', '.join(map(str, missing[:10]))} that the scored images hold, so no probe could predict "
+                          f"them; raise it to at least the {train.num_classes} classes")
+    return train, test
 
 
 def evaluate(cfg: Any) -> list[dict[str, Any]]:
