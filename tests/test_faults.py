@@ -12,9 +12,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import pytest
 import torch
@@ -177,6 +179,8 @@ def test_finished_run_rerun_changes_nothing_and_a_larger_budget_continues_it(run
     before = snapshot(run_dir)
     proc = pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     assert "already complete" in proc.stdout and snapshot(run_dir) == before
+    proc = pretrain(f"run.dir={run_dir}", "run.max_steps=2", *FAST)  # a lower budget trains nothing: no record changes
+    assert "already complete" in proc.stdout and snapshot(run_dir) == before
     proc = pretrain(f"run.dir={run_dir}", "run.max_steps=6", *FAST)
     assert "resumed from" in proc.stdout and "step 6/6" in proc.stdout
 
@@ -259,6 +263,43 @@ def test_file_size_limit_at_a_save_is_named_with_its_way_out(run_dir: Path) -> N
     assert "needs about 3" in line and "MB" in line and "no earlier checkpoint exists" in line, line
     assert "Raise the limit (ulimit -f unlimited) and rerun the same command to resume" in line
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == []  # the partial save was removed
+
+
+def test_a_file_size_limit_while_rewriting_config_yaml_leaves_it_whole_and_a_rerun_resumes(run_dir: Path,
+                                                                                           pretrain: Pretrain) -> None:
+    """A raised budget rewrites config.yaml; under `ulimit -f` (also a full disk) that write used to leave it cut to
+    the limit, and the rerun the error line promised was refused as damaged. Every run-dir record is written
+    atomically now: the old file stays whole, and the rerun resumes."""
+    import resource
+
+    pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
+    before = (run_dir / "config.yaml").read_text()
+    assert len(before) > 1500
+
+    def limit_files_to_1_kb() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+
+    cmd = [sys.executable, str(REPO / "pretrain" / "main.py"), "--config", str(TINY), f"run.dir={run_dir}",
+           "run.max_steps=6", *FAST]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, preexec_fn=limit_files_to_1_kb,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = one_line_error(proc, 1)
+    assert "the file-size limit (ulimit -f) was reached" in line and "it resumes" in line, line
+    assert (run_dir / "config.yaml").read_text() == before and not list(run_dir.glob(".config.yaml.tmp*"))
+    proc = pretrain(f"run.dir={run_dir}", "run.max_steps=6", *FAST)
+    assert "resumed from" in proc.stdout and "step 6/6" in proc.stdout
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary() -> None:
+    from infomax.runtime.files import write_atomically
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "config.yaml"
+        write_atomically(path, "old: 1\n")
+        with mock.patch("os.fsync", side_effect=OSError(errno.ENOSPC, "No space left on device")):
+            with pytest.raises(OSError):
+                write_atomically(path, "new: 2\n" * 1000)
+        assert path.read_text() == "old: 1\n" and [p.name for p in Path(d).iterdir()] == ["config.yaml"]
 
 
 def test_second_ctrl_c_during_a_save_removes_the_partial_dir_and_says_so_in_one_line(tmp_path: Path,

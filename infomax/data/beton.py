@@ -26,6 +26,7 @@ import numpy as np
 
 from infomax.config.pretrain import ConfigError
 from infomax.data.datasets import REGISTRY, DataError, ImageDataset, Subset, next_readable, open_dataset
+from infomax.runtime.files import write_atomically
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
 FATAL = "FATAL"
@@ -194,7 +195,7 @@ def write_beton(args: argparse.Namespace, dataset: ImageDataset) -> dict[str, An
                 "write_mode": args.write_mode, "max_resolution": args.max_resolution, "jpeg_quality": args.jpeg_quality,
                 "compress_probability": args.compress_probability, "unreadable_replaced": unreadable[:20],
                 "seconds": round(time.perf_counter() - started, 1), "bytes": out.stat().st_size}
-    Path(str(out) + ".json").write_text(json.dumps(settings, indent=2) + "\n")
+    write_atomically(Path(str(out) + ".json"), json.dumps(settings, indent=2) + "\n")
     return settings
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from infomax.runtime.files import write_atomically
 from infomax.runtime.tracking import TensorBoard
 
 KIND_COLOURS = {"ours": "C0", "random_init": "C7", "raw_pixels": "C8", "alexnet_supervised": "C3",
@@ -36,14 +37,15 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], kn
     """Write the three report files and TensorBoard scalars; returns the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows, knn_k)
-    (out / "report.json").write_text(json.dumps({"rows": rows, **meta}, indent=2) + "\n")
+    write_atomically(out / "report.json", json.dumps({"rows": rows, **meta}, indent=2) + "\n")
     sources = "\n".join(f"- `{r['name']}`: sha256 `{r['weights_sha256']}`" for r in rows if r.get("weights_sha256"))
     quoted = "\n".join(f"- {r['name']}: {r['source']}" for r in rows if r["kind"] == "published")
     reference = meta.get("alexnet_reference_top1")
     edge = [f"- `{r['name']}`: weight decay {r['weight_decay']:g} is at the edge of the grid tried "
             f"({', '.join(f'{w:g}' for w in sorted(r['weight_decays_tried']))}); its top-1 may be an underestimate"
             for r in rows if r.get("weight_decay_at_edge")]
-    (out / "report.md").write_text(
+    write_atomically(
+        out / "report.md",
         f"# Linear evaluation on {meta['dataset']}\n\nScored on the {meta.get('scored_on', 'test split')}"
         + (f": {meta['test_images']} images, the fits on {meta['train_images']} train images"
            if "test_images" in meta else "")

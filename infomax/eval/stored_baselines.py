@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from infomax.data import ImageDataset
+from infomax.runtime.files import write_atomically
 
 REPO_STORE = Path(__file__).resolve().parents[2] / "baselines"
 REQUIRED = ("kind", "dataset", "protocol", "data_sha256", "top1", "top5", "epochs", "steps", "wall_s", "stopped",
@@ -81,7 +82,5 @@ def store_result(store: Path, row: dict[str, Any], *, dataset: str, protocol: st
     result = {**row, "dataset": dataset, "protocol": protocol, "data_sha256": data_sha256,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_revision": revision, "config": config}
     path = store / f"{dataset}-{row['kind']}{suffix}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomically(path, json.dumps(result, indent=2) + "\n")
     return path

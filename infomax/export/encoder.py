@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -23,6 +22,7 @@ from torch import nn
 
 from infomax.config.pretrain import ConfigError
 from infomax.method.models import create_encoder
+from infomax.runtime.files import write_atomically
 
 WEIGHTS, META = "encoder.safetensors", "config.json"
 REEXPORT = ("re-export it: rerun the pretraining command on its run dir, which writes the export again from the "
@@ -129,19 +129,6 @@ def _save_weights(encoder: nn.Module, path: Path) -> str:
     data = save(state, metadata={"format": "pt"})
     write_atomically(path, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` beside ``path``, then rename: ``path`` is the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 REQUIRED_META = ("architecture", "timm_kwargs", "in_chans", "input_size", "mean", "std", "small_input", "stem_stride",

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from infomax.export.encoder import write_atomically
+from infomax.runtime.files import write_atomically
 
 CARD = "README.md"
 EVAL_HEADING = "## Linear evaluation"

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from ruamel.yaml import YAMLError
 
 from infomax.config.pretrain import YAML_1_2, Config, ConfigError, to_yaml, yaml_problem
+from infomax.runtime.files import write_atomically
 
 MARKER = "infomax-run.json"  # written into every run dir infomax creates
 LOCK_FILE = ".lock"
@@ -115,7 +116,7 @@ def restore_config(run_dir: Path) -> Path:
         raise RunDirError(f"'{run_dir}' has no checkpoint to restore config.yaml from; pick a new run.dir")
     state, path = loaded
     saved = run_dir / "config.yaml"
-    saved.write_text(f"# git revision: restored from {path.name}\n" + state["config"])
+    write_atomically(saved, f"# git revision: restored from {path.name}\n" + state["config"])
     return saved
 
 
@@ -148,8 +149,8 @@ def mark_ours(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     marker = run_dir / MARKER
     if not marker.exists():
-        marker.write_text(json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
-                                      "pid": os.getpid()}) + "\n")
+        write_atomically(marker, json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                             "host": socket.gethostname(), "pid": os.getpid()}) + "\n")
 
 
 class RunDirLock:

@@ -43,6 +43,7 @@ def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -
     from infomax.data.train_loader import build_train_data
     from infomax.runtime import checkpoint as ckpt
     from infomax.runtime.distributed import make_accelerator
+    from infomax.runtime.files import write_atomically
     from infomax.runtime.hardware import check_deterministic_supported, few_cores_warning, loader_line
     from infomax.runtime.revision import git_revision
     from infomax.runtime.run_dir import check_run_dir, check_writable, mark_ours
@@ -94,13 +95,13 @@ def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -
         p = run.progress
         accelerator.print(f"resumed from {loaded[1]} (epoch {p.epoch}, batch {p.step_in_epoch}, step {p.global_step})")
     scheduler.step_update(run.progress.global_step)
-    if main:  # written once resuming is certain to work, and only when new or with a new budget
+    if loaded and (summary := already_complete(run, run_dir)) is not None:
+        accelerator.end_training()  # nothing trains, so the record keeps the budget it was trained for
+        return summary
+    if main:  # written once resuming is certain to work and there is work to do, only when new or with a new budget
         saved, current = run_dir / "config.yaml", to_yaml(cfg)
         if not saved.is_file() or saved.read_text().partition("\n")[2] != current:
-            saved.write_text(f"# git revision: {git_revision()}\n" + current)
-    if loaded and (summary := already_complete(run, run_dir)) is not None:
-        accelerator.end_training()
-        return summary
+            write_atomically(saved, f"# git revision: {git_revision()}\n" + current)
 
     # ------------------------------------------------------------------ epochs
     run.start_reporting(run_dir)  # TensorBoard, stop signals, the loop and its progress bar
