@@ -675,3 +675,42 @@ def test_the_shipped_imagenet_eval_plans_no_supervised_fit_unless_asked(tmp_path
         fits = [row.name for row in planned if "supervised" in row.name.lower() and not row.quoted]
         assert fits == (["supervised resnet18"] if asked else []), fits
     assert cfg.baselines.supervised_encoder_lr == 0.1 and cfg.baselines.supervised_encoder_weight_decay == 1e-4
+
+
+def test_a_stop_signal_ends_the_eval_at_the_next_row_and_the_rerun_reuses_the_scored_rows(
+        export_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """SIGTERM (scancel, timeout) or a first Ctrl-C used to do nothing in the fast protocol: the eval ran on until
+    SIGKILL and a second Ctrl-C lost every scored row. Now it stops before the next row, says what it kept, and
+    the rerun of the same command reuses those rows and scores the rest, with the figures of an eval that never
+    stopped (the random init drawn after them included)."""
+    import signal
+
+    from infomax.eval.main import main
+    from infomax.eval.row_cache import RowCache
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        straight = tmp_path / "straight"
+        assert main([*FAST, f"weights={export_dir}", f"out={straight}"]) == 0
+        expected = json.loads((straight / "report.json").read_text())["rows"]
+        capsys.readouterr()
+
+        stopped, real_put = tmp_path / "stopped", RowCache.put
+        def put_then_sigterm(self, name, row):  # the signal arrives while the first row is scored
+            real_put(self, name, row)
+            if self.kept == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+        monkeypatch.setattr(RowCache, "put", put_then_sigterm)
+        assert main([*FAST, f"weights={export_dir}", f"out={stopped}"]) == 1
+        err = capsys.readouterr().err
+        assert f"eval stopped by SIGTERM after 1 of {len(expected)} rows; the 1 scored row(s) are kept in " \
+               f"{stopped / 'rows'}; rerun the same command to go on" in err, err
+        assert not (stopped / "report.json").exists() and len(list((stopped / "rows").iterdir())) == 1
+
+        monkeypatch.setattr(RowCache, "put", real_put)
+        assert main([*FAST, f"weights={export_dir}", f"out={stopped}"]) == 0
+        resumed = json.loads((stopped / "report.json").read_text())["rows"]
+        assert [(r["name"], r["top1"], r["knn"]) for r in resumed] == [(r["name"], r["top1"], r["knn"]) for r in expected]
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)

@@ -57,11 +57,12 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     from infomax.eval.baselines import REFERENCE_ALEXNET_TOP1, load_alexnet_features
     from infomax.eval.progress import RowClock
     from infomax.eval.report import write_report
-    from infomax.eval.rows import Rows
+    from infomax.eval.row_cache import RowCache
+    from infomax.eval.rows import Rows, Stopped
     from infomax.eval.stored_baselines import scored_split
     from infomax.export.encoder import export_dir_of, load_encoder, load_view_encoders
     from infomax.export.model_card import add_eval
-    from infomax.runtime.distributed import make_accelerator
+    from infomax.runtime.distributed import agree_max, make_accelerator
     from infomax.runtime.hardware import describe_machine
     from infomax.runtime.run_dir import ensure_writable
     from infomax.runtime.stop import StopFlag
@@ -106,11 +107,27 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
                       f"protocol {cfg.protocol}, "
                       f"{len(computed)} rows to compute on {accelerator.num_processes} process(es): "
                       f"{', '.join(r.name for r in computed)}")
+    cache = RowCache(out / "rows", fit_key, accelerator.is_main_process)
     clock = RowClock.for_rows([r.cost() for r in computed], accelerator.print)
     rows: list[dict[str, Any]] = []
-    for builder in plan:
-        row = builder.build()
-        rows.append(row if builder.quoted else clock.done(row))
+    try:
+        for builder in plan:
+            if builder.quoted:
+                rows.append(builder.build())
+                continue
+            if agree_max(accelerator.device, float(make.stop.requested))[0]:  # every rank stops at the same row
+                raise Stopped(f"stopped by {make.stop.signal_name or 'a signal on another rank'} after {cache.kept} of "
+                              f"{len(computed)} rows")
+            row = cache.get(builder.name)
+            if row is None:
+                row = builder.build()
+                cache.put(builder.name, row)
+            rows.append(clock.done(row))
+    except Stopped as e:  # between rows, or a fit stopped with its checkpoint saved
+        raise Stopped(f"{e}; {kept_line(cache)}") from None
+    except KeyboardInterrupt:  # a second Ctrl-C
+        raise KeyboardInterrupt(f"stopped by a second Ctrl-C after {cache.kept} of {len(computed)} rows; "
+                                f"{kept_line(cache)}") from None
 
     # ------------------------------------------------------------------ delta vs supervised AlexNet, report
     measured = [r["top1"] for r in rows if r["kind"] == "alexnet_supervised"]
@@ -134,6 +151,12 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
         print(f"\n{table}\n\nreport: {out / 'report.md'}  {out / 'report.json'}  {out / 'report.png'}", flush=True)
     accelerator.wait_for_everyone()
     return rows
+
+
+def kept_line(cache: Any) -> str:
+    """What a stopped eval kept, and how to go on."""
+    kept = f"the {cache.kept} scored row(s) are kept in {cache.directory}" if cache.kept else "no row was scored yet"
+    return f"{kept}; rerun the same command to go on (a fit stopped mid-way resumes from its checkpoint)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -235,7 +235,7 @@ class Rows:
                                  held_out=held_out_top1 if held_out else None, drop_last=drop_last, augment=augment)
         if outcome is None:
             raise Stopped(f"stopped by {self.stop.signal_name or 'a signal on another rank'} during '{slug}'; "
-                          "its checkpoint is saved: rerun the same command to resume")
+                          "its checkpoint is saved")
         logits, y = self.features(acc.unwrap_model(model), "test", image_size, input_fn, norm)
         p, batch = outcome.progress, schedule.global_batch_size
         steps_per_epoch = len(fit_images) // batch if drop_last else -(-len(fit_images) // batch)
