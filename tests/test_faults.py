@@ -58,16 +58,18 @@ def test_run_dir_with_another_config_is_refused_before_anything_is_written(run_d
     assert "resumed from" in proc.stdout and "step 6/6" in proc.stdout
 
 
-@pytest.mark.parametrize("damage", ["emptied", "cut_in_half"])
+@pytest.mark.parametrize("damage", ["emptied", "cut_in_half", "cut_at_a_line_end"])
 def test_damaged_run_dir_config_says_so_and_is_restored_from_the_checkpoint(run_dir: Path, damage: str, pretrain: Pretrain) -> None:
     pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     saved = run_dir / "config.yaml"
     text = saved.read_text()
     cut = text.index("\n", len(text) // 2) - 2  # mid-line: what a partial copy or a full disk leaves
+    # at a line end it still parses: it read as "a different config (... and 39 more differ)"
+    cut += 3 if damage == "cut_at_a_line_end" else 0
     saved.write_text("" if damage == "emptied" else text[:cut])
     before = snapshot(run_dir)
     line = one_line_error(pretrain(f"run.dir={run_dir}", "run.max_steps=6", *FAST, check=False), 2)
-    assert f"{saved} is empty" in line if damage == "emptied" else f"{saved} is " in line
+    assert f"{saved} is empty" in line if damage == "emptied" else f"{saved} is cut short" in line
     assert f"python -m infomax.runtime.run_dir --restore-config {run_dir}" in line and "different config" not in line
     assert snapshot(run_dir) == before
     restore = subprocess.run([sys.executable, "-m", "infomax.runtime.run_dir", "--restore-config", str(run_dir)],
@@ -76,6 +78,24 @@ def test_damaged_run_dir_config_says_so_and_is_restored_from_the_checkpoint(run_
     assert saved.read_text().partition("\n")[2] == text.partition("\n")[2]
     proc = pretrain(f"run.dir={run_dir}", "run.max_steps=6", *FAST)
     assert "resumed from" in proc.stdout and "step 6/6" in proc.stdout
+
+
+def test_a_quoted_home_path_is_expanded_and_printed_commands_quote_their_paths(tmp_path: Path, monkeypatch) -> None:
+    """`run.dir='~/x'` (quoted, so the shell leaves the ~) made a literal ./~ while the summary printed ~/x."""
+    from infomax.config.eval import EvalConfig, validate_eval
+    from infomax.config.pretrain import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(str(TINY), ["run.dir=~/runs/x", "monitor.expect_eval=~/eval.yaml"], check=lambda c: None)
+    assert (cfg.run.dir, cfg.monitor.expect_eval) == (str(tmp_path / "runs/x"), str(tmp_path / "eval.yaml"))
+    cfg = load_config(None, ["weights=[~/a/export]", "out=~/report"], schema=EvalConfig, check=validate_eval)
+    assert (cfg.weights, cfg.out) == ([str(tmp_path / "a/export")], str(tmp_path / "report"))
+    damaged = tmp_path / "my runs" / "x"
+    damaged.mkdir(parents=True)
+    (damaged / "config.yaml").write_text("")
+    with pytest.raises(RunDirError, match=r"--restore-config '.*/my runs/x'"):
+        from infomax.runtime.run_dir import check_saved_config
+        check_saved_config(damaged / "config.yaml")
 
 
 def test_run_dir_that_never_checkpointed_may_start_over_with_another_config(run_dir: Path, pretrain: Pretrain) -> None:
@@ -443,6 +463,19 @@ def test_submit_refuses_resources_it_cannot_ask_for_in_one_line(tmp_path: Path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {message}"), err
     assert not (tmp_path / "r").exists()
+
+
+def test_submit_time_0_means_no_limit_on_a_local_run_as_on_slurm(tmp_path: Path) -> None:
+    """`--time 0 --cluster local` printed "submitted", then submitit's local executor killed the job at once with
+    empty logs. 0 means no limit there, as SLURM means it (and SLURM gets --time=0)."""
+    from infomax.config.pretrain import load_config
+    from infomax.launch.submit import LOCAL_NO_LIMIT_MIN, job_request, parse_args
+
+    runs = [load_config(str(TINY), [f"run.dir={tmp_path / 'r'}"])]
+    for cluster, expected in (("local", LOCAL_NO_LIMIT_MIN), ("slurm", 0)):
+        args = parse_args(["--config", str(TINY), "--time", "0", "--cluster", cluster])
+        assert job_request(args, runs, 1, 1).timeout_min == expected
+    assert LOCAL_NO_LIMIT_MIN >= 365 * 24 * 60
 
 
 def test_a_sweeps_dry_run_says_its_script_goes_as_a_job_array(tmp_path: Path, capsys) -> None:

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import math
 import operator
+import os
 import re
 from dataclasses import field
 from pathlib import Path
@@ -97,9 +98,24 @@ def load_structured(path: str | None, overrides: Sequence[str], schema: type, ch
             OmegaConf.update(cfg, key.strip(), parsed, merge=True)
         except OmegaConfBaseException as e:
             raise _explain(e, f"override '{item}'", schema) from None
-    config = OmegaConf.to_object(cfg)
+    config = _expand_home(OmegaConf.to_object(cfg))
     check(config)
     return config
+
+
+def _expand_home(node: Any) -> Any:
+    """Every ``~`` path of a config expanded (``run.dir='~/x'``, quoted so the shell left it alone, made a
+    literal ``./~`` while the summary printed ``~/x``); nested sections and lists of paths too. In place."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _expand_home(value)
+        elif isinstance(value, str) and value.startswith("~"):
+            setattr(node, f.name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(node, f.name, [os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else
+                                   _expand_home(v) if dataclasses.is_dataclass(v) else v for v in value])
+    return node
 
 
 def _check_list_index(cfg: DictConfig, key: str, item: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import shlex
 import shutil
 import subprocess
 import sys
@@ -49,7 +50,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     r.add_argument("--account", default="")
     r.add_argument("--qos", default="")
     r.add_argument("--constraint", default="")
-    r.add_argument("--time", default="72:00:00", help="time limit, [D-]HH:MM:SS or minutes")
+    r.add_argument("--time", default="72:00:00",
+                   help="time limit, [D-]HH:MM:SS or minutes; 0: none, as SLURM means it")
     r.add_argument("--job-name", default="", help="default: infomax-<run dir name>")
     j = p.add_argument_group("job control")
     j.add_argument("--max-requeues", type=int, default=10, help="preemptions / time limits survived by requeueing")
@@ -65,6 +67,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     j.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved configs; submit "
                                                           "nothing")
     return p.parse_intermixed_args(argv)
+
+
+LOCAL_NO_LIMIT_MIN = 366 * 24 * 60  # --time 0 on a local run: no limit, as SLURM means it
 
 
 def minutes(text: str) -> int:
@@ -203,8 +208,11 @@ def job_request(args: argparse.Namespace, runs: list[Config], tasks: int, cpus: 
     """What each pretraining job asks of the scheduler."""
     from infomax.launch.sbatch import JobRequest
 
+    timeout = minutes(args.time)
+    if timeout == 0 and args.cluster != "slurm":  # SLURM reads --time 0 as no limit; submitit's local executor
+        timeout = LOCAL_NO_LIMIT_MIN  # would kill the job at once, with empty logs
     return JobRequest(name=args.job_name or f"infomax-{Path(runs[0].run.dir).name}", nodes=args.nodes,
-                      tasks_per_node=tasks, cpus_per_task=cpus, timeout_min=minutes(args.time),
+                      tasks_per_node=tasks, cpus_per_task=cpus, timeout_min=timeout,
                       gpus_per_node=args.gpus_per_node, mem_gb=args.mem_gb, partition=args.partition,
                       account=args.account, qos=args.qos, constraint=args.constraint,
                       signal_delay_s=args.signal_delay, array_parallelism=args.array_parallelism)
@@ -302,16 +310,16 @@ def print_follow_up(cluster: str, runs: list[Config], submitted: list[submitit.J
     for job in eval_jobs:
         print(f"submitted {job.job_id}: eval after pretraining; report beside the export")
     ids = ",".join(j.job_id for j in submitted + eval_jobs)
-    logdir = runs_parent(runs)
+    logdir, log = shlex.quote(str(runs_parent(runs))), shlex.quote(str(submitted[0].paths.stdout))
     if cluster == "slurm":
         print(f"follow:   squeue -j {ids}   |   sacct -j {ids} -X -o JobID,JobName,State,Elapsed\n"
-              f"          tail -f {submitted[0].paths.stdout}   |   tensorboard --logdir {logdir}\n"
+              f"          tail -f {log}   |   tensorboard --logdir {logdir}\n"
               f"cancel:   scancel {ids}  (a cancelled run keeps its checkpoint: resubmit the same command to resume)")
         if eval_jobs:
             print("if pretraining fails (a lost node, a killed rank), SLURM cancels its eval: resubmit the same "
                   "command to resume pretraining from its checkpoint and chain the eval again")
     else:
-        print(f"follow:   tail -f {submitted[0].paths.stdout}   |   tensorboard --logdir {logdir}")
+        print(f"follow:   tail -f {log}   |   tensorboard --logdir {logdir}")
 
 
 def submit(args: argparse.Namespace) -> list[submitit.Job]:

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import json
 import os
+import shlex
 import socket
 import sys
 import time
@@ -102,9 +103,13 @@ def check_saved_config(saved: Path) -> None:
         problem = f"is not valid YAML ({yaml_problem(e)})"
     if not problem and not text.endswith("\n"):  # to_yaml ends every file with one; a cut can still parse
         problem = "is cut short (its last line has no end)"
+    if not problem and (missing := [k for k in flatten(YAML_1_2.load(to_yaml(Config()))) if k not in flatten(tree)]):
+        # a cut at a line end parses too: the keys every config has are then missing
+        problem = f"is cut short ({len(missing)} keys missing, from {missing[0]} on)"
     if problem:
+        restore = f"python -m infomax.runtime.run_dir --restore-config {shlex.quote(str(saved.parent))}"
         raise RunDirError(f"{saved} {problem}: the run dir's record of its experiment is damaged. Restore it from the "
-                          f"newest checkpoint with: python -m infomax.runtime.run_dir --restore-config {saved.parent}")
+                          f"newest checkpoint with: {restore}")
 
 
 def restore_config(run_dir: Path) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -481,7 +482,8 @@ def print_summary(run: Run, summary: dict[str, Any], elapsed: float, run_dir: Pa
     if run.stopped_by:
         lines.append("  re-run the same command to resume from the checkpoint")
     elif cfg.run.export:
-        lines.append(f"  export {export_dir}/encoder.safetensors   tensorboard --logdir {run_dir / 'tb'}")
+        tb = shlex.quote(str(run_dir / "tb"))
+        lines.append(f"  export {export_dir}/encoder.safetensors   tensorboard --logdir {tb}")
     print("\n".join(lines), flush=True)
 
 
