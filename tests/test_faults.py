@@ -98,6 +98,26 @@ def test_a_quoted_home_path_is_expanded_and_printed_commands_quote_their_paths(t
         check_saved_config(damaged / "config.yaml")
 
 
+def test_a_run_resumes_on_its_data_moved_elsewhere_and_refuses_other_data(tmp_path: Path, pretrain: Pretrain) -> None:
+    """On clusters a node-local copy of the data (or of the .beton) is routine. A new data.root used to be refused
+    as "a different config", its fix pointing back at the old path. The data's identity decides now."""
+    from test_data import make_imagefolder
+
+    first, moved, other, run_dir = tmp_path / "a", tmp_path / "scratch copy", tmp_path / "c", tmp_path / "run"
+    make_imagefolder(first, good_per_class=12, corrupt=0)
+    shutil.copytree(first, moved)
+    make_imagefolder(other, good_per_class=10, corrupt=0)
+    common = ["data.dataset=imagefolder", "data.augment=loader", "optim.batch_size_per_process=8", *FAST]
+    pretrain(f"run.dir={run_dir}", f"data.root={first}", "run.max_steps=4", *common)
+    proc = pretrain(f"run.dir={run_dir}", f"data.root={moved}", "run.max_steps=6", *common)
+    assert f"the data moved (data.root {first} -> '{moved}'); it is the same data (dataset imagefolder" in proc.stdout
+    assert "resumed from" in proc.stdout and "step 6/6" in proc.stdout
+    line = one_line_error(pretrain(f"run.dir={run_dir}", f"data.root={other}", "run.max_steps=8", *common,
+                                   check=False), 2)
+    assert f"data.root={other} holds other data than run.dir '{run_dir}' trained on (images 20, not 24); give " \
+           f"data.root='{moved}' (or a copy of it)" in line, line
+
+
 def test_run_dir_that_never_checkpointed_may_start_over_with_another_config(run_dir: Path, pretrain: Pretrain) -> None:
     pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     shutil.rmtree(run_dir / "checkpoints")  # as a run that failed at its first step leaves it

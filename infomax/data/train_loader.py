@@ -9,6 +9,7 @@ With ``data.augment=loader`` on the torchvision format the loader workers do the
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -141,6 +142,18 @@ def build_knn_sets(cfg: Config, train: ImageDataset,
                         f"{', '.join(map(str, missing[:10]))} that the kNN queries hold, so the monitor could never "
                         f"vote for them; raise it to at least the {len(set(labels_of(queries)))} classes")
     return bank, queries
+
+
+def data_identity(cfg: Config, images: Any) -> dict[str, Any]:
+    """What the training data is, wherever it lives: compared when a run dir resumes on data found elsewhere."""
+    identity = {"dataset": cfg.data.dataset, "format": cfg.data.format, "images": len(images),
+                "classes": images.num_classes, "channels": images.channels}
+    if cfg.data.format == "ffcv":
+        identity["beton_bytes"] = Path(cfg.data.path).stat().st_size
+    elif isinstance(images, ImageFolder) or isinstance(getattr(images, "base", None), ImageFolder):
+        folder = images if isinstance(images, ImageFolder) else images.base
+        identity["class_names"] = hashlib.sha256("\n".join(folder.classes).encode()).hexdigest()[:16]
+    return identity
 
 
 def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:

@@ -30,6 +30,10 @@ LOCK_FILE = ".lock"
 BUDGET_KEYS = frozenset({"optim.epochs", "run.max_steps", "run.log_every", "run.checkpoint_every",
                          "run.checkpoint_every_min", "run.save_at_epoch_end",
                          "run.keep_checkpoints", "run.export", "run.resume", "data.num_workers", "run.dir"})
+# Where the data lives: a copy elsewhere (node-local scratch, a moved .beton) is the same experiment. What the
+# data is goes into DATA_RECORD and is compared instead (check_data_moved).
+LOCATION_KEYS = ("data.root", "data.path")
+DATA_RECORD = "data.json"
 
 
 class RunDirError(ConfigError):
@@ -54,6 +58,41 @@ def config_differences(saved_yaml: str, cfg: Config) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in BUDGET_KEYS)
 
 
+def where_the_data_is(cfg: Config) -> dict[str, str]:
+    return {"data.root": cfg.data.root, "data.path": cfg.data.path}
+
+
+def check_data_moved(run_dir: Path, cfg: Config, identity: dict[str, Any]) -> str:
+    """'' when the data is where this run dir's record says, else one line naming the old and new places when the
+    data there is the same (its identity: dataset, image and class counts, ...); RunDirError when it is other data."""
+    record = run_dir / DATA_RECORD
+    if not record.is_file() or not has_checkpointed(run_dir):
+        return ""
+    old = json.loads(record.read_text())
+    moved = {k: (old["where"].get(k, ""), new) for k, new in where_the_data_is(cfg).items()
+             if old["where"].get(k, "") != new}
+    if not moved:
+        return ""
+    places = "; ".join(f"{k} {shlex.quote(a)} -> {shlex.quote(b)}" for k, (a, b) in moved.items())
+    if differ := [f"{k} {v}, not {old['identity'].get(k)}" for k, v in identity.items()
+                  if old["identity"].get(k) != v]:
+        now = " and ".join(f"{k}={shlex.quote(b)}" for k, (a, b) in moved.items())
+        before = " and ".join(f"{k}={shlex.quote(a)}" for k, (a, b) in moved.items())
+        raise RunDirError(f"{now} holds other data than run.dir '{run_dir}' trained on ({', '.join(differ)}); give "
+                          f"{before} (or a copy of it), or pick a new run.dir")
+    return f"the data moved ({places}); it is the same data ({identity_line(identity)}): resuming on it"
+
+
+def identity_line(identity: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in identity.items())
+
+
+def record_data(run_dir: Path, cfg: Config, identity: dict[str, Any]) -> None:
+    """Where the data is and what it is, for a later run of this dir that finds it elsewhere."""
+    write_atomically(run_dir / DATA_RECORD, json.dumps({"where": where_the_data_is(cfg), "identity": identity},
+                                                       indent=2) + "\n")
+
+
 def is_ours(run_dir: Path) -> bool:
     """True for a run dir infomax created (its marker file)."""
     return (run_dir / MARKER).is_file()
@@ -76,6 +115,11 @@ def check_run_dir(cfg: Config) -> None:
         return  # nothing to resume: a run that never saved (e.g. it failed at its first step) may start over
     check_saved_config(saved)
     differing = config_differences(saved.read_text(), cfg)
+    if not (run_dir / DATA_RECORD).is_file():  # a run dir that recorded no data identity: a new place is not checked
+        saved_where = flatten(YAML_1_2.load(saved.read_text()))
+        differing += [k for k, v in where_the_data_is(cfg).items() if saved_where.get(k, v) != v]
+    else:
+        differing = [k for k in differing if k not in LOCATION_KEYS]
     unknown = sorted(set(differing) - set(flatten(YAML_1_2.load(to_yaml(cfg)))))
     if unknown:
         raise RunDirError(f"run.dir '{run_dir}' was written by an older version of infomax ({saved} has "

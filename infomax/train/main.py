@@ -40,13 +40,13 @@ def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -
     from accelerate.utils import set_seed
 
     from infomax.config.pretrain import to_yaml
-    from infomax.data.train_loader import build_train_data
+    from infomax.data.train_loader import build_train_data, data_identity
     from infomax.runtime import checkpoint as ckpt
     from infomax.runtime.distributed import make_accelerator
     from infomax.runtime.files import write_atomically
     from infomax.runtime.hardware import check_deterministic_supported, few_cores_warning, loader_line
     from infomax.runtime.revision import git_revision
-    from infomax.runtime.run_dir import check_run_dir, check_writable, mark_ours
+    from infomax.runtime.run_dir import check_data_moved, check_run_dir, check_writable, mark_ours, record_data
     from infomax.train.loop import Run, already_complete, build_optimizer, build_parts, finish
     from infomax.train.resumable import Resumable
 
@@ -75,11 +75,15 @@ def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -
         total_steps = min(total_steps, cfg.run.max_steps)
 
     # ------------------------------------------------------------------ claim the run dir, resume
+    identity = data_identity(cfg, data.images)
+    if (moved := check_data_moved(run_dir, cfg, identity)) and main:  # every rank refuses other data
+        print(moved, flush=True)
     if main:  # the first write of the run: everything above can still fail with a clean run dir
         lock.acquire()
         check_run_dir(cfg)  # again under the lock: the run that held it may have just written config.yaml
         mark_ours(run_dir)
         check_writable(run_dir)
+        record_data(run_dir, cfg, identity)
     accelerator.wait_for_everyone()
     resumable = Resumable(accelerator, run_dir / "checkpoints", cfg.run.keep_checkpoints)
     run = Run(cfg, accelerator, data, parts, optimizer, scheduler, lr, resumable, total_steps, eval_clock)
