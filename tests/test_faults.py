@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, main_in_process, run_main
+from infomax.config.pretrain import ConfigError
 from infomax.runtime import checkpoint as ckpt
 from infomax.runtime.run_dir import RunDirError, RunDirLock
 
@@ -116,6 +117,47 @@ def test_a_run_resumes_on_its_data_moved_elsewhere_and_refuses_other_data(tmp_pa
                                    check=False), 2)
     assert f"data.root={other} holds other data than run.dir '{run_dir}' trained on (images 20, not 24); give " \
            f"data.root='{moved}' (or a copy of it)" in line, line
+
+
+def test_a_beton_of_another_dataset_than_the_config_names_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys) -> None:
+    """`data.format=ffcv data.path=fm.beton` with data.dataset left at synthetic trained on Fashion-MNIST, and its
+    export and model card said "synthetic". The .beton's sidecar names its dataset: a mismatch is refused."""
+    from infomax.config.eval import EvalConfig
+    from infomax.eval.main import open_splits
+
+    beton = tmp_path / "fm.beton"
+    beton.write_bytes(b"\0" * 64)
+    (tmp_path / "fm.beton.json").write_text(json.dumps({"dataset": "fashion_mnist", "count": 60000, "channels": 1,
+                                                        "num_classes": 10, "mean": [0.286], "std": [0.353], "bytes": 64}))
+    run_dir = tmp_path / "run"
+    code, _, err = main_in_process(capsys, f"run.dir={run_dir}", "data.format=ffcv", f"data.path={beton}")
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and line == ("error: bad value for config key 'data.path': it was written from fashion_mnist "
+                                  "(its .json says), but data.dataset is synthetic; set data.dataset=fashion_mnist, or "
+                                  "give the .beton of synthetic"), err
+    assert not run_dir.exists()
+    with pytest.raises(ConfigError, match="'train_beton': it was written from fashion_mnist .* dataset is synthetic"):
+        open_splits(EvalConfig(dataset="synthetic", train_beton=str(beton), weights=["x"]))
+
+
+def test_a_cut_fashion_mnist_test_file_is_an_error_naming_it_not_a_missing_split(tmp_path: Path, capsys) -> None:
+    """With a truncated t10k file the kNN monitor and the online probe quietly scored 64 training images instead,
+    as if Fashion-MNIST had no test split. A split that is there but unreadable is an error naming the file."""
+    from infomax.data.datasets import FMNIST_DEFAULT_ROOT
+
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    for f in Path(FMNIST_DEFAULT_ROOT).iterdir():
+        (root / f.name).symlink_to(f)
+    cut = root / "t10k-images-idx3-ubyte.gz"
+    data = cut.read_bytes()
+    cut.unlink()
+    cut.write_bytes(data[: len(data) // 2])
+    code, _, err = main_in_process(capsys, f"run.dir={tmp_path / 'run'}", "data.dataset=fashion_mnist",
+                                   f"data.root={root}", "data.limit=256")
+    assert code == 2 and f"'{cut}' is a damaged gzip file" in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "run").exists()
 
 
 def test_run_dir_that_never_checkpointed_may_start_over_with_another_config(run_dir: Path, pretrain: Pretrain) -> None:

@@ -27,6 +27,11 @@ class DataError(ValueError):
     print it as one ``error:`` line and exit 2, as they do a config error."""
 
 
+class MissingSplit(DataError):
+    """The split is not there at all (no files, no directory): a dataset without a held-out split. A split that is
+    there but cannot be read is a DataError of its own, never taken for a missing one."""
+
+
 class UnreadableImage(Exception):
     """One image could not be decoded; carries its path so it can be reported."""
 
@@ -119,7 +124,7 @@ class FashionMNIST(ImageDataset):
         stem = self.files[split]
         images, labels = _find_idx(base, stem), _find_idx(base, stem.replace("images-idx3", "labels-idx1"))
         if images is None or labels is None:
-            raise DataError(
+            raise MissingSplit(
                 f"Fashion-MNIST {split} files ({stem}[.gz]) not found in '{base}': "
                 "install them with 'apt-get install dataset-fashion-mnist' or set data.root=/dir/with/idx/files"
             )
@@ -188,7 +193,7 @@ class ImageFolder(ImageDataset):
     def __init__(self, root: str, split: str = "train") -> None:
         base = Path(root) / split
         if not root or not base.is_dir():
-            raise DataError(
+            raise MissingSplit(
                 f"imagefolder split directory '{base}' does not exist: set data.root to a directory "
                 f"holding {split}/<class>/<image> (e.g. data.root=/datasets/imagenet)"
             )

@@ -62,9 +62,19 @@ class BetonInfo:
         self.channels, self.num_classes = int(settings["channels"]), int(settings["num_classes"])
         self.mean, self.std = tuple(settings["mean"]), tuple(settings["std"])
         self.count = int(settings["count"])
+        self.dataset = str(settings.get("dataset", ""))
 
     def __len__(self) -> int:
         return self.count
+
+    def require_dataset(self, dataset: str, key: str, dataset_key: str) -> None:
+        """Refuse a .beton written from another dataset than the config names (``key``: the config key that gave
+        the file, ``dataset_key``: the one that names the dataset): its export and model card would name the
+        wrong one."""
+        if self.dataset and self.dataset != dataset:
+            raise ConfigError(f"bad value for config key '{key}': it was written from {self.dataset} (its .json says), "
+                              f"but {dataset_key} is {dataset}; set {dataset_key}={self.dataset}, or give the .beton "
+                              f"of {dataset}")
 
 
 class FFCVMultiViewLoader:

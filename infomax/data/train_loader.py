@@ -24,6 +24,7 @@ from infomax.data.datasets import (
     DataError,
     ImageDataset,
     ImageFolder,
+    MissingSplit,
     Subset,
     disjoint_subsets,
     holdout_split,
@@ -131,7 +132,7 @@ def build_knn_sets(cfg: Config, train: ImageDataset,
     else:
         try:
             held_out = open_split(cfg, "test")
-        except DataError:  # no held-out split
+        except MissingSplit:  # no held-out split (one that is there but damaged is an error)
             held_out = None
         if held_out is None:
             bank, queries = disjoint_subsets(train, m.knn_bank, m.knn_queries)
@@ -166,8 +167,9 @@ def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
         from infomax.data.beton import require_ffcv
         from infomax.data.ffcv_loader import BetonInfo
 
+        images = BetonInfo(d.path)  # what the file is, said before whether FFCV is installed
+        images.require_dataset(d.dataset, "data.path", "data.dataset")
         require_ffcv()
-        images = BetonInfo(d.path)
         if warning := beton_memory_warning(Path(d.path).stat().st_size, memory_limit(), d.os_cache):
             accelerator.print(warning, flush=True)
     else:

@@ -32,6 +32,7 @@ def open_splits(cfg: Any) -> tuple[Any, Any]:
     stays unread: it is for the final figure), each cut to ``limit_train`` / ``limit_test``."""
     from infomax.config.pretrain import ConfigError
     from infomax.data.datasets import holdout_split, missing_classes, open_configured, stratified_subset
+    from infomax.data.ffcv_loader import BetonInfo
 
     def split(name: str):
         ds = open_configured(cfg, name)
@@ -39,6 +40,9 @@ def open_splits(cfg: Any) -> tuple[Any, Any]:
             raise ConfigError(f"the {name} split of {cfg.dataset} is empty: check root")
         return ds
 
+    for key in ("train_beton", "test_beton"):  # a .beton of another dataset would be scored under this one's name
+        if getattr(cfg, key):
+            BetonInfo(getattr(cfg, key)).require_dataset(cfg.dataset, key, "dataset")
     train, test = holdout_split(split("train"), cfg.holdout) if cfg.holdout else (split("train"), split("test"))
     cut = [(train, cfg.limit_train), (test, cfg.limit_test)]
     train, test = (stratified_subset(ds, n) if n else ds for ds, n in cut)
