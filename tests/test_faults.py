@@ -160,6 +160,18 @@ def test_a_cut_fashion_mnist_test_file_is_an_error_naming_it_not_a_missing_split
     assert not (tmp_path / "run").exists()
 
 
+def test_small_silent_faults_are_said_a_queue_past_the_dataset_and_a_knn_k_past_the_bank() -> None:
+    """A queue as large as the dataset held every image's own stale key, unsaid; a kNN k larger than the bank was
+    labelled with the k asked for, not the k used."""
+    from infomax.eval.rows import knn_top1
+    from infomax.train.loop import queue_warning
+
+    assert queue_warning(0, 256) == "" and queue_warning(128, 256) == ""
+    assert queue_warning(256, 256).startswith("warning: objective.queue_size=256 holds as many keys as the 256 ")
+    bank = (torch.randn(30, 4), torch.arange(30) % 3)
+    assert set(knn_top1(bank, (torch.randn(8, 4), torch.arange(8) % 3), [5, 200], 0.1, 3)) == {"5", "30"}
+
+
 def test_run_dir_that_never_checkpointed_may_start_over_with_another_config(run_dir: Path, pretrain: Pretrain) -> None:
     pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     shutil.rmtree(run_dir / "checkpoints")  # as a run that failed at its first step leaves it

@@ -147,7 +147,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
                 "precision": precision.mode, "precision_reason": precision.reason, "machine": describe_machine(),
                 "alexnet_reference_top1": reference, "config": to_yaml(cfg),
                 "train_step": int((exports[0][2].get("summary") or {}).get("steps") or 0) if exports else 0}
-        table = write_report(out, rows, meta, list(cfg.knn_k))
+        table = write_report(out, rows, meta, sorted({min(k, len(train)) for k in cfg.knn_k}))  # the k each used
         for w, _, _ in exports:  # each export's model card shows how good it is
             add_eval(export_dir_of(w), table, f"On {cfg.dataset} ({len(train)} train images; scored on the "
                      f"{scored_split(cfg.holdout)}, {len(test)} images), "

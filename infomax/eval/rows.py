@@ -138,13 +138,16 @@ def supervised_encoder_protocol(meta: dict, cfg: Any) -> str:
 
 
 def knn_top1(train_xy: tuple[torch.Tensor, torch.Tensor], test_xy: tuple[torch.Tensor, torch.Tensor],
-             ks: Sequence[int], temperature: float, num_classes: int, bank_sharded: bool = False) -> dict[str, float]:
+             ks: Sequence[int], temperature: float, num_classes: int, bank_sharded: bool = False,
+             bank_size: int | None = None) -> dict[str, float]:
     """kNN top-1 per k on every process, from (N x F, N) train and (M x F, M) test features and labels. With
-    ``bank_sharded`` ``train_xy`` is this process's share of the bank, on the device (the imagenet protocol)."""
+    ``bank_sharded`` ``train_xy`` is this process's share of the bank, on the device (the imagenet protocol), and
+    ``bank_size`` the whole bank's. Each is labelled with the k it used: at most the bank's size."""
     (fx, fy), (tx, ty) = train_xy, test_xy
     predict = sharded_knn_predict_many if bank_sharded else knn_predict_many
     preds = predict(fx, fy, tx, ks, temperature, num_classes)
-    return {str(k): (pred.cpu() == ty.cpu()).float().mean().item() for k, pred in preds.items()}
+    n = bank_size if bank_size is not None else len(fx)
+    return {str(min(k, n)): (pred.cpu() == ty.cpu()).float().mean().item() for k, pred in preds.items()}
 
 
 class Rows:
@@ -178,7 +181,8 @@ class Rows:
                                 shard=True, keep_shard=keep_shard)
 
     def knn(self, train_xy, test_xy, bank_sharded: bool = False) -> dict[str, float]:
-        return knn_top1(train_xy, test_xy, self.cfg.knn_k, self.cfg.knn_temperature, self.num_classes, bank_sharded)
+        return knn_top1(train_xy, test_xy, self.cfg.knn_k, self.cfg.knn_temperature, self.num_classes, bank_sharded,
+                        len(self.train))
 
     def fast_row(self, name: str, kind: str, train_xy, test_xy, **extra: Any) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.perf_counter()

@@ -58,6 +58,16 @@ class Parts:
     learned_critic: bool
 
 
+def queue_warning(queue_size: int, images: int) -> str:
+    """One line when the momentum queue holds as many keys as there are training images or more: it then holds each
+    image's own earlier key among the negatives of its query (MoCo's 65536 keys are 5 % of ImageNet)."""
+    if not queue_size or queue_size < images:
+        return ""
+    return (f"warning: objective.queue_size={queue_size} holds as many keys as the {images} training images or more, "
+            "so each query meets its own image's earlier key among its negatives; lower it well below the image "
+            f"count (e.g. objective.queue_size={max(1, images // 20)})")
+
+
 def check_shuffle_bn(cfg: Config, processes: int) -> None:
     """The momentum queue's BatchNorm on ``processes`` ranks: per-rank statistics need MoCo's shuffle, and
     the shuffle needs statistics it can change (not synced ones, and more than one group)."""

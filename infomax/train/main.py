@@ -47,7 +47,7 @@ def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -
     from infomax.runtime.hardware import check_deterministic_supported, few_cores_warning, loader_line
     from infomax.runtime.revision import git_revision
     from infomax.runtime.run_dir import check_data_moved, check_run_dir, check_writable, mark_ours, record_data
-    from infomax.train.loop import Run, already_complete, build_optimizer, build_parts, finish
+    from infomax.train.loop import Run, already_complete, build_optimizer, build_parts, finish, queue_warning
     from infomax.train.resumable import Resumable
 
     run_dir = Path(cfg.run.dir)
@@ -68,6 +68,8 @@ def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -
     if line := loader_line(cfg.data.format, cfg.data.num_workers, [v.size for v in cfg.data.views], len(data.images),
                            accelerator.device.type):
         accelerator.print(line, flush=True)
+    if warning := queue_warning(cfg.objective.queue_size, len(data.images)):
+        accelerator.print(warning, flush=True)
     parts = build_parts(cfg, data, accelerator)
     optimizer, scheduler, lr = build_optimizer(cfg, parts, accelerator, len(data))
     total_steps = max(1, round(cfg.optim.epochs * len(data)))
