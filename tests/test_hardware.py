@@ -50,10 +50,26 @@ def test_a_launchers_low_precision_is_taken_and_its_default_no_leaves_it_to_the_
     assert choose_precision("no", launch="bf16").mode == "no"  # the config's explicit choice wins
 
 
-def test_fp16_without_a_gpu_is_refused_with_the_way_out(cpu_only) -> None:
-    for requested, launch in (("fp16", None), ("auto", "fp16")):
-        with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU; use auto, bf16 or no on CPU"):
-            choose_precision(requested, launch)
+def test_fp16_without_a_gpu_is_refused_naming_who_asked_for_it(cpu_only) -> None:
+    """The config key (the pretraining's or the eval's own), or the launcher's flag: a user who typed
+    `accelerate launch --mixed_precision fp16` never set run.precision, which the line used to name."""
+    with pytest.raises(ConfigError, match="'run.precision': fp16 needs a CUDA GPU; use auto, bf16 or no on CPU"):
+        choose_precision("fp16")
+    with pytest.raises(ConfigError, match="config key 'precision': fp16 needs a CUDA GPU"):
+        choose_precision("fp16", key="precision")
+    with pytest.raises(ConfigError, match=r"^accelerate launch --mixed_precision fp16 needs a CUDA GPU; launch with "
+                                          r"--mixed_precision no on a CPU \(run.precision=auto then picks"):
+        choose_precision("auto", "fp16")
+
+
+def test_the_evals_data_errors_name_its_own_keys(tmp_path) -> None:
+    from infomax.config.eval import EvalConfig
+    from infomax.data.datasets import DataError
+    from infomax.eval.main import open_splits
+
+    with pytest.raises(DataError, match="set root=/dir/with/idx/files") as caught:
+        open_splits(EvalConfig(dataset="fashion_mnist", root=str(tmp_path), weights=["x"]))
+    assert "data.root" not in str(caught.value)
 
 
 @pytest.mark.parametrize("bf16_card, mode", [(True, "bf16"), (False, "fp16")])

@@ -255,12 +255,18 @@ def open_dataset(name: str, split: str, root: str = "", **options: Any) -> Image
     return REGISTRY[name](split, root, **options)
 
 
-def open_configured(section: Any, split: str, seed: int = 0) -> ImageDataset:
+def open_configured(section: Any, split: str, seed: int = 0, key_prefix: str = "data.") -> ImageDataset:
     """The ``split`` of the dataset a config section names by its ``dataset``, ``root`` and ``synthetic_*``
-    fields: the pretraining's ``data.*`` and the eval config both have them."""
-    return open_dataset(section.dataset, split, section.root, synthetic_size=section.synthetic_size,
-                        synthetic_classes=section.synthetic_classes,
-                        synthetic_image_size=section.synthetic_image_size, seed=seed)
+    fields: the pretraining's ``data.*`` and the eval config both have them. Errors name the keys as the
+    section's stage spells them (``key_prefix``: ``data.`` for pretraining, none for the eval)."""
+    try:
+        return open_dataset(section.dataset, split, section.root, synthetic_size=section.synthetic_size,
+                            synthetic_classes=section.synthetic_classes,
+                            synthetic_image_size=section.synthetic_image_size, seed=seed)
+    except DataError as e:
+        if key_prefix == "data.":
+            raise
+        raise type(e)(str(e).replace("data.root", f"{key_prefix}root")) from None
 
 
 class Subset(ImageDataset):

@@ -35,7 +35,7 @@ def open_splits(cfg: Any) -> tuple[Any, Any]:
     from infomax.data.ffcv_loader import BetonInfo
 
     def split(name: str):
-        ds = open_configured(cfg, name)
+        ds = open_configured(cfg, name, key_prefix="")
         if len(ds) == 0:
             raise ConfigError(f"the {name} split of {cfg.dataset} is empty: check root")
         return ds
@@ -100,7 +100,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
                           "the report could not be written; fix its permissions or give out=DIR") from None
 
     # ------------------------------------------------------------------ processes, rows
-    accelerator, precision = make_accelerator(cfg.seed, cfg.precision, cfg.dist_timeout_min)
+    accelerator, precision = make_accelerator(cfg.seed, cfg.precision, cfg.dist_timeout_min, precision_key="precision")
     torch.manual_seed(cfg.seed)
     fit_key = to_yaml(cfg) + "".join(m["sha256"] for _, _, m in exports)
     make = Rows(cfg, accelerator, train, test, size, out, fit_key, StopFlag().install())

@@ -241,7 +241,8 @@ def sync_batchnorm(module: torch.nn.Module, device_type: str) -> torch.nn.Module
     return convert_sync_batchnorm(module) if device_type == "cuda" else convert_global_batchnorm(module)
 
 
-def make_accelerator(seed: int, precision: str = "auto", timeout_min: float = 15) -> tuple[Any, Precision]:
+def make_accelerator(seed: int, precision: str = "auto", timeout_min: float = 15,
+                     precision_key: str = "run.precision") -> tuple[Any, Precision]:
     """The Accelerator for this process (GPUs when there are, gloo CPU processes otherwise) and the
     precision it runs in, chosen by :func:`infomax.runtime.hardware.choose_precision` and printed in one line.
 
@@ -258,7 +259,7 @@ def make_accelerator(seed: int, precision: str = "auto", timeout_min: float = 15
     from accelerate.utils import InitProcessGroupKwargs
 
     require_the_gpus_given()
-    chosen = choose_precision(precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
+    chosen = choose_precision(precision, os.environ.get("ACCELERATE_MIXED_PRECISION"), precision_key)
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(cpu=multi_cpu, mixed_precision=chosen.mode,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),

@@ -75,17 +75,18 @@ def describe_machine() -> str:
     return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}, host {describe_cpu()}"
 
 
-def choose_precision(requested: str, launch: str | None = None) -> Precision:
+def choose_precision(requested: str, launch: str | None = None, key: str = "run.precision") -> Precision:
     """The precision for ``run.precision`` (or the eval's ``precision``) on this machine.
 
     ``requested``: auto | no | bf16 | fp16. ``launch``: what ``accelerate launch --mixed_precision``
     exported (ACCELERATE_MIXED_PRECISION), None without a launcher. Under ``auto`` a launcher's bf16 or
     fp16 is taken as given; its ``no`` is also its default when the flag is absent, so it cannot be told
     from "not set" and the hardware decides (``run.precision=no`` forces fp32). An explicit choice wins.
-    Raises ConfigError for fp16 without a GPU."""
+    ``key``: the config key that asked (the eval's is ``precision``). Raises ConfigError for fp16 without a GPU,
+    naming whoever asked: the key, or the launcher's flag."""
     cuda = torch.cuda.is_available()
     if requested != "auto":
-        mode, reason = requested, f"run.precision={requested}"
+        mode, reason = requested, f"{key}={requested}"
     elif launch in ("bf16", "fp16"):
         mode, reason = launch, f"accelerate launch --mixed_precision {launch}"
     elif cuda and torch.cuda.is_bf16_supported():
@@ -96,13 +97,15 @@ def choose_precision(requested: str, launch: str | None = None) -> Precision:
         mode, reason = "bf16", "auto: this CPU has native bf16"
     else:
         mode, reason = "no", "auto: this CPU has no native bf16; bf16 would run several times slower"
+    if mode == "fp16" and not cuda and requested == "auto":  # the launcher asked: name its flag, not our key
+        raise ConfigError(f"accelerate launch --mixed_precision fp16 needs a CUDA GPU; launch with --mixed_precision "
+                          f"no on a CPU ({key}=auto then picks bf16 where the CPU has it, else fp32)")
     if mode == "fp16" and not cuda:
-        raise ConfigError("bad value for config key 'run.precision': fp16 needs a CUDA GPU; use auto, bf16 or no on "
-                          "CPU")
+        raise ConfigError(f"bad value for config key '{key}': fp16 needs a CUDA GPU; use auto, bf16 or no on CPU")
     warning = ""
     if mode == "bf16" and not cuda and not cpu_has_native_bf16():
         warning = (f"warning: bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}) runs "
-                   "several times slower than fp32; run.precision=auto picks fp32 here")
+                   f"several times slower than fp32; {key}=auto picks fp32 here")
     return Precision(mode, reason, warning)
 
 
