@@ -161,11 +161,15 @@ def test_a_cut_fashion_mnist_test_file_is_an_error_naming_it_not_a_missing_split
 
 
 def test_small_silent_faults_are_said_a_queue_past_the_dataset_and_a_knn_k_past_the_bank() -> None:
-    """A queue as large as the dataset held every image's own stale key, unsaid; a kNN k larger than the bank was
-    labelled with the k asked for, not the k used."""
+    """A warmup as long as the run never reached optim.lr, unsaid; a queue as large as the dataset held every image's
+    own stale key, unsaid; a kNN k larger than the bank was labelled with the k asked for, not the k used."""
     from infomax.eval.rows import knn_top1
-    from infomax.train.loop import queue_warning
+    from infomax.train.loop import queue_warning, warmup_warning
 
+    assert warmup_warning(0.2, 2) == "" and warmup_warning(10, 100) == "" and warmup_warning(0, 1) == ""
+    assert warmup_warning(1, 2).startswith("warning: optim.warmup_epochs=1 of optim.epochs=2: the cosine runs under the "
+                                           "warmup, so where it ends the lr drops at once to 50% of optim.lr; lower")
+    assert "is the whole run (optim.epochs=2): the lr never reaches optim.lr" in warmup_warning(2, 2)
     assert queue_warning(0, 256) == "" and queue_warning(128, 256) == ""
     assert queue_warning(256, 256).startswith("warning: objective.queue_size=256 holds as many keys as the 256 ")
     bank = (torch.randn(30, 4), torch.arange(30) % 3)
@@ -266,6 +270,8 @@ def test_every_checkpoint_damaged_stops_with_their_names_unless_a_fresh_start_is
     assert "starting afresh" in proc.stdout and "resumed from" not in proc.stdout and "step 10/10" in proc.stdout
     kept = list(run_dir.glob("checkpoints.old-*/step_00000008/state.pt"))
     assert len(kept) == 1 and len(kept[0].read_bytes()) == 100  # moved aside, not deleted
+    # ... with the earlier run's TensorBoard events, which used to stay in tb/, mixed with the new run's
+    assert list(run_dir.glob("tb.old-*/events.*")) and len(list((run_dir / "tb").glob("events.*"))) == 1
 
 
 def test_finished_run_rerun_changes_nothing_and_a_larger_budget_continues_it(run_dir: Path, pretrain: Pretrain) -> None:

@@ -145,7 +145,26 @@ def build_optimizer(cfg: Config, parts: Parts, accelerator: Accelerator,
         optimizer, sched="cosine", num_epochs=cfg.optim.epochs, warmup_epochs=cfg.optim.warmup_epochs,
         updates_per_epoch=steps_per_epoch, min_lr=cfg.optim.min_lr, warmup_lr=0.0, step_on_epochs=False,
     )
+    if warning := warmup_warning(cfg.optim.warmup_epochs, cfg.optim.epochs):
+        accelerator.print(warning, flush=True)
     return optimizer, scheduler, lr
+
+
+def warmup_warning(warmup: float, epochs: float) -> str:
+    """One line when the warmup takes so much of the run that the schedule is not the one configured. timm's cosine
+    runs over the whole run, the warmup included (warmup_prefix=False), so where the warmup ends the lr drops at once
+    from near optim.lr to (1 + cos(pi w / T)) / 2 of it; a warmup as long as the run never reaches optim.lr."""
+    if not warmup or not epochs:
+        return ""
+    if warmup >= epochs:
+        return (f"warning: optim.warmup_epochs={warmup:g} is the whole run (optim.epochs={epochs:g}): the lr never "
+                "reaches optim.lr; lower optim.warmup_epochs (a tenth of the epochs or less)")
+    after = (1 + math.cos(math.pi * warmup / epochs)) / 2
+    if after >= 0.9:
+        return ""
+    return (f"warning: optim.warmup_epochs={warmup:g} of optim.epochs={epochs:g}: the cosine runs under the warmup, so "
+            f"where it ends the lr drops at once to {after:.0%} of optim.lr; lower optim.warmup_epochs (a tenth of "
+            "the epochs or less)")
 
 
 TIMED_STEPS = 20  # steps timed (after the first) before the run prints how long it should take

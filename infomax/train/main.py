@@ -90,9 +90,11 @@ def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -
     resumable = Resumable(accelerator, run_dir / "checkpoints", cfg.run.keep_checkpoints)
     run = Run(cfg, accelerator, data, parts, optimizer, scheduler, lr, resumable, total_steps, eval_clock)
     loaded = None
-    if cfg.run.resume == "never":
-        if main and (aside := ckpt.move_aside(resumable.directory)):
-            print(f"run.resume=never: starting afresh; the earlier checkpoints are kept in {aside}", flush=True)
+    if cfg.run.resume == "never":  # the earlier run's checkpoints and TensorBoard events go aside, not mixed in
+        moved = (ckpt.move_aside(resumable.directory), ckpt.move_aside(run_dir / "tb")) if main else ()
+        if aside := [p for p in moved if p]:
+            print(f"run.resume=never: starting afresh; the earlier run is kept in {' and '.join(map(str, aside))}",
+                  flush=True)
     else:
         loaded = resumable.resume("rerun with run.resume=never to start afresh (they are moved aside, not "
                                   "deleted), or copy an intact checkpoint back into that dir")
