@@ -176,6 +176,25 @@ def test_small_silent_faults_are_said_a_queue_past_the_dataset_and_a_knn_k_past_
     assert set(knn_top1(bank, (torch.randn(8, 4), torch.arange(8) % 3), [5, 200], 0.1, 3)) == {"5", "30"}
 
 
+def test_a_precision_that_auto_changes_on_resume_is_said_and_recorded_per_stretch_of_steps() -> None:
+    """run.precision=auto resumed on a CPU without native bf16 trained on in fp32 and recorded "precision no" for the
+    whole run. The change is said in one line, survives the checkpoint, and the record lists each stretch."""
+    import dataclasses
+
+    from infomax.runtime.checkpoint import Progress
+
+    p = Progress()
+    assert p.enter_precision("bf16") == "" and p.precision_line() == "bf16"
+    p.global_step = 16
+    assert p.enter_precision("bf16") == ""
+    p = Progress(**dataclasses.asdict(p))  # as a checkpoint saves and restores it
+    line = p.enter_precision("no")
+    assert line == ("precision changes from bf16 to no at step 17 (run.precision=auto on this machine): steps 1-16 "
+                    "ran in bf16; the summary and the model card list each stretch")
+    p.global_step = 24
+    assert p.precision_line() == "bf16 for steps 1-16, no for 17-24"
+
+
 def test_run_dir_that_never_checkpointed_may_start_over_with_another_config(run_dir: Path, pretrain: Pretrain) -> None:
     pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     shutil.rmtree(run_dir / "checkpoints")  # as a run that failed at its first step leaves it

@@ -69,6 +69,29 @@ class Progress:
     unreadable: list[str] = field(default_factory=list)  # distinct unreadable image paths, in the order seen
     unreadable_count: int = 0  # len(unreadable)
     train_seconds: float = 0.0  # wall time of the training loop over all resumes (checkpointed when saved)
+    # [mode, first step] of each stretch of steps run in one precision: run.precision=auto may choose another on
+    # the machine a run resumes on (bf16 on one with native bf16, fp32 on one without)
+    precision: list[list] = field(default_factory=list)
+
+    def enter_precision(self, mode: str) -> str:
+        """Record that the steps from here on run in ``mode``; one line when that is a change, else ''."""
+        if self.precision and self.precision[-1][0] == mode:
+            return ""
+        self.precision.append([mode, self.global_step + 1])
+        if len(self.precision) == 1:
+            return ""
+        (before, first), step = self.precision[-2], self.global_step
+        return (f"precision changes from {before} to {mode} at step {step + 1} (run.precision=auto on this machine): "
+                f"steps {first}-{step} ran in {before}; the summary and the model card list each stretch")
+
+    def precision_line(self, last_step: int | None = None) -> str:
+        """'bf16' for one precision, else 'bf16 for steps 1-16, no for 17-24'."""
+        if len(self.precision) <= 1:
+            return self.precision[0][0] if self.precision else ""
+        ends = [first - 1 for _, first in self.precision[1:]] + [last_step or self.global_step]
+        parts = [f"{mode} for {'steps ' if i == 0 else ''}{first}-{end}"
+                 for i, ((mode, first), end) in enumerate(zip(self.precision, ends))]
+        return ", ".join(parts)
 
     def note_unreadable(self, paths: list[str]) -> None:
         """Record skipped images; a file skipped again (next epoch, or past a bad neighbour) counts once."""

@@ -445,7 +445,7 @@ def finish(run: Run, run_dir: Path, checkpoint_path: Path | None, precision: Pre
         "stopped_by": run.stopped_by or None,
         "holdout": cfg.data.holdout,  # validation images never trained on: eval holdout=N scores them
         "processes": acc.num_processes,
-        "precision": precision.mode,
+        "precision": progress.precision_line() or precision.mode,  # each precision's steps, when auto changed it
         "precision_reason": precision.reason,
         "machine": describe_machine(),  # what the times above were measured on
     }

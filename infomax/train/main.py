@@ -106,6 +106,8 @@ def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -
     if loaded and (summary := already_complete(run, run_dir)) is not None:
         accelerator.end_training()  # nothing trains, so the record keeps the budget it was trained for
         return summary
+    if change := run.progress.enter_precision(precision.mode):  # auto may choose otherwise on this machine
+        accelerator.print(change, flush=True)
     if main:  # written once resuming is certain to work and there is work to do, only when new or with a new budget
         saved, current = run_dir / "config.yaml", to_yaml(cfg)
         if not saved.is_file() or saved.read_text().partition("\n")[2] != current:
