@@ -234,15 +234,11 @@ def validate(c: Config) -> None:
     lab = d.colour_split == "lab"
     require(len(d.views) >= (1 if lab else 2), "data.views",
             f"needs at least {1 if lab else 2} view recipes, got {len(d.views)}")
-    require(not lab or d.dataset != "fashion_mnist", "data.colour_split", "lab needs RGB data, Fashion-MNIST is "
-                                                                          "grayscale")
     require(not lab or m.encoder_per_view, "model.encoder_per_view",
             "must be true with data.colour_split=lab: the L and ab encoders see 1 and 2 channels")
     for i, v in enumerate(d.views):
         require(v.crop_scale_min <= v.crop_scale_max, f"data.views.{i}.crop_scale_min",
                 f"must be <= crop_scale_max, got {v.crop_scale_min}..{v.crop_scale_max}")
-    require(d.augment == "loader" or d.format == "ffcv" or d.dataset != "imagefolder", "data.augment",
-            "batch needs same-size images: fashion_mnist, synthetic, or a .beton (data.format=ffcv); use loader")
     require(not d.holdout or d.format != "ffcv", "data.holdout",
             "a .beton holds every image it was written with; hold images out with data.format=torchvision")
     if ob.name in ("amdim", "dim"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import math
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -240,10 +241,28 @@ def _synthetic(split: str, root: str = "", *, synthetic_size: int = 2048, synthe
     return Synthetic(size, synthetic_classes, synthetic_image_size, seed=seed + (0 if split == "train" else 7919))
 
 
-REGISTRY: dict[str, Callable[..., ImageDataset]] = {  # name -> builder(split, root, **options)
-    "fashion_mnist": lambda split, root="", **_: FashionMNIST(root, split),
-    "imagefolder": lambda split, root="", **_: ImageFolder(root, "train" if split == "train" else "val"),
-    "synthetic": _synthetic,
+@dataclass(frozen=True)
+class DatasetKind:
+    """A dataset as the configs name it (``data.dataset``, the eval's ``dataset``): how to open a split, and what its
+    class declares before any file is read, so that a config is checked against it (channels, one image size)."""
+
+    cls: type[ImageDataset]
+    open: Callable[..., ImageDataset]  # (split, root, **options) -> the split
+
+    @property
+    def channels(self) -> int:
+        return self.cls.channels
+
+    @property
+    def same_size(self) -> bool:
+        return self.cls.same_size
+
+
+REGISTRY: dict[str, DatasetKind] = {
+    "fashion_mnist": DatasetKind(FashionMNIST, lambda split, root="", **_: FashionMNIST(root, split)),
+    "imagefolder": DatasetKind(ImageFolder, lambda split, root="", **_: ImageFolder(root, "train" if split == "train"
+                                                                                       else "val")),
+    "synthetic": DatasetKind(Synthetic, _synthetic),
 }
 
 
@@ -252,7 +271,7 @@ def open_dataset(name: str, split: str, root: str = "", **options: Any) -> Image
 
     Independent of any configuration; ``options`` are the synthetic dataset's (``synthetic_size``,
     ``synthetic_classes``, ``synthetic_image_size``, ``seed``) and are ignored by the others."""
-    return REGISTRY[name](split, root, **options)
+    return REGISTRY[name].open(split, root, **options)
 
 
 def open_configured(section: Any, split: str, seed: int = 0, key_prefix: str = "data.") -> ImageDataset:

@@ -17,10 +17,12 @@ from typing import Any, Iterable
 import torch
 from accelerate import Accelerator
 
+from infomax.config.fields import require
 from infomax.config.pretrain import Config, ConfigError
 from infomax.data.batch_views import BatchViews
 from infomax.data.colour import split_lab
 from infomax.data.datasets import (
+    REGISTRY,
     DataError,
     ImageDataset,
     ImageFolder,
@@ -157,8 +159,20 @@ def data_identity(cfg: Config, images: Any) -> dict[str, Any]:
     return identity
 
 
+def check_dataset_use(d: Any) -> None:
+    """``data.*`` against what its dataset declares (:class:`~infomax.data.datasets.DatasetKind`), before any file
+    is read: the Lab split needs RGB, views drawn per batch need images of one size."""
+    kind = REGISTRY[d.dataset]
+    require(d.colour_split != "lab" or kind.channels == 3, "data.colour_split",
+            f"lab needs RGB data, {d.dataset} has {kind.channels} channel(s)")
+    require(d.augment == "loader" or d.format == "ffcv" or kind.same_size, "data.augment",
+            f"batch needs same-size images, and {d.dataset}'s differ: use loader, or write a .beton "
+            "(data.format=ffcv), whose crops are of one size")
+
+
 def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
     """Datasets, loader and view steps for ``cfg.data``; every data error is raised here, before the model."""
+    check_dataset_use(cfg.data)
     d, batch = cfg.data, cfg.optim.batch_size_per_process
     ffcv = d.format == "ffcv"
     # The kNN monitor reads small labelled subsets of the source dataset through torchvision either way.

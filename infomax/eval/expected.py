@@ -46,6 +46,22 @@ def load_expected_eval(path: str, export: str) -> EvalToCome:
     return EvalToCome(cfg, train, test)
 
 
+def check_expected_eval(plan: EvalToCome, cfg: Any) -> None:
+    """Refuse now, in one line, an eval that would refuse this run's export at once (as ``evaluate`` does): images
+    of other channels than the encoder reads, or another validation split than the run holds out."""
+    from infomax.config.pretrain import ConfigError
+    from infomax.data.datasets import REGISTRY
+
+    key, eval_cfg = f"bad value for config key 'monitor.expect_eval': {cfg.monitor.expect_eval}", plan.cfg
+    needs = 3 if cfg.data.colour_split == "lab" else REGISTRY[cfg.data.dataset].channels
+    if plan.train.channels != needs:
+        raise ConfigError(f"{key} scores {eval_cfg.dataset}, {plan.train.channels}-channel images, but this run's "
+                          f"encoder reads {needs}-channel {cfg.data.dataset} images; name an eval of its own dataset")
+    if eval_cfg.holdout != cfg.data.holdout:
+        raise ConfigError(f"{key} has holdout={eval_cfg.holdout}, but this run holds out data.holdout="
+                          f"{cfg.data.holdout}; give the eval holdout={cfg.data.holdout}")
+
+
 def planned_costs(plan: EvalToCome, meta: dict[str, Any]) -> list[RowCost]:
     """What each row the eval will compute costs, planned on the export's config.json ``meta``."""
     cfg, export = plan.cfg, str(plan.cfg.weights[0])

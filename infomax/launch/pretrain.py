@@ -35,10 +35,11 @@ def eval_clock(cfg: Any) -> EvalClock | None:
     line), as the clock that reckons it on the export still to be written; None when no eval is named."""
     if not cfg.monitor.expect_eval:
         return None
-    from infomax.eval.expected import expected_eval_seconds, load_expected_eval
+    from infomax.eval.expected import check_expected_eval, expected_eval_seconds, load_expected_eval
 
-    return functools.partial(expected_eval_seconds, load_expected_eval(cfg.monitor.expect_eval,
-                                                                       str(Path(cfg.run.dir) / "export")))
+    plan = load_expected_eval(cfg.monitor.expect_eval, str(Path(cfg.run.dir) / "export"))
+    check_expected_eval(plan, cfg)
+    return functools.partial(expected_eval_seconds, plan)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -147,7 +147,9 @@ def check_saved_config(saved: Path) -> None:
         problem = f"is not valid YAML ({yaml_problem(e)})"
     if not problem and not text.endswith("\n"):  # to_yaml ends every file with one; a cut can still parse
         problem = "is cut short (its last line has no end)"
-    if not problem and (missing := [k for k in flatten(YAML_1_2.load(to_yaml(Config()))) if k not in flatten(tree)]):
+    known, saved_keys = flatten(YAML_1_2.load(to_yaml(Config()))), flatten(tree) if isinstance(tree, dict) else {}
+    missing, unknown = [k for k in known if k not in saved_keys], [k for k in saved_keys if k not in known]
+    if not problem and missing and not unknown:  # (a key renamed since is an older version's, said by the caller)
         # a cut at a line end parses too: the keys every config has are then missing
         problem = f"is cut short ({len(missing)} keys missing, from {missing[0]} on)"
     if problem:
