@@ -685,8 +685,17 @@ def test_a_stop_signal_ends_the_eval_at_the_next_row_and_the_rerun_reuses_the_sc
     stopped (the random init drawn after them included)."""
     import signal
 
-    from infomax.eval.main import main
+    from accelerate.state import AcceleratorState
+
+    from infomax.eval.main import main as eval_main
     from infomax.eval.row_cache import RowCache
+
+    def main(argv: list[str]) -> int:  # accelerate's state is one per process: each eval starts from none
+        AcceleratorState._reset_state(reset_partial_state=True)
+        try:
+            return eval_main(argv)
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
     try:

@@ -444,7 +444,7 @@ def test_second_ctrl_c_during_a_save_removes_the_partial_dir_and_says_so_in_one_
 def test_second_ctrl_c_ends_pretraining_with_one_line_and_exit_130(raised: BaseException, monkeypatch, capsys) -> None:
     import infomax.launch.pretrain
 
-    def interrupted(cfg):
+    def interrupted(cfg, eval_clock=None):
         raise raised
 
     monkeypatch.setattr(infomax.launch.pretrain, "train", interrupted)

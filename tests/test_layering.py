@@ -62,3 +62,11 @@ def test_no_import_cycle() -> None:
         if module not in done:
             visit(module, [module])
     assert cycles == [], cycles[:5]
+
+
+def test_no_function_of_the_library_is_over_60_lines() -> None:
+    """A function that long does several jobs: split it where its comments draw the sections."""
+    long = [f"{p.relative_to(REPO)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for p in (REPO / "infomax").rglob("*.py") for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60]
+    assert long == [], long

@@ -54,30 +54,45 @@ def open_splits(cfg: Any) -> tuple[Any, Any]:
 
 
 def evaluate(cfg: Any) -> list[dict[str, Any]]:
-    """Compute every row of the report; returns the rows (also written to the report files)."""
+    """Compute every row of the report; returns the rows (also written to the report files). Reads as a table of
+    contents: the exports and data, checked before any work; the processes and the rows; the outputs."""
     import torch
 
-    from infomax.config.pretrain import ConfigError, to_yaml
-    from infomax.eval.baselines import REFERENCE_ALEXNET_TOP1, load_alexnet_features
-    from infomax.eval.progress import RowClock
-    from infomax.eval.report import write_report
-    from infomax.eval.row_cache import RowCache
-    from infomax.eval.rows import Rows, Stopped
+    from infomax.config.pretrain import to_yaml
+    from infomax.eval.baselines import load_alexnet_features
+    from infomax.eval.rows import Rows
     from infomax.eval.stored_baselines import scored_split
-    from infomax.export.encoder import export_dir_of, load_encoder, load_view_encoders
-    from infomax.export.model_card import add_eval
-    from infomax.runtime.distributed import agree_max, make_accelerator
-    from infomax.runtime.hardware import describe_machine
-    from infomax.runtime.run_dir import ensure_writable
+    from infomax.export.encoder import load_encoder, load_view_encoders
+    from infomax.runtime.distributed import make_accelerator
     from infomax.runtime.stop import StopFlag
 
-    # ------------------------------------------------------------------ exports and data (checked before any work)
     exports = [(w, *load_encoder(w)) for w in cfg.weights]  # (path, encoder, meta); checks sha256 and keys
     view_encoders = {w: load_view_encoders(w, meta) for w, _, meta in exports}  # CMC's ab encoder, if any
-    b = cfg.baselines
-    alexnet_trunk = load_alexnet_features(b.alexnet_weights) if b.alexnet_weights else None
-
+    alexnet_trunk = load_alexnet_features(cfg.baselines.alexnet_weights) if cfg.baselines.alexnet_weights else None
     train, test = open_splits(cfg)
+    check_exports(cfg, exports, train.channels)
+    size = exports[0][2]["input_size"][-1] if exports else cfg.image_size  # rows without an export (AlexNet, pixels)
+    out = writable_out(cfg, exports)
+
+    accelerator, precision = make_accelerator(cfg.seed, cfg.precision, cfg.dist_timeout_min, precision_key="precision")
+    torch.manual_seed(cfg.seed)
+    fit_key = to_yaml(cfg) + "".join(m["sha256"] for _, _, m in exports)
+    make = Rows(cfg, accelerator, train, test, size, out, fit_key, StopFlag().install())
+    plan = make.plan(exports, view_encoders, alexnet_trunk)  # every row, in the report's order
+    computed = [r for r in plan if not r.quoted]
+    accelerator.print(f"eval: {len(train)} train / {len(test)} scored images ({scored_split(cfg.holdout)}) of "
+                      f"{cfg.dataset}, protocol {cfg.protocol}, {len(computed)} rows to compute on "
+                      f"{accelerator.num_processes} process(es): {', '.join(r.name for r in computed)}")
+    rows = run_rows(plan, make.stop, accelerator, out, fit_key)
+    write_outputs(cfg, rows, exports, accelerator, precision, out, len(train), len(test))
+    return rows
+
+
+def check_exports(cfg: Any, exports: list[tuple[str, Any, dict]], channels: int) -> None:
+    """Refuse, before any work, an export this eval cannot score fairly: another validation split than it was held
+    out of, or images of other channels than it reads."""
+    from infomax.config.pretrain import ConfigError
+
     for w, _, meta in exports:
         trained_holdout = int((meta.get("summary") or {}).get("holdout") or 0)
         if cfg.holdout and trained_holdout != cfg.holdout:
@@ -88,29 +103,35 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
                 f"image (data.holdout=0), so a validation split would score images it trained on; pretrain with "
                 f"data.holdout={cfg.holdout} or score the test split (holdout=0)")
         needs = 3 if meta.get("input_transform") == "lab_L" else meta["in_chans"]
-        if needs != train.channels:
-            raise ConfigError(f"'{w}' expects {needs}-channel images but {cfg.dataset} has {train.channels}; "
+        if needs != channels:
+            raise ConfigError(f"'{w}' expects {needs}-channel images but {cfg.dataset} has {channels}; "
                               "evaluate it on the dataset it was trained for")
-    size = exports[0][2]["input_size"][-1] if exports else cfg.image_size  # rows without an export (AlexNet, pixels)
+
+
+def writable_out(cfg: Any, exports: list) -> Path:
+    """Where the report, the kept rows and the fits' checkpoints go (``out``, else beside the first export), checked
+    writable before any row is computed."""
+    from infomax.config.pretrain import ConfigError
+    from infomax.runtime.run_dir import ensure_writable
+
     out = Path(cfg.out or (Path(cfg.weights[0]).resolve().parent if exports else "runs/baselines"))
-    try:  # before any row is computed: the report and the fits' checkpoints go there
+    try:
         ensure_writable(out)
     except OSError as e:
         raise ConfigError(f"bad value for config key 'out': '{out}' is not a writable directory ({e.strerror}), so "
                           "the report could not be written; fix its permissions or give out=DIR") from None
+    return out
 
-    # ------------------------------------------------------------------ processes, rows
-    accelerator, precision = make_accelerator(cfg.seed, cfg.precision, cfg.dist_timeout_min, precision_key="precision")
-    torch.manual_seed(cfg.seed)
-    fit_key = to_yaml(cfg) + "".join(m["sha256"] for _, _, m in exports)
-    make = Rows(cfg, accelerator, train, test, size, out, fit_key, StopFlag().install())
-    plan = make.plan(exports, view_encoders, alexnet_trunk)  # every row, in the report's order
+
+def run_rows(plan: list, stop: Any, accelerator: Any, out: Path, fit_key: str) -> list[dict[str, Any]]:
+    """Each planned row in order: reused when an earlier run of this eval kept it, else computed and kept, with a
+    progress line after each; a stop signal ends the loop before the next row (every rank at the same one)."""
+    from infomax.eval.progress import RowClock
+    from infomax.eval.row_cache import RowCache
+    from infomax.eval.rows import Stopped
+    from infomax.runtime.distributed import agree_max
+
     computed = [r for r in plan if not r.quoted]
-    accelerator.print(f"eval: {len(train)} train / {len(test)} scored images ({scored_split(cfg.holdout)}) of "
-                      f"{cfg.dataset}, "
-                      f"protocol {cfg.protocol}, "
-                      f"{len(computed)} rows to compute on {accelerator.num_processes} process(es): "
-                      f"{', '.join(r.name for r in computed)}")
     cache = RowCache(out / "rows", fit_key, accelerator.is_main_process)
     clock = RowClock.for_rows([r.cost() for r in computed], accelerator.print)
     rows: list[dict[str, Any]] = []
@@ -119,8 +140,8 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
             if builder.quoted:
                 rows.append(builder.build())
                 continue
-            if agree_max(accelerator.device, float(make.stop.requested))[0]:  # every rank stops at the same row
-                raise Stopped(f"stopped by {make.stop.signal_name or 'a signal on another rank'} after {cache.kept} of "
+            if agree_max(accelerator.device, float(stop.requested))[0]:
+                raise Stopped(f"stopped by {stop.signal_name or 'a signal on another rank'} after {cache.kept} of "
                               f"{len(computed)} rows")
             row = cache.get(builder.name)
             if row is None:
@@ -132,29 +153,41 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     except KeyboardInterrupt:  # a second Ctrl-C
         raise KeyboardInterrupt(f"stopped by a second Ctrl-C after {cache.kept} of {len(computed)} rows; "
                                 f"{kept_line(cache)}") from None
+    return rows
 
-    # ------------------------------------------------------------------ delta vs supervised AlexNet, report
+
+def write_outputs(cfg: Any, rows: list[dict[str, Any]], exports: list, accelerator: Any, precision: Any, out: Path,
+                  train_images: int, test_images: int) -> None:
+    """Each row's difference to the supervised AlexNet, then (main process) the report and every export's model
+    card."""
+    from infomax.config.pretrain import to_yaml
+    from infomax.eval.baselines import REFERENCE_ALEXNET_TOP1
+    from infomax.eval.report import write_report
+    from infomax.eval.stored_baselines import scored_split
+    from infomax.export.encoder import export_dir_of
+    from infomax.export.model_card import add_eval
+    from infomax.runtime.hardware import describe_machine
+
     measured = [r["top1"] for r in rows if r["kind"] == "alexnet_supervised"]
-    reference = measured[0] if measured else (REFERENCE_ALEXNET_TOP1 if b.published else None)
+    reference = measured[0] if measured else (REFERENCE_ALEXNET_TOP1 if cfg.baselines.published else None)
     for r in rows:
         compared = reference is not None and r["kind"] != "alexnet_supervised"
         r["delta_vs_alexnet"] = r["top1"] - reference if compared else None
     if accelerator.is_main_process:
         meta = {"dataset": cfg.dataset, "protocol": PROTOCOLS[cfg.protocol].split(":")[0],
                 "protocol_description": f"{PROTOCOLS[cfg.protocol]}. {KNN}.", "seed": cfg.seed,
-                "train_images": len(train), "test_images": len(test), "scored_on": scored_split(cfg.holdout),
+                "train_images": train_images, "test_images": test_images, "scored_on": scored_split(cfg.holdout),
                 "processes": accelerator.num_processes,
                 "precision": precision.mode, "precision_reason": precision.reason, "machine": describe_machine(),
                 "alexnet_reference_top1": reference, "config": to_yaml(cfg),
                 "train_step": int((exports[0][2].get("summary") or {}).get("steps") or 0) if exports else 0}
-        table = write_report(out, rows, meta, sorted({min(k, len(train)) for k in cfg.knn_k}))  # the k each used
+        table = write_report(out, rows, meta, sorted({min(k, train_images) for k in cfg.knn_k}))  # the k each used
         for w, _, _ in exports:  # each export's model card shows how good it is
-            add_eval(export_dir_of(w), table, f"On {cfg.dataset} ({len(train)} train images; scored on the "
-                     f"{scored_split(cfg.holdout)}, {len(test)} images), "
+            add_eval(export_dir_of(w), table, f"On {cfg.dataset} ({train_images} train images; scored on the "
+                     f"{scored_split(cfg.holdout)}, {test_images} images), "
                      f"{PROTOCOLS[cfg.protocol]}. {KNN}.", out / "report.md")
         print(f"\n{table}\n\nreport: {out / 'report.md'}  {out / 'report.json'}  {out / 'report.png'}", flush=True)
     accelerator.wait_for_everyone()
-    return rows
 
 
 def kept_line(cache: Any) -> str:

@@ -419,8 +419,20 @@ def log_step(run: Run, result: StepResult) -> None:
     if result.grad_norm is not None:
         scalars["train/grad_norm"] = float(result.grad_norm)
     run.tb.scalars(scalars, run.progress.global_step)
-    run.bar.set_postfix(loss=f"{run.last['loss']:.3f}", mi=f"{run.last['mi']:.2f}/{run.last['log_k']:.2f}",
+    ceiling = f"/{run.last['log_k']:.2f}" if has_log_k_ceiling(run.cfg) else ""  # only InfoNCE's has one
+    run.bar.set_postfix(loss=f"{run.last['loss']:.3f}", mi=f"{run.last['mi']:.2f}{ceiling}",
                         img_s=f"{images_per_s:.0f}")
+
+
+# The bounds whose minibatch value is not a lower bound: a log of a minibatch mean (DV's, MINE's, SMILE's) reads
+# high on average; NWJ and the JS readout (NWJ(S + 1)) are means, unbiased.
+MINIBATCH_READING = {b: "biased upward on a minibatch (a log of a minibatch mean)" for b in ("dv", "mine", "smile")}
+
+
+def has_log_k_ceiling(cfg: Config) -> bool:
+    """Whether the run's MI value has InfoNCE's ceiling, log of the candidates per positive (the InfoNCE bound, and
+    AMDIM's NCE terms); NWJ, DV, MINE, JS and SMILE have none, so no ceiling is printed beside them."""
+    return cfg.objective.bound == "infonce" or cfg.objective.name == "amdim"
 
 
 def finish(run: Run, run_dir: Path, checkpoint_path: Path | None, precision: Precision) -> dict[str, Any]:
@@ -500,7 +512,10 @@ def print_summary(run: Run, summary: dict[str, Any], elapsed: float, run_dir: Pa
         + (f"MI estimate {fmt(summary['mi_estimate_nats'], '.3f')} nats with the queue's stale keys (ceiling log K = "
            f"{fmt(summary['log_k'], '.3f')}; no lower bound), bound over the batch's keys alone "
            f"{summary['mi_batch_keys_nats']:.3f} nats" if summary["mi_batch_keys_nats"] is not None else
-           f"MI bound {fmt(summary['mi_estimate_nats'], '.3f')} nats (ceiling log K = {fmt(summary['log_k'], '.3f')})")
+           f"MI bound {fmt(summary['mi_estimate_nats'], '.3f')} nats (ceiling log K = {fmt(summary['log_k'], '.3f')})"
+           if has_log_k_ceiling(cfg) else
+           f"MI estimate {fmt(summary['mi_estimate_nats'], '.3f')} nats ({cfg.objective.bound}: no ceiling; "
+           f"{MINIBATCH_READING.get(cfg.objective.bound, 'a lower bound on a minibatch')})")
         + f"   kNN top-1 {fmt(summary['knn_top1'], '.2%')}"
         + (f"   online probe top-1 {summary['online_probe_top1']:.2%}"
            if summary["online_probe_top1"] is not None else ""),

@@ -36,32 +36,16 @@ def train(cfg: Config, eval_clock: EvalClock | None = None) -> dict[str, Any]:
 
 def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -> dict[str, Any]:
     """The run, as a table of contents: processes, data, model, optimizer, resume, epochs, export."""
-    import torch
-    from accelerate.utils import set_seed
-
-    from infomax.config.pretrain import to_yaml
-    from infomax.data.train_loader import build_train_data, data_identity
-    from infomax.runtime import checkpoint as ckpt
+    from infomax.data.train_loader import build_train_data
     from infomax.runtime.distributed import make_accelerator
-    from infomax.runtime.files import write_atomically
-    from infomax.runtime.hardware import check_deterministic_supported, few_cores_warning, loader_line
-    from infomax.runtime.revision import git_revision
-    from infomax.runtime.run_dir import check_data_moved, check_run_dir, check_writable, mark_ours, record_data
+    from infomax.runtime.hardware import loader_line
     from infomax.train.loop import Run, already_complete, build_optimizer, build_parts, finish, queue_warning
     from infomax.train.resumable import Resumable
 
     run_dir = Path(cfg.run.dir)
-    # ------------------------------------------------------------------ processes, precision, seeds
     # prints its precision choice and why
     accelerator, precision = make_accelerator(cfg.run.seed, cfg.run.precision, cfg.run.dist_timeout_min)
-    set_seed(cfg.run.seed + accelerator.process_index)
-    if warning := few_cores_warning(cfg.data.num_workers):  # every rank: binding differs from node to node
-        print(f"rank {accelerator.process_index}: {warning}", flush=True)
-    if cfg.run.deterministic:
-        check_deterministic_supported(accelerator.device.type)
-        torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = not cfg.run.deterministic
-    main = accelerator.is_main_process
+    seed_and_check_the_process(cfg, accelerator)
 
     # ------------------------------------------------------------------ data, model, objective, optimizer
     data = build_train_data(cfg, accelerator)  # every data error is raised here, before the model
@@ -77,41 +61,17 @@ def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -
         total_steps = min(total_steps, cfg.run.max_steps)
 
     # ------------------------------------------------------------------ claim the run dir, resume
-    identity = data_identity(cfg, data.images)
-    if (moved := check_data_moved(run_dir, cfg, identity)) and main:  # every rank refuses other data
-        print(moved, flush=True)
-    if main:  # the first write of the run: everything above can still fail with a clean run dir
-        lock.acquire()
-        check_run_dir(cfg)  # again under the lock: the run that held it may have just written config.yaml
-        mark_ours(run_dir)
-        check_writable(run_dir)
-        record_data(run_dir, cfg, identity)
-    accelerator.wait_for_everyone()
+    claim_run_dir(cfg, lock, accelerator, data)
     resumable = Resumable(accelerator, run_dir / "checkpoints", cfg.run.keep_checkpoints)
     run = Run(cfg, accelerator, data, parts, optimizer, scheduler, lr, resumable, total_steps, eval_clock)
-    loaded = None
-    if cfg.run.resume == "never":  # the earlier run's checkpoints and TensorBoard events go aside, not mixed in
-        moved = (ckpt.move_aside(resumable.directory), ckpt.move_aside(run_dir / "tb")) if main else ()
-        if aside := [p for p in moved if p]:
-            print(f"run.resume=never: starting afresh; the earlier run is kept in {' and '.join(map(str, aside))}",
-                  flush=True)
-    else:
-        loaded = resumable.resume("rerun with run.resume=never to start afresh (they are moved aside, not "
-                                  "deleted), or copy an intact checkpoint back into that dir")
-    if loaded:
-        run.restore(*loaded)
-        p = run.progress
-        accelerator.print(f"resumed from {loaded[1]} (epoch {p.epoch}, batch {p.step_in_epoch}, step {p.global_step})")
-    scheduler.step_update(run.progress.global_step)
+    loaded = resume(run, run_dir)
     if loaded and (summary := already_complete(run, run_dir)) is not None:
         accelerator.end_training()  # nothing trains, so the record keeps the budget it was trained for
         return summary
     if change := run.progress.enter_precision(precision.mode):  # auto may choose otherwise on this machine
         accelerator.print(change, flush=True)
-    if main:  # written once resuming is certain to work and there is work to do, only when new or with a new budget
-        saved, current = run_dir / "config.yaml", to_yaml(cfg)
-        if not saved.is_file() or saved.read_text().partition("\n")[2] != current:
-            write_atomically(saved, f"# git revision: {git_revision()}\n" + current)
+    if accelerator.is_main_process:  # once resuming is certain to work and there is work to do
+        record_config(cfg, run_dir)
 
     # ------------------------------------------------------------------ epochs
     run.start_reporting(run_dir)  # TensorBoard, stop signals, the loop and its progress bar
@@ -132,3 +92,71 @@ def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -
     return summary
 
 
+def seed_and_check_the_process(cfg: Config, accelerator: Any) -> None:
+    """Seeds (each rank its own), the cores this rank was bound to, determinism where asked."""
+    import torch
+    from accelerate.utils import set_seed
+
+    from infomax.runtime.hardware import check_deterministic_supported, few_cores_warning
+
+    set_seed(cfg.run.seed + accelerator.process_index)
+    if warning := few_cores_warning(cfg.data.num_workers):  # every rank: binding differs from node to node
+        print(f"rank {accelerator.process_index}: {warning}", flush=True)
+    if cfg.run.deterministic:
+        check_deterministic_supported(accelerator.device.type)
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not cfg.run.deterministic
+
+
+def claim_run_dir(cfg: Config, lock: RunDirLock, accelerator: Any, data: Any) -> None:
+    """The run's first writes, once everything before can no longer fail: every rank checks that the data is the
+    run dir's own (moved is fine, other data is refused); rank 0 takes the lock, checks again under it, marks the
+    dir and records where the data is."""
+    from infomax.data.train_loader import data_identity
+    from infomax.runtime.run_dir import check_data_moved, check_run_dir, check_writable, mark_ours, record_data
+
+    run_dir, main = Path(cfg.run.dir), accelerator.is_main_process
+    identity = data_identity(cfg, data.images)
+    if (moved := check_data_moved(run_dir, cfg, identity)) and main:
+        print(moved, flush=True)
+    if main:
+        lock.acquire()
+        check_run_dir(cfg)  # again under the lock: the run that held it may have just written config.yaml
+        mark_ours(run_dir)
+        check_writable(run_dir)
+        record_data(run_dir, cfg, identity)
+    accelerator.wait_for_everyone()
+
+
+def resume(run: Any, run_dir: Path) -> Any:
+    """The newest intact checkpoint restored into ``run`` ((state, path), or None for a fresh start); with
+    run.resume=never the earlier run's checkpoints and TensorBoard events go aside, not mixed in."""
+    from infomax.runtime import checkpoint as ckpt
+
+    cfg, accelerator, loaded = run.cfg, run.accelerator, None
+    if cfg.run.resume == "never":
+        moved = (ckpt.move_aside(run.resumable.directory), ckpt.move_aside(run_dir / "tb")) \
+            if accelerator.is_main_process else ()
+        if aside := [p for p in moved if p]:
+            print(f"run.resume=never: starting afresh; the earlier run is kept in {' and '.join(map(str, aside))}",
+                  flush=True)
+    else:
+        loaded = run.resumable.resume("rerun with run.resume=never to start afresh (they are moved aside, not "
+                                      "deleted), or copy an intact checkpoint back into that dir")
+    if loaded:
+        run.restore(*loaded)
+        p = run.progress
+        accelerator.print(f"resumed from {loaded[1]} (epoch {p.epoch}, batch {p.step_in_epoch}, step {p.global_step})")
+    run.scheduler.step_update(run.progress.global_step)
+    return loaded
+
+
+def record_config(cfg: Config, run_dir: Path) -> None:
+    """config.yaml (with the git revision), written only when new or with a new budget, atomically."""
+    from infomax.config.pretrain import to_yaml
+    from infomax.runtime.files import write_atomically
+    from infomax.runtime.revision import git_revision
+
+    saved, current = run_dir / "config.yaml", to_yaml(cfg)
+    if not saved.is_file() or saved.read_text().partition("\n")[2] != current:
+        write_atomically(saved, f"# git revision: {git_revision()}\n" + current)
