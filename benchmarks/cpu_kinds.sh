@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Precision on both CPU kinds of this project, side by side on one machine: natively, and with oneDNN and
-# ATen limited to AVX2 (what an AVX2-only CPU without native bf16 runs; benchmarks/README.md, "CPU speed").
+# ATen limited to AVX2 (what an AVX2-only CPU without native bf16 runs; benchmarks/results/cpu_speed.md).
 #   bash benchmarks/cpu_kinds.sh            # about 10 minutes on 2 cores
 #   bash benchmarks/cpu_kinds.sh compile    # about 8 minutes: torch.compile against eager instead (below)
 # For each kind: the machine line, the demo encoder's compute step in fp32 and bf16 autocast, with and

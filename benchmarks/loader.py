@@ -14,7 +14,7 @@ drop_last; FFCV's batches go through pretraining's on-device step (BatchViews.co
 on the CPU itself). Reported: median images/s (wall) and images per CPU-second (user + system time of the
 process and its workers).
 
-``beton-resolution`` (beton_resolution.py before issue 28.8): the .beton's max side against file size and
+``beton-resolution`` (beton_resolution.py before the benchmarks were merged): the .beton's max side against file size and
 loading speed, on ImageNet-sized (500 x 375) sources. Draws ``--images`` 500 x 375 RGB JPEGs with fine
 detail (an image folder), writes one .beton per ``--max-resolution`` with the writer's defaults otherwise
 (FFCV's ImageNet recipe: proportion mode, half as JPEG at quality 90), and times the training loader (two

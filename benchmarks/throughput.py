@@ -8,13 +8,13 @@
 infomax.train.engine.train_step on synthetic in-memory batches (no loader), the median over 10-step windows
 after warm-up; with --json PATH it also writes the figures.
 
-``encoders`` (encoder_cost.py before issue 28.8): the cost of one training step (forward + backward of 2
+``encoders`` (encoder_cost.py before the benchmarks were merged): the cost of one training step (forward + backward of 2
 views, projection head, InfoNCE) per encoder recipe, on synthetic 1-channel batches, no loader, this
-process's threads only: the compute side of the recipe study in benchmarks/README.md ("Fashion-MNIST recipe
-study"). Rounds are interleaved so that the machine's drift hits every recipe alike; the median per recipe
+process's threads only: the compute side of the recipe study in benchmarks/results/recipe_study.md.
+Rounds are interleaved so that the machine's drift hits every recipe alike; the median per recipe
 is printed.
 
-``cpu-split`` (cpu_split.py before issue 28.8): the demo's whole pretraining (configs/fmnist_cpu.yaml) on
+``cpu-split`` (cpu_split.py before the benchmarks were merged): the demo's whole pretraining (configs/fmnist_cpu.yaml) on
 this CPU under each way of splitting the cores between compute and loading, and channels_last: ``--steps``
 optimizer steps per variant, monitors off, rounds interleaved so that drift hits every variant alike; prints
 the median images/s of the training loop (from the run's own summary line, which excludes start-up).

@@ -27,7 +27,7 @@ ALEXNET = ["baselines.alexnet_supervised=true", "baselines.alexnet_global_batch_
 
 
 def test_converged_means_early_stopped_or_a_plateau_and_the_label_says_what_stopped_it() -> None:
-    """Issue 26: a fit that ran to its epoch cap used to be called "converged" because its last point was
+    """A fit that ran to its epoch cap used to be called "converged" because its last point was
     not a new best; now it is labelled by what stopped it, and converged only on a stated plateau."""
     from infomax.eval.classifier import fit_label
 

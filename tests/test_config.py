@@ -272,7 +272,7 @@ def test_every_list_of_choices_has_one_source() -> None:
 
 
 def test_artefacts_of_an_older_version_are_refused_in_one_line(tmp_path: Path) -> None:
-    """Issue 28.5: no compatibility shims in a v0.1. A run dir whose config.yaml has a key this version does
+    """No compatibility shims in a v0.1. A run dir whose config.yaml has a key this version does
     not know (optim.batch_size, renamed), a saved config with one, a checkpoint without a manifest and an export
     without the keys this version records are each said to come from an older version."""
     from infomax.config.pretrain import from_yaml, to_yaml
@@ -308,7 +308,7 @@ def test_artefacts_of_an_older_version_are_refused_in_one_line(tmp_path: Path) -
 
 
 def test_a_checkpoint_part_laid_out_by_an_older_version_is_refused_in_one_line(tmp_path: Path) -> None:
-    """The contrastive objective's queue moved under its candidates (issue 28.3): a checkpoint whose objective
+    """The contrastive objective's queue moved under its candidates: a checkpoint whose objective
     state has the old layout (``queue.queue``) is refused in one line naming the keys, not loaded half."""
     from conftest import contrastive
     from infomax.runtime.checkpoint import PartMismatch, load_part

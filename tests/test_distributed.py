@@ -277,7 +277,7 @@ class _ViewsBN(nn.Module):
 
 
 def test_shuffled_bn_computes_each_keys_group_on_its_own_statistics() -> None:
-    """Issue 26.3, one process (MoCo's SplitBatchNorm demo): the keys of a random permutation of the batch,
+    """One process (MoCo's SplitBatchNorm demo): the keys of a random permutation of the batch,
     each group's BatchNorm on its own statistics, come back in the batch's order; a query's positive key is
     not normalised with the statistics of the whole batch it was computed in."""
     from infomax.method.momentum import MomentumKeys
@@ -351,7 +351,7 @@ def _key_model_worker(rank: int, tmp: str, port: int) -> None:
 
 
 def test_momentum_key_model_is_rank_zeros_online_model_on_every_rank(tmp_path: Path) -> None:
-    """Issue 25: ranks seeded seed + rank build different networks; DDP's broadcast makes the online
+    """Ranks seeded seed + rank build different networks; DDP's broadcast makes the online
     models equal, and the key model, copied after it, must be that same network on every rank at step 0
     (a copy taken before the wrap held each rank's own weights and filled the queue with their keys)."""
     port = free_port()
@@ -405,7 +405,7 @@ def _knn_monitor_worker(rank: int, tmp: str, port: int) -> None:
 
 
 def test_knn_monitor_is_shared_by_the_ranks_and_scores_as_one_process(tmp_path: Path) -> None:
-    """Issue 25: rank 0 alone ran the monitor while the others waited in a collective; now each rank
+    """Rank 0 alone ran the monitor while the others waited in a collective; now each rank
     extracts its share of the batches of 256 (half of them, the last one padded)."""
     from accelerate import Accelerator
 
@@ -453,7 +453,7 @@ def _critic_worker(rank: int, tmp: str, port: int) -> None:
 
 
 def test_a_learned_critic_is_not_sent_its_buffers_and_mine_follows_the_global_batch(tmp_path: Path) -> None:
-    """Issue 25.8: DDP broadcast a learned critic's buffers from rank 0 before every forward (MoCo's queue: 32 MB
+    """DDP broadcast a learned critic's buffers from rank 0 before every forward (MoCo's queue: 32 MB
     a step, though every rank already holds the same keys). Now nothing is sent, and MINE's moving average
     follows the whole batch's E_q[e^S], so both ranks keep the one a single process would."""
     from infomax.method.bounds import MINE
@@ -493,7 +493,7 @@ def _sharded_knn_worker(rank: int, tmp: str, port: int) -> None:
 
 
 def test_eval_knn_keeps_the_bank_split_across_ranks_and_predicts_as_one_process(tmp_path: Path) -> None:
-    """Issue 25.6: every rank gathered all N x D train features (ImageNet: 10 GB a copy) and repeated one kNN.
+    """Every rank gathered all N x D train features (ImageNet: 10 GB a copy) and repeated one kNN.
     Now each rank keeps its share, scores the queries against it a chunk at a time and the ranks merge their
     top-k: the same predictions as one process, and no rank holds more than its shard and a chunk."""
     from accelerate import Accelerator

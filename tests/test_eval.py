@@ -279,7 +279,7 @@ def test_imagenet_protocol_runs_and_reports_sgd_rows(export_dir: Path, tmp_path:
 @pytest.mark.parametrize("protocol", ["fast", "imagenet"])
 def test_two_processes_score_the_same_as_one(export_dir: Path, tmp_path: Path, protocol: str) -> None:
     """No duplicates from padding and no drops: 90 train / 22 test images over 2 ranks, batch 16. The imagenet
-    protocol's kNN keeps the train features split across the ranks (issue 25.6) and scores the same."""
+    protocol's kNN keeps the train features split across the ranks and scores the same."""
     args = [f"weights={export_dir}", "synthetic_size=90", "batch_size_per_process=16", "random_init=false", "raw_pixels=false",
             f"protocol={protocol}", "sgd.epochs=2", "sgd.milestones=[1]", "sgd.global_batch_size=16"]
     one = report_of(run_eval(*args, f"out={tmp_path / 'one'}"), tmp_path / "one")

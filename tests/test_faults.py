@@ -221,7 +221,7 @@ def test_resuming_under_another_world_size_is_refused_naming_both(run_dir: Path)
 
 
 def test_the_queue_without_synchronised_batchnorm_on_several_ranks_is_refused_unless_shuffled(run_dir: Path) -> None:
-    """Issue 26.3: with per-rank BatchNorm a rank's queries find their keys through its own batch statistics,
+    """With per-rank BatchNorm a rank's queries find their keys through its own batch statistics,
     MoCo's failure without shuffled BN; it is refused before any step, and runs with MoCo's shuffling BN."""
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

@@ -102,7 +102,7 @@ class VariedSizes(ImageDataset):
 
 
 def test_read_back_of_images_of_varied_sizes_compares_centre_crops(tmp_path: Path) -> None:
-    """The rehearsal (issue 25.9) found the read-back refusing any ImageNet-like folder: FFCV's plain
+    """The rehearsal found the read-back refusing any ImageNet-like folder: FFCV's plain
     decoder takes one size only. Varied sizes are compared through FFCV's centre crop; the wrong images
     (the same ones in another order) are caught."""
     from infomax.data.beton import compare_centre_crops, read_back
@@ -191,7 +191,7 @@ def test_writer_round_trip_and_json(tmp_path: Path) -> None:
 
 
 def test_read_back_holds_past_the_batches_ffcv_reuses(tmp_path: Path) -> None:
-    """Issue 27.6: with 2000 images or more FFCV reuses its batch buffers, and a read-back that kept views
+    """With 2000 images or more FFCV reuses its batch buffers, and a read-back that kept views
     of them compared overwritten labels ("labels ... differ from the source at 0"). Each batch is copied."""
     out = tmp_path / "fm.beton"
     assert beton_main(["--dataset", "fashion_mnist", "--limit", "2600", "--out", str(out), "--write-mode", "raw",
@@ -361,7 +361,7 @@ def test_eval_reads_betons_and_scores_like_the_decoded_dataset(tmp_path: Path) -
 
 
 def test_beton_features_kept_as_a_shard_are_the_whole_file_on_one_process(tmp_path: Path) -> None:
-    """The imagenet protocol keeps its kNN bank split (issue 25.6); on one process the share is every image."""
+    """The imagenet protocol keeps its kNN bank split; on one process the share is every image."""
     from accelerate import Accelerator
 
     from infomax.features.extract import beton_features

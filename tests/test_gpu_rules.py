@@ -176,7 +176,7 @@ def test_fake_cuda_torchs_sync_batchnorm_reads_back_three_times_a_layer() -> Non
     """Outside our bound, and measured so a reader knows it: torch's SyncBatchNorm (model.sync_bn on GPUs)
     drops the statistics of ranks with empty inputs by three boolean masks in every forward, each a read back
     to the host (torch issue 78549; skipped only under CUDA-graph capture). ResNet-18: 20 layers, 60 syncs
-    a forward pass; benchmarks/README.md, "Host syncs", has ResNet-50's. If torch removes them, this fails."""
+    a forward pass; benchmarks/results/host_syncs.md has ResNet-50's. If torch removes them, this fails."""
     import timm
 
     from infomax.runtime.distributed import sync_batchnorm

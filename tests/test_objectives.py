@@ -125,7 +125,7 @@ def test_every_critic_combines_with_every_bound(critic: str) -> None:
 
 
 def test_the_queue_logs_its_negatives_apart_from_the_batch_and_the_bound_over_fresh_keys() -> None:
-    """Issue 26.3: queue keys carry older weights and BatchNorm statistics, so the model can tell them from
+    """Queue keys carry older weights and BatchNorm statistics, so the model can tell them from
     the batch's; the two kinds of negative are logged apart, and so is InfoNCE over the batch's keys alone
     (a bound over stale keys is none)."""
     from infomax.method.bounds import infonce as infonce_bound
@@ -152,7 +152,7 @@ class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the ops that make a GPU wait until the host has read a value back: ``.item()``, ``bool()``
     and ``int()`` of a tensor (aten._local_scalar_dense, is_nonzero), nonzero, masked_select, and
     indexing or assigning with a boolean mask (which must count its entries first). Seen on the CPU,
-    they are the same ops that stall a GPU's queue every step (issue 25.7)."""
+    they are the same ops that stall a GPU's queue every step."""
 
     SYNCING = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "item"}
 

@@ -191,7 +191,7 @@ def test_demo_recipe_learns_on_real_fashion_mnist(run_dir: Path) -> None:
 
 
 def test_two_machines_of_one_process_each_train_as_two_processes_on_one(tmp_path: Path) -> None:
-    """Issue 25.10: `accelerate launch --num_machines 2 --machine_rank {0,1}` (one process each, here on one
+    """`accelerate launch --num_machines 2 --machine_rank {0,1}` (one process each, here on one
     host, the run dir shared as on a cluster) gives the losses and weights of 2 processes on one machine."""
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     common = ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]

@@ -1,4 +1,4 @@
-"""Issue 25.9: a rehearsal of the ImageNet path on CPU, end to end, with the config a user copies.
+"""A rehearsal of the ImageNet path on CPU, end to end, with the config a user copies.
 
 A generated image folder of JPEGs of varied sizes (train/ and val/, 8 classes) -> .beton ->
 `configs/imagenet_resnet50.yaml` on 2 gloo processes (overriding only what CPU time needs: resnet18, a

@@ -129,7 +129,7 @@ def test_sigkill_with_queue_and_batch_views_resumes_queue_and_momentum_weights_e
 
 
 def test_a_raised_epoch_budget_resumes_on_a_schedule_that_spans_it(run_dir: Path) -> None:
-    """Issue 27.1: rerunning a finished 2-epoch run with optim.epochs=3 trains 8 more steps on a cosine
+    """Rerunning a finished 2-epoch run with optim.epochs=3 trains 8 more steps on a cosine
     that spans 24 steps (the checkpoint's scheduler state, 16 steps long, used to leave them at lr 0),
     says so in one line, and moves the weights."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -169,7 +169,7 @@ def _resume_worker(rank: int, tmp: str, port: int, case: str) -> None:
 
 @pytest.mark.parametrize("case", ["in_sync", "missing_on_rank1", "stale_on_rank1"])
 def test_rank_0_chooses_the_checkpoint_and_every_rank_resumes_it_or_all_stop(tmp_path: Path, case: str) -> None:
-    """Issue 25.4: each rank used to resume its own newest checkpoint, so on a lagging filesystem two ranks
+    """Each rank used to resume its own newest checkpoint, so on a lagging filesystem two ranks
     could start at steps 4 and 2, then hang or diverge. Rank 0 now chooses; a rank that cannot read its
     choice, or reads another step there, stops every rank with one message (none waits in a collective)."""
     from conftest import spawn_ranks

@@ -262,7 +262,7 @@ def test_same_callable_without_slurm(tmp_path: Path, cluster: str) -> None:
 
 
 def test_a_two_node_jobs_tasks_derive_one_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 25.10: the environment every task of a 2-node, 8-GPU-per-node job exports for Accelerate, from the
+    """The environment every task of a 2-node, 8-GPU-per-node job exports for Accelerate, from the
     variables SLURM sets: one master (the first node) and port for all 16 tasks, each its own global rank."""
     from infomax.launch.jobs import export_distributed_env
 

@@ -86,7 +86,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output .beton path")
     # The defaults are FFCV's own ImageNet recipe (max side 500, proportion mode, half JPEG at quality 90):
     # a 500 x 375 ImageNet image is kept as it is, so a 224 crop is downsampled from the source pixels as
-    # torchvision's path does, never upsampled from a smaller stored copy (benchmarks/README.md: size vs speed).
+    # torchvision's path does, never upsampled from a smaller stored copy (benchmarks/results/loading.md, max side).
     p.add_argument("--write-mode", default="proportion", help=f"one of {', '.join(WRITE_MODES)}")
     p.add_argument("--max-resolution", type=int, default=500, help="longer side is resized down to this (0 = keep)")
     p.add_argument("--jpeg-quality", type=int, default=90)

@@ -7,7 +7,7 @@ solarize and normalisation then run on the device in torch, batched over the who
 needed): ``BatchViews.colour`` of infomax.data.batch_views. On a CPU, a view without
 random colour steps is normalised inside FFCV's compiled per-image threads instead (NormalizeImage
 before ToTensor, ffcv's CPU placement) and comes out as float32, saving a pass over the batch in
-torch in the main process (benchmarks/README.md, "Loading"). Such a view is FFCV's own buffer,
+torch in the main process (benchmarks/results/loading.md). Such a view is FFCV's own buffer,
 reused about ``batches_ahead`` + 2 batches later, as FFCV's outputs always are: copy a batch to keep
 it longer.
 

@@ -6,7 +6,7 @@ follow the regularisation path (as glmnet and scikit-learn's LogisticRegressionC
 the strongest weight decay down, each fit starting from the solution of the nearest one already
 fitted, and the final fit from the chosen one's. A fixed iteration budget then lands much nearer the
 optimum than from zero: on a demo export's features 100 iterations per fit read 88.72 % test top-1
-against 87.98 from zero, which reaches 88.50 only after 200 (benchmarks/README.md, eval stage).
+against 87.98 from zero, which reaches 88.50 only after 200 (benchmarks/results/eval_stage.md).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def loss_and_grad(model: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, weig
     features (54k x 1024 floats on Fashion-MNIST), and autograd reads them twice per evaluation, once
     for the logits and once for the weight gradient. Here each block of ``chunk`` rows yields both
     while it is still in cache: 1.27x faster per L-BFGS evaluation on the 2-core machine
-    (benchmarks/README.md, eval stage). The gradient of softmax cross-entropy is softmax - one-hot.
+    (benchmarks/results/eval_stage.md). The gradient of softmax cross-entropy is softmax - one-hot.
     """
     weight, bias = model.weight, model.bias
     grad_w, grad_b, loss = torch.zeros_like(weight), torch.zeros_like(bias), x.new_zeros(())

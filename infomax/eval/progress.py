@@ -4,7 +4,7 @@ expected time left, so a user of `make demo` knows when the table comes.
 The expectation is the measured cost of the rows so far. The supervised fits that are still ahead are
 estimated from the export's own pretraining speed: one supervised step (one view, forward and
 backward) costs about half a pretraining step (two views and the objective): 0.43 was measured on
-the native-bf16 CPU and 0.51 under the AVX2 emulation (benchmarks/README.md, "Eval stage"); the
+the native-bf16 CPU and 0.51 under the AVX2 emulation (benchmarks/results/eval_stage.md); the
 fit's own progress line takes over once it runs.
 
 Before the eval runs, :mod:`infomax.eval.expected` reckons it from the pretraining's own measurements and

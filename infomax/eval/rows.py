@@ -201,7 +201,7 @@ class Rows:
 
         Same-size images are drawn per batch on the device by ``BatchViews``, as pretraining's
         data.augment=batch does: the loader only collates uint8 images and needs no workers, which on a
-        2-core CPU would take the cores from the step (benchmarks/README.md, "Eval stage"). Other images
+        2-core CPU would take the cores from the step (benchmarks/results/eval_stage.md). Other images
         go through torchvision per image in the loader workers."""
         cfg = self.cfg
         mean, std = norm[0] or self.train.mean, norm[1] or self.train.std

@@ -3,7 +3,7 @@
 ``run.precision=auto`` (the default) asks :func:`choose_precision`: on CUDA, bf16 where the card has
 it, otherwise fp16 with Accelerate's gradient scaler; on a CPU, bf16 only where the CPU computes it
 natively (AVX-512 BF16 or AMX), otherwise fp32, since emulated bf16 runs several times slower than
-fp32 (7.8x on an AVX2-only AMD EPYC, benchmarks/README.md, "CPU speed"). The same rule serves
+fp32 (7.8x on an AVX2-only AMD EPYC, benchmarks/results/cpu_speed.md). The same rule serves
 ``accelerate launch``, plain ``python``, SLURM jobs (which start without a launcher) and the eval stage.
 
 We own this small rule on purpose: Accelerate takes one precision as given and has no hardware default.
@@ -52,7 +52,7 @@ def cpu_model() -> str:
 
 def cpu_has_native_bf16() -> bool:
     """AVX-512 BF16 or AMX in hardware, and not masked by ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA
-    (the variables that emulate an older CPU: see benchmarks/README.md, "CPU speed")."""
+    (the variables that emulate an older CPU: see benchmarks/results/cpu_speed.md)."""
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         return False
     if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_ISAS_WITHOUT_BF16:
@@ -204,7 +204,7 @@ def beton_memory_warning(beton_bytes: int, limit: int | None, os_cache: bool) ->
 
 # Images a second that one FFCV thread turns into two 224 px views, from 500 x 375 sources (half stored as JPEG):
 # with one decode an image (views of one side) and with a decode per view. Measured on a 2-core Intel Xeon
-# (AVX512) by benchmarks/loader.py decode-once (benchmarks/README.md, "Expected on GPUs").
+# (AVX512) by benchmarks/loader.py decode-once (benchmarks/results/gpu.md, "Expected on GPUs").
 FFCV_TWO_VIEWS_PER_THREAD_S = {True: 655, False: 422}
 IMAGENET_SCALE = 100_000  # images: where the per-image loader's cost decides a run's length
 
@@ -220,9 +220,9 @@ def loader_line(data_format: str, num_workers: int, view_sizes: list[int], image
         ceiling = FFCV_TWO_VIEWS_PER_THREAD_S[once] * max(1, num_workers) * (1 if once else 2 / len(view_sizes))
         decodes = "one decode an image" if once else f"{len(view_sizes)} decodes an image (views of several sides)"
         return (f"loader: FFCV, {num_workers} threads, {decodes}: up to about {ceiling:,.0f} images/s a process on "
-                "a CPU like the one measured (benchmarks/README.md, 'Expected on GPUs')")
+                "a CPU like the one measured (benchmarks/results/gpu.md)")
     if images >= IMAGENET_SCALE:
         return (f"loader: {images:,} images decoded per image by torchvision, about 3x slower than FFCV at 224 px "
-                "(benchmarks/README.md, 'Loading'): write a .beton once (python -m infomax.data.beton --dataset "
+                "(benchmarks/results/loading.md): write a .beton once (python -m infomax.data.beton --dataset "
                 "imagefolder --root DIR --out train.beton) and pass data.format=ffcv data.path=train.beton")
     return ""
