@@ -107,6 +107,8 @@ def runnable(cmd: list[str], ws: Path, previous: dict[str, list[str]]) -> list[s
     if cmd[1:3] == ["-m", "infomax.data.beton"]:
         pytest.importorskip("ffcv", reason="FFCV is not installed (make setup installs it as root)")
         return [*cmd, "--workers", "1"] if "--workers" not in cmd else cmd
+    if cmd[1:3] == ["-m", "infomax.eval.yardstick"]:
+        return [*cmd, "--k", "64", "--train-pairs", "512", "--draws", "1", "--steps", "20"]
     if script == "benchmarks/mi_gaussian.py":
         return [*cmd, "--steps", "2", "--levels", "2", "--estimators", "infonce", "--out", str(ws / "mi")]
     return cmd

@@ -723,3 +723,44 @@ def test_a_stop_signal_ends_the_eval_at_the_next_row_and_the_rerun_reuses_the_sc
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def _gaussian_pairs(n: int, dim: int, mi: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n pairs of dim-d Gaussians, correlated per coordinate so that I(a; b) = mi nats in closed form:
+    -d/2 log(1 - rho^2) = mi."""
+    rho = math.sqrt(1 - math.exp(-2 * mi / dim))
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, dim, generator=g)
+    return a, rho * a + math.sqrt(1 - rho ** 2) * torch.randn(n, dim, generator=g)
+
+
+def test_yardstick_reads_a_known_mi_on_gaussian_features() -> None:
+    """The yardstick's estimators on features whose MI is known: 2 nats over 4 coordinates. InfoNCE at K=512
+    (ceiling 6.24) and NWJ, fresh critics trained on one set of pairs, read on another over >= 20 batches."""
+    from infomax.eval.yardstick import yardstick
+
+    result = yardstick(_gaussian_pairs(20000, 4, 2.0, seed=0), _gaussian_pairs(512 * 20, 4, 2.0, seed=1), k=512,
+                       steps=300, lr=0.05)
+    assert result["infonce"]["batches"] == 20 and result["log_k"] == pytest.approx(math.log(512))
+    assert result["infonce"]["nats"] == pytest.approx(2.0, abs=0.15) and result["infonce"]["se"] < 0.05
+    assert result["nwj"]["nats"] == pytest.approx(2.0, abs=0.3)
+    independent = yardstick(_gaussian_pairs(20000, 4, 1e-9, seed=2), _gaussian_pairs(512 * 20, 4, 1e-9, seed=3),
+                            k=512, steps=300, lr=0.05)
+    assert abs(independent["infonce"]["nats"]) < 0.05  # no information, no reading
+    with pytest.raises(ValueError, match="at least 20 batches of 512"):
+        yardstick(_gaussian_pairs(1000, 4, 1.0, 0), _gaussian_pairs(512 * 19, 4, 1.0, 1), k=512)
+
+
+@pytest.mark.slow
+def test_yardstick_runs_on_an_export_with_its_runs_own_views(tmp_path: Path) -> None:
+    """The command on a pretraining run's export: the run's config gives the data and the view recipes; it writes
+    RUN/yardstick.json and says both estimates with their standard errors."""
+    from conftest import run_main
+    from infomax.eval.yardstick import main
+
+    run_dir = tmp_path / "run"
+    run_main(f"run.dir={run_dir}", "run.max_steps=2", "monitor.knn_every=0")
+    assert main([str(run_dir / "export"), "--k", "8", "--draws", "3", "--train-pairs", "128", "--steps", "20"]) == 0
+    result = json.loads((run_dir / "yardstick.json").read_text())
+    assert result["infonce"]["batches"] == 64 * 3 // 8 and "nats" in result["nwj"]
+    assert result["dataset"] == "synthetic" and result["infonce"]["nats"] <= math.log(8) + 1e-6

@@ -68,6 +68,11 @@ def test_tensorboard_has_diagnostics_and_view_grid(tiny_run) -> None:
     log_k = events.Scalars("train/log_k")[-1].value
     assert abs(log_k - torch.log(torch.tensor(32.0)).item()) < 1e-5  # K = batch of 32 on one process
     assert all(s.value <= log_k + 1e-5 for s in events.Scalars("train/mi"))  # InfoNCE never exceeds log K
+    # the summary's bound, averaged over the logged steps (one batch's value is noisy), beside the last one
+    summary = json.loads((run_dir / "export" / "config.json").read_text())["summary"]
+    logged = [s.value for s in events.Scalars("train/mi")]
+    assert summary["mi_logged_steps"] == len(logged) == 8
+    assert summary["mi_estimate_nats_mean_logged"] == pytest.approx(sum(logged) / len(logged), rel=1e-5)
     lrs = [s.value for s in events.Scalars("train/lr")]
     assert max(lrs) <= 0.1 + 1e-9 and lrs[0] < max(lrs)  # warmup then cosine from timm's scheduler
     assert any("config" in t for t in tags["tensors"])  # the resolved config as text

@@ -13,6 +13,7 @@ import json
 import math
 import shlex
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -167,6 +168,7 @@ def warmup_warning(warmup: float, epochs: float) -> str:
             "the epochs or less)")
 
 
+MI_AVERAGED_STEPS = 50  # logged steps the summary's mean MI value spans
 TIMED_STEPS = 20  # steps timed (after the first) before the run prints how long it should take
 
 
@@ -192,6 +194,8 @@ class Run(Trainer):
     started: float = 0.0
     seconds_before: float = 0.0
     last: dict[str, float] = field(default_factory=dict)  # the last logged (rank-averaged) diagnostics
+    # the bound's value at the last logged steps of this run: one batch's value is noisy, the summary averages them
+    mi_logged: deque = field(default_factory=lambda: deque(maxlen=MI_AVERAGED_STEPS))
     knn_top1: float = float("nan")
     probe_top1: float | None = None
     knn_step: int = -1
@@ -412,6 +416,7 @@ def log_step(run: Run, result: StepResult) -> None:
     names = ["loss", *result.diag, *extra]
     values = torch.stack([result.loss.float(), *(v.float() for v in [*result.diag.values(), *extra.values()])])
     run.last = dict(zip(names, run.accelerator.reduce(values, reduction="mean").tolist()))
+    run.mi_logged.append(run.last["mi"])
     images_per_s, wait_frac = run.meter.read()
     scalars = {(k if "/" in k else f"train/{k}"): v for k, v in run.last.items()}  # "monitor/x" keeps its group
     scalars.update({"train/lr": run.optimizer.param_groups[0]["lr"], "perf/images_per_s": images_per_s,
@@ -448,6 +453,9 @@ def finish(run: Run, run_dir: Path, checkpoint_path: Path | None, precision: Pre
         "pretrain_seconds": round(progress.train_seconds, 1),  # over all resumes: the supervised-encoder budget
         "final_loss": last.get("loss"),
         "mi_estimate_nats": last.get("mi"),
+        # the same, averaged over the last logged steps (up to MI_AVERAGED_STEPS of this run): less noisy
+        "mi_estimate_nats_mean_logged": sum(run.mi_logged) / len(run.mi_logged) if run.mi_logged else None,
+        "mi_logged_steps": len(run.mi_logged),
         "mi_batch_keys_nats": last.get("monitor/mi_batch_keys"),  # with the queue: the bound over fresh keys
         "log_k": last.get("log_k"),
         "knn_top1": None if math.isnan(run.knn_top1) else run.knn_top1,
