@@ -9,7 +9,8 @@ This measures every export alike:
 3. a fresh critic f(a, b) = a'Wb + a'diag(u)a + b'diag(v)b + c (bilinear, with the quadratic and constant terms
    of a Gaussian log density ratio; InfoNCE ignores the a-only ones) trained on training pairs with InfoNCE at K
    candidates, and a second one with NWJ;
-4. both bounds on validation pairs (images the critics never saw), mean and standard error over batches of K.
+4. both bounds on held-out pairs (the run's data.holdout images, else the test split: images neither the
+   encoder nor the critics saw), mean and standard error over batches of K.
 
 ``python -m infomax.eval.yardstick RUN/export`` writes RUN/yardstick.json and prints one line. Tests:
 tests/test_eval.py (``yardstick``): on Gaussian features with a closed-form MI.
@@ -125,7 +126,7 @@ def view_pair_features(export: str | Path, images: Any, cfg: Any, draws: int = 1
 
 def main(argv: Sequence[str] | None = None) -> int:
     from infomax.config.pretrain import ConfigError, from_yaml
-    from infomax.data.datasets import DataError, open_configured, stratified_subset
+    from infomax.data.datasets import DataError, holdout_split, open_configured, stratified_subset
     from infomax.export.encoder import export_dir_of, read_meta
     from infomax.runtime.files import write_atomically
 
@@ -142,8 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = read_meta(args.export)
         run_dir = export_dir_of(args.export).parent
         cfg = from_yaml((run_dir / "config.yaml").read_text().partition("\n")[2])
-        train = stratified_subset(open_configured(cfg.data, "train", cfg.run.seed), args.train_pairs)
-        held = open_configured(cfg.data, "test", cfg.run.seed)  # images the pretraining never trained on
+        train = open_configured(cfg.data, "train", cfg.run.seed)
+        if cfg.data.holdout:  # the run's own validation images: a study reads them, the test split stays unread
+            train, held = holdout_split(train, cfg.data.holdout)
+        else:
+            held = open_configured(cfg.data, "test", cfg.run.seed)  # images the pretraining never trained on
+        train = stratified_subset(train, args.train_pairs)
         result = yardstick(view_pair_features(args.export, train, cfg),
                            view_pair_features(args.export, held, cfg, draws=args.draws), k=args.k, steps=args.steps)
     except (ConfigError, DataError, ValueError, OSError) as e:
