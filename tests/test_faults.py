@@ -756,6 +756,10 @@ def test_damaged_export_of_a_finished_run_is_written_again(run_dir: Path, damage
     pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     export = run_dir / "export"
     good = (export / "encoder.safetensors").read_bytes()
+    summary = json.loads((export / "config.json").read_text())["summary"]
+    from infomax.export.model_card import add_eval
+
+    add_eval(export, "| ours | 91.00 |", "On synthetic.", run_dir / "report.md")  # as an eval leaves the card
     if damage == "config_cut_short":
         text = (export / "config.json").read_text()
         (export / "config.json").write_text(text[: len(text) // 2])
@@ -764,5 +768,10 @@ def test_damaged_export_of_a_finished_run_is_written_again(run_dir: Path, damage
     proc = pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     assert "the run is complete but its export cannot be used" in proc.stdout, proc.stdout[-2000:]
     assert (export / "encoder.safetensors").read_bytes() == good  # the same weights, from the same checkpoint
+    # ... reported as the run reported them (they were null), with the eval's rows still on their card
+    again = json.loads((export / "config.json").read_text())["summary"]
+    assert [again[k] for k in ("final_loss", "mi_estimate_nats", "mi_estimate_nats_mean_logged")] == \
+           [summary[k] for k in ("final_loss", "mi_estimate_nats", "mi_estimate_nats_mean_logged")]
+    assert again["final_loss"] is not None and "| ours | 91.00 |" in (export / "README.md").read_text()
     proc = pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     assert "is already complete" in proc.stdout

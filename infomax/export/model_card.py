@@ -43,8 +43,9 @@ def loading_code(meta: dict[str, Any], encoder: nn.Module) -> str:
             "encoder.eval()\n")
 
 
-def card_text(meta: dict[str, Any], encoder: nn.Module, run: dict[str, Any]) -> str:
-    """The card from config.json's ``meta`` and the run's facts.
+def card_text(meta: dict[str, Any], encoder: nn.Module, run: dict[str, Any], evaluated: str = "") -> str:
+    """The card from config.json's ``meta`` and the run's facts (``evaluated``: an earlier card's eval section, kept
+    when the same weights are exported again).
 
     ``run``: name, objective, bound, dataset, train_images, views (sizes), epochs, steps, global_batch,
     processes, precision, seconds, machine, revision, config (the resolved YAML)."""
@@ -82,10 +83,21 @@ def card_text(meta: dict[str, Any], encoder: nn.Module, run: dict[str, Any]) -> 
               "`encoder(images)` then gives a batch of feature vectors (B x "
               f"{meta['num_features']}) for images of B x {pre}. With infomax installed, "
               '`infomax.export.encoder.load_encoder("<this folder>")` does the same and checks the sha256.', "",
-              EVAL_HEADING, "", "Not evaluated yet: run `python eval/main.py weights=<this folder>`, which adds the "
-              "scores here.", "", "<details><summary>The resolved training config</summary>", "", "```yaml",
+              *([evaluated.rstrip("\n")] if evaluated else [
+                  EVAL_HEADING, "", "Not evaluated yet: run `python eval/main.py weights=<this folder>`, which adds "
+                  "the scores here."]),
+              "", "<details><summary>The resolved training config</summary>", "", "```yaml",
               run["config"].rstrip(), "```", "", "</details>", ""]
     return "\n".join(lines)
+
+
+def eval_section(export_dir: Path) -> str:
+    """The card's "Linear evaluation" section as an eval wrote it ('' when there is none yet, or no card)."""
+    card = export_dir / CARD
+    text = card.read_text(errors="replace") if card.is_file() else ""
+    _, found, rest = text.partition(EVAL_HEADING)
+    section = EVAL_HEADING + rest.split("\n<details>")[0] if found else ""
+    return "" if not found or "Not evaluated yet" in section else section
 
 
 def add_eval(export_dir: Path, table: str, description: str, report: Path) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 from infomax.config.pretrain import Config, ConfigError, effective_lr, to_yaml
 from infomax.data.train_loader import TrainData
 from infomax.export.encoder import META, ExportFailed, export_encoder, export_meta, export_problem
-from infomax.export.model_card import CARD, card_text
+from infomax.export.model_card import CARD, card_text, eval_section
 from infomax.features.extract import ImageListDataset, knn_monitor
 from infomax.method.models import LocalGlobalModel, MultiViewModel, check_takes_views, width_kwargs
 from infomax.method.momentum import MomentumKeys
@@ -251,6 +251,10 @@ class Run(Trainer):
                   flush=True)
         if acc.scaler is not None and state.get("scaler"):
             acc.scaler.load_state_dict(state["scaler"])
+        if reported := state.get("reported"):
+            self.last, self.probe_top1 = dict(reported["last"]), reported["probe_top1"]
+            self.mi_logged.extend(reported["mi_logged"])
+            self.knn_top1 = float("nan") if reported["knn_top1"] is None else reported["knn_top1"]
 
     def save(self) -> Path | None:
         """A checkpoint of everything (all ranks call; rank 0 writes); returns its path on rank 0."""
@@ -266,6 +270,9 @@ class Run(Trainer):
             "scheduler": self.scheduler.state_dict(),
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
             "config": to_yaml(self.cfg),
+            # what the summary reports, so that an export written again from this checkpoint reports it too
+            "reported": {"last": self.last, "mi_logged": list(self.mi_logged), "probe_top1": self.probe_top1,
+                         "knn_top1": None if math.isnan(self.knn_top1) else self.knn_top1},
         })
 
     def start_reporting(self, run_dir: Path) -> None:
@@ -494,7 +501,9 @@ def export(run: Run, export_dir: Path, summary: dict[str, Any]) -> None:
              "processes": run.accelerator.num_processes, "precision": f"{summary['precision']} "
              f"({summary['precision_reason']})", "seconds": summary["pretrain_seconds"], "machine": summary["machine"],
              "revision": git_revision(), "config": to_yaml(cfg)}
-    card = {CARD: lambda meta: card_text(meta, model.encoder_for(0), facts)}
+    # the same weights exported again (a damaged export rewritten from the checkpoint): their eval rows stay
+    evaluated = eval_section(export_dir) if run.steps_this_run == 0 else ""
+    card = {CARD: lambda meta: card_text(meta, model.encoder_for(0), facts, evaluated)}
     # one encoder per view (CMC): the others beside it, for the concatenated probe
     views = [(model.encoder_for(v), data.view_chans[v], run.view_transform(v)) for v in range(1, len(model.encoders))]
     export_encoder(model.encoder_for(0), export_dir, **run.export_spec(), summary=summary, view_encoders=views,
