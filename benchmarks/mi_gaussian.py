@@ -20,6 +20,7 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 
 from infomax.method import bounds
 
-ALL_ESTIMATORS = "infonce,nwj,dv,mine,js,js_nwj,smile5,smile1,ba"
+ALL_ESTIMATORS = ",".join([*(n for n in bounds.BOUNDS if n != "smile"), "js_nwj", "smile5", "smile1", "ba"])
 
 
 def js_reference_readout(s: torch.Tensor) -> torch.Tensor:
@@ -93,11 +94,13 @@ def make_estimator(name: str, d: int, critic: str) -> tuple[nn.Module, Callable[
     if name == "tuba":  # NWJ with a learned baseline a(y): log a(y_i) from an MLP on y
         baseline = mlp(d, 256, 1)
         return nn.ModuleList([f, baseline]), lambda x, y: bounds.tuba(f(x, y), baseline(y).squeeze(-1))
-    if name == "mine":
-        mine = bounds.MINE(ema_rate=0.1)
-        return nn.ModuleList([f, mine]), lambda x, y: mine(f(x, y))
-    fns = {"infonce": bounds.infonce, "nwj": bounds.nwj, "dv": bounds.dv, "js": bounds.js, "js_nwj": js_reference_readout,
-           "smile5": lambda s: bounds.smile(s, 5.0), "smile1": lambda s: bounds.smile(s, 1.0)}
+    knobs = SimpleNamespace(mine_ema=0.1, smile_tau=5.0)
+    if name in bounds.BOUNDS and bounds.BOUNDS[name].stateful:  # MINE: its moving average trains with the critic
+        state = bounds.build_bound(name, knobs)
+        return nn.ModuleList([f, state]), lambda x, y: state(f(x, y))
+    # every registered bound (smile at its default tau 5, as smile5), and the readouts the papers compare
+    fns = {n: bounds.build_bound(n, knobs) for n in bounds.BOUNDS}
+    fns.update({"js_nwj": js_reference_readout, "smile5": fns.get("smile"), "smile1": lambda s: bounds.smile(s, 1.0)})
     if name not in fns:
         raise SystemExit(f"unknown estimator '{name}'; choose from {ALL_ESTIMATORS},tuba")
     fn = fns[name]

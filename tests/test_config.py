@@ -251,9 +251,11 @@ def test_every_list_of_choices_has_one_source() -> None:
     from infomax.config.eval import EvalConfig, validate_eval
     from infomax.config.pretrain import CHOICES, Config, choices_help
     from infomax.data.datasets import REGISTRY
+    from infomax.method.bounds import BOUNDS
     from infomax.method.critics import CRITICS
 
     assert tuple(REGISTRY) == CHOICES["data.dataset"] and CRITICS == CHOICES["objective.critic"]
+    assert tuple(BOUNDS) == CHOICES["objective.bound"]  # the registry declares every bound the config offers
     for key in CHOICES:
         section, name = key.split(".")
         field = {f.name: f for f in dataclasses.fields(getattr(Config(), section))}[name]

@@ -235,3 +235,25 @@ def test_every_objective_in_the_registry_declares_its_model_and_returns_mi_and_l
 def test_an_unknown_objective_name_is_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match="unknown objective 'simsiam' .*contrastive, amdim, dim"):
         objective_class("simsiam")
+
+
+def test_toy_bound_registered_in_one_file_trains_two_steps(run_dir, capsys) -> None:
+    """Adding a bound is its function and one register_bound (docs/DESIGN.md, "How to add a bound"): the config
+    accepts it, the contrastive objective trains with it, and the summary says what the registry says of it."""
+    from conftest import main_in_process
+    from infomax.config.pretrain import CHOICE_HELP
+    from infomax.method import bounds
+
+    def toy(S: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:  # InfoNCE at half the scores
+        return bounds.infonce(S / 2, positives)
+
+    bounds.register_bound("toy", bounds.BoundSpec("InfoNCE at half the scores", lambda knobs: toy, ceiling=True))
+    try:
+        code, out, err = main_in_process(capsys, f"run.dir={run_dir}", "objective.bound=toy", "run.max_steps=2",
+                                         "monitor.knn_every=0")
+        assert code == 0, err[-2000:]
+        assert "infomax pretraining finished: step 2/2" in out and "ceiling log K" in out
+    finally:
+        del bounds.BOUNDS["toy"], CHOICE_HELP["objective.bound"]["toy"]
+    code, _, err = main_in_process(capsys, f"run.dir={run_dir}_2", "objective.bound=toy")
+    assert code == 2 and "'objective.bound': 'toy' is not one of infonce, nwj" in err

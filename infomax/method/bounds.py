@@ -17,8 +17,9 @@ the most stable *training* signal (Deep InfoMax) and reads out through NWJ(S + 1
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -207,13 +208,53 @@ class MINE(nn.Module):
         return surrogate + (value - surrogate).detach()
 
 
-def stateless(name: str, smile_tau: float = 5.0) -> Callable[..., torch.Tensor]:
-    """The bound called ``name`` (``objective.bound``) as ``fn(S, positives=...)``; MINE, which has state, is a
-    module of its own (:class:`MINE`)."""
-    table = {"infonce": infonce, "nwj": nwj, "dv": dv, "js": js, "smile": partial(smile, tau=smile_tau)}
-    if name not in table:
-        raise ValueError(f"no stateless bound '{name}' (choose from {', '.join(table)}; mine is bounds.MINE)")
-    return table[name]
+@dataclass(frozen=True)
+class BoundSpec:
+    """One bound as ``objective.bound`` names it, and what the rest of the code asks of it: the objectives build
+    it from here, DIM checks it, the pretraining's summary says its ceiling and what its minibatch value is, the
+    tests and the Gaussian benchmark run every one. Adding a bound is its function and one :func:`register_bound`.
+    """
+
+    help: str  # one line, for the config's choices
+    build: Callable[[dict[str, Any]], Callable[..., torch.Tensor]]  # its knobs' values -> fn(S, positives=...)
+    knobs: tuple[str, ...] = ()  # the objective.* keys it reads (objective.smile_tau, ...)
+    stateful: bool = False  # keeps state between steps: one module per view pair, saved in checkpoints
+    exact_across_ranks: bool = True  # its value over gathered keys is what one process with the global batch reads
+    dim: bool = True  # Deep InfoMax can train with it (a stateless bound of a score matrix)
+    ceiling: bool = False  # its value never passes log K (InfoNCE's): printed beside it only then
+    minibatch: str = "a lower bound on a minibatch"  # what one batch's value is
+
+
+BOUNDS: dict[str, BoundSpec] = {}
+
+
+def register_bound(name: str, spec: BoundSpec) -> None:
+    """Make ``objective.bound=name`` a choice: the config accepts it from now on (its choices are this registry's)."""
+    from infomax.config.pretrain import CHOICE_HELP
+
+    BOUNDS[name] = spec
+    CHOICE_HELP["objective.bound"].setdefault(name, spec.help)  # the built-ins' help lines stay the config's
+
+
+_HIGH = "biased upward on a minibatch (a log of a minibatch mean)"
+register_bound("infonce", BoundSpec("the contrastive bound, ceiling log K", lambda k: infonce, ceiling=True))
+register_bound("nwj", BoundSpec("NWJ / f-GAN KL", lambda k: nwj))
+register_bound("dv", BoundSpec("Donsker-Varadhan", lambda k: dv, minibatch=_HIGH))
+register_bound("mine", BoundSpec("DV with MINE's moving-average gradient", lambda k: MINE(k["mine_ema"]),
+                                 knobs=("mine_ema",), stateful=True, dim=False, minibatch=_HIGH))
+register_bound("js", BoundSpec("Jensen-Shannon training, NWJ(S + 1) readout (Deep InfoMax)", lambda k: js))
+register_bound("smile", BoundSpec("DV with scores clipped to [-smile_tau, smile_tau]",
+                                  lambda k: partial(smile, tau=k["smile_tau"]), knobs=("smile_tau",),
+                                  minibatch=_HIGH))
+
+
+def build_bound(name: str, objective: Any) -> Callable[..., torch.Tensor]:
+    """The bound called ``name`` built with its knobs read from ``objective`` (an ObjectiveConfig, or anything
+    with those attributes), as ``fn(S, positives=...)``; a stateful one is a module."""
+    if name not in BOUNDS:
+        raise ValueError(f"no bound '{name}' (choose from {', '.join(BOUNDS)})")
+    spec = BOUNDS[name]
+    return spec.build({k: getattr(objective, k) for k in spec.knobs})
 
 
 def barber_agakov(log_q: torch.Tensor, entropy: float) -> torch.Tensor:

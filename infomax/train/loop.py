@@ -27,6 +27,7 @@ from infomax.data.train_loader import TrainData
 from infomax.export.encoder import META, ExportFailed, export_encoder, export_meta, export_problem
 from infomax.export.model_card import CARD, card_text, eval_section
 from infomax.features.extract import ImageListDataset, knn_monitor
+from infomax.method.bounds import BOUNDS
 from infomax.method.models import LocalGlobalModel, MultiViewModel, check_takes_views, width_kwargs
 from infomax.method.momentum import MomentumKeys
 from infomax.method.objectives import build_objective
@@ -436,15 +437,10 @@ def log_step(run: Run, result: StepResult) -> None:
                         img_s=f"{images_per_s:.0f}")
 
 
-# The bounds whose minibatch value is not a lower bound: a log of a minibatch mean (DV's, MINE's, SMILE's) reads
-# high on average; NWJ and the JS readout (NWJ(S + 1)) are means, unbiased.
-MINIBATCH_READING = {b: "biased upward on a minibatch (a log of a minibatch mean)" for b in ("dv", "mine", "smile")}
-
-
 def has_log_k_ceiling(cfg: Config) -> bool:
-    """Whether the run's MI value has InfoNCE's ceiling, log of the candidates per positive (the InfoNCE bound, and
-    AMDIM's NCE terms); NWJ, DV, MINE, JS and SMILE have none, so no ceiling is printed beside them."""
-    return cfg.objective.bound == "infonce" or cfg.objective.name == "amdim"
+    """Whether the run's MI value has InfoNCE's ceiling, log of the candidates per positive (a bound the registry
+    says has one, and AMDIM's NCE terms); no ceiling is printed beside the others."""
+    return BOUNDS[cfg.objective.bound].ceiling or cfg.objective.name == "amdim"
 
 
 def finish(run: Run, run_dir: Path, checkpoint_path: Path | None, precision: Precision) -> dict[str, Any]:
@@ -532,7 +528,7 @@ def print_summary(run: Run, summary: dict[str, Any], elapsed: float, run_dir: Pa
            f"MI bound {fmt(summary['mi_estimate_nats'], '.3f')} nats (ceiling log K = {fmt(summary['log_k'], '.3f')})"
            if has_log_k_ceiling(cfg) else
            f"MI estimate {fmt(summary['mi_estimate_nats'], '.3f')} nats ({cfg.objective.bound}: no ceiling; "
-           f"{MINIBATCH_READING.get(cfg.objective.bound, 'a lower bound on a minibatch')})")
+           f"{BOUNDS[cfg.objective.bound].minibatch})")
         + f"   kNN top-1 {fmt(summary['knn_top1'], '.2%')}"
         + (f"   online probe top-1 {summary['online_probe_top1']:.2%}"
            if summary["online_probe_top1"] is not None else ""),

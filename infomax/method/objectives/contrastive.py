@@ -13,7 +13,7 @@ Positives sit at ``rank * B + i`` of the gathered keys (:func:`infomax.runtime.d
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -169,16 +169,20 @@ class PairBound(nn.Module):
     al. 2020) over the cosine critic's least score ``min_score``, while ``mi`` stays InfoNCE's.
     """
 
-    def __init__(self, name: str, num_pairs: int, smile_tau: float = 5.0, mine_ema: float = 0.1,
-                 debias_tau_plus: float = 0.0, min_score: float = -math.inf) -> None:
+    def __init__(self, name: str, num_pairs: int, knobs: Any = None, debias_tau_plus: float = 0.0,
+                 min_score: float = -math.inf) -> None:
+        """``knobs``: what the bound reads (an ObjectiveConfig; its spec says which keys)."""
         super().__init__()
         self.name, self.debias_tau_plus, self.min_score = name, debias_tau_plus, min_score
-        self.mine = nn.ModuleList(bounds.MINE(mine_ema) for _ in range(num_pairs)) if name == "mine" else None
-        self.fn = None if name == "mine" else bounds.stateless(name, smile_tau)
+        self.spec = bounds.BOUNDS[name]
+        # a stateful bound (MINE's moving average): one module per pair, its state in checkpoints
+        self.per_pair = nn.ModuleList(bounds.build_bound(name, knobs) for _ in range(num_pairs)) \
+            if self.spec.stateful else None
+        self.fn = None if self.spec.stateful else bounds.build_bound(name, knobs)
 
     def forward(self, pair: int, scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
         """The bound (a scalar, nats) of pair ``pair``'s B x K scores."""
-        fn = self.mine[pair] if self.mine is not None else self.fn
+        fn = self.per_pair[pair] if self.per_pair is not None else self.fn
         return fn(scores, positives=positives)
 
     def loss(self, values: list[torch.Tensor], scores: list[torch.Tensor], positives: torch.Tensor,
@@ -189,7 +193,7 @@ class PairBound(nn.Module):
                 s, positives, self.debias_tau_plus, self.min_score).mean() for s in scores]).mean()
         else:
             trained = torch.stack(values).mean()
-        return (log_k if self.name == "infonce" else 0.0) - trained
+        return (log_k if self.spec.ceiling else 0.0) - trained
 
 
 def score_summary(scores: list[torch.Tensor], positives: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -217,8 +221,7 @@ class ContrastiveObjective(Objective):
     def from_config(cls, cfg: ObjectiveConfig, num_views: int, embed_dim: int) -> ContrastiveObjective:
         pairs = view_pairs(num_views, cfg.graph)
         # debiased InfoNCE's floor is the cosine critic's least score
-        bound = PairBound(cfg.bound, len(pairs), cfg.smile_tau, cfg.mine_ema, cfg.debias_tau_plus,
-                          min_score=-1.0 / cfg.temperature)
+        bound = PairBound(cfg.bound, len(pairs), cfg, cfg.debias_tau_plus, min_score=-1.0 / cfg.temperature)
         if cfg.queue_size:
             candidates: Candidates = QueueKeys(num_views, cfg.queue_size, embed_dim)
         elif cfg.nn_support_size:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from infomax.config.pretrain import ConfigError
 from infomax.method import bounds
 from infomax.method.objectives.base import Objective, diagnostics, fp32
 from infomax.method.objectives.local_nce import multi_positive_nce
@@ -28,16 +30,19 @@ class DIMObjective(Objective):
     Both directions (a, b) = (0, 1) and (1, 0) are averaged.
     """
 
-    def __init__(self, bound: str = "js", smile_tau: float = 5.0, local_stage: int = 4) -> None:
+    def __init__(self, bound: str = "js", knobs: Any = None, local_stage: int = 4) -> None:
         super().__init__()
+        if not bounds.BOUNDS[bound].dim:
+            raise ConfigError(f"bad value for config key 'objective.bound': dim supports "
+                              f"{', '.join(n for n, b in bounds.BOUNDS.items() if b.dim)}, got {bound}")
         self.bound = bound
-        self._fn = bounds.stateless(bound, smile_tau)
+        self._fn = bounds.build_bound(bound, knobs or SimpleNamespace(smile_tau=5.0, mine_ema=0.1))
         # DIM reads only the deepest map; a head for another would leave DDP an unused parameter.
         self.local_stages = [local_stage]
 
     @classmethod
     def from_config(cls, cfg: ObjectiveConfig, num_views: int, embed_dim: int) -> DIMObjective:
-        return cls(cfg.bound, cfg.smile_tau, cfg.local_stages[-1])
+        return cls(cfg.bound, cfg, cfg.local_stages[-1])
 
     def forward(self, out: list[dict], keys: None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``out``: per view {"global": B x D, "local": [B x N x D]} (its one local stage)."""
