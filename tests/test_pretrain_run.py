@@ -134,7 +134,7 @@ def test_two_process_accelerate_launch_on_cpu(run_dir: Path) -> None:
     proc = run_main(f"run.dir={run_dir}", "run.max_steps=4", launcher=launcher, timeout=300)
     assert proc.stdout.count("infomax pretraining finished") == 1  # rank 0 prints, rank 1 does not
     assert "on 2 process(es)" in proc.stdout
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoints", "config.yaml", "export",
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoints", "config.yaml", "data.json", "export",
                                                           "infomax-run.json", "tb"]
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1  # one set of logs
     events = EventAccumulator(str(run_dir / "tb")).Reload()
@@ -172,7 +172,7 @@ def test_demo_recipe_runs_on_colour_images(run_dir: Path) -> None:
     """configs/fmnist_cpu.yaml on 3-channel images: the batch path draws the default saturation, hue and
     grayscale too (they have no effect on grey images), so a recipe never has to change with the data."""
     proc = run_main(f"run.dir={run_dir}", "data.dataset=synthetic", "data.synthetic_size=256", "run.max_steps=2",
-                    "monitor.knn_every=0", config=REPO / "configs" / "fmnist_cpu.yaml")
+                    "monitor.knn_every=0", "monitor.expect_eval=''", config=REPO / "configs" / "fmnist_cpu.yaml")
     assert "infomax pretraining finished: step 2/" in proc.stdout
     assert json.loads((run_dir / "export" / "config.json").read_text())["in_chans"] == 3
 
@@ -186,10 +186,10 @@ def test_demo_recipe_learns_on_real_fashion_mnist(run_dir: Path) -> None:
                     env={"INFOMAX_PROGRESS_SECONDS": "0", **ALL_CORES})
     assert re.search(r"expected: pretraining ends in about \d+ s \(39 steps at [\d.]+ s, 2 kNN passes of \d+ s\) on .*"
                      r"native bf16: (yes|no)", proc.stdout), proc.stdout[:2000]  # after 1 + 20 of 60 steps
-    # ... and, as the demo's config names its eval, the whole demo: 60000 + 10000 images for ours and random init,
-    # and the supervised encoder of these 2 epochs, which no stored row holds
+    # ... and, as the demo's config names its eval, the whole demo: 60000 + 10000 images for ours and random init;
+    # the row planner finds the supervised encoder of 2 epochs of this architecture stored (baselines/)
     assert re.search(r"; the eval \(configs/probe_fmnist.yaml\) then takes up to [\d a-z]+ \(3 rows: 2 x 70000 images to "
-                     r"extract at [\d.]+ ms, 3 probes of up to 7 fits and kNN votes, supervised fits of about [\d a-z]+\), so "
+                     r"extract at [\d.]+ ms, 3 probes of up to 7 fits and kNN votes; stored baselines\), so "
                      r"the whole run ends within about", proc.stdout)
     knn = [float(m) for m in re.findall(r"epoch \d \(step \d+\): kNN top-1 ([\d.]+)%", proc.stdout)]
     assert len(knn) == 3, proc.stdout[-2000:]

@@ -181,9 +181,9 @@ def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
         from infomax.data.beton import require_ffcv
         from infomax.data.ffcv_loader import BetonInfo
 
-        images = BetonInfo(d.path)  # what the file is, said before whether FFCV is installed
-        images.require_dataset(d.dataset, "data.path", "data.dataset")
         require_ffcv()
+        images = BetonInfo(d.path)
+        images.require_dataset(d.dataset, "data.path", "data.dataset")
         if warning := beton_memory_warning(Path(d.path).stat().st_size, memory_limit(), d.os_cache):
             accelerator.print(warning, flush=True)
     else:
