@@ -129,8 +129,6 @@ def test_intra_view_negatives_and_nn_support_need_in_batch_keys() -> None:
         (["monitor.expect_eval=configs/probe_fmnist.yaml"],
          "'monitor.expect_eval': configs/probe_fmnist.yaml scores fashion_mnist, 1-channel images, but this run's "
          "encoder reads 3-channel synthetic images"),
-        (["data.holdout=32", "monitor.expect_eval=configs/probe_fmnist.yaml", "data.dataset=fashion_mnist"],
-         "'monitor.expect_eval': configs/probe_fmnist.yaml has holdout=0, but this run holds out data.holdout=32"),
         (["monitor.knn_bank=0"], "'monitor.knn_bank': must be >= 1 while the monitor is on"),
         (["monitor.knn_queries=0"], "'monitor.knn_queries': must be >= 1 while the monitor is on"),
         (["objective.name=dim", "objective.local_stages=[9,10]"], "'objective.local_stages': [10] is out of range"),

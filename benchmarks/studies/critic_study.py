@@ -64,15 +64,18 @@ def ranks(values: list[float]) -> list[float]:
 
 
 def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rho (nan with fewer than 3 values or a constant one)."""
+    if len(x) < 3:
+        return math.nan
     rx, ry = ranks(x), ranks(y)
     mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    spread = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return sum((a - mx) * (b - my) for a, b in zip(rx, ry)) / spread if spread else math.nan
 
 
 def paired(rows: list[dict], critic: str, key: str) -> tuple[float, float, float, int] | None:
     """(mean difference critic - cosine over the seeds both ran, its standard error, the 95 % half-width, n)."""
-    by = {(r["critic"], r["seed"]): r[key] for r in rows}
+    by = {(r["critic"], r["seed"]): r[key] for r in rows if r[key] is not None}
     diffs = [by[(critic, s)] - by[("cosine", s)] for c, s in by if c == critic and ("cosine", s) in by]
     if len(diffs) < 2:
         return None
@@ -83,6 +86,7 @@ def paired(rows: list[dict], critic: str, key: str) -> tuple[float, float, float
 def table() -> str:
     rows = [json.loads(line) for line in ROWS.read_text().splitlines()] if ROWS.is_file() else []
     rows = list({r["name"]: r for r in rows}.values())  # the newest record of each row
+    rows = [r for r in rows if r["epochs"] == rows[-1]["epochs"]]  # one budget: the newest rows' 
     if not rows:
         return "no rows yet"
     lines = ["| critic | seeds | probe | kNN k=20 | yardstick InfoNCE (nats) | yardstick NWJ | own bound (mean logged) |",
@@ -91,10 +95,11 @@ def table() -> str:
         mine = [r for r in rows if r["critic"] == critic]
         if not mine:
             continue
-        m = {k: statistics.fmean(r[k] for r in mine if r[k] is not None) for k in
+        m = {k: statistics.fmean([r[k] for r in mine if r[k] is not None] or [math.nan]) for k in
              ("probe", "knn20", "yardstick_infonce", "yardstick_nwj", "own_mi_mean_logged")}
         lines.append(f"| {critic} | {len(mine)} | {100 * m['probe']:.2f} | {100 * m['knn20']:.2f} | "
-                     f"{m['yardstick_infonce']:.3f} | {m['yardstick_nwj']:.3f} | {m['own_mi_mean_logged']:.3f} |")
+                     f"{m['yardstick_infonce']:.3f} | {m['yardstick_nwj']:.3f} (diverged: "
+                     f"{sum(r['yardstick_nwj'] is None for r in mine)}) | {m['own_mi_mean_logged']:.3f} |")
     lines += ["", "Paired against cosine (mean difference over the seeds both ran, 95 % interval, t with n - 1 df):", "",
               "| critic | kNN k=20 (points) | probe (points) | yardstick InfoNCE (nats) |", "|---|---|---|---|"]
     verdicts = []

@@ -57,7 +57,7 @@ def check_expected_eval(plan: EvalToCome, cfg: Any) -> None:
     if plan.train.channels != needs:
         raise ConfigError(f"{key} scores {eval_cfg.dataset}, {plan.train.channels}-channel images, but this run's "
                           f"encoder reads {needs}-channel {cfg.data.dataset} images; name an eval of its own dataset")
-    if eval_cfg.holdout != cfg.data.holdout:
+    if eval_cfg.holdout and eval_cfg.holdout != cfg.data.holdout:  # holdout=0 scores the test split: allowed
         raise ConfigError(f"{key} has holdout={eval_cfg.holdout}, but this run holds out data.holdout="
                           f"{cfg.data.holdout}; give the eval holdout={cfg.data.holdout}")
 

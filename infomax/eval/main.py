@@ -64,6 +64,7 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
     from infomax.eval.stored_baselines import scored_split
     from infomax.export.encoder import load_encoder, load_view_encoders
     from infomax.runtime.distributed import make_accelerator
+    from infomax.runtime.revision import git_revision
     from infomax.runtime.stop import StopFlag
 
     exports = [(w, *load_encoder(w)) for w in cfg.weights]  # (path, encoder, meta); checks sha256 and keys
@@ -76,14 +77,16 @@ def evaluate(cfg: Any) -> list[dict[str, Any]]:
 
     accelerator, precision = make_accelerator(cfg.seed, cfg.precision, cfg.dist_timeout_min, precision_key="precision")
     torch.manual_seed(cfg.seed)
-    fit_key = to_yaml(cfg) + "".join(m["sha256"] for _, _, m in exports)
+    fit_key = to_yaml(cfg) + "".join(m["sha256"] for _, _, m in exports)  # a fit's checkpoints belong to these
     make = Rows(cfg, accelerator, train, test, size, out, fit_key, StopFlag().install())
     plan = make.plan(exports, view_encoders, alexnet_trunk)  # every row, in the report's order
     computed = [r for r in plan if not r.quoted]
     accelerator.print(f"eval: {len(train)} train / {len(test)} scored images ({scored_split(cfg.holdout)}) of "
                       f"{cfg.dataset}, protocol {cfg.protocol}, {len(computed)} rows to compute on "
                       f"{accelerator.num_processes} process(es): {', '.join(r.name for r in computed)}")
-    rows = run_rows(plan, make.stop, accelerator, out, fit_key)
+    # a kept row belongs to this config and these weights, and to the code and the way that scored it
+    rows = run_rows(plan, make.stop, accelerator, out,
+                    f"{fit_key} {git_revision()} {precision.mode} {accelerator.num_processes}")
     write_outputs(cfg, rows, exports, accelerator, precision, out, len(train), len(test))
     return rows
 
@@ -123,7 +126,7 @@ def writable_out(cfg: Any, exports: list) -> Path:
     return out
 
 
-def run_rows(plan: list, stop: Any, accelerator: Any, out: Path, fit_key: str) -> list[dict[str, Any]]:
+def run_rows(plan: list, stop: Any, accelerator: Any, out: Path, key: str) -> list[dict[str, Any]]:
     """Each planned row in order: reused when an earlier run of this eval kept it, else computed and kept, with a
     progress line after each; a stop signal ends the loop before the next row (every rank at the same one)."""
     from infomax.eval.progress import RowClock
@@ -132,7 +135,7 @@ def run_rows(plan: list, stop: Any, accelerator: Any, out: Path, fit_key: str) -
     from infomax.runtime.distributed import agree_max
 
     computed = [r for r in plan if not r.quoted]
-    cache = RowCache(out / "rows", fit_key, accelerator.is_main_process)
+    cache = RowCache(out / "rows", key, accelerator.is_main_process)
     clock = RowClock.for_rows([r.cost() for r in computed], accelerator.print)
     rows: list[dict[str, Any]] = []
     try:
@@ -143,10 +146,13 @@ def run_rows(plan: list, stop: Any, accelerator: Any, out: Path, fit_key: str) -
             if agree_max(accelerator.device, float(stop.requested))[0]:
                 raise Stopped(f"stopped by {stop.signal_name or 'a signal on another rank'} after {cache.kept} of "
                               f"{len(computed)} rows")
-            row = cache.get(builder.name)
-            if row is None:
-                row = builder.build()
-                cache.put(builder.name, row)
+            key = f"{len(rows)}:{builder.name}"  # its place in the plan too: two exports may share a name
+            row = cache.get(key, accelerator)
+            if row is not None:
+                rows.append(clock.reused(row))
+                continue
+            row = builder.build()
+            cache.put(key, row)
             rows.append(clock.done(row))
     except Stopped as e:  # between rows, or a fit stopped with its checkpoint saved
         raise Stopped(f"{e}; {kept_line(cache)}") from None

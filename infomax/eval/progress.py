@@ -96,6 +96,17 @@ class RowClock:
         return cls(sum(c.scored for c in costs), [c.fit_seconds for c in costs if c.fit_seconds is not None],
                    print_fn)
 
+    def reused(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A row an earlier run of this eval kept: said as such, and no longer among the rows (or fits) left; its
+        time, zero here, is not one the rows left are reckoned by."""
+        self.last = time.perf_counter()
+        self.print(f"eval: {row['name']}: top-1 {row['top1']:.2%} (kept from an earlier run of this eval)")
+        if not row.get("stored") and (row.get("probe_seconds") is not None or row.get("protocol") == "imagenet"):
+            self.rows_left -= 1
+            if row["kind"] == "supervised_encoder":
+                del self.fits_left[:1]
+        return row
+
     def done(self, row: dict[str, Any]) -> dict[str, Any]:
         """Call right after computing ``row``; prints its score and the time left, returns it."""
         now = time.perf_counter()

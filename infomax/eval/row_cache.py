@@ -1,8 +1,9 @@
 """The eval's scored rows, kept as each is scored, so that a stopped eval loses none: the rerun of the same
 command (the same config and weights) reuses them instead of scoring them again.
 
-Each row is one JSON file under ``OUT/rows/``, named by a hash of the eval's key (its resolved config and the
-exports' sha256) and the row's name, written atomically by the main process. It also keeps the torch RNG
+Each row is one JSON file under ``OUT/rows/``, named by a hash of the eval's key (its resolved config, the exports'
+sha256, the code's revision, the precision and the process count) and the row's place and name in the plan,
+written atomically by the main process. It also keeps the torch RNG
 state after the row, so that a row drawn later (a random init) is drawn as in an eval that never stopped.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 
 from infomax.runtime.files import write_atomically
 
@@ -29,13 +31,18 @@ class RowCache:
     def path(self, name: str) -> Path:
         return self.directory / (hashlib.sha256(f"{self.key}\n{name}".encode()).hexdigest()[:16] + ".json")
 
-    def get(self, name: str) -> dict[str, Any] | None:
-        """The row ``name`` as an earlier run of this eval scored it (the RNG restored to after it), or None."""
-        try:
-            kept = json.loads(self.path(name).read_text())
-        except (OSError, ValueError):  # none, or damaged: score it again
-            return None
-        if kept.get("name") != name:
+    def get(self, name: str, accelerator: Any) -> dict[str, Any] | None:
+        """The row ``name`` as an earlier run of this eval scored it (the RNG restored to after it), or None. The main
+        process reads it and every rank takes its answer, so that no rank skips a row the others compute."""
+        kept = None
+        if self.writer:
+            try:
+                kept = json.loads(self.path(name).read_text())
+            except (OSError, ValueError):  # none, or damaged: score it again
+                kept = None
+            kept = kept if kept and kept.get("name") == name else None
+        kept = broadcast_object_list([kept])[0] if accelerator.num_processes > 1 else kept
+        if kept is None:
             return None
         torch.set_rng_state(torch.tensor(list(base64.b64decode(kept["rng"])), dtype=torch.uint8))
         self.kept += 1

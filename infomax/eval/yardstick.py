@@ -5,7 +5,7 @@ quantities (an NWJ value against an InfoNCE one, a cosine critic capped at 1/tem
 This measures every export alike:
 
 1. the encoder frozen; two independent views of each image (the run's own view recipes, from its config.yaml);
-2. features of both views, standardised with the training pairs' statistics;
+2. features of both views, each projected on the training pairs' top 64 principal components and whitened;
 3. a fresh critic f(a, b) = a'Wb + a'diag(u)a + b'diag(v)b + c (bilinear, with the quadratic and constant terms
    of a Gaussian log density ratio; InfoNCE ignores the a-only ones) trained on training pairs with InfoNCE at K
    candidates, and a second one with NWJ;
@@ -71,25 +71,33 @@ def batch_values(critic: QuadraticCritic, a: torch.Tensor, b: torch.Tensor, boun
     return torch.stack([fn(critic(a[i:i + k], b[i:i + k])) for i in range(0, len(a) - k + 1, k)])
 
 
-def standardised(train: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both standardised with the training features' mean and std, less the features (nearly) constant on them, and
-    held to +-8 standard deviations: a unit that barely varied on the training images would otherwise reach scores
-    whose exponential (NWJ's negatives) overflows on one validation image."""
-    mean, std = train.mean(0), train.std(0)
-    live = std > 1e-3 * std.median().clamp_min(1e-12)
-    return tuple(((x[:, live] - mean[live]) / std[live]).clamp(-8, 8) for x in (train, val))
+def whitened(train: torch.Tensor, val: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both projected on the training features' top ``dim`` principal components and whitened there (unit variance
+    each), then held to +-8: a critic on an encoder's 1024 or 2048 raw features has D^2 weights to fit the training
+    pairs' noise with (its InfoNCE on held-out pairs read -100 nats), and a direction that barely varied on the
+    training images would reach scores whose exponential (NWJ's negatives) overflows on one held-out image."""
+    mean = train.mean(0)
+    _, s, v = torch.linalg.svd(train - mean, full_matrices=False)
+    keep = min(dim, int((s > 1e-4 * s[0]).sum()))
+    basis = v[:keep].T / (s[:keep] / math.sqrt(len(train) - 1))  # D x keep: projection and whitening in one
+    return tuple(((x - mean) @ basis).clamp(-8, 8) for x in (train, val))
 
 
 def yardstick(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], k: int = 512,
-              steps: int = 400, lr: float = 0.01, seed: int = 0) -> dict[str, Any]:
+              steps: int = 400, lr: float = 0.01, seed: int = 0, dim: int = 64) -> dict[str, Any]:
     """InfoNCE (at ``k`` candidates, ceiling log k) and NWJ of fresh critics trained on ``train`` pairs (N x D each)
-    and read on ``val`` pairs (M x D each, M >= 20 k for 20 batches): {bound: {nats, se, batches}}, plus log_k."""
+    and read on ``val`` pairs (M x D each, M >= 20 k for 20 batches), each side on its top ``dim`` whitened principal
+    components: {bound: {nats, se, batches}}, plus log_k."""
     (ta, tb), (va, vb) = train, val
     if len(va) < 20 * k:
         raise ValueError(f"the yardstick reads at least 20 batches of {k} validation pairs; got {len(va)} pairs")
-    ta, va = standardised(ta, va)
-    tb, vb = standardised(tb, vb)
-    out: dict[str, Any] = {"k": k, "log_k": math.log(k), "train_pairs": len(ta), "validation_pairs": len(va)}
+    ta, va = whitened(ta, va, dim)
+    tb, vb = whitened(tb, vb, dim)
+    out: dict[str, Any] = {"k": k, "log_k": math.log(k), "train_pairs": len(ta), "validation_pairs": len(va),
+                           "dims": [ta.shape[1], tb.shape[1]]}
+    # batches of held-out pairs in a fixed random order: a class-sorted folder's consecutive images are few classes
+    order = torch.randperm(len(va), generator=torch.Generator().manual_seed(seed + 1))
+    va, vb = va[order], vb[order]
     for bound in ("infonce", "nwj"):
         critic = fit_critic(ta, tb, bound, k, steps, lr, seed)
         values = batch_values(critic, va, vb, bound, k)
@@ -104,8 +112,8 @@ def yardstick(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor,
 def view_pair_features(export: str | Path, images: Any, cfg: Any, draws: int = 1,
                        batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features (draws N x F each) of two independent views of every image of ``images``, drawn ``draws``
-    times with the run's own first two view recipes (``cfg``: its config), through the export's input transform.
-    Draw d follows draw d - 1, so a batch of consecutive pairs holds distinct images."""
+    times with the run's own first and last view recipes (``cfg``: its config; BYOL's asymmetric pair: both), through
+    the export's input transform."""
     from infomax.data.multiview import MultiViewDataset
     from infomax.data.transforms import build_view_transform
     from infomax.eval.rows import input_fn_for

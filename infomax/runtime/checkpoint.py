@@ -77,6 +77,9 @@ class Progress:
         """Record that the steps from here on run in ``mode``; one line when that is a change, else ''."""
         if self.precision and self.precision[-1][0] == mode:
             return ""
+        if self.precision and self.precision[-1][1] > self.global_step:  # a stretch that ran no step: not one
+            self.precision.pop()
+            return self.enter_precision(mode)
         self.precision.append([mode, self.global_step + 1])
         if len(self.precision) == 1:
             return ""

@@ -115,10 +115,7 @@ def check_run_dir(cfg: Config) -> None:
         return  # nothing to resume: a run that never saved (e.g. it failed at its first step) may start over
     check_saved_config(saved)
     differing = config_differences(saved.read_text(), cfg)
-    if not (run_dir / DATA_RECORD).is_file():  # a run dir that recorded no data identity: a new place is not checked
-        saved_where = flatten(YAML_1_2.load(saved.read_text()))
-        differing += [k for k, v in where_the_data_is(cfg).items() if saved_where.get(k, v) != v]
-    else:
+    if (run_dir / DATA_RECORD).is_file():  # where the data is may change: what it is is checked (check_data_moved)
         differing = [k for k in differing if k not in LOCATION_KEYS]
     unknown = sorted(set(differing) - set(flatten(YAML_1_2.load(to_yaml(cfg)))))
     if unknown:
@@ -149,8 +146,9 @@ def check_saved_config(saved: Path) -> None:
         problem = "is cut short (its last line has no end)"
     known, saved_keys = flatten(YAML_1_2.load(to_yaml(Config()))), flatten(tree) if isinstance(tree, dict) else {}
     missing, unknown = [k for k in known if k not in saved_keys], [k for k in saved_keys if k not in known]
-    if not problem and missing and not unknown:  # (a key renamed since is an older version's, said by the caller)
-        # a cut at a line end parses too: the keys every config has are then missing
+    # A cut at a line end parses too, and then lacks the last keys of every config, in their order (a key added by
+    # a later version is missing from the middle, and a renamed one leaves an unknown key: the caller says those).
+    if not problem and missing and not unknown and missing == list(known)[-len(missing):]:
         problem = f"is cut short ({len(missing)} keys missing, from {missing[0]} on)"
     if problem:
         restore = f"python -m infomax.runtime.run_dir --restore-config {shlex.quote(str(saved.parent))}"

@@ -522,8 +522,9 @@ def print_summary(run: Run, summary: dict[str, Any], elapsed: float, run_dir: Pa
         f"{cfg.optim.epochs:g}, {run.steps_this_run} steps in {elapsed:.0f}s on {run.accelerator.num_processes} "
         "process(es)",
         f"  loss {fmt(summary['final_loss'], '.4f')}   "
-        + (f"MI estimate {fmt(summary['mi_estimate_nats'], '.3f')} nats with the queue's stale keys (ceiling log K = "
-           f"{fmt(summary['log_k'], '.3f')}; no lower bound), bound over the batch's keys alone "
+        + (f"MI estimate {fmt(summary['mi_estimate_nats'], '.3f')} nats with the queue's stale keys ("
+           + (f"ceiling log K = {fmt(summary['log_k'], '.3f')}; " if has_log_k_ceiling(cfg) else "no ceiling; ")
+           + "no lower bound), bound over the batch's keys alone "
            f"{summary['mi_batch_keys_nats']:.3f} nats" if summary["mi_batch_keys_nats"] is not None else
            f"MI bound {fmt(summary['mi_estimate_nats'], '.3f')} nats (ceiling log K = {fmt(summary['log_k'], '.3f')})"
            if has_log_k_ceiling(cfg) else
