@@ -20,13 +20,11 @@ import argparse
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks" / "studies"))  # the recipe study's row runner, beside this script
+from recipe_study import study_row  # the recipe study's row runner, beside this script (on sys.path as its folder)
 
-from recipe_study import study_row  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 ROWS = REPO / "benchmarks" / "out" / "critic_study.jsonl"
 CRITICS = ("cosine", "bilinear", "concat")
