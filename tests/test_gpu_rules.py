@@ -175,7 +175,7 @@ def test_fake_cuda_training_step_makes_at_most_one_host_sync(lab: bool, monkeypa
 def test_fake_cuda_torchs_sync_batchnorm_reads_back_three_times_a_layer() -> None:
     """Outside our bound, and measured so a reader knows it: torch's SyncBatchNorm (model.sync_bn on GPUs)
     drops the statistics of ranks with empty inputs by three boolean masks in every forward, each a read back
-    to the host (torch issue 78549; skipped only under CUDA-graph capture). ResNet-18: 20 layers, 60 syncs
+    to the host (a known torch behaviour, github.com/pytorch/pytorch/issues/78549; skipped only under CUDA-graph capture). ResNet-18: 20 layers, 60 syncs
     a forward pass; benchmarks/results/host_syncs.md has ResNet-50's. If torch removes them, this fails."""
     import timm
 
