@@ -58,11 +58,11 @@ baselines-encoder: setup
 # Both lint first (ruff: pyflakes, isort, bugbear, line length; settings in pyproject.toml).
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -m "not gpu" --durations=25
+	$(PY) -m pytest -q -m "not gpu" -n auto --dist loadgroup --durations=25
 
 test-fast: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	$(PY) -m pytest -q -m "not slow and not gpu" -n auto --dist loadgroup
 
 clean:
 	rm -rf runs .pytest_cache

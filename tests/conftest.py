@@ -14,9 +14,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "synthetic_tiny.yaml"
+# `make test` runs the suite on pytest-xdist workers, one per core: most tests wait on a one-thread subprocess, and
+# one worker left a core idle. Each worker's own torch (in-process tests) then takes its share of the cores, set
+# before torch is imported: OpenMP threads beyond the cores spin against each other (up to 20x slower).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+CORES = max(1, len(os.sched_getaffinity(0)) // WORKERS)
+os.environ.setdefault("OMP_NUM_THREADS", str(CORES))
 # Runs started here take one OpenMP thread: runs compared bit for bit must use the same count, and several
-# processes on 2 cores would spin against each other. A lone run on real data takes every core: 1.6x faster.
-ALL_CORES = {"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}
+# processes on 2 cores would spin against each other. A lone run on real data takes this worker's cores.
+ALL_CORES = {"OMP_NUM_THREADS": str(CORES)}
 
 
 def run_main(*overrides: str, config: Path = TINY, launcher: list[str] | None = None, timeout: float = 300,

@@ -264,6 +264,22 @@ def test_eval_writes_report_with_every_requested_row(export_dir: Path, tmp_path:
 
 
 @pytest.mark.slow
+def test_unreadable_scored_images_are_skipped_and_counted_not_replaced(export_dir: Path, tmp_path: Path) -> None:
+    """24 readable and 3 undecodable images in val/: each row scores the 24 (a neighbour used to stand in for each
+    broken one, scoring 27), and one line counts what was skipped."""
+    from test_data import make_imagefolder
+
+    make_imagefolder(tmp_path / "data", good_per_class=12, corrupt=3)
+    (tmp_path / "data" / "val").symlink_to(tmp_path / "data" / "train")
+    out = tmp_path / "report"
+    proc = run_eval(f"weights={export_dir}", f"out={out}", "dataset=imagefolder", f"root={tmp_path / 'data'}",
+                    "raw_pixels=false", "random_init=false", "knn_k=[5]")
+    (row,) = report_of(proc, out)["rows"]
+    assert row["scored"] == 24 and row["knn"]["5"] >= 0
+    assert "eval: 3 unreadable image(s) of the test split skipped: scored on the other 24" in proc.stdout
+
+
+@pytest.mark.slow
 def test_imagenet_protocol_runs_and_reports_sgd_rows(export_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
     sgd = ["protocol=imagenet", "sgd.epochs=12", "sgd.milestones=[9]", "sgd.global_batch_size=32", "sgd.lr=10",

@@ -23,7 +23,7 @@ from infomax.method.models import MultiViewModel, create_encoder
 from infomax.runtime.checkpoint import checkpoint_dirs
 from infomax.runtime.hardware import choose_precision
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pretrain_run")]  # one worker builds the module's run
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, TINY, free_port, run_main
 from infomax.runtime.checkpoint import checkpoint_dirs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resume")]  # one worker builds the module's run
 
 # 256 images / batch 32 = 8 steps per epoch, 4 epochs = 32 steps; checkpoints every 3 steps.
 SETTINGS = ["run.deterministic=true", "optim.epochs=4", "run.checkpoint_every=3", "run.keep_checkpoints=2",

@@ -17,7 +17,8 @@ import yaml
 
 from conftest import REPO, TINY
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+# One worker runs them all: the cluster is one per session, on fixed ports (tests/slurm/start.sh).
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
 
 
@@ -232,6 +233,7 @@ def test_dry_run_script_is_the_script_submitit_submits(tmp_path: Path, monkeypat
     (["--partition", "nope"], "is not a partition of this cluster"),
     (["--time", "soon"], "is not a SLURM time"),
     (["--sweep", "optim.lr"], "is not key=v1,v2"),
+    (["objective.name=dim", "objective.bound=mine"], "dim supports"),  # what the job refuses at start, up front
 ])
 def test_bad_input_fails_before_submitting(slurm_cluster: Path, tmp_path: Path, args: list[str], needle: str) -> None:
     proc, jobs = submit(f"run.dir={tmp_path / 'run'}", *args, check=False)

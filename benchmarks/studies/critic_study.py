@@ -82,11 +82,12 @@ def paired(rows: list[dict], critic: str, key: str) -> tuple[float, float, float
 
 
 def table() -> str:
-    rows = [json.loads(line) for line in ROWS.read_text().splitlines()] if ROWS.is_file() else []
-    rows = list({r["name"]: r for r in rows}.values())  # the newest record of each row
-    rows = [r for r in rows if r["epochs"] == rows[-1]["epochs"]]  # one budget: the newest rows' 
-    if not rows:
+    records = [json.loads(line) for line in ROWS.read_text().splitlines()] if ROWS.is_file() else []
+    if not records:
         return "no rows yet"
+    # one budget and one machine, the newest record's: a CPU without native bf16 trains these rows in fp32
+    newest = (records[-1]["epochs"], records[-1]["machine"])
+    rows = list({r["name"]: r for r in records if (r["epochs"], r["machine"]) == newest}.values())  # newest of each
     lines = ["| critic | seeds | probe | kNN k=20 | yardstick InfoNCE (nats) | yardstick NWJ | own bound (mean logged) |",
              "|---|---|---|---|---|---|---|"]
     for critic in CRITICS:

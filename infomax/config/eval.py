@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from infomax.config.pretrain import _choice, _f, check_fields, require
+from infomax.config.pretrain import DatasetOptions, _choice, _f, check_fields, require
 
 # The eval stage's own lists of choices, written once (help texts and validation follow them).
 EVAL_CHOICES: dict[str, dict[str, str]] = {
@@ -64,17 +64,17 @@ class BaselinesConfig:
 
 
 @dataclass
-class EvalConfig:
-    weights: list[str] = _f([], "export directories to evaluate (weights=runs/x/export, or [a,b] for several)")
+class EvalConfig(DatasetOptions):
+    # The dataset options come first (shared with pretraining's data.*); the eval's own default dataset:
     dataset: str = _choice("data.dataset", "fashion_mnist", tail=" (train split for fitting, test/val for scoring)")
-    root: str = _f("", "dataset directory; empty = the dataset's default")
+    weights: list[str] = _f([], "export directories to evaluate (weights=runs/x/export, or [a,b] for several)")
     train_beton: str = _f("", "extract the train split's features from this .beton (FFCV) instead of decoding "
                               "dataset/root")
     test_beton: str = _f("", "extract the test split's features from this .beton (FFCV)")
-    limit_train: int = _f(0, "use only N evenly spaced training images (0 = all)", ge=0)
-    limit_test: int = _f(0, "use only N evenly spaced test images (0 = all)", ge=0)
-    holdout: int = _f(0, "fit on the train split less N evenly spaced images and score on those, not on the test "
-                         "split (the validation split of a pretraining with data.holdout=N)", ge=0)
+    limit_train: int = _f(0, "use only N training images, each class in proportion (0 = all)", ge=0)
+    limit_test: int = _f(0, "use only N test images, each class in proportion (0 = all)", ge=0)
+    holdout: int = _f(0, "fit on the train split less N images (each class in proportion) and score on those, not "
+                         "on the test split (the validation split of a pretraining with data.holdout=N)", ge=0)
     center_crop_ratio: float = _f(1.0, "eval transform: resize to size / ratio, centre crop (ImageNet: 0.875 = 256 -> "
                                        "224)", gt=0, le=1)
     protocol: str = _choice("protocol", "fast", table=EVAL_CHOICES)
@@ -98,9 +98,6 @@ class EvalConfig:
     seed: int = _f(0, "seed for the random-init encoder, the held-out split and the SGD fits")
     dist_timeout_min: float = _f(60, "minutes a rank waits in a collective (rank 0 alone writes the report)")
     out: str = _f("", "report directory; empty = beside the first export (its parent run dir)")
-    synthetic_size: int = _f(2048, "synthetic: training images (test split: a quarter, another seed)")
-    synthetic_classes: int = _f(8, "synthetic: classes")
-    synthetic_image_size: int = _f(32, "synthetic: image side")
 
 
 def validate_eval(c: EvalConfig) -> None:

@@ -115,23 +115,30 @@ class ViewConfig:
 
 
 @dataclass
-class DataConfig:
+class DatasetOptions:
+    """Which images, written once for both stages: pretraining holds these as ``data.*``, the eval at its top level,
+    and both open them with :func:`infomax.data.datasets.open_configured`."""
+
     dataset: str = _choice("data.dataset", "synthetic", tail=" (infomax.data.datasets.REGISTRY)")
     root: str = _f("", "dataset directory; empty = the dataset's default (Fashion-MNIST: "
                        "/usr/share/datasets/fashion-mnist)")
+    synthetic_size: int = _f(2048, "synthetic: number of training images (its test split: a quarter, another seed)")
+    synthetic_classes: int = _f(8, "synthetic: number of latent classes the images are drawn from", ge=2)
+    synthetic_image_size: int = _f(32, "synthetic: side length of the drawn images")
+
+
+@dataclass
+class DataConfig(DatasetOptions):
     num_workers: int = _f(2, "DataLoader worker processes per training process (FFCV: decoding threads)", ge=0)
     format: str = _choice("data.format", "torchvision")
     path: str = _f("", "ffcv: the .beton file (python -m infomax.data.beton ... --out train.beton)")
     os_cache: bool = _f(True, "ffcv: read through the OS page cache (false: ffcv's own process cache)")
     batches_ahead: int = _f(3, "ffcv: batches prepared ahead of the training step")
     augment: str = _choice("data.augment", "loader")
-    synthetic_size: int = _f(2048, "synthetic: number of training images")
-    synthetic_classes: int = _f(8, "synthetic: number of latent classes the images are drawn from", ge=2)
-    synthetic_image_size: int = _f(32, "synthetic: side length of the drawn images")
     colour_split: str = _choice("data.colour_split", "none")
     limit: int = _f(0, "use only the first N training images (0 = all)", ge=0)
-    holdout: int = _f(0, "hold N evenly spaced training images out as a validation split, never trained on: the kNN "
-                         "monitor's queries, scored by eval holdout=N", ge=0)
+    holdout: int = _f(0, "hold N training images out (each class in proportion) as a validation split, never "
+                         "trained on: the kNN monitor's queries, scored by eval holdout=N", ge=0)
     views: list[ViewConfig] = _f([ViewConfig(), ViewConfig()], "one augmentation recipe per view; V = len(views) >= 2 "
                                                                "(>= 1 with colour_split=lab)")
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from infomax.config.pretrain import ConfigError
 from infomax.data.datasets import REGISTRY, DataError, ImageDataset, Subset, next_readable, open_dataset
@@ -209,79 +210,42 @@ def stored_sizes(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_back(out: Path, dataset: ImageDataset, samples: int = 8) -> None:
-    """Count, every label, and a few decoded images against the source."""
-    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
+    """Count, every label, and the first ``samples`` images against the source, read from the file one sample at a
+    time (:class:`~infomax.data.beton_images.BetonImages`, as an FFCV run's kNN bank reads it; an FFCV Loader would
+    JIT-compile for about 15 s, and decodes images of varied sizes only through a crop). An image stored raw equals
+    its source; one stored as JPEG is within 2 levels of its source through the same encoder (JPEG drops detail by
+    design: 9-13 levels on synthetic images at quality 90); one resized by --max-resolution is not compared."""
+    from infomax.data.beton_images import BetonImages
 
     settings = json.loads(Path(str(out) + ".json").read_text())
-    loader = Loader(str(out), batch_size=256, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines={"image": None, "label": [IntDecoder()]})
-    # Copied batch by batch: FFCV reuses its batch buffers, so a view kept past the next batch is overwritten.
-    labels = np.concatenate([np.array(batch[0]).reshape(-1) for batch in loader])
-    if len(labels) != len(dataset):
-        raise RuntimeError(f"read-back: {out} holds {len(labels)} samples, expected {len(dataset)}")
+    stored = BetonImages(str(out))
+    if len(stored) != len(dataset):
+        raise RuntimeError(f"read-back: {out} holds {len(stored)} samples, expected {len(dataset)}")
     # With replaced unreadable images the stored labels are their neighbours': nothing to compare.
-    expected = labels if settings["unreadable_replaced"] else np.array([dataset.label(i) for i in range(len(dataset))])
-    if not np.array_equal(labels, expected):
-        raise RuntimeError(f"read-back: labels in {out} differ from the source at {int(np.argmax(labels != expected))}")
-    if settings["max_resolution"] and max(dataset.load(0)[0].shape[1:]) > settings["max_resolution"]:
-        return  # resized on writing: nothing to compare pixel for pixel
-    heights, widths = stored_sizes(out)
-    if heights.min() != heights.max() or widths.min() != widths.max():
-        compare_centre_crops(out, dataset, settings, samples)  # FFCV decodes varied sizes only with a crop
-        return
-    # Images kept at their size can be compared pixel for pixel (raw) or closely (jpg).
-    images = Loader(str(out), batch_size=1, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    indices=list(range(min(samples, len(dataset)))),
-                    pipelines={"image": [SimpleRGBImageDecoder()], "label": None})
-    for i, (image,) in enumerate(images):
-        source = dataset.load(i)[0].numpy().transpose(1, 2, 0)
-        decoded = image[0][..., : source.shape[2]].astype(np.int16)
-        error = np.abs(decoded - source).mean()
-        if error == 0 or settings["write_mode"] == "raw":  # stored raw (proportion mode stores some raw)
-            if error:
-                raise RuntimeError(f"read-back: image {i} of {out} differs from the source (mean abs error "
-                                   f"{error:.1f})")
-            continue
-        # JPEG loses detail by design (9-13 levels on synthetic images at quality 90), so the reference
-        # is the source through the same encoder at the same quality. Only the decoder differs:
-        # ffcv's fast libjpeg-turbo path lands 1.0-1.2 levels (mean) from OpenCV's and PIL's.
-        reference = jpeg_round_trip(source, settings["jpeg_quality"])
-        error = np.abs(decoded - reference).mean()
-        if error > 2.0:
-            raise RuntimeError(f"read-back: image {i} of {out} differs from the source after JPEG at quality "
-                               f"{settings['jpeg_quality']} (mean abs error {error:.2f} levels)")
-
-
-CHECK_SIDE = 64  # the centre crops compared when the images differ in size
-
-
-def compare_centre_crops(out: Path, dataset: ImageDataset, settings: dict, samples: int) -> None:
-    """A few images of a .beton of varied sizes against the source: FFCV's centre crop (the largest
-    centred square, resized to CHECK_SIDE) against the same crop and cv2 resize of the source, or of the
-    source through the same JPEG encoding where it was stored as JPEG."""
-    import cv2
-    from ffcv.fields.decoders import CenterCropRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-
-    images = Loader(str(out), batch_size=1, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    indices=list(range(min(samples, len(dataset)))),
-                    pipelines={"image": [CenterCropRGBImageDecoder((CHECK_SIDE, CHECK_SIDE), 1.0)], "label": None})
-
-    def centre(image: np.ndarray) -> np.ndarray:  # ffcv's get_center_crop at ratio 1, then INTER_AREA
-        c = min(image.shape[:2])
-        top, left = (image.shape[0] - c) // 2, (image.shape[1] - c) // 2
-        square = np.ascontiguousarray(as_rgb(image)[top: top + c, left: left + c])
-        return cv2.resize(square, (CHECK_SIDE, CHECK_SIDE), interpolation=cv2.INTER_AREA).astype(np.int16)
-
-    for i, (image,) in enumerate(images):
-        source = dataset.load(i)[0].numpy().transpose(1, 2, 0)
-        decoded = image[0].astype(np.int16)
-        error = min(np.abs(decoded - centre(source)).mean(),
-                    np.abs(decoded - centre(jpeg_round_trip(source, settings["jpeg_quality"]).astype(np.uint8))).mean())
-        if error > 2.0:  # a wrong or garbled image is tens of levels off
-            raise RuntimeError(f"read-back: image {i} of {out} differs from the source's centre crop (mean abs error "
-                               f"{error:.2f} levels)")
+    expected = stored.labels if settings["unreadable_replaced"] else np.array([dataset.label(i) for i in
+                                                                              range(len(dataset))])
+    if not np.array_equal(stored.labels, expected):
+        raise RuntimeError(f"read-back: labels in {out} differ from the source at "
+                           f"{int(np.argmax(stored.labels != expected))}")
+    limit = settings["max_resolution"]
+    for i in range(min(samples, len(dataset))):
+        source = dataset.load(i)[0]
+        if limit and max(source.shape[1:]) > limit:
+            continue  # resized on writing: nothing to compare pixel for pixel
+        image = stored.load(i)[0]
+        if image.shape != source.shape:
+            raise RuntimeError(f"read-back: image {i} of {out} is {tuple(image.shape)}, its source "
+                               f"{tuple(source.shape)}")
+        if stored.stored_as_jpeg(i):
+            reference = torch.from_numpy(jpeg_round_trip(source.numpy().transpose(1, 2, 0),
+                                                         settings["jpeg_quality"]).transpose(2, 0, 1))
+            error = (image.to(torch.int16) - reference).abs().float().mean().item()
+            if error > 2.0:
+                raise RuntimeError(f"read-back: image {i} of {out} differs from the source after JPEG at quality "
+                                   f"{settings['jpeg_quality']} (mean abs error {error:.2f} levels)")
+        elif not torch.equal(image, source):
+            error = (image.to(torch.int16) - source.to(torch.int16)).abs().float().mean().item()
+            raise RuntimeError(f"read-back: image {i} of {out} differs from the source (mean abs error {error:.1f})")
 
 
 def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:

@@ -175,10 +175,9 @@ def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
     check_dataset_use(cfg.data)
     d, batch = cfg.data, cfg.optim.batch_size_per_process
     ffcv = d.format == "ffcv"
-    # The kNN monitor reads small labelled subsets of the source dataset through torchvision either way.
-    decoded, validation = training_and_validation(cfg) if cfg.monitor.knn_every or not ffcv else (None, None)
-    if ffcv:
+    if ffcv:  # the kNN bank is read from the .beton itself: the image folder's training split is never listed
         from infomax.data.beton import require_ffcv
+        from infomax.data.beton_images import BetonImages
         from infomax.data.ffcv_loader import BetonInfo
 
         require_ffcv()
@@ -186,7 +185,9 @@ def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
         images.require_dataset(d.dataset, "data.path", "data.dataset")
         if warning := beton_memory_warning(Path(d.path).stat().st_size, memory_limit(), d.os_cache):
             accelerator.print(warning, flush=True)
+        decoded, validation = (BetonImages(d.path, images) if cfg.monitor.knn_every else None), None
     else:
+        decoded, validation = training_and_validation(cfg)
         images = decoded
     batch_views = BatchViews(d.views, images.mean, images.std, cfg.run.seed) if d.augment == "batch" or ffcv else None
     bank, queries = build_knn_sets(cfg, decoded, validation) if cfg.monitor.knn_every else (None, None)

@@ -158,6 +158,7 @@ class Rows:
         self.splits, self.betons = {"train": train, "test": test}, {"train": cfg.train_beton, "test": cfg.test_beton}
         self.num_classes = train.num_classes
         self.stop = stop or StopFlag()  # the eval installs its signal handlers; a plan made elsewhere does not
+        self.unreadable: dict[str, int] = {}  # images each split could not decode, skipped by every row
         self.alexnet_protocol = alexnet_protocol(size, cfg.center_crop_ratio, cfg.holdout)
 
     # ------------------------------------------------------------------ shared steps
@@ -176,9 +177,16 @@ class Rows:
             return beton_features(model, self.betons[split], image_size, cfg.center_crop_ratio,
                                   cfg.batch_size_per_process, self.accelerator, max(1, cfg.num_workers), input_fn,
                                   *norm, keep_shard=keep_shard)
-        return extract_features(model, ImageListDataset(self.splits[split], image_size, cfg.center_crop_ratio, *norm),
-                                self.accelerator, cfg.batch_size_per_process, cfg.num_workers, input_fn=input_fn,
-                                shard=True, keep_shard=keep_shard)
+        feats, labels = extract_features(
+            model, ImageListDataset(self.splits[split], image_size, cfg.center_crop_ratio, *norm), self.accelerator,
+            cfg.batch_size_per_process, cfg.num_workers, input_fn=input_fn, shard=True, keep_shard=keep_shard)
+        skipped = len(self.splits[split]) - len(labels)
+        if not keep_shard and skipped and split not in self.unreadable:  # said once, as pretraining counts them
+            self.unreadable[split] = skipped
+            self.accelerator.print(f"eval: {skipped} unreadable image(s) of the {split} split skipped: "
+                                   f"{'scored' if split == 'test' else 'fitted'} on the other {len(labels)}",
+                                   flush=True)
+        return feats, labels
 
     def knn(self, train_xy, test_xy, bank_sharded: bool = False) -> dict[str, float]:
         return knn_top1(train_xy, test_xy, self.cfg.knn_k, self.cfg.knn_temperature, self.num_classes, bank_sharded,

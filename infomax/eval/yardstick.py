@@ -113,22 +113,31 @@ def view_pair_features(export: str | Path, images: Any, cfg: Any, draws: int = 1
                        batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features (draws N x F each) of two independent views of every image of ``images``, drawn ``draws``
     times with the run's own first and last view recipes (``cfg``: its config; BYOL's asymmetric pair: both), through
-    the export's input transform."""
+    the export's input transform. Same-size images are cut per batch (``BatchViews``, as data.augment=batch trains),
+    others per image."""
+    from infomax.data.batch_views import BatchViews
     from infomax.data.multiview import MultiViewDataset
     from infomax.data.transforms import build_view_transform
     from infomax.eval.rows import input_fn_for
     from infomax.export.encoder import load_encoder
+    from infomax.runtime.tracking import progress_bar
 
     encoder, meta = load_encoder(export)
-    views = [cfg.data.views[0], cfg.data.views[-1]]
-    transforms = [build_view_transform(v, images.channels, meta["mean"], meta["std"]) for v in views]
-    pairs = MultiViewDataset(images, transforms, seed=cfg.run.seed + 1)  # not the pretraining's own draws
+    views, seed = [cfg.data.views[0], cfg.data.views[-1]], cfg.run.seed + 1  # not the pretraining's own draws
+    per_batch = BatchViews(views, meta["mean"], meta["std"], seed) if images.same_size else None
+    transforms = [] if per_batch else [build_view_transform(v, images.channels, meta["mean"], meta["std"])
+                                       for v in views]
+    pairs = MultiViewDataset(images, transforms, seed=seed)
     input_fn, feats = input_fn_for(meta), ([], [])
-    for draw in range(draws):
-        pairs.set_epoch(draw)
-        for batch in torch.utils.data.DataLoader(pairs, batch_size=batch_size):
-            for part, view in zip(feats, batch["views"]):
-                part.append(encoder(input_fn(view)).float())
+    loader = torch.utils.data.DataLoader(pairs, batch_size=batch_size)
+    with progress_bar(total=draws * len(loader), desc="yardstick features") as bar:
+        for draw in range(draws):
+            pairs.set_epoch(draw)
+            for step, batch in enumerate(loader):
+                two = per_batch(batch["views"][0], draw, step) if per_batch else batch["views"]
+                for part, view in zip(feats, two):
+                    part.append(encoder(input_fn(view)).float())
+                bar.update()
     return torch.cat(feats[0]), torch.cat(feats[1])
 
 

@@ -24,9 +24,14 @@ from infomax.runtime.device import send
 InputFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+UNREADABLE = -1  # the label of an image that cannot be decoded: its row is dropped from the features
+
+
 class ImageListDataset(torch.utils.data.Dataset):
     """An ImageDataset seen through the deterministic eval transform (kNN monitor, eval stage),
-    normalised with ``mean``/``std`` (an export's own; default: the dataset's). Items: (image, label)."""
+    normalised with ``mean``/``std`` (an export's own; default: the dataset's). Items: (image, label); an
+    unreadable image comes as its next readable neighbour labelled ``UNREADABLE`` (batches keep their shape),
+    and :func:`extract_features` drops it: nothing scores or votes twice."""
 
     def __init__(self, base: ImageDataset, size: int, crop_ratio: float = 1.0, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None) -> None:
@@ -37,8 +42,8 @@ class ImageListDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image, label, _ = load_readable(self.base, i)
-        return self.transform(image), label
+        image, label, failed = load_readable(self.base, i)
+        return self.transform(image), UNREADABLE if failed else label
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         """A DataLoader batch at once. In-memory datasets (``ImageDataset.load_many``) are transformed
@@ -114,7 +119,8 @@ def in_dataset_order(feats: torch.Tensor, labels: torch.Tensor, positions: torch
 def extract_features(encoder: nn.Module, dataset: torch.utils.data.Dataset, accelerator: Accelerator,
                      batch_size: int = 256, num_workers: int = 0, input_fn: InputFn = lambda x: x,
                      shard: bool = False, keep_shard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs (N x F, fp32, CPU) and labels (N) of a labelled dataset of (image, label), in eval mode.
+    """Outputs (N x F, fp32, CPU) and labels (N) of a labelled dataset of (image, label), in eval mode, less the
+    items labelled ``UNREADABLE`` (N counts the readable ones).
 
     ``input_fn`` maps a device batch to the encoder's input (e.g. the L channel of Lab for CMC).
     With ``shard`` every process computes its shard and all receive the whole split, each image
@@ -140,8 +146,16 @@ def extract_features(encoder: nn.Module, dataset: torch.utils.data.Dataset, acce
                                    (feats, labels, positions)):
                 part.append(keep(kept))
     if keep_shard:  # the Subset's loader keeps its order: no positions to sort by
-        return torch.cat(feats), torch.cat(labels).long()
-    return in_dataset_order(torch.cat(feats), torch.cat(labels), torch.cat(positions), len(dataset))
+        return readable_rows(torch.cat(feats), torch.cat(labels).long())
+    return readable_rows(*in_dataset_order(torch.cat(feats), torch.cat(labels), torch.cat(positions), len(dataset)))
+
+
+def readable_rows(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N x F, N) less the rows of unreadable images (label ``UNREADABLE``)."""
+    readable = labels != UNREADABLE
+    if bool(readable.all()):  # one read back per split, outside any training step
+        return feats, labels
+    return feats[readable], labels[readable]
 
 
 @torch.no_grad()

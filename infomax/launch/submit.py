@@ -125,6 +125,7 @@ def resolve_runs(args: argparse.Namespace) -> list[Config]:
     """One resolved pretraining config per sweep point, each with its own absolute run dir, checked as ours."""
     from infomax.config.pretrain import load_config
     from infomax.data.train_loader import check_dataset_use
+    from infomax.method.objectives import objective_class
     from infomax.runtime.run_dir import check_run_dir
 
     points = sweep_points(args.sweep)
@@ -132,6 +133,7 @@ def resolve_runs(args: argparse.Namespace) -> list[Config]:
     for point in points:
         cfg = load_config(args.config, [*args.overrides, *point])
         check_dataset_use(cfg.data)  # what the job would refuse at its start, refused before it queues
+        objective_class(cfg.objective.name).check_config(cfg.objective)
         if len(points) > 1:  # one run dir per sweep value, under the configured one
             cfg.run.dir = str(Path(cfg.run.dir) / "_".join(o.replace("/", "-") for o in point))
         cfg.run.dir = str(Path(cfg.run.dir).resolve())

@@ -179,6 +179,12 @@ class LogProgress:
         if self.n != self.start_n:
             self._line()
 
+    def __enter__(self) -> LogProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _line(self) -> None:
         now = time.perf_counter()
         self.last = now

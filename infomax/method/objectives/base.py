@@ -29,6 +29,11 @@ class Objective(nn.Module):
     takes_keys: bool = False  # True: forward also takes a momentum model's keys (objective.queue_size)
 
     @classmethod
+    def check_config(cls, cfg: ObjectiveConfig) -> None:
+        """Refuse (ConfigError) ``objective.*`` settings this objective cannot train with, before anything is built:
+        ``launch/submit.py`` calls it so that a job does not queue for hours to fail at its start."""
+
+    @classmethod
     def from_config(cls, cfg: ObjectiveConfig, num_views: int, embed_dim: int) -> Objective:
         """The objective configured by ``objective.*`` for ``num_views`` views of ``embed_dim``-wide embeddings."""
         raise NotImplementedError

@@ -32,13 +32,17 @@ class DIMObjective(Objective):
 
     def __init__(self, bound: str = "js", knobs: Any = None, local_stage: int = 4) -> None:
         super().__init__()
-        if not bounds.BOUNDS[bound].dim:
-            raise ConfigError(f"bad value for config key 'objective.bound': dim supports "
-                              f"{', '.join(n for n, b in bounds.BOUNDS.items() if b.dim)}, got {bound}")
+        self.check_config(SimpleNamespace(bound=bound))
         self.bound = bound
         self._fn = bounds.build_bound(bound, knobs or SimpleNamespace(smile_tau=5.0, mine_ema=0.1))
         # DIM reads only the deepest map; a head for another would leave DDP an unused parameter.
         self.local_stages = [local_stage]
+
+    @classmethod
+    def check_config(cls, cfg: ObjectiveConfig) -> None:
+        if not bounds.BOUNDS[cfg.bound].dim:
+            raise ConfigError(f"bad value for config key 'objective.bound': dim supports "
+                              f"{', '.join(n for n, b in bounds.BOUNDS.items() if b.dim)}, got {cfg.bound}")
 
     @classmethod
     def from_config(cls, cfg: ObjectiveConfig, num_views: int, embed_dim: int) -> DIMObjective:
