@@ -286,7 +286,7 @@ def test_beton_images_read_one_sample_as_the_writer_stored_it(tmp_path: Path, mo
     """The kNN monitor's random access to a .beton: labels from the metadata, images decoded one by one (raw:
     the source's pixels; JPEG: the source through the same encoder, to within the decoders' level)."""
     from infomax.data.beton import jpeg_round_trip
-    from infomax.data.beton_images import BetonImages
+    from infomax.data.beton_file import BetonImages
     from infomax.data.datasets import open_dataset
 
     path = tmp_path / "fm.beton"

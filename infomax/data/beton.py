@@ -26,22 +26,12 @@ import numpy as np
 import torch
 
 from infomax.config.pretrain import ConfigError
+from infomax.data.beton_file import BetonImages, require_ffcv
 from infomax.data.datasets import REGISTRY, DataError, ImageDataset, Subset, next_readable, open_dataset
 from infomax.runtime.files import write_atomically
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
 FATAL = "FATAL"
-INSTALL = ("FFCV is not installed: apt-get install -y --no-install-recommends libopencv-dev libturbojpeg0-dev "
-           "pkg-config && pip install -e '.[ffcv]'")
-
-
-def require_ffcv() -> None:
-    try:
-        import ffcv  # noqa: F401
-    except ImportError:
-        raise ConfigError(INSTALL) from None
-
-
 def as_rgb(image: np.ndarray) -> np.ndarray:
     """H x W x C uint8 -> H x W x 3, contiguous: ffcv stores RGB, so one-channel images are repeated."""
     return np.ascontiguousarray(np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image)
@@ -211,12 +201,10 @@ def stored_sizes(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def read_back(out: Path, dataset: ImageDataset, samples: int = 8) -> None:
     """Count, every label, and the first ``samples`` images against the source, read from the file one sample at a
-    time (:class:`~infomax.data.beton_images.BetonImages`, as an FFCV run's kNN bank reads it; an FFCV Loader would
+    time (:class:`~infomax.data.beton_file.BetonImages`, as an FFCV run's kNN bank reads it; an FFCV Loader would
     JIT-compile for about 15 s, and decodes images of varied sizes only through a crop). An image stored raw equals
     its source; one stored as JPEG is within 2 levels of its source through the same encoder (JPEG drops detail by
     design: 9-13 levels on synthetic images at quality 90); one resized by --max-resolution is not compared."""
-    from infomax.data.beton_images import BetonImages
-
     settings = json.loads(Path(str(out) + ".json").read_text())
     stored = BetonImages(str(out))
     if len(stored) != len(dataset):

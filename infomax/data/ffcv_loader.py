@@ -24,57 +24,14 @@ FFCV draws are not replayed bit for bit after a resume.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from infomax.config.pretrain import ConfigError, ViewConfig
-from infomax.data.beton import require_ffcv
+from infomax.config.pretrain import ViewConfig
+from infomax.data.beton_file import BetonInfo, require_ffcv
 from infomax.data.transforms import random_colour_steps
-
-
-class BetonInfo:
-    """What the writer stored beside the file (``<path>.json``): count, channels, mean/std, classes."""
-
-    def __init__(self, path: str) -> None:
-        beton, meta = Path(path), Path(f"{path}.json")
-        if not beton.is_file():
-            raise ConfigError(f"bad value for config key 'data.path': '{path}' is not a file; write one with "
-                              "python -m infomax.data.beton --dataset ... --out train.beton")
-        if not meta.is_file():
-            raise ConfigError(f"'{meta}' is missing: write the .beton with python -m infomax.data.beton, which "
-                              "stores its settings there")
-        try:
-            settings = json.loads(meta.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"'{meta}' is damaged ({e}): write the .beton again with python -m infomax.data.beton") \
-                from None
-        # The writer records the file's size: a .beton cut short (a copy that stopped) fails inside FFCV's reader
-        # with "negative dimensions", so it is named here.
-        if "bytes" in settings and (size := beton.stat().st_size) != settings["bytes"]:
-            raise ConfigError(f"'{path}' holds {size} bytes where its writer wrote {settings['bytes']} ('{meta}'): "
-                              "the copy is incomplete or the file was changed; copy it again, or write it again "
-                              "with python -m infomax.data.beton")
-        self.settings = settings
-        self.channels, self.num_classes = int(settings["channels"]), int(settings["num_classes"])
-        self.mean, self.std = tuple(settings["mean"]), tuple(settings["std"])
-        self.count = int(settings["count"])
-        self.dataset = str(settings.get("dataset", ""))
-
-    def __len__(self) -> int:
-        return self.count
-
-    def require_dataset(self, dataset: str, key: str, dataset_key: str) -> None:
-        """Refuse a .beton written from another dataset than the config names (``key``: the config key that gave
-        the file, ``dataset_key``: the one that names the dataset): its export and model card would name the
-        wrong one."""
-        if self.dataset and self.dataset != dataset:
-            raise ConfigError(f"bad value for config key '{key}': it was written from {self.dataset} (its .json says), "
-                              f"but {dataset_key} is {dataset}; set {dataset_key}={self.dataset}, or give the .beton "
-                              f"of {dataset}")
 
 
 class FFCVMultiViewLoader:

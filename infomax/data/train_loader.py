@@ -176,9 +176,7 @@ def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
     d, batch = cfg.data, cfg.optim.batch_size_per_process
     ffcv = d.format == "ffcv"
     if ffcv:  # the kNN bank is read from the .beton itself: the image folder's training split is never listed
-        from infomax.data.beton import require_ffcv
-        from infomax.data.beton_images import BetonImages
-        from infomax.data.ffcv_loader import BetonInfo
+        from infomax.data.beton_file import BetonImages, BetonInfo, require_ffcv
 
         require_ffcv()
         images = BetonInfo(d.path)

@@ -31,8 +31,8 @@ def open_splits(cfg: Any) -> tuple[Any, Any]:
     test splits, or with ``holdout`` the rest of train and its validation images (the test split then
     stays unread: it is for the final figure), each cut to ``limit_train`` / ``limit_test``."""
     from infomax.config.pretrain import ConfigError
+    from infomax.data.beton_file import BetonInfo
     from infomax.data.datasets import holdout_split, missing_classes, open_configured, stratified_subset
-    from infomax.data.ffcv_loader import BetonInfo
 
     def split(name: str):
         ds = open_configured(cfg, name, key_prefix="")

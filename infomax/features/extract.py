@@ -177,8 +177,7 @@ def beton_features(encoder: nn.Module, path: str, size: int, crop_ratio: float, 
     from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
     from torchvision.transforms import v2
 
-    from infomax.data.beton import require_ffcv
-    from infomax.data.ffcv_loader import BetonInfo
+    from infomax.data.beton_file import BetonInfo, require_ffcv
 
     require_ffcv()
     info = BetonInfo(path)
