@@ -192,11 +192,8 @@ def write_beton(args: argparse.Namespace, dataset: ImageDataset) -> dict[str, An
 
 def stored_sizes(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(heights, widths) of every image as stored in a .beton (after --max-resolution)."""
-    from ffcv.reader import Reader
-
-    reader = Reader(str(path))
-    meta = reader.metadata[f"f{reader.field_names.index('image')}"]  # ffcv names metadata columns f0, f1, ...
-    return np.asarray(meta["height"]), np.asarray(meta["width"])
+    images = BetonImages(str(path)).images
+    return np.asarray(images["height"]), np.asarray(images["width"])
 
 
 def read_back(out: Path, dataset: ImageDataset, samples: int = 8) -> None:
@@ -205,8 +202,8 @@ def read_back(out: Path, dataset: ImageDataset, samples: int = 8) -> None:
     JIT-compile for about 15 s, and decodes images of varied sizes only through a crop). An image stored raw equals
     its source; one stored as JPEG is within 2 levels of its source through the same encoder (JPEG drops detail by
     design: 9-13 levels on synthetic images at quality 90); one resized by --max-resolution is not compared."""
-    settings = json.loads(Path(str(out) + ".json").read_text())
     stored = BetonImages(str(out))
+    settings = stored.info.settings
     if len(stored) != len(dataset):
         raise RuntimeError(f"read-back: {out} holds {len(stored)} samples, expected {len(dataset)}")
     # With replaced unreadable images the stored labels are their neighbours': nothing to compare.
