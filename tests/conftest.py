@@ -79,6 +79,20 @@ def pretrain(capsys: pytest.CaptureFixture) -> Callable[..., subprocess.Complete
     return functools.partial(pretrain_in_process, capsys)
 
 
+# Accelerate builds its process group from these: one left behind by a test makes every later Accelerator in that
+# worker wait for ranks that never come (a 30 min rendezvous timeout, seen only when xdist orders the tests so).
+PROCESS_GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def process_group_env_is_left_as_found():
+    """Fail the test that leaves a process-group variable behind, not the unrelated test that runs next."""
+    before = {key: os.environ.get(key) for key in PROCESS_GROUP_ENV}
+    yield
+    after = {key: os.environ.get(key) for key in PROCESS_GROUP_ENV}
+    assert after == before, f"the test left process-group variables set: {after} (use monkeypatch.setenv)"
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"

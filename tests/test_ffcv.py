@@ -216,29 +216,33 @@ def test_two_view_batches_follow_the_torchvision_recipe(tmp_path: Path) -> None:
     assert torch.equal(torch.cat(rest), torch.cat([b["label"] for b in batches[2:]]))
 
 
-class GreyRamps(Ramps):
-    """One channel: the x ramp (Fashion-MNIST's layout), stored as three equal channels in the .beton."""
+class GreyLevels(Ramps):
+    """One channel (Fashion-MNIST's layout), stored as three equal channels in the .beton: image i is grey level i
+    all over, so any crop of it, resized, is that level, and a view's value names its image's level exactly."""
 
     channels, mean, std = 1, (0.4,), (0.3,)
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.image[:1].clone(), index
+        return torch.full((1, self.side, self.side), index, dtype=torch.uint8), index
 
 
 def test_one_channel_views_are_normalised_with_their_own_mean_and_std(tmp_path: Path) -> None:
     """On a CPU FFCV normalises a view without colour steps itself; a one-channel dataset's single
     mean/std must then apply to the one channel that comes out, as in the torchvision path."""
-    data = GreyRamps(256, side=32)
+    data = GreyLevels(256, side=32)
     view = ViewConfig(size=16, crop_scale_min=0.5, jitter_p=0.0)
     loader = FFCVMultiViewLoader(str(write(data, tmp_path / "grey.beton")), [view, view], 128, torch.device("cpu"),
                                  seed=0, distributed=False, num_workers=1)
     assert loader.normalised == [True, True]
-    ffcv_views = torch.cat([b["views"][0] for b in loader])
+    batches = list(loader)
+    ffcv_views, labels = torch.cat([b["views"][0] for b in batches]), torch.cat([b["label"] for b in batches])
+    assert ffcv_views.shape == (256, 1, 16, 16) and ffcv_views.dtype == torch.float32
+    expected = (labels.float() / 255 - 0.4) / 0.3
+    assert torch.allclose(ffcv_views, expected[:, None, None, None].expand_as(ffcv_views), atol=1e-3)
     torch_set = MultiViewDataset(data, [build_view_transform(view, 1, data.mean, data.std)], seed=0)
     torch_views = torch.stack([torch_set[i]["views"][0] for i in range(256)])
-    assert ffcv_views.shape == (256, 1, 16, 16) and ffcv_views.dtype == torch.float32
-    for stat in (torch.mean, torch.std):
-        assert torch.allclose(stat(ffcv_views), stat(torch_views), atol=0.05), stat
+    assert torch.allclose(torch_views, ((torch.arange(256.0) / 255 - 0.4) / 0.3)[:, None, None, None].expand_as(torch_views),
+                          atol=1e-3)
 
 
 def _rank_labels(rank: int, path: str, tmp: str) -> None:
