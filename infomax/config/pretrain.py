@@ -203,7 +203,8 @@ class OptimConfig:
     min_lr: float = _f(0.0, "final learning rate of the cosine schedule", ge=0)
     weight_decay: float = _f(1e-6, "weight decay (not applied to biases and norm layers)", ge=0)
     momentum: float = _f(0.9, "momentum for sgd and lars")
-    warmup_epochs: float = _f(1.0, "linear warmup epochs, fractions allowed (stepped per optimizer step)", ge=0,
+    warmup_epochs: float = _f(1.0, "linear warmup epochs from lr 0 to optim.lr, fractions allowed (stepped per "
+                                   "optimizer step); the cosine spans the epochs after it", ge=0,
                               finite=True)
     grad_clip: float = _f(0.0, "max global gradient norm (0 = no clipping; the norm is logged either way)", ge=0)
     skip_nonfinite: bool = _f(False, "skip steps whose loss is NaN/inf (counted) instead of stopping the run")

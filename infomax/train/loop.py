@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from infomax.config.pretrain import Config, ConfigError, effective_lr, to_yaml
+from infomax.config.pretrain import Config, ConfigError, OptimConfig, effective_lr, to_yaml
 from infomax.data.train_loader import TrainData
 from infomax.export.encoder import META, ExportFailed, export_encoder, export_meta, export_problem
 from infomax.export.model_card import CARD, card_text, eval_section
@@ -122,7 +122,6 @@ def build_optimizer(cfg: Config, parts: Parts, accelerator: Accelerator,
     """(optimizer, per-step scheduler, effective lr) from timm; wraps model (and a learned critic) for DDP,
     then copies the momentum key model (objective.queue_size) from the synchronised model."""
     from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
 
     takes_keys = parts.objective.takes_keys
     trainable = torch.nn.ModuleDict({"model": parts.model, "objective": parts.objective})  # learned critics train too
@@ -143,30 +142,38 @@ def build_optimizer(cfg: Config, parts: Parts, accelerator: Accelerator,
         # the wrap would hold each rank's own seed's weights and fill the queue with other networks' keys.
         parts.key_model = MomentumKeys(accelerator.unwrap_model(parts.model), cfg.model.momentum, cfg.model.shuffle_bn,
                                        cfg.run.seed).to(accelerator.device)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched="cosine", num_epochs=cfg.optim.epochs, warmup_epochs=cfg.optim.warmup_epochs,
-        updates_per_epoch=steps_per_epoch, min_lr=cfg.optim.min_lr, warmup_lr=0.0, step_on_epochs=False,
-    )
+    scheduler = lr_schedule(optimizer, cfg.optim, steps_per_epoch)
     if warning := warmup_warning(cfg.optim.warmup_epochs, cfg.optim.epochs):
         accelerator.print(warning, flush=True)
     return optimizer, scheduler, lr
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_epoch: int) -> Any:
+    """timm's per-step scheduler: a linear warmup from 0 to the optimizer's lr, then a cosine to optim.min_lr over the
+    steps after it (warmup_prefix=True, as in SimCLR, MoCo v3 and DINO), so the lr reaches its peak where the warmup
+    ends. timm's num_epochs then excludes the warmup; a warmup as long as the run leaves the cosine one step."""
+    from timm.scheduler import create_scheduler_v2
+
+    warmup = min(optim.warmup_epochs, optim.epochs)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched="cosine", num_epochs=max(optim.epochs - warmup, 1 / steps_per_epoch), warmup_epochs=warmup,
+        warmup_prefix=True, updates_per_epoch=steps_per_epoch, min_lr=optim.min_lr, warmup_lr=0.0, step_on_epochs=False,
+    )
+    return scheduler
+
+
+def schedule_steps(scheduler_state: dict[str, Any]) -> float:
+    """The steps a timm cosine schedule spans, from its state dict: with warmup_prefix the cosine follows the warmup."""
+    prefix = scheduler_state.get("warmup_t", 0) if scheduler_state.get("warmup_prefix") else 0
+    return scheduler_state["t_initial"] + prefix
+
+
 def warmup_warning(warmup: float, epochs: float) -> str:
-    """One line when the warmup takes so much of the run that the schedule is not the one configured. timm's cosine
-    runs over the whole run, the warmup included (warmup_prefix=False), so where the warmup ends the lr drops at once
-    from near optim.lr to (1 + cos(pi w / T)) / 2 of it; a warmup as long as the run never reaches optim.lr."""
-    if not warmup or not epochs:
+    """One line when the warmup takes the whole run, so the lr never reaches optim.lr and no cosine follows."""
+    if not warmup or not epochs or warmup < epochs:
         return ""
-    if warmup >= epochs:
-        return (f"warning: optim.warmup_epochs={warmup:g} is the whole run (optim.epochs={epochs:g}): the lr never "
-                "reaches optim.lr; lower optim.warmup_epochs (a tenth of the epochs or less)")
-    after = (1 + math.cos(math.pi * warmup / epochs)) / 2
-    if after >= 0.9:
-        return ""
-    return (f"warning: optim.warmup_epochs={warmup:g} of optim.epochs={epochs:g}: the cosine runs under the warmup, so "
-            f"where it ends the lr drops at once to {after:.0%} of optim.lr; lower optim.warmup_epochs (a tenth of "
-            "the epochs or less)")
+    return (f"warning: optim.warmup_epochs={warmup:g} is the whole run (optim.epochs={epochs:g}): the lr never "
+            "reaches optim.lr; lower optim.warmup_epochs (a tenth of the epochs or less)")
 
 
 MI_AVERAGED_STEPS = 50  # logged steps the summary's mean MI value spans
@@ -245,9 +252,10 @@ class Run(Trainer):
         # The schedule is a pure function of the config and the step, so it is rebuilt from this run's config,
         # not loaded: a checkpoint's scheduler state holds the old length, and a raised optim.epochs would then
         # train its extra epochs at the old schedule's final lr (0).
-        saved_steps = (state.get("scheduler") or {}).get("t_initial", self.scheduler.t_initial)
-        if saved_steps != self.scheduler.t_initial and self.main:
-            print(f"optim.epochs changed: the lr schedule (warmup, then cosine) now spans {self.scheduler.t_initial:g} "
+        steps = schedule_steps(self.scheduler.state_dict())
+        saved_steps = schedule_steps(state.get("scheduler") or self.scheduler.state_dict())
+        if saved_steps != steps and self.main:
+            print(f"optim.epochs changed: the lr schedule (warmup, then cosine) now spans {steps:g} "
                   f"steps instead of {saved_steps:g}, and resumes at step {self.progress.global_step} on it",
                   flush=True)
         if acc.scaler is not None and state.get("scaler"):
