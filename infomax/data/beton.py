@@ -133,6 +133,15 @@ def _write(out: str, source: BetonSource, fields: dict[str, Any], workers: int) 
     DatasetWriter(out, fields, num_workers=workers).from_indexed_dataset(source, chunksize=64)
 
 
+def writer_context() -> Any:
+    """Where the writer process starts. Forking this one, which may already run torch/numba thread pools, can deadlock
+    the writer's own forked workers. A fork server has imported the writer's modules and run nothing, so each writer
+    forked from it starts at once (a spawned one imported them each time, about 10 s)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "ffcv.writer", "infomax.data.beton"])
+    return ctx
+
+
 def write_beton(args: argparse.Namespace, dataset: ImageDataset) -> dict[str, Any]:
     """Write under a stall guard; returns the settings stored in ``<out>.json``."""
     from ffcv.fields import IntField, RGBImageField
@@ -142,11 +151,7 @@ def write_beton(args: argparse.Namespace, dataset: ImageDataset) -> dict[str, An
     out = Path(args.out)
     failures = out.with_name(out.name + ".unreadable")
     failures.unlink(missing_ok=True)
-    # A fresh writer process: forking this one, which may already run torch/numba thread pools, can deadlock the
-    # writer's own forked workers. A fork server has imported the writer's modules and run nothing, so each writer
-    # forked from it starts at once (a spawned one imported them each time, about 10 s).
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "ffcv.writer", "infomax.data.beton"])
+    ctx = writer_context()
     done = ctx.Value("q", 0)
     fields = {"image": RGBImageField(write_mode=args.write_mode, max_resolution=args.max_resolution or None,
                                      jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability),
