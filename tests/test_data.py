@@ -152,6 +152,16 @@ def test_val_split_without_a_readable_image_is_one_line_at_start(tmp_path: Path)
     assert "val" in proc.stderr and not (tmp_path / "run").exists()
 
 
+def test_data_limit_keeps_every_class_of_a_class_sorted_folder(tmp_path: Path) -> None:
+    """An image folder lists its classes one after another: data.limit took its first N images, here all cats."""
+    from infomax.data.train_loader import training_and_validation
+
+    make_imagefolder(tmp_path, good_per_class=12, corrupt=0)
+    cfg = load_config(None, ["data.dataset=imagefolder", f"data.root={tmp_path}", "data.limit=6"])
+    train, _ = training_and_validation(cfg)
+    assert sorted(train.label(i) for i in range(len(train))) == [0, 0, 0, 1, 1, 1]
+
+
 def test_knn_monitor_queries_are_never_bank_images(tmp_path: Path) -> None:
     from infomax.data.datasets import disjoint_subsets
     from infomax.data.train_loader import build_knn_sets

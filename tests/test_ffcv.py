@@ -291,12 +291,12 @@ def test_beton_images_read_one_sample_as_the_writer_stored_it(tmp_path: Path, mo
     the source's pixels; JPEG: the source through the same encoder, to within the decoders' level)."""
     from infomax.data.beton import jpeg_round_trip
     from infomax.data.beton_file import BetonImages
-    from infomax.data.datasets import open_dataset
+    from infomax.data.datasets import open_dataset, stratified_subset
 
     path = tmp_path / "fm.beton"
     assert beton_main(["--dataset", "fashion_mnist", "--limit", "40", "--out", str(path), "--write-mode", mode,
                        "--workers", "1"]) == 0
-    source, images = open_dataset("fashion_mnist", "train"), BetonImages(str(path))
+    source, images = stratified_subset(open_dataset("fashion_mnist", "train"), 40), BetonImages(str(path))
     assert len(images) == 40 and images.channels == 1 and images.num_classes == 10 and images.same_size
     for i in (0, 17, 39):
         image, label = images.load(i)

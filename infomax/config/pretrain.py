@@ -136,7 +136,7 @@ class DataConfig(DatasetOptions):
     batches_ahead: int = _f(3, "ffcv: batches prepared ahead of the training step")
     augment: str = _choice("data.augment", "loader")
     colour_split: str = _choice("data.colour_split", "none")
-    limit: int = _f(0, "use only the first N training images (0 = all)", ge=0)
+    limit: int = _f(0, "use only N training images, each class in proportion (0 = all)", ge=0)
     holdout: int = _f(0, "hold N training images out (each class in proportion) as a validation split, never "
                          "trained on: the kNN monitor's queries, scored by eval holdout=N", ge=0)
     views: list[ViewConfig] = _f([ViewConfig(), ViewConfig()], "one augmentation recipe per view; V = len(views) >= 2 "

@@ -27,7 +27,7 @@ import torch
 
 from infomax.config.pretrain import ConfigError
 from infomax.data.beton_file import BetonImages, require_ffcv
-from infomax.data.datasets import REGISTRY, DataError, ImageDataset, Subset, next_readable, open_dataset
+from infomax.data.datasets import REGISTRY, DataError, ImageDataset, next_readable, open_dataset, stratified_subset
 from infomax.runtime.files import write_atomically
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
@@ -83,7 +83,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--compress-probability", type=float, default=0.5, help="proportion mode: share stored as JPEG")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--limit", type=int, default=0, help="write only the first N images (0 = all)")
+    p.add_argument("--limit", type=int, default=0, help="write only N images, each class in proportion (0 = all)")
     p.add_argument("--synthetic-size", type=int, default=2048, help="synthetic: images")
     p.add_argument("--synthetic-image-size", type=int, default=32, help="synthetic: image side")
     p.add_argument("--skip-unreadable", action="store_true",
@@ -113,7 +113,7 @@ def validate(args: argparse.Namespace) -> ImageDataset:
     dataset = open_dataset(args.dataset, "train" if args.split == "train" else "test", args.root,
                            synthetic_size=args.synthetic_size, synthetic_image_size=args.synthetic_image_size)
     if args.limit:
-        dataset = Subset(dataset, list(range(min(args.limit, len(dataset)))))
+        dataset = stratified_subset(dataset, args.limit)  # a prefix of a class-sorted folder: its first classes
     if len(dataset) == 0:
         raise DataError(f"the {args.split} split of {args.dataset} is empty: check --root")
     check = getattr(dataset, "check_readable", None) or getattr(getattr(dataset, "base", None), "check_readable", None)

@@ -27,7 +27,6 @@ from infomax.data.datasets import (
     ImageDataset,
     ImageFolder,
     MissingSplit,
-    Subset,
     disjoint_subsets,
     holdout_split,
     labels_of,
@@ -111,7 +110,7 @@ def training_and_validation(cfg: Config) -> tuple[ImageDataset, ImageDataset | N
     if cfg.data.holdout:
         ds, validation = holdout_split(ds, cfg.data.holdout)
     if cfg.data.limit:
-        ds = Subset(ds, list(range(min(cfg.data.limit, len(ds)))))
+        ds = stratified_subset(ds, cfg.data.limit)  # a prefix of a class-sorted folder would be its first classes
     return ds, validation
 
 
