@@ -552,17 +552,16 @@ def test_identical_weights_export_to_an_identical_file_in_every_process(tmp_path
     assert len(hashes) == 1
 
 
-def test_local_dry_run_writes_nothing_so_the_real_run_may_claim_the_dir(tmp_path: Path) -> None:
+def test_local_dry_run_writes_nothing_so_the_real_run_may_claim_the_dir(tmp_path: Path, capsys) -> None:
     """submitit's local executor makes its log folder when built; a dry run must leave no RUN/slurm/ behind,
     or the real submission would refuse RUN as a directory infomax did not create."""
+    from infomax.launch.submit import main, remove_empty_tree
+
     (tmp_path / "kept").mkdir()  # an existing empty parent stays
     run_dir = tmp_path / "kept" / "r"
-    submit = [sys.executable, str(REPO / "launch" / "submit.py"), "--config", str(TINY), f"run.dir={run_dir}",
-              "--cluster", "local"]
-    proc = subprocess.run([*submit, "--dry-run"], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert proc.returncode == 0 and "# resolved config for" in proc.stdout, proc.stderr[-2000:]
+    code = main(["--config", str(TINY), f"run.dir={run_dir}", "--cluster", "local", "--dry-run"])
+    assert code == 0 and "# resolved config for" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
-    from infomax.launch.submit import remove_empty_tree
 
     (run_dir / "slurm" / "1").mkdir(parents=True)
     (run_dir / "user.txt").write_text("mine")
@@ -570,16 +569,16 @@ def test_local_dry_run_writes_nothing_so_the_real_run_may_claim_the_dir(tmp_path
     assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == ["user.txt"]
 
 
-def test_slurm_tasks_get_a_core_for_each_loader_worker_and_the_main_process(tmp_path: Path) -> None:
+def test_slurm_tasks_get_a_core_for_each_loader_worker_and_the_main_process(tmp_path: Path, capsys) -> None:
     """SLURM gives a task 1 CPU unless told: 10 workers and the main process used to share it."""
-    args = [sys.executable, str(REPO / "launch" / "submit.py"), "--config", str(TINY), f"run.dir={tmp_path / 'r'}",
-            "data.num_workers=10", "--dry-run"]
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert proc.returncode == 0 and "#SBATCH --cpus-per-task=11" in proc.stdout, proc.stderr[-2000:]
-    proc = subprocess.run([*args, "--cpus-per-task", "4"], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+    from infomax.launch.submit import main
+
+    args = ["--config", str(TINY), f"run.dir={tmp_path / 'r'}", "data.num_workers=10", "--dry-run"]
+    assert main(args) == 0 and "#SBATCH --cpus-per-task=11" in capsys.readouterr().out
+    code, err = main([*args, "--cpus-per-task", "4"]), capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [
         "error: --cpus-per-task 4 is too few for the loader: 10 workers and the main process need 11 cores per task; "
-        "leave --cpus-per-task out (it then asks for 11) or lower data.num_workers to 3"], proc.stderr
+        "leave --cpus-per-task out (it then asks for 11) or lower data.num_workers to 3"], err
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -622,20 +621,22 @@ def test_a_sweeps_dry_run_says_its_script_goes_as_a_job_array(tmp_path: Path, ca
     assert not (tmp_path / "r").exists()
 
 
-def test_slurm_dry_run_prints_the_script_on_a_machine_without_slurm(tmp_path: Path) -> None:
-    no_slurm = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no sbatch, srun or sinfo
-    args = [sys.executable, str(REPO / "launch" / "submit.py"), "--config", str(TINY), f"run.dir={tmp_path / 'r'}",
-            "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--time", "01:00:00"]
-    proc = subprocess.run([*args, "--dry-run"], capture_output=True, text=True, cwd=REPO, env=no_slurm, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith("# sbatch script (1 job)\n#!/bin/bash\n")
-    assert "#SBATCH --nodes=2" in proc.stdout and "#SBATCH --partition=gpu" in proc.stdout
-    assert "#SBATCH --gpus-per-node=8" in proc.stdout and "#SBATCH --time=60" in proc.stdout
-    assert "# resolved config for" in proc.stdout and "submitted" not in proc.stdout
+def test_slurm_dry_run_prints_the_script_on_a_machine_without_slurm(tmp_path: Path, capsys,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from infomax.launch.submit import main
+
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no sbatch, srun or sinfo
+    args = ["--config", str(TINY), f"run.dir={tmp_path / 'r'}", "--nodes", "2", "--gpus-per-node", "8",
+            "--partition", "gpu", "--time", "01:00:00"]
+    code, out = main([*args, "--dry-run"]), capsys.readouterr().out
+    assert code == 0 and out.startswith("# sbatch script (1 job)\n#!/bin/bash\n"), out
+    assert "#SBATCH --nodes=2" in out and "#SBATCH --partition=gpu" in out
+    assert "#SBATCH --gpus-per-node=8" in out and "#SBATCH --time=60" in out
+    assert "# resolved config for" in out and "submitted" not in out
     assert not (tmp_path / "r").exists()  # a dry run writes nothing
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=no_slurm, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "error: sbatch is not on PATH: run this on a SLURM login node, or use --cluster local"], proc.stderr
+    code, err = main(args), capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [
+        "error: sbatch is not on PATH: run this on a SLURM login node, or use --cluster local"], err
 
 
 def _damaged_fashion_mnist(tmp_path: Path, kind: str) -> str:
