@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 from datetime import timedelta
@@ -533,3 +534,39 @@ def test_a_rank_killed_by_a_signal_is_retried_with_the_tests_inputs_kept(tmp_pat
     spawn_ranks(_abort_once_worker, tmp_path, nprocs=WORLD)
     assert (tmp_path / "attempts" / "first").exists()  # the first attempt did abort
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)] == ["scores"] * WORLD
+
+
+class _Unpicklable(Exception):
+    def __reduce__(self):
+        raise TypeError("not this one")
+
+
+def _claim_worker(rank: int, tmp: str) -> None:
+    from infomax.runtime.distributed import on_main_raised_everywhere
+    from infomax.runtime.run_dir import RunDirError
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+    seen, calls = [], []
+    for failure in (None, RunDirError("runs/x is another run's dir; choose a new run.dir"), _Unpicklable("lock")):
+        def work(failure=failure) -> None:
+            calls.append(rank)
+            if failure is not None:
+                raise failure
+        try:
+            on_main_raised_everywhere(work, rank == 0)
+            seen.append("ok")
+        except Exception as e:  # noqa: BLE001
+            seen.append(f"{type(e).__name__}: {e}")
+    (Path(tmp) / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "calls": calls}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_refusal_on_rank_0_stops_every_rank_not_rank_0_alone(tmp_path: Path) -> None:
+    """The run dir is claimed by rank 0 alone: a refusal there (another run's dir, a lock held) raised on rank 0
+    while the other ranks waited at the barrier until the process group's timeout."""
+    spawn_ranks(_claim_worker, tmp_path, nprocs=WORLD)
+    first, second = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD))
+    assert first["calls"] == [0, 0, 0] and second["calls"] == []  # the work runs on rank 0 only
+    assert first["seen"][:2] == second["seen"][:2] == ["ok", "RunDirError: runs/x is another run's dir; choose a new run.dir"]
+    assert first["seen"][2] == "_Unpicklable: lock" and second["seen"][2] == "RuntimeError: rank 0: _Unpicklable: lock"

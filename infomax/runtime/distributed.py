@@ -146,6 +146,33 @@ def agree_max(device: torch.device | str, *values: float | torch.Tensor) -> list
     return all_reduce_max_(flags).cpu().tolist()  # one copy back: the decision's one host sync
 
 
+def on_main_raised_everywhere(work: Callable[[], None], is_main: bool) -> None:
+    """``work`` on the main process only; what it raises, every rank raises. The run dir's checks and first writes
+    are rank 0's: a refusal there used to leave the other ranks waiting at the next collective until the process
+    group's timeout (under srun nothing stops them sooner). The exception crosses as a host object, on purpose
+    (``broadcast_object_list``, docs/DESIGN.md); one that does not pickle crosses as its type's name and message."""
+    import pickle
+
+    failure: list[BaseException | None] = [None]
+    if is_main:
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - every kind must reach the other ranks, then it is raised again
+            failure[0] = e
+    if is_distributed():
+        sent = failure[0]
+        if sent is not None:
+            try:
+                pickle.dumps(sent)
+            except Exception:  # noqa: BLE001
+                sent = RuntimeError(f"rank 0: {type(sent).__name__}: {sent}")
+        shared = [sent]
+        dist.broadcast_object_list(shared, src=0)
+        failure[0] = failure[0] if is_main else shared[0]
+    if failure[0] is not None:
+        raise failure[0]
+
+
 class _AllReduceSumWithGrad(torch.autograd.Function):
     """Sum over ranks; backward sums the incoming gradients over ranks too (every rank's loss
     reads the sum), the same argument as :func:`gather_with_grad`."""

@@ -113,19 +113,22 @@ def claim_run_dir(cfg: Config, lock: RunDirLock, accelerator: Any, data: Any) ->
     run dir's own (moved is fine, other data is refused); rank 0 takes the lock, checks again under it, marks the
     dir and records where the data is."""
     from infomax.data.train_loader import data_identity
+    from infomax.runtime.distributed import on_main_raised_everywhere
     from infomax.runtime.run_dir import check_data_moved, check_run_dir, check_writable, mark_ours, record_data
 
     run_dir, main = Path(cfg.run.dir), accelerator.is_main_process
     identity = data_identity(cfg, data.images)
     if (moved := check_data_moved(run_dir, cfg, identity)) and main:
         print(moved, flush=True)
-    if main:
+
+    def claim() -> None:
         lock.acquire()
         check_run_dir(cfg)  # again under the lock: the run that held it may have just written config.yaml
         mark_ours(run_dir)
         check_writable(run_dir)
         record_data(run_dir, cfg, identity)
-    accelerator.wait_for_everyone()
+
+    on_main_raised_everywhere(claim, main)  # a refusal stops every rank, not rank 0 alone
 
 
 def resume(run: Any, run_dir: Path) -> Any:
