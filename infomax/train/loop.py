@@ -162,10 +162,11 @@ def lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_
     return scheduler
 
 
-def schedule_steps(scheduler_state: dict[str, Any]) -> float:
-    """The steps a timm cosine schedule spans, from its state dict: with warmup_prefix the cosine follows the warmup."""
+def schedule_steps(scheduler_state: dict[str, Any]) -> int:
+    """The steps a timm cosine schedule spans, from its state dict: with warmup_prefix the cosine follows the warmup.
+    Rounded: the two parts are fractions of epochs times steps per epoch, whose float sum may miss the integer."""
     prefix = scheduler_state.get("warmup_t", 0) if scheduler_state.get("warmup_prefix") else 0
-    return scheduler_state["t_initial"] + prefix
+    return round(scheduler_state["t_initial"] + prefix)
 
 
 def warmup_warning(warmup: float, epochs: float) -> str:
