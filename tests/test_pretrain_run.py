@@ -75,7 +75,7 @@ def test_tensorboard_has_diagnostics_and_view_grid(tiny_run) -> None:
     assert summary["mi_logged_steps"] == len(logged) == 8
     assert summary["mi_estimate_nats_mean_logged"] == pytest.approx(sum(logged) / len(logged), rel=1e-5)
     lrs = [s.value for s in events.Scalars("train/lr")]
-    assert max(lrs) <= 0.1 + 1e-9 and lrs[0] < max(lrs)  # warmup then cosine from timm's scheduler
+    assert max(lrs) == pytest.approx(0.1) and lrs[0] < max(lrs)  # the warmup reaches optim.lr, then the cosine
     assert any("config" in t for t in tags["tensors"])  # the resolved config as text
     start = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
     assert start.session_start_info.hparams["precision"].string_value == "no"  # the fixture's fp32

@@ -180,8 +180,11 @@ def test_cancelled_run_resumes_when_resubmitted(slurm_cluster: Path, tmp_path: P
     wait_for_step(run, job, 3)
     subprocess.run(["scancel", job], check=True, timeout=30)
     assert wait_done(job) == "CANCELLED"
-    time.sleep(1)
-    assert list((run / "checkpoints").glob("step_*")), "the cancelled run left no checkpoint"
+    # sacct says CANCELLED at once, while the job, sent SIGTERM, still saves: up to KillWait (30 s) before SIGKILL
+    end = time.monotonic() + 45
+    while not list((run / "checkpoints").glob("step_*")) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert list((run / "checkpoints").glob("step_*")), f"the cancelled run left no checkpoint: {log_of(run, job)}"
     _, (again,) = submit(*args)
     assert wait_done(again, timeout=300) == "COMPLETED", log_of(run, again)
     assert "resumed from" in log_of(run, again) and "step 40/40" in log_of(run, again)
