@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY
+from conftest import PROCESS_GROUP_ENV, REPO, TINY
 
 # One worker runs them all: the cluster is one per session, on fixed ports (tests/slurm/start.sh).
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
@@ -273,12 +273,11 @@ def test_a_two_node_jobs_tasks_derive_one_process_group(monkeypatch: pytest.Monk
 
     slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2",
              "SLURM_JOB_NODELIST": "gpu[07-08]"}
-    exported = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    for key in exported:  # registered with monkeypatch, so what export_distributed_env sets is undone afterwards
+    for key in PROCESS_GROUP_ENV:  # registered with monkeypatch, so what export_distributed_env sets is undone afterwards
         monkeypatch.setenv(key, "")
     seen = []
     for node, local in ((0, 0), (0, 7), (1, 0), (1, 7)):
-        for key in exported:
+        for key in PROCESS_GROUP_ENV:
             monkeypatch.delenv(key)
         for key, value in {**slurm, "SLURM_NODEID": str(node), "SLURM_PROCID": str(8 * node + local),
                            "SLURM_LOCALID": str(local)}.items():
