@@ -5,21 +5,38 @@ import counts, a function's lazy one too."""
 from __future__ import annotations
 
 import ast
+import functools
+import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 from conftest import REPO
 
 LAYERS = ["config", "runtime", "data", "method", "features", "export", "train", "eval", "launch"]
 
 
+@functools.cache
+def syntax_trees() -> dict[Path, ast.Module]:
+    """Every module of infomax/ parsed, in a child interpreter: CPython 3.11 before 3.11.9 keeps the AST
+    constructor's recursion depth in state shared by threads (python/cpython#106905), so a parse here can fail
+    with a SystemError while a loader thread left by an earlier test in this worker compiles with numba."""
+    paths = sorted((REPO / "infomax").rglob("*.py"))
+    parse = "import ast, pickle, sys; pickle.dump([ast.parse(open(p).read()) for p in sys.argv[1:]], sys.stdout.buffer)"
+    trees = pickle.loads(subprocess.run([sys.executable, "-I", "-c", parse, *map(str, paths)],
+                                        check=True, capture_output=True).stdout)
+    return dict(zip(paths, trees, strict=True))
+
+
 def imports() -> dict[str, set[str]]:
     """Module name -> the infomax modules it imports anywhere in its text (``from a.b import c`` counts a.b.c
     when that is a module, else a.b)."""
     files = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in (REPO / "infomax").rglob("*.py")}
+             for p in syntax_trees()}
     found: dict[str, set[str]] = {}
     for module, path in files.items():
         names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(syntax_trees()[path]):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("infomax"):
                 names |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
                           for a in node.names}
@@ -67,6 +84,6 @@ def test_no_import_cycle() -> None:
 def test_no_function_of_the_library_is_over_60_lines() -> None:
     """A function that long does several jobs: split it where its comments draw the sections."""
     long = [f"{p.relative_to(REPO)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
-            for p in (REPO / "infomax").rglob("*.py") for node in ast.walk(ast.parse(p.read_text()))
+            for p, tree in syntax_trees().items() for node in ast.walk(tree)
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60]
     assert long == [], long
