@@ -41,12 +41,12 @@ class BaselinesConfig:
     alexnet_crop_scale_min: float = _f(0.08, "supervised AlexNet: RandomResizedCrop smallest area (plus horizontal "
                                              "flip)")
     alexnet_held_out: int = _f(2000, "supervised AlexNet: train images kept out of its fit to draw its held-out curve "
-                                     "(converged or not); 0 = none")
+                                     "(and its patience); 0 = none")
     alexnet_eval_every: int = _f(0, "supervised AlexNet: steps between held-out checks (0 = each epoch, or 10 checks "
                                     "over a shorter budget)")
     alexnet_patience: int = _f(0, "supervised AlexNet: stop once the held-out top-1 has not improved for this many "
                                   "checks (0 = use the whole budget)")
-    use_stored: bool = _f(True, "use a stored converged AlexNet result (make baselines) when dataset, protocol and "
+    use_stored: bool = _f(True, "use a stored AlexNet result (make baselines) when dataset, protocol and "
                                 "data hash match")
     store: str = _f("", "directory of stored baseline results; empty = the repository's baselines/ (tracked, so a "
                     "fresh clone has them)")

@@ -113,11 +113,6 @@ class NothingToTrain(RuntimeError):
     pass
 
 
-# A fit that ran to its cap counts as converged only on a plateau: its last PLATEAU_POINTS held-out
-# top-1 values within PLATEAU_TOLERANCE of each other (0.5 points).
-PLATEAU_POINTS, PLATEAU_TOLERANCE = 3, 0.005
-
-
 @dataclass
 class FitOutcome:
     """Where a fit ended, its held-out curve and budget, what stopped it and whether it had converged."""
@@ -134,24 +129,16 @@ class FitOutcome:
         return "early_stopping" if self.early_stopped else self.cap
 
     @property
-    def converged(self) -> bool | None:
-        """True when early stopping ended it, or on a plateau (:data:`PLATEAU_POINTS` held-out points
-        within :data:`PLATEAU_TOLERANCE`); None with fewer points than that. A curve that is flat only
-        because a cosine lr reached zero at its cap is a plateau too: ``stopped`` says that it was the cap."""
-        if self.early_stopped:
-            return True
-        accs = [a for _, a in self.held_out][-PLATEAU_POINTS:]
-        return None if len(accs) < PLATEAU_POINTS else max(accs) - min(accs) <= PLATEAU_TOLERANCE
+    def converged(self) -> bool:
+        """True only when early stopping ended it. A fit stopped by a cap is not called converged even on a
+        flat held-out curve: every schedule here decays the lr by its cap (a cosine to zero, or milestones), which
+        flattens any curve, so the curve cannot say that more epochs would not help."""
+        return self.early_stopped
 
 
-def fit_label(stopped: str, converged: bool | None) -> str:
-    """What ended a fit and whether it converged, for a row's name: ", early-stopped",
-    ", stopped at its epoch cap on a plateau", ", stopped at its step cap, not converged", ..."""
-    if stopped == "early_stopping":
-        return ", early-stopped"
-    cap = stopped.replace("_cap", "")
-    how = {True: " on a plateau", False: ", not converged", None: ", convergence unknown"}[converged]
-    return f", stopped at its {cap} cap{how}"
+def fit_label(stopped: str) -> str:
+    """What ended a fit, for a row's name: ", early-stopped" or ", at its epoch cap" (step, time)."""
+    return ", early-stopped" if stopped == "early_stopping" else f", at its {stopped.replace('_cap', '')} cap"
 
 
 def check_batch(accelerator: Accelerator, train_set: MultiViewDataset, schedule: SGDSchedule, desc: str) -> int:

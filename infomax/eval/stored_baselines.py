@@ -1,4 +1,4 @@
-"""Converged supervised baselines, trained once (``make baselines``) and stored in the
+"""Supervised baselines, trained once (``make baselines``) and stored in the
 repository's ``baselines/`` directory, so that a fresh clone reports them without training.
 
 A stored result is one JSON file: the row (top-1, top-5, epochs, steps, wall time, converged), the
