@@ -22,13 +22,13 @@ import math
 import statistics
 from pathlib import Path
 
-from recipe_study import study_row  # the recipe study's row runner, beside this script (on sys.path as its folder)
+from paired import difference_cell, paired_difference  # beside this script (on sys.path as its folder)
+from recipe_study import study_row
 
 REPO = Path(__file__).resolve().parents[2]
 
 ROWS = REPO / "benchmarks" / "out" / "critic_study.jsonl"
 CRITICS = ("cosine", "bilinear", "concat")
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def run_rows(epochs: float, seeds: list[int]) -> None:
@@ -73,12 +73,9 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 def paired(rows: list[dict], critic: str, key: str) -> tuple[float, float, float, int] | None:
     """(mean difference critic - cosine over the seeds both ran, its standard error, the 95 % half-width, n)."""
-    by = {(r["critic"], r["seed"]): r[key] for r in rows if r[key] is not None}
-    diffs = [by[(critic, s)] - by[("cosine", s)] for c, s in by if c == critic and ("cosine", s) in by]
-    if len(diffs) < 2:
-        return None
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return statistics.fmean(diffs), se, T_975.get(len(diffs) - 1, 1.96) * se, len(diffs)
+    def arm(c: str) -> dict[int, float]:
+        return {r["seed"]: r[key] for r in rows if r["critic"] == c and r[key] is not None}
+    return paired_difference(arm(critic), arm("cosine"))
 
 
 def table() -> str:
@@ -103,11 +100,8 @@ def table() -> str:
               "| critic | kNN k=20 (points) | probe (points) | yardstick InfoNCE (nats) |", "|---|---|---|---|"]
     verdicts = []
     for critic in CRITICS[1:]:
-        cells = []
-        for key, scale in (("knn20", 100), ("probe", 100), ("yardstick_infonce", 1)):
-            d = paired(rows, critic, key)
-            cells.append("–" if d is None else f"{scale * d[0]:+.2f} ± {scale * d[2]:.2f} (n={d[3]}, "
-                                               f"{'finding' if abs(d[0]) > d[2] else 'within noise'})")
+        cells = [difference_cell(paired(rows, critic, key), scale)
+                 for key, scale in (("knn20", 100), ("probe", 100), ("yardstick_infonce", 1))]
         lines.append(f"| {critic} | " + " | ".join(cells) + " |")
         knn, stick = paired(rows, critic, "knn20"), paired(rows, critic, "yardstick_infonce")
         if knn and stick and stick[0] > 2 * stick[1] and knn[0] < -2 * knn[1]:

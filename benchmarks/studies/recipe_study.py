@@ -195,6 +195,25 @@ def bounds_table() -> str:
                      f"| {each(rows, lambda r: 100 * r['knn20_top1'])} | "
                      f"{each(mi, lambda r: r['mi_estimate_nats']) if mi else '–'} | {ceiling} | "
                      f"{first['seconds_per_epoch']:.0f} | {diverged} | {command} |")
+    return "\n".join(lines + ["", paired_bounds_table(groups)])
+
+
+def paired_bounds_table(groups: dict[str, list[dict]]) -> str:
+    """Each objective against InfoNCE on the same seeds: the mean difference and its 95 % interval."""
+    from paired import difference_cell, paired_difference  # beside this script (on sys.path as its folder)
+
+    def arm(rows: list[dict], key: str) -> dict[int, float]:
+        return {r["seed"]: r[key] for r in rows}
+
+    reference = groups.get("contrastive infonce", [])
+    lines = ["Paired against contrastive InfoNCE on the seeds both ran (mean difference, 95 % interval, Student's t "
+             "with n - 1 df; a finding only when the interval excludes zero):", "",
+             "| objective and bound | validation probe (points) | validation kNN k=20 (points) |", "|---|---|---|"]
+    for objective, rows in sorted(groups.items()):
+        if objective != "contrastive infonce":
+            lines.append(f"| {objective} | " + " | ".join(
+                difference_cell(paired_difference(arm(rows, key), arm(reference, key)), 100)
+                for key in ("probe_top1", "knn20_top1")) + " |")
     return "\n".join(lines)
 
 
