@@ -81,13 +81,16 @@ class EvalConfig(DatasetOptions):
     weight_decays: list[float] = _f([1e-6, 1e-5, 1e-4, 1e-3], "fast probe: weight decays tried on the held-out 10% of "
                                                               "train", min_len=1, ge=0)
     probe_steps: int = _f(100, "fast probe: L-BFGS iterations per fit", ge=1)
+    label_fractions: list[float] = _f([], "fast protocol: the probe and kNN also fitted on these fractions of the "
+                                          "training labels, each class in proportion, drawn with `seed` (SSL papers' "
+                                          "1% / 10% columns: [0.01, 0.1]); [] = none", gt=0, lt=1)
     sgd: SGDProbeConfig = field(default_factory=SGDProbeConfig)
     knn_k: list[int] = _f([20, 200], "kNN neighbour counts (cosine, temperature-weighted votes); [] = no kNN", ge=1)
     knn_temperature: float = _f(0.07, "kNN vote temperature")
     random_init: bool = _f(True, "add a row for a randomly initialised encoder of the same architecture")
     raw_pixels: bool = _f(True, "add a row for a probe on raw pixels (small images only)")
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
-    store_baselines: bool = _f(False, "train the supervised AlexNet (to convergence with baselines.alexnet_patience) "
+    store_baselines: bool = _f(False, "train the supervised AlexNet (early stopping by baselines.alexnet_patience) "
                                       "and store it under baselines.store; weights may be empty (make baselines)")
     image_size: int = _f(28, "image side for rows without an export (store_baselines with no weights)")
     batch_size_per_process: int = _f(256, "feature extraction: images per process per batch")
@@ -109,5 +112,7 @@ def validate_eval(c: EvalConfig) -> None:
             "limits apply to dataset/root; write the .beton with --limit instead")
     require(not (c.holdout and (c.train_beton or c.test_beton)), "holdout",
             "the validation split is read from dataset/root; drop train_beton/test_beton")
+    require(not (c.label_fractions and c.protocol != "fast"), "label_fractions",
+            "label fractions are scored by the fast protocol; set protocol=fast or label_fractions=[]")
     require(all(0 < m < c.sgd.epochs for m in c.sgd.milestones), "sgd.milestones",
             f"must lie inside (0, {c.sgd.epochs})")

@@ -168,6 +168,7 @@ def write_outputs(cfg: Any, rows: list[dict[str, Any]], exports: list, accelerat
     card."""
     from infomax.config.pretrain import to_yaml
     from infomax.eval.baselines import REFERENCE_ALEXNET_TOP1
+    from infomax.eval.label_fractions import describe_fractions
     from infomax.eval.report import write_report
     from infomax.eval.stored_baselines import scored_split
     from infomax.export.encoder import export_dir_of
@@ -180,8 +181,9 @@ def write_outputs(cfg: Any, rows: list[dict[str, Any]], exports: list, accelerat
         compared = reference is not None and r["kind"] != "alexnet_supervised"
         r["delta_vs_alexnet"] = r["top1"] - reference if compared else None
     if accelerator.is_main_process:
+        fractions = describe_fractions(list(cfg.label_fractions), cfg.seed)
         meta = {"dataset": cfg.dataset, "protocol": PROTOCOLS[cfg.protocol].split(":")[0],
-                "protocol_description": f"{PROTOCOLS[cfg.protocol]}. {KNN}.", "seed": cfg.seed,
+                "protocol_description": f"{PROTOCOLS[cfg.protocol]}. {KNN}.{fractions}", "seed": cfg.seed,
                 "train_images": train_images, "test_images": test_images, "scored_on": scored_split(cfg.holdout),
                 "processes": accelerator.num_processes,
                 "precision": precision.mode, "precision_reason": precision.reason, "machine": describe_machine(),
@@ -191,7 +193,7 @@ def write_outputs(cfg: Any, rows: list[dict[str, Any]], exports: list, accelerat
         for w, _, _ in exports:  # each export's model card shows how good it is
             add_eval(export_dir_of(w), table, f"On {cfg.dataset} ({train_images} train images; scored on the "
                      f"{scored_split(cfg.holdout)}, {test_images} images), "
-                     f"{PROTOCOLS[cfg.protocol]}. {KNN}.", out / "report.md")
+                     f"{PROTOCOLS[cfg.protocol]}. {KNN}.{fractions}", out / "report.md")
         print(f"\n{table}\n\nreport: {out / 'report.md'}  {out / 'report.json'}  {out / 'report.png'}", flush=True)
     accelerator.wait_for_everyone()
 

@@ -19,18 +19,30 @@ def _pct(v: float | None) -> str:
 
 def markdown_table(rows: list[dict[str, Any]], knn_k: list[int]) -> str:
     """encoder / kind / protocol / input side / feature dim / top-1 / top-5 / kNN per k / delta vs
-    supervised AlexNet (points)."""
+    supervised AlexNet (points) / per label fraction, top-1 and kNN at the first k fitted on that fraction."""
+    fractions = list(dict.fromkeys(f for r in rows for f in r.get("label_fractions") or {}))
+    first_k = f" / kNN k={knn_k[0]}" if knn_k else ""
     head = ("| encoder | kind | protocol | input px | features | top-1 | top-5 | "
-            + "".join(f"kNN k={k} | " for k in knn_k) + "Δ vs AlexNet |")
-    lines = [head, "|" + "---|" * (8 + len(knn_k))]
+            + "".join(f"kNN k={k} | " for k in knn_k) + "Δ vs AlexNet |"
+            + "".join(f" {f} labels: top-1{first_k} |" for f in fractions))
+    lines = [head, "|" + "---|" * (8 + len(knn_k) + len(fractions))]
     for r in rows:
         knn = "".join(f"{_pct((r.get('knn') or {}).get(str(k)))} | " for k in knn_k)
         delta = r.get("delta_vs_alexnet")
         delta = "–" if delta is None else f"{100 * delta:+.2f}"
         size, dim = (r.get(k) or "–" for k in ("input_size", "feature_dim"))
         lines.append(f"| {r['name']} | {r['kind']} | {r['protocol']} | {size} | {dim} | {_pct(r['top1'])} | "
-                     f"{_pct(r['top5'])} | {knn}{delta} |")
+                     f"{_pct(r['top5'])} | {knn}{delta} |" + "".join(
+                         f" {fraction_cell((r.get('label_fractions') or {}).get(f), knn_k)} |" for f in fractions))
     return "\n".join(lines)
+
+
+def fraction_cell(scores: dict[str, Any] | None, knn_k: list[int]) -> str:
+    """"71.20 / 68.45": a label fraction's probe top-1 and kNN top-1 at the first k; "–" for a row without it."""
+    if scores is None:
+        return "–"
+    knn = scores["knn"].get(str(min(knn_k[0], scores["images"]))) if knn_k else None
+    return _pct(scores["top1"]) + ("" if knn is None else f" / {_pct(knn)}")
 
 
 def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], knn_k: list[int]) -> str:

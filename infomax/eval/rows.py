@@ -37,7 +37,8 @@ from infomax.data.datasets import disjoint_subsets
 from infomax.eval.baselines import AlexNetConvFeatures, published_rows, supervised_alexnet
 from infomax.eval.classifier import Augment, LinearProbeModel, SGDSchedule, fit_classifier, fit_label
 from infomax.eval.features import ConcatViewEncoders, assert_unchanged, fingerprint, pixel_features
-from infomax.eval.probe import linear_probe, topk_accuracy
+from infomax.eval.label_fractions import label_fraction_scores
+from infomax.eval.probe import ProbeResult, linear_probe, topk_accuracy
 from infomax.eval.progress import SUPERVISED_STEP_PER_PRETRAIN_STEP, RowCost, pretrain_step_seconds
 from infomax.eval.stored_baselines import (
     alexnet_protocol,
@@ -192,15 +193,24 @@ class Rows:
         return knn_top1(train_xy, test_xy, self.cfg.knn_k, self.cfg.knn_temperature, self.num_classes, bank_sharded,
                         len(self.train))
 
+    def probe(self, train_xy, test_xy) -> ProbeResult:
+        cfg = self.cfg
+        return linear_probe(*train_xy, *test_xy, tuple(cfg.weight_decays), steps=cfg.probe_steps, seed=cfg.seed)
+
     def fast_row(self, name: str, kind: str, train_xy, test_xy, **extra: Any) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.perf_counter()
-        probe = linear_probe(*train_xy, *test_xy, tuple(cfg.weight_decays), steps=cfg.probe_steps, seed=cfg.seed)
-        return {"name": name, "kind": kind, "protocol": "fast", "top1": probe.top1, "top5": probe.top5,
-                "knn": self.knn(train_xy, test_xy), "weight_decay": probe.weight_decay,
-                "weight_decay_at_edge": probe.at_edge, "weight_decays_tried": sorted(probe.val_top1),
-                "probe_grad_max": probe.grad_max,
-                "feature_dim": int(train_xy[0].shape[1]),
-                "probe_seconds": round(time.perf_counter() - t0, 1), "scored": len(test_xy[1]), **extra}
+        probe = self.probe(train_xy, test_xy)
+        row = {"name": name, "kind": kind, "protocol": "fast", "top1": probe.top1, "top5": probe.top5,
+               "knn": self.knn(train_xy, test_xy), "weight_decay": probe.weight_decay,
+               "weight_decay_at_edge": probe.at_edge, "weight_decays_tried": sorted(probe.val_top1),
+               "probe_grad_max": probe.grad_max, "feature_dim": int(train_xy[0].shape[1]),
+               "probe_seconds": round(time.perf_counter() - t0, 1), "scored": len(test_xy[1]), **extra}
+        # The supervised encoder was trained on every label: a probe of it on a fraction is no fraction's score.
+        fractions = [] if kind == "supervised_encoder" else list(cfg.label_fractions)
+        subset_knn = functools.partial(knn_top1, ks=cfg.knn_k, temperature=cfg.knn_temperature,
+                                       num_classes=self.num_classes)
+        return {**row, "label_fractions": label_fraction_scores(train_xy, test_xy, fractions, cfg.seed, self.probe,
+                                                                subset_knn)}
 
     def train_input(self, images: ImageDataset, image_size: int, scale_min: float,
                     norm: Norm = NO_NORM) -> tuple[MultiViewDataset, Augment | None, int]:
