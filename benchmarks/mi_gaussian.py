@@ -7,6 +7,7 @@ estimates are recorded.
 
     .venv/bin/python benchmarks/mi_gaussian.py --out benchmarks/out/mi_gaussian
     .venv/bin/python benchmarks/mi_gaussian.py --estimators infonce,smile5 --critic concat --cubic
+    .venv/bin/python benchmarks/mi_gaussian.py --critic cosine --out benchmarks/out/mi_gaussian_cosine
 
 Prints a table (mean and std of the estimate over the last 1000 steps of each level) and the wall
 time per estimator; writes results.json and mi_gaussian.png (estimate vs step, with the true-MI
@@ -71,6 +72,19 @@ class SeparableCritic(nn.Module):
         return self.h(y) @ self.g(x).T
 
 
+class CosineCritic(SeparableCritic):
+    """f(x, y) = cos(g(x), h(y)) / temperature: the image study's critic (cosine of the heads' outputs over tau),
+    so every score lies in [-1/tau, 1/tau] and no estimator can read far past what that cap allows."""
+
+    def __init__(self, d: int, temperature: float) -> None:
+        super().__init__(d)
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        g, h = nn.functional.normalize(self.g(x), dim=1), nn.functional.normalize(self.h(y), dim=1)
+        return h @ g.T / self.temperature
+
+
 class ConcatCritic(nn.Module):
     """f(x, y) = MLP([x, y]) over all K x K pairs (joint critic; the reference ``mlp(2 d, 256, 1, layers=2)``)."""
 
@@ -84,13 +98,15 @@ class ConcatCritic(nn.Module):
         return self.f(pairs).squeeze(-1)
 
 
-def make_estimator(name: str, d: int, critic: str) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+def make_estimator(name: str, d: int, critic: str,
+                   temperature: float = 0.2) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """(trainable module, estimate(x, y) -> scalar nats). Maximising the estimate trains the module."""
     if name == "ba":
         decoder = bounds.GaussianDecoder(d, d)
         entropy = 0.5 * d * math.log(2 * math.pi * math.e)  # H(x) is known: x ~ N(0, I_d)
         return decoder, lambda x, y: bounds.barber_agakov(decoder.log_prob(x, y), entropy)
-    f = SeparableCritic(d) if critic == "separable" else ConcatCritic(d)
+    f = {"separable": lambda: SeparableCritic(d), "cosine": lambda: CosineCritic(d, temperature),
+         "concat": lambda: ConcatCritic(d)}[critic]()
     if name == "tuba":  # NWJ with a learned baseline a(y): log a(y_i) from an MLP on y
         baseline = mlp(d, 256, 1)
         return nn.ModuleList([f, baseline]), lambda x, y: bounds.tuba(f(x, y), baseline(y).squeeze(-1))
@@ -108,11 +124,12 @@ def make_estimator(name: str, d: int, critic: str) -> tuple[nn.Module, Callable[
 
 
 def train_staircase(name: str, levels: list[float], steps: int, *, d: int = 20, batch: int = 64, lr: float = 5e-4,
-                    critic: str = "separable", cubic: bool = False, seed: int = 0) -> list[float]:
+                    critic: str = "separable", temperature: float = 0.2, cubic: bool = False,
+                    seed: int = 0) -> list[float]:
     """Per-step estimates (len(levels) * steps values) for one estimator over the staircase."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    module, estimate = make_estimator(name, d, critic)
+    module, estimate = make_estimator(name, d, critic, temperature)
     optimizer = torch.optim.Adam(module.parameters(), lr=lr)
     trace: list[float] = []
     for mi in levels:
@@ -163,7 +180,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--dim", type=int, default=20)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--critic", choices=["separable", "concat"], default="separable")
+    p.add_argument("--critic", choices=["separable", "cosine", "concat"], default="separable",
+                   help="cosine: the image study's critic, cos(g(x), h(y)) / --temperature, scores within +-1/tau")
+    p.add_argument("--temperature", type=float, default=0.2, help="the cosine critic's tau (the demo's: 0.2)")
     p.add_argument("--cubic", action="store_true", help="y -> y^3 (MI unchanged)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/out/mi_gaussian")
@@ -181,7 +200,7 @@ def main() -> None:
     for name in tqdm(args.estimators.split(","), desc="estimators"):
         start = time.perf_counter()
         trace = train_staircase(name, levels, args.steps, d=args.dim, batch=args.batch, lr=args.lr,
-                                critic=args.critic, cubic=args.cubic, seed=args.seed)
+                                critic=args.critic, temperature=args.temperature, cubic=args.cubic, seed=args.seed)
         wall = time.perf_counter() - start
         traces[name] = trace
         entry: dict = {"wall_s": round(wall, 1)}

@@ -62,3 +62,22 @@ def test_the_critic_is_the_reference_network_and_js_nwj_reads_nwj_of_s() -> None
     (grad,) = torch.autograd.grad(value, S)
     (expected,) = torch.autograd.grad(bounds.js_objective(S), S)
     assert torch.allclose(grad, expected)
+
+
+def test_the_cosine_critic_caps_every_score_at_one_over_tau() -> None:
+    """The image study's critic: however the networks are trained, no score passes 1/tau, so no estimator built
+    on it reads past what that cap allows (the separable critic's scores are unbounded)."""
+    import torch
+
+    torch.manual_seed(0)
+    critic = mi_gaussian.CosineCritic(20, temperature=0.2)
+    x = torch.randn(64, 20)
+    scores = critic(x, x)
+    assert scores.abs().max() <= 5 + 1e-5 and scores.abs().max() > 1
+    with torch.no_grad():
+        for p in critic.parameters():
+            p.mul_(100)
+    assert critic(x, x).abs().max() <= 5 + 1e-5
+    assert mi_gaussian.SeparableCritic(20)(x, x).shape == scores.shape
+    module, estimate = mi_gaussian.make_estimator("nwj", 20, "cosine", temperature=0.5)
+    assert isinstance(module, mi_gaussian.CosineCritic) and module.temperature == 0.5
