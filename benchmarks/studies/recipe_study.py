@@ -69,6 +69,8 @@ def study_row(name: str, overrides: list[str], config: str, holdout: int) -> dic
         "pretrain_wall_s": round(pretrain_s, 1) if pretrain_s > 60 else None, "knn_monitor_top1": summary["knn_top1"],
         "probe_top1": ours["top1"], "knn20_top1": ours["knn"]["20"], "loss": summary["final_loss"],
         "mi_estimate_nats": summary.get("mi_estimate_nats"), "log_k": summary.get("log_k"),
+        "mi_estimate_mean_logged": summary.get("mi_estimate_nats_mean_logged"),  # over the last logged steps
+        "mi_batch_keys_nats": summary.get("mi_batch_keys_nats"),  # with the queue: the bound over fresh keys
         "skipped_steps": summary.get("skipped_steps", 0), "seed": config_used.run.seed,
         "probe_protocol": report_json["protocol"], "scored_on": "validation" if holdout else "test",
         "machine": summary.get("machine"),  # the CPU seconds_per_epoch was measured on
@@ -178,8 +180,9 @@ def bounds_table() -> str:
         mean = format(sum(values) / len(values), spec)
         return mean + (f" ({', '.join(format(v, spec) for v in values)})" if len(values) > 1 else "")
 
-    lines = ["| objective and bound | seeds | validation probe | validation kNN k=20 | final MI estimate (nats) "
-             "| its ceiling | s/epoch (seed 0) | diverged | command |", "|---" * 9 + "|"]
+    lines = ["| objective and bound | seeds | validation probe | validation kNN k=20 | own bound, last step (nats) "
+             "| own bound, mean of the last logged steps (seeds) | queue rows: bound over the batch keys | its ceiling "
+             "| s/epoch (first seed) | diverged | command |", "|---" * 11 + "|"]
     for objective, rows in sorted(groups.items(), key=lambda g: g[0] != "contrastive infonce"):  # the demo's first
         rows.sort(key=lambda r: r["seed"])
         first = rows[0]  # its time: the seeds' rows ran on different days, machines and loads, so they are not pooled
@@ -188,14 +191,24 @@ def bounds_table() -> str:
             ceiling += " (over stale queue keys: no lower bound)"
         bad = [r for r in rows if r["skipped_steps"] or r["loss"] is None or not math.isfinite(r["loss"])]
         diverged = "no" if not bad else "; ".join(f"seed {r['seed']}: {r['skipped_steps']} non-finite steps" for r in bad)
-        mi = [r for r in rows if r["mi_estimate_nats"] is not None and math.isfinite(r["mi_estimate_nats"])]
+        mi, averaged, batch_keys = (finite(rows, key) for key in ("mi_estimate_nats", "mi_estimate_mean_logged",
+                                                                 "mi_batch_keys_nats"))
         command = f"`recipe_study.py --config {rows[0]['config']} --name {' '.join([rows[0]['name'], *rows[0]['overrides']])}`"
         lines.append(f"| {objective} | {', '.join(str(r['seed']) for r in rows)} | "
                      f"{each(rows, lambda r: 100 * r['probe_top1'])} "
                      f"| {each(rows, lambda r: 100 * r['knn20_top1'])} | "
-                     f"{each(mi, lambda r: r['mi_estimate_nats']) if mi else '–'} | {ceiling} | "
+                     f"{each(mi, lambda r: r['mi_estimate_nats']) if mi else '–'} | "
+                     + (f"{each(averaged, lambda r: r['mi_estimate_mean_logged'])} "
+                        f"({', '.join(str(r['seed']) for r in averaged)})" if averaged else "–") + " | "
+                     + (each(batch_keys, lambda r: r["mi_batch_keys_nats"]) if batch_keys and "queue" in objective
+                        else "–") + f" | {ceiling} | "
                      f"{first['seconds_per_epoch']:.0f} | {diverged} | {command} |")
     return "\n".join(lines + ["", paired_bounds_table(groups)])
+
+
+def finite(rows: list[dict], key: str) -> list[dict]:
+    """The rows whose ``key`` holds a finite number (rows before a field existed carry none)."""
+    return [r for r in rows if r.get(key) is not None and math.isfinite(r[key])]
 
 
 def paired_bounds_table(groups: dict[str, list[dict]]) -> str:
