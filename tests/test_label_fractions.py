@@ -75,3 +75,34 @@ def test_label_fractions_need_the_fast_protocol() -> None:
                     check=validate_eval)
     with pytest.raises(ConfigError, match="label_fractions"):
         load_config(None, [*FAST, "weights=[x]", "label_fractions=[1.5]"], schema=EvalConfig, check=validate_eval)
+
+
+def test_the_supervised_reference_of_a_fraction_is_trained_on_that_fraction_alone(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """The same architecture trained with labels sees only the fraction's images (as many steps as the full-label
+    fit), and its probe and kNN are fitted on the same fraction: a fit on every label would not be a 50% row."""
+    import infomax.eval.rows
+    from infomax.eval.main import evaluate
+
+    fits = []
+    real_fit = infomax.eval.rows.fit_classifier
+
+    def recording_fit(accelerator, model, trainable, train_set, schedule, *args, **kwargs):
+        fits.append((kwargs["desc"], len(train_set), schedule.max_steps))
+        return real_fit(accelerator, model, trainable, train_set, schedule, *args, **kwargs)
+
+    monkeypatch.setattr(infomax.eval.rows, "fit_classifier", recording_fit)
+    torch.manual_seed(0)
+    export_encoder(create_encoder("test_resnet", 3, small_input=True), tmp_path / "run" / "export",
+                   arch="test_resnet", in_chans=3, input_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, small_input=True,
+                   summary={"steps": 1})
+    cfg = load_config(None, [*FAST, f"weights=[{tmp_path / 'run' / 'export'}]", f"out={tmp_path / 'r'}",
+                             "label_fractions=[0.5]", "random_init=false", "raw_pixels=false",
+                             "baselines.supervised_encoder=true", "baselines.supervised_encoder_epochs=1",
+                             "baselines.alexnet_global_batch_size=16", f"baselines.store={tmp_path / 'store'}"],
+                      schema=EvalConfig, check=validate_eval)
+    ours, supervised = evaluate(cfg)
+    assert [(size, steps) for _, size, steps in fits] == [(96, 6), (48, 6)]  # every label, then the half alone
+    assert fits[1][0].startswith("supervised_50pct_test_resnet")
+    assert supervised["label_fractions"]["50%"]["images"] == ours["label_fractions"]["50%"]["images"] == 48
+    assert 0 <= supervised["label_fractions"]["50%"]["top1"] <= 1

@@ -15,6 +15,7 @@ and the report follow from the list (docs/DESIGN.md, "How to add an eval row").
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -33,11 +34,11 @@ from infomax.config.pretrain import ViewConfig, to_yaml
 from infomax.data import ImageDataset, MultiViewDataset, build_view_transform
 from infomax.data.batch_views import BatchViews
 from infomax.data.colour import split_lab
-from infomax.data.datasets import disjoint_subsets
+from infomax.data.datasets import Subset, disjoint_subsets, labels_of
 from infomax.eval.baselines import AlexNetConvFeatures, published_rows, supervised_alexnet
 from infomax.eval.classifier import Augment, LinearProbeModel, SGDSchedule, fit_classifier, fit_label
 from infomax.eval.features import ConcatViewEncoders, assert_unchanged, fingerprint, pixel_features
-from infomax.eval.label_fractions import label_fraction_scores
+from infomax.eval.label_fractions import fraction_indices, fraction_key, label_fraction_scores
 from infomax.eval.probe import ProbeResult, linear_probe, topk_accuracy
 from infomax.eval.progress import SUPERVISED_STEP_PER_PRETRAIN_STEP, RowCost, pretrain_step_seconds
 from infomax.eval.stored_baselines import (
@@ -205,12 +206,15 @@ class Rows:
                "weight_decay_at_edge": probe.at_edge, "weight_decays_tried": sorted(probe.val_top1),
                "probe_grad_max": probe.grad_max, "feature_dim": int(train_xy[0].shape[1]),
                "probe_seconds": round(time.perf_counter() - t0, 1), "scored": len(test_xy[1]), **extra}
-        # The supervised encoder was trained on every label: a probe of it on a fraction is no fraction's score.
+        # The supervised encoder was trained on every label: its fractions' scores come from fits on the fraction
+        # alone (supervised_fractions).
         fractions = [] if kind == "supervised_encoder" else list(cfg.label_fractions)
-        subset_knn = functools.partial(knn_top1, ks=cfg.knn_k, temperature=cfg.knn_temperature,
-                                       num_classes=self.num_classes)
         return {**row, "label_fractions": label_fraction_scores(train_xy, test_xy, fractions, cfg.seed, self.probe,
-                                                                subset_knn)}
+                                                                self.subset_knn)}
+
+    def subset_knn(self, train_xy, test_xy) -> dict[str, float]:
+        """kNN top-1 per k with a part of the train split as the bank, each k labelled with the k it used."""
+        return knn_top1(train_xy, test_xy, self.cfg.knn_k, self.cfg.knn_temperature, self.num_classes)
 
     def train_input(self, images: ImageDataset, image_size: int, scale_min: float,
                     norm: Norm = NO_NORM) -> tuple[MultiViewDataset, Augment | None, int]:
@@ -232,12 +236,13 @@ class Rows:
 
     def sgd_fit(self, slug: str, model: nn.Module, trainable: nn.Module, image_size: int, schedule: SGDSchedule,
                 scale_min: float, input_fn=lambda x: x, held_out: int = 0, drop_last: bool = True,
-                norm: Norm = NO_NORM) -> dict[str, Any]:
-        """Fit with the checkpointed SGD loop, then top-1/top-5 of ``model`` on the scored split (test or validation).
+                norm: Norm = NO_NORM, images: ImageDataset | None = None) -> dict[str, Any]:
+        """Fit with the checkpointed SGD loop on ``images`` (default: the train split), then top-1/top-5 of
+        ``model`` on the scored split (test or validation).
 
         With ``held_out`` > 0 that many train images are kept out of the fit to draw its held-out
         curve, which says whether it converged (and drives ``schedule.patience``)."""
-        cfg, acc, train = self.cfg, self.accelerator, self.train
+        cfg, acc, train = self.cfg, self.accelerator, images or self.train
         model = self.memory_format(model)  # in place: ``trainable`` is a part of it
         fit_images, held_images = (disjoint_subsets(train, len(train) - held_out, held_out) if held_out
                                    else (train, None))
@@ -408,6 +413,8 @@ class Rows:
         if (found := self.stored("supervised_encoder", protocol)) is not None:
             kept = {k: v for k, v in found.items() if k not in ("dataset", "data_sha256", "config", "git_revision",
                                                               "date", "stored_path", "protocol")}
+            asked = {fraction_key(f) for f in self.cfg.label_fractions}  # a stored fit of other fractions: not shown
+            kept["label_fractions"] = {k: v for k, v in (found.get("label_fractions") or {}).items() if k in asked}
             return {**kept, "name": f"supervised {meta['architecture']} ({epochs:g} epochs, {found['wall_s']:.0f} s, "
                                     f"stored {found['date'][:10]})",
                     "protocol": self.cfg.protocol, "stored_protocol": found["protocol"], "stored": found["stored_path"],
@@ -426,20 +433,43 @@ class Rows:
         row = self.encoder_row(f"supervised {meta['architecture']} ({epochs:g} epochs, {scores['wall_s']:.0f} s)",
                                "supervised_encoder", encoder, meta, None)
         row = {**row, **{k: scores[k] for k in ("epochs", "steps", "wall_s", "augment", "stopped", "converged")},
-               "supervised_top1": scores["top1"], "budget_epochs": epochs}
+               "supervised_top1": scores["top1"], "budget_epochs": epochs,
+               "label_fractions": self.supervised_fractions(meta, schedule)}
         self.store(row, protocol, revision, suffix="-" + hashlib.sha256(protocol.encode()).hexdigest()[:8])
         return row
+
+    def supervised_fractions(self, meta: dict, schedule: SGDSchedule) -> dict[str, dict]:
+        """Our architecture trained with labels on each label fraction alone (its images and labels, for as many
+        steps as the full-label fit), then its probe and kNN fitted on the same fraction: the reference the
+        label-fraction columns of the other rows are read against."""
+        cfg, b, size, norm = self.cfg, self.b, meta["input_size"][-1], norm_of(meta)
+        labels, scores = torch.tensor(labels_of(self.train)), {}
+        for fraction in cfg.label_fractions:
+            subset = Subset(self.train, fraction_indices(labels, fraction, cfg.seed).tolist())
+            batches = max(1, len(subset) // b.alexnet_global_batch_size)
+            encoder = random_like(meta, meta["in_chans"])
+            model = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.num_features, self.num_classes))
+            self.sgd_fit(f"supervised_{100 * fraction:g}pct_{meta['architecture']}_{meta['sha256'][:8]}", model, model,
+                         size, dataclasses.replace(schedule, epochs=math.ceil(schedule.max_steps / batches)),
+                         b.alexnet_crop_scale_min, input_fn=input_fn_for(meta), norm=norm, images=subset)
+            encoder = encoder.to(self.accelerator.device).eval().requires_grad_(False)
+            train_xy, test_xy = (self.features(encoder, split, size, input_fn_for(meta), norm)
+                                 for split in ("train", "test"))
+            scores |= label_fraction_scores(train_xy, test_xy, [fraction], cfg.seed, self.probe, self.subset_knn)
+        return scores
 
     def has_stored_supervised_encoder(self, meta: dict) -> bool:
         """Whether :meth:`supervised_encoder_row` will report a stored result (no fit to wait for)."""
         return self._find_stored("supervised_encoder", supervised_encoder_protocol(meta, self.cfg)) is not None
 
     def supervised_encoder_cost(self, meta: dict) -> RowCost:
-        """A stored result costs nothing; a fit is reckoned from the export's own pretraining speed."""
+        """A stored result costs nothing; a fit (one more per label fraction, as long) is reckoned from the export's
+        own pretraining speed."""
         if self.has_stored_supervised_encoder(meta):
             return RowCost(scored=False)
+        fits = 1 + len(self.cfg.label_fractions)
         steps = self.supervised_budget(meta)[1]
-        return RowCost(fit_seconds=steps * pretrain_step_seconds(meta) * SUPERVISED_STEP_PER_PRETRAIN_STEP)
+        return RowCost(fit_seconds=fits * steps * pretrain_step_seconds(meta) * SUPERVISED_STEP_PER_PRETRAIN_STEP)
 
     def alexnet_conv_row(self, trunk: nn.Module, layer: int) -> dict[str, Any]:
         """The linear probe of AlexNet's conv ``layer`` (1..5; its pooled ReLU outputs) from a weights file."""
