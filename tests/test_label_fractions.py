@@ -63,7 +63,7 @@ def test_the_report_gives_each_self_supervised_row_its_label_fraction_columns(tm
             ("25%", train_images // 4), ("50%", train_images // 2)]
         assert all(0 <= s["top1"] <= s["top5"] <= 1 and set(s["knn"]) == {"5"} for s in row["label_fractions"].values())
     md = (tmp_path / "r" / "report.md").read_text()
-    assert "| Δ vs AlexNet | 25% labels: top-1 / kNN k=5 | 50% labels: top-1 / kNN k=5 |" in md
+    assert "| Δ vs supervised, same arch | Δ vs AlexNet | 25% labels: top-1 / kNN k=5 | 50% labels: top-1 / kNN k=5 |" in md
     assert "Label fractions (25%, 50%): the probe and kNN fitted on that share" in md
     raw = rows[2]["label_fractions"]["25%"]
     assert f"| {100 * raw['top1']:.2f} / {100 * raw['knn']['5']:.2f} |" in md.split("| raw pixels |")[1].splitlines()[0]
@@ -106,3 +106,7 @@ def test_the_supervised_reference_of_a_fraction_is_trained_on_that_fraction_alon
     assert fits[1][0].startswith("supervised_50pct_test_resnet")
     assert supervised["label_fractions"]["50%"]["images"] == ours["label_fractions"]["50%"]["images"] == 48
     assert 0 <= supervised["label_fractions"]["50%"]["top1"] <= 1
+    # the fair reference, beside AlexNet's: the same architecture trained with labels
+    assert ours["delta_vs_supervised"] == pytest.approx(ours["top1"] - supervised["top1"])
+    assert supervised["delta_vs_supervised"] is None
+    assert f"| {100 * ours['delta_vs_supervised']:+.2f} | – |" in (tmp_path / "r" / "report.md").read_text()

@@ -177,9 +177,14 @@ def write_outputs(cfg: Any, rows: list[dict[str, Any]], exports: list, accelerat
 
     measured = [r["top1"] for r in rows if r["kind"] == "alexnet_supervised"]
     reference = measured[0] if measured else (REFERENCE_ALEXNET_TOP1 if cfg.baselines.published else None)
+    # The fair reference: the same architecture trained with labels (one export's, so one such row), AlexNet beside it
+    same_arch = [r["top1"] for r in rows if r["kind"] == "supervised_encoder"]
     for r in rows:
         compared = reference is not None and r["kind"] != "alexnet_supervised"
         r["delta_vs_alexnet"] = r["top1"] - reference if compared else None
+        r["delta_vs_supervised"] = (r["top1"] - same_arch[0] if len(same_arch) == 1 and r["top1"] is not None
+                                    and r["kind"] not in ("supervised_encoder", "alexnet_supervised", "published")
+                                    else None)
     if accelerator.is_main_process:
         fractions = describe_fractions(list(cfg.label_fractions), cfg.seed)
         meta = {"dataset": cfg.dataset, "protocol": PROTOCOLS[cfg.protocol].split(":")[0],

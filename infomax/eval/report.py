@@ -18,18 +18,19 @@ def _pct(v: float | None) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]], knn_k: list[int]) -> str:
-    """encoder / kind / protocol / input side / feature dim / top-1 / top-5 / kNN per k / delta vs
-    supervised AlexNet (points) / per label fraction, top-1 and kNN at the first k fitted on that fraction."""
+    """encoder / kind / protocol / input side / feature dim / top-1 / top-5 / kNN per k / delta vs the same
+    architecture trained with labels and vs the supervised AlexNet (points) / per label fraction, top-1 and kNN at
+    the first k fitted on that fraction."""
     fractions = list(dict.fromkeys(f for r in rows for f in r.get("label_fractions") or {}))
     first_k = f" / kNN k={knn_k[0]}" if knn_k else ""
     head = ("| encoder | kind | protocol | input px | features | top-1 | top-5 | "
-            + "".join(f"kNN k={k} | " for k in knn_k) + "Δ vs AlexNet |"
+            + "".join(f"kNN k={k} | " for k in knn_k) + "Δ vs supervised, same arch | Δ vs AlexNet |"
             + "".join(f" {f} labels: top-1{first_k} |" for f in fractions))
-    lines = [head, "|" + "---|" * (8 + len(knn_k) + len(fractions))]
+    lines = [head, "|" + "---|" * (9 + len(knn_k) + len(fractions))]
     for r in rows:
         knn = "".join(f"{_pct((r.get('knn') or {}).get(str(k)))} | " for k in knn_k)
-        delta = r.get("delta_vs_alexnet")
-        delta = "–" if delta is None else f"{100 * delta:+.2f}"
+        delta = " | ".join("–" if r.get(k) is None else f"{100 * r[k]:+.2f}"
+                           for k in ("delta_vs_supervised", "delta_vs_alexnet"))
         size, dim = (r.get(k) or "–" for k in ("input_size", "feature_dim"))
         lines.append(f"| {r['name']} | {r['kind']} | {r['protocol']} | {size} | {dim} | {_pct(r['top1'])} | "
                      f"{_pct(r['top5'])} | {knn}{delta} |" + "".join(
@@ -62,8 +63,10 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], kn
         + (f": {meta['test_images']} images, the fits on {meta['train_images']} train images"
            if "test_images" in meta else "")
         + f".\n\n{table}\n\n"
-        f"Δ vs AlexNet: top-1 points against "
-        f"{'no AlexNet row' if reference is None else f'supervised AlexNet at {_pct(reference)}%'}.\n\n"
+        f"Δ vs supervised, same arch: top-1 points against the export's architecture trained with labels (the fair "
+        f"reference: same encoder, data and probe; – without that row). Δ vs AlexNet: top-1 points against "
+        f"{'no AlexNet row' if reference is None else f'supervised AlexNet at {_pct(reference)}%'} (another "
+        f"architecture, trained end to end).\n\n"
         f"Protocol: {meta['protocol_description']}\n\n"
         f"Precision: {meta['precision']} ({meta['precision_reason']}); measured on {meta['machine']}.\n\n"
         + (f"Quoted, not measured here:\n{quoted}\n\n" if quoted else "")
