@@ -219,7 +219,6 @@ class BoundSpec:
     build: Callable[[dict[str, Any]], Callable[..., torch.Tensor]]  # its knobs' values -> fn(S, positives=...)
     knobs: tuple[str, ...] = ()  # the objective.* keys it reads (objective.smile_tau, ...)
     stateful: bool = False  # keeps state between steps: one module per view pair, saved in checkpoints
-    exact_across_ranks: bool = True  # its value over gathered keys is what one process with the global batch reads
     dim: bool = True  # Deep InfoMax can train with it (a stateless bound of a score matrix)
     ceiling: bool = False  # its value never passes log K (InfoNCE's): printed beside it only then
     minibatch: str = "a lower bound on a minibatch"  # what one batch's value is
