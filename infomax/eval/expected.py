@@ -9,7 +9,6 @@ passes and the features its probe fits on; the pretraining measures this machine
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from accelerate import PartialState
@@ -17,6 +16,7 @@ from accelerate import PartialState
 from infomax.data.datasets import ImageDataset
 from infomax.eval.probe import GRID_EXTENSIONS
 from infomax.eval.progress import RowCost, knn_seconds, probe_seconds
+from infomax.eval.report import report_dir
 from infomax.eval.rows import Rows
 from infomax.runtime.tracking import format_duration
 
@@ -65,8 +65,8 @@ def check_expected_eval(plan: EvalToCome, cfg: Any) -> None:
 def planned_costs(plan: EvalToCome, meta: dict[str, Any]) -> list[RowCost]:
     """What each row the eval will compute costs, planned on the export's config.json ``meta``."""
     cfg, export = plan.cfg, str(plan.cfg.weights[0])
-    out = Path(cfg.out or Path(export).parent)  # where the eval looks for its stored rows, as evaluate() chooses
-    rows = Rows(cfg, PartialState(), plan.train, plan.test, meta["input_size"][-1], out, fit_key="")
+    rows = Rows(cfg, PartialState(), plan.train, plan.test, meta["input_size"][-1], report_dir(cfg.out, [export]),
+                fit_key="")
     views = [(entry, None) for entry in meta.get("view_encoders", [])]
     return [r.cost() for r in rows.plan([(export, None, meta)], {export: views}, None) if not r.quoted]
 

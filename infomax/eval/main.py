@@ -115,9 +115,10 @@ def writable_out(cfg: Any, exports: list) -> Path:
     """Where the report, the kept rows and the fits' checkpoints go (``out``, else beside the first export), checked
     writable before any row is computed."""
     from infomax.config.pretrain import ConfigError
+    from infomax.eval.report import report_dir
     from infomax.runtime.run_dir import ensure_writable
 
-    out = Path(cfg.out or (Path(cfg.weights[0]).resolve().parent if exports else "runs/baselines"))
+    out = report_dir(cfg.out, [str(w) for w, *_ in exports])
     try:
         ensure_writable(out)
     except OSError as e:

@@ -13,6 +13,12 @@ KIND_COLOURS = {"ours": "C0", "random_init": "C7", "raw_pixels": "C8", "alexnet_
                 "alexnet_conv": "C1", "published": "C2"}
 
 
+def report_dir(out: str, weights: list[str]) -> Path:
+    """Where an eval writes its report, kept rows and fits' checkpoints: ``out``, else beside the first export (its
+    run dir), else (no export: stored baselines only) runs/baselines."""
+    return Path(out) if out else Path(weights[0]).resolve().parent if weights else Path("runs/baselines")
+
+
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.2f}"
 
