@@ -242,7 +242,7 @@ class Rows:
 
         With ``held_out`` > 0 that many train images are kept out of the fit to draw its held-out
         curve, which says whether it converged (and drives ``schedule.patience``)."""
-        cfg, acc, train = self.cfg, self.accelerator, images or self.train
+        cfg, acc, train = self.cfg, self.accelerator, self.train if images is None else images
         model = self.memory_format(model)  # in place: ``trainable`` is a part of it
         fit_images, held_images = (disjoint_subsets(train, len(train) - held_out, held_out) if held_out
                                    else (train, None))
