@@ -8,7 +8,8 @@ This measures every export alike:
 2. features of both views, each projected on the training pairs' top 64 principal components and whitened;
 3. a fresh critic f(a, b) = a'Wb + a'diag(u)a + b'diag(v)b + c (bilinear, with the quadratic and constant terms
    of a Gaussian log density ratio; InfoNCE ignores the a-only ones) trained on training pairs with InfoNCE at K
-   candidates, and a second one with NWJ;
+   candidates, and a second one with NWJ, each kept as it was at its best on a tenth of the training pairs held
+   out of its fit (early stopping);
 4. both bounds on held-out pairs (the run's data.holdout images, else the test split: images neither the
    encoder nor the critics saw), mean and standard error over batches of K.
 
@@ -49,18 +50,34 @@ class QuadraticCritic(nn.Module):
 
 
 def fit_critic(train_a: torch.Tensor, train_b: torch.Tensor, bound: str, k: int, steps: int, lr: float,
-               seed: int) -> QuadraticCritic:
-    """A fresh critic trained to maximise ``bound`` (infonce | nwj) on batches of ``k`` training pairs (N x D each)."""
+               seed: int, check_every: int = 25) -> QuadraticCritic:
+    """A fresh critic trained to maximise ``bound`` (infonce | nwj) on batches of ``k`` training pairs (N x D each).
+
+    A tenth of the pairs (``k`` at least) is kept out of the fit, and the critic as it was at its best value there
+    (checked every ``check_every`` steps) is the one returned: NWJ's critic otherwise goes on fitting the training
+    pairs until e^f of an unseen negative pair overflows. With too few pairs for that, the last step's critic."""
     g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train_a), generator=g)
+    n_check = max(k, len(train_a) // 10) if len(train_a) - max(k, len(train_a) // 10) >= k else 0
+    check, fit = order[:n_check], order[n_check:]
     critic = QuadraticCritic(train_a.shape[1], train_b.shape[1])
     opt = torch.optim.Adam(critic.parameters(), lr=lr)
     fn = {"infonce": bounds.infonce, "nwj": bounds.nwj}[bound]
-    for _ in range(steps):
-        rows = torch.randperm(len(train_a), generator=g)[:k]
+    best, best_state = -math.inf, None
+    for step in range(steps + 1):
+        if n_check and (step % check_every == 0 or step == steps):
+            value = batch_values(critic, train_a[check], train_b[check], bound, k).mean().item()
+            if math.isfinite(value) and value > best:
+                best, best_state = value, {n: p.detach().clone() for n, p in critic.state_dict().items()}
+        if step == steps:
+            break
+        rows = fit[torch.randperm(len(fit), generator=g)[:k]]
         loss = -fn(critic(train_a[rows], train_b[rows]))
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if best_state is not None:
+        critic.load_state_dict(best_state)
     return critic
 
 
