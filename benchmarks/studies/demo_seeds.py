@@ -7,7 +7,7 @@ configs/probe_fmnist.yaml on the test split) with ``run.seed`` varied, so its pr
 Each seed pretrains into runs/demo_seeds/s<seed> with the demo's launch line and is scored by the demo's eval
 (only the pretraining seed changes; the eval's own seed, which draws the probe's held-out part and the label
 fractions, stays the config's). One JSON line per seed is appended to benchmarks/out/demo_seeds.jsonl, naming the
-machine; a finished seed is reused. Seed 0 is `make demo` itself.
+machine; a finished seed is reused. Seed 0 is `make demo` itself: its run dir, runs/fmnist_cpu, is used.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ ROWS = REPO / "benchmarks" / "out" / "demo_seeds.jsonl"
 
 
 def run_seed(seed: int) -> dict:
-    run_dir = REPO / "runs" / "demo_seeds" / f"s{seed}"
+    run_dir = REPO / "runs" / ("fmnist_cpu" if seed == 0 else f"demo_seeds/s{seed}")
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     steps = [[accelerate, "launch", "--config_file", "configs/accelerate/cpu.yaml", "--num_cpu_threads_per_process",
               str(os.cpu_count()), "pretrain/main.py", "--config", "configs/fmnist_cpu.yaml", f"run.seed={seed}",
