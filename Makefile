@@ -42,7 +42,7 @@ demo: setup
 	$(PY) eval/main.py --config configs/probe_fmnist.yaml weights=runs/fmnist_cpu/export
 
 # The supervised references on Fashion-MNIST, stored in baselines/ (tracked): every later eval on the same
-# data and protocol reports them instead of training. The AlexNet trained to convergence (1 to 1.5 hours on
+# data and protocol reports them instead of training. The AlexNet trained with early stopping (1 to 1.5 hours on
 # 2 CPU cores, minutes on a GPU), then the demo's encoder trained with labels for the demo's epochs
 # (baselines-encoder, a few minutes: it pretrains the demo first if needed, for its architecture and epochs).
 baselines: setup

@@ -1,4 +1,4 @@
-"""Baselines a reviewer accepts: AlexNet's budget and convergence, stored converged results, and the
+"""Baselines a reviewer accepts: AlexNet's budget and what ended its fit, stored results, and the
 supervised same-encoder row."""
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def test_a_label_fraction_holds_each_class_in_proportion_drawn_by_the_seed() -> 
     assert torch.bincount(labels[idx]).tolist() == [10, 10, 10, 10, 4]
     assert torch.equal(idx, fraction_indices(labels, 0.1, seed=0))  # every row of a report: the same images
     assert not torch.equal(idx, fraction_indices(labels, 0.1, seed=1))
-    assert not torch.equal(idx[:10], torch.arange(0, 40, 4))  # drawn, not the first of each class
+    assert not torch.equal(idx[labels[idx] == 0], torch.arange(0, 40, 4))  # drawn, not the first of each class
     assert torch.bincount(labels[fraction_indices(labels, 0.001, seed=0)]).tolist() == [1] * 5  # one at least
 
 
@@ -96,17 +96,25 @@ def test_the_supervised_reference_of_a_fraction_is_trained_on_that_fraction_alon
     export_encoder(create_encoder("test_resnet", 3, small_input=True), tmp_path / "run" / "export",
                    arch="test_resnet", in_chans=3, input_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, small_input=True,
                    summary={"steps": 1})
-    cfg = load_config(None, [*FAST, f"weights=[{tmp_path / 'run' / 'export'}]", f"out={tmp_path / 'r'}",
-                             "label_fractions=[0.5]", "random_init=false", "raw_pixels=false",
-                             "baselines.supervised_encoder=true", "baselines.supervised_encoder_epochs=1",
-                             "baselines.alexnet_global_batch_size=16", f"baselines.store={tmp_path / 'store'}"],
-                      schema=EvalConfig, check=validate_eval)
-    ours, supervised = evaluate(cfg)
-    assert [(size, steps) for _, size, steps in fits] == [(96, 6), (48, 6)]  # every label, then the half alone
-    assert fits[1][0].startswith("supervised_50pct_test_resnet")
+
+    def evaluate_with(*overrides: str) -> list[dict]:
+        return evaluate(load_config(None, [
+            *FAST, f"weights=[{tmp_path / 'run' / 'export'}]", f"out={tmp_path / 'r'}", "label_fractions=[0.1,0.5]",
+            "random_init=false", "raw_pixels=false", "baselines.supervised_encoder=true",
+            "baselines.supervised_encoder_epochs=1", "baselines.alexnet_global_batch_size=16",
+            f"baselines.store={tmp_path / 'store'}", *overrides], schema=EvalConfig, check=validate_eval))
+
+    ours, supervised = evaluate_with("store_baselines=true")
+    # every label, then each fraction alone: 1 of each of the 8 classes' 12 images (a batch of 8), then half
+    assert [(size, steps) for _, size, steps in fits] == [(96, 6), (8, 6), (48, 6)]
+    assert fits[2][0].startswith("supervised_50pct_test_resnet")
     assert supervised["label_fractions"]["50%"]["images"] == ours["label_fractions"]["50%"]["images"] == 48
-    assert 0 <= supervised["label_fractions"]["50%"]["top1"] <= 1
+    assert 0 <= supervised["label_fractions"]["50%"]["top1"] <= 1 and supervised["label_fractions"]["10%"]["seed"] == 0
     # the fair reference, beside AlexNet's: the same architecture trained with labels
     assert ours["delta_vs_supervised"] == pytest.approx(ours["top1"] - supervised["top1"])
     assert supervised["delta_vs_supervised"] is None
     assert f"| {100 * ours['delta_vs_supervised']:+.2f} | – |" in (tmp_path / "r" / "report.md").read_text()
+    # the stored row's fractions are shown under the seed that drew their images, not another's
+    fits.clear()
+    assert evaluate_with()[1]["label_fractions"] == supervised["label_fractions"] and fits == []
+    assert evaluate_with("seed=1")[1]["label_fractions"] == {}

@@ -32,6 +32,7 @@ CRITICS = ("cosine", "bilinear", "concat")
 
 
 def run_rows(epochs: float, seeds: list[int]) -> None:
+    from infomax.eval.yardstick import VERSION
     from infomax.eval.yardstick import main as yardstick
 
     for seed in seeds:  # seed by seed: a cut-short study still has every critic of its first seeds, paired
@@ -40,7 +41,8 @@ def run_rows(epochs: float, seeds: list[int]) -> None:
             row = study_row(name, [f"objective.critic={critic}", f"run.seed={seed}", f"optim.epochs={epochs:g}",
                                    "monitor.expect_eval=''"], "configs/fmnist_cpu.yaml", 10000)
             export = REPO / "runs" / "study" / name / "export"
-            if not (export.parent / "yardstick.json").is_file():
+            stored = export.parent / "yardstick.json"
+            if not stored.is_file() or json.loads(stored.read_text()).get("version", 1) != VERSION:
                 assert yardstick([str(export)]) == 0
             stick = json.loads((export.parent / "yardstick.json").read_text())
             summary = json.loads((export / "config.json").read_text())["summary"]

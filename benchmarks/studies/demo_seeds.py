@@ -29,7 +29,7 @@ def run_seed(seed: int) -> dict:
     run_dir = REPO / "runs" / ("fmnist_cpu" if seed == 0 else f"demo_seeds/s{seed}")
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     steps = [[accelerate, "launch", "--config_file", "configs/accelerate/cpu.yaml", "--num_cpu_threads_per_process",
-              str(os.cpu_count()), "pretrain/main.py", "--config", "configs/fmnist_cpu.yaml", f"run.seed={seed}",
+              str(len(os.sched_getaffinity(0))), "pretrain/main.py", "--config", "configs/fmnist_cpu.yaml", f"run.seed={seed}",
               f"run.dir={run_dir}"],
              [sys.executable, "eval/main.py", "--config", "configs/probe_fmnist.yaml", f"weights={run_dir / 'export'}"]]
     for cmd in steps:

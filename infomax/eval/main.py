@@ -184,7 +184,8 @@ def write_outputs(cfg: Any, rows: list[dict[str, Any]], exports: list, accelerat
         compared = reference is not None and r["kind"] != "alexnet_supervised"
         r["delta_vs_alexnet"] = r["top1"] - reference if compared else None
         r["delta_vs_supervised"] = (r["top1"] - same_arch[0] if len(same_arch) == 1 and r["top1"] is not None
-                                    and r["kind"] not in ("supervised_encoder", "alexnet_supervised", "published")
+                                    and r["kind"] not in ("supervised_encoder", "alexnet_supervised", "alexnet_conv",
+                                                          "published")
                                     else None)
     if accelerator.is_main_process:
         fractions = describe_fractions(list(cfg.label_fractions), cfg.seed)

@@ -241,7 +241,7 @@ class Rows:
         ``model`` on the scored split (test or validation).
 
         With ``held_out`` > 0 that many train images are kept out of the fit to draw its held-out
-        curve, which says whether it converged (and drives ``schedule.patience``)."""
+        curve, which drives ``schedule.patience`` (early stopping: the only fit called converged)."""
         cfg, acc, train = self.cfg, self.accelerator, self.train if images is None else images
         model = self.memory_format(model)  # in place: ``trainable`` is a part of it
         fit_images, held_images = (disjoint_subsets(train, len(train) - held_out, held_out) if held_out
@@ -414,7 +414,9 @@ class Rows:
             kept = {k: v for k, v in found.items() if k not in ("dataset", "data_sha256", "config", "git_revision",
                                                               "date", "stored_path", "protocol")}
             asked = {fraction_key(f) for f in self.cfg.label_fractions}  # a stored fit of other fractions: not shown
-            kept["label_fractions"] = {k: v for k, v in (found.get("label_fractions") or {}).items() if k in asked}
+            kept["label_fractions"] = {k: v for k, v in (found.get("label_fractions") or {}).items()
+                                       if k in asked and v.get("seed") == self.cfg.seed}  # nor of other images
+            kept["converged"] = found["stopped"] == "early_stopping"  # the rule of today, for older records too
             return {**kept, "name": f"supervised {meta['architecture']} ({epochs:g} epochs, {found['wall_s']:.0f} s, "
                                     f"stored {found['date'][:10]})",
                     "protocol": self.cfg.protocol, "stored_protocol": found["protocol"], "stored": found["stored_path"],
@@ -440,22 +442,28 @@ class Rows:
 
     def supervised_fractions(self, meta: dict, schedule: SGDSchedule) -> dict[str, dict]:
         """Our architecture trained with labels on each label fraction alone (its images and labels, for as many
-        steps as the full-label fit), then its probe and kNN fitted on the same fraction: the reference the
-        label-fraction columns of the other rows are read against."""
-        cfg, b, size, norm = self.cfg, self.b, meta["input_size"][-1], norm_of(meta)
-        labels, scores = torch.tensor(labels_of(self.train)), {}
+        steps as the full-label fit; a fraction smaller than the batch is one batch), then its probe and kNN fitted
+        on the features of the same images: the reference the other rows' label-fraction columns are read
+        against. Each entry names the seed that drew its images, so a stored one is shown only under that seed."""
+        cfg, acc, size, norm = self.cfg, self.accelerator, meta["input_size"][-1], norm_of(meta)
+        input_fn, labels, scores = input_fn_for(meta), torch.tensor(labels_of(self.train)), {}
         for fraction in cfg.label_fractions:
             subset = Subset(self.train, fraction_indices(labels, fraction, cfg.seed).tolist())
-            batches = max(1, len(subset) // b.alexnet_global_batch_size)
+            # a global batch splits evenly over the processes
+            batch = min(schedule.global_batch_size, len(subset) - len(subset) % acc.num_processes)
+            fit = dataclasses.replace(schedule, global_batch_size=batch,
+                                      epochs=math.ceil(schedule.max_steps / max(1, len(subset) // max(1, batch))))
             encoder = random_like(meta, meta["in_chans"])
             model = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.num_features, self.num_classes))
             self.sgd_fit(f"supervised_{100 * fraction:g}pct_{meta['architecture']}_{meta['sha256'][:8]}", model, model,
-                         size, dataclasses.replace(schedule, epochs=math.ceil(schedule.max_steps / batches)),
-                         b.alexnet_crop_scale_min, input_fn=input_fn_for(meta), norm=norm, images=subset)
-            encoder = encoder.to(self.accelerator.device).eval().requires_grad_(False)
-            train_xy, test_xy = (self.features(encoder, split, size, input_fn_for(meta), norm)
-                                 for split in ("train", "test"))
-            scores |= label_fraction_scores(train_xy, test_xy, [fraction], cfg.seed, self.probe, self.subset_knn)
+                         size, fit, self.b.alexnet_crop_scale_min, input_fn=input_fn, norm=norm, images=subset)
+            encoder = encoder.to(acc.device).eval().requires_grad_(False)
+            fit_xy = extract_features(encoder, ImageListDataset(subset, size, cfg.center_crop_ratio, *norm), acc,
+                                      cfg.batch_size_per_process, cfg.num_workers, input_fn=input_fn, shard=True)
+            test_xy = self.features(encoder, "test", size, input_fn, norm)
+            probe = self.probe(fit_xy, test_xy)
+            scores[fraction_key(fraction)] = {"images": len(fit_xy[1]), "top1": probe.top1, "top5": probe.top5,
+                                              "knn": self.subset_knn(fit_xy, test_xy), "seed": cfg.seed}
         return scores
 
     def has_stored_supervised_encoder(self, meta: dict) -> bool:

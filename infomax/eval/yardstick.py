@@ -31,6 +31,10 @@ from torch import nn
 
 from infomax.method import bounds
 
+# 2: the critics stop early on a tenth of the training pairs (version 1 trained them to their last step); a study
+# rereads a yardstick.json of another version
+VERSION = 2
+
 
 class QuadraticCritic(nn.Module):
     """f(a, b) = a'Wb + a'diag(u)a + b'diag(v)b + c for every pair of rows: B x D and K x D features -> B x K scores.
@@ -58,7 +62,8 @@ def fit_critic(train_a: torch.Tensor, train_b: torch.Tensor, bound: str, k: int,
     pairs until e^f of an unseen negative pair overflows. With too few pairs for that, the last step's critic."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train_a), generator=g)
-    n_check = max(k, len(train_a) // 10) if len(train_a) - max(k, len(train_a) // 10) >= k else 0
+    n_check = max(k, len(train_a) // 10)
+    n_check = n_check if len(train_a) - n_check >= k else 0
     check, fit = order[:n_check], order[n_check:]
     critic = QuadraticCritic(train_a.shape[1], train_b.shape[1])
     opt = torch.optim.Adam(critic.parameters(), lr=lr)
@@ -110,8 +115,8 @@ def yardstick(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor,
         raise ValueError(f"the yardstick reads at least 20 batches of {k} validation pairs; got {len(va)} pairs")
     ta, va = whitened(ta, va, dim)
     tb, vb = whitened(tb, vb, dim)
-    out: dict[str, Any] = {"k": k, "log_k": math.log(k), "train_pairs": len(ta), "validation_pairs": len(va),
-                           "dims": [ta.shape[1], tb.shape[1]]}
+    out: dict[str, Any] = {"version": VERSION, "k": k, "log_k": math.log(k), "train_pairs": len(ta),
+                           "validation_pairs": len(va), "dims": [ta.shape[1], tb.shape[1]]}
     # batches of held-out pairs in a fixed random order: a class-sorted folder's consecutive images are few classes
     order = torch.randperm(len(va), generator=torch.Generator().manual_seed(seed + 1))
     va, vb = va[order], vb[order]
