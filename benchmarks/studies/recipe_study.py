@@ -199,7 +199,8 @@ def bounds_table() -> str:
                      f"| {each(rows, lambda r: 100 * r['knn20_top1'])} | "
                      f"{each(mi, lambda r: r['mi_estimate_nats']) if mi else '–'} | "
                      + (f"{each(averaged, lambda r: r['mi_estimate_mean_logged'])} "
-                        f"({', '.join(str(r['seed']) for r in averaged)})" if averaged else "–") + " | "
+                        f"(seed{'s' * (len(averaged) > 1)} {', '.join(str(r['seed']) for r in averaged)})"
+                        if averaged else "–") + " | "
                      + (each(batch_keys, lambda r: r["mi_batch_keys_nats"]) if batch_keys and "queue" in objective
                         else "–") + f" | {ceiling} | "
                      f"{first['seconds_per_epoch']:.0f} | {diverged} | {command} |")
