@@ -54,8 +54,9 @@ class QuadraticCritic(nn.Module):
 
 
 def fit_critic(train_a: torch.Tensor, train_b: torch.Tensor, bound: str, k: int, steps: int, lr: float,
-               seed: int, check_every: int = 25) -> QuadraticCritic:
-    """A fresh critic trained to maximise ``bound`` (infonce | nwj) on batches of ``k`` training pairs (N x D each).
+               seed: int, check_every: int = 25) -> tuple[QuadraticCritic, int]:
+    """A fresh critic trained to maximise ``bound`` (infonce | nwj) on batches of ``k`` training pairs (N x D each),
+    and the step it was kept at.
 
     A tenth of the pairs (``k`` at least) is kept out of the fit, and the critic as it was at its best value there
     (checked every ``check_every`` steps) is the one returned: NWJ's critic otherwise goes on fitting the training
@@ -68,12 +69,13 @@ def fit_critic(train_a: torch.Tensor, train_b: torch.Tensor, bound: str, k: int,
     critic = QuadraticCritic(train_a.shape[1], train_b.shape[1])
     opt = torch.optim.Adam(critic.parameters(), lr=lr)
     fn = {"infonce": bounds.infonce, "nwj": bounds.nwj}[bound]
-    best, best_state = -math.inf, None
+    best, best_state, best_step = -math.inf, None, steps
     for step in range(steps + 1):
         if n_check and (step % check_every == 0 or step == steps):
             value = batch_values(critic, train_a[check], train_b[check], bound, k).mean().item()
             if math.isfinite(value) and value > best:
-                best, best_state = value, {n: p.detach().clone() for n, p in critic.state_dict().items()}
+                best, best_step = value, step
+                best_state = {n: p.detach().clone() for n, p in critic.state_dict().items()}
         if step == steps:
             break
         rows = fit[torch.randperm(len(fit), generator=g)[:k]]
@@ -83,7 +85,7 @@ def fit_critic(train_a: torch.Tensor, train_b: torch.Tensor, bound: str, k: int,
         opt.step()
     if best_state is not None:
         critic.load_state_dict(best_state)
-    return critic
+    return critic, best_step
 
 
 @torch.no_grad()
@@ -121,12 +123,14 @@ def yardstick(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor,
     order = torch.randperm(len(va), generator=torch.Generator().manual_seed(seed + 1))
     va, vb = va[order], vb[order]
     for bound in ("infonce", "nwj"):
-        critic = fit_critic(ta, tb, bound, k, steps, lr, seed)
+        critic, kept_at = fit_critic(ta, tb, bound, k, steps, lr, seed)
         values = batch_values(critic, va, vb, bound, k)
         mean, se = values.mean().item(), (values.std() / math.sqrt(len(values))).item()
-        # NWJ's e^f on negatives can overflow where its critic overfit its training pairs: said, not averaged in
-        out[bound] = {"nats": mean if math.isfinite(mean) else None, "se": se if math.isfinite(se) else None,
-                      "batches": len(values)}
+        # NWJ's e^f on negatives can overflow where its critic overfit its training pairs, and a critic never better
+        # than its zero start reads NWJ's -1/e whatever the MI: both said, not reported as a reading
+        read = math.isfinite(mean) and kept_at > 0
+        out[bound] = {"nats": mean if read else None, "se": se if read else None, "batches": len(values),
+                      "kept_at_step": kept_at}
     return out
 
 
@@ -195,8 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     result.update(export=str(args.export), sha256=meta["sha256"], dataset=cfg.data.dataset)
     write_atomically(run_dir / "yardstick.json", json.dumps(result, indent=2) + "\n")
-    said = {b: "diverged (its critic overfit the training pairs)" if r["nats"] is None else
-            f"{r['nats']:.3f} ± {r['se']:.3f} nats" for b, r in ((b, result[b]) for b in ("infonce", "nwj"))}
+    said = {b: f"{r['nats']:.3f} ± {r['se']:.3f} nats" if r["nats"] is not None else
+            "no reading (its critic was never better than its zero start on held-out training pairs)"
+            if r["kept_at_step"] == 0 else "diverged (its critic overfit the training pairs)"
+            for b, r in ((b, result[b]) for b in ("infonce", "nwj"))}
     print(f"yardstick of {args.export}: InfoNCE {said['infonce']} (K={args.k}, ceiling {result['log_k']:.2f}), NWJ "
           f"{said['nwj']}, over {result['infonce']['batches']} batches of held-out view pairs of {cfg.data.dataset}; "
           f"{run_dir / 'yardstick.json'}")
