@@ -763,11 +763,13 @@ def test_yardstick_reads_a_known_mi_on_gaussian_features() -> None:
     independent = yardstick(_gaussian_pairs(20000, 4, 1e-9, seed=2), _gaussian_pairs(512 * 20, 4, 1e-9, seed=3),
                             k=512, steps=300, lr=0.05)
     assert abs(independent["infonce"]["nats"]) < 0.05  # no information, no reading
-    # a critic kept at its zero start reads NWJ's -1/e (or InfoNCE's 0) whatever the MI: no reading, said so
+    # a critic kept at its zero start reads InfoNCE's 0 and NWJ's -1/e whatever the MI, and the result says so
     untrained = yardstick(_gaussian_pairs(2048, 4, 2.0, seed=4), _gaussian_pairs(64 * 20, 4, 2.0, seed=5), k=64,
                           steps=0)
-    assert [(untrained[b]["nats"], untrained[b]["kept_at_step"]) for b in ("infonce", "nwj")] == [(None, 0)] * 2
-    assert result["nwj"]["kept_at_step"] > 0
+    assert untrained["infonce"]["nats"] == pytest.approx(0.0, abs=1e-6)
+    assert untrained["nwj"]["nats"] == pytest.approx(-1 / math.e)
+    assert untrained["infonce"]["kept_at_step"] == untrained["nwj"]["kept_at_step"] == 0
+    assert result["nwj"]["kept_at_step"] > 0 and result["infonce"]["kept_at_step"] > 0
     with pytest.raises(ValueError, match="at least 20 batches of 512"):
         yardstick(_gaussian_pairs(1000, 4, 1.0, 0), _gaussian_pairs(512 * 19, 4, 1.0, 1), k=512)
 

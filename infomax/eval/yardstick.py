@@ -126,11 +126,10 @@ def yardstick(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor,
         critic, kept_at = fit_critic(ta, tb, bound, k, steps, lr, seed)
         values = batch_values(critic, va, vb, bound, k)
         mean, se = values.mean().item(), (values.std() / math.sqrt(len(values))).item()
-        # NWJ's e^f on negatives can overflow where its critic overfit its training pairs, and a critic never better
-        # than its zero start reads NWJ's -1/e whatever the MI: both said, not reported as a reading
-        read = math.isfinite(mean) and kept_at > 0
-        out[bound] = {"nats": mean if read else None, "se": se if read else None, "batches": len(values),
-                      "kept_at_step": kept_at}
+        # NWJ's e^f on negatives can overflow where its critic overfit its training pairs: said, not averaged in.
+        # A critic kept at its zero start (kept_at_step 0) reads a valid but empty bound (InfoNCE 0, NWJ -1/e).
+        out[bound] = {"nats": mean if math.isfinite(mean) else None, "se": se if math.isfinite(se) else None,
+                      "batches": len(values), "kept_at_step": kept_at}
     return out
 
 
@@ -199,9 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     result.update(export=str(args.export), sha256=meta["sha256"], dataset=cfg.data.dataset)
     write_atomically(run_dir / "yardstick.json", json.dumps(result, indent=2) + "\n")
-    said = {b: f"{r['nats']:.3f} ± {r['se']:.3f} nats" if r["nats"] is not None else
-            "no reading (its critic was never better than its zero start on held-out training pairs)"
-            if r["kept_at_step"] == 0 else "diverged (its critic overfit the training pairs)"
+    empty = " (its critic never beat its zero start on held-out training pairs: a valid but empty bound)"
+    said = {b: "diverged (its critic overfit the training pairs)" if r["nats"] is None else
+            f"{r['nats']:.3f} ± {r['se']:.3f} nats" + (empty if r["kept_at_step"] == 0 else "")
             for b, r in ((b, result[b]) for b in ("infonce", "nwj"))}
     print(f"yardstick of {args.export}: InfoNCE {said['infonce']} (K={args.k}, ceiling {result['log_k']:.2f}), NWJ "
           f"{said['nwj']}, over {result['infonce']['batches']} batches of held-out view pairs of {cfg.data.dataset}; "
