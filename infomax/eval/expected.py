@@ -84,9 +84,10 @@ def expected_eval_seconds(plan: EvalToCome, meta: dict[str, Any],
     fits = len(cfg.weight_decays) + GRID_EXTENSIONS + 1
 
     @functools.cache  # ours and its random init have the same features: timed once
-    def fitted(features: int) -> float:  # a probe and the kNN votes on n x features
-        return probe_seconds(n, features, c, fits, cfg.probe_steps) + knn_seconds(n, len(plan.test), features,
-                                                                                  cfg.knn_k, c)
+    def fitted(features: int) -> float:  # a probe and the kNN votes on n x features, then on each label fraction's
+        return sum(probe_seconds(m, features, c, fits, cfg.probe_steps) + knn_seconds(m, len(plan.test), features,
+                                                                                      cfg.knn_k, c)
+                   for m in (n, *(max(1, round(f * n)) for f in cfg.label_fractions)))
 
     costs = planned_costs(plan, meta)
     probed = [cost for cost in costs if cost.features]
