@@ -51,7 +51,12 @@ def label_fraction_scores(train_xy: XY, test_xy: XY, fractions: list[float], see
     for fraction in fractions:
         idx = fraction_indices(train_xy[1], fraction, seed)
         subset = (train_xy[0][idx.to(train_xy[0].device)], train_xy[1][idx.to(train_xy[1].device)])
-        fit = probe(subset, test_xy)
-        scores[fraction_key(fraction)] = {"images": len(idx), "top1": fit.top1, "top5": fit.top5,
-                                          "knn": knn(subset, test_xy)}
+        scores[fraction_key(fraction)] = fraction_scores(subset, test_xy, probe, knn)
     return scores
+
+
+def fraction_scores(fit_xy: XY, test_xy: XY, probe: Callable[[XY, XY], ProbeResult],
+                    knn: Callable[[XY, XY], dict[str, float]]) -> dict:
+    """One fraction's entry: ``probe`` and ``knn`` fitted on ``fit_xy`` and scored on ``test_xy``."""
+    fit = probe(fit_xy, test_xy)
+    return {"images": len(fit_xy[1]), "top1": fit.top1, "top5": fit.top5, "knn": knn(fit_xy, test_xy)}

@@ -38,7 +38,7 @@ from infomax.data.datasets import Subset, disjoint_subsets, labels_of
 from infomax.eval.baselines import AlexNetConvFeatures, published_rows, supervised_alexnet
 from infomax.eval.classifier import Augment, LinearProbeModel, SGDSchedule, fit_classifier, fit_label
 from infomax.eval.features import ConcatViewEncoders, assert_unchanged, fingerprint, pixel_features
-from infomax.eval.label_fractions import fraction_indices, fraction_key, label_fraction_scores
+from infomax.eval.label_fractions import fraction_indices, fraction_key, fraction_scores, label_fraction_scores
 from infomax.eval.probe import ProbeResult, linear_probe, topk_accuracy
 from infomax.eval.progress import SUPERVISED_STEP_PER_PRETRAIN_STEP, RowCost, pretrain_step_seconds
 from infomax.eval.stored_baselines import (
@@ -461,9 +461,8 @@ class Rows:
             fit_xy = extract_features(encoder, ImageListDataset(subset, size, cfg.center_crop_ratio, *norm), acc,
                                       cfg.batch_size_per_process, cfg.num_workers, input_fn=input_fn, shard=True)
             test_xy = self.features(encoder, "test", size, input_fn, norm)
-            probe = self.probe(fit_xy, test_xy)
-            scores[fraction_key(fraction)] = {"images": len(fit_xy[1]), "top1": probe.top1, "top5": probe.top5,
-                                              "knn": self.subset_knn(fit_xy, test_xy), "seed": cfg.seed}
+            scores[fraction_key(fraction)] = {**fraction_scores(fit_xy, test_xy, self.probe, self.subset_knn),
+                                              "seed": cfg.seed}
         return scores
 
     def has_stored_supervised_encoder(self, meta: dict) -> bool:
