@@ -44,6 +44,20 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+NEGATIVE_SCORES = {"neg_score_batch": "monitor/neg_score_batch", "neg_score_queue": "monitor/neg_score_queue"}
+
+
+def logged_means(tb_dir: Path, tags: dict[str, str], last: int = 50) -> dict[str, float]:
+    """Each TensorBoard scalar of ``tags`` (field -> tag) averaged over its last ``last`` logged steps, as the
+    summary's mean MI value is; a tag the run never logged is left out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0}).Reload()  # 0: keep every logged step
+    return {field: sum(e.value for e in events) / len(events)
+            for field, tag in tags.items() if tag in logged.Tags()["scalars"]
+            for events in [logged.Scalars(tag)[-last:]]}
+
+
 def study_row(name: str, overrides: list[str], config: str, holdout: int) -> dict:
     from infomax.config.pretrain import from_yaml
 
@@ -71,6 +85,7 @@ def study_row(name: str, overrides: list[str], config: str, holdout: int) -> dic
         "mi_estimate_nats": summary.get("mi_estimate_nats"), "log_k": summary.get("log_k"),
         "mi_estimate_mean_logged": summary.get("mi_estimate_nats_mean_logged"),  # over the last logged steps
         "mi_batch_keys_nats": summary.get("mi_batch_keys_nats"),  # with the queue: the bound over fresh keys
+        **logged_means(run_dir / "tb", NEGATIVE_SCORES),  # with the queue: does the model tell stale keys apart?
         "skipped_steps": summary.get("skipped_steps", 0), "seed": config_used.run.seed,
         "probe_protocol": report_json["protocol"], "scored_on": "validation" if holdout else "test",
         "machine": summary.get("machine"),  # the CPU seconds_per_epoch was measured on
