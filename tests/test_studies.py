@@ -31,3 +31,33 @@ def test_a_difference_is_a_finding_only_when_its_interval_excludes_zero() -> Non
     assert difference_cell((0.012, 0.002, 0.0086, 3), 100) == "+1.20 ± 0.86 (n=3, finding)"
     assert difference_cell((0.012, 0.004, 0.0172, 3), 100) == "+1.20 ± 1.72 (n=3, within noise)"
     assert difference_cell(None) == "–"
+
+
+def test_queue_rows_show_the_negative_score_gap_and_shuffled_bn_against_the_plain_queue(tmp_path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    import recipe_study
+
+    writer = SummaryWriter(str(tmp_path))  # a run's log: the last 50 of 60 logged steps are averaged
+    for step in range(60):
+        writer.add_scalar("monitor/neg_score_batch", 0.0 if step < 10 else 1.0, step)
+        writer.add_scalar("monitor/neg_score_queue", 2.0, step)
+    writer.close()
+    assert recipe_study.logged_means(tmp_path, recipe_study.NEGATIVE_SCORES) == {
+        "neg_score_batch": pytest.approx(1.0), "neg_score_queue": pytest.approx(2.0)}
+    assert recipe_study.logged_means(tmp_path, {"mi": "train/mi"}) == {}  # never logged: left out
+
+    def row(seed: int, probe: float, batch: float, queue: float) -> dict:
+        return {"seed": seed, "probe_top1": probe, "knn20_top1": 0.87, "neg_score_batch": batch,
+                "neg_score_queue": queue}
+
+    plain, shuffled = "infonce (MoCo queue 4096)", "infonce (MoCo queue 4096, shuffled BN in 2 groups)"
+    groups = {"infonce": [row(s, 0.9, 0.0, 0.0) for s in range(3)],
+              plain: [row(s, 0.89, 0.1, -1.0 - s / 100) for s in range(3)],
+              shuffled: [row(s, 0.90 + s / 1000, 0.1, 0.1) for s in range(3)]}
+    lines = recipe_study.queue_table(groups).splitlines()
+    plain_line, shuffled_line = (next(x for x in lines if x.startswith(f"| {o} |")) for o in (plain, shuffled))
+    assert "| -1.010 | -1.11 ± 0.02 (n=3, finding) | – | – |" in plain_line  # queue keys scored far below
+    assert "| 0.100 | +0.00 ± 0.00 (n=3, within noise) |" in shuffled_line
+    assert shuffled_line.endswith("| +1.10 ± 0.25 (n=3, finding) | +0.00 ± 0.00 (n=3, within noise) |")
+    assert not any(line.startswith("| infonce |") for line in lines)  # no queue, no row

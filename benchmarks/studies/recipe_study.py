@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -219,7 +220,7 @@ def bounds_table() -> str:
                      + (each(batch_keys, lambda r: r["mi_batch_keys_nats"]) if batch_keys and "queue" in objective
                         else "–") + f" | {ceiling} | "
                      f"{first['seconds_per_epoch']:.0f} | {diverged} | {command} |")
-    return "\n".join(lines + ["", paired_bounds_table(groups)])
+    return "\n".join(lines + ["", paired_bounds_table(groups), "", queue_table(groups)])
 
 
 def finite(rows: list[dict], key: str) -> list[dict]:
@@ -243,6 +244,34 @@ def paired_bounds_table(groups: dict[str, list[dict]]) -> str:
             lines.append(f"| {objective} | " + " | ".join(
                 difference_cell(paired_difference(arm(rows, key), arm(reference, key)), 100)
                 for key in ("probe_top1", "knn20_top1")) + " |")
+    return "\n".join(lines)
+
+
+def queue_table(groups: dict[str, list[dict]]) -> str:
+    """The MoCo queue's rows: the mean negative score of the batch's keys and of the queue's (the gap shows how
+    well the model tells stale keys apart, the leak shuffled BN is meant to close; MoCo's Sec. 3.3), and each
+    shuffled-BN variant paired against the plain queue on the seeds both ran."""
+    from paired import difference_cell, paired_difference
+
+    queues = {objective: finite(rows, "neg_score_queue") for objective, rows in sorted(groups.items())
+              if "queue" in objective}
+    plain = next((rows for objective, rows in groups.items() if "queue" in objective and "shuffled" not in objective),
+                 [])
+    lines = ["The queue's rows (mean negative score over the last 50 logged steps, cosine / temperature; the gap is "
+             "queue keys minus batch keys, paired by seed), and each shuffled-BN variant against the plain queue:", "",
+             "| objective and bound | seeds | negative score, batch keys | negative score, queue keys | gap | "
+             "probe vs the plain queue (points) | kNN k=20 vs the plain queue (points) |", "|---" * 7 + "|"]
+    for objective, rows in queues.items():
+        if not rows:
+            continue
+        batch, queue = ({r["seed"]: r[key] for r in rows} for key in ("neg_score_batch", "neg_score_queue"))
+        versus = ["–", "–"] if "shuffled" not in objective else [
+            difference_cell(paired_difference({r["seed"]: r[key] for r in groups[objective]},
+                                              {r["seed"]: r[key] for r in plain}), 100)
+            for key in ("probe_top1", "knn20_top1")]
+        lines.append(f"| {objective} | {', '.join(str(s) for s in batch)} | {statistics.fmean(batch.values()):.3f} | "
+                     f"{statistics.fmean(queue.values()):.3f} | {difference_cell(paired_difference(queue, batch))} | "
+                     + " | ".join(versus) + " |")
     return "\n".join(lines)
 
 
