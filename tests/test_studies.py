@@ -34,9 +34,8 @@ def test_a_difference_is_a_finding_only_when_its_interval_excludes_zero() -> Non
 
 
 def test_queue_rows_show_the_negative_score_gap_and_shuffled_bn_against_the_plain_queue(tmp_path) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
     import recipe_study
+    from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(tmp_path))  # a run's log: the last 50 of 60 logged steps are averaged
     for step in range(60):
@@ -57,7 +56,7 @@ def test_queue_rows_show_the_negative_score_gap_and_shuffled_bn_against_the_plai
               shuffled: [row(s, 0.90 + s / 1000, 0.1, 0.1) for s in range(3)]}
     lines = recipe_study.queue_table(groups).splitlines()
     plain_line, shuffled_line = (next(x for x in lines if x.startswith(f"| {o} |")) for o in (plain, shuffled))
-    assert "| -1.010 | -1.11 ± 0.02 (n=3, finding) | – | – |" in plain_line  # queue keys scored far below
-    assert "| 0.100 | +0.00 ± 0.00 (n=3, within noise) |" in shuffled_line
+    assert "| -1.010 | -1.110 ± 0.025 (n=3, finding) | – | – | – |" in plain_line  # queue keys scored far below
+    assert "| 0.100 | +0.000 ± 0.000 (n=3, within noise) | +1.110 ± 0.025 (n=3, finding) |" in shuffled_line
     assert shuffled_line.endswith("| +1.10 ± 0.25 (n=3, finding) | +0.00 ± 0.00 (n=3, within noise) |")
     assert not any(line.startswith("| infonce |") for line in lines)  # no queue, no row

@@ -22,9 +22,9 @@ def paired_difference(ours: dict[int, float], reference: dict[int, float]) -> tu
     return statistics.fmean(diffs), se, t * se, len(diffs)
 
 
-def difference_cell(d: tuple[float, float, float, int] | None, scale: float = 1.0) -> str:
+def difference_cell(d: tuple[float, float, float, int] | None, scale: float = 1.0, digits: int = 2) -> str:
     """A table cell: "+0.12 ± 0.30 (n=3, within noise)", the ± being the 95 % half-width; "–" without a pair."""
     if d is None:
         return "–"
     verdict = "finding" if abs(d[0]) > d[2] else "within noise"
-    return f"{scale * d[0]:+.2f} ± {scale * d[2]:.2f} (n={d[3]}, {verdict})"
+    return f"{scale * d[0]:+.{digits}f} ± {scale * d[2]:.{digits}f} (n={d[3]}, {verdict})"

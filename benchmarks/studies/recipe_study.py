@@ -248,30 +248,34 @@ def paired_bounds_table(groups: dict[str, list[dict]]) -> str:
 
 
 def queue_table(groups: dict[str, list[dict]]) -> str:
-    """The MoCo queue's rows: the mean negative score of the batch's keys and of the queue's (the gap shows how
+    """The MoCo queue's rows: the mean negative score of the batch's keys and of the queue's (their gap shows how
     well the model tells stale keys apart, the leak shuffled BN is meant to close; MoCo's Sec. 3.3), and each
     shuffled-BN variant paired against the plain queue on the seeds both ran."""
     from paired import difference_cell, paired_difference
 
-    queues = {objective: finite(rows, "neg_score_queue") for objective, rows in sorted(groups.items())
-              if "queue" in objective}
+    def by_seed(rows: list[dict], field: str) -> dict[int, float]:
+        return {r["seed"]: r["neg_score_queue"] - r["neg_score_batch"] if field == "gap" else r[field] for r in rows}
+
     plain = next((rows for objective, rows in groups.items() if "queue" in objective and "shuffled" not in objective),
                  [])
     lines = ["The queue's rows (mean negative score over the last 50 logged steps, cosine / temperature; the gap is "
              "queue keys minus batch keys, paired by seed), and each shuffled-BN variant against the plain queue:", "",
              "| objective and bound | seeds | negative score, batch keys | negative score, queue keys | gap | "
-             "probe vs the plain queue (points) | kNN k=20 vs the plain queue (points) |", "|---" * 7 + "|"]
-    for objective, rows in queues.items():
-        if not rows:
+             "gap vs the plain queue | probe vs the plain queue (points) | kNN k=20 vs the plain queue (points) |",
+             "|---" * 8 + "|"]
+    for objective, rows in sorted(groups.items()):
+        scored = finite(rows, "neg_score_queue")
+        if "queue" not in objective or not scored:
             continue
-        batch, queue = ({r["seed"]: r[key] for r in rows} for key in ("neg_score_batch", "neg_score_queue"))
-        versus = ["–", "–"] if "shuffled" not in objective else [
-            difference_cell(paired_difference({r["seed"]: r[key] for r in groups[objective]},
-                                              {r["seed"]: r[key] for r in plain}), 100)
-            for key in ("probe_top1", "knn20_top1")]
-        lines.append(f"| {objective} | {', '.join(str(s) for s in batch)} | {statistics.fmean(batch.values()):.3f} | "
-                     f"{statistics.fmean(queue.values()):.3f} | {difference_cell(paired_difference(queue, batch))} | "
-                     + " | ".join(versus) + " |")
+        batch, queue = by_seed(scored, "neg_score_batch"), by_seed(scored, "neg_score_queue")
+        versus = ["–"] * 3 if "shuffled" not in objective else [
+            difference_cell(paired_difference(by_seed(scored, "gap"), by_seed(finite(plain, "neg_score_queue"), "gap")),
+                            digits=3),
+            *(difference_cell(paired_difference(by_seed(rows, key), by_seed(plain, key)), 100)
+              for key in ("probe_top1", "knn20_top1"))]
+        lines.append(f"| {objective} | {', '.join(map(str, batch))} | {statistics.fmean(batch.values()):.3f} | "
+                     f"{statistics.fmean(queue.values()):.3f} | "
+                     f"{difference_cell(paired_difference(queue, batch), digits=3)} | " + " | ".join(versus) + " |")
     return "\n".join(lines)
 
 
