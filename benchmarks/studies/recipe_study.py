@@ -254,7 +254,10 @@ def queue_table(groups: dict[str, list[dict]]) -> str:
     from paired import difference_cell, paired_difference
 
     def by_seed(rows: list[dict], field: str) -> dict[int, float]:
-        return {r["seed"]: r["neg_score_queue"] - r["neg_score_batch"] if field == "gap" else r[field] for r in rows}
+        return {r["seed"]: r[field] for r in rows}
+
+    def gaps(rows: list[dict]) -> dict[int, float]:
+        return {r["seed"]: r["neg_score_queue"] - r["neg_score_batch"] for r in finite(rows, "neg_score_queue")}
 
     plain = next((rows for objective, rows in groups.items() if "queue" in objective and "shuffled" not in objective),
                  [])
@@ -269,8 +272,7 @@ def queue_table(groups: dict[str, list[dict]]) -> str:
             continue
         batch, queue = by_seed(scored, "neg_score_batch"), by_seed(scored, "neg_score_queue")
         versus = ["–"] * 3 if "shuffled" not in objective else [
-            difference_cell(paired_difference(by_seed(scored, "gap"), by_seed(finite(plain, "neg_score_queue"), "gap")),
-                            digits=3),
+            difference_cell(paired_difference(gaps(rows), gaps(plain)), digits=3),
             *(difference_cell(paired_difference(by_seed(rows, key), by_seed(plain, key)), 100)
               for key in ("probe_top1", "knn20_top1"))]
         lines.append(f"| {objective} | {', '.join(map(str, batch))} | {statistics.fmean(batch.values()):.3f} | "
