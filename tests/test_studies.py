@@ -42,9 +42,9 @@ def test_queue_rows_show_the_negative_score_gap_and_shuffled_bn_against_the_plai
         writer.add_scalar("monitor/neg_score_batch", 0.0 if step < 10 else 1.0, step)
         writer.add_scalar("monitor/neg_score_queue", 2.0, step)
     writer.close()
-    assert recipe_study.logged_means(tmp_path, recipe_study.NEGATIVE_SCORES) == {
+    assert recipe_study.logged_means(tmp_path, recipe_study.NEGATIVE_SCORES, last=50) == {
         "neg_score_batch": pytest.approx(1.0), "neg_score_queue": pytest.approx(2.0)}
-    assert recipe_study.logged_means(tmp_path, {"mi": "train/mi"}) == {}  # never logged: left out
+    assert recipe_study.logged_means(tmp_path, {"mi": "train/mi"}, last=50) == {}  # never logged: left out
 
     def row(seed: int, probe: float, batch: float, queue: float) -> dict:
         return {"seed": seed, "probe_top1": probe, "knn20_top1": 0.87, "neg_score_batch": batch,

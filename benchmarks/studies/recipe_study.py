@@ -48,9 +48,9 @@ def run(cmd: list[str]) -> None:
 NEGATIVE_SCORES = {"neg_score_batch": "monitor/neg_score_batch", "neg_score_queue": "monitor/neg_score_queue"}
 
 
-def logged_means(tb_dir: Path, tags: dict[str, str], last: int = 50) -> dict[str, float]:
-    """Each TensorBoard scalar of ``tags`` (field -> tag) averaged over its last ``last`` logged steps, as the
-    summary's mean MI value is; a tag the run never logged is left out."""
+def logged_means(tb_dir: Path, tags: dict[str, str], last: int) -> dict[str, float]:
+    """Each TensorBoard scalar of ``tags`` (field -> tag) averaged over its last ``last`` logged steps (the
+    summary's ``mi_logged_steps``: the steps its mean MI value spans); a tag the run never logged is left out."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logged = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0}).Reload()  # 0: keep every logged step
@@ -86,7 +86,8 @@ def study_row(name: str, overrides: list[str], config: str, holdout: int) -> dic
         "mi_estimate_nats": summary.get("mi_estimate_nats"), "log_k": summary.get("log_k"),
         "mi_estimate_mean_logged": summary.get("mi_estimate_nats_mean_logged"),  # over the last logged steps
         "mi_batch_keys_nats": summary.get("mi_batch_keys_nats"),  # with the queue: the bound over fresh keys
-        **logged_means(run_dir / "tb", NEGATIVE_SCORES),  # with the queue: does the model tell stale keys apart?
+        # with the queue: does the model tell stale keys apart? Over the steps the mean MI value spans
+        **logged_means(run_dir / "tb", NEGATIVE_SCORES, summary["mi_logged_steps"]),
         "skipped_steps": summary.get("skipped_steps", 0), "seed": config_used.run.seed,
         "probe_protocol": report_json["protocol"], "scored_on": "validation" if holdout else "test",
         "machine": summary.get("machine"),  # the CPU seconds_per_epoch was measured on
@@ -223,6 +224,11 @@ def bounds_table() -> str:
     return "\n".join(lines + ["", paired_bounds_table(groups), "", queue_table(groups)])
 
 
+def by_seed(rows: list[dict], key: str) -> dict[int, float]:
+    """Seed -> ``key`` of each row: one arm of a paired comparison."""
+    return {r["seed"]: r[key] for r in rows}
+
+
 def finite(rows: list[dict], key: str) -> list[dict]:
     """The rows whose ``key`` holds a finite number (rows before a field existed carry none)."""
     return [r for r in rows if r.get(key) is not None and math.isfinite(r[key])]
@@ -232,9 +238,6 @@ def paired_bounds_table(groups: dict[str, list[dict]]) -> str:
     """Each objective against InfoNCE on the same seeds: the mean difference and its 95 % interval."""
     from paired import difference_cell, paired_difference  # beside this script (on sys.path as its folder)
 
-    def arm(rows: list[dict], key: str) -> dict[int, float]:
-        return {r["seed"]: r[key] for r in rows}
-
     reference = groups.get("contrastive infonce", [])
     lines = ["Paired against contrastive InfoNCE on the seeds both ran (mean difference, 95 % interval, Student's t "
              "with n - 1 df; a finding only when the interval excludes zero):", "",
@@ -242,7 +245,7 @@ def paired_bounds_table(groups: dict[str, list[dict]]) -> str:
     for objective, rows in sorted(groups.items()):
         if objective != "contrastive infonce":
             lines.append(f"| {objective} | " + " | ".join(
-                difference_cell(paired_difference(arm(rows, key), arm(reference, key)), 100)
+                difference_cell(paired_difference(by_seed(rows, key), by_seed(reference, key)), 100)
                 for key in ("probe_top1", "knn20_top1")) + " |")
     return "\n".join(lines)
 
@@ -252,9 +255,6 @@ def queue_table(groups: dict[str, list[dict]]) -> str:
     well the model tells stale keys apart, the leak shuffled BN is meant to close; MoCo's Sec. 3.3), and each
     shuffled-BN variant paired against the plain queue on the seeds both ran."""
     from paired import difference_cell, paired_difference
-
-    def by_seed(rows: list[dict], field: str) -> dict[int, float]:
-        return {r["seed"]: r[field] for r in rows}
 
     def gaps(rows: list[dict]) -> dict[int, float]:
         return {r["seed"]: r["neg_score_queue"] - r["neg_score_batch"] for r in finite(rows, "neg_score_queue")}

@@ -198,10 +198,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     result.update(export=str(args.export), sha256=meta["sha256"], dataset=cfg.data.dataset)
     write_atomically(run_dir / "yardstick.json", json.dumps(result, indent=2) + "\n")
-    empty = " (its critic never beat its zero start on held-out training pairs: a valid but empty bound)"
-    said = {b: "diverged (its critic overfit the training pairs)" if r["nats"] is None else
-            f"{r['nats']:.3f} ± {r['se']:.3f} nats" + (empty if r["kept_at_step"] == 0 else "")
-            for b, r in ((b, result[b]) for b in ("infonce", "nwj"))}
+    def reading(r: dict) -> str:
+        if r["nats"] is None:
+            return "diverged (its critic overfit the training pairs)"
+        return f"{r['nats']:.3f} ± {r['se']:.3f} nats" + (
+            " (its critic never beat its zero start on held-out training pairs: a valid but empty bound)"
+            if r["kept_at_step"] == 0 else "")
+
+    said = {b: reading(result[b]) for b in ("infonce", "nwj")}
     print(f"yardstick of {args.export}: InfoNCE {said['infonce']} (K={args.k}, ceiling {result['log_k']:.2f}), NWJ "
           f"{said['nwj']}, over {result['infonce']['batches']} batches of held-out view pairs of {cfg.data.dataset}; "
           f"{run_dir / 'yardstick.json'}")
