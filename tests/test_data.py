@@ -53,6 +53,22 @@ def test_augmentations_depend_only_on_seed_epoch_and_index() -> None:
     assert not torch.equal(b[5]["views"][0], first)
 
 
+def test_persistent_loader_workers_draw_each_epochs_augmentations() -> None:
+    """Workers that outlive an epoch (the probe's ``persistent_workers``) see ``set_epoch``: the second
+    epoch draws what a fresh dataset at epoch 1 draws, not the first epoch again."""
+    base = Synthetic(size=8, classes=4, image_size=20, seed=0)
+    ds = MultiViewDataset(base, [build_view_transform(ViewConfig(size=16), 3, base.mean, base.std)], seed=0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=1, persistent_workers=True)
+    epochs = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        epochs.append(next(iter(loader))["views"][0])
+    fresh = MultiViewDataset(base, ds.transforms, seed=0)
+    fresh.set_epoch(1)
+    assert not torch.equal(epochs[0], epochs[1])
+    assert torch.equal(epochs[1], torch.stack([fresh[i]["views"][0] for i in range(8)]))
+
+
 def test_grayscale_data_keeps_one_channel() -> None:
     t = build_view_transform(ViewConfig(size=16, jitter_p=1.0, grayscale_p=1.0), 1, (0.5,), (0.5,))
     assert t(torch.randint(0, 255, (1, 28, 28), dtype=torch.uint8)).shape == (1, 16, 16)

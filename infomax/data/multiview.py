@@ -27,15 +27,24 @@ class MultiViewDataset(torch.utils.data.Dataset):
     the cross-rank gather needs) and its path is returned in ``skipped`` to be counted and reported.
     No transforms: one view, the image as loaded (uint8; ``data.augment=batch`` draws the views per
     batch on the device), with no per-image seeding.
+
+    The epoch lives in shared memory: a DataLoader's persistent workers hold copies of the dataset made
+    when they started, and must still see each later ``set_epoch``, or every epoch would redraw the first.
     """
 
     def __init__(self, base: ImageDataset, transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]],
                  seed: int) -> None:
         self.base, self.transforms, self.seed = base, list(transforms), seed
-        self.epoch = 0
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Seeds the next epoch's draws; takes effect in workers already running (called before the
+        loader's next ``iter``, as the training loops do)."""
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.base)
