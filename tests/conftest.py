@@ -105,6 +105,13 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
         if os.environ.get("CI"):
             pytest.fail("the SLURM tests need root to start slurmd; CI runs as root")
         pytest.skip("the SLURM tests need root to start slurmd (run `make test` as root)")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the run's workers share their basetemp's parent
+        try:
+            (tmp_path_factory.getbasetemp().parent / "slurm-cluster").open("x").close()
+        except FileExistsError:
+            pytest.fail("a second SLURM cluster in one test run: the SLURM tests must share one worker "
+                        "(xdist_group 'slurm' under --dist loadgroup), and pytest-xdist ignores the group under "
+                        "pytest 9: run `make setup` (it installs pytest<9)")
     state = tmp_path_factory.mktemp("slurm")
     proc = subprocess.run(["bash", str(REPO / "tests" / "slurm" / "start.sh"), str(state)], capture_output=True,
                           text=True, timeout=900)
