@@ -154,10 +154,16 @@ def test_eval_job_waits_for_pretraining_and_writes_the_report(slurm_cluster: Pat
     probe.write_text(yaml.safe_dump({"dataset": "synthetic", "synthetic_size": 96, "synthetic_image_size": 16,
                                      "num_workers": 0, "probe_steps": 20, "knn_k": [5],
                                      "baselines": {"alexnet_supervised": False, "supervised_encoder": False}}))
-    _, (job, eval_job) = submit(f"run.dir={run}", "run.max_steps=4", "--eval", str(probe))
+    _, (job, eval_job) = submit(f"run.dir={run}", "run.max_steps=4", "data.num_workers=1", "--eval", str(probe))
     assert wait_done(eval_job) == "COMPLETED" and wait_done(job) == "COMPLETED"
     (pre,), (post,) = sacct(job), sacct(eval_job)
     assert post.split("|")[2] >= pre.split("|")[3]  # the eval started after pretraining ended (afterok)
+    # A loader worker beside the main loop: the srun step was given 2 cores, and the rank, bound to them, found
+    # its affinity large enough (it warns in one line when not: the test above)
+    steps = dict(line.split("|") for line in subprocess.run(
+        ["sacct", "-j", job, "-n", "-P", "-o", "JobID,AllocCPUS"], capture_output=True, text=True, timeout=30).stdout.split())
+    assert steps.get(f"{job}.0") == "2", steps
+    assert "may run on" not in log_of(run, job), log_of(run, job)[-2000:]
     report = json.loads((run / "report.json").read_text())
     assert [r["kind"] for r in report["rows"]] == ["ours", "random_init", "raw_pixels"]
 
