@@ -173,7 +173,7 @@ def test_supervised_encoder_row_trains_our_architecture_for_the_epoch_budget(exp
     out = tmp_path / "report"
     report = report_of(run_eval(f"weights={export_dir}", "random_init=false", "raw_pixels=false", f"out={out}",
                                 "baselines.supervised_encoder=true", "baselines.supervised_encoder_epochs=1.5",
-                                "baselines.alexnet_global_batch_size=16",
+                                "baselines.supervised_encoder_global_batch_size=16",
                                 "baselines.supervised_encoder_weight_decay=0.0123"), out)
     row = next(r for r in report["rows"] if r["kind"] == "supervised_encoder")
     state = torch.load(next(out.glob("checkpoints/supervised_*/step_*/state.pt")), weights_only=True)
@@ -191,7 +191,8 @@ def test_stored_supervised_encoder_is_used_only_for_the_same_recipe(export_dir: 
     another epoch budget (or architecture, or probe) is another recipe and trains here."""
     store = tmp_path / "store"
     row_args = ["random_init=false", "raw_pixels=false", "baselines.supervised_encoder=true",
-                "baselines.supervised_encoder_epochs=1", "baselines.alexnet_global_batch_size=16", f"baselines.store={store}"]
+                "baselines.supervised_encoder_epochs=1", "baselines.supervised_encoder_global_batch_size=16",
+                f"baselines.store={store}"]
 
     def supervised_row(*extra: str) -> tuple[dict, str]:
         out = tmp_path / f"r{len(list(tmp_path.iterdir()))}"

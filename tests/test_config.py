@@ -176,16 +176,6 @@ def test_every_field_has_help_and_readme_reference_is_current() -> None:
         "a key's row is in docs/configuration.md twice"
 
 
-def test_shipped_configs_validate() -> None:
-    from infomax.config.eval import EvalConfig, validate_eval
-
-    for path in (REPO / "configs").glob("*.yaml"):
-        if path.name.startswith(("probe_", "baselines_")):  # eval-stage configs have their own schema
-            load_config(str(path), ["weights=[runs/x/export]"], schema=EvalConfig, check=validate_eval)
-        else:
-            load_config(str(path))
-
-
 @pytest.mark.parametrize("override, pattern", [
     ("baselines.alexnet_optimizer=adam", r"'baselines.alexnet_optimizer': 'adam' is not one of sgd, adamw"),
     ("baselines.alexnet_warmup_steps=-1", r"'baselines.alexnet_warmup_steps': must be >= 0"),
@@ -333,3 +323,19 @@ def test_every_shipped_config_loads_and_validates(path: str) -> None:
         load_config(file, [], schema=EvalConfig, check=validate_eval)
     else:
         load_config(file, [])
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs").glob("*imagenet*.yaml")))
+def test_the_gpu_configs_save_by_time_only(path: str) -> None:
+    """A step or epoch rule at ImageNet's global batch would save every minute or two, each save stalling every
+    GPU for its copy, write and barrier: the shipped GPU configs save every 30 min of training (and when
+    stopped, and at the end), pretraining and the probe's SGD fits alike."""
+    from infomax.config.eval import EvalConfig, validate_eval
+
+    file = str(REPO / "configs" / path)
+    if path.startswith("probe_"):
+        rule = load_config(file, ["weights=[runs/x/export]"], schema=EvalConfig, check=validate_eval).sgd
+    else:
+        rule = load_config(file, []).run
+        assert not rule.save_at_epoch_end
+    assert (rule.checkpoint_every, rule.checkpoint_every_min) == (0, 30)

@@ -690,7 +690,10 @@ def test_the_shipped_imagenet_eval_plans_no_supervised_fit_unless_asked(tmp_path
         planned = rows.plan([("runs/x/export", None, meta)], {"runs/x/export": []}, None)
         fits = [row.name for row in planned if "supervised" in row.name.lower() and not row.quoted]
         assert fits == (["supervised resnet18"] if asked else []), fits
-    assert cfg.baselines.supervised_encoder_lr == 0.1 and cfg.baselines.supervised_encoder_weight_decay == 1e-4
+    # asked for, a ResNet recipe: 64 images a GPU on 8, lr 0.1 x B/256, wd 1e-4, saves by time only
+    schedule = rows.supervised_schedule(meta)
+    assert (schedule.global_batch_size, schedule.lr, schedule.weight_decay) == (512, 0.1 * 512 / 256, 1e-4)
+    assert (schedule.checkpoint_every, schedule.checkpoint_every_min) == (0, 30)
 
 
 def test_a_stop_signal_ends_the_eval_at_the_next_row_and_the_rerun_reuses_the_scored_rows(

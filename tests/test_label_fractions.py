@@ -101,7 +101,7 @@ def test_the_supervised_reference_of_a_fraction_is_trained_on_that_fraction_alon
         return evaluate(load_config(None, [
             *FAST, f"weights=[{tmp_path / 'run' / 'export'}]", f"out={tmp_path / 'r'}", "label_fractions=[0.1,0.5]",
             "random_init=false", "raw_pixels=false", "baselines.supervised_encoder=true",
-            "baselines.supervised_encoder_epochs=1", "baselines.alexnet_global_batch_size=16",
+            "baselines.supervised_encoder_epochs=1", "baselines.supervised_encoder_global_batch_size=16",
             f"baselines.store={tmp_path / 'store'}", *overrides], schema=EvalConfig, check=validate_eval))
 
     ours, supervised = evaluate_with("store_baselines=true")

@@ -117,7 +117,7 @@ def test_checkpoints_by_time_bound_the_saves_per_hour_of_steps(tmp_path: Path, m
     resumable = Resumable(Accelerator(cpu=True), tmp_path, keep=10)
     trainer = Recorder(resumable, 40)
     resumable.resume("start afresh")
-    loop = TrainingLoop(trainer, resumable, steps_per_epoch=40, total_steps=120, epochs=3, checkpoint_every=10**9,
+    loop = TrainingLoop(trainer, resumable, steps_per_epoch=40, total_steps=120, epochs=3, checkpoint_every=0,
                         stop=None, desc="t", checkpoint_every_min=30)
     loop.run()
     saves = [global_step for event, _, _, global_step in trainer.events if event == "save"]

@@ -23,7 +23,8 @@ class SGDProbeConfig:
     milestones: list[int] = _f([60, 80], "imagenet protocol: epochs where the lr drops x0.1")
     global_batch_size: int = _f(256, "imagenet protocol: global batch (split across processes)", ge=1)
     crop_scale_min: float = _f(0.08, "imagenet protocol: RandomResizedCrop smallest area (plus horizontal flip)")
-    checkpoint_every: int = _f(500, "imagenet protocol: checkpoint every N steps (and when stopped); rerun resumes")
+    checkpoint_every: int = _f(0, "SGD fits: also checkpoint every N steps (0 = by time only, "
+                                  "sgd.checkpoint_every_min; always when stopped); rerun resumes", ge=0)
     checkpoint_every_min: float = _f(30, "SGD fits: also checkpoint every N minutes of training, agreed across "
                                          "ranks (0 = off)", ge=0)
 
@@ -37,7 +38,7 @@ class BaselinesConfig:
     alexnet_optimizer: str = _choice("baselines.alexnet_optimizer", "sgd", "supervised AlexNet: ", table=EVAL_CHOICES)
     alexnet_warmup_steps: int = _f(0, "supervised AlexNet: linear lr warmup steps", ge=0)
     alexnet_weight_decay: float = _f(5e-4, "supervised AlexNet: weight decay")
-    alexnet_global_batch_size: int = _f(128, "supervised AlexNet and supervised encoder: global batch", ge=1)
+    alexnet_global_batch_size: int = _f(128, "supervised AlexNet: global batch (split across processes)", ge=1)
     alexnet_crop_scale_min: float = _f(0.08, "supervised AlexNet: RandomResizedCrop smallest area (plus horizontal "
                                              "flip)")
     alexnet_held_out: int = _f(2000, "supervised AlexNet: train images kept out of its fit to draw its held-out curve "
@@ -54,6 +55,8 @@ class BaselinesConfig:
                                         "epochs as the export's pretraining")
     supervised_encoder_epochs: float = _f(0.0, "supervised encoder: epoch budget, fractions allowed (0 = the export's "
                                                "pretraining epochs)", ge=0)
+    supervised_encoder_global_batch_size: int = _f(128, "supervised encoder: global batch (split across "
+                                                        "processes)", ge=1)
     supervised_encoder_lr: float = _f(0.05, "supervised encoder: SGD lr (momentum 0.9, cosine decay over the epoch "
                                             "budget)")
     supervised_encoder_weight_decay: float = _f(5e-4, "supervised encoder: SGD weight decay")

@@ -82,8 +82,8 @@ class RunConfig:
                                      "rank ends the job this soon, and rank 0's longest wait (a checkpoint save, "
                                      "the export) takes seconds to a minute", gt=0)
     log_every: int = _f(10, "optimizer steps between TensorBoard scalar writes (metrics reduced across ranks)", ge=1)
-    checkpoint_every: int = _f(500, "optimizer steps between checkpoints (also saved on SIGTERM/SIGUSR1/SIGUSR2 "
-                                    "and at the end)", ge=1)
+    checkpoint_every: int = _f(0, "optimizer steps between checkpoints (0 = none by steps: by time, "
+                                  "run.checkpoint_every_min; always on SIGTERM/SIGUSR1/SIGUSR2 and at the end)", ge=0)
     checkpoint_every_min: float = _f(30, "minutes of training between checkpoints, agreed across ranks (0 = off): "
                                          "a save stops every GPU for its copy, write and barrier", ge=0)
     save_at_epoch_end: bool = _f(False, "also checkpoint at each epoch end (short CPU runs; at a large global batch "

@@ -47,7 +47,7 @@ class SGDSchedule:
     milestones: tuple[int, ...] = ()
     max_steps: int = 0  # stop after this many steps in total (a budget); 0 = all epochs
     max_seconds: float = 0.0  # stop after this much training wall time in total (a budget); 0 = none
-    checkpoint_every: int = 500
+    checkpoint_every: int = 0  # also checkpoint every N steps (0 = no step rule)
     checkpoint_every_min: float = 0.0  # also checkpoint every N minutes of training (0 = off)
     keep_checkpoints: int = 2
     eval_every: int = 0  # steps between held-out evaluations (0 = each epoch, or 10 over a shorter budget)

@@ -135,7 +135,7 @@ def supervised_encoder_protocol(meta: dict, cfg: Any) -> str:
                                      "stem_stride", "input_transform", "mean", "std")}
     return (f"supervised-encoder-v1: {json.dumps(arch, sort_keys=True)}; {epochs:g} epochs, SGD lr "
             f"{b.supervised_encoder_lr:g}, weight decay {b.supervised_encoder_weight_decay:g}, global batch "
-            f"{b.alexnet_global_batch_size}, crops {b.alexnet_crop_scale_min:g}-1; scored by {cfg.protocol} "
+            f"{b.supervised_encoder_global_batch_size}, crops {b.alexnet_crop_scale_min:g}-1; scored by {cfg.protocol} "
             f"(centre crop ratio {cfg.center_crop_ratio}, kNN k {list(cfg.knn_k)}), {scored_split(cfg.holdout)}")
 
 
@@ -401,14 +401,24 @@ class Rows:
     def supervised_budget(self, meta: dict) -> tuple[float, int]:
         """(epochs, steps) of the supervised-encoder fit for an export: as many epochs as its pretraining."""
         epochs = supervised_epochs(meta, self.b)
-        return epochs, max(1, round(epochs * (len(self.train) // self.b.alexnet_global_batch_size)))
+        return epochs, max(1, round(epochs * (len(self.train) // self.b.supervised_encoder_global_batch_size)))
+
+    def supervised_schedule(self, meta: dict) -> SGDSchedule:
+        """The supervised-encoder fit's SGD: its own batch, lr and weight decay, a cosine over the budget's
+        steps, and the probe's checkpoint rule (by time on the shipped ImageNet config)."""
+        b, epochs, steps = self.b, *self.supervised_budget(meta)
+        return SGDSchedule(lr=b.supervised_encoder_lr, epochs=math.ceil(epochs), max_steps=steps,
+                           global_batch_size=b.supervised_encoder_global_batch_size,
+                           weight_decay=b.supervised_encoder_weight_decay,
+                           checkpoint_every=self.cfg.sgd.checkpoint_every,
+                           checkpoint_every_min=self.cfg.sgd.checkpoint_every_min)
 
     def supervised_encoder_row(self, meta: dict) -> dict[str, Any]:
         """Our export's architecture trained end to end with labels for as many epochs as its pretraining
         (an epoch budget, not seconds, so the row means the same on every machine), then scored like our
         encoder: the upper reference SSL papers print beside their probes."""
         b = self.b
-        epochs, steps = self.supervised_budget(meta)  # the cosine spans the steps
+        epochs = self.supervised_budget(meta)[0]
         protocol = supervised_encoder_protocol(meta, self.cfg)
         if (found := self.stored("supervised_encoder", protocol)) is not None:
             kept = {k: v for k, v in found.items() if k not in ("dataset", "data_sha256", "config", "git_revision",
@@ -424,11 +434,7 @@ class Rows:
         revision = git_revision()
         encoder = random_like(meta, meta["in_chans"])
         model = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.num_features, self.num_classes))
-        schedule = SGDSchedule(lr=b.supervised_encoder_lr, epochs=math.ceil(epochs), max_steps=steps,
-                               global_batch_size=b.alexnet_global_batch_size,
-                               weight_decay=b.supervised_encoder_weight_decay,
-                               checkpoint_every=self.cfg.sgd.checkpoint_every,
-                               checkpoint_every_min=self.cfg.sgd.checkpoint_every_min)
+        schedule = self.supervised_schedule(meta)
         scores = self.sgd_fit(f"supervised_{meta['architecture']}_{meta['sha256'][:8]}", model, model,
                               meta["input_size"][-1], schedule, b.alexnet_crop_scale_min, input_fn=input_fn_for(meta),
                               norm=norm_of(meta))

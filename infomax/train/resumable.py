@@ -143,9 +143,9 @@ class TrainingLoop:
 
     It owns the position (``resumable.progress``: epoch and step inside it), which it moves after each
     step; iterates each epoch's batches from that position; agrees once per step across ranks on the stop
-    request (with any values the step adds, :meth:`agree`); checkpoints every ``checkpoint_every`` steps, every
-    ``checkpoint_every_min`` minutes of wall time (agreed in the same collective, so every rank saves at the same
-    step), at each epoch end with ``save_at_epoch_end``, and once at the end, a stop included; ends at
+    request (with any values the step adds, :meth:`agree`); checkpoints every ``checkpoint_every`` steps (0: none
+    by steps), every ``checkpoint_every_min`` minutes of wall time (agreed in the same collective, so every rank
+    saves at the same step), at each epoch end with ``save_at_epoch_end``, and once at the end, a stop included; ends at
     ``total_steps``, ``epochs``, a stop or the trainer's :meth:`Trainer.done`; and draws the progress bar.
 
     At an epoch's last step the position moves to the next epoch before that step's checkpoint, unless a
@@ -222,7 +222,7 @@ class TrainingLoop:
             if p.step_in_epoch < self.steps_per_epoch:  # the epoch's last step is checkpointed at its end
                 if self.over():
                     return False
-                if p.global_step % self.checkpoint_every == 0 or self.save_due:
+                if self._steps_due() or self.save_due:
                     self._save()
         return True
 
@@ -245,5 +245,9 @@ class TrainingLoop:
         p = self.progress
         p.epoch, p.step_in_epoch = p.epoch + 1, 0
         self.trainer.epoch_end()
-        if not self.over() and (self.save_at_epoch_end or self.save_due or p.global_step % self.checkpoint_every == 0):
+        if not self.over() and (self.save_at_epoch_end or self.save_due or self._steps_due()):
             self._save()
+
+    def _steps_due(self) -> bool:
+        """The step rule's save: every ``checkpoint_every`` steps (0: no step rule)."""
+        return self.checkpoint_every > 0 and self.progress.global_step % self.checkpoint_every == 0
