@@ -4,7 +4,7 @@ A generated image folder of JPEGs of varied sizes (train/ and val/, 8 classes) -
 `configs/imagenet_resnet50.yaml` on 2 gloo processes (overriding only what CPU time needs: resnet18, a
 small batch and crop, a few steps, 2 loader workers), with the momentum queue and its colour views ->
 SIGTERM to both ranks, as SLURM's preemption signals every task -> resume -> export -> the eval's
-imagenet protocol for a few steps -> report.json.
+imagenet protocol for a few steps -> report.json. Then the GPU check's step script on one CPU process.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def test_the_imagenet_config_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
                            "--split", "train", "--out", str(beton), "--workers", "2"], capture_output=True, text=True,
                           timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]  # runpy's, when the writer re-ran a preloaded main
 
     # 2-3. pretraining on 2 gloo processes, stopped by SIGTERM to every rank once a checkpoint exists
     first = launch(run_dir, data, beton)
@@ -117,3 +118,15 @@ def test_the_imagenet_config_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
     ours = report["rows"][0]
     assert ours["protocol"] == "imagenet" and ours["scored"] == CLASSES * VAL_PER_CLASS
     assert 0.0 <= ours["top1"] <= 1.0 and set(ours["knn"]) == {"20", "200"}
+
+
+def test_the_gpu_checks_step_script_runs_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu_step.py, the real step of the one-shot GPU check, rehearsed on one CPU process (resnet18 at
+    64 px there): a GPU lease is too short to find a broken script on it."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_step.py"), "--out", str(tmp_path),
+                           "--steps", "2", "--batch", "8", "--images", "64", "--workers", "1"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = json.loads((tmp_path / "gpu_step.json").read_text())
+    assert figures["gpus"] == 0 and figures["loader"] == "ffcv" and figures["pretrain_exit"] == 0
+    assert figures["images_per_s"] > 0 and figures["syncs_whole_run"] == 0  # no CUDA, no sync warnings

@@ -136,9 +136,12 @@ def _write(out: str, source: BetonSource, fields: dict[str, Any], workers: int) 
 def writer_context() -> Any:
     """Where the writer process starts. Forking this one, which may already run torch/numba thread pools, can deadlock
     the writer's own forked workers. A fork server has imported the writer's modules and run nothing, so each writer
-    forked from it starts at once (a spawned one imported them each time, about 10 s)."""
+    forked from it starts at once (a spawned one imported them each time, about 10 s). Not this module itself:
+    run as ``python -m infomax.data.beton`` it is the main module, which the writer re-runs by name, and runpy warns
+    when that name is already imported."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "ffcv.writer", "infomax.data.beton"])
+    ctx.set_forkserver_preload(["torch", "ffcv.writer", "infomax.data", "infomax.data.beton_file",
+                                "infomax.runtime.files"])
     return ctx
 
 
