@@ -109,9 +109,9 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
         try:
             (tmp_path_factory.getbasetemp().parent / "slurm-cluster").open("x").close()
         except FileExistsError:
-            pytest.fail("a second SLURM cluster in one test run: the SLURM tests must share one worker "
-                        "(xdist_group 'slurm' under --dist loadgroup), and pytest-xdist ignores the group under "
-                        "pytest 9: run `make setup` (it installs pytest<9)")
+            pytest.fail("a second SLURM cluster in one test run: the SLURM tests must share one worker. Run them "
+                        "with --dist loadgroup (as `make test` does), under pytest<9 (`make setup` installs it: "
+                        "pytest-xdist ignores xdist_group under pytest 9)")
     state = tmp_path_factory.mktemp("slurm")
     proc = subprocess.run(["bash", str(REPO / "tests" / "slurm" / "start.sh"), str(state)], capture_output=True,
                           text=True, timeout=900)

@@ -58,7 +58,7 @@ def main() -> None:
         seconds = []
         for n in (5, 5 + steps):
             outcome = fit_classifier(accelerator, model, model, data, SGDSchedule(lr=0.05, epochs=1, max_steps=n,
-                                     global_batch_size=128, checkpoint_every=10**9),
+                                     global_batch_size=128),
                                      Path(tempfile.mkdtemp()), desc="fit", num_workers=workers, augment=augment)
             seconds.append(outcome.wall_s)
         return (seconds[1] - seconds[0]) / steps

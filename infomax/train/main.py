@@ -79,8 +79,8 @@ def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -
     if cfg.monitor.knn_every and progress.global_step == 0:
         run.run_knn()  # the untrained encoder's score: the floor the monitor should climb from
     parts.model.train()
-    # Epochs of Run.step from the position, checkpoints every run.checkpoint_every steps and at each epoch end, the
-    # kNN monitor at epoch ends and at the last step, until the budget or a stop; then the last checkpoint.
+    # Epochs of Run.step from the position, checkpoints by the run.checkpoint_every* rules, the kNN monitor at epoch
+    # ends and at the last step, until the budget or a stop; then the last checkpoint.
     checkpoint_path = run.loop.run()
     if progress.unreadable_count:
         accelerator.print(f"warning: {progress.unreadable_count} unreadable images were skipped, e.g. "
