@@ -237,7 +237,9 @@ def grey_ramps_jittered(path: str, **jitter: float) -> tuple[torch.Tensor, torch
         no_jitter = ViewConfig(size=8, crop_scale_min=1.0, flip_p=0.0, jitter_p=0.0)
         return BatchViews([no_jitter], (0.0,), (1.0,), 0)(x, 0, 0)[0], BatchViews([view], (0.0,), (1.0,), 0)(x, 0, 0)[0]
     jitter_step = build_view_transform(view, 1, (0.0,), (1.0,)).transforms[2]  # RandomApply([ColorJitter, ...])
-    return x.float() / 255, torch.stack([jitter_step(img) for img in x]).float() / 255
+    with torch.random.fork_rng(devices=[]):  # its own draws, whatever ran before in this worker
+        torch.manual_seed(0)
+        return x.float() / 255, torch.stack([jitter_step(img) for img in x]).float() / 255
 
 
 @pytest.mark.parametrize("path", ["batch", "loader"])
