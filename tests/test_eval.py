@@ -415,7 +415,8 @@ def test_learned_encoder_beats_random_init_end_to_end(tmp_path: Path) -> None:
                                 "limit_test=500", "raw_pixels=false", "baselines.alexnet_supervised=true",
                                 "baselines.alexnet_max_steps=100", "baselines.alexnet_global_batch_size=32",
                                 "baselines.alexnet_epochs=5", "baselines.alexnet_lr=0.03",
-                                "baselines.alexnet_crop_scale_min=1.0", env=ALL_CORES), out)
+                                "baselines.alexnet_crop_scale_min=1.0", "baselines.alexnet_held_out=200",
+                                "baselines.alexnet_eval_every=50", env=ALL_CORES), out)
     ours, random_init, alexnet = report["rows"]
     assert ours["top1"] > 0.8 and ours["top1"] > random_init["top1"] + 0.08, report["rows"]
     assert alexnet["kind"] == "alexnet_supervised" and alexnet["top1"] > 0.2  # 10 classes: chance is 0.1
