@@ -311,18 +311,22 @@ def test_a_checkpoint_part_laid_out_by_an_older_version_is_refused_in_one_line(t
     load_part(objective, objective.state_dict(), "objective", tmp_path / "step_4")  # its own layout loads
 
 
+def load_shipped(name: str):
+    """configs/<name> under its stage's schema: the eval stage's for probe_*/baselines_* (a probe's exports come
+    from the command line), pretraining's otherwise."""
+    from infomax.config.eval import EvalConfig, validate_eval
+
+    file = str(REPO / "configs" / name)
+    if name.startswith(("probe_", "baselines_")):
+        weights = ["weights=[runs/x/export]"] if name.startswith("probe_") else []
+        return load_config(file, weights, schema=EvalConfig, check=validate_eval)
+    return load_config(file, [])
+
+
 @pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_every_shipped_config_loads_and_validates(path: str) -> None:
     """A shipped config that fails its own validation would be the first thing a user runs into."""
-    from infomax.config.eval import EvalConfig, validate_eval
-
-    file = str(REPO / "configs" / path)
-    if path.startswith("probe_"):  # the exports to probe come from the command line
-        load_config(file, ["weights=[runs/x/export]"], schema=EvalConfig, check=validate_eval)
-    elif path.startswith("baselines_"):
-        load_config(file, [], schema=EvalConfig, check=validate_eval)
-    else:
-        load_config(file, [])
+    load_shipped(path)
 
 
 @pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs").glob("*imagenet*.yaml")))
@@ -330,12 +334,8 @@ def test_the_gpu_configs_save_by_time_only(path: str) -> None:
     """A step or epoch rule at ImageNet's global batch would save every minute or two, each save stalling every
     GPU for its copy, write and barrier: the shipped GPU configs save every 30 min of training (and when
     stopped, and at the end), pretraining and the probe's SGD fits alike."""
-    from infomax.config.eval import EvalConfig, validate_eval
-
-    file = str(REPO / "configs" / path)
-    if path.startswith("probe_"):
-        rule = load_config(file, ["weights=[runs/x/export]"], schema=EvalConfig, check=validate_eval).sgd
-    else:
-        rule = load_config(file, []).run
+    cfg = load_shipped(path)
+    rule = cfg.sgd if path.startswith("probe_") else cfg.run
+    if not path.startswith("probe_"):
         assert not rule.save_at_epoch_end
     assert (rule.checkpoint_every, rule.checkpoint_every_min) == (0, 30)
