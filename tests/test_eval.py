@@ -216,6 +216,26 @@ def run_eval(*overrides: str, launcher: list[str] | None = None,
     return subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO, env=env)
 
 
+def eval_in_process(*overrides: str) -> int:
+    """``eval/main.py`` in this process, for the cases where the interpreter is not what is tested: its exit code
+    (stdout and stderr reach capsys). Accelerate's state is one per process and the eval installs signal
+    handlers, so each call starts from none and leaves the test process as it found it."""
+    import signal
+
+    from accelerate.state import AcceleratorState
+
+    from infomax.eval.main import main
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        return main([*FAST, *overrides])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 def report_of(proc: subprocess.CompletedProcess, out: Path) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "report.json").read_text())
@@ -264,7 +284,8 @@ def test_eval_writes_report_with_every_requested_row(export_dir: Path, tmp_path:
 
 
 @pytest.mark.slow
-def test_unreadable_scored_images_are_skipped_and_counted_not_replaced(export_dir: Path, tmp_path: Path) -> None:
+def test_unreadable_scored_images_are_skipped_and_counted_not_replaced(export_dir: Path, tmp_path: Path,
+                                                                       capsys) -> None:
     """24 readable and 3 undecodable images in val/: each row scores the 24 (a neighbour used to stand in for each
     broken one, scoring 27), and one line counts what was skipped."""
     from test_data import make_imagefolder
@@ -272,11 +293,11 @@ def test_unreadable_scored_images_are_skipped_and_counted_not_replaced(export_di
     make_imagefolder(tmp_path / "data", good_per_class=12, corrupt=3)
     (tmp_path / "data" / "val").symlink_to(tmp_path / "data" / "train")
     out = tmp_path / "report"
-    proc = run_eval(f"weights={export_dir}", f"out={out}", "dataset=imagefolder", f"root={tmp_path / 'data'}",
-                    "raw_pixels=false", "random_init=false", "knn_k=[5]")
-    (row,) = report_of(proc, out)["rows"]
+    assert eval_in_process(f"weights={export_dir}", f"out={out}", "dataset=imagefolder", f"root={tmp_path / 'data'}",
+                           "raw_pixels=false", "random_init=false", "knn_k=[5]") == 0
+    (row,) = json.loads((out / "report.json").read_text())["rows"]
     assert row["scored"] == 24 and row["knn"]["5"] >= 0
-    assert "eval: 3 unreadable image(s) of the test split skipped: scored on the other 24" in proc.stdout
+    assert "eval: 3 unreadable image(s) of the test split skipped: scored on the other 24" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -284,7 +305,8 @@ def test_imagenet_protocol_runs_and_reports_sgd_rows(export_dir: Path, tmp_path:
     out = tmp_path / "report"
     sgd = ["protocol=imagenet", "sgd.epochs=12", "sgd.milestones=[9]", "sgd.global_batch_size=32", "sgd.lr=10",
            "sgd.crop_scale_min=0.5"]
-    report = report_of(run_eval(f"weights={export_dir}", f"out={out}", "raw_pixels=false", *sgd), out)
+    assert eval_in_process(f"weights={export_dir}", f"out={out}", "raw_pixels=false", *sgd) == 0
+    report = json.loads((out / "report.json").read_text())
     assert [r["protocol"] for r in report["rows"]] == ["imagenet", "imagenet"]
     assert all(r["trained"] == "12 epochs" and r["scored"] == 24 for r in report["rows"])
     assert report["rows"][0]["top1"] >= 0.3  # it learned: 8 balanced classes, chance is 1/8
@@ -427,8 +449,9 @@ def test_alexnet_conv_probes_from_a_weights_file(export_dir: Path, tmp_path: Pat
     weights = tmp_path / "alexnet.pth"
     torch.save(torchvision.models.alexnet().state_dict(), weights)  # random init, saved like torchvision's file
     out = tmp_path / "report"
-    report = report_of(run_eval(f"weights={export_dir}", f"out={out}", "random_init=false", "raw_pixels=false",
-                                f"baselines.alexnet_weights={weights}", "baselines.alexnet_probe_size=64"), out)
+    assert eval_in_process(f"weights={export_dir}", f"out={out}", "random_init=false", "raw_pixels=false",
+                           f"baselines.alexnet_weights={weights}", "baselines.alexnet_probe_size=64") == 0
+    report = json.loads((out / "report.json").read_text())
     conv = [r for r in report["rows"] if r["kind"] == "alexnet_conv"]
     assert [r["name"] for r in conv] == [f"AlexNet conv{i} (alexnet.pth)" for i in range(1, 6)]
     assert [r["feature_dim"] for r in conv] == [9216, 9408, 9600, 9216, 9216]
@@ -453,7 +476,7 @@ def test_alexnet_conv_probes_from_a_weights_file(export_dir: Path, tmp_path: Pat
                       "of"),
     ("holdout_none", "was pretrained on every train image (data.holdout=0)"),
 ])
-def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage: str, needle: str) -> None:
+def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage: str, needle: str, capsys) -> None:
     meta_path = export_dir / "config.json"
     meta = json.loads(meta_path.read_text())
     extra: list[str] = []
@@ -492,12 +515,16 @@ def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage:
         extra = ["holdout=12"]
     if damage in ("hash", "arch", "no_sha") or damage.startswith("holdout"):
         meta_path.write_text(json.dumps(meta))
-    proc = run_eval(f"weights={export_dir}", *extra)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+    code = eval_in_process(f"weights={export_dir}", *extra)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err[-2000:]
     if damage.startswith("missing"):
         assert f"'{export_dir}'" in lines[0]  # the path the user gave, not its parent
-    assert "rows to compute" not in proc.stdout  # found before any work
+    assert "rows to compute" not in out  # found before any work
+    if damage == "missing":  # once through the script itself: no warning or traceback beside the line, exit 2
+        proc = run_eval(f"weights={export_dir}", *extra)
+        assert (proc.returncode, proc.stderr.strip()) == (2, lines[0])
 
 
 @pytest.mark.slow
@@ -526,7 +553,8 @@ def test_holdout_scores_the_validation_images_the_pretraining_never_saw(tmp_path
                    input_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), small_input=True,
                    summary={"steps": 7, "holdout": 24})
     out = tmp_path / "report"
-    report = report_of(run_eval(f"weights={export}", f"out={out}", "holdout=24", "raw_pixels=false"), out)
+    assert eval_in_process(f"weights={export}", f"out={out}", "holdout=24", "raw_pixels=false") == 0
+    report = json.loads((out / "report.json").read_text())
     assert report["scored_on"] == "validation split (24 train images held out)"
     assert (report["train_images"], report["test_images"]) == (72, 24)
     assert all(r["scored"] == 24 for r in report["rows"])
@@ -705,44 +733,29 @@ def test_a_stop_signal_ends_the_eval_at_the_next_row_and_the_rerun_reuses_the_sc
     stopped (the random init drawn after them included)."""
     import signal
 
-    from accelerate.state import AcceleratorState
-
-    from infomax.eval.main import main as eval_main
     from infomax.eval.row_cache import RowCache
 
-    def main(argv: list[str]) -> int:  # accelerate's state is one per process: each eval starts from none
-        AcceleratorState._reset_state(reset_partial_state=True)
-        try:
-            return eval_main(argv)
-        finally:
-            AcceleratorState._reset_state(reset_partial_state=True)
+    straight = tmp_path / "straight"
+    assert eval_in_process(f"weights={export_dir}", f"out={straight}") == 0
+    expected = json.loads((straight / "report.json").read_text())["rows"]
+    capsys.readouterr()
 
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
-    try:
-        straight = tmp_path / "straight"
-        assert main([*FAST, f"weights={export_dir}", f"out={straight}"]) == 0
-        expected = json.loads((straight / "report.json").read_text())["rows"]
-        capsys.readouterr()
+    stopped, real_put = tmp_path / "stopped", RowCache.put
+    def put_then_sigterm(self, name, row):  # the signal arrives while the first row is scored
+        real_put(self, name, row)
+        if self.kept == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(RowCache, "put", put_then_sigterm)
+    assert eval_in_process(f"weights={export_dir}", f"out={stopped}") == 1
+    err = capsys.readouterr().err
+    assert f"eval stopped by SIGTERM after 1 of {len(expected)} rows; the 1 scored row(s) are kept in " \
+           f"{stopped / 'rows'}; rerun the same command to go on" in err, err
+    assert not (stopped / "report.json").exists() and len(list((stopped / "rows").iterdir())) == 1
 
-        stopped, real_put = tmp_path / "stopped", RowCache.put
-        def put_then_sigterm(self, name, row):  # the signal arrives while the first row is scored
-            real_put(self, name, row)
-            if self.kept == 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-        monkeypatch.setattr(RowCache, "put", put_then_sigterm)
-        assert main([*FAST, f"weights={export_dir}", f"out={stopped}"]) == 1
-        err = capsys.readouterr().err
-        assert f"eval stopped by SIGTERM after 1 of {len(expected)} rows; the 1 scored row(s) are kept in " \
-               f"{stopped / 'rows'}; rerun the same command to go on" in err, err
-        assert not (stopped / "report.json").exists() and len(list((stopped / "rows").iterdir())) == 1
-
-        monkeypatch.setattr(RowCache, "put", real_put)
-        assert main([*FAST, f"weights={export_dir}", f"out={stopped}"]) == 0
-        resumed = json.loads((stopped / "report.json").read_text())["rows"]
-        assert [(r["name"], r["top1"], r["knn"]) for r in resumed] == [(r["name"], r["top1"], r["knn"]) for r in expected]
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    monkeypatch.setattr(RowCache, "put", real_put)
+    assert eval_in_process(f"weights={export_dir}", f"out={stopped}") == 0
+    resumed = json.loads((stopped / "report.json").read_text())["rows"]
+    assert [(r["name"], r["top1"], r["knn"]) for r in resumed] == [(r["name"], r["top1"], r["knn"]) for r in expected]
 
 
 def _gaussian_pairs(n: int, dim: int, mi: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
