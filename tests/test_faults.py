@@ -658,9 +658,10 @@ def _damaged_fashion_mnist(tmp_path: Path, kind: str) -> str:
 
 
 def _half_copied_beton(tmp_path: Path) -> str:
+    from infomax.data.beton import main as beton_main
+
     out = tmp_path / "half.beton"
-    subprocess.run([sys.executable, "-m", "infomax.data.beton", "--dataset", "synthetic", "--limit", "64",
-                    "--out", str(out)], check=True, capture_output=True, cwd=REPO, timeout=300)
+    assert beton_main(["--dataset", "synthetic", "--limit", "64", "--out", str(out)]) == 0
     out.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
     return str(out)
 

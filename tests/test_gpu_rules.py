@@ -90,6 +90,21 @@ def test_fake_cuda_eval_knn_on_one_gpu_scores_host_queries_against_the_device_ba
     assert set(top1) == {"5", "20"}
 
 
+def test_fake_cuda_eval_knn_sends_each_query_chunk_pinned(monkeypatch) -> None:
+    """A non-blocking copy from pageable host memory still makes the host wait on CUDA: each query chunk goes
+    through pinned memory (on a CUDA build; here pinning is recorded, since a CPU build has none)."""
+    from infomax.features.knn import knn_predict_many, sharded_knn_predict_many
+
+    pinned: list[tuple[int, ...]] = []
+    monkeypatch.setattr("infomax.runtime.device.can_pin", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pinned.append(tuple(self.shape)) or self)
+    with fake_nccl() as rules:
+        bank, labels = torch.rand(40, 4, device="cuda"), torch.zeros(40, dtype=torch.long, device="cuda")
+        knn_predict_many(bank, labels, torch.rand(30, 4), [5], 0.1, 3, chunk=16)
+        sharded_knn_predict_many(bank, labels, torch.rand(30, 4), [5], 0.1, 3, chunk=16)
+    assert pinned == [(16, 4), (14, 4)] * 2 and rules.blocking_copies == []
+
+
 def test_nccl_knn_monitor_gathers_device_rows_without_asking_sizes() -> None:
     """The kNN monitor's feature pass: every rank's batch rows are gathered on the device, padded to the
     loader's batch size (a short last batch), with no exchange of sizes and no host read per batch."""

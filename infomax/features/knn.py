@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from infomax.runtime.device import send
 from infomax.runtime.distributed import gather, is_distributed
 
 QUERY_CHUNK = 1024  # queries scored against the bank at once: a 1024 x bank similarity block
@@ -36,7 +37,7 @@ def knn_predict_many(
     top = min(max(ks), bank.shape[0])
     preds: dict[int, list[torch.Tensor]] = {int(k): [] for k in ks}
     for q in queries.split(chunk):  # the queries may be on the host; each chunk is scored where the bank is
-        sim, idx = similarities(q.to(bank.device, non_blocking=True), bank).topk(top, dim=1)  # M' x top, best first
+        sim, idx = similarities(send(q, bank.device), bank).topk(top, dim=1)  # M' x top, best first
         _vote(sim, bank_labels[idx], temperature, num_classes, preds)
     return {k: torch.cat(p) for k, p in preds.items()}
 
@@ -67,7 +68,7 @@ def sharded_knn_predict_many(
     pad = max(0, top - bank_shard.shape[0])
     preds: dict[int, list[torch.Tensor]] = {int(k): [] for k in ks}
     for q in queries.split(chunk):
-        sim = similarities(q.to(bank_shard.device, non_blocking=True), bank_shard)
+        sim = similarities(send(q, bank_shard.device), bank_shard)
         if pad:
             sim = torch.cat([sim, sim.new_full((q.shape[0], pad), float("-inf"))], dim=1)
         labels = torch.cat([shard_labels, shard_labels.new_zeros(pad)]) if pad else shard_labels

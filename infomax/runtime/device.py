@@ -16,11 +16,17 @@ from typing import Sequence
 import torch
 
 
+def can_pin() -> bool:
+    """Whether host memory can be pinned: a CUDA runtime with a device (a CPU-only build has none)."""
+    return torch.cuda.is_available()
+
+
 def send(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``t`` (a host tensor) on ``device`` (as ``dtype``, converted there): pinned and non-blocking on CUDA.
-    Pinning goes through torch's caching host allocator, which keeps the memory until the copy is done."""
+    """``t`` (a host tensor) on ``device`` (as ``dtype``, converted there): pinned and non-blocking on CUDA (a
+    non-blocking copy from pageable memory still makes the host wait). Pinning goes through torch's caching host
+    allocator, which keeps the memory until the copy is done."""
     device = torch.device(device)
-    if device.type == "cuda" and t.device.type == "cpu" and torch.cuda.is_available():
+    if device.type == "cuda" and t.device.type == "cpu" and can_pin():
         t = t.pin_memory()
     t = t.to(device, non_blocking=True)
     return t if dtype is None else t.to(dtype)
