@@ -244,10 +244,16 @@ def test_dry_run_script_is_the_script_submitit_submits(tmp_path: Path, monkeypat
     (["--sweep", "optim.lr"], "is not key=v1,v2"),
     (["objective.name=dim", "objective.bound=mine"], "dim supports"),  # what the job refuses at start, up front
 ])
-def test_bad_input_fails_before_submitting(slurm_cluster: Path, tmp_path: Path, args: list[str], needle: str) -> None:
-    proc, jobs = submit(f"run.dir={tmp_path / 'run'}", *args, check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and not jobs and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+def test_bad_input_fails_before_submitting(slurm_cluster: Path, tmp_path: Path, args: list[str], needle: str,
+                                           capsys) -> None:
+    """In-process: what the launcher checks, not its interpreter (test_faults.py runs one case as a process)."""
+    from infomax.launch.submit import main
+
+    code = main(["--config", str(TINY), "--time", "20", f"run.dir={tmp_path / 'run'}", *args])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and "submitted" not in out and len(lines) == 1 and needle in lines[0], err[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_run_dir_of_another_config_is_refused(slurm_cluster: Path, tmp_path: Path) -> None:
