@@ -151,18 +151,21 @@ def free_port() -> int:
 
 
 def spawn_ranks(worker, tmp_path: Path, *args, nprocs: int = 2) -> None:
-    """``torch.multiprocessing.spawn(worker, (str(tmp_path), *args))``, once more on a fresh rendezvous
+    """``worker(rank, str(tmp_path), *args)`` in ``nprocs`` processes, once more on a fresh rendezvous
     when a rank was killed by a signal: gloo can abort (SIGABRT) while ranks tear down on a loaded
     machine, as a CI run showed. A rank that raises (a failed check) is never retried.
 
     The ranks fork from a fork server that imported torch once for this pytest process, instead of each
-    importing it again (seconds a rank). A rank's environment is the server's: pass what a rank needs as
-    arguments, never through ``os.environ``."""
+    importing it again (seconds a rank). It is the process's one fork server, which the .beton writer uses too,
+    so it is asked for the writer's imports as well, whichever starts it. A rank's environment is the server's:
+    pass what a rank needs as arguments, never through ``os.environ``."""
     import multiprocessing
 
     import torch.multiprocessing as mp
 
-    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "infomax.method.objectives"])
+    from infomax.data.beton import WRITER_PRELOAD
+
+    multiprocessing.set_forkserver_preload([*WRITER_PRELOAD, "torch.distributed", "infomax.method.objectives"])
     inputs = set(tmp_path.iterdir())  # what the test wrote for its ranks: kept for the second attempt
     for attempt in (1, 2):
         try:

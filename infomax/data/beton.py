@@ -133,6 +133,11 @@ def _write(out: str, source: BetonSource, fields: dict[str, Any], workers: int) 
     DatasetWriter(out, fields, num_workers=workers).from_indexed_dataset(source, chunksize=64)
 
 
+# What the writer's fork server imports once. Python has one fork server a process: whoever starts it first
+# sets its imports, so another user of it (the tests' ranks) asks for these too.
+WRITER_PRELOAD = ["torch", "ffcv.writer", "infomax.data", "infomax.data.beton_file", "infomax.runtime.files"]
+
+
 def writer_context() -> Any:
     """Where the writer process starts. Forking this one, which may already run torch/numba thread pools, can deadlock
     the writer's own forked workers. A fork server has imported the writer's modules and run nothing, so each writer
@@ -140,8 +145,7 @@ def writer_context() -> Any:
     run as ``python -m infomax.data.beton`` it is the main module, which the writer re-runs by name, and runpy warns
     when that name is already imported."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "ffcv.writer", "infomax.data", "infomax.data.beton_file",
-                                "infomax.runtime.files"])
+    ctx.set_forkserver_preload(WRITER_PRELOAD)
     return ctx
 
 
