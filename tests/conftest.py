@@ -36,31 +36,43 @@ def run_main(*overrides: str, config: Path = TINY, launcher: list[str] | None = 
     return proc
 
 
-def main_in_process(capsys: pytest.CaptureFixture, *overrides: str, config: Path = TINY) -> tuple[int, str, str]:
-    """pretrain/main.py's ``main`` run in this process, from the repository root: (exit code, stdout, stderr).
+def in_process(capsys: pytest.CaptureFixture, main: Callable[[list[str]], int], argv: list[str]) -> tuple[int, str, str]:
+    """An entry point's ``main(argv)`` run in this process, from the repository root: (exit code, stdout, stderr
+    with the warnings a process would print there).
 
-    For what a bad input says, where the process itself is not under test: a subprocess pays torch's
-    import (seconds) for each case. The real process's exit code and stderr are tested in test_config.py."""
+    For cases where the process itself is not under test: a subprocess pays torch's import (seconds) for each.
+    accelerate's state is one per process (another test's Accelerator(cpu=True) would refuse this run's precision),
+    and the entry points set signal handlers and environment variables: each run starts from none of them and
+    leaves the test process as it found it."""
+    import signal
+
     from accelerate.state import AcceleratorState
 
-    from infomax.launch.pretrain import main
-
-    # accelerate's state is one per process: another test's Accelerator(cpu=True) would refuse this run's
-    # precision, and this run's must not reach the tests after it.
     here, environ = os.getcwd(), dict(os.environ)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
     AcceleratorState._reset_state(reset_partial_state=True)
     os.chdir(REPO)
     try:
         with warnings.catch_warnings(record=True) as caught:  # a process prints them to stderr; pytest keeps them
             warnings.simplefilter("always")
-            code = main(["--config", str(config), *overrides])
+            code = main(argv)
     finally:
         os.chdir(here)
         os.environ.clear()
         os.environ.update(environ)
         AcceleratorState._reset_state(reset_partial_state=True)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     out, err = capsys.readouterr()
     return code, out, err + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+
+
+def main_in_process(capsys: pytest.CaptureFixture, *overrides: str, config: Path = TINY) -> tuple[int, str, str]:
+    """pretrain/main.py's ``main`` run in this process (:func:`in_process`). The real process's exit code and
+    stderr are tested in test_config.py."""
+    from infomax.launch.pretrain import main
+
+    return in_process(capsys, main, ["--config", str(config), *overrides])
 
 
 def pretrain_in_process(capsys: pytest.CaptureFixture, *overrides: str, config: Path = TINY,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from test_eval import eval_in_process, export_dir  # noqa: F401 (fixture)
+from test_eval import eval_in_process, eval_report, export_dir  # noqa: F401 (fixture)
 
 from conftest import synthetic_views
 from infomax.config.eval import EvalConfig, validate_eval
@@ -94,33 +94,35 @@ def test_warmup_and_adamw_for_a_short_budget(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_stored_alexnet_is_used_and_mismatched_or_damaged_ones_are_not(export_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_stored_alexnet_is_used_and_mismatched_or_damaged_ones_are_not(export_dir: Path, tmp_path: Path,  # noqa: F811
+                                                                       capsys) -> None:
     store = tmp_path / "store"
-    assert eval_in_process("store_baselines=true", "weights=[]", "image_size=16", f"baselines.store={store}", *ALEXNET,
-                           "baselines.alexnet_epochs=3", "baselines.alexnet_patience=1", f"out={tmp_path / 'b'}") == 0
+    eval_report(capsys, tmp_path / "b", "store_baselines=true", "weights=[]", "image_size=16", f"baselines.store={store}",
+                *ALEXNET, "baselines.alexnet_epochs=3", "baselines.alexnet_patience=1")
     path = store / "synthetic-alexnet_supervised.json"
     stored = json.loads(path.read_text())
     for key in ("top1", "top5", "epochs", "steps", "wall_s", "stopped", "converged", "config", "git_revision", "data_sha256", "date"):
         assert key in stored
 
-    def alexnet_row(*extra: str) -> dict:
+    def alexnet_row(*extra: str) -> tuple[dict, str]:
         out = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
-        assert eval_in_process(f"weights={export_dir}", f"baselines.store={store}", *ALEXNET,
-                               "baselines.alexnet_max_steps=2", f"out={out}", *extra) == 0
-        return next(r for r in json.loads((out / "report.json").read_text())["rows"]
-                    if r["kind"] == "alexnet_supervised")
+        code, _, err = eval_in_process(capsys, f"weights={export_dir}", f"baselines.store={store}", *ALEXNET,
+                                       "baselines.alexnet_max_steps=2", f"out={out}", *extra)
+        assert code == 0, err[-3000:]
+        rows = json.loads((out / "report.json").read_text())["rows"]
+        return next(r for r in rows if r["kind"] == "alexnet_supervised"), err
 
-    used = alexnet_row()
+    used, _ = alexnet_row()
     assert used["stored"] == str(path) and used["top1"] == stored["top1"] and "stored" in used["name"]
     assert used["epochs"] == stored["epochs"] and used["converged"] == stored["converged"]
     assert used["protocol"] == "supervised" and used["stored_protocol"] == stored["protocol"]
-    other_protocol = alexnet_row("center_crop_ratio=0.875")
+    other_protocol, _ = alexnet_row("center_crop_ratio=0.875")
     assert "stored" not in other_protocol and other_protocol["steps"] == 2
     path.write_text(json.dumps({**stored, "dataset": "fashion_mnist"}))  # another dataset's result
-    assert "stored" not in alexnet_row()
+    assert "stored" not in alexnet_row()[0]
     path.write_text('{"kind": "alexnet_sup')  # damaged
-    with pytest.warns(UserWarning, match=f"stored baseline {path} is damaged"):
-        assert "stored" not in alexnet_row()
+    damaged, err = alexnet_row()
+    assert "stored" not in damaged and f"stored baseline {path} is damaged" in err
 
 
 @pytest.mark.skipif(not Path(FMNIST_DEFAULT_ROOT).is_dir(), reason="make setup installs dataset-fashion-mnist")
@@ -168,13 +170,13 @@ def test_supervised_encoder_budget_defaults_to_the_pretraining_epochs() -> None:
 
 
 @pytest.mark.slow
-def test_supervised_encoder_row_trains_our_architecture_for_the_epoch_budget(export_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_supervised_encoder_row_trains_our_architecture_for_the_epoch_budget(export_dir: Path, tmp_path: Path,  # noqa: F811
+                                                                             capsys) -> None:
     out = tmp_path / "report"
-    assert eval_in_process(f"weights={export_dir}", "random_init=false", "raw_pixels=false", f"out={out}",
-                           "baselines.supervised_encoder=true", "baselines.supervised_encoder_epochs=1.5",
-                           "baselines.supervised_encoder_global_batch_size=16",
-                           "baselines.supervised_encoder_weight_decay=0.0123") == 0
-    report = json.loads((out / "report.json").read_text())
+    report = eval_report(capsys, out, f"weights={export_dir}", "random_init=false", "raw_pixels=false",
+                         "baselines.supervised_encoder=true", "baselines.supervised_encoder_epochs=1.5",
+                         "baselines.supervised_encoder_global_batch_size=16",
+                         "baselines.supervised_encoder_weight_decay=0.0123")
     row = next(r for r in report["rows"] if r["kind"] == "supervised_encoder")
     state = torch.load(next(out.glob("checkpoints/supervised_*/step_*/state.pt")), weights_only=True)
     assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.0123  # its own, not AlexNet's
@@ -197,9 +199,10 @@ def test_stored_supervised_encoder_is_used_only_for_the_same_recipe(export_dir: 
 
     def supervised_row(*extra: str) -> tuple[dict, str]:
         out = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
-        assert eval_in_process(f"weights={export_dir}", f"out={out}", *row_args, *extra) == 0
+        code, stdout, err = eval_in_process(capsys, f"weights={export_dir}", f"out={out}", *row_args, *extra)
+        assert code == 0, err[-3000:]
         rows = json.loads((out / "report.json").read_text())["rows"]
-        return next(r for r in rows if r["kind"] == "supervised_encoder"), capsys.readouterr().out
+        return next(r for r in rows if r["kind"] == "supervised_encoder"), stdout
 
     trained, _ = supervised_row("store_baselines=true")
     path, = store.glob("synthetic-supervised_encoder-*.json")

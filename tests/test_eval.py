@@ -17,7 +17,7 @@ import torchvision
 from accelerate import Accelerator, DataLoaderConfiguration
 from PIL import Image
 
-from conftest import ALL_CORES, REPO, synthetic_views
+from conftest import ALL_CORES, REPO, in_process, synthetic_views
 from infomax.config.pretrain import ConfigError, ViewConfig
 from infomax.data import MultiViewDataset
 from infomax.data.batch_views import BatchViews
@@ -216,24 +216,18 @@ def run_eval(*overrides: str, launcher: list[str] | None = None,
     return subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO, env=env)
 
 
-def eval_in_process(*overrides: str) -> int:
-    """``eval/main.py`` in this process, for the cases where the interpreter is not what is tested: its exit code
-    (stdout and stderr reach capsys). Accelerate's state is one per process and the eval installs signal
-    handlers, so each call starts from none and leaves the test process as it found it."""
-    import signal
-
-    from accelerate.state import AcceleratorState
-
+def eval_in_process(capsys: pytest.CaptureFixture, *overrides: str) -> tuple[int, str, str]:
+    """``eval/main.py`` run in this process (conftest's ``in_process``): (exit code, stdout, stderr)."""
     from infomax.eval.main import main
 
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        return main([*FAST, *overrides])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    return in_process(capsys, main, [*FAST, *overrides])
+
+
+def eval_report(capsys: pytest.CaptureFixture, out: Path, *overrides: str) -> dict:
+    """:func:`eval_in_process` writing to ``out``, which must succeed: its report.json."""
+    code, _, err = eval_in_process(capsys, f"out={out}", *overrides)
+    assert code == 0, err[-3000:]
+    return json.loads((out / "report.json").read_text())
 
 
 def report_of(proc: subprocess.CompletedProcess, out: Path) -> dict:
@@ -293,20 +287,20 @@ def test_unreadable_scored_images_are_skipped_and_counted_not_replaced(export_di
     make_imagefolder(tmp_path / "data", good_per_class=12, corrupt=3)
     (tmp_path / "data" / "val").symlink_to(tmp_path / "data" / "train")
     out = tmp_path / "report"
-    assert eval_in_process(f"weights={export_dir}", f"out={out}", "dataset=imagefolder", f"root={tmp_path / 'data'}",
-                           "raw_pixels=false", "random_init=false", "knn_k=[5]") == 0
+    code, stdout, err = eval_in_process(capsys, f"weights={export_dir}", f"out={out}", "dataset=imagefolder",
+                                        f"root={tmp_path / 'data'}", "raw_pixels=false", "random_init=false", "knn_k=[5]")
+    assert code == 0, err[-3000:]
     (row,) = json.loads((out / "report.json").read_text())["rows"]
     assert row["scored"] == 24 and row["knn"]["5"] >= 0
-    assert "eval: 3 unreadable image(s) of the test split skipped: scored on the other 24" in capsys.readouterr().out
+    assert "eval: 3 unreadable image(s) of the test split skipped: scored on the other 24" in stdout
 
 
 @pytest.mark.slow
-def test_imagenet_protocol_runs_and_reports_sgd_rows(export_dir: Path, tmp_path: Path) -> None:
+def test_imagenet_protocol_runs_and_reports_sgd_rows(export_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "report"
     sgd = ["protocol=imagenet", "sgd.epochs=12", "sgd.milestones=[9]", "sgd.global_batch_size=32", "sgd.lr=10",
            "sgd.crop_scale_min=0.5"]
-    assert eval_in_process(f"weights={export_dir}", f"out={out}", "raw_pixels=false", *sgd) == 0
-    report = json.loads((out / "report.json").read_text())
+    report = eval_report(capsys, out, f"weights={export_dir}", "raw_pixels=false", *sgd)
     assert [r["protocol"] for r in report["rows"]] == ["imagenet", "imagenet"]
     assert all(r["trained"] == "12 epochs" and r["scored"] == 24 for r in report["rows"])
     assert report["rows"][0]["top1"] >= 0.3  # it learned: 8 balanced classes, chance is 1/8
@@ -445,13 +439,12 @@ def test_learned_encoder_beats_random_init_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_alexnet_conv_probes_from_a_weights_file(export_dir: Path, tmp_path: Path) -> None:
+def test_alexnet_conv_probes_from_a_weights_file(export_dir: Path, tmp_path: Path, capsys) -> None:
     weights = tmp_path / "alexnet.pth"
     torch.save(torchvision.models.alexnet().state_dict(), weights)  # random init, saved like torchvision's file
     out = tmp_path / "report"
-    assert eval_in_process(f"weights={export_dir}", f"out={out}", "random_init=false", "raw_pixels=false",
-                           f"baselines.alexnet_weights={weights}", "baselines.alexnet_probe_size=64") == 0
-    report = json.loads((out / "report.json").read_text())
+    report = eval_report(capsys, out, f"weights={export_dir}", "random_init=false", "raw_pixels=false",
+                         f"baselines.alexnet_weights={weights}", "baselines.alexnet_probe_size=64")
     conv = [r for r in report["rows"] if r["kind"] == "alexnet_conv"]
     assert [r["name"] for r in conv] == [f"AlexNet conv{i} (alexnet.pth)" for i in range(1, 6)]
     assert [r["feature_dim"] for r in conv] == [9216, 9408, 9600, 9216, 9216]
@@ -515,8 +508,7 @@ def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage:
         extra = ["holdout=12"]
     if damage in ("hash", "arch", "no_sha") or damage.startswith("holdout"):
         meta_path.write_text(json.dumps(meta))
-    code = eval_in_process(f"weights={export_dir}", *extra)
-    out, err = capsys.readouterr()
+    code, out, err = eval_in_process(capsys, f"weights={export_dir}", *extra)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and needle in lines[0], err[-2000:]
     if damage.startswith("missing"):
@@ -528,7 +520,7 @@ def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage:
 
 
 @pytest.mark.slow
-def test_holdout_scores_the_validation_images_the_pretraining_never_saw(tmp_path: Path) -> None:
+def test_holdout_scores_the_validation_images_the_pretraining_never_saw(tmp_path: Path, capsys) -> None:
     """data.holdout=N and eval holdout=N name the same N train images: the pretraining's loader and kNN bank
     never see them, its kNN queries are drawn from them, and the eval fits on the rest and scores them."""
     from infomax.config.pretrain import load_config
@@ -553,8 +545,7 @@ def test_holdout_scores_the_validation_images_the_pretraining_never_saw(tmp_path
                    input_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), small_input=True,
                    summary={"steps": 7, "holdout": 24})
     out = tmp_path / "report"
-    assert eval_in_process(f"weights={export}", f"out={out}", "holdout=24", "raw_pixels=false") == 0
-    report = json.loads((out / "report.json").read_text())
+    report = eval_report(capsys, out, f"weights={export}", "holdout=24", "raw_pixels=false")
     assert report["scored_on"] == "validation split (24 train images held out)"
     assert (report["train_images"], report["test_images"]) == (72, 24)
     assert all(r["scored"] == 24 for r in report["rows"])
@@ -736,9 +727,7 @@ def test_a_stop_signal_ends_the_eval_at_the_next_row_and_the_rerun_reuses_the_sc
     from infomax.eval.row_cache import RowCache
 
     straight = tmp_path / "straight"
-    assert eval_in_process(f"weights={export_dir}", f"out={straight}") == 0
-    expected = json.loads((straight / "report.json").read_text())["rows"]
-    capsys.readouterr()
+    expected = eval_report(capsys, straight, f"weights={export_dir}")["rows"]
 
     stopped, real_put = tmp_path / "stopped", RowCache.put
     def put_then_sigterm(self, name, row):  # the signal arrives while the first row is scored
@@ -746,15 +735,14 @@ def test_a_stop_signal_ends_the_eval_at_the_next_row_and_the_rerun_reuses_the_sc
         if self.kept == 1:
             os.kill(os.getpid(), signal.SIGTERM)
     monkeypatch.setattr(RowCache, "put", put_then_sigterm)
-    assert eval_in_process(f"weights={export_dir}", f"out={stopped}") == 1
-    err = capsys.readouterr().err
+    code, _, err = eval_in_process(capsys, f"weights={export_dir}", f"out={stopped}")
+    assert code == 1, err[-3000:]
     assert f"eval stopped by SIGTERM after 1 of {len(expected)} rows; the 1 scored row(s) are kept in " \
            f"{stopped / 'rows'}; rerun the same command to go on" in err, err
     assert not (stopped / "report.json").exists() and len(list((stopped / "rows").iterdir())) == 1
 
     monkeypatch.setattr(RowCache, "put", real_put)
-    assert eval_in_process(f"weights={export_dir}", f"out={stopped}") == 0
-    resumed = json.loads((stopped / "report.json").read_text())["rows"]
+    resumed = eval_report(capsys, stopped, f"weights={export_dir}")["rows"]
     assert [(r["name"], r["top1"], r["knn"]) for r in resumed] == [(r["name"], r["top1"], r["knn"]) for r in expected]
 
 
