@@ -42,14 +42,16 @@ def in_process(capsys: pytest.CaptureFixture, main: Callable[[list[str]], int], 
 
     For cases where the process itself is not under test: a subprocess pays torch's import (seconds) for each.
     accelerate's state is one per process (another test's Accelerator(cpu=True) would refuse this run's precision),
-    and the entry points set signal handlers and environment variables: each run starts from none of them and
-    leaves the test process as it found it."""
+    and the entry points set signal handlers, environment variables, torch's seed and kernel choice: each run
+    starts from none of them and leaves the test process as it found it."""
     import signal
 
+    import torch
     from accelerate.state import AcceleratorState
 
     here, environ = os.getcwd(), dict(os.environ)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
+    rng, deterministic = torch.get_rng_state(), torch.are_deterministic_algorithms_enabled()
     AcceleratorState._reset_state(reset_partial_state=True)
     os.chdir(REPO)
     try:
@@ -63,6 +65,8 @@ def in_process(capsys: pytest.CaptureFixture, main: Callable[[list[str]], int], 
         AcceleratorState._reset_state(reset_partial_state=True)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        torch.set_rng_state(rng)
+        torch.use_deterministic_algorithms(deterministic)
     out, err = capsys.readouterr()
     return code, out, err + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
 

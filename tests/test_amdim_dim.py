@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from conftest import REPO, run_main, spawn_ranks
+from conftest import REPO, pretrain_in_process, spawn_ranks
 from infomax.config.pretrain import ModelConfig
 from infomax.method.models import LocalGlobalModel
 from infomax.method.objectives import AMDIMObjective, DIMObjective, multi_positive_nce
@@ -130,7 +130,7 @@ def test_two_ranks_match_one_rank(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["amdim_synthetic", "dim_synthetic"])
-def test_objective_configs_pretrain_a_few_steps(config: str, run_dir: Path) -> None:
-    out = run_main(f"run.dir={run_dir}", "run.max_steps=3", "monitor.knn_every=0",
-                   config=REPO / "configs" / f"{config}.yaml").stdout
+def test_objective_configs_pretrain_a_few_steps(config: str, run_dir: Path, capsys) -> None:
+    out = pretrain_in_process(capsys, f"run.dir={run_dir}", "run.max_steps=3", "monitor.knn_every=0",
+                              config=REPO / "configs" / f"{config}.yaml").stdout
     assert "finished: step 3/3" in out and (run_dir / "export" / "encoder.safetensors").is_file()

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, contrastive, run_main
+from conftest import REPO, contrastive, pretrain_in_process
 from infomax.data.colour import LAB_MEAN, LAB_STD, lab_to_rgb, rgb_to_lab, split_lab
 from infomax.method.objectives import view_pairs
 
@@ -59,8 +59,9 @@ def test_lab_views_use_cmc_normalisation() -> None:
 
 
 @pytest.mark.slow
-def test_cmc_lab_config_pretrains_one_encoder_per_channel_group(run_dir: Path) -> None:
-    out = run_main(f"run.dir={run_dir}", "run.max_steps=4", config=REPO / "configs" / "cmc_lab_synthetic.yaml").stdout
+def test_cmc_lab_config_pretrains_one_encoder_per_channel_group(run_dir: Path, capsys) -> None:
+    out = pretrain_in_process(capsys, f"run.dir={run_dir}", "run.max_steps=4",
+                              config=REPO / "configs" / "cmc_lab_synthetic.yaml").stdout
     assert "finished: step 4/4" in out
     meta = json.loads((run_dir / "export" / "config.json").read_text())
     assert meta["in_chans"] == 1 and meta["input_transform"] == "lab_L"

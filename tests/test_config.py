@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, main_in_process, run_main
+from conftest import REPO, main_in_process, pretrain_in_process, run_main
 from infomax.config.pretrain import Config, ConfigError, load_config, reference_markdown
 
 
@@ -201,9 +201,10 @@ def test_lr_scaling_makes_one_config_right_for_any_process_count() -> None:
     assert effective_lr(imagenet, 8 * imagenet.batch_size_per_process) == pytest.approx(2.4)  # what it hard-coded for 8 GPUs
 
 
-def test_effective_lr_is_printed_and_used(run_dir: Path) -> None:
-    proc = run_main(f"run.dir={run_dir}", "optim.lr=0.4", "optim.lr_scaling=linear", "optim.batch_size_per_process=32",
-                    "run.max_steps=1", "monitor.knn_every=0", "optim.warmup_epochs=0")
+def test_effective_lr_is_printed_and_used(run_dir: Path, capsys) -> None:
+    proc = pretrain_in_process(capsys, f"run.dir={run_dir}", "optim.lr=0.4", "optim.lr_scaling=linear",
+                               "optim.batch_size_per_process=32", "run.max_steps=1", "monitor.knn_every=0",
+                               "optim.warmup_epochs=0")
     assert "lr 0.05: optim.lr 0.4 x linear scaling for a global batch of 32 (1 x 32)" in proc.stdout
     state = torch.load(next((run_dir / "checkpoints").glob("step_*")) / "state.pt", weights_only=True)
     assert state["scheduler"]["base_values"] == [pytest.approx(0.05)] * len(state["scheduler"]["base_values"])
@@ -221,9 +222,10 @@ def test_unquoted_no_is_the_precision_choice_not_false(tmp_path: Path) -> None:
     assert load_config(None, ["model.channels_last=yes"]).model.channels_last is True
 
 
-def test_fractional_epochs_end_the_run_and_its_cosine_schedule_together(run_dir: Path) -> None:
+def test_fractional_epochs_end_the_run_and_its_cosine_schedule_together(run_dir: Path, capsys) -> None:
     """256 images / 32 = 8 steps per epoch: optim.epochs=1.5 is 12 steps, the lr at 0 after the last."""
-    proc = run_main(f"run.dir={run_dir}", "optim.epochs=1.5", "optim.warmup_epochs=0", "monitor.knn_every=0")
+    proc = pretrain_in_process(capsys, f"run.dir={run_dir}", "optim.epochs=1.5", "optim.warmup_epochs=0",
+                               "monitor.knn_every=0")
     assert "step 12/12, epoch 1/1.5" in proc.stdout
     summary = json.loads((run_dir / "export" / "config.json").read_text())["summary"]
     assert summary["steps"] == 12 and summary["epochs_trained"] == 1.5

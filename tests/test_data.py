@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_main
+from conftest import pretrain_in_process, run_main
 from infomax.config.pretrain import ViewConfig, load_config
 from infomax.data import DataError, MultiViewDataset, build_dataset, build_view_transform, collate_skipped
 from infomax.data.datasets import FMNIST_DEFAULT_ROOT, ImageFolder, Synthetic, stratified_subset
@@ -156,13 +156,14 @@ def test_unreadable_images_are_counted_once_each() -> None:
     assert progress.unreadable == ["a.jpg", "b.jpg", "c.jpg"] and progress.unreadable_count == 3
 
 
-def test_val_split_without_a_readable_image_is_one_line_at_start(tmp_path: Path) -> None:
+def test_val_split_without_a_readable_image_is_one_line_at_start(tmp_path: Path, capsys) -> None:
     make_imagefolder(tmp_path / "data", good_per_class=4, corrupt=0)
     (tmp_path / "data" / "val" / "cat").mkdir(parents=True)
     for i in range(3):
         (tmp_path / "data" / "val" / "cat" / f"{i}.jpg").write_bytes(b"not an image")
-    proc = run_main(f"run.dir={tmp_path / 'run'}", "data.dataset=imagefolder", f"data.root={tmp_path / 'data'}",
-                    "optim.batch_size_per_process=4", "run.max_steps=1", check=False)
+    proc = pretrain_in_process(capsys, f"run.dir={tmp_path / 'run'}", "data.dataset=imagefolder",
+                               f"data.root={tmp_path / 'data'}", "optim.batch_size_per_process=4", "run.max_steps=1",
+                               check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: none of the 3 images under")
     assert "val" in proc.stderr and not (tmp_path / "run").exists()

@@ -780,14 +780,14 @@ def test_yardstick_reads_a_known_mi_on_gaussian_features() -> None:
 
 
 @pytest.mark.slow
-def test_yardstick_runs_on_an_export_with_its_runs_own_views(tmp_path: Path) -> None:
+def test_yardstick_runs_on_an_export_with_its_runs_own_views(tmp_path: Path, capsys) -> None:
     """The command on a pretraining run's export: the run's config gives the data and the view recipes; it writes
     RUN/yardstick.json and says both estimates with their standard errors."""
-    from conftest import run_main
+    from conftest import pretrain_in_process
     from infomax.eval.yardstick import main
 
     run_dir = tmp_path / "run"
-    run_main(f"run.dir={run_dir}", "run.max_steps=2", "monitor.knn_every=0")
+    pretrain_in_process(capsys, f"run.dir={run_dir}", "run.max_steps=2", "monitor.knn_every=0")
     assert main([str(run_dir / "export"), "--k", "8", "--draws", "3", "--train-pairs", "128", "--steps", "20"]) == 0
     result = json.loads((run_dir / "yardstick.json").read_text())
     assert result["infonce"]["batches"] == 64 * 3 // 8 and "nats" in result["nwj"]

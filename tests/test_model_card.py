@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_main
+from conftest import pretrain_in_process
 from infomax.export.encoder import export_encoder, load_encoder
 from infomax.export.model_card import CARD, EVAL_HEADING, add_eval, card_text
 from infomax.method.models import create_encoder
@@ -49,9 +49,9 @@ def test_card_code_loads_the_weights_with_timm_alone(tmp_path: Path, arch: str, 
     assert all(torch.equal(loaded[k], v) for k, v in expected.state_dict().items())
 
 
-def test_pretraining_writes_the_card_and_each_eval_replaces_its_scores(tmp_path: Path) -> None:
+def test_pretraining_writes_the_card_and_each_eval_replaces_its_scores(tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "run"
-    run_main(f"run.dir={run_dir}", "run.max_steps=4", "monitor.knn_every=0")
+    pretrain_in_process(capsys, f"run.dir={run_dir}", "run.max_steps=4", "monitor.knn_every=0")
     export = run_dir / "export"
     card, meta = (export / CARD).read_text(), json.loads((export / "config.json").read_text())
     for fact in ("timm `test_resnet`", "`contrastive`, bound `infonce`", "`synthetic`, 256 training images",

@@ -15,7 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from conftest import ALL_CORES, REPO, TINY, free_port, run_main
+from conftest import ALL_CORES, REPO, TINY, free_port, pretrain_in_process, run_main
 from infomax.config.pretrain import load_config
 from infomax.export.encoder import export_encoder, load_encoder
 from infomax.method.bounds import BOUNDS
@@ -144,9 +144,9 @@ def test_two_process_accelerate_launch_on_cpu(run_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("bound", [name for name in BOUNDS if name != "infonce"])  # the registry's
-def test_every_bound_pretrains_and_logs_its_mi_estimate(bound: str, run_dir: Path) -> None:
-    proc = run_main(f"run.dir={run_dir}", f"objective.bound={bound}", "run.max_steps=4", "monitor.knn_every=0",
-                    "run.export=false")
+def test_every_bound_pretrains_and_logs_its_mi_estimate(bound: str, run_dir: Path, capsys) -> None:
+    proc = pretrain_in_process(capsys, f"run.dir={run_dir}", f"objective.bound={bound}", "run.max_steps=4",
+                               "monitor.knn_every=0", "run.export=false")
     # only InfoNCE's value has the ceiling log K; these are printed without one, and DV's family said to read high
     reading = BOUNDS[bound].minibatch
     assert f"nats ({bound}: no ceiling; {reading}" in proc.stdout and "ceiling log K" not in proc.stdout
@@ -168,11 +168,12 @@ def test_learned_critic_trains_across_two_processes(run_dir: Path) -> None:
     assert not torch.equal(weight, torch.eye(weight.shape[0]))  # the critic was optimised
 
 
-def test_demo_recipe_runs_on_colour_images(run_dir: Path) -> None:
+def test_demo_recipe_runs_on_colour_images(run_dir: Path, capsys) -> None:
     """configs/fmnist_cpu.yaml on 3-channel images: the batch path draws the default saturation, hue and
     grayscale too (they have no effect on grey images), so a recipe never has to change with the data."""
-    proc = run_main(f"run.dir={run_dir}", "data.dataset=synthetic", "data.synthetic_size=256", "run.max_steps=2",
-                    "monitor.knn_every=0", "monitor.expect_eval=''", config=REPO / "configs" / "fmnist_cpu.yaml")
+    proc = pretrain_in_process(capsys, f"run.dir={run_dir}", "data.dataset=synthetic", "data.synthetic_size=256",
+                               "run.max_steps=2", "monitor.knn_every=0", "monitor.expect_eval=''",
+                               config=REPO / "configs" / "fmnist_cpu.yaml")
     assert "infomax pretraining finished: step 2/" in proc.stdout
     assert json.loads((run_dir / "export" / "config.json").read_text())["in_chans"] == 3
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, free_port, run_main
+from conftest import REPO, TINY, free_port, pretrain_in_process, run_main
 from infomax.runtime.checkpoint import checkpoint_dirs
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resume")]  # one worker builds the module's run
@@ -87,11 +87,12 @@ def test_stop_signal_saves_exits_zero_and_resumes(uninterrupted, run_dir: Path, 
     assert_same(final_model(run_dir), uninterrupted)
 
 
-def test_damaged_newest_checkpoint_falls_back_to_previous(run_dir: Path) -> None:
-    run_main(f"run.dir={run_dir}", "run.max_steps=8", "run.checkpoint_every=4", "monitor.knn_every=0")
+def test_damaged_newest_checkpoint_falls_back_to_previous(run_dir: Path, capsys) -> None:
+    pretrain_in_process(capsys, f"run.dir={run_dir}", "run.max_steps=8", "run.checkpoint_every=4", "monitor.knn_every=0")
     newest = run_dir / "checkpoints" / "step_00000008" / "state.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as after a crash mid-copy
-    proc = run_main(f"run.dir={run_dir}", "run.max_steps=10", "run.checkpoint_every=4", "monitor.knn_every=0")
+    proc = pretrain_in_process(capsys, f"run.dir={run_dir}", "run.max_steps=10", "run.checkpoint_every=4",
+                               "monitor.knn_every=0")
     assert "step_00000008 is damaged" in proc.stderr
     assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
     assert "step 10/10" in proc.stdout
@@ -128,16 +129,16 @@ def test_sigkill_with_queue_and_batch_views_resumes_queue_and_momentum_weights_e
         assert_same(resumed[part], expected[part])
 
 
-def test_a_raised_epoch_budget_resumes_on_a_schedule_that_spans_it(run_dir: Path) -> None:
+def test_a_raised_epoch_budget_resumes_on_a_schedule_that_spans_it(run_dir: Path, capsys) -> None:
     """Rerunning a finished 2-epoch run with optim.epochs=3 trains 8 more steps on a cosine
     that spans 24 steps (the checkpoint's scheduler state, 16 steps long, used to leave them at lr 0),
     says so in one line, and moves the weights."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     base = [f"run.dir={run_dir}", "monitor.knn_every=0", "monitor.online_probe=false", "run.log_every=1"]
-    run_main(*base, "optim.epochs=2")
+    pretrain_in_process(capsys, *base, "optim.epochs=2")
     done = torch.load(run_dir / "checkpoints" / "step_00000016" / "state.pt", weights_only=True)["model"]
-    proc = run_main(*base, "optim.epochs=3")
+    proc = pretrain_in_process(capsys, *base, "optim.epochs=3")
     assert "the lr schedule (warmup, then cosine) now spans 24 steps instead of 16, and resumes at step 16" in proc.stdout
     lrs = {e.step: e.value for e in EventAccumulator(str(run_dir / "tb")).Reload().Scalars("train/lr")}
     assert sorted(s for s in lrs if s > 16) == list(range(17, 25))
