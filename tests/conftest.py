@@ -38,35 +38,48 @@ def run_main(*overrides: str, config: Path = TINY, launcher: list[str] | None = 
 
 def in_process(capsys: pytest.CaptureFixture, main: Callable[[list[str]], int], argv: list[str]) -> tuple[int, str, str]:
     """An entry point's ``main(argv)`` run in this process, from the repository root: (exit code, stdout, stderr
-    with the warnings a process would print there).
+    followed by the warnings a process would print, under the interpreter's default filters).
 
     For cases where the process itself is not under test: a subprocess pays torch's import (seconds) for each.
     accelerate's state is one per process (another test's Accelerator(cpu=True) would refuse this run's precision),
     and the entry points set signal handlers, environment variables, torch's seed and kernel choice: each run
     starts from none of them and leaves the test process as it found it."""
+    import random
     import signal
 
+    import numpy as np
     import torch
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset_accelerate() -> None:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
     here, environ = os.getcwd(), dict(os.environ)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
-    rng, deterministic = torch.get_rng_state(), torch.are_deterministic_algorithms_enabled()
-    AcceleratorState._reset_state(reset_partial_state=True)
+    rngs = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    kernels = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+               torch.backends.cudnn.benchmark)
+    reset_accelerate()
     os.chdir(REPO)
     try:
         with warnings.catch_warnings(record=True) as caught:  # a process prints them to stderr; pytest keeps them
-            warnings.simplefilter("always")
+            warnings.resetwarnings()  # the interpreter's own filters, which hide deprecations outside __main__
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
             code = main(argv)
     finally:
         os.chdir(here)
         os.environ.clear()
         os.environ.update(environ)
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerate()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        torch.set_rng_state(rng)
-        torch.use_deterministic_algorithms(deterministic)
+        torch.set_rng_state(rngs[0])
+        random.setstate(rngs[1])
+        np.random.set_state(rngs[2])
+        torch.use_deterministic_algorithms(kernels[0], warn_only=kernels[1])
+        torch.backends.cudnn.benchmark = kernels[2]
     out, err = capsys.readouterr()
     return code, out, err + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import REPO, run_main
+from conftest import REPO, in_process, run_main
 from infomax.config.pretrain import ViewConfig
 from infomax.data import MultiViewDataset, build_view_transform
 from infomax.data.datasets import ImageDataset
@@ -341,18 +341,21 @@ def test_bad_input_is_a_clear_error_never_a_hang(tmp_path: Path, capsys) -> None
     """In-process (the interpreter is not what is tested); the writer's worker processes are real."""
     from PIL import Image
 
+    def write(*args: str) -> tuple[int, str]:
+        code, _, err = in_process(capsys, beton_main, ["--out", out, *args])
+        return code, err
+
     out = str(tmp_path / "x.beton")
-    assert beton_main(["--dataset", "synthetic", "--out", out, "--write-mode", "png"]) == 2
-    assert "'png' is not one of raw, jpg, proportion, smart" in capsys.readouterr().err
-    assert beton_main(["--dataset", "imagefolder", "--root", str(tmp_path / "nope"), "--out", out]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    code, err = write("--dataset", "synthetic", "--write-mode", "png")
+    assert code == 2 and "'png' is not one of raw, jpg, proportion, smart" in err
+    code, err = write("--dataset", "imagefolder", "--root", str(tmp_path / "nope"))
+    assert code == 2 and "does not exist" in err
     for i in range(4):
         (tmp_path / "img" / "train" / "c").mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(tmp_path / "img" / "train" / "c" / f"{i}.png")
     (tmp_path / "img" / "train" / "c" / "broken.png").write_bytes(b"not a png")
-    assert beton_main(["--dataset", "imagefolder", "--root", str(tmp_path / "img"), "--out", out, "--workers", "2"]) == 2
-    err = capsys.readouterr().err
-    assert "1 unreadable images" in err and "broken.png" in err
+    code, err = write("--dataset", "imagefolder", "--root", str(tmp_path / "img"), "--workers", "2")
+    assert code == 2 and "1 unreadable images" in err and "broken.png" in err
     assert not Path(out).exists()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PROCESS_GROUP_ENV, REPO, TINY
+from conftest import PROCESS_GROUP_ENV, REPO, TINY, in_process
 
 # One worker runs them all: the cluster is one per session, on fixed ports (tests/slurm/start.sh).
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
@@ -249,8 +249,8 @@ def test_bad_input_fails_before_submitting(slurm_cluster: Path, tmp_path: Path, 
     """In-process: what the launcher checks, not its interpreter (test_faults.py runs one case as a process)."""
     from infomax.launch.submit import main
 
-    code = main(["--config", str(TINY), "--time", "20", f"run.dir={tmp_path / 'run'}", *args])
-    out, err = capsys.readouterr()
+    code, out, err = in_process(capsys, main, ["--config", str(TINY), "--time", "20", f"run.dir={tmp_path / 'run'}",
+                                               *args])
     lines = err.strip().splitlines()
     assert code == 2 and "submitted" not in out and len(lines) == 1 and needle in lines[0], err[-2000:]
     assert not (tmp_path / "run").exists()
