@@ -248,3 +248,49 @@ def test_nccl_cmc_export_is_scored_on_the_device_with_its_views_concatenated(tmp
         assert bank.device == CUDA and bank.shape == (20, 16)  # 8 L features + 8 ab features
         top1 = knn_top1((bank, labels), (torch.rand(30, 16), torch.arange(30) % 3), [5], 0.1, 3, bank_sharded=True)
     assert set(top1) == {"5"} and rules.collectives["allgather_"] == 2 and rules.blocking_copies == []
+
+
+def test_nccl_imagenet_protocol_row_runs_with_its_fit_outcome_given(tmp_path, monkeypatch) -> None:
+    """A whole ``imagenet`` row of the eval (``Rows.encoder_row``) under NCCL's rule: the train split's features
+    kept as each rank's device shard, the probe's fit, the test split's logits and top-1/top-5, the sharded kNN.
+    With the bank kept on the host, as before, it fails where NCCL failed after the 100-epoch probe.
+
+    Two parts are given, not run: the fit's backward pass cannot run on fake ``cuda`` tensors (see
+    infomax/runtime/gpu_rehearsal.py), so the fit returns its outcome untrained (its collectives are DDP's, checked
+    on gloo by test_eval.py's two-process case); and the check that the row never trained the encoder hashes the
+    weights on the host, on purpose, twice a row, where fake tensors hold no bytes."""
+    from infomax.config.eval import EvalConfig, validate_eval
+    from infomax.config.pretrain import load_config
+    from infomax.data.datasets import open_dataset
+    from infomax.eval import rows as rows_module
+    from infomax.eval.classifier import FitOutcome
+    from infomax.method.models import create_encoder
+    from infomax.runtime.checkpoint import Progress
+
+    fits = []
+
+    def fit_outcome(accelerator, model, trainable, train_set, schedule, directory, **kwargs) -> FitOutcome:
+        with torch.device(CUDA):  # the fit's prepare() puts the head on the device, as a fake one cannot be moved
+            placed = nn.Linear(trainable.in_features, trainable.out_features)
+        trainable.weight, trainable.bias = placed.weight, placed.bias
+        fits.append(len(train_set))
+        return FitOutcome(Progress(epoch=schedule.epochs), [], 0.0, False)
+
+    monkeypatch.setattr(rows_module, "fit_classifier", fit_outcome)
+    monkeypatch.setattr(rows_module, "fingerprint", lambda encoder: "unchanged")
+    monkeypatch.setattr(rows_module, "assert_unchanged", lambda encoder, expected, name: None)
+    synthetic = {"synthetic_size": 48, "synthetic_image_size": 16}
+    cfg = load_config(None, ["weights=[x]", "protocol=imagenet", "dataset=synthetic", "num_workers=0", "knn_k=[5]",
+                             "channels_last=false",  # Module.to cannot re-lay fake parameters
+                             "batch_size_per_process=8", *(f"{k}={v}" for k, v in synthetic.items())],
+                      schema=EvalConfig, check=validate_eval)
+    meta = {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.25] * 3, "sha256": "0" * 64}
+    with fake_nccl_accelerator() as (accelerator, rules):
+        train, test = (open_dataset("synthetic", split, **synthetic) for split in ("train", "test"))
+        with torch.device(CUDA):
+            encoder = create_encoder("test_resnet", 3, small_input=True)
+        encoder.to = lambda *args, **kwargs: encoder  # already there; Module.to cannot swap fake parameters
+        row = rows_module.Rows(cfg, accelerator, train, test, 16, tmp_path, "key").encoder_row(
+            "ours", "ours", encoder, meta, sha=None)
+    assert fits == [len(train)] and row["protocol"] == "imagenet" and set(row["knn"]) == {"5"}
+    assert rules.collectives["allgather_"] > 0
