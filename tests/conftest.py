@@ -122,6 +122,18 @@ def process_group_env_is_left_as_found():
     assert after == before, f"the test left process-group variables set: {after} (use monkeypatch.setenv)"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest work first. pytest-xdist hands tests to its workers in collection order, and the alphabet put the
+    longest serial chains last (the SLURM tests, minutes on one worker; the resume and pretraining groups; the
+    rehearsal): a worker then ran them alone at the end. The grouped modules go first, then the other end-to-end
+    scenarios (``slow``), then the short tests, which even out the workers' ends. The sort is stable, so each
+    module keeps its order and its module-scoped fixtures are built once."""
+    def rank(item: pytest.Item) -> int:
+        return 0 if item.get_closest_marker("xdist_group") else 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
