@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from test_eval import eval_in_process, eval_report, export_dir  # noqa: F401 (fixture)
+from test_eval import eval_report, eval_run, export_dir  # noqa: F401 (fixture)
 
 from conftest import synthetic_views
 from infomax.config.eval import EvalConfig, validate_eval
@@ -106,11 +106,9 @@ def test_stored_alexnet_is_used_and_mismatched_or_damaged_ones_are_not(export_di
 
     def alexnet_row(*extra: str) -> tuple[dict, str]:
         out = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
-        code, _, err = eval_in_process(capsys, f"weights={export_dir}", f"baselines.store={store}", *ALEXNET,
-                                       "baselines.alexnet_max_steps=2", f"out={out}", *extra)
-        assert code == 0, err[-3000:]
-        rows = json.loads((out / "report.json").read_text())["rows"]
-        return next(r for r in rows if r["kind"] == "alexnet_supervised"), err
+        report, _, err = eval_run(capsys, out, f"weights={export_dir}", f"baselines.store={store}", *ALEXNET,
+                                  "baselines.alexnet_max_steps=2", *extra)
+        return next(r for r in report["rows"] if r["kind"] == "alexnet_supervised"), err
 
     used, _ = alexnet_row()
     assert used["stored"] == str(path) and used["top1"] == stored["top1"] and "stored" in used["name"]
@@ -199,10 +197,8 @@ def test_stored_supervised_encoder_is_used_only_for_the_same_recipe(export_dir: 
 
     def supervised_row(*extra: str) -> tuple[dict, str]:
         out = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
-        code, stdout, err = eval_in_process(capsys, f"weights={export_dir}", f"out={out}", *row_args, *extra)
-        assert code == 0, err[-3000:]
-        rows = json.loads((out / "report.json").read_text())["rows"]
-        return next(r for r in rows if r["kind"] == "supervised_encoder"), stdout
+        report, stdout, _ = eval_run(capsys, out, f"weights={export_dir}", *row_args, *extra)
+        return next(r for r in report["rows"] if r["kind"] == "supervised_encoder"), stdout
 
     trained, _ = supervised_row("store_baselines=true")
     path, = store.glob("synthetic-supervised_encoder-*.json")

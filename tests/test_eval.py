@@ -223,11 +223,16 @@ def eval_in_process(capsys: pytest.CaptureFixture, *overrides: str) -> tuple[int
     return in_process(capsys, main, [*FAST, *overrides])
 
 
-def eval_report(capsys: pytest.CaptureFixture, out: Path, *overrides: str) -> dict:
-    """:func:`eval_in_process` writing to ``out``, which must succeed: its report.json."""
-    code, _, err = eval_in_process(capsys, f"out={out}", *overrides)
+def eval_run(capsys: pytest.CaptureFixture, out: Path, *overrides: str) -> tuple[dict, str, str]:
+    """:func:`eval_in_process` writing to ``out``, which must succeed: (its report.json, stdout, stderr)."""
+    code, stdout, err = eval_in_process(capsys, f"out={out}", *overrides)
     assert code == 0, err[-3000:]
-    return json.loads((out / "report.json").read_text())
+    return json.loads((out / "report.json").read_text()), stdout, err
+
+
+def eval_report(capsys: pytest.CaptureFixture, out: Path, *overrides: str) -> dict:
+    """:func:`eval_run`'s report.json."""
+    return eval_run(capsys, out, *overrides)[0]
 
 
 def report_of(proc: subprocess.CompletedProcess, out: Path) -> dict:
@@ -287,10 +292,9 @@ def test_unreadable_scored_images_are_skipped_and_counted_not_replaced(export_di
     make_imagefolder(tmp_path / "data", good_per_class=12, corrupt=3)
     (tmp_path / "data" / "val").symlink_to(tmp_path / "data" / "train")
     out = tmp_path / "report"
-    code, stdout, err = eval_in_process(capsys, f"weights={export_dir}", f"out={out}", "dataset=imagefolder",
-                                        f"root={tmp_path / 'data'}", "raw_pixels=false", "random_init=false", "knn_k=[5]")
-    assert code == 0, err[-3000:]
-    (row,) = json.loads((out / "report.json").read_text())["rows"]
+    report, stdout, _ = eval_run(capsys, out, f"weights={export_dir}", "dataset=imagefolder",
+                                 f"root={tmp_path / 'data'}", "raw_pixels=false", "random_init=false", "knn_k=[5]")
+    (row,) = report["rows"]
     assert row["scored"] == 24 and row["knn"]["5"] >= 0
     assert "eval: 3 unreadable image(s) of the test split skipped: scored on the other 24" in stdout
 
