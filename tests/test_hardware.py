@@ -161,6 +161,24 @@ def test_a_process_bound_to_fewer_cores_than_its_workers_need_is_warned(monkeypa
     assert hardware.few_cores_warning(num_workers=4) == ""
 
 
+def test_torch_runs_no_more_threads_than_the_cores_it_is_bound_to(monkeypatch) -> None:
+    """An OMP_NUM_THREADS exported for a whole node reaches a SLURM task bound to fewer cores: the threads beyond
+    them would spin against each other (a small run 7x as long with 2 threads on one core)."""
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+        assert hardware.fit_threads_to_cores() == "" and torch.get_num_threads() == 2
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+        line = hardware.fit_threads_to_cores()
+        assert torch.get_num_threads() == 1
+        assert line == ("note: torch would run 2 threads (OMP_NUM_THREADS=2) on the 1 core(s) this process is bound "
+                        "to; it runs 1, as threads beyond the cores spin against each other")
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("files, limit", [
     ({"memory.max": "max\n"}, None),
     ({"job_7/memory.max": "8589934592\n", "memory.max": "max\n"}, 8 * 2**30),  # v2, the job's own cgroup

@@ -96,14 +96,20 @@ def test_the_test_cluster_binds_each_task_to_its_own_cores(slurm_cluster: Path) 
 
 def test_a_rank_bound_to_fewer_cores_than_its_loader_needs_warns(slurm_cluster: Path, tmp_path: Path) -> None:
     """A hand-written srun line without --cpus-per-task: the rank is bound to one core for itself and its loader
-    worker, and says so in one line at start (launch/submit.py's own srun line carries the flag)."""
+    worker, and says so in one line at start (launch/submit.py's own srun line carries the flag). The
+    submitting shell's OMP_NUM_THREADS, which srun passes on, asks for more threads than that core: the rank runs
+    one and says so."""
     proc = subprocess.run(["srun", "-n1", "--cpus-per-task=1", sys.executable, str(REPO / "pretrain" / "main.py"),
                            "--config", str(TINY), f"run.dir={tmp_path / 'run'}", "run.max_steps=1",
                            "data.num_workers=1", "monitor.knn_every=0"],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     warned = [line for line in proc.stdout.splitlines() if "may run on 1 core(s)" in line]
     assert len(warned) == 1 and warned[0].startswith("rank 0: warning:") and "--cpus-per-task" in warned[0]
+    threads = [line for line in proc.stdout.splitlines() if "threads beyond the cores" in line]
+    assert threads == ["rank 0: note: torch would run 2 threads (OMP_NUM_THREADS=2) on the 1 core(s) this process "
+                       "is bound to; it runs 1, as threads beyond the cores spin against each other"], proc.stdout
 
 
 def test_a_job_whose_rank_dies_ends_at_once_instead_of_waiting_for_the_timeout(slurm_cluster: Path,

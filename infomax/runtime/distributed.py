@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from infomax.runtime.hardware import Precision, choose_precision, require_the_gpus_given
+from infomax.runtime.hardware import Precision, choose_precision, fit_threads_to_cores, require_the_gpus_given
 
 
 def is_distributed() -> bool:
@@ -278,7 +278,8 @@ def make_accelerator(seed: int, precision: str = "auto", timeout_min: float = 15
     shuffling seed, the same on every rank (each rank reads its own shard of each global batch).
     ``precision``: auto | no | bf16 | fp16, as ``run.precision``. ``timeout_min``: how long a rank waits
     in a collective (``run.dist_timeout_min``). Refuses to start when the job was given GPUs torch cannot see
-    (:func:`infomax.runtime.hardware.require_the_gpus_given`).
+    (:func:`infomax.runtime.hardware.require_the_gpus_given`), and runs no more torch threads than the cores this
+    process is bound to (:func:`infomax.runtime.hardware.fit_threads_to_cores`).
     """
     from datetime import timedelta
 
@@ -286,11 +287,14 @@ def make_accelerator(seed: int, precision: str = "auto", timeout_min: float = 15
     from accelerate.utils import InitProcessGroupKwargs
 
     require_the_gpus_given()
+    threads = fit_threads_to_cores()
     chosen = choose_precision(precision, os.environ.get("ACCELERATE_MIXED_PRECISION"), precision_key)
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(cpu=multi_cpu, mixed_precision=chosen.mode,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_min))])
+    if threads:  # every rank: binding differs from node to node
+        print(f"rank {accelerator.process_index}: {threads}", flush=True)
     accelerator.print(chosen.line(), flush=True)
     if chosen.warning:
         accelerator.print(chosen.warning, flush=True)

@@ -150,10 +150,33 @@ def require_the_gpus_given(environ: dict[str, str] | None = None) -> None:
                       "unset CUDA_VISIBLE_DEVICES and submit without --gpus-per-node")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: those it is bound to (srun, taskset, a container), else the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def fit_threads_to_cores() -> str:
+    """Lowers torch's intra-op threads to :func:`usable_cores` when it would run more, and says so in one line
+    ("" when they fit).
+
+    An OMP_NUM_THREADS exported for a whole node (a shell profile, an HPC module) reaches every SLURM task, since
+    sbatch exports the submitting shell's environment, while srun binds each task to its --cpus-per-task cores.
+    OpenMP threads beyond the cores spin against each other (benchmarks/results/cpu_speed.md, "Threads beyond the
+    cores")."""
+    cores, threads = usable_cores(), torch.get_num_threads()
+    if threads <= cores:
+        return ""
+    torch.set_num_threads(cores)
+    asked = os.environ.get("OMP_NUM_THREADS")
+    return (f"note: torch would run {threads} threads{f' (OMP_NUM_THREADS={asked})' if asked else ''} on the "
+            f"{cores} core(s) this process is bound to; it runs {cores}, as threads beyond the cores spin against "
+            "each other")
+
+
 def few_cores_warning(num_workers: int) -> str:
     """One line when this process may run on fewer cores than its main loop and ``num_workers`` loader workers
     need (a scheduler that binds tasks to cores, e.g. srun without --cpus-per-task); "" otherwise."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     if cores >= num_workers + 1:
         return ""
     return (f"warning: this process may run on {cores} core(s), fewer than its {num_workers} loader worker(s) + 1 "
