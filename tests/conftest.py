@@ -36,14 +36,16 @@ def run_main(*overrides: str, config: Path = TINY, launcher: list[str] | None = 
     return proc
 
 
-def in_process(capsys: pytest.CaptureFixture, main: Callable[[list[str]], int], argv: list[str]) -> tuple[int, str, str]:
-    """An entry point's ``main(argv)`` run in this process, from the repository root: (exit code, stdout, stderr
-    followed by the warnings a process would print, under the interpreter's default filters).
+def in_process(capsys: pytest.CaptureFixture, main: Callable[[list[str]], int], argv: list[str], cwd: Path = REPO,
+               env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """An entry point's ``main(argv)`` run in this process, in ``cwd`` with ``env`` added to the environment: (exit
+    code, stdout, stderr followed by the warnings a process would print, under the interpreter's default filters).
 
     For cases where the process itself is not under test: a subprocess pays torch's import (seconds) for each.
     accelerate's state is one per process (another test's Accelerator(cpu=True) would refuse this run's precision),
-    and the entry points set signal handlers, environment variables, torch's seed and kernel choice: each run
-    starts from none of them and leaves the test process as it found it."""
+    and the entry points set signal handlers, environment variables, torch's seed, threads (an FFCV loader sets
+    them to its workers) and kernel choice: each run starts from none of them and leaves the test process as it
+    found it."""
     import random
     import signal
 
@@ -60,14 +62,19 @@ def in_process(capsys: pytest.CaptureFixture, main: Callable[[list[str]], int], 
     rngs = torch.get_rng_state(), random.getstate(), np.random.get_state()
     kernels = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                torch.backends.cudnn.benchmark)
+    threads = torch.get_num_threads()
     reset_accelerate()
-    os.chdir(REPO)
+    os.chdir(cwd)
+    os.environ.update(env or {})
     try:
         with warnings.catch_warnings(record=True) as caught:  # a process prints them to stderr; pytest keeps them
             warnings.resetwarnings()  # the interpreter's own filters, which hide deprecations outside __main__
             for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
                 warnings.simplefilter("ignore", category)
-            code = main(argv)
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse's refusals, and a script's sys.exit
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     finally:
         os.chdir(here)
         os.environ.clear()
@@ -80,6 +87,7 @@ def in_process(capsys: pytest.CaptureFixture, main: Callable[[list[str]], int], 
         np.random.set_state(rngs[2])
         torch.use_deterministic_algorithms(kernels[0], warn_only=kernels[1])
         torch.backends.cudnn.benchmark = kernels[2]
+        torch.set_num_threads(threads)
     out, err = capsys.readouterr()
     return code, out, err + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
 

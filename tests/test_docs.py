@@ -11,6 +11,7 @@ or a removed flag fails here. Output samples (blocks without a language) are not
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, in_process
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELLS = ("bash", "sh", "shell", "console")
@@ -116,9 +117,27 @@ def runnable(cmd: list[str], ws: Path, previous: dict[str, list[str]]) -> list[s
     return cmd
 
 
+ENV = {"OMP_NUM_THREADS": "1", "INFOMAX_PROGRESS_SECONDS": "0"}
+# The entry points run in this process (conftest.in_process), as the modules their scripts call: what is under test
+# is each command's arguments and what it does, not a Python starting (seconds each, for about 30 commands);
+# test_packaging.py runs every entry point as a script, a module and a console script.
+IN_PROCESS = {"pretrain/main.py": "infomax.launch.pretrain", "eval/main.py": "infomax.eval.main",
+              "launch/submit.py": "infomax.launch.submit", "infomax.data.beton": "infomax.data.beton",
+              "infomax.eval.yardstick": "infomax.eval.yardstick"}
+
+
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "INFOMAX_PROGRESS_SECONDS": "0"}
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=420, env=env)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=420, env={**os.environ, **ENV})
+
+
+def execute(cmd: list[str], cwd: Path, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``cmd`` run in ``cwd``: an entry point of :data:`IN_PROCESS` in this process,
+    anything else as a process."""
+    module = cmd[1] == "-m"
+    if cmd[0] == sys.executable and len(cmd) > 2 and (name := IN_PROCESS.get(cmd[2 if module else 1])):
+        return in_process(capsys, importlib.import_module(name).main, cmd[3 if module else 2:], cwd=cwd, env=ENV)
+    proc = run(cmd, cwd)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 BLOCKS = [b for b in code_blocks() if b[1] in (*SHELLS, "python")]
@@ -127,7 +146,7 @@ BLOCKS = [b for b in code_blocks() if b[1] in (*SHELLS, "python")]
 @pytest.mark.slow
 @pytest.mark.xdist_group("docs")  # one worker builds the workspace
 @pytest.mark.parametrize("where, lang, code", BLOCKS, ids=[b[0] for b in BLOCKS])
-def test_every_code_block_of_the_docs_runs(where: str, lang: str, code: str, workspace: Path) -> None:
+def test_every_code_block_of_the_docs_runs(where: str, lang: str, code: str, workspace: Path, capsys) -> None:
     if lang == "python":
         proc = run([sys.executable, "-c", code], workspace)
         assert proc.returncode == 0, f"{where}\n{code}\n{proc.stderr[-3000:]}"
@@ -135,9 +154,8 @@ def test_every_code_block_of_the_docs_runs(where: str, lang: str, code: str, wor
     previous: dict[str, list[str]] = {}
     for cmd in commands(code):
         test_cmd = runnable(cmd, workspace, previous)
-        proc = run(test_cmd, workspace)
-        assert proc.returncode == 0, f"{where}: {shlex.join(cmd)}\nran as {shlex.join(test_cmd)}\n" \
-                                     f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        returncode, out, err = execute(test_cmd, workspace, capsys)
+        assert returncode == 0, f"{where}: {shlex.join(cmd)}\nran as {shlex.join(test_cmd)}\n{out[-2000:]}\n{err[-3000:]}"
 
 
 def test_the_docs_have_code_blocks_to_run() -> None:
