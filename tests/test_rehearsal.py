@@ -103,6 +103,8 @@ def test_the_imagenet_config_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out[-4000:]
     assert f"step {stopped_at})" in out and f"infomax pretraining finished: step {TOTAL}/" in out, out[-4000:]
+    # the last kNN pass's loader workers start while FFCV's numba pool decodes: forked, TBB printed 4 lines a rank
+    assert "Unable to join threads" not in out, out[-4000:]
     meta = json.loads((run_dir / "export" / "config.json").read_text())
     assert meta["architecture"] == "resnet18" and meta["summary"]["steps"] == TOTAL
 

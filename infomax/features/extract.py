@@ -8,6 +8,8 @@ the dataset position of each, and :func:`in_dataset_order` puts them back in ord
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -115,6 +117,19 @@ def in_dataset_order(feats: torch.Tensor, labels: torch.Tensor, positions: torch
     return out[:count], out_labels[:count]
 
 
+def worker_context() -> Any:
+    """Where the feature loader's workers start: forked, as torch's default, unless this process has imported
+    numba (FFCV's loader). Forked from a process whose numba thread pool has run, each worker makes TBB print
+    "Unable to join threads to shut down before fork()" (four lines a kNN pass and rank, from the second pass
+    on), and a child that ran numba's parallel code could hang; a fork server started before any pool ran gives
+    clean workers."""
+    if "numba" not in sys.modules:
+        return None
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", __name__])  # once per process: whoever starts the server sets them
+    return ctx
+
+
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset: torch.utils.data.Dataset, accelerator: Accelerator,
                      batch_size: int = 256, num_workers: int = 0, input_fn: InputFn = lambda x: x,
@@ -133,7 +148,8 @@ def extract_features(encoder: nn.Module, dataset: torch.utils.data.Dataset, acce
         rank, world = accelerator.process_index, accelerator.num_processes
         dataset, shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world)), False
     keep = (lambda t: t) if keep_shard else (lambda t: t.cpu())  # a split bank stays on the device
-    loader = torch.utils.data.DataLoader(_WithPosition(dataset), batch_size=batch_size, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(_WithPosition(dataset), batch_size=batch_size, num_workers=num_workers,
+                                         multiprocessing_context=worker_context() if num_workers else None)
     if shard:
         loader = accelerator.prepare_data_loader(loader)
     feats, labels, positions = [], [], []
