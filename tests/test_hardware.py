@@ -46,7 +46,9 @@ def test_explicit_bf16_on_a_cpu_without_native_bf16_runs_with_a_warning(cpu_only
 def test_a_launchers_low_precision_is_taken_and_its_default_no_leaves_it_to_the_hardware(cpu_only) -> None:
     cpu_only.setattr(hardware, "cpu_has_native_bf16", lambda: True)
     assert choose_precision("auto", launch="bf16").reason == "accelerate launch --mixed_precision bf16"
-    assert choose_precision("auto", launch="no").mode == "bf16"  # `no` is also accelerate launch's default
+    # `no` is also accelerate launch's default, which it prints among its defaults: the line says why it is not taken
+    assert choose_precision("auto", launch="no").line() == (
+        "precision: bf16 (auto: this CPU has native bf16; accelerate launch's 'no' leaves it to run.precision)")
     assert choose_precision("no", launch="bf16").mode == "no"  # the config's explicit choice wins
 
 

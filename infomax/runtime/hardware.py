@@ -97,6 +97,8 @@ def choose_precision(requested: str, launch: str | None = None, key: str = "run.
         mode, reason = "bf16", "auto: this CPU has native bf16"
     else:
         mode, reason = "no", "auto: this CPU has no native bf16; bf16 would run several times slower"
+    if launch == "no" and requested == "auto" and mode != "no":  # launched without a config, it printed 'no' above
+        reason += f"; accelerate launch's 'no' leaves it to {key}"
     if mode == "fp16" and not cuda and requested == "auto":  # the launcher asked: name its flag, not our key
         raise ConfigError(f"accelerate launch --mixed_precision fp16 needs a CUDA GPU; launch with --mixed_precision "
                           f"no on a CPU ({key}=auto then picks bf16 where the CPU has it, else fp32)")
