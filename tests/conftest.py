@@ -64,17 +64,21 @@ def in_process(capsys: pytest.CaptureFixture, main: Callable[[list[str]], int], 
                torch.backends.cudnn.benchmark)
     threads = torch.get_num_threads()
     reset_accelerate()
-    os.chdir(cwd)
-    os.environ.update(env or {})
+    if env or cwd != REPO:  # the writer's and the loaders' children must not inherit this run's env and directory
+        start_fork_server()
     try:
+        os.chdir(cwd)
+        os.environ.update(env or {})
         with warnings.catch_warnings(record=True) as caught:  # a process prints them to stderr; pytest keeps them
             warnings.resetwarnings()  # the interpreter's own filters, which hide deprecations outside __main__
             for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
                 warnings.simplefilter("ignore", category)
             try:
                 code = main(argv)
-            except SystemExit as e:  # argparse's refusals, and a script's sys.exit
+            except SystemExit as e:  # argparse's refusals, and sys.exit(code or message)
                 code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
     finally:
         os.chdir(here)
         os.environ.clear()
@@ -199,22 +203,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_fork_server() -> None:
+    """This pytest process's one fork server, started from its own environment and directory, with the imports of
+    everyone who forks from it: the gloo ranks of :func:`spawn_ranks`, the .beton writer and the feature loader's
+    workers (each imported once, instead of seconds for each child). Whoever starts it sets its imports, and every
+    child inherits its environment and directory, so it starts before an entry point runs in this process."""
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    from infomax.data.beton import WRITER_PRELOAD
+
+    multiprocessing.set_forkserver_preload([*WRITER_PRELOAD, "torch.distributed", "infomax.method.objectives",
+                                            "infomax.features.extract"])
+    multiprocessing.forkserver.ensure_running()
+
+
 def spawn_ranks(worker, tmp_path: Path, *args, nprocs: int = 2) -> None:
     """``worker(rank, str(tmp_path), *args)`` in ``nprocs`` processes, once more on a fresh rendezvous
     when a rank was killed by a signal: gloo can abort (SIGABRT) while ranks tear down on a loaded
     machine, as a CI run showed. A rank that raises (a failed check) is never retried.
 
-    The ranks fork from a fork server that imported torch once for this pytest process, instead of each
-    importing it again (seconds a rank). It is the process's one fork server, which the .beton writer uses too,
-    so it is asked for the writer's imports as well, whichever starts it. A rank's environment is the server's:
-    pass what a rank needs as arguments, never through ``os.environ``."""
-    import multiprocessing
-
+    The ranks fork from the fork server of :func:`start_fork_server`. A rank's environment is the server's: pass
+    what a rank needs as arguments, never through ``os.environ``."""
     import torch.multiprocessing as mp
 
-    from infomax.data.beton import WRITER_PRELOAD
-
-    multiprocessing.set_forkserver_preload([*WRITER_PRELOAD, "torch.distributed", "infomax.method.objectives"])
+    start_fork_server()
     inputs = set(tmp_path.iterdir())  # what the test wrote for its ranks: kept for the second attempt
     for attempt in (1, 2):
         try:

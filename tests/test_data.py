@@ -135,6 +135,21 @@ def test_dataset_without_readable_images_fails_at_start(tmp_path: Path) -> None:
         build_dataset(load_config(None, ["data.dataset=imagefolder", f"data.root={tmp_path}"]))
 
 
+def test_a_subset_of_a_folder_is_sent_to_a_worker_with_its_own_paths_alone(tmp_path: Path) -> None:
+    """Pickled for a fork server's worker, a subset of a folder carries its own paths, not the folder's (1.28M on
+    ImageNet), and loads the same images; a subset of a subset too."""
+    import pickle
+
+    from infomax.data.datasets import Subset
+
+    make_imagefolder(tmp_path, corrupt=0)
+    folder = ImageFolder(str(tmp_path), "train")
+    for subset in (Subset(folder, [20, 3]), Subset(Subset(folder, list(range(4, 24))), [16, 0])):
+        sent = pickle.loads(pickle.dumps(subset))
+        assert len(sent.base.samples) == 2 and [sent.label(i) for i in range(2)] == [subset.label(i) for i in range(2)]
+        assert all(torch.equal(sent.load(i)[0], subset.load(i)[0]) for i in range(2))
+
+
 @pytest.mark.slow
 def test_training_on_imagefolder_skips_and_reports_corrupt_files(tmp_path: Path) -> None:
     bad = make_imagefolder(tmp_path / "data", good_per_class=20, corrupt=3)

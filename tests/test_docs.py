@@ -117,7 +117,7 @@ def runnable(cmd: list[str], ws: Path, previous: dict[str, list[str]]) -> list[s
     return cmd
 
 
-ENV = {"OMP_NUM_THREADS": "1", "INFOMAX_PROGRESS_SECONDS": "0"}
+ENV = {"OMP_NUM_THREADS": "1", "INFOMAX_PROGRESS_SECONDS": "0"}  # threads: for the commands run as processes
 # The entry points run in this process (conftest.in_process), as the modules their scripts call: what is under test
 # is each command's arguments and what it does, not a Python starting (seconds each, for about 30 commands);
 # test_packaging.py runs every entry point as a script, a module and a console script.
@@ -133,8 +133,8 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def execute(cmd: list[str], cwd: Path, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of ``cmd`` run in ``cwd``: an entry point of :data:`IN_PROCESS` in this process,
     anything else as a process."""
-    module = cmd[1] == "-m"
-    if cmd[0] == sys.executable and len(cmd) > 2 and (name := IN_PROCESS.get(cmd[2 if module else 1])):
+    module = len(cmd) > 2 and cmd[1] == "-m"
+    if cmd[0] == sys.executable and len(cmd) > 1 and (name := IN_PROCESS.get(cmd[2 if module else 1])):
         return in_process(capsys, importlib.import_module(name).main, cmd[3 if module else 2:], cwd=cwd, env=ENV)
     proc = run(cmd, cwd)
     return proc.returncode, proc.stdout, proc.stderr

@@ -309,6 +309,27 @@ def test_beton_images_read_one_sample_as_the_writer_stored_it(tmp_path: Path, mo
             assert np.abs(image[0].numpy().astype(np.int16) - reference).mean() < 2.0
 
 
+def test_a_subset_of_a_beton_is_sent_to_a_worker_with_its_own_rows_alone(tmp_path: Path) -> None:
+    """The kNN bank is a stratified subset of the train .beton. Sent to a fork server's worker (pickled) it carries
+    its own rows, not the table of every sample (1.28M on ImageNet, for each worker of each pass), and reads the
+    same images; a subset of a subset too."""
+    import pickle
+
+    from infomax.data.beton_file import BetonImages
+    from infomax.data.datasets import Subset
+
+    path = tmp_path / "fm.beton"
+    assert beton_main(["--dataset", "fashion_mnist", "--limit", "40", "--out", str(path), "--write-mode", "jpg",
+                       "--workers", "1"]) == 0
+    images = BetonImages(str(path))
+    for subset in (Subset(images, [31, 3, 17]), Subset(Subset(images, list(range(10, 40))), [21, 0, 5])):
+        sent = pickle.loads(pickle.dumps(subset))
+        assert len(sent) == 3 and len(sent.base) == 3 and len(sent.base.ptrs) == 3
+        for i in range(3):
+            (image, label), (expected, expected_label) = sent.load(i), subset.load(i)
+            assert torch.equal(image, expected) and label == expected_label
+
+
 def test_a_beton_run_takes_its_knn_bank_from_the_beton_and_never_lists_the_train_folder(tmp_path: Path) -> None:
     """At ImageNet scale the train folder is 1.28M paths: with data.format=ffcv the kNN bank is read from the
     .beton, and only the held-out split (the queries) is listed. The train folder is gone here."""

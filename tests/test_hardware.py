@@ -48,7 +48,7 @@ def test_a_launchers_low_precision_is_taken_and_its_default_no_leaves_it_to_the_
     assert choose_precision("auto", launch="bf16").reason == "accelerate launch --mixed_precision bf16"
     # `no` is also accelerate launch's default, which it prints among its defaults: the line says why it is not taken
     assert choose_precision("auto", launch="no").line() == (
-        "precision: bf16 (auto: this CPU has native bf16; accelerate launch's 'no' leaves it to run.precision)")
+        "precision: bf16 (auto: this CPU has native bf16; accelerate launch's 'no' leaves it to run.precision=auto)")
     assert choose_precision("no", launch="bf16").mode == "no"  # the config's explicit choice wins
 
 

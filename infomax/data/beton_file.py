@@ -12,9 +12,11 @@ allocation table, owned here on purpose (about 30 lines, against ffcv 1.0.2's la
 
 from __future__ import annotations
 
+import copy
 import json
 from functools import cached_property
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -107,6 +109,15 @@ class BetonImages(ImageDataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def rows(self, indices: Sequence[int]) -> BetonImages:
+        """These samples alone: their metadata rows and the allocations their images start at."""
+        kept, indices = copy.copy(self), np.asarray(indices, dtype=np.int64)
+        kept.__dict__.pop("data", None)
+        kept.images, kept.labels = self.images[indices], self.labels[indices]
+        starts = np.unique(np.searchsorted(self.ptrs, kept.images["data_ptr"]))
+        kept.ptrs, kept.sizes = self.ptrs[starts], self.sizes[starts]
+        return kept
 
     def label(self, index: int) -> int:
         return int(self.labels[index])

@@ -7,6 +7,7 @@ pretraining; they feed the online kNN monitor and the eval.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import math
 import zlib
@@ -83,6 +84,13 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.load(index)
+
+    def rows(self, indices: Sequence[int]) -> ImageDataset | None:
+        """A dataset of these images alone, in this order, that holds nothing of the others: what a :class:`Subset`
+        sends to a worker process that is not forked (a fork server's), rather than the whole table of a folder or
+        a .beton (1.28M entries on ImageNet, for each worker of each kNN pass). None (the default) where the whole
+        dataset is cheap to send: in memory (shared when pickled) or drawn from a seed."""
+        return None
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
@@ -215,6 +223,11 @@ class ImageFolder(ImageDataset):
     def label(self, index: int) -> int:
         return self.samples[index][1]
 
+    def rows(self, indices: Sequence[int]) -> ImageFolder:
+        kept = copy.copy(self)
+        kept.samples = [self.samples[i] for i in indices]
+        return kept
+
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         try:
@@ -305,6 +318,14 @@ class Subset(ImageDataset):
 
     def load_many(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self.base.load_many([self.indices[i] for i in indices])
+
+    def rows(self, indices: Sequence[int]) -> ImageDataset | None:
+        return self.base.rows([self.indices[i] for i in indices])
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickled (for a worker process) as its own rows of the base where the base can cut them out."""
+        own = self.base.rows(self.indices)
+        return super().__reduce_ex__(protocol) if own is None else (Subset, (own, list(range(len(self.indices)))))
 
 
 def stratified_indices(labels: Sequence[int], n: int, among: Sequence[int] | None = None) -> list[int]:

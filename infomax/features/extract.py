@@ -119,14 +119,15 @@ def in_dataset_order(feats: torch.Tensor, labels: torch.Tensor, positions: torch
 
 def worker_context() -> Any:
     """Where the feature loader's workers start: forked, as torch's default, unless this process has imported
-    numba (FFCV's loader). Forked from a process whose numba thread pool has run, each worker makes TBB print
-    "Unable to join threads to shut down before fork()" (four lines a kNN pass and rank, from the second pass
-    on), and a child that ran numba's parallel code could hang; a fork server started before any pool ran gives
-    clean workers."""
+    numba (FFCV's loader). Forked while numba's thread pool decodes, each worker made TBB print "Unable to join
+    threads to shut down before fork()" (four lines a rank at a kNN pass), and a child running numba's parallel
+    code could hang. A fork server is a fresh interpreter, so its workers start clean; each is sent its dataset
+    pickled (a :class:`infomax.data.datasets.Subset` sends its own rows alone)."""
     if "numba" not in sys.modules:
         return None
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", __name__])  # once per process: whoever starts the server sets them
+    # What the workers import, once in the server; the process's one server takes the list of whoever starts it.
+    ctx.set_forkserver_preload(["torch", __name__, "infomax.data.beton_file"])
     return ctx
 
 

@@ -287,13 +287,12 @@ def make_accelerator(seed: int, precision: str = "auto", timeout_min: float = 15
     from accelerate.utils import InitProcessGroupKwargs
 
     require_the_gpus_given()
-    threads = fit_threads_to_cores()
     chosen = choose_precision(precision, os.environ.get("ACCELERATE_MIXED_PRECISION"), precision_key)
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(cpu=multi_cpu, mixed_precision=chosen.mode,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_min))])
-    if threads:  # every rank: binding differs from node to node
+    if threads := fit_threads_to_cores():  # after Accelerate's own choice for CPU ranks; every rank: binding differs
         print(f"rank {accelerator.process_index}: {threads}", flush=True)
     accelerator.print(chosen.line(), flush=True)
     if chosen.warning:

@@ -97,8 +97,8 @@ def choose_precision(requested: str, launch: str | None = None, key: str = "run.
         mode, reason = "bf16", "auto: this CPU has native bf16"
     else:
         mode, reason = "no", "auto: this CPU has no native bf16; bf16 would run several times slower"
-    if launch == "no" and requested == "auto" and mode != "no":  # launched without a config, it printed 'no' above
-        reason += f"; accelerate launch's 'no' leaves it to {key}"
+    if launch == "no" and requested == "auto" and mode != "no":  # its default too, listed among its defaults
+        reason += f"; accelerate launch's 'no' leaves it to {key}=auto"
     if mode == "fp16" and not cuda and requested == "auto":  # the launcher asked: name its flag, not our key
         raise ConfigError(f"accelerate launch --mixed_precision fp16 needs a CUDA GPU; launch with --mixed_precision "
                           f"no on a CPU ({key}=auto then picks bf16 where the CPU has it, else fp32)")
@@ -162,9 +162,11 @@ def fit_threads_to_cores() -> str:
     ("" when they fit).
 
     An OMP_NUM_THREADS exported for a whole node (a shell profile, an HPC module) reaches every SLURM task, since
-    sbatch exports the submitting shell's environment, while srun binds each task to its --cpus-per-task cores.
-    OpenMP threads beyond the cores spin against each other (benchmarks/results/cpu_speed.md, "Threads beyond the
-    cores")."""
+    sbatch exports the submitting shell's environment, while srun binds each task to its --cpus-per-task cores;
+    without it, Accelerate gives each of several CPU ranks the node's cores divided by the ranks on it, whatever
+    they are bound to. OpenMP threads beyond the cores spin against each other (benchmarks/results/cpu_speed.md,
+    "Threads beyond the cores"). FFCV's loader later sets torch's threads to its own workers (``data.num_workers``),
+    which :func:`few_cores_warning` holds to the cores."""
     cores, threads = usable_cores(), torch.get_num_threads()
     if threads <= cores:
         return ""
