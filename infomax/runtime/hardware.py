@@ -165,8 +165,8 @@ def fit_threads_to_cores() -> str:
     sbatch exports the submitting shell's environment, while srun binds each task to its --cpus-per-task cores;
     without it, Accelerate gives each of several CPU ranks the node's cores divided by the ranks on it, whatever
     they are bound to. OpenMP threads beyond the cores spin against each other (benchmarks/results/cpu_speed.md,
-    "Threads beyond the cores"). FFCV's loader later sets torch's threads to its own workers (``data.num_workers``),
-    which :func:`few_cores_warning` holds to the cores."""
+    "Threads beyond the cores"). FFCV's loader later sets torch's threads to its own workers (``data.num_workers``);
+    :func:`few_cores_warning` says when those are more than the cores."""
     cores, threads = usable_cores(), torch.get_num_threads()
     if threads <= cores:
         return ""
