@@ -212,9 +212,10 @@ def start_fork_server() -> None:
     import multiprocessing.forkserver
 
     from infomax.data.beton import WRITER_PRELOAD
+    from infomax.features.extract import WORKER_PRELOAD
 
-    multiprocessing.set_forkserver_preload([*WRITER_PRELOAD, "torch.distributed", "infomax.method.objectives",
-                                            "infomax.features.extract"])
+    multiprocessing.set_forkserver_preload([*WRITER_PRELOAD, *WORKER_PRELOAD, "torch.distributed",
+                                            "infomax.method.objectives"])
     multiprocessing.forkserver.ensure_running()
 
 

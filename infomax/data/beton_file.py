@@ -112,8 +112,7 @@ class BetonImages(ImageDataset):
 
     def rows(self, indices: Sequence[int]) -> BetonImages:
         """These samples alone: their metadata rows and the allocations their images start at."""
-        kept, indices = copy.copy(self), np.asarray(indices, dtype=np.int64)
-        kept.__dict__.pop("data", None)
+        kept, indices = copy.copy(self), np.asarray(indices, dtype=np.int64)  # a copy as pickled: no open memmap
         kept.images, kept.labels = self.images[indices], self.labels[indices]
         starts = np.unique(np.searchsorted(self.ptrs, kept.images["data_ptr"]))
         kept.ptrs, kept.sizes = self.ptrs[starts], self.sizes[starts]

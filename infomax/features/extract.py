@@ -117,6 +117,10 @@ def in_dataset_order(feats: torch.Tensor, labels: torch.Tensor, positions: torch
     return out[:count], out_labels[:count]
 
 
+# What a feature loader's worker imports: once in the fork server, not in each worker.
+WORKER_PRELOAD = ["torch", __name__, "infomax.data.beton_file"]
+
+
 def worker_context() -> Any:
     """Where the feature loader's workers start: forked, as torch's default, unless this process has imported
     numba (FFCV's loader). Forked while numba's thread pool decodes, each worker made TBB print "Unable to join
@@ -126,8 +130,7 @@ def worker_context() -> Any:
     if "numba" not in sys.modules:
         return None
     ctx = mp.get_context("forkserver")
-    # What the workers import, once in the server; the process's one server takes the list of whoever starts it.
-    ctx.set_forkserver_preload(["torch", __name__, "infomax.data.beton_file"])
+    ctx.set_forkserver_preload(WORKER_PRELOAD)  # the process's one server takes the list of whoever starts it
     return ctx
 
 
