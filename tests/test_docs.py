@@ -164,3 +164,23 @@ def test_the_docs_have_code_blocks_to_run() -> None:
     assert {"bash", "python"} <= langs and len(BLOCKS) >= 12
     assert any("load_encoder" in code for _, _, code in BLOCKS)
     assert commands("a b \\\n  c  # note\n# only a comment\nd 'e f'\n") == [["a", "b", "c"], ["d", "e f"]]
+
+
+def test_every_module_the_docs_name_as_a_command_runs_as_one() -> None:
+    """`python -m infomax.x.y` named in the prose (not only in code blocks) is a module with a ``__main__`` guard: one
+    without it exits 0 having done nothing."""
+    named = {m for doc in DOCS for m in re.findall(r"python -m (infomax(?:\.\w+)+)", doc.read_text())}
+    assert len(named) >= 5, named
+    silent = [m for m in sorted(named)
+              if 'if __name__ == "__main__":' not in (REPO / (m.replace(".", "/") + ".py")).read_text()]
+    assert silent == [], f"named as commands in the docs but run nothing: {silent}"
+
+
+def test_every_test_the_docs_cite_exists() -> None:
+    """A test renamed or removed leaves its citation behind (docs/faults.md names one for each fault)."""
+    cited = {m for doc in [*DOCS, REPO / "benchmarks" / "README.md"]
+             for m in re.findall(r"(test_\w+\.py)::(test_\w+)", doc.read_text())}
+    assert len(cited) >= 20, cited
+    missing = [f"{file}::{name}" for file, name in sorted(cited)
+               if not re.search(rf"^def {name}\(", (REPO / "tests" / file).read_text(), flags=re.M)]
+    assert missing == [], f"cited in the docs, not in tests/: {missing}"

@@ -750,6 +750,59 @@ def test_a_stop_signal_ends_the_eval_at_the_next_row_and_the_rerun_reuses_the_sc
     assert [(r["name"], r["top1"], r["knn"]) for r in resumed] == [(r["name"], r["top1"], r["knn"]) for r in expected]
 
 
+def test_a_preempted_eval_job_is_handed_to_submitits_requeue_and_the_requeued_job_keeps_the_scored_rows(
+        export_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """The chained SLURM eval was not requeued when preempted: its stop flag took submitit's USR2 handler and never
+    gave it back, so the job failed with the probe's checkpoint on disk. Now SIGUSR2 saves, then hands the signal to
+    submitit's handler (which requeues on rank 0); the requeued job keeps the scored rows and ends with the figures
+    of an eval that never stopped. A cancel's SIGTERM still ends the job, and the requeue budget holds."""
+    import signal
+
+    from infomax.config.eval import EvalConfig, validate_eval
+    from infomax.config.pretrain import load_config, to_yaml
+    from infomax.eval.row_cache import RowCache
+    from infomax.eval.rows import Stopped
+    from infomax.launch.jobs import EvalJob
+
+    expected = eval_report(capsys, tmp_path / "straight", f"weights={export_dir}")["rows"]
+
+    def job_for(out: Path) -> EvalJob:
+        cfg = load_config(None, [*FAST, f"weights=[{export_dir}]", f"out={out}"], schema=EvalConfig,
+                          check=validate_eval)
+        return EvalJob(to_yaml(cfg), max_requeues=1)
+
+    def run(job: EvalJob, sig: signal.Signals) -> tuple[list, list[int]]:
+        """The job under a stand-in for submitit's USR2 handler, ``sig`` arriving while its first row is scored."""
+        handed, results, real_put = [], [], RowCache.put
+        def put_then_signal(self, name, row):
+            real_put(self, name, row)
+            if self.kept == 1:
+                os.kill(os.getpid(), sig)
+        def main(argv: list[str]) -> int:
+            signal.signal(signal.SIGUSR2, lambda signum, frame: handed.append(signum))
+            results.append(job())
+            return 0
+        with monkeypatch.context() as m:
+            m.setattr(RowCache, "put", put_then_signal)
+            code, _, err = in_process(capsys, main, [])
+        assert code == 0, err[-3000:]
+        return results[0], handed
+
+    preempted = job_for(tmp_path / "preempted")
+    assert run(preempted, signal.SIGUSR2) == ([], [signal.SIGUSR2])  # saved, then handed over; not a failure
+    requeued = preempted.checkpoint()
+    assert requeued is not None and requeued.function.requeues == 1
+    code, out, err = in_process(capsys, lambda argv: 0 if requeued.function() else 1, [])
+    assert code == 0 and out.count("(kept from an earlier run of this eval)") == 1, (out + err)[-3000:]
+    resumed = json.loads((tmp_path / "preempted" / "report.json").read_text())["rows"]
+    assert [(r["name"], r["top1"], r["knn"]) for r in resumed] == [(r["name"], r["top1"], r["knn"]) for r in expected]
+    assert requeued.function.checkpoint() is None  # --max-requeues 1 spent: the job ends, saying how to go on
+    assert "resubmit the same command" in capsys.readouterr().out
+
+    with pytest.raises(Stopped, match="stopped by SIGTERM after 1 of"):  # scancel: no requeue, the job fails
+        run(job_for(tmp_path / "cancelled"), signal.SIGTERM)
+
+
 def _gaussian_pairs(n: int, dim: int, mi: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n pairs of dim-d Gaussians, correlated per coordinate so that I(a; b) = mi nats in closed form:
     -d/2 log(1 - rho^2) = mi."""

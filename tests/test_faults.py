@@ -689,6 +689,8 @@ BAD_INPUTS = {  # name: (what to pass, given tmp_path; a phrase the error must c
     "view_out_of_range": (lambda t: ["data.views.5.size=8"], "'data.views' has 2 entries (numbered 0 and 1)"),
     "vit_on_16px_views": (lambda t: ["model.arch=vit_tiny_patch16_224", "model.small_input=false"],
                           "'vit_tiny_patch16_224' cannot take the 16 px views"),
+    "arch_typo_at_half_width": (lambda t: ["model.arch=resnet19", "model.width=0.5"],
+                                "unknown timm model 'resnet19' for model.arch"),
     "slurm_controller_down": (None, "sinfo failed (slurm_load_partitions: Unable to contact slurm controller"),
 }
 
@@ -811,3 +813,16 @@ def test_damaged_export_of_a_finished_run_is_written_again(run_dir: Path, damage
     assert again["final_loss"] is not None and "| ours | 91.00 |" in (export / "README.md").read_text()
     proc = pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     assert "is already complete" in proc.stdout
+
+
+@pytest.mark.parametrize("value, seconds", [("abc", 30.0), ("-5", 30.0), ("nan", 30.0), ("2.5", 2.5), ("", 30.0)])
+def test_a_bad_progress_interval_is_said_once_and_the_default_kept(monkeypatch, capsys, value: str,
+                                                                   seconds: float) -> None:
+    """INFOMAX_PROGRESS_SECONDS=abc used to end the run in a ValueError at its first progress bar."""
+    from infomax.runtime import tracking
+
+    monkeypatch.setenv("INFOMAX_PROGRESS_SECONDS", value)
+    monkeypatch.setattr(tracking, "_SAID_BAD", set())
+    assert tracking.progress_seconds() == tracking.progress_seconds() == seconds
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == (seconds != 2.5 and value != ""), warnings

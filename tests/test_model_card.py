@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import pretrain_in_process
+from conftest import REPO, pretrain_in_process
 from infomax.export.encoder import export_encoder, load_encoder
 from infomax.export.model_card import CARD, EVAL_HEADING, add_eval, card_text
 from infomax.method.models import create_encoder
@@ -49,6 +49,19 @@ def test_card_code_loads_the_weights_with_timm_alone(tmp_path: Path, arch: str, 
     assert all(torch.equal(loaded[k], v) for k, v in expected.state_dict().items())
 
 
+def test_the_card_names_the_eval_protocol_of_the_data_it_was_pretrained_on() -> None:
+    """It said `python eval/main.py weights=<this folder>` whatever the data: the eval's defaults, Fashion-MNIST,
+    which an ImageNet export is refused by (channels) and any other scored with the wrong protocol."""
+    from infomax.config.eval import EvalConfig, validate_eval
+    from infomax.config.pretrain import load_config
+    from infomax.export.model_card import EVAL_ARGS, eval_command
+
+    for dataset, args in EVAL_ARGS.items():
+        config = args.split()[1]
+        cfg = load_config(str(REPO / config), ["weights=[x]"], schema=EvalConfig, check=validate_eval)
+        assert cfg.dataset == dataset and f" {args} weights=<this folder>" in eval_command(dataset)
+
+
 def test_pretraining_writes_the_card_and_each_eval_replaces_its_scores(tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "run"
     pretrain_in_process(capsys, f"run.dir={run_dir}", "run.max_steps=4", "monitor.knn_every=0")
@@ -56,7 +69,8 @@ def test_pretraining_writes_the_card_and_each_eval_replaces_its_scores(tmp_path:
     card, meta = (export / CARD).read_text(), json.loads((export / "config.json").read_text())
     for fact in ("timm `test_resnet`", "`contrastive`, bound `infonce`", "`synthetic`, 256 training images",
                  "4 steps, global batch 32 (1 process(es))", f"sha256 `{meta['sha256']}`", "git revision `",
-                 "Not evaluated yet", "The resolved training config", f"dir: {run_dir}"):
+                 "Not evaluated yet: run `python eval/main.py dataset=synthetic weights=<this folder>`",
+                 "The resolved training config", f"dir: {run_dir}"):
         assert fact in card, fact
     add_eval(export, "| first | table |", "On synthetic, fast-v2.", tmp_path / "report.md")
     add_eval(export, "| second | table |", "On synthetic, fast-v2.", tmp_path / "report.md")

@@ -52,8 +52,8 @@ CHOICE_HELP: dict[str, dict[str, str]] = {
     "objective.graph": {"full": "all pairs", "core": "view 0 against each other view, as in CMC"},
     "objective.critic": {"cosine": "/ temperature", "dot": "", "bilinear": "learned W", "concat": "joint MLP"},
     "optim.optimizer": {"sgd": "", "adamw": "", "lars": ""},
-    "optim.lr_scaling": {"none": "optim.lr as given", "linear": "optim.lr x global batch / 256",
-                         "sqrt": "optim.lr x sqrt(global batch / 256), SimCLR, MoCo"},
+    "optim.lr_scaling": {"none": "optim.lr as given", "linear": "optim.lr x global batch / 256, MoCo, SimCLR with LARS",
+                         "sqrt": "optim.lr x sqrt(global batch / 256), SimCLR's choice for small batches"},
 }
 CHOICES: dict[str, tuple[str, ...]] = {key: tuple(choices) for key, choices in CHOICE_HELP.items()}
 

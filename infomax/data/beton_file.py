@@ -37,12 +37,13 @@ def require_ffcv() -> None:
 
 
 class BetonInfo:
-    """What the writer stored beside the file (``<path>.json``): count, channels, mean/std, classes."""
+    """What the writer stored beside the file (``<path>.json``): count, channels, mean/std, classes. ``key``: the
+    config key that gave the path, named when it is wrong."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, key: str = "data.path") -> None:
         beton, meta = Path(path), Path(f"{path}.json")
         if not beton.is_file():
-            raise ConfigError(f"bad value for config key 'data.path': '{path}' is not a file; write one with "
+            raise ConfigError(f"bad value for config key '{key}': '{path}' is not a file; write one with "
                               "python -m infomax.data.beton --dataset ... --out train.beton")
         if not meta.is_file():
             raise ConfigError(f"'{meta}' is missing: write the .beton with python -m infomax.data.beton, which "

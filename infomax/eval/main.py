@@ -42,7 +42,7 @@ def open_splits(cfg: Any) -> tuple[Any, Any]:
 
     for key in ("train_beton", "test_beton"):  # a .beton of another dataset would be scored under this one's name
         if getattr(cfg, key):
-            BetonInfo(getattr(cfg, key)).require_dataset(cfg.dataset, key, "dataset")
+            BetonInfo(getattr(cfg, key), key).require_dataset(cfg.dataset, key, "dataset")
     train, test = holdout_split(split("train"), cfg.holdout) if cfg.holdout else (split("train"), split("test"))
     cut = [(train, cfg.limit_train), (test, cfg.limit_test)]
     train, test = (stratified_subset(ds, n) if n else ds for ds, n in cut)
@@ -146,7 +146,7 @@ def run_rows(plan: list, stop: Any, accelerator: Any, out: Path, key: str) -> li
                 continue
             if agree_max(accelerator.device, float(stop.requested))[0]:
                 raise Stopped(f"stopped by {stop.signal_name or 'a signal on another rank'} after {cache.kept} of "
-                              f"{len(computed)} rows")
+                              f"{len(computed)} rows", stop.signal_name)
             key = f"{len(rows)}:{builder.name}"  # its place in the plan too: two exports may share a name
             row = cache.get(key, accelerator)
             if row is not None:
@@ -156,7 +156,7 @@ def run_rows(plan: list, stop: Any, accelerator: Any, out: Path, key: str) -> li
             cache.put(key, row)
             rows.append(clock.done(row))
     except Stopped as e:  # between rows, or a fit stopped with its checkpoint saved
-        raise Stopped(f"{e}; {kept_line(cache)}") from None
+        raise Stopped(f"{e}; {kept_line(cache)}", e.signal_name) from None
     except KeyboardInterrupt:  # a second Ctrl-C
         raise KeyboardInterrupt(f"stopped by a second Ctrl-C after {cache.kept} of {len(computed)} rows; "
                                 f"{kept_line(cache)}") from None

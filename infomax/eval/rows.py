@@ -60,7 +60,12 @@ NO_NORM: Norm = (None, None)
 
 
 class Stopped(RuntimeError):
-    """A signal stopped a long probe; its checkpoint is saved and rerunning resumes."""
+    """A signal stopped a long probe; its checkpoint is saved and rerunning resumes. ``signal_name``: the signal
+    this process received ('' when the stop came from another rank)."""
+
+    def __init__(self, message: str, signal_name: str = "") -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 @dataclass(frozen=True)
@@ -262,7 +267,7 @@ class Rows:
                                  held_out=held_out_top1 if held_out else None, drop_last=drop_last, augment=augment)
         if outcome is None:
             raise Stopped(f"stopped by {self.stop.signal_name or 'a signal on another rank'} during '{slug}'; "
-                          "its checkpoint is saved")
+                          "its checkpoint is saved", self.stop.signal_name)
         logits, y = self.features(acc.unwrap_model(model), "test", image_size, input_fn, norm)
         p, batch = outcome.progress, schedule.global_batch_size
         steps_per_epoch = len(fit_images) // batch if drop_last else -(-len(fit_images) // batch)

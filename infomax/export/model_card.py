@@ -43,6 +43,16 @@ def loading_code(meta: dict[str, Any], encoder: nn.Module) -> str:
             "encoder.eval()\n")
 
 
+# The eval's shipped protocol for the datasets that have one; another dataset is named on the command line.
+EVAL_ARGS = {"fashion_mnist": "--config configs/probe_fmnist.yaml",
+             "imagefolder": "--config configs/probe_imagenet.yaml root=<the image folder>"}
+
+
+def eval_command(dataset: str) -> str:
+    """The command that scores an export pretrained on ``dataset`` with that dataset's protocol."""
+    return f"python eval/main.py {EVAL_ARGS.get(dataset, f'dataset={dataset}')} weights=<this folder>"
+
+
 def card_text(meta: dict[str, Any], encoder: nn.Module, run: dict[str, Any], evaluated: str = "") -> str:
     """The card from config.json's ``meta`` and the run's facts (``evaluated``: an earlier card's eval section, kept
     when the same weights are exported again).
@@ -84,8 +94,8 @@ def card_text(meta: dict[str, Any], encoder: nn.Module, run: dict[str, Any], eva
               f"{meta['num_features']}) for images of B x {pre}. With infomax installed, "
               '`infomax.export.encoder.load_encoder("<this folder>")` does the same and checks the sha256.', "",
               *([evaluated.rstrip("\n")] if evaluated else [
-                  EVAL_HEADING, "", "Not evaluated yet: run `python eval/main.py weights=<this folder>`, which adds "
-                  "the scores here."]),
+                  EVAL_HEADING, "", f"Not evaluated yet: run `{eval_command(run['dataset'])}` from the infomax "
+                  "repo, which adds the scores here."]),
               "", "<details><summary>The resolved training config</summary>", "", "```yaml",
               run["config"].rstrip(), "```", "", "</details>", ""]
     return "\n".join(lines)

@@ -7,7 +7,8 @@ Accelerate inside ``train`` / ``evaluate`` forms the process group from it.
 Preemption and time limits: SLURM sends submitit's signal (USR2, ``--signal-delay`` seconds before
 the end). ``train`` installs its stop flag for it, every rank stops at the next step boundary and a
 checkpoint is saved; only then does rank 0 hand over to submitit's own handler, which calls
-:meth:`PretrainJob.checkpoint` and requeues the job. The requeued job resumes from ``run.dir``.
+:meth:`RequeueableJob.checkpoint` and requeues the job. The requeued job resumes from ``run.dir``. ``evaluate``
+does the same: its probe fit saves and stops, and the requeued eval resumes it and keeps the rows already scored.
 """
 
 from __future__ import annotations
@@ -32,11 +33,39 @@ def export_distributed_env() -> submitit.JobEnvironment | None:
     return env
 
 
-class PretrainJob:
-    """``infomax.train.main.train`` as a requeueable submitit callable (pickled with its config)."""
+class RequeueableJob:
+    """A submitit callable that survives ``max_requeues`` preemptions or time limits.
+
+    Our stop flag replaces submitit's USR2 handler while the job runs, so that every rank saves first; the
+    job then hands the signal to submitit's handler (kept from before), which on rank 0 calls
+    :meth:`checkpoint`, requeues the job and exits; the other ranks return."""
 
     def __init__(self, config_yaml: str, max_requeues: int) -> None:
         self.config_yaml, self.max_requeues, self.requeues = config_yaml, max_requeues, 0
+
+    @staticmethod
+    def hand_over(stopped_by: str | None, submitit_handler: Any) -> bool:
+        """Pass a preemption's signal on to submitit once the checkpoint is on disk; False for any other stop
+        (a cancel's SIGTERM, Ctrl-C) or outside submitit."""
+        from infomax.runtime.stop import PREEMPT_SIGNAL
+
+        if stopped_by != signal.Signals(PREEMPT_SIGNAL).name or not callable(submitit_handler):
+            return False
+        submitit_handler(PREEMPT_SIGNAL, None)
+        return True
+
+    def checkpoint(self) -> DelayedSubmission | None:
+        """Called by submitit on preemption/time limit: requeue this job unless the budget is spent."""
+        if self.requeues >= self.max_requeues:
+            print(f"infomax job: not requeued, --max-requeues {self.max_requeues} reached; "
+                  "resubmit the same command to continue from the checkpoint", flush=True)
+            return None
+        self.requeues += 1
+        return DelayedSubmission(self)
+
+
+class PretrainJob(RequeueableJob):
+    """``infomax.train.main.train`` as a requeueable submitit callable (pickled with its config)."""
 
     def __call__(self) -> dict[str, Any]:
         from infomax.config.pretrain import from_yaml
@@ -50,34 +79,32 @@ class PretrainJob:
         if env is not None:
             print(f"infomax job: {env} run dir {cfg.run.dir} (requeued {self.requeues} times)", flush=True)
         summary = train(cfg, eval_clock(cfg))
-        if summary.get("stopped_by") == signal.Signals(PREEMPT_SIGNAL).name and callable(submitit_handler):
-            # The checkpoint is on disk: now let submitit call checkpoint() and requeue (rank 0 only;
-            # its handler ignores the other ranks, which just return).
-            submitit_handler(PREEMPT_SIGNAL, None)
+        self.hand_over(summary.get("stopped_by"), submitit_handler)
         return summary
 
-    def checkpoint(self) -> DelayedSubmission | None:
-        """Called by submitit on preemption/time limit: requeue this job unless the budget is spent."""
-        if self.requeues >= self.max_requeues:
-            print(f"infomax job: not requeued, --max-requeues {self.max_requeues} reached; "
-                  "resubmit the same command to continue from the checkpoint", flush=True)
-            return None
-        self.requeues += 1
-        return DelayedSubmission(self)
 
-
-class EvalJob:
-    """``infomax.eval.main.evaluate(cfg)`` as a submitit callable (the eval stage after pretraining)."""
-
-    def __init__(self, config_yaml: str) -> None:
-        self.config_yaml = config_yaml
+class EvalJob(RequeueableJob):
+    """``infomax.eval.main.evaluate(cfg)`` as a requeueable submitit callable (the eval stage after pretraining):
+    a preempted probe fit resumes from its checkpoint, and rows already scored are kept."""
 
     def __call__(self) -> list[dict[str, Any]]:
         from omegaconf import OmegaConf
 
         from infomax.config.eval import EvalConfig
         from infomax.eval.main import evaluate
+        from infomax.eval.rows import Stopped
+        from infomax.runtime.stop import PREEMPT_SIGNAL
 
-        export_distributed_env()
+        env = export_distributed_env()
+        submitit_handler = signal.getsignal(PREEMPT_SIGNAL)
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.create(self.config_yaml)))
-        return evaluate(cfg)
+        if env is not None:
+            print(f"infomax eval job: {env} out {cfg.out or 'beside the export'} (requeued {self.requeues} times)",
+                  flush=True)
+        try:
+            return evaluate(cfg)
+        except Stopped as e:
+            if not self.hand_over(e.signal_name, submitit_handler):
+                raise
+            print(f"infomax eval job: {e}", flush=True)
+            return []

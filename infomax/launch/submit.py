@@ -298,7 +298,7 @@ def submit_jobs(args: argparse.Namespace, executor: submitit.AutoExecutor, runs:
             if args.cluster == "slurm" else {}))
         if args.cluster != "slurm":
             job.result()  # local/debug: no scheduler to hold the eval back, so wait here
-        eval_jobs.append(executor.submit(EvalJob(to_yaml(ecfg))))
+        eval_jobs.append(executor.submit(EvalJob(to_yaml(ecfg), args.max_requeues)))
     if args.cluster == "debug":  # in this process: the jobs run when their results are asked for
         for job in submitted + eval_jobs:
             job.result()

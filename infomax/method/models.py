@@ -35,6 +35,17 @@ def adapt_small_input(encoder: nn.Module, arch: str, stride: int = 1) -> nn.Modu
     return encoder
 
 
+def timm_model(arch: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(arch, num_classes=0, **kwargs)``, untrained; a name timm does not know is a ConfigError."""
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ConfigError(f"unknown timm model '{arch}' for model.arch; list them with timm.list_models()") \
+                from None
+        raise
+
+
 def width_kwargs(arch: str, width: float) -> dict[str, Any]:
     """timm ResNet keyword arguments that scale every stage's width (and a deep stem's) by ``width``.
 
@@ -44,7 +55,7 @@ def width_kwargs(arch: str, width: float) -> dict[str, Any]:
     """
     if width == 1.0:
         return {}
-    default = timm.create_model(arch, pretrained=False, num_classes=0)
+    default = timm_model(arch)
     if not hasattr(default, "layer4") or not hasattr(default, "conv1"):
         raise ConfigError(f"model.width applies to timm ResNets (resnet18, resnet10t, ...), not '{arch}'; set "
                           "model.width=1")
@@ -60,13 +71,7 @@ def width_kwargs(arch: str, width: float) -> dict[str, Any]:
 def create_encoder(arch: str, in_chans: int, small_input: bool, stem_stride: int = 1,
                    timm_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """``timm.create_model(arch, num_classes=0, **timm_kwargs)``: images (B x C x H x W) -> features (B x F)."""
-    try:
-        encoder = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans, **(timm_kwargs or {}))
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ConfigError(f"unknown timm model '{arch}' for model.arch; list them with timm.list_models()") \
-                from None
-        raise
+    encoder = timm_model(arch, in_chans=in_chans, **(timm_kwargs or {}))
     return adapt_small_input(encoder, arch, stem_stride) if small_input else encoder
 
 

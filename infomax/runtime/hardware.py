@@ -3,7 +3,7 @@
 ``run.precision=auto`` (the default) asks :func:`choose_precision`: on CUDA, bf16 where the card has
 it, otherwise fp16 with Accelerate's gradient scaler; on a CPU, bf16 only where the CPU computes it
 natively (AVX-512 BF16 or AMX), otherwise fp32, since emulated bf16 runs several times slower than
-fp32 (7.8x on an AVX2-only AMD EPYC, benchmarks/results/cpu_speed.md). The same rule serves
+fp32 (benchmarks/results/cpu_speed.md). The same rule serves
 ``accelerate launch``, plain ``python``, SLURM jobs (which start without a launcher) and the eval stage.
 
 We own this small rule on purpose: Accelerate takes one precision as given and has no hardware default.

@@ -211,4 +211,23 @@ def progress_bar(total: int, *, desc: str, unit: str = "step", initial: int = 0,
 
     if disable or sys.stderr.isatty():
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
-    return LogProgress(total, initial, desc, unit, float(os.environ.get("INFOMAX_PROGRESS_SECONDS", "30")))
+    return LogProgress(total, initial, desc, unit, progress_seconds())
+
+
+def progress_seconds(default: float = 30.0) -> float:
+    """Seconds between plain progress lines: ``INFOMAX_PROGRESS_SECONDS`` (0: every update), else ``default``."""
+    value = os.environ.get("INFOMAX_PROGRESS_SECONDS", "")
+    try:
+        seconds = float(value) if value else default
+    except ValueError:
+        seconds = -1.0
+    if 0 <= seconds < float("inf"):
+        return seconds
+    if value not in _SAID_BAD:  # once a process, not at every bar
+        _SAID_BAD.add(value)
+        print(f"warning: INFOMAX_PROGRESS_SECONDS={value!r} is not a number of seconds >= 0; a progress line every "
+              f"{default:g} s", file=sys.stderr, flush=True)
+    return default
+
+
+_SAID_BAD: set[str] = set()
