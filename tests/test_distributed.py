@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import signal
 from datetime import timedelta
 from pathlib import Path
 
@@ -570,3 +571,25 @@ def test_a_refusal_on_rank_0_stops_every_rank_not_rank_0_alone(tmp_path: Path) -
     assert first["calls"] == [0, 0, 0] and second["calls"] == []  # the work runs on rank 0 only
     assert first["seen"][:2] == second["seen"][:2] == ["ok", "RunDirError: runs/x is another run's dir; choose a new run.dir"]
     assert first["seen"][2] == "_Unpicklable: lock" and second["seen"][2] == "RuntimeError: rank 0: _Unpicklable: lock"
+
+
+def _stop_worker(rank: int, tmp: str) -> None:
+    from infomax.runtime.distributed import agree_max
+    from infomax.runtime.stop import StopFlag
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+    stop = StopFlag()
+    if rank == 0:
+        stop._handle(signal.SIGUSR2, None)  # the preemption reaches rank 0 first; rank 1's signal comes later
+    stopped = stop.agreed(*agree_max("cpu", *stop.votes()))
+    (Path(tmp) / f"rank{rank}.json").write_text(json.dumps([stopped, stop.signal_name]))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_preemption_on_one_rank_is_every_ranks_cause_so_every_rank_hands_the_job_to_the_requeue(
+        tmp_path: Path) -> None:
+    """A rank that learnt of the stop from the others used to read it as 'a signal on another rank': on rank 0 the job
+    then ended instead of being requeued, and its own USR2, arriving later, was swallowed by the stop flag."""
+    spawn_ranks(_stop_worker, tmp_path, nprocs=WORLD)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)] == [[True, "SIGUSR2"]] * WORLD

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ from infomax.features.extract import ImageListDataset
 from infomax.features.knn import knn_predict_many
 from infomax.method.models import create_encoder
 from infomax.runtime.hardware import choose_precision
+from infomax.runtime.stop import StopFlag
 
 FAST = ["dataset=synthetic", "synthetic_size=96", "synthetic_image_size=16", "num_workers=0", "probe_steps=20",
         "knn_k=[5]", "baselines.alexnet_supervised=false",
@@ -131,10 +133,11 @@ def test_encoder_changed_check_fails_when_a_weight_moves() -> None:
         assert_unchanged(encoder, before, "x")
 
 
-class StopAfter:
+class StopAfter(StopFlag):
     """A stop flag that trips after ``n`` reads, like a SIGTERM arriving mid-epoch."""
 
     def __init__(self, n: int) -> None:
+        super().__init__()
         self.n, self.signal_name = n, "SIGTERM"
 
     @property
@@ -750,40 +753,57 @@ def test_a_stop_signal_ends_the_eval_at_the_next_row_and_the_rerun_reuses_the_sc
     assert [(r["name"], r["top1"], r["knn"]) for r in resumed] == [(r["name"], r["top1"], r["knn"]) for r in expected]
 
 
-def test_a_preempted_eval_job_is_handed_to_submitits_requeue_and_the_requeued_job_keeps_the_scored_rows(
-        export_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+# Where the preemption's signal arrives: as the first row is stored (the eval stops before the next row), or at
+# the third step of the first row's SGD fit (the imagenet protocol: the fit saves and stops mid-fit).
+PREEMPTED_AT = {"between_rows": [], "in_a_fit": ["protocol=imagenet", "sgd.epochs=2", "sgd.milestones=[1]",
+                                                  "sgd.global_batch_size=16", "raw_pixels=false"]}
+
+
+@pytest.mark.parametrize("when", list(PREEMPTED_AT))
+def test_a_preempted_eval_job_is_handed_to_submitits_requeue_and_the_requeued_job_keeps_its_work(
+        export_dir: Path, tmp_path: Path, capsys, monkeypatch, when: str) -> None:
     """The chained SLURM eval was not requeued when preempted: its stop flag took submitit's USR2 handler and never
     gave it back, so the job failed with the probe's checkpoint on disk. Now SIGUSR2 saves, then hands the signal to
-    submitit's handler (which requeues on rank 0); the requeued job keeps the scored rows and ends with the figures
-    of an eval that never stopped. A cancel's SIGTERM still ends the job, and the requeue budget holds."""
+    submitit's handler (which requeues on rank 0); the requeued job keeps the scored rows, resumes the fit, and ends
+    with the figures of an eval that never stopped. A cancel's SIGTERM still ends the job; the requeue budget holds."""
     import signal
 
+    import infomax.launch.jobs
     from infomax.config.eval import EvalConfig, validate_eval
     from infomax.config.pretrain import load_config, to_yaml
+    from infomax.eval.classifier import SGDFit
     from infomax.eval.row_cache import RowCache
     from infomax.eval.rows import Stopped
     from infomax.launch.jobs import EvalJob
 
-    expected = eval_report(capsys, tmp_path / "straight", f"weights={export_dir}")["rows"]
+    extra = PREEMPTED_AT[when]
+    expected = eval_report(capsys, tmp_path / "straight", f"weights={export_dir}", *extra)["rows"]
+    monkeypatch.setattr(infomax.launch.jobs, "export_distributed_env", lambda: "a submitit job")  # its handler counts
 
     def job_for(out: Path) -> EvalJob:
-        cfg = load_config(None, [*FAST, f"weights=[{export_dir}]", f"out={out}"], schema=EvalConfig,
+        cfg = load_config(None, [*FAST, f"weights=[{export_dir}]", f"out={out}", *extra], schema=EvalConfig,
                           check=validate_eval)
         return EvalJob(to_yaml(cfg), max_requeues=1)
 
     def run(job: EvalJob, sig: signal.Signals) -> tuple[list, list[int]]:
-        """The job under a stand-in for submitit's USR2 handler, ``sig`` arriving while its first row is scored."""
-        handed, results, real_put = [], [], RowCache.put
+        """The job under a stand-in for submitit's USR2 handler, ``sig`` arriving where ``when`` says."""
+        handed, results, real_put, real_step, steps = [], [], RowCache.put, SGDFit.step, []
         def put_then_signal(self, name, row):
             real_put(self, name, row)
-            if self.kept == 1:
+            if self.kept == 1 and when == "between_rows":
                 os.kill(os.getpid(), sig)
+        def step_then_signal(self, batch, agree):
+            steps.append(1)
+            if len(steps) == 3 and when == "in_a_fit":
+                os.kill(os.getpid(), sig)
+            return real_step(self, batch, agree)
         def main(argv: list[str]) -> int:
             signal.signal(signal.SIGUSR2, lambda signum, frame: handed.append(signum))
             results.append(job())
             return 0
         with monkeypatch.context() as m:
             m.setattr(RowCache, "put", put_then_signal)
+            m.setattr(SGDFit, "step", step_then_signal)
             code, _, err = in_process(capsys, main, [])
         assert code == 0, err[-3000:]
         return results[0], handed
@@ -793,13 +813,17 @@ def test_a_preempted_eval_job_is_handed_to_submitits_requeue_and_the_requeued_jo
     requeued = preempted.checkpoint()
     assert requeued is not None and requeued.function.requeues == 1
     code, out, err = in_process(capsys, lambda argv: 0 if requeued.function() else 1, [])
-    assert code == 0 and out.count("(kept from an earlier run of this eval)") == 1, (out + err)[-3000:]
+    assert code == 0, (out + err)[-3000:]
+    if when == "between_rows":
+        assert out.count("(kept from an earlier run of this eval)") == 1, out[-3000:]
+    else:
+        assert re.search(r": resumed from \S+ \(epoch 0, step 3\)", out), out[-3000:]  # the step it stopped at
     resumed = json.loads((tmp_path / "preempted" / "report.json").read_text())["rows"]
     assert [(r["name"], r["top1"], r["knn"]) for r in resumed] == [(r["name"], r["top1"], r["knn"]) for r in expected]
     assert requeued.function.checkpoint() is None  # --max-requeues 1 spent: the job ends, saying how to go on
     assert "resubmit the same command" in capsys.readouterr().out
 
-    with pytest.raises(Stopped, match="stopped by SIGTERM after 1 of"):  # scancel: no requeue, the job fails
+    with pytest.raises(Stopped, match="stopped by SIGTERM"):  # scancel: no requeue, the job fails
         run(job_for(tmp_path / "cancelled"), signal.SIGTERM)
 
 

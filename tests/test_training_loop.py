@@ -10,13 +10,15 @@ from typing import Any
 import pytest
 from accelerate import Accelerator
 
+from infomax.runtime.stop import StopFlag
 from infomax.train.resumable import Resumable, Trainer, TrainingLoop
 
 
-class StopAt:
+class StopAt(StopFlag):
     """A stop request first seen at the ``n``-th read (the loop reads it once per step)."""
 
     def __init__(self, n: int) -> None:
+        super().__init__()
         self.n, self.signal_name = n, "SIGTERM"
 
     @property

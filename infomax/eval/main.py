@@ -144,7 +144,7 @@ def run_rows(plan: list, stop: Any, accelerator: Any, out: Path, key: str) -> li
             if builder.quoted:
                 rows.append(builder.build())
                 continue
-            if agree_max(accelerator.device, float(stop.requested))[0]:
+            if stop.agreed(*agree_max(accelerator.device, *stop.votes())):
                 raise Stopped(f"stopped by {stop.signal_name or 'a signal on another rank'} after {cache.kept} of "
                               f"{len(computed)} rows", stop.signal_name)
             key = f"{len(rows)}:{builder.name}"  # its place in the plan too: two exports may share a name

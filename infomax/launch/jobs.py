@@ -33,6 +33,14 @@ def export_distributed_env() -> submitit.JobEnvironment | None:
     return env
 
 
+def submitits_handler(env: submitit.JobEnvironment | None) -> Any:
+    """The preemption signal's handler submitit installed for this job (None outside a submitit job, where the
+    handler found is no requeue)."""
+    from infomax.runtime.stop import PREEMPT_SIGNAL
+
+    return signal.getsignal(PREEMPT_SIGNAL) if env is not None else None
+
+
 class RequeueableJob:
     """A submitit callable that survives ``max_requeues`` preemptions or time limits.
 
@@ -44,13 +52,16 @@ class RequeueableJob:
         self.config_yaml, self.max_requeues, self.requeues = config_yaml, max_requeues, 0
 
     @staticmethod
-    def hand_over(stopped_by: str | None, submitit_handler: Any) -> bool:
-        """Pass a preemption's signal on to submitit once the checkpoint is on disk; False for any other stop
-        (a cancel's SIGTERM, Ctrl-C) or outside submitit."""
+    def hand_over(stopped_by: str | None, submitit_handler: Any, said: str = "") -> bool:
+        """Pass a preemption's signal on to submitit once the checkpoint is on disk (``said`` first: rank 0 exits
+        in submitit's handler); False for any other stop (a cancel's SIGTERM, Ctrl-C) or outside a submitit job
+        (``submitit_handler`` None). The ranks agreed on the cause (``StopFlag.agreed``), so all hand over."""
         from infomax.runtime.stop import PREEMPT_SIGNAL
 
-        if stopped_by != signal.Signals(PREEMPT_SIGNAL).name or not callable(submitit_handler):
+        if stopped_by != PREEMPT_SIGNAL.name or not callable(submitit_handler):
             return False
+        if said:
+            print(said, flush=True)
         submitit_handler(PREEMPT_SIGNAL, None)
         return True
 
@@ -70,11 +81,10 @@ class PretrainJob(RequeueableJob):
     def __call__(self) -> dict[str, Any]:
         from infomax.config.pretrain import from_yaml
         from infomax.launch.pretrain import eval_clock
-        from infomax.runtime.stop import PREEMPT_SIGNAL
         from infomax.train.main import train
 
         env = export_distributed_env()
-        submitit_handler = signal.getsignal(PREEMPT_SIGNAL)  # requeue logic, replaced by our stop flag inside train
+        submitit_handler = submitits_handler(env)  # replaced by our stop flag inside train
         cfg = from_yaml(self.config_yaml)
         if env is not None:
             print(f"infomax job: {env} run dir {cfg.run.dir} (requeued {self.requeues} times)", flush=True)
@@ -93,10 +103,9 @@ class EvalJob(RequeueableJob):
         from infomax.config.eval import EvalConfig
         from infomax.eval.main import evaluate
         from infomax.eval.rows import Stopped
-        from infomax.runtime.stop import PREEMPT_SIGNAL
 
         env = export_distributed_env()
-        submitit_handler = signal.getsignal(PREEMPT_SIGNAL)
+        submitit_handler = submitits_handler(env)  # replaced by the eval's stop flag
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.create(self.config_yaml)))
         if env is not None:
             print(f"infomax eval job: {env} out {cfg.out or 'beside the export'} (requeued {self.requeues} times)",
@@ -104,7 +113,6 @@ class EvalJob(RequeueableJob):
         try:
             return evaluate(cfg)
         except Stopped as e:
-            if not self.hand_over(e.signal_name, submitit_handler):
+            if not self.hand_over(e.signal_name, submitit_handler, said=f"infomax eval job: {e}"):
                 raise
-            print(f"infomax eval job: {e}", flush=True)
-            return []
+            return []  # the other ranks; rank 0 has exited in submitit's handler

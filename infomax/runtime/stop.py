@@ -18,8 +18,8 @@ class StopFlag:
     """Set by SIGTERM, SIGUSR1 or SIGUSR2 (cancel, preemption, time limit, a scheduler's stop) and by
     Ctrl-C (SIGINT; a second Ctrl-C aborts at once, without saving).
 
-    The handler only sets a flag; ranks agree on it at the next step boundary (one all-reduce),
-    then all save a checkpoint and exit cleanly together.
+    The handler only sets a flag; ranks agree on it at the next step boundary (one all-reduce of
+    :meth:`votes`, taken back by :meth:`agreed`), then all save a checkpoint and exit cleanly together.
     """
 
     def __init__(self) -> None:
@@ -40,6 +40,18 @@ class StopFlag:
         if not self._signalled and self._launcher is not None and os.getppid() != self._launcher:
             self._signalled, self.signal_name = True, "launcher exited"
         return self._signalled
+
+    def votes(self) -> tuple[float, float]:
+        """This rank's (stop request, preemption) for the ranks' max (``agree_max``)."""
+        return float(self.requested), float(self.signal_name == PREEMPT_SIGNAL.name)
+
+    def agreed(self, stop: float, preempted: float) -> bool:
+        """The ranks' maxima of :meth:`votes`: whether every rank stops now. A preemption on any rank is every
+        rank's cause, since a rank may learn of the stop from the others before its own USR2 arrives, and each
+        must then hand the job to submitit's requeue (``infomax.launch.jobs``) rather than end it."""
+        if preempted > 0:
+            self._signalled, self.signal_name = True, PREEMPT_SIGNAL.name
+        return stop > 0
 
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self._signalled:

@@ -184,10 +184,11 @@ class TrainingLoop:
         if self._agreed:
             raise RuntimeError("a training step agrees across ranks once (one collective per step)")
         self._agreed = True
-        requested = float(self.stop is not None and self.stop.requested)
+        votes = self.stop.votes() if self.stop is not None else (0.0, 0.0)
         due = float(0 < self.checkpoint_every_s <= time.monotonic() - self.last_save)
-        stop, save, *agreed = agree_max(self.resumable.accelerator.device, requested, due, *values)
-        self.stopped, self.save_due = stop > 0, save > 0
+        stop, preempted, save, *agreed = agree_max(self.resumable.accelerator.device, *votes, due, *values)
+        self.stopped = self.stop.agreed(stop, preempted) if self.stop is not None else False
+        self.save_due = save > 0
         return agreed
 
     def run(self) -> Path | None:
