@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import pretrain_in_process, run_main
-from infomax.config.pretrain import ViewConfig, load_config
+from infomax.config.pretrain import ConfigError, ViewConfig, load_config
 from infomax.data import DataError, MultiViewDataset, build_dataset, build_view_transform, collate_skipped
 from infomax.data.datasets import FMNIST_DEFAULT_ROOT, ImageFolder, Synthetic, stratified_subset
 
@@ -483,3 +483,74 @@ def test_a_knn_bank_or_a_probes_images_without_a_class_to_score_is_refused(run_d
     with pytest.raises(ConfigError, match="'limit_train': its 4 images hold none of class[(]es[)] 4, 5, 6, 7 that the"):
         open_splits(EvalConfig(dataset="synthetic", synthetic_size=64, limit_train=4))
     assert [len(split) for split in open_splits(EvalConfig(dataset="synthetic", synthetic_size=64, limit_train=8))] == [8, 16]
+
+
+def test_val_labels_follow_train_class_folders_when_val_lacks_a_class_or_holds_a_hidden_folder(tmp_path: Path) -> None:
+    """Each split numbered its own class folders: a val/ without 'ant' (or with a stray .ipynb_checkpoints, which
+    sorts first) shifted every label after it, and each score silently counted the wrong class."""
+    def image(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+
+    for cls in ("ant", "bee", "cat"):
+        image(tmp_path / "train" / cls / "0.png")
+    image(tmp_path / "val" / "cat" / "0.png")
+    image(tmp_path / "val" / ".ipynb_checkpoints" / "0.png")
+    val = ImageFolder(str(tmp_path), "val")
+    assert val.num_classes == 3 and [val.label(i) for i in range(len(val))] == [2]  # cat is train's class 2
+    image(tmp_path / "val" / "dog" / "0.png")
+    with pytest.raises(DataError, match=r"holds class folder\(s\) that '\S+/train' lacks \(dog\)"):
+        ImageFolder(str(tmp_path), "val")
+
+
+def test_a_16_bit_grey_image_is_scaled_to_8_bits_not_clipped_white(tmp_path: Path) -> None:
+    """Pillow's own conversion to RGB clips 16-bit values above 255: a 16-bit PNG scan read almost all white."""
+    levels = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    (tmp_path / "train" / "x").mkdir(parents=True)
+    Image.fromarray(levels).save(tmp_path / "train" / "x" / "scan.png")
+    assert Image.open(tmp_path / "train" / "x" / "scan.png").mode.startswith("I")  # read back as 16 bits
+    pixels, _ = ImageFolder(str(tmp_path), "train").load(0)
+    expected = torch.from_numpy(np.round(levels / 257).astype(np.uint8))
+    assert pixels.shape == (3, 64, 64) and all(torch.equal(pixels[c], expected) for c in range(3))
+
+
+def test_a_folder_of_one_class_is_refused_by_the_monitor_and_the_eval_not_scored_100_percent(tmp_path: Path,
+                                                                                              capsys) -> None:
+    """train/train/<class>/ (one level too deep) read as one class 'train': the kNN monitor and every eval row read
+    100 % and the online probe was silently off. Pretraining without the monitor still runs: labels are not used."""
+    from infomax.config.eval import EvalConfig
+    from infomax.eval.main import open_splits
+
+    make_imagefolder(tmp_path / "data" / "train", good_per_class=4, corrupt=0)  # data/train/train/{cat,dog}
+    common = [f"data.root={tmp_path / 'data'}", "data.dataset=imagefolder", "optim.batch_size_per_process=4",
+              "run.max_steps=1", "data.views.0.size=16", "data.views.1.size=16"]
+    proc = pretrain_in_process(capsys, f"run.dir={tmp_path / 'run'}", *common, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "hold 1 class: the kNN monitor scores classes and needs 2 or more; set monitor.knn_every=0" in proc.stderr
+    assert "one level deeper" in proc.stderr and not (tmp_path / "run").exists()
+    assert pretrain_in_process(capsys, f"run.dir={tmp_path / 'ok'}", *common, "monitor.knn_every=0").returncode == 0
+    with pytest.raises(ConfigError, match="holds 1 class: the eval scores classes and needs 2 or more"):
+        open_splits(EvalConfig(dataset="imagefolder", root=str(tmp_path / "data"), weights=["x"]))
+
+
+def test_a_train_class_folder_without_images_is_named_at_start(tmp_path: Path) -> None:
+    """Its images in a format not read (.heic) left a class with no images: never learnt, and the kNN bank's refusal
+    then told the user to raise monitor.knn_bank."""
+    make_imagefolder(tmp_path, good_per_class=2, corrupt=0)
+    (tmp_path / "train" / "eel").mkdir()
+    (tmp_path / "train" / "eel" / "0.heic").write_bytes(b"")
+    with pytest.raises(DataError, match=r"1 class folder\(s\) of '\S+/train' hold no images \(.+\): eel; add their"):
+        ImageFolder(str(tmp_path), "train")
+
+
+def test_an_image_folder_without_val_says_at_start_to_hold_images_out_for_the_eval(tmp_path: Path, capsys) -> None:
+    """Without val/ the monitor's queries came from train/ in silence; the eval then asked for val/, or refused
+    holdout=N for a run pretrained on every image: the way out was to pretrain again."""
+    make_imagefolder(tmp_path / "data", good_per_class=8, corrupt=0)
+    args = [f"data.root={tmp_path / 'data'}", "data.dataset=imagefolder", "optim.batch_size_per_process=4",
+            "run.max_steps=1", "data.views.0.size=16", "data.views.1.size=16", "monitor.knn_bank=8",
+            "monitor.knn_queries=4"]
+    proc = pretrain_in_process(capsys, f"run.dir={tmp_path / 'run'}", *args)
+    assert proc.stdout.count("set data.holdout=N now, and evaluate with holdout=N") == 1, proc.stdout[-2000:]
+    proc = pretrain_in_process(capsys, f"run.dir={tmp_path / 'held'}", *args, "data.holdout=4")
+    assert "set data.holdout=N" not in proc.stdout

@@ -475,6 +475,8 @@ def test_alexnet_conv_probes_from_a_weights_file(export_dir: Path, tmp_path: Pat
     ("holdout_other", "was pretrained with data.holdout=24, so holdout=12 would not score the images it was held out "
                       "of"),
     ("holdout_none", "was pretrained on every train image (data.holdout=0)"),
+    ("batch_zero", "'batch_size_per_process': must be >= 1"),  # used to be DataLoader's ValueError, mid-eval
+    ("workers_negative", "'num_workers': must be >= 0"),
 ])
 def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage: str, needle: str, capsys) -> None:
     meta_path = export_dir / "config.json"
@@ -510,6 +512,10 @@ def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage:
     elif damage == "out_unwritable":  # used to compute every row, then fail on report.json
         (tmp_path / "taken").write_text("")  # a file: unwritable even for root, whom chmod would not stop
         extra = [f"out={tmp_path / 'taken' / 'report'}"]
+    elif damage == "batch_zero":
+        extra = ["batch_size_per_process=0"]
+    elif damage == "workers_negative":
+        extra = ["num_workers=-1"]
     elif damage.startswith("holdout"):  # a validation split the encoder was not held out of
         meta["summary"]["holdout"] = 24 if damage == "holdout_other" else 0
         extra = ["holdout=12"]
@@ -873,3 +879,14 @@ def test_yardstick_runs_on_an_export_with_its_runs_own_views(tmp_path: Path, cap
     result = json.loads((run_dir / "yardstick.json").read_text())
     assert result["infonce"]["batches"] == 64 * 3 // 8 and "nats" in result["nwj"]
     assert result["dataset"] == "synthetic" and result["infonce"]["nats"] <= math.log(8) + 1e-6
+
+
+def test_the_report_lands_in_the_run_dir_whether_weights_names_the_export_or_its_weights_file(tmp_path: Path) -> None:
+    """weights=<run>/export/encoder.safetensors put report.*, rows/ and the fits' checkpoints inside export/."""
+    from infomax.eval.report import report_dir
+
+    export = tmp_path / "run" / "export"
+    export.mkdir(parents=True)
+    (export / "encoder.safetensors").write_bytes(b"")
+    assert report_dir("", [str(export)]) == report_dir("", [str(export / "encoder.safetensors")]) == tmp_path / "run"
+    assert report_dir(str(tmp_path / "mine"), [str(export)]) == tmp_path / "mine"

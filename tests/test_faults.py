@@ -585,6 +585,16 @@ def test_slurm_tasks_get_a_core_for_each_loader_worker_and_the_main_process(tmp_
     (["--cluster", "local", "--nodes", "2"], "--nodes 2 needs SLURM: --cluster local runs on this machine alone"),
     (["--mem-gb", "-1"], "--mem-gb must be >= 0, got -1"),
     (["--array-parallelism", "0"], "--array-parallelism must be >= 1, got 0"),
+    (["--time", "2", "--signal-delay", "120"], "--signal-delay 120 s is not shorter than --time (2 min)"),
+    (["--sweep", "optim.lr=0.1,0.2", "--eval", "configs/probe_fmnist.yaml", "--eval-override", "dataset=synthetic",
+      "--eval-override", "out=/tmp/one"],
+     "--eval configs/probe_fmnist.yaml: out=/tmp/one is one directory for the 2 runs of the sweep"),
+    # what the chained eval job would fail on after the pretraining's days: no root, the wrong channels
+    (["--eval", "configs/probe_imagenet.yaml"], "--eval configs/probe_imagenet.yaml: imagefolder split directory "
+     "'train' does not exist: set root to a directory holding train/<class>/<image> (e.g. root=/datasets/imagenet); "
+     "pass it as --eval-override root=..."),
+    (["--eval", "configs/probe_fmnist.yaml"], "--eval configs/probe_fmnist.yaml scores fashion_mnist, 1-channel "
+     "images, but this run's encoder reads 3-channel synthetic images"),
 ])
 def test_submit_refuses_resources_it_cannot_ask_for_in_one_line(tmp_path: Path, capsys, flags: list[str],
                                                                  message: str) -> None:

@@ -369,8 +369,10 @@ def test_bad_input_is_a_clear_error_never_a_hang(tmp_path: Path, capsys) -> None
     out = str(tmp_path / "x.beton")
     code, err = write("--dataset", "synthetic", "--write-mode", "png")
     assert code == 2 and "'png' is not one of raw, jpg, proportion, smart" in err
+    code, err = write("--dataset", "synthetic", "--stall-timeout", "0")  # it stopped the writer as "a worker died"
+    assert code == 2 and "bad value for --stall-timeout: 0.0 is not a number of seconds > 0" in err
     code, err = write("--dataset", "imagefolder", "--root", str(tmp_path / "nope"))
-    assert code == 2 and "does not exist" in err
+    assert code == 2 and "does not exist: set --root to" in err and "data.root" not in err
     for i in range(4):
         (tmp_path / "img" / "train" / "c").mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(tmp_path / "img" / "train" / "c" / f"{i}.png")

@@ -72,6 +72,8 @@ def test_the_evals_data_errors_name_its_own_keys(tmp_path) -> None:
     with pytest.raises(DataError, match="set root=/dir/with/idx/files") as caught:
         open_splits(EvalConfig(dataset="fashion_mnist", root=str(tmp_path), weights=["x"]))
     assert "data.root" not in str(caught.value)
+    with pytest.raises(DataError, match="bad value for config key 'holdout': 5000 held-out images leave none"):
+        open_splits(EvalConfig(dataset="synthetic", synthetic_size=96, holdout=5000, weights=["x"]))
     with pytest.raises(ConfigError, match="bad value for config key 'test_beton': '/no/test.beton' is not a file"):
         open_splits(EvalConfig(dataset="synthetic", test_beton="/no/test.beton", weights=["x"]))
 

@@ -95,14 +95,15 @@ class EvalConfig(DatasetOptions):
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     store_baselines: bool = _f(False, "train the supervised AlexNet (early stopping by baselines.alexnet_patience) "
                                       "and store it under baselines.store; weights may be empty (make baselines)")
-    image_size: int = _f(28, "image side for rows without an export (store_baselines with no weights)")
-    batch_size_per_process: int = _f(256, "feature extraction: images per process per batch")
+    image_size: int = _f(28, "image side for rows without an export (store_baselines with no weights)", ge=1)
+    batch_size_per_process: int = _f(256, "feature extraction: images per process per batch", ge=1)
     channels_last: bool = _f(True, "channels_last weights for feature extraction and the supervised fits (NHWC convs: "
                                    "faster on CPUs and GPUs)")
     precision: str = _choice("run.precision", "auto", "mixed precision of the fits and feature extraction: ")
-    num_workers: int = _f(2, "loader workers")
-    seed: int = _f(0, "seed for the random-init encoder, the held-out split and the SGD fits")
-    dist_timeout_min: float = _f(60, "minutes a rank waits in a collective (rank 0 alone writes the report)")
+    num_workers: int = _f(2, "loader workers", ge=0)
+    seed: int = _f(0, "seed for the random-init encoder, the held-out split and the SGD fits", ge=0, lt=2**31,
+                   why="numpy's generators need it")
+    dist_timeout_min: float = _f(60, "minutes a rank waits in a collective (rank 0 alone writes the report)", gt=0)
     out: str = _f("", "report directory; empty = beside the first export (its parent run dir)")
 
 

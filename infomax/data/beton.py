@@ -103,6 +103,8 @@ def validate(args: argparse.Namespace) -> ImageDataset:
         raise bad("--jpeg-quality", f"{args.jpeg_quality} is not in 1..100")
     if not 0 <= args.compress_probability <= 1:
         raise bad("--compress-probability", f"{args.compress_probability} is not in [0, 1]")
+    if not args.stall_timeout > 0:
+        raise bad("--stall-timeout", f"{args.stall_timeout} is not a number of seconds > 0")
     if args.workers < 1 or args.max_resolution < 0 or args.limit < 0:
         raise bad("--workers/--max-resolution/--limit", "workers must be >= 1, the others >= 0")
     out = Path(args.out)
@@ -110,8 +112,11 @@ def validate(args: argparse.Namespace) -> ImageDataset:
         raise bad("--out", f"'{out}' should end in .beton")
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
         raise bad("--out", f"directory '{out.parent}' does not exist or is not writable")
-    dataset = open_dataset(args.dataset, "train" if args.split == "train" else "test", args.root,
-                           synthetic_size=args.synthetic_size, synthetic_image_size=args.synthetic_image_size)
+    try:
+        dataset = open_dataset(args.dataset, "train" if args.split == "train" else "test", args.root,
+                               synthetic_size=args.synthetic_size, synthetic_image_size=args.synthetic_image_size)
+    except DataError as e:  # the datasets name the pretraining's key; the writer's is a flag
+        raise type(e)(str(e).replace("data.root", "--root")) from None
     if args.limit:
         dataset = stratified_subset(dataset, args.limit)  # a prefix of a class-sorted folder: its first classes
     if len(dataset) == 0:

@@ -196,26 +196,61 @@ class Synthetic(ImageDataset):
 
 
 # --------------------------------------------------------------------------- image folder
+def eight_bit(im: Image.Image) -> Image.Image:
+    """A 16-bit grey image (PNG, TIFF: Pillow's modes I;16* and I) scaled to 8 bits; Pillow's own conversion to RGB
+    clips every value above 255, which turns such an image almost white. Other images as they are."""
+    if im.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return im
+    return Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) / 257 + 0.5, 0, 255).astype(np.uint8), "L")
+
+
+# What a folder of one class usually is: the class folders one level deeper than the split's.
+ONE_CLASS_HINT = ("if the class folders sit one level deeper (<root>/train/<x>/<class>/), point the root at the "
+                  "folder whose train/ holds them")
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    """The class folders of one split, sorted; hidden ones (``.ipynb_checkpoints``, ``.snapshot``) are not classes."""
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 class ImageFolder(ImageDataset):
     """ImageNet layout ``<root>/<split>/<class>/<image>``; unreadable files raise UnreadableImage."""
 
     def __init__(self, root: str, split: str = "train") -> None:
+        base = self.find(root, split)
+        own, train = class_folders(base), Path(root) / "train"
+        # Labels are numbered by train/'s class folders in every split: val/ numbering its own would shift every
+        # label after a class it lacks, and each score would silently count the wrong class.
+        self.classes = own if split == "train" or not train.is_dir() else class_folders(train)
+        if extra := sorted(set(own) - set(self.classes)):
+            raise DataError(f"'{base}' holds class folder(s) that '{train}' lacks ({', '.join(extra[:5])}"
+                            f"{', ...' if len(extra) > 5 else ''}): labels are numbered by train/'s class folders; "
+                            f"give {split}/ only classes of train/")
+        self.num_classes = len(self.classes)
+        label_of = {cls: label for label, cls in enumerate(self.classes)}
+        self.samples, empty = [], []
+        for cls in own:
+            files = [p for p in sorted((base / cls).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+            self.samples += [(str(p), label_of[cls]) for p in files]
+            empty += [] if files else [cls]
+        if not self.samples:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under '{base}/<class>/': check data.root")
+        if empty and split == "train":  # a class never learnt: its scores, and the kNN bank's refusals, would mislead
+            raise DataError(f"{len(empty)} class folder(s) of '{base}' hold no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                            f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}; add their images (other "
+                            "formats converted) or remove the folder(s)")
+
+    @staticmethod
+    def find(root: str, split: str) -> Path:
+        """``<root>/<split>``, or MissingSplit saying how to set the root."""
         base = Path(root) / split
         if not root or not base.is_dir():
             raise MissingSplit(
                 f"imagefolder split directory '{base}' does not exist: set data.root to a directory "
                 f"holding {split}/<class>/<image> (e.g. data.root=/datasets/imagenet)"
             )
-        self.classes = sorted(d.name for d in base.iterdir() if d.is_dir())
-        self.num_classes = len(self.classes)
-        self.samples = [
-            (str(p), label)
-            for label, cls in enumerate(self.classes)
-            for p in sorted((base / cls).rglob("*"))
-            if p.suffix.lower() in IMAGE_EXTENSIONS
-        ]
-        if not self.samples:
-            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under '{base}/<class>/': check data.root")
+        return base
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -232,7 +267,7 @@ class ImageFolder(ImageDataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as im:
-                rgb = np.asarray(im.convert("RGB"))
+                rgb = np.asarray(eight_bit(im).convert("RGB"))
         except Exception as e:  # PIL raises many types for damaged files
             raise UnreadableImage(path, f"{type(e).__name__}: {e}") from None
         return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous(), label
@@ -261,6 +296,9 @@ class DatasetKind:
 
     cls: type[ImageDataset]
     open: Callable[..., ImageDataset]  # (split, root, **options) -> the split
+    # (split, root) -> None, or MissingSplit: the split is there, said without listing or reading it (a launcher's
+    # check on a login node: ImageNet's train/ holds 1.28M files)
+    find: Callable[[str, str], Any] = lambda split, root: None
 
     @property
     def channels(self) -> int:
@@ -274,7 +312,8 @@ class DatasetKind:
 REGISTRY: dict[str, DatasetKind] = {
     "fashion_mnist": DatasetKind(FashionMNIST, lambda split, root="", **_: FashionMNIST(root, split)),
     "imagefolder": DatasetKind(ImageFolder, lambda split, root="", **_: ImageFolder(root, "train" if split == "train"
-                                                                                       else "val")),
+                                                                                       else "val"),
+                               lambda split, root: ImageFolder.find(root, "train" if split == "train" else "val")),
     "synthetic": DatasetKind(Synthetic, _synthetic),
 }
 
@@ -360,11 +399,11 @@ def stratified_subset(ds: ImageDataset, n: int) -> ImageDataset:
     return Subset(ds, stratified_indices(labels_of(ds), n))
 
 
-def holdout_split(ds: ImageDataset, n: int) -> tuple[ImageDataset, ImageDataset]:
+def holdout_split(ds: ImageDataset, n: int, key: str = "data.holdout") -> tuple[ImageDataset, ImageDataset]:
     """(the rest, the validation split): ``n`` images of ``ds`` held out, each class in proportion. Pretraining
-    (``data.holdout``) and the eval stage (``holdout``) both call it, so they hold out the same images."""
+    (``data.holdout``) and the eval stage (``holdout``: ``key``) both call it, so they hold out the same images."""
     if not 0 < n < len(ds):
-        raise DataError(f"bad value for config key 'data.holdout': {n} held-out images leave none of the "
+        raise DataError(f"bad value for config key '{key}': {n} held-out images leave none of the "
                         f"{len(ds)} training images to train on; hold out fewer")
     held = stratified_subset(ds, n)
     taken = set(held.indices)

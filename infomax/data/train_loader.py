@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from accelerate import Accelerator
@@ -22,6 +22,7 @@ from infomax.config.pretrain import Config, ConfigError
 from infomax.data.batch_views import BatchViews
 from infomax.data.colour import split_lab
 from infomax.data.datasets import (
+    ONE_CLASS_HINT,
     REGISTRY,
     DataError,
     ImageDataset,
@@ -114,18 +115,22 @@ def training_and_validation(cfg: Config) -> tuple[ImageDataset, ImageDataset | N
     return ds, validation
 
 
-def build_knn_sets(cfg: Config, train: ImageDataset,
-                   validation: ImageDataset | None = None) -> tuple[ImageDataset, ImageDataset]:
+def build_knn_sets(cfg: Config, train: ImageDataset, validation: ImageDataset | None = None,
+                   note: Callable[[str], None] = lambda line: None) -> tuple[ImageDataset, ImageDataset]:
     """(memory bank, queries) for the online kNN monitor: labelled subsets of ``train`` and of the images held
     out of it, each class in proportion (:func:`~infomax.data.datasets.stratified_indices`).
 
     Queries come from ``validation`` (``data.holdout``'s images) when given, else from the held-out
     split when the dataset has one (Fashion-MNIST test, ImageFolder val/, synthetic's second seed);
     otherwise from training images that are not in the bank (a query that is also a bank image would
-    find itself). Then at most half of the images are queries, and the bank is at most the rest. A bank
-    without a class the queries hold is refused: the monitor could never vote for it.
+    find itself), said in one line by ``note``, since the eval will need held-out images too. Then at most half of
+    the images are queries, and the bank is at most the rest. A bank without a class the queries hold is refused:
+    the monitor could never vote for it.
     """
     m = cfg.monitor
+    if train.num_classes < 2:  # every vote would be right: a monitor at 100 % that says nothing
+        raise DataError(f"the training images hold {train.num_classes} class: the kNN monitor scores classes and needs "
+                        f"2 or more; set monitor.knn_every=0 to pretrain without it, or {ONE_CLASS_HINT}")
     if cfg.data.holdout and validation is None:  # the queries would come from images the eval does not score
         raise ValueError("with data.holdout the kNN queries come from its validation images: pass them")
     if validation is not None:
@@ -136,6 +141,8 @@ def build_knn_sets(cfg: Config, train: ImageDataset,
         except MissingSplit:  # no held-out split (one that is there but damaged is an error)
             held_out = None
         if held_out is None:
+            note(f"note: {cfg.data.dataset} has no held-out split here, so the kNN monitor's queries are training "
+                 "images; the eval will need held-out images too: set data.holdout=N now, and evaluate with holdout=N")
             bank, queries = disjoint_subsets(train, m.knn_bank, m.knn_queries)
         else:  # one that exists but cannot be decoded is an error, not a reason to fall back
             bank, queries = stratified_subset(train, m.knn_bank), stratified_subset(_checked(held_out), m.knn_queries)
@@ -187,7 +194,8 @@ def build_train_data(cfg: Config, accelerator: Accelerator) -> TrainData:
         decoded, validation = training_and_validation(cfg)
         images = decoded
     batch_views = BatchViews(d.views, images.mean, images.std, cfg.run.seed) if d.augment == "batch" or ffcv else None
-    bank, queries = build_knn_sets(cfg, decoded, validation) if cfg.monitor.knn_every else (None, None)
+    bank, queries = (build_knn_sets(cfg, decoded, validation, lambda line: accelerator.print(line, flush=True))
+                     if cfg.monitor.knn_every else (None, None))
     if len(images) < batch * accelerator.num_processes:
         raise ConfigError(
             f"bad value for config key 'optim.batch_size_per_process': {batch} x {accelerator.num_processes} "

@@ -47,19 +47,42 @@ def load_expected_eval(path: str, export: str) -> EvalToCome:
 
 
 def check_expected_eval(plan: EvalToCome, cfg: Any) -> None:
-    """Refuse now, in one line, an eval that would refuse this run's export at once (as ``evaluate`` does): images
-    of other channels than the encoder reads, or another validation split than the run holds out."""
+    """Refuse now, in one line, an eval that would refuse this run's export at once (:func:`check_eval_suits_run`)."""
+    check_eval_suits_run(plan.cfg, cfg, f"bad value for config key 'monitor.expect_eval': {cfg.monitor.expect_eval}")
+
+
+def check_eval_suits_run(eval_cfg: Any, cfg: Any, asked: str) -> None:
+    """Refuse in one line, starting with ``asked`` (who named the eval), an eval config that would refuse the export
+    of the run ``cfg`` at once (as ``evaluate`` does): images of other channels than the encoder reads, or another
+    validation split than the run holds out. Reads no image."""
     from infomax.config.pretrain import ConfigError
     from infomax.data.datasets import REGISTRY
 
-    key, eval_cfg = f"bad value for config key 'monitor.expect_eval': {cfg.monitor.expect_eval}", plan.cfg
     needs = 3 if cfg.data.colour_split == "lab" else REGISTRY[cfg.data.dataset].channels
-    if plan.train.channels != needs:
-        raise ConfigError(f"{key} scores {eval_cfg.dataset}, {plan.train.channels}-channel images, but this run's "
+    has = REGISTRY[eval_cfg.dataset].channels
+    if has != needs:
+        raise ConfigError(f"{asked} scores {eval_cfg.dataset}, {has}-channel images, but this run's "
                           f"encoder reads {needs}-channel {cfg.data.dataset} images; name an eval of its own dataset")
     if eval_cfg.holdout and eval_cfg.holdout != cfg.data.holdout:  # holdout=0 scores the test split: allowed
-        raise ConfigError(f"{key} has holdout={eval_cfg.holdout}, but this run holds out data.holdout="
+        raise ConfigError(f"{asked} has holdout={eval_cfg.holdout}, but this run holds out data.holdout="
                           f"{cfg.data.holdout}; give the eval holdout={cfg.data.holdout}")
+
+
+def check_submitted_eval(eval_cfg: Any, cfg: Any, asked: str) -> None:
+    """An eval chained to a pretraining job, checked as it is submitted: its splits are where its config says (a
+    missing ``root`` used to fail the eval job after the days of pretraining) and it suits the run. Lists no files:
+    a login node need not walk ImageNet."""
+    from infomax.config.pretrain import ConfigError
+    from infomax.data.datasets import REGISTRY, MissingSplit
+
+    kind = REGISTRY[eval_cfg.dataset]
+    try:
+        for split in ("train",) if eval_cfg.holdout else ("train", "test"):
+            kind.find(split, eval_cfg.root)
+    except MissingSplit as e:
+        raise ConfigError(f"{asked}: {str(e).replace('data.root', 'root')}; pass it as --eval-override root=...") \
+            from None
+    check_eval_suits_run(eval_cfg, cfg, asked)
 
 
 def planned_costs(plan: EvalToCome, meta: dict[str, Any]) -> list[RowCost]:

@@ -32,7 +32,7 @@ def open_splits(cfg: Any) -> tuple[Any, Any]:
     stays unread: it is for the final figure), each cut to ``limit_train`` / ``limit_test``."""
     from infomax.config.pretrain import ConfigError
     from infomax.data.beton_file import BetonInfo
-    from infomax.data.datasets import holdout_split, missing_classes, open_configured, stratified_subset
+    from infomax.data.datasets import ONE_CLASS_HINT, holdout_split, missing_classes, open_configured, stratified_subset
 
     def split(name: str):
         ds = open_configured(cfg, name, key_prefix="")
@@ -43,7 +43,11 @@ def open_splits(cfg: Any) -> tuple[Any, Any]:
     for key in ("train_beton", "test_beton"):  # a .beton of another dataset would be scored under this one's name
         if getattr(cfg, key):
             BetonInfo(getattr(cfg, key), key).require_dataset(cfg.dataset, key, "dataset")
-    train, test = holdout_split(split("train"), cfg.holdout) if cfg.holdout else (split("train"), split("test"))
+    whole = split("train")
+    if whole.num_classes < 2:  # every prediction would be right: scores of 100 % that say nothing
+        raise ConfigError(f"the train split of {cfg.dataset} holds {whole.num_classes} class: the eval scores classes "
+                          f"and needs 2 or more; {ONE_CLASS_HINT}")
+    train, test = holdout_split(whole, cfg.holdout, "holdout") if cfg.holdout else (whole, split("test"))
     cut = [(train, cfg.limit_train), (test, cfg.limit_test)]
     train, test = (stratified_subset(ds, n) if n else ds for ds, n in cut)
     if missing := missing_classes(train, test):  # each subset holds every class in proportion: only a tiny one lacks

@@ -15,8 +15,12 @@ KIND_COLOURS = {"ours": "C0", "random_init": "C7", "raw_pixels": "C8", "alexnet_
 
 def report_dir(out: str, weights: list[str]) -> Path:
     """Where an eval writes its report, kept rows and fits' checkpoints: ``out``, else beside the first export (its
-    run dir), else (no export: stored baselines only) runs/baselines."""
-    return Path(out) if out else Path(weights[0]).resolve().parent if weights else Path("runs/baselines")
+    run dir, also when the export is named by its encoder.safetensors), else (no export: stored baselines only)
+    runs/baselines."""
+    if out or not weights:
+        return Path(out or "runs/baselines")
+    export = Path(weights[0]).resolve()
+    return (export.parent if export.is_file() else export).parent
 
 
 def _pct(v: float | None) -> str:

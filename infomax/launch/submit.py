@@ -1,7 +1,7 @@
 """Send pretraining (and optionally the eval stage after it) to SLURM through submitit.
 
     python launch/submit.py --config configs/imagenet_resnet50.yaml --nodes 4 --gpus-per-node 8 \\
-        --partition gpu --time 72:00:00 --eval configs/probe_imagenet.yaml
+        --partition gpu --time 72:00:00 --eval configs/probe_imagenet.yaml --eval-override root=/datasets/imagenet
     python launch/submit.py --config configs/synthetic_tiny.yaml --cluster local      # no SLURM
     python launch/submit.py --config configs/X.yaml --sweep optim.lr=0.1,0.3 --dry-run
 
@@ -149,8 +149,16 @@ def resolve_evals(args: argparse.Namespace, runs: list[Config]) -> list[EvalConf
 
     if not args.eval:
         return []
-    return [load_config(args.eval, [*args.eval_override, f"weights=[{Path(cfg.run.dir) / 'export'}]"],
-                        schema=EvalConfig, check=validate_eval) for cfg in runs]
+    evals = [load_config(args.eval, [*args.eval_override, f"weights=[{Path(cfg.run.dir) / 'export'}]"],
+                         schema=EvalConfig, check=validate_eval) for cfg in runs]
+    from infomax.eval.expected import check_submitted_eval
+
+    for cfg, ecfg in zip(runs, evals):
+        check_submitted_eval(ecfg, cfg, f"--eval {args.eval}")
+    if len(evals) > 1 and evals[0].out:  # each point's report would overwrite the last one's
+        raise SubmitError(f"--eval {args.eval}: out={evals[0].out} is one directory for the {len(evals)} runs of the "
+                          "sweep; leave out empty (--eval-override out=), and each report lands in its own run dir")
+    return evals
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -213,6 +221,9 @@ def job_request(args: argparse.Namespace, runs: list[Config], tasks: int, cpus: 
     from infomax.launch.sbatch import JobRequest
 
     timeout = minutes(args.time)
+    if 0 < timeout * 60 <= args.signal_delay:  # each run would be told to save at once, requeued without progress
+        raise SubmitError(f"--signal-delay {args.signal_delay} s is not shorter than --time ({timeout} min): SLURM "
+                          "would signal the job to save and requeue as it starts; lower --signal-delay (default 120)")
     if timeout == 0 and args.cluster != "slurm":  # SLURM reads --time 0 as no limit; submitit's local executor
         timeout = LOCAL_NO_LIMIT_MIN  # would kill the job at once, with empty logs
     return JobRequest(name=args.job_name or f"infomax-{Path(runs[0].run.dir).name}", nodes=args.nodes,
