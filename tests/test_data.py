@@ -496,6 +496,8 @@ def test_val_labels_follow_train_class_folders_when_val_lacks_a_class_or_holds_a
         image(tmp_path / "train" / cls / "0.png")
     image(tmp_path / "val" / "cat" / "0.png")
     image(tmp_path / "val" / ".ipynb_checkpoints" / "0.png")
+    image(tmp_path / "val" / "cat" / ".ipynb_checkpoints" / "0.png")  # a copy inside a class: not another image
+    image(tmp_path / "val" / "cat" / "._0.png")  # macOS's AppleDouble file beside an image
     val = ImageFolder(str(tmp_path), "val")
     assert val.num_classes == 3 and [val.label(i) for i in range(len(val))] == [2]  # cat is train's class 2
     image(tmp_path / "val" / "dog" / "0.png")
@@ -512,6 +514,10 @@ def test_a_16_bit_grey_image_is_scaled_to_8_bits_not_clipped_white(tmp_path: Pat
     pixels, _ = ImageFolder(str(tmp_path), "train").load(0)
     expected = torch.from_numpy(np.round(levels / 257).astype(np.uint8))
     assert pixels.shape == (3, 64, 64) and all(torch.equal(pixels[c], expected) for c in range(3))
+    from infomax.data.datasets import eight_bit  # a 32-bit image (mode I) of 8-bit values stays as it is
+
+    ramp = np.arange(256).reshape(16, 16)
+    assert np.array_equal(np.asarray(eight_bit(Image.fromarray(ramp.astype(np.int32), "I"))), ramp.astype(np.uint8))
 
 
 def test_a_folder_of_one_class_is_refused_by_the_monitor_and_the_eval_not_scored_100_percent(tmp_path: Path,

@@ -498,8 +498,10 @@ def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage:
         extra = [f"baselines.alexnet_weights={path}"]
     elif damage == "empty_split":  # a val/ folder with its class folders but no images
         for split in ("train", "val"):
-            (tmp_path / "data" / split / "cat").mkdir(parents=True)
-        Image.new("RGB", (16, 16)).save(tmp_path / "data" / "train" / "cat" / "a.png")
+            for cls in ("cat", "dog"):
+                (tmp_path / "data" / split / cls).mkdir(parents=True)
+        for cls in ("cat", "dog"):
+            Image.new("RGB", (16, 16)).save(tmp_path / "data" / "train" / cls / "a.png")
         extra = ["dataset=imagefolder", f"root={tmp_path / 'data'}"]
     elif damage == "no_sha":
         del meta["sha256"]

@@ -595,6 +595,8 @@ def test_slurm_tasks_get_a_core_for_each_loader_worker_and_the_main_process(tmp_
      "pass it as --eval-override root=..."),
     (["--eval", "configs/probe_fmnist.yaml"], "--eval configs/probe_fmnist.yaml scores fashion_mnist, 1-channel "
      "images, but this run's encoder reads 3-channel synthetic images"),
+    (["--eval", "configs/probe_fmnist.yaml", "--eval-override", "dataset=synthetic", "--eval-override", "holdout=8"],
+     "--eval configs/probe_fmnist.yaml has holdout=8, but this run holds out data.holdout=0"),
 ])
 def test_submit_refuses_resources_it_cannot_ask_for_in_one_line(tmp_path: Path, capsys, flags: list[str],
                                                                  message: str) -> None:

@@ -198,10 +198,13 @@ class Synthetic(ImageDataset):
 # --------------------------------------------------------------------------- image folder
 def eight_bit(im: Image.Image) -> Image.Image:
     """A 16-bit grey image (PNG, TIFF: Pillow's modes I;16* and I) scaled to 8 bits; Pillow's own conversion to RGB
-    clips every value above 255, which turns such an image almost white. Other images as they are."""
-    if im.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+    clips every value above 255, which turns such an image almost white. Mode I (32-bit) is scaled by the range its
+    values use: 8 or 16 bits, or its own maximum. Other images as they are."""
+    if not im.mode.startswith("I"):
         return im
-    return Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) / 257 + 0.5, 0, 255).astype(np.uint8), "L")
+    top = 65535 if im.mode.startswith("I;16") else max(255, im.getextrema()[1])
+    top = 65535 if 255 < top <= 65535 else top
+    return Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) * 255 / top + 0.5, 0, 255).astype(np.uint8), "L")
 
 
 # What a folder of one class usually is: the class folders one level deeper than the split's.
@@ -221,7 +224,8 @@ class ImageFolder(ImageDataset):
         base = self.find(root, split)
         own, train = class_folders(base), Path(root) / "train"
         # Labels are numbered by train/'s class folders in every split: val/ numbering its own would shift every
-        # label after a class it lacks, and each score would silently count the wrong class.
+        # label after a class it lacks, and each score would silently count the wrong class. (A val/ with no train/
+        # beside it, e.g. the FFCV run's queries, numbers its own: give it every class of the .beton.)
         self.classes = own if split == "train" or not train.is_dir() else class_folders(train)
         if extra := sorted(set(own) - set(self.classes)):
             raise DataError(f"'{base}' holds class folder(s) that '{train}' lacks ({', '.join(extra[:5])}"
@@ -231,7 +235,8 @@ class ImageFolder(ImageDataset):
         label_of = {cls: label for label, cls in enumerate(self.classes)}
         self.samples, empty = [], []
         for cls in own:
-            files = [p for p in sorted((base / cls).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+            files = [p for p in sorted((base / cls).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS
+                     and not any(part.startswith(".") for part in p.relative_to(base).parts)]  # ._x.jpg, .snapshot/
             self.samples += [(str(p), label_of[cls]) for p in files]
             empty += [] if files else [cls]
         if not self.samples:

@@ -130,7 +130,8 @@ def build_knn_sets(cfg: Config, train: ImageDataset, validation: ImageDataset | 
     m = cfg.monitor
     if train.num_classes < 2:  # every vote would be right: a monitor at 100 % that says nothing
         raise DataError(f"the training images hold {train.num_classes} class: the kNN monitor scores classes and needs "
-                        f"2 or more; set monitor.knn_every=0 to pretrain without it, or {ONE_CLASS_HINT}")
+                        f"2 or more; set monitor.knn_every=0 to pretrain without it, or {ONE_CLASS_HINT}"
+                        f"{' (and write the .beton again)' if cfg.data.format == 'ffcv' else ''}")
     if cfg.data.holdout and validation is None:  # the queries would come from images the eval does not score
         raise ValueError("with data.holdout the kNN queries come from its validation images: pass them")
     if validation is not None:
@@ -141,8 +142,10 @@ def build_knn_sets(cfg: Config, train: ImageDataset, validation: ImageDataset | 
         except MissingSplit:  # no held-out split (one that is there but damaged is an error)
             held_out = None
         if held_out is None:
+            way = ("give data.root a val/ of its classes" if cfg.data.format == "ffcv" else
+                   "set data.holdout=N now, and evaluate with holdout=N")  # a .beton holds no images out
             note(f"note: {cfg.data.dataset} has no held-out split here, so the kNN monitor's queries are training "
-                 "images; the eval will need held-out images too: set data.holdout=N now, and evaluate with holdout=N")
+                 f"images; the eval will need held-out images too: {way}")
             bank, queries = disjoint_subsets(train, m.knn_bank, m.knn_queries)
         else:  # one that exists but cannot be decoded is an error, not a reason to fall back
             bank, queries = stratified_subset(train, m.knn_bank), stratified_subset(_checked(held_out), m.knn_queries)

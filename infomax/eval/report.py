@@ -20,7 +20,7 @@ def report_dir(out: str, weights: list[str]) -> Path:
     if out or not weights:
         return Path(out or "runs/baselines")
     export = Path(weights[0]).resolve()
-    return (export.parent if export.is_file() else export).parent
+    return (export.parent if export.suffix == ".safetensors" else export).parent
 
 
 def _pct(v: float | None) -> str:
