@@ -27,7 +27,15 @@ import torch
 
 from infomax.config.pretrain import ConfigError
 from infomax.data.beton_file import BetonImages, require_ffcv
-from infomax.data.datasets import REGISTRY, DataError, ImageDataset, next_readable, open_dataset, stratified_subset
+from infomax.data.datasets import (
+    REGISTRY,
+    DataError,
+    ImageDataset,
+    next_readable,
+    open_dataset,
+    root_named,
+    stratified_subset,
+)
 from infomax.runtime.files import write_atomically
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
@@ -112,11 +120,9 @@ def validate(args: argparse.Namespace) -> ImageDataset:
         raise bad("--out", f"'{out}' should end in .beton")
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
         raise bad("--out", f"directory '{out.parent}' does not exist or is not writable")
-    try:
+    with root_named("--root"):
         dataset = open_dataset(args.dataset, "train" if args.split == "train" else "test", args.root,
                                synthetic_size=args.synthetic_size, synthetic_image_size=args.synthetic_image_size)
-    except DataError as e:  # the datasets name the pretraining's key; the writer's is a flag
-        raise type(e)(str(e).replace("data.root", "--root")) from None
     if args.limit:
         dataset = stratified_subset(dataset, args.limit)  # a prefix of a class-sorted folder: its first classes
     if len(dataset) == 0:

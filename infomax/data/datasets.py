@@ -11,9 +11,10 @@ import copy
 import gzip
 import math
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -335,14 +336,22 @@ def open_configured(section: Any, split: str, seed: int = 0, key_prefix: str = "
     """The ``split`` of the dataset a config section names by its ``dataset``, ``root`` and ``synthetic_*``
     fields: the pretraining's ``data.*`` and the eval config both have them. Errors name the keys as the
     section's stage spells them (``key_prefix``: ``data.`` for pretraining, none for the eval)."""
-    try:
+    with root_named(f"{key_prefix}root"):
         return open_dataset(section.dataset, split, section.root, synthetic_size=section.synthetic_size,
                             synthetic_classes=section.synthetic_classes,
                             synthetic_image_size=section.synthetic_image_size, seed=seed)
+
+
+@contextmanager
+def root_named(key: str) -> Iterator[None]:
+    """Data errors raised inside name the data's root as ``key`` (the eval's ``root``, the .beton writer's
+    ``--root``): the datasets name it ``data.root``, the pretraining's key."""
+    try:
+        yield
     except DataError as e:
-        if key_prefix == "data.":
+        if key == "data.root":
             raise
-        raise type(e)(str(e).replace("data.root", f"{key_prefix}root")) from None
+        raise type(e)(str(e).replace("data.root", key)) from None
 
 
 class Subset(ImageDataset):

@@ -73,15 +73,15 @@ def check_submitted_eval(eval_cfg: Any, cfg: Any, asked: str) -> None:
     missing ``root`` used to fail the eval job after the days of pretraining) and it suits the run. Lists no files:
     a login node need not walk ImageNet."""
     from infomax.config.pretrain import ConfigError
-    from infomax.data.datasets import REGISTRY, MissingSplit
+    from infomax.data.datasets import REGISTRY, MissingSplit, root_named
 
     kind = REGISTRY[eval_cfg.dataset]
     try:
-        for split in ("train",) if eval_cfg.holdout else ("train", "test"):
-            kind.find(split, eval_cfg.root)
+        with root_named("root"):
+            for split in ("train",) if eval_cfg.holdout else ("train", "test"):
+                kind.find(split, eval_cfg.root)
     except MissingSplit as e:
-        raise ConfigError(f"{asked}: {str(e).replace('data.root', 'root')}; pass it as --eval-override root=...") \
-            from None
+        raise ConfigError(f"{asked}: {e}; pass it as --eval-override root=...") from None
     check_eval_suits_run(eval_cfg, cfg, asked)
 
 

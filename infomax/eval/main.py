@@ -149,8 +149,7 @@ def run_rows(plan: list, stop: Any, accelerator: Any, out: Path, key: str) -> li
                 rows.append(builder.build())
                 continue
             if stop.agreed(*agree_max(accelerator.device, *stop.votes())):
-                raise Stopped(f"stopped by {stop.signal_name or 'a signal on another rank'} after {cache.kept} of "
-                              f"{len(computed)} rows", stop.signal_name)
+                raise Stopped.by(stop, f"after {cache.kept} of {len(computed)} rows")
             key = f"{len(rows)}:{builder.name}"  # its place in the plan too: two exports may share a name
             row = cache.get(key, accelerator)
             if row is not None:

@@ -67,6 +67,11 @@ class Stopped(RuntimeError):
         super().__init__(message)
         self.signal_name = signal_name
 
+    @classmethod
+    def by(cls, stop: StopFlag, when: str) -> Stopped:
+        """Stopped by ``stop``'s signal (or another rank's), ``when`` (e.g. "during 'probe'")."""
+        return cls(f"stopped by {stop.signal_name or 'a signal on another rank'} {when}", stop.signal_name)
+
 
 @dataclass(frozen=True)
 class RowBuilder:
@@ -266,8 +271,7 @@ class Rows:
                                  input_fn=input_fn, stop=self.stop,
                                  held_out=held_out_top1 if held_out else None, drop_last=drop_last, augment=augment)
         if outcome is None:
-            raise Stopped(f"stopped by {self.stop.signal_name or 'a signal on another rank'} during '{slug}'; "
-                          "its checkpoint is saved", self.stop.signal_name)
+            raise Stopped.by(self.stop, f"during '{slug}'; its checkpoint is saved")
         logits, y = self.features(acc.unwrap_model(model), "test", image_size, input_fn, norm)
         p, batch = outcome.progress, schedule.global_batch_size
         steps_per_epoch = len(fit_images) // batch if drop_last else -(-len(fit_images) // batch)

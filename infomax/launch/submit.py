@@ -146,10 +146,11 @@ def resolve_evals(args: argparse.Namespace, runs: list[Config]) -> list[EvalConf
     """With ``--eval``: one eval config per run, probing that run's export; otherwise none."""
     from infomax.config.eval import EvalConfig, validate_eval
     from infomax.config.pretrain import load_config
-    from infomax.eval.expected import check_submitted_eval
 
     if not args.eval:
         return []
+    from infomax.eval.expected import check_submitted_eval  # the eval's modules: imported only when it is chained
+
     evals = [load_config(args.eval, [*args.eval_override, f"weights=[{Path(cfg.run.dir) / 'export'}]"],
                          schema=EvalConfig, check=validate_eval) for cfg in runs]
     for cfg, ecfg in zip(runs, evals):
