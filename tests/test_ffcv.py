@@ -346,6 +346,39 @@ def test_a_beton_run_takes_its_knn_bank_from_the_beton_and_never_lists_the_train
     assert "kNN top-1" in proc.stdout and "infomax pretraining finished: step 2/" in proc.stdout
 
 
+def test_a_val_folder_with_no_train_beside_it_is_numbered_by_the_betons_classes(tmp_path: Path) -> None:
+    """Where the training images live in the .beton alone, val/ numbered its own class folders: one it lacked
+    shifted every query's label against the bank's, and the kNN monitor scored the wrong classes."""
+    import shutil
+
+    from test_data import make_imagefolder
+
+    from infomax.config.pretrain import Config
+    from infomax.data.beton_file import BetonImages
+    from infomax.data.datasets import DataError
+    from infomax.data.train_loader import build_knn_sets
+
+    root, path = tmp_path / "images", tmp_path / "train.beton"
+    make_imagefolder(root, good_per_class=6, corrupt=0)  # classes cat (0) and dog (1)
+    assert beton_main(["--dataset", "imagefolder", "--root", str(root), "--out", str(path), "--workers", "1"]) == 0
+    (root / "train").rename(root / "val")
+    shutil.rmtree(root / "val" / "cat")
+    cfg = Config()
+    cfg.data.dataset, cfg.data.root, cfg.data.format, cfg.data.path = "imagefolder", str(root), "ffcv", str(path)
+    cfg.monitor.knn_bank, cfg.monitor.knn_queries = 8, 4
+    _, queries = build_knn_sets(cfg, BetonImages(str(path)))
+    assert [queries.label(i) for i in range(len(queries))] == [1] * 4  # dog, as the .beton numbers it, not 0
+    (root / "val" / "zebra").mkdir()
+    shutil.copy(next((root / "val" / "dog").iterdir()), root / "val" / "zebra" / "0.png")
+    with pytest.raises(DataError, match="holds class folder[(]s[)] that the .beton '.*' lacks [(]zebra[)]"):
+        build_knn_sets(cfg, BetonImages(str(path)))
+    shutil.rmtree(root / "val" / "zebra")
+    settings = json.loads(Path(f"{path}.json").read_text())  # as an older writer left it: no class names
+    Path(f"{path}.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "class_names"}))
+    with pytest.raises(DataError, match="holds 1 class folder[(]s[)] and .* 2 classes, and this .beton records no class names"):
+        build_knn_sets(cfg, BetonImages(str(path)))
+
+
 def test_the_demo_recipe_composes_with_a_beton(tmp_path: Path) -> None:
     """configs/fmnist_cpu.yaml (data.augment=batch) on a Fashion-MNIST .beton: FFCV crops while decoding and
     the batch path's colour steps (gamma, blur, solarize) finish the crops on the device."""

@@ -31,6 +31,7 @@ from infomax.data.datasets import (
     REGISTRY,
     DataError,
     ImageDataset,
+    ImageFolder,
     next_readable,
     open_dataset,
     root_named,
@@ -211,12 +212,20 @@ def write_beton(args: argparse.Namespace, dataset: ImageDataset) -> dict[str, An
                         "--skip-unreadable to store the next readable image in their place")
     settings = {"dataset": args.dataset, "root": str(Path(args.root).resolve()) if args.root else "",
                 "split": args.split, "count": len(dataset), "channels": dataset.channels,
-                "num_classes": dataset.num_classes, "mean": list(dataset.mean), "std": list(dataset.std),
+                "num_classes": dataset.num_classes, "class_names": class_names(dataset),
+                "mean": list(dataset.mean), "std": list(dataset.std),
                 "write_mode": args.write_mode, "max_resolution": args.max_resolution, "jpeg_quality": args.jpeg_quality,
                 "compress_probability": args.compress_probability, "unreadable_replaced": unreadable[:20],
                 "seconds": round(time.perf_counter() - started, 1), "bytes": out.stat().st_size}
     write_atomically(Path(str(out) + ".json"), json.dumps(settings, indent=2) + "\n")
     return settings
+
+
+def class_names(dataset: ImageDataset) -> list[str] | None:
+    """An image folder's class names in label order (a run's kNN queries read from val/ are numbered by them), or
+    None for a dataset whose classes have no names."""
+    folder = getattr(dataset, "base", dataset)
+    return list(folder.classes) if isinstance(folder, ImageFolder) else None
 
 
 def stored_sizes(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

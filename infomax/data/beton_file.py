@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from infomax.config.pretrain import ConfigError
-from infomax.data.datasets import ImageDataset
+from infomax.data.datasets import DataError, ImageDataset, ImageFolder
 
 INSTALL = ("FFCV is not installed: apt-get install -y --no-install-recommends libopencv-dev libturbojpeg0-dev "
            "pkg-config && pip install -e '.[ffcv]'")
@@ -59,11 +59,12 @@ class BetonInfo:
             raise ConfigError(f"'{path}' holds {size} bytes where its writer wrote {settings['bytes']} ('{meta}'): "
                               "the copy is incomplete or the file was changed; copy it again, or write it again "
                               "with python -m infomax.data.beton")
-        self.settings = settings
+        self.path, self.settings = path, settings
         self.channels, self.num_classes = int(settings["channels"]), int(settings["num_classes"])
         self.mean, self.std = tuple(settings["mean"]), tuple(settings["std"])
         self.count = int(settings["count"])
         self.dataset = str(settings.get("dataset", ""))
+        self.class_names: list[str] | None = settings.get("class_names")  # an image folder's; older writers: none
 
     def __len__(self) -> int:
         return self.count
@@ -76,6 +77,19 @@ class BetonInfo:
             raise ConfigError(f"bad value for config key '{key}': it was written from {self.dataset} (its .json says), "
                               f"but {dataset_key} is {dataset}; set {dataset_key}={self.dataset}, or give the .beton "
                               f"of {dataset}")
+
+
+    def number_queries(self, queries: ImageDataset) -> None:
+        """Number an image folder's labels (the kNN monitor's queries, read from val/) by the classes this .beton
+        was written from, as the bank's labels are: val/ beside no train/ would number only its own folders."""
+        if not isinstance(queries, ImageFolder):
+            return
+        if self.class_names is not None:
+            queries.number_classes_as(self.class_names, f"the .beton '{self.path}'")
+        elif queries.num_classes != self.num_classes:
+            raise DataError(f"'{queries.split_dir}' holds {queries.num_classes} class folder(s) and '{self.path}' "
+                            f"{self.num_classes} classes, and this .beton records no class names to match them by: "
+                            "write it again with python -m infomax.data.beton (which records them)")
 
 
 class BetonImages(ImageDataset):

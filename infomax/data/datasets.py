@@ -223,22 +223,13 @@ class ImageFolder(ImageDataset):
 
     def __init__(self, root: str, split: str = "train") -> None:
         base = self.find(root, split)
-        own, train = class_folders(base), Path(root) / "train"
-        # Labels are numbered by train/'s class folders in every split: val/ numbering its own would shift every
-        # label after a class it lacks, and each score would silently count the wrong class. (A val/ with no train/
-        # beside it, e.g. the FFCV run's queries, numbers its own: give it every class of the .beton.)
-        self.classes = own if split == "train" or not train.is_dir() else class_folders(train)
-        if extra := sorted(set(own) - set(self.classes)):
-            raise DataError(f"'{base}' holds class folder(s) that '{train}' lacks ({', '.join(extra[:5])}"
-                            f"{', ...' if len(extra) > 5 else ''}): labels are numbered by train/'s class folders; "
-                            f"give {split}/ only classes of train/")
-        self.num_classes = len(self.classes)
-        label_of = {cls: label for label, cls in enumerate(self.classes)}
+        self.split_dir, own = base, class_folders(base)
+        self.classes, self.num_classes = own, len(own)
         self.samples, empty = [], []
-        for cls in own:
+        for label, cls in enumerate(own):
             files = [p for p in sorted((base / cls).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS
                      and not any(part.startswith(".") for part in p.relative_to(base).parts)]  # ._x.jpg, .snapshot/
-            self.samples += [(str(p), label_of[cls]) for p in files]
+            self.samples += [(str(p), label) for p in files]
             empty += [] if files else [cls]
         if not self.samples:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under '{base}/<class>/': check data.root")
@@ -246,6 +237,22 @@ class ImageFolder(ImageDataset):
             raise DataError(f"{len(empty)} class folder(s) of '{base}' hold no images ({', '.join(IMAGE_EXTENSIONS)}): "
                             f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}; add their images (other "
                             "formats converted) or remove the folder(s)")
+        # Labels are numbered by train/'s class folders in every split: val/ numbering its own would shift every
+        # label after a class it lacks, and each score would silently count the wrong class. A val/ with no train/
+        # beside it (an FFCV run's queries) is numbered by the .beton's classes instead (number_classes_as).
+        if split != "train" and (train := Path(root) / "train").is_dir():
+            self.number_classes_as(class_folders(train), f"'{train}'")
+
+    def number_classes_as(self, classes: Sequence[str], source: str) -> None:
+        """Number the labels by ``classes``, the class folders of the images they are compared with (train/'s, or
+        those a .beton was written from, named by ``source``); a class ``classes`` lacks is refused."""
+        if extra := sorted(set(self.classes) - set(classes)):
+            raise DataError(f"'{self.split_dir}' holds class folder(s) that {source} lacks ({', '.join(extra[:5])}"
+                            f"{', ...' if len(extra) > 5 else ''}): labels are numbered by {source}'s classes; "
+                            f"give {self.split_dir.name}/ only classes of {source}")
+        label_of = {cls: label for label, cls in enumerate(classes)}
+        self.samples = [(path, label_of[self.classes[label]]) for path, label in self.samples]
+        self.classes, self.num_classes = list(classes), len(classes)
 
     @staticmethod
     def find(root: str, split: str) -> Path:

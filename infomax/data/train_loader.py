@@ -148,6 +148,8 @@ def build_knn_sets(cfg: Config, train: ImageDataset, validation: ImageDataset | 
                  f"images; the eval will need held-out images too: {way}")
             bank, queries = disjoint_subsets(train, m.knn_bank, m.knn_queries)
         else:  # one that exists but cannot be decoded is an error, not a reason to fall back
+            if cfg.data.format == "ffcv":  # the bank's labels are the .beton's
+                train.info.number_queries(held_out)
             bank, queries = stratified_subset(train, m.knn_bank), stratified_subset(_checked(held_out), m.knn_queries)
     if missing := missing_classes(bank, queries):
         raise DataError(f"bad value for config key 'monitor.knn_bank': its {len(bank)} images hold none of class(es) "
