@@ -73,7 +73,8 @@ LOCAL_NO_LIMIT_MIN = 366 * 24 * 60  # --time 0 on a local run: no limit, as SLUR
 
 
 def minutes(text: str) -> int:
-    """A SLURM time (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes, rounded up."""
+    """A SLURM time (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes, rounded up as SLURM rounds it (its
+    time limits have a resolution of one minute: ``1:30`` is a two-minute limit)."""
     try:
         if "-" in text:
             days, clock = text.split("-", 1)
