@@ -38,15 +38,38 @@ def test_card_code_loads_the_weights_with_timm_alone(tmp_path: Path, arch: str, 
                    beside={CARD: lambda meta: card_text(meta, encoder, FACTS)})
     code = python_in((export / CARD).read_text())
     assert "from pretrain" not in code and "import pretrain" not in code  # timm, torch and safetensors only
+    # timm's data config is the export's input, not its 224 px ImageNet default
     check = code + "import torch\ntorch.save({k: v for k, v in encoder.state_dict().items()}, 'loaded.pt')\n" \
-                   "print(tuple(encoder(torch.zeros(2, 1, 16, 16)).shape))\n"
+                   "print(tuple(encoder(torch.zeros(2, 1, 16, 16)).shape))\n" \
+                   "c = timm.data.resolve_model_data_config(encoder)\nprint(c['input_size'], c['mean'], c['std'])\n"
     proc = subprocess.run([sys.executable, "-c", check], cwd=export, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected, meta = load_encoder(export)
-    assert proc.stdout.split() == ["(2,", f"{meta['num_features']})"]
+    assert proc.stdout.splitlines() == [f"(2, {meta['num_features']})", "(1, 16, 16) (0.5,) (0.25,)"]
     loaded = torch.load(export / "loaded.pt")
     assert loaded.keys() == expected.state_dict().keys()
     assert all(torch.equal(loaded[k], v) for k, v in expected.state_dict().items())
+    # A weight missing from the file is an error: timm's own loader is strict only when num_classes agree
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(export / "encoder.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "layer4.0.conv1.weight"}, export / "encoder.safetensors")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=export, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "layer4.0.conv1.weight" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_cmc_card_says_its_encoders_take_lab_channels() -> None:
+    """The card said every encoder took normalised pixels (mean and std of the RGB loader): CMC's take Lab."""
+    from infomax.export.encoder import export_meta
+
+    meta = export_meta(arch="test_resnet", in_chans=1, input_size=16, mean=(0.5,) * 3, std=(0.25,) * 3,
+                       num_features=64, small_input=True, stem_stride=1, input_transform="lab_L",
+                       views=[{"file": "encoder_view1.safetensors", "in_chans": 2, "input_transform": "lab_ab",
+                               "sha256": "0" * 64}])
+    card = card_text(meta, create_encoder("test_resnet", 1, small_input=True), FACTS)
+    assert "`lab_L`: an RGB image in [0, 1] converted to CIE Lab" in card and "(L - 50) / 50" in card
+    assert "`lab_ab`: an RGB image in [0, 1] converted to CIE Lab, its a and b channels" in card
+    assert "mean [0.5, 0.5, 0.5]" not in card and "mean=(0.5,), std=(0.5,)" in python_in(card)
 
 
 def test_the_card_names_the_eval_protocol_of_the_data_it_was_pretrained_on() -> None:

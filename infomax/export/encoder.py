@@ -4,9 +4,10 @@
 ``export/config.json`` says how to rebuild it. For a standard-stem encoder::
 
     timm.create_model(arch, pretrained=True, num_classes=0, in_chans=C,
-                      pretrained_cfg_overlay=dict(file=".../encoder.safetensors"))
+                      pretrained_cfg_overlay=dict(file=".../encoder.safetensors", num_classes=0))
 
-loads it with no missing or unexpected keys; :func:`load_encoder` also handles ``small_input``.
+loads it with no missing or unexpected keys (``num_classes=0`` in the overlay too: timm loads strictly only when
+the two agree); :func:`load_encoder` also handles ``small_input``.
 """
 
 from __future__ import annotations

@@ -20,13 +20,41 @@ CARD = "README.md"
 EVAL_HEADING = "## Linear evaluation"
 
 
+# The inputs an export's encoder takes, per its input_transform ("normalise" reads config.json's mean and std)
+INPUTS = {"lab_L": "an RGB image in [0, 1] converted to CIE Lab (`infomax.data.colour.rgb_to_lab`), its L channel as "
+                   "(L - 50) / 50: L / 100 normalised with mean 0.5 and std 0.5 (CMC's constants)",
+          "lab_ab": "an RGB image in [0, 1] converted to CIE Lab, its a and b channels as (a - 6.025) / 92.2075 and "
+                    "(b + 6.6895) / 101.1675 (CMC's constants)"}
+
+
+def describe_input(transform: str, meta: dict[str, Any]) -> str:
+    """What an encoder of this ``input_transform`` takes, in words (config.json's ``meta`` gives mean and std)."""
+    return INPUTS.get(transform, f"pixels in [0, 1], then (x - mean) / std with mean {meta['mean']} and std "
+                                 f"{meta['std']}")
+
+
+def timm_data_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """The export's input as timm's pretrained_cfg states it, so that ``timm.data.resolve_model_data_config``
+    gives its size, mean and std (not timm's 224 px ImageNet defaults). The eval's transform: resize and centre
+    crop at ratio 1, bilinear. Lab's L is described as L / 100 at mean 0.5, std 0.5."""
+    lab = meta["input_transform"] == "lab_L"
+    return {"input_size": tuple(meta["input_size"]), "mean": (0.5,) if lab else tuple(meta["mean"]),
+            "std": (0.5,) if lab else tuple(meta["std"]), "crop_pct": 1.0, "interpolation": "bilinear"}
+
+
 def loading_code(meta: dict[str, Any], encoder: nn.Module) -> str:
-    """Python that rebuilds ``encoder`` from the export with timm and safetensors alone (no infomax)."""
+    """Python that rebuilds ``encoder`` from the export with timm and safetensors alone (no infomax): strictly (a
+    weight missing from the file is an error), with timm's data config set to the export's input."""
     kwargs = "".join(f", {k}={v!r}" for k, v in meta["timm_kwargs"].items())
+    data = ", ".join(f"{k}={v!r}" for k, v in timm_data_config(meta).items())
     create = f'timm.create_model("{meta["architecture"]}", num_classes=0, in_chans={meta["in_chans"]}{kwargs}'
     if not meta["small_input"]:
         return ("import timm\n\n"
-                f'encoder = {create},\n    pretrained=True, pretrained_cfg_overlay=dict(file="encoder.safetensors"))\n'
+                "# num_classes=0 in the overlay as well: timm then loads strictly (without it, a weight missing\n"
+                "# from the file would stay random without a word); the rest is this export's input, for timm's\n"
+                "# data config\n"
+                f"encoder = {create}, pretrained=True,\n"
+                f'    pretrained_cfg_overlay=dict(file="encoder.safetensors", num_classes=0, {data}))\n'
                 "encoder.eval()\n")
     stride = meta["stem_stride"]
     if isinstance(encoder.conv1, nn.Conv2d):
@@ -36,7 +64,8 @@ def loading_code(meta: dict[str, Any], encoder: nn.Module) -> str:
         stem = ("first = next(m for m in encoder.conv1.modules() if isinstance(m, torch.nn.Conv2d))\n"
                 f"first.stride = ({stride}, {stride})\n")
     return ("import timm\nimport torch\nfrom safetensors.torch import load_file\n\n"
-            f"encoder = {create})\n"
+            "# the overlay: this export's input, for timm's data config\n"
+            f"encoder = {create},\n    pretrained_cfg_overlay=dict({data}))\n"
             f"# the small-image stem (model.small_input): a 3x3 first conv at stride {stride}, no max-pool\n"
             f"{stem}encoder.maxpool = torch.nn.Identity()\n"
             'encoder.load_state_dict(load_file("encoder.safetensors"))\n'
@@ -75,8 +104,7 @@ def card_text(meta: dict[str, Any], encoder: nn.Module, run: dict[str, Any], eva
         + (f"; small-image stem (3x3 at stride {meta['stem_stride']}, no max-pool)"
            if meta["small_input"] else "")
         + " |",
-        f"| input | {pre}, `{meta['input_transform']}`: pixels in [0, 1], then (x - mean) / std with mean "
-        f"{meta['mean']} and std {meta['std']} |",
+        f"| input | {pre}, `{meta['input_transform']}`: {describe_input(meta['input_transform'], meta)} |",
         f"| objective | `{run['objective']}`, bound `{run['bound']}` |",
         f"| data | `{run['dataset']}`, {run['train_images']} training images, labels unused; views of {views} |",
         f"| training | {s.get('epochs_trained')} epochs, {s.get('steps')} steps, global batch {run['global_batch']} "
@@ -87,7 +115,8 @@ def card_text(meta: dict[str, Any], encoder: nn.Module, run: dict[str, Any], eva
     ]
     for view in meta.get("view_encoders", []):
         lines.append(f"| another view's encoder | `{view['file']}` (`in_chans={view['in_chans']}`, "
-                     f"`{view['input_transform']}`), sha256 `{view['sha256']}` |")
+                     f"`{view['input_transform']}`: {describe_input(view['input_transform'], meta)}), "
+                     f"sha256 `{view['sha256']}` |")
     lines += ["", "## Load it", "", "From this folder, with timm and safetensors only:", "", "```python",
               loading_code(meta, encoder).rstrip(), "```", "",
               "`encoder(images)` then gives a batch of feature vectors (B x "
