@@ -528,6 +528,8 @@ def test_bad_input_fails_with_one_line(export_dir: Path, tmp_path: Path, damage:
     assert code == 2 and len(lines) == 1 and needle in lines[0], err[-2000:]
     if damage.startswith("missing"):
         assert f"'{export_dir}'" in lines[0]  # the path the user gave, not its parent
+    if damage == "arch":  # the keys at fault, not torch's first line alone ("Error(s) in loading state_dict ...:")
+        assert "key(s) in state_dict" in lines[0] or "size mismatch" in lines[0], lines[0]
     assert "rows to compute" not in out  # found before any work
     if damage == "missing":  # once through the script itself: no warning or traceback beside the line, exit 2
         proc = run_eval(f"weights={export_dir}", *extra)
@@ -892,3 +894,68 @@ def test_the_report_lands_in_the_run_dir_whether_weights_names_the_export_or_its
     (export / "encoder.safetensors").write_bytes(b"")
     assert report_dir("", [str(export)]) == report_dir("", [str(export / "encoder.safetensors")]) == tmp_path / "run"
     assert report_dir(str(tmp_path / "mine"), [str(export)]) == tmp_path / "mine"
+    # exports side by side in one folder (not <run>/export) each keep their own report: they shared the folder's
+    for name in ("a", "b"):
+        assert report_dir("", [str(tmp_path / "dl" / name)]) == tmp_path / "dl" / name
+
+
+def test_export_rows_are_named_by_their_run_and_told_apart_by_their_parents(tmp_path: Path) -> None:
+    """weights=<run>/export/encoder.safetensors was named 'encoder.safetensors', weights=. was '', and two seeds'
+    exports of two sweeps (a/seed0/export, b/seed0/export) were both 'seed0'."""
+    from infomax.eval.rows import export_names
+
+    for folder in ("r/export", "dl/x", "a/seed0/export", "b/seed0/export"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "encoder.safetensors").write_bytes(b"")
+    assert export_names([str(tmp_path / "r" / "export" / "encoder.safetensors"), str(tmp_path / "dl" / "x")]) == \
+        ["r", "x"]
+    assert export_names([str(tmp_path / "a" / "seed0" / "export"), str(tmp_path / "b" / "seed0" / "export")]) == \
+        ["a/seed0", "b/seed0"]
+    assert export_names(["."]) == [Path.cwd().name]
+
+
+def test_each_row_is_compared_with_its_own_exports_supervised_row_and_a_quoted_alexnet_only_on_imagenet() -> None:
+    """With two exports the Δ vs supervised was blank for every row (one supervised row was required), and on
+    Fashion-MNIST baselines.published made every row's Δ vs AlexNet a difference to an ImageNet figure."""
+    from infomax.config.eval import EvalConfig
+    from infomax.eval.baselines import REFERENCE_ALEXNET_TOP1
+    from infomax.eval.main import add_deltas, alexnet_reference
+
+    rows = [{"kind": "ours", "top1": 0.8, "export_sha256": "a"}, {"kind": "ours", "top1": 0.7, "export_sha256": "b"},
+            {"kind": "random_init", "top1": 0.3, "export_sha256": "a"}, {"kind": "raw_pixels", "top1": 0.5},
+            {"kind": "supervised_encoder", "top1": 0.9, "export_sha256": "a"},
+            {"kind": "supervised_encoder", "top1": 0.6, "export_sha256": "b"}]
+    add_deltas(rows, None)
+    deltas = [r["delta_vs_supervised"] for r in rows]
+    assert deltas[:3] == pytest.approx([-0.1, 0.1, -0.6]) and deltas[3:] == [None] * 3
+    assert all(r["delta_vs_alexnet"] is None for r in rows)
+    published = EvalConfig(dataset="fashion_mnist")
+    published.baselines.published = True
+    assert alexnet_reference(published, rows) == (None, False)  # no ImageNet figure as the reference here
+    published.dataset = "imagefolder"
+    assert alexnet_reference(published, rows) == (REFERENCE_ALEXNET_TOP1, True)
+    measured = [*rows, {"kind": "alexnet_supervised", "top1": 0.55}]
+    assert alexnet_reference(published, measured) == (0.55, False)
+
+
+def test_a_partial_eval_leaves_the_model_card_and_a_read_only_card_is_a_note(export_dir: Path, tmp_path: Path,
+                                                                              capsys, monkeypatch) -> None:
+    """A quick eval (limit_train/limit_test) or a recipe's validation split replaced the card's scores of the whole
+    test split; a card that could not be written failed the eval after every row was scored."""
+    import infomax.export.model_card
+    from infomax.export.model_card import CARD, add_eval
+
+    add_eval(export_dir, "| run | ours | whole test split |", "On synthetic.", tmp_path / "report.md")
+    code, out, err = eval_in_process(capsys, f"weights={export_dir}", f"out={tmp_path / 'quick'}", "limit_train=48",
+                                     "precision=no")
+    assert code == 0, err[-2000:]
+    assert "the model card(s) keep their scores: this eval scored limit_train=48" in out
+    assert "| run | ours | whole test split |" in (export_dir / CARD).read_text()
+
+    def read_only(path: Path, data: bytes) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(infomax.export.model_card, "write_atomically", read_only)
+    code, out, err = eval_in_process(capsys, f"weights={export_dir}", f"out={tmp_path / 'whole'}", "precision=no")
+    assert code == 0 and (tmp_path / "whole" / "report.json").is_file(), err[-2000:]
+    assert f"note: the model card in '{export_dir}' was not updated (Permission denied)" in out

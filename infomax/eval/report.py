@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,15 @@ KIND_COLOURS = {"ours": "C0", "random_init": "C7", "raw_pixels": "C8", "alexnet_
 
 
 def report_dir(out: str, weights: list[str]) -> Path:
-    """Where an eval writes its report, kept rows and fits' checkpoints: ``out``, else beside the first export (its
-    run dir, also when the export is named by its encoder.safetensors), else (no export: stored baselines only)
+    """Where an eval writes its report, kept rows and fits' checkpoints: ``out``, else the first export's run dir
+    (``<run>/export``, also when named by its encoder.safetensors), else the first export's own folder (exports
+    side by side in one folder would share a report beside them), else (no export: stored baselines only)
     runs/baselines."""
     if out or not weights:
         return Path(out or "runs/baselines")
     export = Path(weights[0]).resolve()
-    return (export.parent if export.suffix == ".safetensors" else export).parent
+    export = export.parent if export.suffix == ".safetensors" else export
+    return export.parent if export.name == "export" else export
 
 
 def _pct(v: float | None) -> str:
@@ -64,6 +67,9 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], kn
     sources = "\n".join(f"- `{r['name']}`: sha256 `{r['weights_sha256']}`" for r in rows if r.get("weights_sha256"))
     quoted = "\n".join(f"- {r['name']}: {r['source']}" for r in rows if r["kind"] == "published")
     reference = meta.get("alexnet_reference_top1")
+    alexnet = ("no AlexNet row" if reference is None else f"supervised AlexNet at {_pct(reference)}%"
+               + (" (the quoted ImageNet figure)" if meta.get("alexnet_reference") == "quoted" else ""))
+    imagenet_only = "" if meta["dataset"] == "imagefolder" else f" (ImageNet's: no reference on {meta['dataset']})"
     edge = [f"- `{r['name']}`: weight decay {r['weight_decay']:g} is at the edge of the grid tried "
             f"({', '.join(f'{w:g}' for w in sorted(r['weight_decays_tried']))}); its top-1 may be an underestimate"
             for r in rows if r.get("weight_decay_at_edge")]
@@ -75,11 +81,10 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], kn
         + f".\n\n{table}\n\n"
         f"Δ vs supervised, same arch: top-1 points against the export's architecture trained with labels (the fair "
         f"reference: same encoder, data and probe; – without that row). Δ vs AlexNet: top-1 points against "
-        f"{'no AlexNet row' if reference is None else f'supervised AlexNet at {_pct(reference)}%'} (another "
-        f"architecture, trained end to end).\n\n"
+        f"{alexnet} (another architecture, trained end to end).\n\n"
         f"Protocol: {meta['protocol_description']}\n\n"
         f"Precision: {meta['precision']} ({meta['precision_reason']}); measured on {meta['machine']}.\n\n"
-        + (f"Quoted, not measured here:\n{quoted}\n\n" if quoted else "")
+        + (f"Quoted, not measured here{imagenet_only}:\n{quoted}\n\n" if quoted else "")
         + ("Warnings:\n" + "\n".join(edge) + "\n\n" if edge else "")
         + f"Weights:\n{sources or '- none'}\n\nConfig:\n\n```yaml\n{meta['config']}```\n"
     )
@@ -98,8 +103,10 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], kn
         ax.axhline(100 * reference, color="C3", ls="--", label=f"supervised AlexNet {_pct(reference)}%")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "report.png", dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    write_atomically(out / "report.png", png.getvalue())
     # A run of its own (tb/eval/) at the export's training step: evaluations of one run over time line
     # up, and they do not sit as single points among the training curves.
     tb = TensorBoard(out / "tb" / "eval", enabled=True)  # a failed TensorBoard write warns, never loses the report

@@ -49,6 +49,7 @@ from infomax.eval.stored_baselines import (
     store_dir,
     store_result,
 )
+from infomax.export.encoder import export_dir_of
 from infomax.features.extract import ImageListDataset, beton_features, extract_features
 from infomax.features.knn import knn_predict_many, sharded_knn_predict_many
 from infomax.method.models import create_encoder
@@ -93,9 +94,24 @@ def has_raw_pixels_row(cfg: Any, channels: int, size: int) -> bool:
     return bool(cfg.raw_pixels) and channels * size * size <= 4096
 
 
-def export_name(weights: str) -> str:
-    """An export's row name: its run directory's for ``.../export``, else the path's last part."""
-    return Path(weights).resolve().parent.name if Path(weights).name == "export" else Path(weights).name
+def export_names(weights: Sequence[str]) -> list[str]:
+    """Each export's row name: its run directory's for ``<run>/export`` (or its encoder.safetensors), else its
+    folder's; exports of one name get the parent folders that tell them apart (``a/seed0``, ``b/seed0``)."""
+    dirs = [export_dir_of(w).resolve() for w in weights]
+    parts = [d.parts[:-1] if d.name == "export" else d.parts for d in dirs]
+    names = [p[-1] for p in parts]
+    for depth in range(2, max(map(len, parts)) + 1):
+        if len(set(names)) == len(names):
+            break
+        names = ["/".join(p[-depth:]) for p in parts]
+    return names
+
+
+def for_export(builder: RowBuilder, sha256: str) -> RowBuilder:
+    """``builder``, its row marked with the export it belongs to (``export_sha256``): its Δ vs supervised is
+    against that export's architecture."""
+    build = builder.build
+    return dataclasses.replace(builder, build=lambda: {**build(), "export_sha256": sha256})
 
 
 def input_fn_for(meta: dict) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -514,8 +530,8 @@ class Rows:
         A new row is one more entry here (and its method above); nothing else counts the rows."""
         cfg, b = self.cfg, self.b
         rows: list[RowBuilder] = []
-        for w, encoder, meta in exports:
-            rows += self.export_rows(export_name(w), encoder, meta, view_encoders[w])
+        for name, (w, encoder, meta) in zip(export_names([w for w, *_ in exports]), exports):
+            rows += [for_export(row, meta["sha256"]) for row in self.export_rows(name, encoder, meta, view_encoders[w])]
         if has_raw_pixels_row(cfg, self.train.channels, self.size):
             pixels = self.train.channels * self.size * self.size
             rows.append(RowBuilder("raw pixels", self.raw_pixels_row, cost=lambda: RowCost(features=pixels)))
@@ -523,9 +539,10 @@ class Rows:
             rows.append(RowBuilder("AlexNet supervised", self.alexnet_row, cost=lambda: RowCost(scored=False)))
         for w, _, meta in exports if b.supervised_encoder else []:
             if b.supervised_encoder_epochs or pretrain_epochs(meta):
-                rows.append(RowBuilder(f"supervised {meta['architecture']}",
-                                       functools.partial(self.supervised_encoder_row, meta),
-                                       cost=functools.partial(self.supervised_encoder_cost, meta)))
+                rows.append(for_export(RowBuilder(f"supervised {meta['architecture']}",
+                                                  functools.partial(self.supervised_encoder_row, meta),
+                                                  cost=functools.partial(self.supervised_encoder_cost, meta)),
+                                       meta["sha256"]))
             else:
                 self.accelerator.print(f"no supervised-encoder row for {w}: its export records no pretraining "
                                        "epochs; set baselines.supervised_encoder_epochs")

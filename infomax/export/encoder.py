@@ -37,8 +37,8 @@ class ExportFailed(Exception):
 class DamagedExport(ConfigError):
     """An export whose config.json is damaged or whose weights are missing or changed."""
 
-    def __init__(self, problem: str) -> None:
-        super().__init__(f"{problem}; {REEXPORT}")
+    def __init__(self, problem: str, remedy: str = REEXPORT) -> None:
+        super().__init__(f"{problem}; {remedy}")
         self.problem = problem
 
 
@@ -133,7 +133,7 @@ def _save_weights(encoder: nn.Module, path: Path) -> str:
 
 
 REQUIRED_META = ("architecture", "timm_kwargs", "in_chans", "input_size", "mean", "std", "small_input", "stem_stride",
-                 "sha256")
+                 "num_features", "sha256")
 
 
 def export_dir_of(path: str | Path) -> Path:
@@ -158,8 +158,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise DamagedExport(f"{meta_path} is not valid JSON ({e})") from None
     missing = [k for k in REQUIRED_META if not isinstance(meta, dict) or k not in meta]
     if missing:
-        raise DamagedExport(f"{meta_path} lacks {', '.join(missing)}: it was written by an older version of infomax "
-                            "(re-export with the version that wrote it), by something else, or edited")
+        raise DamagedExport(f"{meta_path} lacks {', '.join(missing)}: it was written by an older version of infomax, "
+                            "by something else, or edited", "re-export it with the infomax version that wrote it "
+                            "(rerun its pretraining command on its run dir), or pretrain it again with this one")
     return meta
 
 
