@@ -26,6 +26,7 @@ from conftest import REPO, TINY, main_in_process, run_main
 from infomax.config.pretrain import ConfigError
 from infomax.runtime import checkpoint as ckpt
 from infomax.runtime.run_dir import RunDirError, RunDirLock
+from infomax.runtime.stop import SecondCtrlC
 
 FAST = ["monitor.knn_every=0", "run.checkpoint_every=4"]
 Pretrain = Callable[..., subprocess.CompletedProcess]  # the conftest fixture `pretrain`: main in this process
@@ -55,12 +56,13 @@ def test_run_dir_with_another_config_is_refused_before_anything_is_written(run_d
     # Another head shape used to crash with a size-mismatch traceback after overwriting config.yaml.
     proc = pretrain(f"run.dir={run_dir}", "model.head_dims=[64,16]", *FAST, check=False)
     assert "model.head_dims" in one_line_error(proc, 2) and snapshot(run_dir) == before
-    # Budgets may change: a larger one continues the run.
-    proc = pretrain(f"run.dir={run_dir}", "run.max_steps=6", *FAST)
+    # Budgets may change: a larger one continues the run; so may settings that leave the trajectory alone (a
+    # collective timeout raised after a slow save used to need a new run dir)
+    proc = pretrain(f"run.dir={run_dir}", "run.max_steps=6", "run.dist_timeout_min=30", "data.batches_ahead=5", *FAST)
     assert "resumed from" in proc.stdout and "step 6/6" in proc.stdout
 
 
-@pytest.mark.parametrize("damage", ["emptied", "cut_in_half", "cut_at_a_line_end"])
+@pytest.mark.parametrize("damage", ["emptied", "cut_in_half", "cut_at_a_line_end", "deleted"])
 def test_damaged_run_dir_config_says_so_and_is_restored_from_the_checkpoint(run_dir: Path, damage: str, pretrain: Pretrain) -> None:
     pretrain(f"run.dir={run_dir}", "run.max_steps=4", *FAST)
     saved = run_dir / "config.yaml"
@@ -68,10 +70,14 @@ def test_damaged_run_dir_config_says_so_and_is_restored_from_the_checkpoint(run_
     cut = text.index("\n", len(text) // 2) - 2  # mid-line: what a partial copy or a full disk leaves
     # at a line end it still parses: it read as "a different config (... and 39 more differ)"
     cut += 3 if damage == "cut_at_a_line_end" else 0
-    saved.write_text("" if damage == "emptied" else text[:cut])
+    if damage == "deleted":  # its checkpoints resumed under any config, which config.yaml then recorded
+        saved.unlink()
+    else:
+        saved.write_text("" if damage == "emptied" else text[:cut])
     before = snapshot(run_dir)
     line = one_line_error(pretrain(f"run.dir={run_dir}", "run.max_steps=6", *FAST, check=False), 2)
-    assert f"{saved} is empty" in line if damage == "emptied" else f"{saved} is cut short" in line
+    assert {"emptied": f"{saved} is empty", "deleted": f"'{run_dir}' holds checkpoints but no config.yaml"}.get(
+        damage, f"{saved} is cut short") in line
     assert f"python -m infomax.runtime.run_dir --restore-config {run_dir}" in line and "different config" not in line
     assert snapshot(run_dir) == before
     restore = subprocess.run([sys.executable, "-m", "infomax.runtime.run_dir", "--restore-config", str(run_dir)],
@@ -463,7 +469,7 @@ def test_second_ctrl_c_during_a_save_removes_the_partial_dir_and_says_so_in_one_
 
     def write_until_ctrl_c(self, data):
         if self.size > 20_000:
-            raise KeyboardInterrupt  # what StopFlag raises on the second SIGINT
+            raise SecondCtrlC  # what StopFlag raises on the second SIGINT
         return real_write(self, data)
 
     monkeypatch.setattr(ckpt._HashingWriter, "write", write_until_ctrl_c)
@@ -474,8 +480,11 @@ def test_second_ctrl_c_during_a_save_removes_the_partial_dir_and_says_so_in_one_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004"]
 
 
-@pytest.mark.parametrize("raised", [KeyboardInterrupt(), ckpt.SaveInterrupted("the save of step_00000008 was ...")])
+@pytest.mark.parametrize("raised", [SecondCtrlC(), ckpt.SaveInterrupted("the save of step_00000008 was ..."),
+                                    KeyboardInterrupt()], ids=["second", "during_a_save", "while_starting"])
 def test_second_ctrl_c_ends_pretraining_with_one_line_and_exit_130(raised: BaseException, monkeypatch, capsys) -> None:
+    """A plain KeyboardInterrupt is a first Ctrl-C before the stop handler was installed (the data and model still
+    being built): it was said to be a second Ctrl-C that kept the checkpoints already written."""
     import infomax.launch.pretrain
 
     def interrupted(cfg, eval_clock=None):
@@ -484,7 +493,10 @@ def test_second_ctrl_c_ends_pretraining_with_one_line_and_exit_130(raised: BaseE
     monkeypatch.setattr(infomax.launch.pretrain, "train", interrupted)
     assert infomax.launch.pretrain.main(["--config", str(TINY)]) == 130
     line, = capsys.readouterr().err.splitlines()
-    assert line == f"error: {raised}" if str(raised) else line == f"error: {ckpt.SECOND_CTRL_C}"
+    expected = {"SecondCtrlC": ckpt.SECOND_CTRL_C, "SaveInterrupted": str(raised),
+                "KeyboardInterrupt": "stopped by Ctrl-C while starting, before the first step; rerun the same command "
+                                     "to start"}[type(raised).__name__]
+    assert line == f"error: {expected}"
 
 
 def test_partial_saves_of_a_killed_run_are_removed_when_the_loop_resumes(tmp_path: Path, capsys) -> None:

@@ -138,6 +138,7 @@ def run_rows(plan: list, stop: Any, accelerator: Any, out: Path, key: str) -> li
     from infomax.eval.row_cache import RowCache
     from infomax.eval.rows import Stopped
     from infomax.runtime.distributed import agree_max
+    from infomax.runtime.stop import SecondCtrlC
 
     computed = [r for r in plan if not r.quoted]
     cache = RowCache(out / "rows", key, accelerator.is_main_process)
@@ -160,8 +161,8 @@ def run_rows(plan: list, stop: Any, accelerator: Any, out: Path, key: str) -> li
             rows.append(clock.done(row))
     except Stopped as e:  # between rows, or a fit stopped with its checkpoint saved
         raise Stopped(f"{e}; {kept_line(cache)}", e.signal_name) from None
-    except KeyboardInterrupt:  # a second Ctrl-C
-        raise KeyboardInterrupt(f"stopped by a second Ctrl-C after {cache.kept} of {len(computed)} rows; "
+    except SecondCtrlC:
+        raise SecondCtrlC(f"stopped by a second Ctrl-C after {cache.kept} of {len(computed)} rows; "
                                 f"{kept_line(cache)}") from None
     return rows
 
@@ -253,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from infomax.eval.features import EncoderChanged
     from infomax.eval.rows import Stopped
     from infomax.runtime.checkpoint import SECOND_CTRL_C, CheckpointError, SaveInterrupted
+    from infomax.runtime.stop import SecondCtrlC
 
     parser = argparse.ArgumentParser(description="Linear probe + kNN of frozen exported encoders, beside AlexNet.")
     parser.add_argument("--config", help="YAML with differences from the eval defaults (configs/probe_*.yaml)")
@@ -267,8 +269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, EncoderChanged, NothingToTrain) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (SaveInterrupted, KeyboardInterrupt) as e:  # a second Ctrl-C: the user would not wait for the save
+    except (SaveInterrupted, SecondCtrlC) as e:  # a second Ctrl-C: the user would not wait for the save
         print(f"error: {str(e) or SECOND_CTRL_C}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the stop handler was installed
+        print("error: stopped by Ctrl-C while starting, before any row was scored; rerun the same command to start",
+              file=sys.stderr)
         return 130
     except CheckpointError as e:  # every checkpoint of a fit damaged, or the disk full at a save
         print(f"error: {e}", file=sys.stderr)

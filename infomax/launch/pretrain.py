@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from infomax.data.datasets import DataError
     from infomax.export.encoder import ExportFailed
     from infomax.runtime.checkpoint import SECOND_CTRL_C, CheckpointError, SaveInterrupted, make_room, no_room
+    from infomax.runtime.stop import SecondCtrlC
     from infomax.train.engine import NonFiniteLoss
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -62,8 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except (SaveInterrupted, KeyboardInterrupt) as e:  # a second Ctrl-C: the user would not wait for the save
+    except (SaveInterrupted, SecondCtrlC) as e:  # a second Ctrl-C: the user would not wait for the save
         print(f"error: {str(e) or SECOND_CTRL_C}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the stop handler was installed
+        print("error: stopped by Ctrl-C while starting, before the first step; rerun the same command to start",
+              file=sys.stderr)
         return 130
     except (CheckpointError, ExportFailed) as e:  # every checkpoint damaged, or the disk full at a save or export
         print(f"error: {e}", file=sys.stderr)

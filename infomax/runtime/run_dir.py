@@ -29,7 +29,8 @@ LOCK_FILE = ".lock"
 # settings that leave the trajectory alone. Everything else defines the experiment.
 BUDGET_KEYS = frozenset({"optim.epochs", "run.max_steps", "run.log_every", "run.checkpoint_every",
                          "run.checkpoint_every_min", "run.save_at_epoch_end",
-                         "run.keep_checkpoints", "run.export", "run.resume", "data.num_workers", "run.dir"})
+                         "run.keep_checkpoints", "run.export", "run.resume", "data.num_workers", "run.dir",
+                         "run.dist_timeout_min", "data.batches_ahead", "data.os_cache", "monitor.expect_eval"})
 # Where the data lives: a copy elsewhere (node-local scratch, a moved .beton) is the same experiment. What the
 # data is goes into DATA_RECORD and is compared instead (check_data_moved).
 LOCATION_KEYS = ("data.root", "data.path")
@@ -111,8 +112,12 @@ def check_run_dir(cfg: Config) -> None:
                           "version did, before run dirs were marked); pick a new or empty run.dir (nothing was "
                           "written)")
     saved = run_dir / "config.yaml"
-    if not saved.is_file() or not has_checkpointed(run_dir):
+    if not has_checkpointed(run_dir):
         return  # nothing to resume: a run that never saved (e.g. it failed at its first step) may start over
+    if not saved.is_file():  # its checkpoints would resume under any config, which config.yaml would then record
+        raise RunDirError(f"run.dir '{run_dir}' holds checkpoints but no config.yaml, the record of its experiment; "
+                          f"restore it from the newest checkpoint with: python -m infomax.runtime.run_dir "
+                          f"--restore-config {shlex.quote(str(run_dir))}, then rerun (or pick a new run.dir)")
     check_saved_config(saved)
     differing = config_differences(saved.read_text(), cfg)
     if (run_dir / DATA_RECORD).is_file():  # where the data is may change: what it is is checked (check_data_moved)

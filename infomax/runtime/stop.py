@@ -14,6 +14,11 @@ from typing import Any
 PREEMPT_SIGNAL = signal.SIGUSR2
 
 
+class SecondCtrlC(KeyboardInterrupt):
+    """A Ctrl-C after the first: the user does not want to wait for the save. (A plain KeyboardInterrupt is a
+    Ctrl-C before any StopFlag was installed: while the command was starting.)"""
+
+
 class StopFlag:
     """Set by SIGTERM, SIGUSR1 or SIGUSR2 (cancel, preemption, time limit, a scheduler's stop) and by
     Ctrl-C (SIGINT; a second Ctrl-C aborts at once, without saving).
@@ -55,6 +60,6 @@ class StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self._signalled:
-            raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the save
+            raise SecondCtrlC
         self._signalled = True
         self.signal_name = signal.Signals(signum).name
