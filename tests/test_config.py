@@ -136,6 +136,16 @@ def test_intra_view_negatives_and_nn_support_need_in_batch_keys() -> None:
         (["model.shuffle_bn=2"], "'model.shuffle_bn': shuffles the momentum model's BatchNorm, so it needs the queue"),
         (["objective.queue_size=8", "model.shuffle_bn=1"], "'model.shuffle_bn': 1 group on one process is the batch"),
         (["monitor.expect_eval=nowhere.yaml"], "'monitor.expect_eval': config file 'nowhere.yaml' not found"),
+        # torchvision's, torch's or timm's ValueError mid-start, or silently wrong figures
+        (["data.views.0.hue=0.9"], "'data.views.0.hue': must be in [0, 0.5] (0.5 turns hues half-way round"),
+        (["data.views.0.brightness=-1"], "'data.views.0.brightness': must be >= 0"),
+        (["optim.momentum=-1"], "'optim.momentum': must be in [0, 1), got -1.0"),
+        (["monitor.online_probe_lr=-1"], "'monitor.online_probe_lr': must be > 0"),
+        (["monitor.knn_temperature=0"], "'monitor.knn_temperature': must be > 0"),
+        (["data.synthetic_size=-5"], "'data.synthetic_size': must be >= 1"),
+        # the defaults' synthetic images trained, the root unread
+        (["data.root=/data/mine"], "'data.root': the synthetic images are drawn, not read from files: set "
+                                   "data.dataset=imagefolder (or fashion_mnist) to use the images at /data/mine"),
     ],
 )
 def test_cli_errors_are_one_line_before_training(overrides: list[str], needle: str, run_dir: Path, capsys) -> None:
@@ -144,6 +154,23 @@ def test_cli_errors_are_one_line_before_training(overrides: list[str], needle: s
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
     assert not run_dir.exists()  # nothing was started
+
+
+def test_the_evals_root_for_the_synthetic_images_is_refused_too() -> None:
+    from infomax.config.eval import EvalConfig, validate_eval
+
+    with pytest.raises(ConfigError, match="'root': the synthetic images are drawn, not read from files: set "
+                                          "dataset=imagefolder"):
+        load_config(None, ["dataset=synthetic", "root=/data/mine", "weights=[x]"], schema=EvalConfig,
+                    check=validate_eval)
+
+
+def test_a_min_lr_above_the_peak_lr_is_refused(run_dir: Path, capsys) -> None:
+    """optim.min_lr=1 with optim.lr=0.1: the "cosine decay" climbed from the peak to the minimum."""
+    code, _, err = main_in_process(capsys, f"run.dir={run_dir}", "optim.lr=0.1", "optim.min_lr=1")
+    lines = err.strip().splitlines()
+    assert code == 2 and lines == ["error: bad value for config key 'optim.min_lr': 1 is above the peak lr 0.1 "
+                                   "(optim.lr after optim.lr_scaling), where the cosine ends; lower optim.min_lr"], err
 
 
 @pytest.mark.parametrize("text, needle", [

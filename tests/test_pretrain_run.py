@@ -42,6 +42,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
 def test_run_prints_summary_and_writes_run_dir(tiny_run) -> None:
     run_dir, out, _ = tiny_run
     assert "infomax pretraining finished: step 16/16, epoch 2/2" in out
+    # what trains, on what, for how long: said at start (without --config the defaults trained on synthetic images)
+    assert ("pretraining test_resnet on synthetic (256 images, 8 classes), objective contrastive (infonce bound), "
+            "global batch 32 (1 x 32), lr 0.1, 16 steps (8 an epoch)") in out
     assert "kNN top-1" in out and "MI bound" in out
     assert (run_dir / "config.yaml").read_text().startswith("# git revision:")
     assert load_config(None, []).__class__ is type(load_config(str(run_dir / "config.yaml")))  # resolved config reloads

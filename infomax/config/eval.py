@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from infomax.config.pretrain import DatasetOptions, _choice, _f, check_fields, require
+from infomax.config.pretrain import DatasetOptions, _choice, _f, check_dataset_options, check_fields, require
 
 # The eval stage's own lists of choices, written once (help texts and validation follow them).
 EVAL_CHOICES: dict[str, dict[str, str]] = {
@@ -110,6 +110,7 @@ class EvalConfig(DatasetOptions):
 def validate_eval(c: EvalConfig) -> None:
     """Each field's own range and choices (:func:`infomax.config.fields.check_fields`), then the rules between keys."""
     check_fields(c)
+    check_dataset_options(c, "")
     require(len(c.weights) >= 1 or c.store_baselines, "weights", "give at least one export directory, e.g. "
                                                                  "weights=runs/fmnist_cpu/export")
     require(not ((c.train_beton or c.test_beton) and (c.limit_train or c.limit_test)), "limit_train",

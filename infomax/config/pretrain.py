@@ -100,10 +100,11 @@ class ViewConfig:
     crop_scale_max: float = _f(1.0, "random resized crop: largest area fraction", gt=0, le=1)
     flip_p: float = _f(0.5, "probability of a horizontal flip", ge=0, le=1)
     jitter_p: float = _f(0.8, "probability of colour jitter", ge=0, le=1)
-    brightness: float = _f(0.4, "colour jitter brightness strength")
-    contrast: float = _f(0.4, "colour jitter contrast strength")
-    saturation: float = _f(0.4, "colour jitter saturation strength (ignored for 1-channel data)")
-    hue: float = _f(0.1, "colour jitter hue strength (ignored for 1-channel data)")
+    brightness: float = _f(0.4, "colour jitter brightness strength", ge=0)
+    contrast: float = _f(0.4, "colour jitter contrast strength", ge=0)
+    saturation: float = _f(0.4, "colour jitter saturation strength (ignored for 1-channel data)", ge=0)
+    hue: float = _f(0.1, "colour jitter hue strength (ignored for 1-channel data)", ge=0, le=0.5,
+                    why="0.5 turns hues half-way round the colour circle")
     gamma: float = _f(0.0, "random gamma strength, drawn with the jitter: x ** g, log g ~ U(+-log(1 + gamma)) (0 = "
                            "off)", ge=0)
     tone: float = _f(0.0, "strength of a random monotone tone curve, drawn with the jitter after gamma (0 = off)", ge=0)
@@ -122,9 +123,10 @@ class DatasetOptions:
     dataset: str = _choice("data.dataset", "synthetic", tail=" (infomax.data.datasets.REGISTRY)")
     root: str = _f("", "dataset directory; empty = the dataset's default (Fashion-MNIST: "
                        "/usr/share/datasets/fashion-mnist)")
-    synthetic_size: int = _f(2048, "synthetic: number of training images (its test split: a quarter, another seed)")
+    synthetic_size: int = _f(2048, "synthetic: number of training images (its test split: a quarter, another seed)",
+                             ge=1)
     synthetic_classes: int = _f(8, "synthetic: number of latent classes the images are drawn from", ge=2)
-    synthetic_image_size: int = _f(32, "synthetic: side length of the drawn images")
+    synthetic_image_size: int = _f(32, "synthetic: side length of the drawn images", ge=1)
 
 
 @dataclass
@@ -202,7 +204,7 @@ class OptimConfig:
     lr_scaling: str = _choice("optim.lr_scaling", "none", tail="; the effective lr is printed at start")
     min_lr: float = _f(0.0, "final learning rate of the cosine schedule", ge=0)
     weight_decay: float = _f(1e-6, "weight decay (not applied to biases and norm layers)", ge=0)
-    momentum: float = _f(0.9, "momentum for sgd and lars")
+    momentum: float = _f(0.9, "momentum for sgd and lars", ge=0, lt=1)
     warmup_epochs: float = _f(1.0, "linear warmup epochs from lr 0 to optim.lr, fractions allowed (stepped per "
                                    "optimizer step); the cosine spans the epochs after it", ge=0,
                               finite=True)
@@ -214,12 +216,12 @@ class OptimConfig:
 class MonitorConfig:
     knn_every: int = _f(1, "run the online kNN monitor every N epochs (0 = never)", ge=0)
     knn_k: int = _f(20, "neighbours of the online kNN monitor", ge=1)
-    knn_temperature: float = _f(0.07, "temperature of the kNN monitor's weighted votes")
+    knn_temperature: float = _f(0.07, "temperature of the kNN monitor's weighted votes", gt=0)
     knn_bank: int = _f(5000, "labelled training images in the kNN memory bank")
     knn_queries: int = _f(1000, "labelled held-out images classified by the kNN monitor")
     online_probe: bool = _f(True, "train a linear classifier on detached encoder features with labels (never reaching "
                                   "the encoder), scored with the kNN monitor")
-    online_probe_lr: float = _f(1e-3, "online probe: AdamW learning rate (its own optimizer, no weight decay)")
+    online_probe_lr: float = _f(1e-3, "online probe: AdamW learning rate (its own optimizer, no weight decay)", gt=0)
     expect_eval: str = _f("", "an eval config to run on the export afterwards (make demo: configs/probe_fmnist.yaml), "
                               "reckoned into the expected-duration line ('' = the pretraining alone)")
 
@@ -234,11 +236,19 @@ class Config:
     monitor: MonitorConfig = _f(MonitorConfig(), "online kNN monitor settings")
 
 
+def check_dataset_options(d: DatasetOptions, prefix: str) -> None:
+    """The rules of the dataset options both stages share (``prefix``: ``data.``, or '' as the eval spells them)."""
+    require(not (d.dataset == "synthetic" and d.root), f"{prefix}root",
+            f"the synthetic images are drawn, not read from files: set {prefix}dataset=imagefolder (or fashion_mnist) "
+            f"to use the images at {d.root}, or leave {prefix}root empty")
+
+
 def validate(c: Config) -> None:
     """Reject impossible values with one line naming the key and what is allowed: each field's own range
     and choices (:func:`check_fields`), then the rules between keys."""
     check_fields(c)
     o, d, m, ob, mo = c.optim, c.data, c.model, c.objective, c.monitor
+    check_dataset_options(d, "data.")
     require(d.format != "ffcv" or bool(d.path), "data.path", "data.format=ffcv reads a .beton: give "
             "data.path=train.beton (write it with python -m infomax.data.beton)")
     lab = d.colour_split == "lab"

@@ -142,10 +142,23 @@ def build_optimizer(cfg: Config, parts: Parts, accelerator: Accelerator,
         # the wrap would hold each rank's own seed's weights and fill the queue with other networks' keys.
         parts.key_model = MomentumKeys(accelerator.unwrap_model(parts.model), cfg.model.momentum, cfg.model.shuffle_bn,
                                        cfg.run.seed).to(accelerator.device)
+    if cfg.optim.min_lr > lr:  # the "cosine decay" would climb from the peak to it
+        raise ConfigError(f"bad value for config key 'optim.min_lr': {cfg.optim.min_lr:g} is above the peak lr "
+                          f"{lr:g} (optim.lr after optim.lr_scaling), where the cosine ends; lower optim.min_lr")
     scheduler = lr_schedule(optimizer, cfg.optim, steps_per_epoch)
     if warning := warmup_warning(cfg.optim.warmup_epochs, cfg.optim.epochs):
         accelerator.print(warning, flush=True)
     return optimizer, scheduler, lr
+
+
+def start_line(cfg: Config, data: TrainData, lr: float, processes: int, total_steps: int) -> str:
+    """What this run trains, on what, and for how long, in one line at start (as MoCo and DINO print their args)."""
+    images, width = data.images, f" at width {cfg.model.width:g}" if cfg.model.width != 1 else ""
+    where = cfg.data.path if cfg.data.format == "ffcv" else cfg.data.root
+    batch, objective = cfg.optim.batch_size_per_process, f"{cfg.objective.name} ({cfg.objective.bound} bound)"
+    return (f"pretraining {cfg.model.arch}{width} on {cfg.data.dataset}{f' at {where}' if where else ''} "
+            f"({len(images)} images, {images.num_classes} classes), objective {objective}, global batch "
+            f"{batch * processes} ({processes} x {batch}), lr {lr:g}, {total_steps} steps ({len(data)} an epoch)")
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_epoch: int) -> Any:

@@ -39,7 +39,15 @@ def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -
     from infomax.data.train_loader import build_train_data
     from infomax.runtime.distributed import make_accelerator
     from infomax.runtime.hardware import loader_line
-    from infomax.train.loop import Run, already_complete, build_optimizer, build_parts, finish, queue_warning
+    from infomax.train.loop import (
+        Run,
+        already_complete,
+        build_optimizer,
+        build_parts,
+        finish,
+        queue_warning,
+        start_line,
+    )
     from infomax.train.resumable import Resumable
 
     run_dir = Path(cfg.run.dir)
@@ -59,6 +67,7 @@ def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -
     total_steps = max(1, round(cfg.optim.epochs * len(data)))
     if cfg.run.max_steps:
         total_steps = min(total_steps, cfg.run.max_steps)
+    accelerator.print(start_line(cfg, data, lr, accelerator.num_processes, total_steps), flush=True)
 
     # ------------------------------------------------------------------ claim the run dir, resume
     claim_run_dir(cfg, lock, accelerator, data)
