@@ -135,7 +135,8 @@ def test_intra_view_negatives_and_nn_support_need_in_batch_keys() -> None:
         (["model.head_dims=[64"], "override 'model.head_dims=[64': the value is not valid YAML"),
         (["model.shuffle_bn=2"], "'model.shuffle_bn': shuffles the momentum model's BatchNorm, so it needs the queue"),
         (["objective.queue_size=8", "model.shuffle_bn=1"], "'model.shuffle_bn': 1 group on one process is the batch"),
-        (["monitor.expect_eval=nowhere.yaml"], "'monitor.expect_eval': config file 'nowhere.yaml' not found"),
+        (["monitor.expect_eval=nowhere.yaml"], "'monitor.expect_eval': 'nowhere.yaml' is not a file (looked in the "
+                                               "working directory and in"),
         # torchvision's, torch's or timm's ValueError mid-start, or silently wrong figures
         (["data.views.0.hue=0.9"], "'data.views.0.hue': must be in [0, 0.5] (0.5 turns hues half-way round"),
         (["data.views.0.brightness=-1"], "'data.views.0.brightness': must be >= 0"),
@@ -163,6 +164,15 @@ def test_the_evals_root_for_the_synthetic_images_is_refused_too() -> None:
                                           "dataset=imagefolder"):
         load_config(None, ["dataset=synthetic", "root=/data/mine", "weights=[x]"], schema=EvalConfig,
                     check=validate_eval)
+
+
+def test_the_shipped_expect_eval_is_found_from_another_working_directory(tmp_path: Path, monkeypatch) -> None:
+    """configs/fmnist_cpu.yaml names configs/probe_fmnist.yaml: started outside the checkout, the run was refused."""
+    from infomax.eval.expected import load_expected_eval
+
+    monkeypatch.chdir(tmp_path)
+    plan = load_expected_eval("configs/probe_fmnist.yaml", str(tmp_path / "run" / "export"))
+    assert plan.cfg.dataset == "fashion_mnist"
 
 
 def test_a_min_lr_above_the_peak_lr_is_refused(run_dir: Path, capsys) -> None:

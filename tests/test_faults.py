@@ -342,6 +342,15 @@ def test_finished_run_rerun_changes_nothing_and_a_larger_budget_continues_it(run
     assert "already complete" in proc.stdout and snapshot(run_dir) == before
     proc = pretrain(f"run.dir={run_dir}", "run.max_steps=6", *FAST)
     assert "resumed from" in proc.stdout and "step 6/6" in proc.stdout
+    # Past a lower budget without an export (a run stopped before its end): it wrote an export and a config.yaml
+    # of the lower budget, its summary "step 6/2"
+    shutil.rmtree(run_dir / "export")
+    before = snapshot(run_dir)
+    line = one_line_error(pretrain(f"run.dir={run_dir}", "run.max_steps=2", *FAST, check=False), 2)
+    assert "has trained 6 steps, more than this budget of 2, and has no usable export" in line
+    assert "or with run.max_steps=6 to export it as it is" in line and snapshot(run_dir) == before
+    proc = pretrain(f"run.dir={run_dir}", "run.max_steps=6", *FAST)
+    assert "writing it again from the newest checkpoint" in proc.stdout and (run_dir / "export" / "config.json").is_file()
 
 
 def test_second_run_on_a_locked_run_dir_stops_at_once_naming_the_holder(run_dir: Path) -> None:

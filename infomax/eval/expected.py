@@ -9,6 +9,7 @@ passes and the features its probe fits on; the pretraining measures this machine
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from accelerate import PartialState
@@ -37,8 +38,14 @@ def load_expected_eval(path: str, export: str) -> EvalToCome:
     from infomax.data.datasets import DataError
     from infomax.eval.main import open_splits
 
+    checkout = Path(__file__).resolve().parents[2]  # the shipped configs name configs/probe_*.yaml from here
+    found = next((str(p) for p in (Path(path), checkout / path) if p.is_file()), None)
+    if found is None:
+        raise ConfigError(f"bad value for config key 'monitor.expect_eval': '{path}' is not a file (looked in the "
+                          f"working directory and in {checkout}); give the eval config the export will be scored "
+                          "with, or monitor.expect_eval=''")
     try:
-        cfg = load_config(path, [f"weights=[{export}]"], schema=EvalConfig, check=validate_eval)
+        cfg = load_config(found, [f"weights=[{export}]"], schema=EvalConfig, check=validate_eval)
         train, test = open_splits(cfg)
     except (ConfigError, DataError) as e:  # said as the eval's, not the pretraining's, whose keys may read alike
         raise ConfigError(f"bad value for config key 'monitor.expect_eval': {e}; give the eval config the "

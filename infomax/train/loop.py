@@ -575,6 +575,11 @@ def already_complete(run: Run, run_dir: Path) -> dict[str, Any] | None:
     if not (progress.global_step >= run.total_steps or progress.epoch >= cfg.optim.epochs):
         return None
     if cfg.run.export and (problem := export_problem(export_dir)):  # cut short by a full disk, damaged since
+        if progress.global_step > run.total_steps:  # a stopped run: its export and record would claim this budget
+            raise ConfigError(f"run dir {run_dir} has trained {progress.global_step} steps, more than this budget of "
+                              f"{run.total_steps}, and has no usable export ({problem}); rerun with the budget in its "
+                              f"config.yaml to finish it, or with run.max_steps={progress.global_step} to export it "
+                              "as it is")
         run.accelerator.print(f"infomax pretraining: the run is complete but its export cannot be used ({problem}); "
                               "writing it again from the newest checkpoint")
         return None
