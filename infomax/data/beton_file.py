@@ -78,7 +78,6 @@ class BetonInfo:
                               f"but {dataset_key} is {dataset}; set {dataset_key}={self.dataset}, or give the .beton "
                               f"of {dataset}")
 
-
     def number_queries(self, queries: ImageDataset) -> None:
         """Number an image folder's labels (the kNN monitor's queries, read from val/) by the classes this .beton
         was written from, as the bank's labels are: val/ beside no train/ would number only its own folders."""

@@ -163,7 +163,7 @@ def run_rows(plan: list, stop: Any, accelerator: Any, out: Path, key: str) -> li
         raise Stopped(f"{e}; {kept_line(cache)}", e.signal_name) from None
     except SecondCtrlC:
         raise SecondCtrlC(f"stopped by a second Ctrl-C after {cache.kept} of {len(computed)} rows; "
-                                f"{kept_line(cache)}") from None
+                          f"{kept_line(cache)}") from None
     return rows
 
 
@@ -194,7 +194,8 @@ def write_outputs(cfg: Any, rows: list[dict[str, Any]], exports: list, accelerat
                 "train_step": int((exports[0][2].get("summary") or {}).get("steps") or 0) if exports else 0}
         table = write_report(out, rows, meta, sorted({min(k, train_images) for k in cfg.knn_k}))  # the k each used
         print(f"\n{table}\n\nreport: {out / 'report.md'}  {out / 'report.json'}  {out / 'report.png'}", flush=True)
-        if partial := partial_eval(cfg):  # a quick look or a recipe's choice would replace the test split's scores
+        partial = partial_eval(cfg)  # a quick look or a recipe's choice would replace the test split's scores
+        if partial and exports:
             print(f"the model card(s) keep their scores: this eval scored {partial}, and a card shows the whole "
                   "test split's", flush=True)
         for w, _, _ in [] if partial else exports:  # each export's model card shows how good it is

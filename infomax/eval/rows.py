@@ -49,7 +49,6 @@ from infomax.eval.stored_baselines import (
     store_dir,
     store_result,
 )
-from infomax.export.encoder import export_dir_of
 from infomax.features.extract import ImageListDataset, beton_features, extract_features
 from infomax.features.knn import knn_predict_many, sharded_knn_predict_many
 from infomax.method.models import create_encoder
@@ -97,7 +96,8 @@ def has_raw_pixels_row(cfg: Any, channels: int, size: int) -> bool:
 def export_names(weights: Sequence[str]) -> list[str]:
     """Each export's row name: its run directory's for ``<run>/export`` (or its encoder.safetensors), else its
     folder's; exports of one name get the parent folders that tell them apart (``a/seed0``, ``b/seed0``)."""
-    dirs = [export_dir_of(w).resolve() for w in weights]
+    dirs = [Path(w).resolve() for w in weights]  # planned before an export is written too: no file is read
+    dirs = [d.parent if d.suffix == ".safetensors" else d for d in dirs]
     parts = [d.parts[:-1] if d.name == "export" else d.parts for d in dirs]
     names = [p[-1] for p in parts]
     for depth in range(2, max(map(len, parts)) + 1):
