@@ -702,7 +702,7 @@ def test_the_eval_is_reckoned_before_it_runs_from_the_row_planners_rows(tmp_path
         "new row", dict, cost=lambda: RowCost(passes=1, features=10))])
     assert expected_eval_seconds(plan, _planned_export(), 0.001)[0] == pytest.approx(
         2 * (640 * 0.001) + 0.64 + 0.064 + 0.1 + 0.01)
-    with pytest.raises(ConfigError, match="'monitor.expect_eval': config file 'nowhere.yaml' not found"):
+    with pytest.raises(ConfigError, match="'monitor.expect_eval': 'nowhere.yaml' is not a file"):
         load_expected_eval("nowhere.yaml", "runs/x/export")
     config.write_text(f"dataset: fashion_mnist\nroot: {tmp_path / 'nowhere'}\n")  # the eval's data, said as the eval's
     with pytest.raises(ConfigError, match=r"'monitor.expect_eval': .*nowhere.* give the eval config the export"):
