@@ -331,6 +331,8 @@ def test_every_checkpoint_damaged_stops_with_their_names_unless_a_fresh_start_is
     assert len(kept) == 1 and len(kept[0].read_bytes()) == 100  # moved aside, not deleted
     # ... with the earlier run's TensorBoard events, which used to stay in tb/, mixed with the new run's
     assert list(run_dir.glob("tb.old-*/events.*")) and len(list((run_dir / "tb").glob("events.*"))) == 1
+    # ... and its export, which an eval scored as the fresh run's until that run wrote its own
+    assert list(run_dir.glob("export.old-*/encoder.safetensors")) and (run_dir / "export" / "encoder.safetensors").is_file()
 
 
 def test_finished_run_rerun_changes_nothing_and_a_larger_budget_continues_it(run_dir: Path, pretrain: Pretrain) -> None:

@@ -308,8 +308,8 @@ def load_latest(root: Path, fresh_start_hint: str) -> tuple[dict[str, Any], Path
 
 
 def move_aside(root: Path) -> Path | None:
-    """Rename ``root`` (a checkpoints dir, TensorBoard's tb/) to ``root.old-TIMESTAMP`` so a fresh start cannot
-    prune or mix with it; the old files stay on disk. Returns the new name, or None if there was nothing."""
+    """Rename ``root`` (a checkpoints dir, TensorBoard's tb/, the export) to ``root.old-TIMESTAMP`` so a fresh start
+    cannot prune or mix with it; the old files stay on disk. Returns the new name, or None if there was nothing."""
     if not root.is_dir() or not any(root.iterdir()):
         return None
     target = root.with_name(f"{root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")

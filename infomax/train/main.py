@@ -142,15 +142,16 @@ def claim_run_dir(cfg: Config, lock: RunDirLock, accelerator: Any, data: Any) ->
 
 def resume(run: Any, run_dir: Path) -> Any:
     """The newest intact checkpoint restored into ``run`` ((state, path), or None for a fresh start); with
-    run.resume=never the earlier run's checkpoints and TensorBoard events go aside, not mixed in."""
+    run.resume=never the earlier run's checkpoints, TensorBoard events and export go aside, not mixed in (an eval
+    would otherwise score the earlier run's export until the fresh one ends)."""
     from infomax.runtime import checkpoint as ckpt
 
     cfg, accelerator, loaded = run.cfg, run.accelerator, None
     if cfg.run.resume == "never":
-        moved = (ckpt.move_aside(run.resumable.directory), ckpt.move_aside(run_dir / "tb")) \
-            if accelerator.is_main_process else ()
+        moved = [ckpt.move_aside(p) for p in (run.resumable.directory, run_dir / "tb", run_dir / "export")] \
+            if accelerator.is_main_process else []
         if aside := [p for p in moved if p]:
-            print(f"run.resume=never: starting afresh; the earlier run is kept in {' and '.join(map(str, aside))}",
+            print(f"run.resume=never: starting afresh; the earlier run is kept in {', '.join(map(str, aside))}",
                   flush=True)
     else:
         loaded = run.resumable.resume("rerun with run.resume=never to start afresh (they are moved aside, not "
