@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,7 +65,7 @@ def find_stored(store: Path, kind: str, dataset: str, protocol: str,
             if missing:
                 raise ValueError(f"missing {', '.join(missing)}")
         except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
-            warnings.warn(f"stored baseline {path} is damaged ({e}); ignoring it", stacklevel=2)
+            print(f"warning: stored baseline {path} is damaged ({e}); ignoring it", file=sys.stderr, flush=True)
             continue
         if (result["kind"], result["dataset"], result["protocol"]) != (kind, dataset, protocol):
             continue

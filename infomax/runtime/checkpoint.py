@@ -14,8 +14,8 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,8 +298,8 @@ def load_latest(root: Path, fresh_start_hint: str) -> tuple[dict[str, Any], Path
             return read_intact(path), path
         except Exception as e:  # empty or truncated file, bad zip, checksum mismatch, ...
             reason = (str(e).strip().splitlines() or ["empty file"])[0][:120]
-            warnings.warn(f"checkpoint {path} is damaged ({type(e).__name__}: {reason}); "
-                          "trying the one before it", stacklevel=2)
+            print(f"warning: checkpoint {path} is damaged ({type(e).__name__}: {reason}); trying the one before it",
+                  file=sys.stderr, flush=True)  # one line, not a UserWarning with its source line
             damaged.append(path.name)
     if damaged:
         raise DamagedCheckpoints(f"every checkpoint in {root} is damaged ({', '.join(damaged)}), so there is nothing "
