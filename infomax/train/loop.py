@@ -317,15 +317,17 @@ class Run(Trainer):
         cfg, progress, t0 = self.cfg, self.progress, time.perf_counter()
         size = cfg.data.views[0].size
         probe = self.accelerator.unwrap_model(self.parts.probe) if self.parts.probe else None
-        self.knn_top1, self.probe_top1 = knn_monitor(
+        self.knn_top1, probe_top1 = knn_monitor(
             self.raw_model.encoder_for(0), ImageListDataset(self.data.knn_bank, size),
             ImageListDataset(self.data.knn_queries, size), self.accelerator, cfg.monitor.knn_k,
             cfg.monitor.knn_temperature, cfg.data.num_workers, input_fn=self.data.first_view, probe=probe)
+        # an untrained probe's score means nothing: the summary of a run stopped before the next pass reported it
+        self.probe_top1 = probe_top1 if progress.global_step else None
         if self.main:
             self.tb.scalars({"monitor/knn_top1": self.knn_top1}, progress.global_step)
             line = (f"epoch {progress.epoch} (step {progress.global_step}): kNN top-1 {self.knn_top1:.2%} "
                     f"(k={cfg.monitor.knn_k})")
-            if self.probe_top1 is not None and progress.global_step:  # an untrained probe's score means nothing
+            if self.probe_top1 is not None:
                 self.tb.scalars({"monitor/online_probe_top1": self.probe_top1}, progress.global_step)
                 line += f"   online probe top-1 {self.probe_top1:.2%}"
             self.bar.write(line)
@@ -484,7 +486,7 @@ def finish(run: Run, run_dir: Path, checkpoint_path: Path | None, precision: Pre
         "mi_batch_keys_nats": last.get("monitor/mi_batch_keys"),  # with the queue: the bound over fresh keys
         "log_k": last.get("log_k"),
         "knn_top1": None if math.isnan(run.knn_top1) else run.knn_top1,
-        "online_probe_top1": run.probe_top1 if progress.global_step else None,
+        "online_probe_top1": run.probe_top1,
         "skipped_steps": progress.skipped_steps,
         "unreadable_images": progress.unreadable_count,
         "stopped_by": run.stopped_by or None,
