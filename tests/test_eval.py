@@ -911,7 +911,7 @@ def test_export_rows_are_named_by_their_run_and_told_apart_by_their_parents(tmp_
         ["r", "x"]
     assert export_names([str(tmp_path / "a" / "seed0" / "export"), str(tmp_path / "b" / "seed0" / "export")]) == \
         ["a/seed0", "b/seed0"]
-    assert export_names(["."]) == [Path.cwd().name]
+    assert export_names(["."]) == [Path.cwd().name] and export_names([]) == []  # stored baselines alone
 
 
 def test_each_row_is_compared_with_its_own_exports_supervised_row_and_a_quoted_alexnet_only_on_imagenet() -> None:

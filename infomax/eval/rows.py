@@ -100,7 +100,7 @@ def export_names(weights: Sequence[str]) -> list[str]:
     dirs = [d.parent if d.suffix == ".safetensors" else d for d in dirs]
     parts = [d.parts[:-1] if d.name == "export" else d.parts for d in dirs]
     names = [p[-1] for p in parts]
-    for depth in range(2, max(map(len, parts)) + 1):
+    for depth in range(2, max(map(len, parts), default=0) + 1):
         if len(set(names)) == len(names):
             break
         names = ["/".join(p[-depth:]) for p in parts]

@@ -151,14 +151,22 @@ def build_optimizer(cfg: Config, parts: Parts, accelerator: Accelerator,
     return optimizer, scheduler, lr
 
 
-def start_line(cfg: Config, data: TrainData, lr: float, processes: int, total_steps: int) -> str:
-    """What this run trains, on what, and for how long, in one line at start (as MoCo and DINO print their args)."""
+def start_lines(cfg: Config, data: TrainData, lr: float, accelerator: Accelerator, total_steps: int) -> list[str]:
+    """What this run trains, on what, and for how long, in one line (as MoCo and DINO print their args), then the
+    loader's expected ceiling and a queue past the dataset, when they apply."""
+    from infomax.runtime.hardware import loader_line
+
     images, width = data.images, f" at width {cfg.model.width:g}" if cfg.model.width != 1 else ""
     where = cfg.data.path if cfg.data.format == "ffcv" else cfg.data.root
-    batch, objective = cfg.optim.batch_size_per_process, f"{cfg.objective.name} ({cfg.objective.bound} bound)"
-    return (f"pretraining {cfg.model.arch}{width} on {cfg.data.dataset}{f' at {where}' if where else ''} "
-            f"({len(images)} images, {images.num_classes} classes), objective {objective}, global batch "
-            f"{batch * processes} ({processes} x {batch}), lr {lr:g}, {total_steps} steps ({len(data)} an epoch)")
+    batch, processes = cfg.optim.batch_size_per_process, accelerator.num_processes
+    objective = f"{cfg.objective.name} ({cfg.objective.bound} bound)"
+    lines = [f"pretraining {cfg.model.arch}{width} on {cfg.data.dataset}{f' at {where}' if where else ''} "
+             f"({len(images)} images, {images.num_classes} classes), objective {objective}, global batch "
+             f"{batch * processes} ({processes} x {batch}), lr {lr:g}, {total_steps} steps ({len(data)} an epoch)",
+             loader_line(cfg.data.format, cfg.data.num_workers, [v.size for v in cfg.data.views], len(images),
+                         accelerator.device.type),
+             queue_warning(cfg.objective.queue_size, len(images))]
+    return [line for line in lines if line]
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_epoch: int) -> Any:

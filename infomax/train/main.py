@@ -38,16 +38,7 @@ def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -
     """The run, as a table of contents: processes, data, model, optimizer, resume, epochs, export."""
     from infomax.data.train_loader import build_train_data
     from infomax.runtime.distributed import make_accelerator
-    from infomax.runtime.hardware import loader_line
-    from infomax.train.loop import (
-        Run,
-        already_complete,
-        build_optimizer,
-        build_parts,
-        finish,
-        queue_warning,
-        start_line,
-    )
+    from infomax.train.loop import Run, already_complete, build_optimizer, build_parts, finish, start_lines
     from infomax.train.resumable import Resumable
 
     run_dir = Path(cfg.run.dir)
@@ -57,17 +48,13 @@ def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -
 
     # ------------------------------------------------------------------ data, model, objective, optimizer
     data = build_train_data(cfg, accelerator)  # every data error is raised here, before the model
-    if line := loader_line(cfg.data.format, cfg.data.num_workers, [v.size for v in cfg.data.views], len(data.images),
-                           accelerator.device.type):
-        accelerator.print(line, flush=True)
-    if warning := queue_warning(cfg.objective.queue_size, len(data.images)):
-        accelerator.print(warning, flush=True)
     parts = build_parts(cfg, data, accelerator)
     optimizer, scheduler, lr = build_optimizer(cfg, parts, accelerator, len(data))
     total_steps = max(1, round(cfg.optim.epochs * len(data)))
     if cfg.run.max_steps:
         total_steps = min(total_steps, cfg.run.max_steps)
-    accelerator.print(start_line(cfg, data, lr, accelerator.num_processes, total_steps), flush=True)
+    for line in start_lines(cfg, data, lr, accelerator, total_steps):  # what trains, on what; the loader's ceiling
+        accelerator.print(line, flush=True)
 
     # ------------------------------------------------------------------ claim the run dir, resume
     claim_run_dir(cfg, lock, accelerator, data)
