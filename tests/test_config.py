@@ -331,7 +331,7 @@ def test_artefacts_of_an_older_version_are_refused_in_one_line(tmp_path: Path) -
             "small_input": True, "num_features": 512, "sha256": "0" * 64}
     (export / META).write_text(json.dumps(meta))
     with pytest.raises(DamagedExport, match="lacks timm_kwargs, stem_stride: it was written by an older version of "
-                                            "infomax, .*; re-export it with the infomax version that wrote it"):
+                                            "infomax, .*; re-export it: rerun the pretraining command on its run dir"):
         read_meta(export)
     (export / META).write_text(json.dumps({**meta, "timm_kwargs": {}, "stem_stride": 1}))
     assert read_meta(export)["stem_stride"] == 1

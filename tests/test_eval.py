@@ -909,8 +909,8 @@ def test_export_rows_are_named_by_their_run_and_told_apart_by_their_parents(tmp_
         (tmp_path / folder / "encoder.safetensors").write_bytes(b"")
     assert export_names([str(tmp_path / "r" / "export" / "encoder.safetensors"), str(tmp_path / "dl" / "x")]) == \
         ["r", "x"]
-    assert export_names([str(tmp_path / "a" / "seed0" / "export"), str(tmp_path / "b" / "seed0" / "export")]) == \
-        ["a/seed0", "b/seed0"]
+    assert export_names([str(tmp_path / "a" / "seed0" / "export"), str(tmp_path / "b" / "seed0" / "export"),
+                         str(tmp_path / "r" / "export")]) == ["a/seed0", "b/seed0", "r"]  # only the clashing grow
     assert export_names(["."]) == [Path.cwd().name] and export_names([]) == []  # stored baselines alone
 
 
@@ -949,7 +949,7 @@ def test_a_partial_eval_leaves_the_model_card_and_a_read_only_card_is_a_note(exp
     code, out, err = eval_in_process(capsys, f"weights={export_dir}", f"out={tmp_path / 'quick'}", "limit_train=48",
                                      "precision=no")
     assert code == 0, err[-2000:]
-    assert "the model card(s) keep their scores: this eval scored limit_train=48" in out
+    assert "the model card(s) are left as they are: this eval scored limit_train=48" in out
     assert "| run | ours | whole test split |" in (export_dir / CARD).read_text()
 
     def read_only(path: Path, data: bytes) -> None:

@@ -80,6 +80,8 @@ def test_damaged_run_dir_config_says_so_and_is_restored_from_the_checkpoint(run_
         damage, f"{saved} is cut short") in line
     assert f"python -m infomax.runtime.run_dir --restore-config {run_dir}" in line and "different config" not in line
     assert snapshot(run_dir) == before
+    if damage == "deleted":  # a fresh start is still there to ask for (every checkpoint may be damaged too)
+        assert "or start afresh with run.resume=never" in line
     restore = subprocess.run([sys.executable, "-m", "infomax.runtime.run_dir", "--restore-config", str(run_dir)],
                              capture_output=True, text=True, cwd=REPO, timeout=120)
     assert restore.returncode == 0, restore.stderr

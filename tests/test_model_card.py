@@ -77,12 +77,13 @@ def test_the_card_names_the_eval_protocol_of_the_data_it_was_pretrained_on() -> 
     which an ImageNet export is refused by (channels) and any other scored with the wrong protocol."""
     from infomax.config.eval import EvalConfig, validate_eval
     from infomax.config.pretrain import load_config
-    from infomax.export.model_card import EVAL_ARGS, eval_command
+    from infomax.export.model_card import EVAL_ARGS, EVAL_CROP, eval_command
 
     for dataset, args in EVAL_ARGS.items():
         config = args.split()[1]
         cfg = load_config(str(REPO / config), ["weights=[x]"], schema=EvalConfig, check=validate_eval)
         assert cfg.dataset == dataset and f" {args} weights=<this folder>" in eval_command(dataset)
+        assert cfg.center_crop_ratio == EVAL_CROP.get(dataset, 1.0)  # the card tells timm the crop it scored with
 
 
 def test_pretraining_writes_the_card_and_each_eval_replaces_its_scores(tmp_path: Path, capsys) -> None:

@@ -89,7 +89,7 @@ class EvalConfig(DatasetOptions):
                                           "1% / 10% columns: [0.01, 0.1]); [] = none", gt=0, lt=1)
     sgd: SGDProbeConfig = field(default_factory=SGDProbeConfig)
     knn_k: list[int] = _f([20, 200], "kNN neighbour counts (cosine, temperature-weighted votes); [] = no kNN", ge=1)
-    knn_temperature: float = _f(0.07, "kNN vote temperature")
+    knn_temperature: float = _f(0.07, "kNN vote temperature", gt=0)
     random_init: bool = _f(True, "add a row for a randomly initialised encoder of the same architecture")
     raw_pixels: bool = _f(True, "add a row for a probe on raw pixels (small images only)")
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
@@ -104,7 +104,7 @@ class EvalConfig(DatasetOptions):
     seed: int = _f(0, "seed for the random-init encoder, the held-out split and the SGD fits", ge=0, lt=2**31,
                    why="numpy's generators need it")
     dist_timeout_min: float = _f(60, "minutes a rank waits in a collective (rank 0 alone writes the report)", gt=0)
-    out: str = _f("", "report directory; empty = beside the first export (its parent run dir)")
+    out: str = _f("", "report directory; empty = the first export's run dir (<run>/export), else its own folder")
 
 
 def validate_eval(c: EvalConfig) -> None:

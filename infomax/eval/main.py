@@ -116,8 +116,8 @@ def check_exports(cfg: Any, exports: list[tuple[str, Any, dict]], channels: int)
 
 
 def writable_out(cfg: Any, exports: list) -> Path:
-    """Where the report, the kept rows and the fits' checkpoints go (``out``, else beside the first export), checked
-    writable before any row is computed."""
+    """Where the report, the kept rows and the fits' checkpoints go (``out``, else the first export's run dir or
+    folder: :func:`~infomax.eval.report.report_dir`), checked writable before any row is computed."""
     from infomax.config.pretrain import ConfigError
     from infomax.eval.report import report_dir
     from infomax.runtime.run_dir import ensure_writable
@@ -196,16 +196,17 @@ def write_outputs(cfg: Any, rows: list[dict[str, Any]], exports: list, accelerat
         print(f"\n{table}\n\nreport: {out / 'report.md'}  {out / 'report.json'}  {out / 'report.png'}", flush=True)
         partial = partial_eval(cfg)  # a quick look or a recipe's choice would replace the test split's scores
         if partial and exports:
-            print(f"the model card(s) keep their scores: this eval scored {partial}, and a card shows the whole "
-                  "test split's", flush=True)
-        for w, _, _ in [] if partial else exports:  # each export's model card shows how good it is
-            try:
-                add_eval(export_dir_of(w), table, f"On {cfg.dataset} ({train_images} train images; scored on the "
-                         f"{scored_split(cfg.holdout)}, {test_images} images), "
-                         f"{PROTOCOLS[cfg.protocol]}. {KNN}.{fractions}", out / "report.md")
-            except OSError as e:  # an export read from a read-only place: the report holds every score
-                print(f"note: the model card in '{export_dir_of(w)}' was not updated ({e.strerror}); the report "
-                      "holds the scores", flush=True)
+            print(f"the model card(s) are left as they are: this eval scored {partial}, and a card shows scores of "
+                  "the whole test split", flush=True)
+        if not partial:
+            for w, _, _ in exports:  # each export's model card shows how good it is
+                try:
+                    add_eval(export_dir_of(w), table, f"On {cfg.dataset} ({train_images} train images; scored on "
+                             f"the {scored_split(cfg.holdout)}, {test_images} images), "
+                             f"{PROTOCOLS[cfg.protocol]}. {KNN}.{fractions}", out / "report.md")
+                except OSError as e:  # an export read from a read-only place: the report holds every score
+                    print(f"note: the model card in '{export_dir_of(w)}' was not updated ({e.strerror or e}); the "
+                          "report holds the scores", flush=True)
     accelerator.wait_for_everyone()
 
 
@@ -233,7 +234,7 @@ def alexnet_reference(cfg: Any, rows: list[dict[str, Any]]) -> tuple[float | Non
 def add_deltas(rows: list[dict[str, Any]], reference: float | None) -> None:
     """Each row's top-1 points against the supervised AlexNet (``reference``) and against the fair reference, its own
     export's architecture trained with labels (``export_sha256`` pairs an export's rows with its supervised row)."""
-    same_arch = {r["export_sha256"]: r["top1"] for r in rows if r["kind"] == "supervised_encoder"}
+    same_arch = {r.get("export_sha256"): r["top1"] for r in rows if r["kind"] == "supervised_encoder"}
     for r in rows:
         compared = reference is not None and r["kind"] != "alexnet_supervised" and r["top1"] is not None
         r["delta_vs_alexnet"] = r["top1"] - reference if compared else None

@@ -98,12 +98,11 @@ def export_names(weights: Sequence[str]) -> list[str]:
     folder's; exports of one name get the parent folders that tell them apart (``a/seed0``, ``b/seed0``)."""
     dirs = [Path(w).resolve() for w in weights]  # planned before an export is written too: no file is read
     dirs = [d.parent if d.suffix == ".safetensors" else d for d in dirs]
-    parts = [d.parts[:-1] if d.name == "export" else d.parts for d in dirs]
-    names = [p[-1] for p in parts]
+    parts = [d.parts[1:-1] if d.name == "export" else d.parts[1:] for d in dirs]  # without the root, "/"
+    names = [p[-1] if p else "/" for p in parts]
     for depth in range(2, max(map(len, parts), default=0) + 1):
-        if len(set(names)) == len(names):
-            break
-        names = ["/".join(p[-depth:]) for p in parts]
+        clash = {n for n in names if names.count(n) > 1}  # the same export named twice keeps its clash
+        names = ["/".join(p[-depth:]) if n in clash else n for n, p in zip(names, parts)]
     return names
 
 

@@ -37,8 +37,8 @@ class ExportFailed(Exception):
 class DamagedExport(ConfigError):
     """An export whose config.json is damaged or whose weights are missing or changed."""
 
-    def __init__(self, problem: str, remedy: str = REEXPORT) -> None:
-        super().__init__(f"{problem}; {remedy}")
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem}; {REEXPORT}")
         self.problem = problem
 
 
@@ -159,8 +159,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_META if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise DamagedExport(f"{meta_path} lacks {', '.join(missing)}: it was written by an older version of infomax, "
-                            "by something else, or edited", "re-export it with the infomax version that wrote it "
-                            "(rerun its pretraining command on its run dir), or pretrain it again with this one")
+                            "by something else, or edited")
     return meta
 
 

@@ -33,20 +33,27 @@ def describe_input(transform: str, meta: dict[str, Any]) -> str:
                                  f"{meta['std']}")
 
 
-def timm_data_config(meta: dict[str, Any]) -> dict[str, Any]:
+# The centre crop of each dataset's shipped eval protocol (configs/probe_imagenet.yaml's center_crop_ratio; the
+# others score whole images); a test holds it to the configs.
+EVAL_CROP = {"imagefolder": 0.875}
+
+
+def timm_data_config(meta: dict[str, Any], dataset: str) -> dict[str, Any]:
     """The export's input as timm's pretrained_cfg states it, so that ``timm.data.resolve_model_data_config``
-    gives its size, mean and std (not timm's 224 px ImageNet defaults). The eval's transform: resize and centre
-    crop at ratio 1, bilinear. Lab's L is described as L / 100 at mean 0.5, std 0.5."""
+    gives its size, mean and std (not timm's 224 px ImageNet defaults), and the eval's transform on ``dataset``:
+    resize, centre crop (:data:`EVAL_CROP`), bilinear. Lab's L is described as L / 100 at mean 0.5, std 0.5."""
     lab = meta["input_transform"] == "lab_L"
     return {"input_size": tuple(meta["input_size"]), "mean": (0.5,) if lab else tuple(meta["mean"]),
-            "std": (0.5,) if lab else tuple(meta["std"]), "crop_pct": 1.0, "interpolation": "bilinear"}
+            "std": (0.5,) if lab else tuple(meta["std"]), "crop_pct": EVAL_CROP.get(dataset, 1.0),
+            "interpolation": "bilinear"}
 
 
-def loading_code(meta: dict[str, Any], encoder: nn.Module) -> str:
-    """Python that rebuilds ``encoder`` from the export with timm and safetensors alone (no infomax): strictly (a
-    weight missing from the file is an error), with timm's data config set to the export's input."""
+def loading_code(meta: dict[str, Any], encoder: nn.Module, dataset: str) -> str:
+    """Python that rebuilds ``encoder`` (pretrained on ``dataset``) from the export with timm and safetensors alone
+    (no infomax): strictly (a weight missing from the file is an error), with timm's data config set to the
+    export's input."""
     kwargs = "".join(f", {k}={v!r}" for k, v in meta["timm_kwargs"].items())
-    data = ", ".join(f"{k}={v!r}" for k, v in timm_data_config(meta).items())
+    data = ", ".join(f"{k}={v!r}" for k, v in timm_data_config(meta, dataset).items())
     create = f'timm.create_model("{meta["architecture"]}", num_classes=0, in_chans={meta["in_chans"]}{kwargs}'
     if not meta["small_input"]:
         return ("import timm\n\n"
@@ -118,7 +125,7 @@ def card_text(meta: dict[str, Any], encoder: nn.Module, run: dict[str, Any], eva
                      f"`{view['input_transform']}`: {describe_input(view['input_transform'], meta)}), "
                      f"sha256 `{view['sha256']}` |")
     lines += ["", "## Load it", "", "From this folder, with timm and safetensors only:", "", "```python",
-              loading_code(meta, encoder).rstrip(), "```", "",
+              loading_code(meta, encoder, run["dataset"]).rstrip(), "```", "",
               "`encoder(images)` then gives a batch of feature vectors (B x "
               f"{meta['num_features']}) for images of B x {pre}. With infomax installed, "
               '`infomax.export.encoder.load_encoder("<this folder>")` does the same and checks the sha256.', "",

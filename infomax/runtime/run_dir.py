@@ -115,9 +115,12 @@ def check_run_dir(cfg: Config) -> None:
     if not has_checkpointed(run_dir):
         return  # nothing to resume: a run that never saved (e.g. it failed at its first step) may start over
     if not saved.is_file():  # its checkpoints would resume under any config, which config.yaml would then record
+        if cfg.run.resume == "never":  # a fresh start moves them aside: nothing of theirs is resumed
+            return
         raise RunDirError(f"run.dir '{run_dir}' holds checkpoints but no config.yaml, the record of its experiment; "
                           f"restore it from the newest checkpoint with: python -m infomax.runtime.run_dir "
-                          f"--restore-config {shlex.quote(str(run_dir))}, then rerun (or pick a new run.dir)")
+                          f"--restore-config {shlex.quote(str(run_dir))}, then rerun (or start afresh with "
+                          "run.resume=never, or pick a new run.dir)")
     check_saved_config(saved)
     differing = config_differences(saved.read_text(), cfg)
     if (run_dir / DATA_RECORD).is_file():  # where the data is may change: what it is is checked (check_data_moved)

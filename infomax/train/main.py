@@ -53,8 +53,6 @@ def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -
     total_steps = max(1, round(cfg.optim.epochs * len(data)))
     if cfg.run.max_steps:
         total_steps = min(total_steps, cfg.run.max_steps)
-    for line in start_lines(cfg, data, lr, accelerator, total_steps):  # what trains, on what; the loader's ceiling
-        accelerator.print(line, flush=True)
 
     # ------------------------------------------------------------------ claim the run dir, resume
     claim_run_dir(cfg, lock, accelerator, data)
@@ -64,6 +62,8 @@ def _train(cfg: Config, lock: RunDirLock, eval_clock: EvalClock | None = None) -
     if loaded and (summary := already_complete(run, run_dir)) is not None:
         accelerator.end_training()  # nothing trains, so the record keeps the budget it was trained for
         return summary
+    for line in start_lines(cfg, data, lr, accelerator, total_steps):  # what trains, on what; the loader's ceiling
+        accelerator.print(line, flush=True)
     if change := run.progress.enter_precision(precision.mode):  # auto may choose otherwise on this machine
         accelerator.print(change, flush=True)
     if accelerator.is_main_process:  # once resuming is certain to work and there is work to do
