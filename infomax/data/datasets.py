@@ -322,11 +322,15 @@ class DatasetKind:
         return self.cls.same_size
 
 
+def folder_split(split: str) -> str:
+    """An image folder's directory for a split: train/, or val/ for "test" (ImageNet's layout)."""
+    return "train" if split == "train" else "val"
+
+
 REGISTRY: dict[str, DatasetKind] = {
     "fashion_mnist": DatasetKind(FashionMNIST, lambda split, root="", **_: FashionMNIST(root, split)),
-    "imagefolder": DatasetKind(ImageFolder, lambda split, root="", **_: ImageFolder(root, "train" if split == "train"
-                                                                                       else "val"),
-                               lambda split, root: ImageFolder.find(root, "train" if split == "train" else "val")),
+    "imagefolder": DatasetKind(ImageFolder, lambda split, root="", **_: ImageFolder(root, folder_split(split)),
+                               lambda split, root: ImageFolder.find(root, folder_split(split))),
     "synthetic": DatasetKind(Synthetic, _synthetic),
 }
 
