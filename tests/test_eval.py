@@ -914,6 +914,26 @@ def test_export_rows_are_named_by_their_run_and_told_apart_by_their_parents(tmp_
     assert export_names(["."]) == [Path.cwd().name] and export_names([]) == []  # stored baselines alone
 
 
+def test_two_exports_of_one_architecture_name_their_own_baselines(tmp_path: Path) -> None:
+    """Two exports of one architecture each planned 'random init resnet18' and 'supervised resnet18': the report
+    and TensorBoard (eval/<row>/top1) could not tell whose floor and ceiling was whose. An architecture that only
+    one export has keeps the short name."""
+    from infomax.config.eval import EvalConfig
+    from infomax.eval.rows import Rows
+
+    images = open_dataset("synthetic", "train", synthetic_size=8, synthetic_image_size=16)
+    meta = {"architecture": "resnet18", "in_chans": 3, "num_features": 512, "summary": {"epochs_trained": 2}}
+    exports = [(f"runs/{run}/export", None, {**meta, "sha256": run * 64, **extra}) for run, extra in
+               (("a", {}), ("b", {}), ("c", {"architecture": "resnet14t"}))]
+    cfg = EvalConfig(dataset="synthetic", weights=[w for w, *_ in exports])
+    cfg.baselines.supervised_encoder, cfg.baselines.alexnet_supervised, cfg.baselines.published = True, False, False
+    planned = Rows(cfg, Accelerator(cpu=True), images, images, 16, tmp_path, "key").plan(
+        exports, {w: [] for w, *_ in exports}, None)
+    names = [row.name for row in planned]
+    assert names == ["a", "random init resnet18 (a)", "b", "random init resnet18 (b)", "c", "random init resnet14t",
+                     "raw pixels", "supervised resnet18 (a)", "supervised resnet18 (b)", "supervised resnet14t"], names
+
+
 def test_each_row_is_compared_with_its_own_exports_supervised_row_and_a_quoted_alexnet_only_on_imagenet() -> None:
     """With two exports the Δ vs supervised was blank for every row (one supervised row was required), and on
     Fashion-MNIST baselines.published made every row's Δ vs AlexNet a difference to an ImageNet figure."""

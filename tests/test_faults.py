@@ -323,6 +323,7 @@ def test_every_checkpoint_damaged_stops_with_their_names_unless_a_fresh_start_is
     pretrain(f"run.dir={run_dir}", "run.max_steps=8", *FAST)
     for state in (run_dir / "checkpoints").glob("step_*/state.pt"):
         state.write_bytes(state.read_bytes()[:100])
+    (run_dir / "report.md").write_text("the earlier run's eval\n")
     before = snapshot(run_dir)
     line = one_line_error(pretrain(f"run.dir={run_dir}", "run.max_steps=10", *FAST, check=False), 1)
     assert "every checkpoint" in line and "step_00000004" in line and "step_00000008" in line
@@ -335,6 +336,9 @@ def test_every_checkpoint_damaged_stops_with_their_names_unless_a_fresh_start_is
     assert list(run_dir.glob("tb.old-*/events.*")) and len(list((run_dir / "tb").glob("events.*"))) == 1
     # ... and its export, which an eval scored as the fresh run's until that run wrote its own
     assert list(run_dir.glob("export.old-*/encoder.safetensors")) and (run_dir / "export" / "encoder.safetensors").is_file()
+    # ... and its eval's report, which stayed beside the fresh run as if it were that run's
+    assert [p.read_text() for p in run_dir.glob("report.old-*.md")] == ["the earlier run's eval\n"]
+    assert not (run_dir / "report.md").exists()
 
 
 def test_finished_run_rerun_changes_nothing_and_a_larger_budget_continues_it(run_dir: Path, pretrain: Pretrain) -> None:

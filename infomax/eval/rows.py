@@ -329,10 +329,12 @@ class Rows:
         assert_unchanged(encoder, before, name)
         return row
 
-    def export_rows(self, name: str, encoder: nn.Module | None, meta: dict, views: list) -> list[RowBuilder]:
+    def export_rows(self, name: str, encoder: nn.Module | None, meta: dict, views: list,
+                    owner: str = "") -> list[RowBuilder]:
         """Our export's rows: CMC's protocol (every view's features concatenated) first when it has one
-        encoder per view, then the first view's encoder alone; then its random-init floor. What each costs is
-        read from config.json alone (``encoder`` and the views' encoders are None when the export is planned)."""
+        encoder per view, then the first view's encoder alone; then its random-init floor, named with ``owner``
+        (the export's name when another export shares its architecture). What each costs is read from config.json
+        alone (``encoder`` and the views' encoders are None when the export is planned)."""
         widths = [int(meta["num_features"]), *(int(entry["num_features"]) for entry, _ in views)]
         alone = (name, lambda: (encoder, meta), RowCost(passes=1, features=widths[0]))
         scored = [alone]
@@ -344,7 +346,8 @@ class Rows:
                            cost=lambda c=cost: c)
                 for row_name, model_of, cost in scored]
         if self.cfg.random_init:
-            random_name = f"random init {meta['architecture']}" + (" (concatenated)" if views else "")
+            notes = ", ".join(n for n in (owner, "concatenated" if views else "") if n)
+            random_name = f"random init {meta['architecture']}" + (f" ({notes})" if notes else "")
             rows.append(RowBuilder(random_name, functools.partial(self.random_init_row, random_name, meta, views),
                                    cost=lambda: RowCost(passes=len(widths), features=sum(widths))))
         return rows
@@ -437,12 +440,14 @@ class Rows:
                            checkpoint_every=self.cfg.sgd.checkpoint_every,
                            checkpoint_every_min=self.cfg.sgd.checkpoint_every_min)
 
-    def supervised_encoder_row(self, meta: dict) -> dict[str, Any]:
+    def supervised_encoder_row(self, meta: dict, owner: str = "") -> dict[str, Any]:
         """Our export's architecture trained end to end with labels for as many epochs as its pretraining
         (an epoch budget, not seconds, so the row means the same on every machine), then scored like our
-        encoder: the upper reference SSL papers print beside their probes."""
+        encoder: the upper reference SSL papers print beside their probes. ``owner``: the export's name, when
+        another export shares its architecture."""
         b = self.b
         epochs = self.supervised_budget(meta)[0]
+        named = f"supervised {meta['architecture']} ({owner + ': ' if owner else ''}{epochs:g} epochs"
         protocol = supervised_encoder_protocol(meta, self.cfg)
         if (found := self.stored("supervised_encoder", protocol)) is not None:
             kept = {k: v for k, v in found.items() if k not in ("dataset", "data_sha256", "config", "git_revision",
@@ -451,8 +456,7 @@ class Rows:
             kept["label_fractions"] = {k: v for k, v in (found.get("label_fractions") or {}).items()
                                        if k in asked and v.get("seed") == self.cfg.seed}  # nor of other images
             kept["converged"] = found["stopped"] == "early_stopping"  # the rule of today, for older records too
-            return {**kept, "name": f"supervised {meta['architecture']} ({epochs:g} epochs, {found['wall_s']:.0f} s, "
-                                    f"stored {found['date'][:10]})",
+            return {**kept, "name": f"{named}, {found['wall_s']:.0f} s, stored {found['date'][:10]})",
                     "protocol": self.cfg.protocol, "stored_protocol": found["protocol"], "stored": found["stored_path"],
                     "stored_date": found["date"]}
         revision = git_revision()
@@ -462,8 +466,7 @@ class Rows:
         scores = self.sgd_fit(f"supervised_{meta['architecture']}_{meta['sha256'][:8]}", model, model,
                               meta["input_size"][-1], schedule, b.alexnet_crop_scale_min, input_fn=input_fn_for(meta),
                               norm=norm_of(meta))
-        row = self.encoder_row(f"supervised {meta['architecture']} ({epochs:g} epochs, {scores['wall_s']:.0f} s)",
-                               "supervised_encoder", encoder, meta, None)
+        row = self.encoder_row(f"{named}, {scores['wall_s']:.0f} s)", "supervised_encoder", encoder, meta, None)
         row = {**row, **{k: scores[k] for k in ("epochs", "steps", "wall_s", "augment", "stopped", "converged")},
                "supervised_top1": scores["top1"], "budget_epochs": epochs,
                "label_fractions": self.supervised_fractions(meta, schedule)}
@@ -529,17 +532,21 @@ class Rows:
         A new row is one more entry here (and its method above); nothing else counts the rows."""
         cfg, b = self.cfg, self.b
         rows: list[RowBuilder] = []
-        for name, (w, encoder, meta) in zip(export_names([w for w, *_ in exports]), exports):
-            rows += [for_export(row, meta["sha256"]) for row in self.export_rows(name, encoder, meta, view_encoders[w])]
+        names = export_names([w for w, *_ in exports])
+        archs = [meta["architecture"] for *_, meta in exports]
+        owners = [name if archs.count(arch) > 1 else "" for name, arch in zip(names, archs)]  # whose baseline is whose
+        for name, owner, (w, encoder, meta) in zip(names, owners, exports):
+            rows += [for_export(row, meta["sha256"])
+                     for row in self.export_rows(name, encoder, meta, view_encoders[w], owner)]
         if has_raw_pixels_row(cfg, self.train.channels, self.size):
             pixels = self.train.channels * self.size * self.size
             rows.append(RowBuilder("raw pixels", self.raw_pixels_row, cost=lambda: RowCost(features=pixels)))
         if b.alexnet_supervised:  # stored, or its fit shows its own progress
             rows.append(RowBuilder("AlexNet supervised", self.alexnet_row, cost=lambda: RowCost(scored=False)))
-        for w, _, meta in exports if b.supervised_encoder else []:
+        for owner, (w, _, meta) in zip(owners, exports) if b.supervised_encoder else []:
             if b.supervised_encoder_epochs or pretrain_epochs(meta):
-                rows.append(for_export(RowBuilder(f"supervised {meta['architecture']}",
-                                                  functools.partial(self.supervised_encoder_row, meta),
+                planned = f"supervised {meta['architecture']}" + (f" ({owner})" if owner else "")
+                rows.append(for_export(RowBuilder(planned, functools.partial(self.supervised_encoder_row, meta, owner),
                                                   cost=functools.partial(self.supervised_encoder_cost, meta)),
                                        meta["sha256"]))
             else:

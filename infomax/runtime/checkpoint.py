@@ -308,10 +308,16 @@ def load_latest(root: Path, fresh_start_hint: str) -> tuple[dict[str, Any], Path
 
 
 def move_aside(root: Path) -> Path | None:
-    """Rename ``root`` (a checkpoints dir, TensorBoard's tb/, the export) to ``root.old-TIMESTAMP`` so a fresh start
-    cannot prune or mix with it; the old files stay on disk. Returns the new name, or None if there was nothing."""
+    """Rename ``root`` (a checkpoints dir, TensorBoard's tb/, the export, an eval's report.md) to
+    ``root.old-TIMESTAMP`` (``report.old-TIMESTAMP.md`` for a file) so a fresh start cannot prune or mix with it,
+    nor be read as its; the old files stay on disk. Returns the new name, or None if there was nothing."""
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    if root.is_file():
+        target = root.with_name(f"{root.stem}.old-{stamp}{root.suffix}")
+        os.replace(root, target)
+        return target
     if not root.is_dir() or not any(root.iterdir()):
         return None
-    target = root.with_name(f"{root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    target = root.with_name(f"{root.name}.old-{stamp}")
     os.replace(root, target)
     return target

@@ -129,14 +129,17 @@ def claim_run_dir(cfg: Config, lock: RunDirLock, accelerator: Any, data: Any) ->
 
 def resume(run: Any, run_dir: Path) -> Any:
     """The newest intact checkpoint restored into ``run`` ((state, path), or None for a fresh start); with
-    run.resume=never the earlier run's checkpoints, TensorBoard events and export go aside, not mixed in (an eval
-    would otherwise score the earlier run's export until the fresh one ends)."""
+    run.resume=never the earlier run's checkpoints, TensorBoard events, export and eval report go aside, not mixed in
+    (an eval would otherwise score the earlier run's export until the fresh one ends, and its report read as the
+    fresh run's)."""
     from infomax.runtime import checkpoint as ckpt
 
     cfg, accelerator, loaded = run.cfg, run.accelerator, None
     if cfg.run.resume == "never":
-        moved = [ckpt.move_aside(p) for p in (run.resumable.directory, run_dir / "tb", run_dir / "export")] \
-            if accelerator.is_main_process else []
+        # the eval's kept rows (rows/) may stay: they are keyed by the export's sha256
+        earlier = [run.resumable.directory, run_dir / "tb", run_dir / "export",
+                   *(run_dir / f"report.{ext}" for ext in ("md", "json", "png"))]
+        moved = [ckpt.move_aside(p) for p in earlier] if accelerator.is_main_process else []
         if aside := [p for p in moved if p]:
             print(f"run.resume=never: starting afresh; the earlier run is kept in {', '.join(map(str, aside))}",
                   flush=True)
