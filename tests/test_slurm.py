@@ -22,10 +22,11 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slur
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
 
 
-def submit(*args: str, check: bool = True) -> tuple[subprocess.CompletedProcess, list[str]]:
+def submit(*args: str, check: bool = True, env: dict[str, str] | None = None
+           ) -> tuple[subprocess.CompletedProcess, list[str]]:
     cmd = [sys.executable, str(REPO / "launch" / "submit.py"), "--config", str(TINY), "--time", "20", *args]
     # A progress line per step in the job's .err log (off a terminal, every INFOMAX_PROGRESS_SECONDS)
-    env = {**os.environ, "INFOMAX_PROGRESS_SECONDS": "0"}
+    env = {**os.environ, "INFOMAX_PROGRESS_SECONDS": "0", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -68,7 +69,9 @@ def log_of(run_dir: Path, job: str, rank: int = 0) -> str:
 def test_tiny_run_completes_and_leaves_an_export(slurm_cluster: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc, (job,) = submit(f"run.dir={run}", "run.max_steps=4")
-    assert f"run dir {run}" in proc.stdout and "sacct -j" in proc.stdout and "tail -f" in proc.stdout
+    assert f"run dir {run}" in proc.stdout and "sacct -j" in proc.stdout
+    # the log that moves: progress lines go to stderr (it followed the .out, quiet for the whole run)
+    assert f"tail -f {run}/slurm/{job}/{job}_0_log.err" in proc.stdout, proc.stdout
     assert wait_done(job) == "COMPLETED", log_of(run, job)
     assert (run / "export" / "encoder.safetensors").is_file()
 
@@ -152,6 +155,27 @@ def test_preempted_job_saves_requeues_and_resumes_without_losing_steps(slurm_clu
     assert int(finished.group(1)) == 40 - k  # no step ran twice, none was skipped
     assert "requeued 1 times" in log
     assert any("REQUEUED" in line for line in sacct(job, "-D"))  # sacct's history holds the requeue
+
+
+def test_a_job_preempted_by_a_higher_tier_saves_requeues_and_resumes(slurm_cluster: Path, tmp_path: Path) -> None:
+    """Preemption as SLURM does it by default: a job of the urgent partition takes the cores, and the debug job
+    gets SIGTERM (not USR2) and GraceTime to save. It used to save and exit 0 as if cancelled: SLURM ended it
+    COMPLETED, not requeued, and a chained eval started on a run with no export."""
+    run = tmp_path / "run"
+    _, (job,) = submit(f"run.dir={run}", "optim.epochs=5", "run.checkpoint_every=1000")  # 40 steps
+    wait_for_step(run, job, 3)
+    cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, timeout=30).stdout.split()[0]
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-c", cpus, "-o", str(tmp_path / "urgent.out"),
+                             "--wrap", "sleep 2"], capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    assert wait_done(urgent, timeout=300) == "COMPLETED"
+    assert wait_done(job, timeout=300) == "COMPLETED", log_of(run, job)
+    log = log_of(run, job)
+    stopped = re.search(r"infomax pretraining stopped \(SIGTERM\): step (\d+)/40", log)
+    assert stopped and "the SIGTERM was SLURM preempting the job; requeueing it" in log, log[-3000:]
+    resumed = re.search(r"resumed from \S+step_(\d+) ", log)
+    assert resumed and int(resumed.group(1)) == int(stopped.group(1)), log[-3000:]  # no step lost
+    assert "infomax pretraining finished: step 40/40" in log and "requeued 1 times" in log, log[-3000:]
+    assert any("REQUEUED" in line or "PREEMPTED" in line for line in sacct(job, "-D"))
 
 
 def test_eval_job_waits_for_pretraining_and_writes_the_report(slurm_cluster: Path, tmp_path: Path) -> None:
@@ -246,6 +270,12 @@ def test_dry_run_script_is_the_script_submitit_submits(tmp_path: Path, monkeypat
     (["optim.lrr=1"], "optim.lrr"),
     (["--cluster", "local", "--gpus-per-node", "2"], "has 0"),
     (["--partition", "nope"], "is not a partition of this cluster"),
+    (["--partition", "debug,nope"], "'nope' is not a partition"),  # a list: each one is checked, a known one passes
+    (["--constraint", "nosuchfeature"], "SLURM refuses this request (allocation failure: Invalid feature specification)"),
+    (["data.format=ffcv", "data.path=/nowhere.beton"], "'/nowhere.beton' is not a file"),  # failed once queued
+    (["--tasks-per-node", "3", "--eval", str(REPO / "configs" / "probe_fmnist.yaml"), "--eval-override",
+      "dataset=synthetic"],
+     "does not split over the job's 3 processes"),  # failed the eval after the pretraining
     (["--time", "soon"], "is not a SLURM time"),
     (["--sweep", "optim.lr"], "is not key=v1,v2"),
     (["objective.name=dim", "objective.bound=mine"], "dim supports"),  # what the job refuses at start, up front
@@ -274,8 +304,12 @@ def test_run_dir_of_another_config_is_refused(slurm_cluster: Path, tmp_path: Pat
 
 @pytest.mark.parametrize("cluster", ["local", "debug"])
 def test_same_callable_without_slurm(tmp_path: Path, cluster: str) -> None:
+    """Also from a shell that a torchrun left its variables in: the one-task job used to take WORLD_SIZE=4 from it
+    and wait out the process group's timeout for three ranks that never came."""
     run = tmp_path / "run"
-    proc, (job,) = submit(f"run.dir={run}", "run.max_steps=2", "--cluster", cluster)
+    stale = {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    proc, (job,) = submit(f"run.dir={run}", "run.max_steps=2", "run.dist_timeout_min=1", "--cluster", cluster,
+                          env=stale)
     assert "squeue" not in proc.stdout
     export = run / "export" / "encoder.safetensors"
     end = time.monotonic() + 180  # the local executor's job runs on after the command returns

@@ -5,15 +5,20 @@ submitit derives from SLURM (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_P
 Accelerate inside ``train`` / ``evaluate`` forms the process group from it.
 
 Preemption and time limits: SLURM sends submitit's signal (USR2, ``--signal-delay`` seconds before
-the end). ``train`` installs its stop flag for it, every rank stops at the next step boundary and a
-checkpoint is saved; only then does rank 0 hand over to submitit's own handler, which calls
-:meth:`RequeueableJob.checkpoint` and requeues the job. The requeued job resumes from ``run.dir``. ``evaluate``
-does the same: its probe fit saves and stops, and the requeued eval resumes it and keeps the rows already scored.
+the time limit; on preemption SIGTERM and the partition's GraceTime, unless the cluster sets
+``PreemptParameters=send_user_signal``). ``train`` installs its stop flag for both, every rank stops at the next
+step boundary and a checkpoint is saved; only then does rank 0 hand over to submitit's own handler, which calls
+:meth:`RequeueableJob.checkpoint` and requeues the job. A SIGTERM is a preemption only when SLURM says the job is
+being preempted (:func:`being_preempted`): scancel sends SIGTERM too, and a cancel is not requeued. The
+requeued job resumes from ``run.dir``. ``evaluate`` does the same: its probe fit saves and stops, and the
+requeued eval resumes it and keeps the rows already scored.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 from typing import Any
 
 import submitit
@@ -41,6 +46,21 @@ def submitits_handler(env: submitit.JobEnvironment | None) -> Any:
     return signal.getsignal(PREEMPT_SIGNAL) if env is not None else None
 
 
+def being_preempted(job_id: str | None = None) -> bool:
+    """Whether SLURM is preempting job ``job_id`` (this job's by default): scontrol shows the time it was chosen
+    (``PreemptTime``) from the preemption's SIGTERM until the job ends; a cancel's or a time limit's leaves it unset.
+    False outside SLURM, or when scontrol does not answer (the stop is then a cancel's: saved, not requeued)."""
+    job_id = job_id or os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return False
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    fields = dict(field.split("=", 1) for field in out.stdout.split() if "=" in field)
+    return fields.get("PreemptTime", "None") not in ("None", "Unknown", "")
+
+
 class RequeueableJob:
     """A submitit callable that survives ``max_requeues`` preemptions or time limits.
 
@@ -54,11 +74,16 @@ class RequeueableJob:
     @staticmethod
     def hand_over(stopped_by: str | None, submitit_handler: Any, said: str = "") -> bool:
         """Pass a preemption's signal on to submitit once the checkpoint is on disk (``said`` first: rank 0 exits
-        in submitit's handler); False for any other stop (a cancel's SIGTERM, Ctrl-C) or outside a submitit job
-        (``submitit_handler`` None). The ranks agreed on the cause (``StopFlag.agreed``), so all hand over."""
+        in submitit's handler): USR2, or a SIGTERM SLURM sent to preempt the job. False for any other stop (a
+        cancel's SIGTERM, Ctrl-C) or outside a submitit job (``submitit_handler`` None). The ranks agreed on the
+        cause (``StopFlag.agreed``), so all hand over."""
         from infomax.runtime.stop import PREEMPT_SIGNAL
 
-        if stopped_by != PREEMPT_SIGNAL.name or not callable(submitit_handler):
+        if not callable(submitit_handler):
+            return False
+        if stopped_by == "SIGTERM" and being_preempted():
+            print("infomax job: the SIGTERM was SLURM preempting the job; requeueing it", flush=True)
+        elif stopped_by != PREEMPT_SIGNAL.name:
             return False
         if said:
             print(said, flush=True)

@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import os
 import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 if TYPE_CHECKING:  # first-party modules and submitit load inside the functions, after drop_script_dir()
     import submitit
@@ -111,7 +112,8 @@ def known_partitions() -> list[str]:
     """The cluster's partitions; asking also proves that a controller answers, before anything is written."""
     way_out = "is SLURM reachable from here (scontrol ping, SLURM_CONF)? Use --cluster local to run without SLURM"
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60)
+        # -a: hidden partitions too, which sbatch takes from those allowed to use them
+        out = subprocess.run(["sinfo", "-a", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
         raise SubmitError(f"sbatch is on PATH but sinfo is not: {way_out}") from None
     except subprocess.TimeoutExpired:
@@ -120,6 +122,20 @@ def known_partitions() -> list[str]:
         problem = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
         raise SubmitError(f"sinfo failed ({problem}): {way_out}")
     return [p.rstrip("*") for p in out.stdout.split()]
+
+
+def check_run_data(d: Any) -> None:
+    """The pretraining's data is where ``data.*`` says, as the job would look for it at its start (a missing .beton
+    or root used to fail the job once it had queued, and cancel its eval). Lists no files: a login node need not
+    walk ImageNet."""
+    from infomax.data.beton_file import BetonInfo
+    from infomax.data.datasets import REGISTRY, root_named
+
+    if d.format == "ffcv":
+        BetonInfo(d.path).require_dataset(d.dataset, "data.path", "data.dataset")
+    else:
+        with root_named("data.root"):
+            REGISTRY[d.dataset].find("train", d.root)
 
 
 def resolve_runs(args: argparse.Namespace) -> list[Config]:
@@ -134,6 +150,7 @@ def resolve_runs(args: argparse.Namespace) -> list[Config]:
     for point in points:
         cfg = load_config(args.config, [*args.overrides, *point])
         check_dataset_use(cfg.data)  # what the job would refuse at its start, refused before it queues
+        check_run_data(cfg.data)
         objective_class(cfg.objective.name).check_config(cfg.objective)
         if len(points) > 1:  # one run dir per sweep value, under the configured one
             cfg.run.dir = str(Path(cfg.run.dir) / "_".join(o.replace("/", "-") for o in point))
@@ -160,6 +177,22 @@ def resolve_evals(args: argparse.Namespace, runs: list[Config]) -> list[EvalConf
         raise SubmitError(f"--eval {args.eval}: out={evals[0].out} is one directory for the {len(evals)} runs of the "
                           "sweep; leave out empty (--eval-override out=), and each report lands in its own run dir")
     return evals
+
+
+def check_eval_batches(evals: list[EvalConfig], processes: int, asked: str) -> None:
+    """The eval job's fits split their global batches over its processes (it asks for what pretraining asks): a
+    batch that does not split used to fail the eval only once pretraining had ended."""
+    for ecfg in evals:
+        b = ecfg.baselines
+        fits = {"sgd.global_batch_size": ecfg.sgd.global_batch_size if ecfg.protocol == "imagenet" else 0,
+                "baselines.alexnet_global_batch_size": b.alexnet_global_batch_size if b.alexnet_supervised else 0,
+                "baselines.supervised_encoder_global_batch_size":
+                    b.supervised_encoder_global_batch_size if b.supervised_encoder else 0}
+        for key, batch in fits.items():
+            if batch % processes:
+                raise SubmitError(f"--eval {asked}: {key}={batch} does not split over the job's {processes} "
+                                  f"processes; pass --eval-override {key}=<a multiple of {processes}>, or turn "
+                                  "that fit off")
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -200,9 +233,10 @@ def check_cluster(args: argparse.Namespace) -> None:
         if shutil.which("sbatch") is None:
             raise SubmitError("sbatch is not on PATH: run this on a SLURM login node, or use --cluster local")
         parts = known_partitions()  # also fails, in one line, when no controller answers
-        if args.partition and args.partition not in parts:
-            raise SubmitError(f"--partition '{args.partition}' is not a partition of this cluster "
-                              f"(sinfo knows: {', '.join(parts)})")
+        for asked in args.partition.split(",") if args.partition else []:  # sbatch takes a list: the first free
+            if asked not in parts:
+                raise SubmitError(f"--partition '{asked}' is not a partition of this cluster "
+                                  f"(sinfo knows: {', '.join(parts)})")
 
 
 def cpus_per_task(args: argparse.Namespace, runs: list[Config], evals: list[EvalConfig]) -> int:
@@ -291,7 +325,7 @@ def submit_jobs(args: argparse.Namespace, executor: submitit.AutoExecutor, runs:
     (``afterok``); local and debug have no scheduler to hold it back, so this waits for the pretraining.
     """
     from infomax.config.pretrain import to_yaml
-    from infomax.launch.jobs import EvalJob, PretrainJob
+    from infomax.launch.jobs import PretrainJob
     from infomax.runtime.run_dir import mark_ours
 
     for cfg in runs:  # the job's own check then knows the dir (and its slurm/ logs) as infomax's
@@ -302,6 +336,15 @@ def submit_jobs(args: argparse.Namespace, executor: submitit.AutoExecutor, runs:
             submitted = [executor.submit(job) for job in jobs]
     else:
         submitted = [executor.submit(jobs[0])]
+    return submitted, submit_evals(args, executor, submitted, evals, request)
+
+
+def submit_evals(args: argparse.Namespace, executor: submitit.AutoExecutor, submitted: list[submitit.Job],
+                 evals: list[EvalConfig], request: JobRequest) -> list[submitit.Job]:
+    """Each run's eval job, after its pretraining job (``submitted``); on local and debug, once it has ended."""
+    from infomax.config.pretrain import to_yaml
+    from infomax.launch.jobs import EvalJob
+
     eval_jobs = []
     for job, ecfg in zip(submitted, evals):
         executor.update_parameters(name=f"{request.name}-eval", **(
@@ -314,7 +357,7 @@ def submit_jobs(args: argparse.Namespace, executor: submitit.AutoExecutor, runs:
     if args.cluster == "debug":  # in this process: the jobs run when their results are asked for
         for job in submitted + eval_jobs:
             job.result()
-    return submitted, eval_jobs
+    return eval_jobs
 
 
 def print_follow_up(cluster: str, runs: list[Config], submitted: list[submitit.Job],
@@ -326,7 +369,8 @@ def print_follow_up(cluster: str, runs: list[Config], submitted: list[submitit.J
     for job in eval_jobs:
         print(f"submitted {job.job_id}: eval after pretraining; report beside the export")
     ids = ",".join(j.job_id for j in submitted + eval_jobs)
-    logdir, log = shlex.quote(str(runs_parent(runs))), shlex.quote(str(submitted[0].paths.stdout))
+    # progress lines and errors go to stderr: the .err log is the one that moves
+    logdir, log = shlex.quote(str(runs_parent(runs))), shlex.quote(str(submitted[0].paths.stderr))
     if cluster == "slurm":
         print(f"follow:   squeue -j {ids}   |   sacct -j {ids} -X -o JobID,JobName,State,Elapsed\n"
               f"          tail -f {log}   |   tensorboard --logdir {logdir}\n"
@@ -338,6 +382,41 @@ def print_follow_up(cluster: str, runs: list[Config], submitted: list[submitit.J
         print(f"follow:   tail -f {log}   |   tensorboard --logdir {logdir}")
 
 
+STALE_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def job_environment() -> Iterator[None]:
+    """While submitting: this shell's environment, which the jobs get (sbatch's --export=ALL), without what a torchrun
+    or an salloc left in it (the process group's variables, SLURM_* but SLURM_CONF, SRUN_*, SUBMITIT_*), which would
+    meet submitit's own rank set-up. Our own, not submitit's ``clean_env``: that one drops SLURM_CONF, with which
+    sbatch finds the controller on a cluster that sets it."""
+    stale = {k: os.environ.pop(k) for k in list(os.environ)
+             if k in STALE_ENV or (k.startswith(("SLURM_", "SRUN_", "SUBMITIT_")) and k != "SLURM_CONF")}
+    try:
+        yield
+    finally:
+        os.environ.update(stale)
+
+
+def test_only(script: str) -> None:
+    """``sbatch --test-only`` on the script to be submitted: what the scheduler refuses (an unknown constraint,
+    account or QOS, more CPUs or memory than a node has) is refused here in one line, before a run dir is made."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".sh") as f:
+        f.write(script)
+        f.flush()
+        try:
+            out = subprocess.run(["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            raise SubmitError("sbatch --test-only got no answer from the SLURM controller in 60 s") from None
+    if out.returncode != 0:
+        said = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1].removeprefix("sbatch: error: ")
+        raise SubmitError(f"SLURM refuses this request ({said}); change the flag it names, or see --dry-run's "
+                          "sbatch script")
+
+
 def submit(args: argparse.Namespace) -> list[submitit.Job]:
     """Check everything (configs, run dirs, resources, the cluster) before anything is submitted; then
     print the dry run, or submit and print how to follow the jobs. Returns the jobs (none for a dry run)."""
@@ -345,25 +424,30 @@ def submit(args: argparse.Namespace) -> list[submitit.Job]:
     runs = resolve_runs(args)
     evals = resolve_evals(args, runs)
     tasks = tasks_per_node(args)
+    check_eval_batches(evals, args.nodes * tasks, args.eval)
     check_cluster(args)
     request = job_request(args, runs, tasks, cpus_per_task(args, runs, evals))
     folder = log_folder(args, runs)
     if args.dry_run:
         print_dry_run(args, runs, evals, request, folder)
         return []
+    if args.cluster == "slurm":
+        test_only(request.sbatch_script(folder / "%j"))
     executor = make_executor(args.cluster, folder, args.max_requeues, request)
-    submitted, eval_jobs = submit_jobs(args, executor, runs, evals, request)
+    with job_environment():
+        submitted, eval_jobs = submit_jobs(args, executor, runs, evals, request)
     print_follow_up(args.cluster, runs, submitted, eval_jobs)
     return submitted + eval_jobs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from infomax.config.pretrain import ConfigError
+    from infomax.data.datasets import DataError
 
     args = parse_args(argv)
     try:
         submit(args)
-    except (ConfigError, SubmitError) as e:
+    except (ConfigError, DataError, SubmitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

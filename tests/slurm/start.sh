@@ -113,7 +113,12 @@ AccountingStoragePort=$DBD_PORT
 AccountingStoragePass=$D/munge/munge.socket
 JobCompType=jobcomp/none
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS Sockets=$SOCKETS CoresPerSocket=$CORES ThreadsPerCore=$THREADS RealMemory=$MEM State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+# Preemption as a shared GPU cluster runs it: a job of a higher tier takes the cores of a debug job, which gets
+# SIGTERM (not --signal's USR2) and GraceTime seconds to save before SLURM kills and requeues it.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=1 GraceTime=60
+PartitionName=urgent Nodes=$HOST MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=2 PreemptMode=OFF
 CONF
 export SLURM_CONF="$D/slurm.conf"
 
