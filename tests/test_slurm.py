@@ -184,8 +184,10 @@ def test_eval_job_waits_for_pretraining_and_writes_the_report(slurm_cluster: Pat
     probe.write_text(yaml.safe_dump({"dataset": "synthetic", "synthetic_size": 96, "synthetic_image_size": 16,
                                      "num_workers": 0, "probe_steps": 20, "knn_k": [5],
                                      "baselines": {"alexnet_supervised": False, "supervised_encoder": False}}))
-    _, (job, eval_job) = submit(f"run.dir={run}", "run.max_steps=4", "data.num_workers=1", "--eval", str(probe))
+    _, (job, eval_job) = submit(f"run.dir={run}", "run.max_steps=4", "data.num_workers=1", "--eval", str(probe),
+                                "--eval-time", "7")
     assert wait_done(eval_job) == "COMPLETED" and wait_done(job) == "COMPLETED"
+    assert [sacct(j, "-o", "Timelimit")[0].split("|")[-1] for j in (job, eval_job)] == ["00:20:00", "00:07:00"]
     (pre,), (post,) = sacct(job), sacct(eval_job)
     assert post.split("|")[2] >= pre.split("|")[3]  # the eval started after pretraining ended (afterok)
     # A loader worker beside the main loop: the srun step was given 2 cores, and the rank, bound to them, found
@@ -228,8 +230,11 @@ def test_cancelled_run_resumes_when_resubmitted(slurm_cluster: Path, tmp_path: P
 
 def test_dry_run_prints_resources_and_submits_nothing(tmp_path: Path) -> None:
     proc, jobs = submit(f"run.dir={tmp_path / 'run'}", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu",
-                        "--account", "acct", "--time", "2-00:00:00", "--signal-delay", "300", "--dry-run")
+                        "--account", "acct", "--time", "2-00:00:00", "--signal-delay", "300", "--dry-run",
+                        "--eval", str(REPO / "configs" / "probe_fmnist.yaml"), "--eval-override", "dataset=synthetic")
     assert not jobs and not (tmp_path / "run").exists()
+    # the eval job asks for one node, not the pretraining's two (--eval-nodes), for as long (--eval-time)
+    assert "# eval job (after pretraining succeeds): --nodes=1 --ntasks-per-node=4 --time=2880" in proc.stdout
     for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--account=acct",
                  "--time=2880", "--signal=USR2@300"):
         assert f"#SBATCH {line}" in proc.stdout, line

@@ -60,6 +60,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     j.add_argument("--eval", default="", help="eval config (configs/probe_*.yaml): a second job after pretraining "
                                               "succeeds")
     j.add_argument("--eval-override", action="append", default=[], help="key=value for the eval config (repeatable)")
+    j.add_argument("--eval-nodes", type=int, default=1,
+                   help="the eval job's nodes, each with --gpus-per-node (a linear probe needs no more than one node)")
+    j.add_argument("--eval-time", default="", help="the eval job's time limit (default: --time)")
     j.add_argument("--sweep", action="append", default=[], help="key=v1,v2,...: one run per value (product of several)")
     j.add_argument("--array-parallelism", type=int, default=16, help="sweep jobs running at once")
     j.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm",
@@ -201,13 +204,15 @@ def check_numbers(args: argparse.Namespace) -> None:
     least = {"--nodes": (args.nodes, 1), "--gpus-per-node": (args.gpus_per_node, 0),
              "--tasks-per-node": (args.tasks_per_node, 0), "--cpus-per-task": (args.cpus_per_task, 0),
              "--mem-gb": (args.mem_gb, 0), "--max-requeues": (args.max_requeues, 0),
-             "--signal-delay": (args.signal_delay, 0), "--array-parallelism": (args.array_parallelism, 1)}
+             "--signal-delay": (args.signal_delay, 0), "--array-parallelism": (args.array_parallelism, 1),
+             "--eval-nodes": (args.eval_nodes, 1)}
     for flag, (value, lowest) in least.items():
         if value < lowest:
             raise SubmitError(f"{flag} must be >= {lowest}, got {value}")
-    if args.cluster != "slurm" and args.nodes > 1:
-        raise SubmitError(f"--nodes {args.nodes} needs SLURM: --cluster {args.cluster} runs on this machine alone; "
-                          "use --nodes 1, or --cluster slurm")
+    for flag, nodes in (("--nodes", args.nodes), ("--eval-nodes", args.eval_nodes)):
+        if args.cluster != "slurm" and nodes > 1:
+            raise SubmitError(f"{flag} {nodes} needs SLURM: --cluster {args.cluster} runs on this machine alone; "
+                              f"use {flag} 1, or --cluster slurm")
 
 
 def tasks_per_node(args: argparse.Namespace) -> int:
@@ -251,16 +256,22 @@ def cpus_per_task(args: argparse.Namespace, runs: list[Config], evals: list[Eval
     return cpus
 
 
+def time_limit(args: argparse.Namespace, flag: str) -> int:
+    """``--time`` (or ``--eval-time``) in minutes, checked against ``--signal-delay``."""
+    timeout = minutes(getattr(args, flag[2:].replace("-", "_")))
+    if 0 < timeout * 60 <= args.signal_delay:  # each run would be told to save at once, requeued without progress
+        raise SubmitError(f"--signal-delay {args.signal_delay} s is not shorter than {flag} ({timeout} min): SLURM "
+                          "would signal the job to save and requeue as it starts; lower --signal-delay (default 120)")
+    if timeout == 0 and args.cluster != "slurm":  # SLURM reads --time 0 as no limit; submitit's local executor
+        timeout = LOCAL_NO_LIMIT_MIN  # would kill the job at once, with empty logs
+    return timeout
+
+
 def job_request(args: argparse.Namespace, runs: list[Config], tasks: int, cpus: int) -> JobRequest:
     """What each pretraining job asks of the scheduler."""
     from infomax.launch.sbatch import JobRequest
 
-    timeout = minutes(args.time)
-    if 0 < timeout * 60 <= args.signal_delay:  # each run would be told to save at once, requeued without progress
-        raise SubmitError(f"--signal-delay {args.signal_delay} s is not shorter than --time ({timeout} min): SLURM "
-                          "would signal the job to save and requeue as it starts; lower --signal-delay (default 120)")
-    if timeout == 0 and args.cluster != "slurm":  # SLURM reads --time 0 as no limit; submitit's local executor
-        timeout = LOCAL_NO_LIMIT_MIN  # would kill the job at once, with empty logs
+    timeout = time_limit(args, "--time")
     return JobRequest(name=args.job_name or f"infomax-{Path(runs[0].run.dir).name}", nodes=args.nodes,
                       tasks_per_node=tasks, cpus_per_task=cpus, timeout_min=timeout,
                       gpus_per_node=args.gpus_per_node, mem_gb=args.mem_gb, partition=args.partition,
@@ -314,7 +325,7 @@ def print_dry_run(args: argparse.Namespace, runs: list[Config], evals: list[Eval
     for cfg in runs:
         print(f"# resolved config for {cfg.run.dir}\n{to_yaml(cfg)}")
     for ecfg in evals:
-        print(f"# eval config (after pretraining succeeds)\n{to_yaml(ecfg)}")
+        print(f"# eval job (after pretraining succeeds): {eval_resources(args, request)}\n{to_yaml(ecfg)}")
 
 
 def submit_jobs(args: argparse.Namespace, executor: submitit.AutoExecutor, runs: list[Config],
@@ -339,6 +350,15 @@ def submit_jobs(args: argparse.Namespace, executor: submitit.AutoExecutor, runs:
     return submitted, submit_evals(args, executor, submitted, evals, request)
 
 
+def eval_resources(args: argparse.Namespace, request: JobRequest) -> str:
+    """The eval job's request where it differs from the pretraining's, in sbatch's words."""
+    return f"--nodes={args.eval_nodes} --ntasks-per-node={request.tasks_per_node} --time={eval_time_limit(args)}"
+
+
+def eval_time_limit(args: argparse.Namespace) -> int:
+    return time_limit(args, "--eval-time" if args.eval_time else "--time")
+
+
 def submit_evals(args: argparse.Namespace, executor: submitit.AutoExecutor, submitted: list[submitit.Job],
                  evals: list[EvalConfig], request: JobRequest) -> list[submitit.Job]:
     """Each run's eval job, after its pretraining job (``submitted``); on local and debug, once it has ended."""
@@ -347,7 +367,8 @@ def submit_evals(args: argparse.Namespace, executor: submitit.AutoExecutor, subm
 
     eval_jobs = []
     for job, ecfg in zip(submitted, evals):
-        executor.update_parameters(name=f"{request.name}-eval", **(
+        executor.update_parameters(name=f"{request.name}-eval", nodes=args.eval_nodes,
+                                   timeout_min=eval_time_limit(args), **(
             # A failed pretraining (a lost node, a killed rank) cancels its eval instead of leaving it pending.
             {"slurm_additional_parameters": {"dependency": f"afterok:{job.job_id}", "kill_on_invalid_dep": "yes"}}
             if args.cluster == "slurm" else {}))
@@ -424,7 +445,8 @@ def submit(args: argparse.Namespace) -> list[submitit.Job]:
     runs = resolve_runs(args)
     evals = resolve_evals(args, runs)
     tasks = tasks_per_node(args)
-    check_eval_batches(evals, args.nodes * tasks, args.eval)
+    check_eval_batches(evals, args.eval_nodes * tasks, args.eval)
+    eval_time_limit(args)  # a bad --eval-time, refused before anything is written
     check_cluster(args)
     request = job_request(args, runs, tasks, cpus_per_task(args, runs, evals))
     folder = log_folder(args, runs)
