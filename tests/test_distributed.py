@@ -578,11 +578,15 @@ def _stop_worker(rank: int, tmp: str) -> None:
     from infomax.runtime.stop import StopFlag
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
-    stop = StopFlag()
-    if rank == 0:
-        stop._handle(signal.SIGUSR2, None)  # the preemption reaches rank 0 first; rank 1's signal comes later
-    stopped = stop.agreed(*agree_max("cpu", *stop.votes()))
-    (Path(tmp) / f"rank{rank}.json").write_text(json.dumps([stopped, stop.signal_name]))
+    for first, later in ((signal.SIGUSR2, signal.SIGINT), (signal.SIGTERM, None), (signal.SIGUSR2, signal.SIGTERM)):
+        stop = StopFlag()
+        if rank == 0:
+            stop._handle(first, None)  # the preemption reaches rank 0 first; rank 1's signal comes later ...
+        elif later is not None:
+            stop._handle(later, None)  # ... or rank 1 has one of its own, the lesser cause
+        stopped = stop.agreed(*agree_max("cpu", *stop.votes()))
+        with (Path(tmp) / f"rank{rank}.json").open("a") as f:
+            f.write(json.dumps([stopped, stop.signal_name]) + "\n")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -590,6 +594,8 @@ def _stop_worker(rank: int, tmp: str) -> None:
 def test_a_preemption_on_one_rank_is_every_ranks_cause_so_every_rank_hands_the_job_to_the_requeue(
         tmp_path: Path) -> None:
     """A rank that learnt of the stop from the others used to read it as 'a signal on another rank': on rank 0 the job
-    then ended instead of being requeued, and its own USR2, arriving later, was swallowed by the stop flag."""
+    then ended instead of being requeued, and its own USR2, arriving later, was swallowed by the stop flag. SIGTERM,
+    SLURM's preemption signal by default, is shared the same way (the job asks SLURM whether it was one)."""
     spawn_ranks(_stop_worker, tmp_path, nprocs=WORLD)
-    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)] == [[True, "SIGUSR2"]] * WORLD
+    seen = [[json.loads(line) for line in (tmp_path / f"rank{r}.json").read_text().splitlines()] for r in range(WORLD)]
+    assert seen == [[[True, "SIGUSR2"], [True, "SIGTERM"], [True, "SIGUSR2"]]] * WORLD

@@ -835,6 +835,9 @@ def test_a_preempted_eval_job_is_handed_to_submitits_requeue_and_the_requeued_jo
 
     with pytest.raises(Stopped, match="stopped by SIGTERM"):  # scancel: no requeue, the job fails
         run(job_for(tmp_path / "cancelled"), signal.SIGTERM)
+    # SLURM's own preemption signal, SIGTERM, while scontrol shows the job being preempted: requeued as for USR2
+    monkeypatch.setattr(infomax.launch.jobs, "being_preempted", lambda: True)
+    assert run(job_for(tmp_path / "preempted_by_sigterm"), signal.SIGTERM) == ([], [signal.SIGUSR2])
 
 
 def _gaussian_pairs(n: int, dim: int, mi: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

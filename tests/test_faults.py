@@ -324,6 +324,7 @@ def test_every_checkpoint_damaged_stops_with_their_names_unless_a_fresh_start_is
     for state in (run_dir / "checkpoints").glob("step_*/state.pt"):
         state.write_bytes(state.read_bytes()[:100])
     (run_dir / "report.md").write_text("the earlier run's eval\n")
+    (run_dir / "report.json").write_text("{}\n")
     before = snapshot(run_dir)
     line = one_line_error(pretrain(f"run.dir={run_dir}", "run.max_steps=10", *FAST, check=False), 1)
     assert "every checkpoint" in line and "step_00000004" in line and "step_00000008" in line
@@ -338,7 +339,24 @@ def test_every_checkpoint_damaged_stops_with_their_names_unless_a_fresh_start_is
     assert list(run_dir.glob("export.old-*/encoder.safetensors")) and (run_dir / "export" / "encoder.safetensors").is_file()
     # ... and its eval's report, which stayed beside the fresh run as if it were that run's
     assert [p.read_text() for p in run_dir.glob("report.old-*.md")] == ["the earlier run's eval\n"]
-    assert not (run_dir / "report.md").exists()
+    assert len(list(run_dir.glob("report.old-*.json"))) == 1 and not list(run_dir.glob("report.[jm]*"))
+
+
+def test_two_fresh_starts_in_one_second_keep_both_earlier_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file moved aside took the name of one moved in the same second, and replaced it."""
+    import time
+
+    from infomax.runtime.checkpoint import move_aside
+
+    monkeypatch.setattr(time, "strftime", lambda *_: "20261208-120000")
+    for text in ("first", "second"):
+        (tmp_path / "report.md").write_text(text)
+        (tmp_path / "tb").mkdir()
+        (tmp_path / "tb" / "events").write_text(text)
+        move_aside(tmp_path / "report.md"), move_aside(tmp_path / "tb")
+    assert sorted(p.read_text() for p in tmp_path.glob("report.old-*.md")) == ["first", "second"]
+    assert sorted((p / "events").read_text() for p in tmp_path.glob("tb.old-*")) == ["first", "second"]
+    assert move_aside(tmp_path / "report.md") is None  # nothing there: nothing moved
 
 
 def test_finished_run_rerun_changes_nothing_and_a_larger_budget_continues_it(run_dir: Path, pretrain: Pretrain) -> None:

@@ -67,8 +67,12 @@ def log_of(run_dir: Path, job: str, rank: int = 0) -> str:
 
 
 def test_tiny_run_completes_and_leaves_an_export(slurm_cluster: Path, tmp_path: Path) -> None:
+    """Submitted from a shell a torchrun and an salloc left their variables in: the job must not take them (a
+    one-task job waited out the timeout for WORLD_SIZE=4 ranks), while sbatch still finds the cluster (SLURM_CONF)."""
     run = tmp_path / "run"
-    proc, (job,) = submit(f"run.dir={run}", "run.max_steps=4")
+    stale = {"WORLD_SIZE": "4", "RANK": "0", "MASTER_PORT": "1", "SLURM_JOB_ID": "99999", "SLURM_NTASKS": "4",
+             "SLURM_PROCID": "3"}
+    proc, (job,) = submit(f"run.dir={run}", "run.max_steps=4", "run.dist_timeout_min=1", env=stale)
     assert f"run dir {run}" in proc.stdout and "sacct -j" in proc.stdout
     # the log that moves: progress lines go to stderr (it followed the .out, quiet for the whole run)
     assert f"tail -f {run}/slurm/{job}/{job}_0_log.err" in proc.stdout, proc.stdout
@@ -228,6 +232,38 @@ def test_cancelled_run_resumes_when_resubmitted(slurm_cluster: Path, tmp_path: P
     assert "resumed from" in log_of(run, again) and "step 40/40" in log_of(run, again)
 
 
+def test_hidden_partitions_and_partition_lists_are_known(slurm_cluster: Path) -> None:
+    """sinfo without -a hid Hidden=YES partitions, and '--partition debug,urgent' (sbatch's list) was refused whole."""
+    from argparse import Namespace
+
+    from infomax.launch.submit import check_cluster, known_partitions
+
+    assert {"debug", "urgent", "hidden"} <= set(known_partitions())
+    check_cluster(Namespace(cluster="slurm", gpus_per_node=0, dry_run=False, partition="debug,hidden"))
+
+
+@pytest.mark.parametrize("scontrol, expected", [
+    ("JobId=7 JobState=RUNNING StartTime=2026-12-08T10:00:00 PreemptTime=2026-12-08T11:00:00", True),
+    ("JobId=7 JobState=CANCELLED StartTime=2026-12-08T10:00:00 PreemptTime=None", False),  # scancel's SIGTERM
+    # requeued after a preemption at 09:00 and started again at 10:00: this SIGTERM is not that preemption's
+    ("JobId=7 JobState=RUNNING StartTime=2026-12-08T10:00:00 PreemptTime=2026-12-08T09:00:00", False),
+    # an array's first task, asked for by the array's id: scontrol prints every task; its own line decides
+    ("JobId=7 ArrayJobId=7 ArrayTaskId=0 StartTime=2026-12-08T10:00:00 PreemptTime=None\n"
+     "JobId=8 ArrayJobId=7 ArrayTaskId=1 StartTime=2026-12-08T10:00:00 PreemptTime=2026-12-08T11:00:00", False),
+    ("", False),  # scontrol without an answer: a cancel, saved and not requeued
+])
+def test_a_sigterm_is_a_preemption_when_scontrol_shows_one_since_the_job_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scontrol: str, expected: bool) -> None:
+    from infomax.launch.jobs import being_preempted
+
+    (tmp_path / "scontrol").write_text("#!/bin/sh\ncat " + str(tmp_path / "out.txt") + "\n")
+    (tmp_path / "out.txt").write_text(scontrol + "\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    assert being_preempted() is expected
+
+
 def test_dry_run_prints_resources_and_submits_nothing(tmp_path: Path) -> None:
     proc, jobs = submit(f"run.dir={tmp_path / 'run'}", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu",
                         "--account", "acct", "--time", "2-00:00:00", "--signal-delay", "300", "--dry-run",
@@ -279,8 +315,8 @@ def test_dry_run_script_is_the_script_submitit_submits(tmp_path: Path, monkeypat
     (["--constraint", "nosuchfeature"], "SLURM refuses this request (allocation failure: Invalid feature specification)"),
     (["data.format=ffcv", "data.path=/nowhere.beton"], "'/nowhere.beton' is not a file"),  # failed once queued
     (["--tasks-per-node", "3", "--eval", str(REPO / "configs" / "probe_fmnist.yaml"), "--eval-override",
-      "dataset=synthetic"],
-     "does not split over the job's 3 processes"),  # failed the eval after the pretraining
+      "dataset=synthetic", "--eval-override", "protocol=imagenet", "--eval-override", "label_fractions=[]"],
+     "sgd.global_batch_size=256 does not split over the eval job's 3 processes"),  # failed the eval after pretraining
     (["--time", "soon"], "is not a SLURM time"),
     (["--sweep", "optim.lr"], "is not key=v1,v2"),
     (["objective.name=dim", "objective.bound=mine"], "dim supports"),  # what the job refuses at start, up front

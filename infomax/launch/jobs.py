@@ -48,8 +48,9 @@ def submitits_handler(env: submitit.JobEnvironment | None) -> Any:
 
 def being_preempted(job_id: str | None = None) -> bool:
     """Whether SLURM is preempting job ``job_id`` (this job's by default): scontrol shows the time it was chosen
-    (``PreemptTime``) from the preemption's SIGTERM until the job ends; a cancel's or a time limit's leaves it unset.
-    False outside SLURM, or when scontrol does not answer (the stop is then a cancel's: saved, not requeued)."""
+    (``PreemptTime``), since this run of the job started, from the preemption's SIGTERM on; a cancel or a time limit
+    sets none. False outside SLURM, or when scontrol does not answer (the stop is then a cancel's: saved, not
+    requeued)."""
     job_id = job_id or os.environ.get("SLURM_JOB_ID")
     if not job_id:
         return False
@@ -57,8 +58,13 @@ def being_preempted(job_id: str | None = None) -> bool:
         out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return False
-    fields = dict(field.split("=", 1) for field in out.stdout.split() if "=" in field)
-    return fields.get("PreemptTime", "None") not in ("None", "Unknown", "")
+    for line in out.stdout.splitlines():  # an array's first task is asked for by the array's id: one line per task
+        fields = dict(field.split("=", 1) for field in line.split() if "=" in field)
+        if fields.get("JobId") == job_id:
+            preempt, start = fields.get("PreemptTime", "None"), fields.get("StartTime", "")
+            # ISO times compare as text; a requeued job starts again after an earlier preemption
+            return preempt not in ("None", "Unknown", "") and preempt >= start
+    return False
 
 
 class RequeueableJob:
@@ -72,16 +78,21 @@ class RequeueableJob:
         self.config_yaml, self.max_requeues, self.requeues = config_yaml, max_requeues, 0
 
     @staticmethod
-    def hand_over(stopped_by: str | None, submitit_handler: Any, said: str = "") -> bool:
+    def hand_over(stopped_by: str | None, submitit_handler: Any, said: str = "", rank: int = 0) -> bool:
         """Pass a preemption's signal on to submitit once the checkpoint is on disk (``said`` first: rank 0 exits
-        in submitit's handler): USR2, or a SIGTERM SLURM sent to preempt the job. False for any other stop (a
+        in submitit's handler, which requeues the job): USR2, or a SIGTERM SLURM sent to preempt the job, which
+        rank 0 alone asks SLURM about (the other ranks leave the job's fate to it). False for any other stop (a
         cancel's SIGTERM, Ctrl-C) or outside a submitit job (``submitit_handler`` None). The ranks agreed on the
-        cause (``StopFlag.agreed``), so all hand over."""
+        cause (``StopFlag.agreed``)."""
         from infomax.runtime.stop import PREEMPT_SIGNAL
 
         if not callable(submitit_handler):
             return False
-        if stopped_by == "SIGTERM" and being_preempted():
+        if stopped_by == "SIGTERM":
+            if rank != 0:
+                return True  # no error of theirs may end the step (--kill-on-bad-exit) while rank 0 requeues
+            if not being_preempted():
+                return False
             print("infomax job: the SIGTERM was SLURM preempting the job; requeueing it", flush=True)
         elif stopped_by != PREEMPT_SIGNAL.name:
             return False
@@ -114,7 +125,7 @@ class PretrainJob(RequeueableJob):
         if env is not None:
             print(f"infomax job: {env} run dir {cfg.run.dir} (requeued {self.requeues} times)", flush=True)
         summary = train(cfg, eval_clock(cfg))
-        self.hand_over(summary.get("stopped_by"), submitit_handler)
+        self.hand_over(summary.get("stopped_by"), submitit_handler, rank=getattr(env, "global_rank", 0))
         return summary
 
 
@@ -138,6 +149,7 @@ class EvalJob(RequeueableJob):
         try:
             return evaluate(cfg)
         except Stopped as e:
-            if not self.hand_over(e.signal_name, submitit_handler, said=f"infomax eval job: {e}"):
+            if not self.hand_over(e.signal_name, submitit_handler, said=f"infomax eval job: {e}",
+                                  rank=getattr(env, "global_rank", 0)):
                 raise
             return []  # the other ranks; rank 0 has exited in submitit's handler

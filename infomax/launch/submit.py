@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import os
 import shlex
@@ -68,6 +69,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     j.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm",
                    help="slurm; local = submitit's local executor (no SLURM); debug = in this process")
     j.add_argument("--logs", default="", help="submitit folder (default: <run dir>/slurm)")
+    j.add_argument("--no-data-check", action="store_true",
+                   help="submit without looking for data.path / data.root here (data only the compute nodes see)")
     j.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved configs; submit "
                                                           "nothing")
     return p.parse_intermixed_args(argv)
@@ -130,7 +133,7 @@ def known_partitions() -> list[str]:
 def check_run_data(d: Any) -> None:
     """The pretraining's data is where ``data.*`` says, as the job would look for it at its start (a missing .beton
     or root used to fail the job once it had queued, and cancel its eval). Lists no files: a login node need not
-    walk ImageNet."""
+    walk ImageNet. ``--no-data-check`` skips it, for data that only the compute nodes see."""
     from infomax.data.beton_file import BetonInfo
     from infomax.data.datasets import REGISTRY, root_named
 
@@ -153,7 +156,8 @@ def resolve_runs(args: argparse.Namespace) -> list[Config]:
     for point in points:
         cfg = load_config(args.config, [*args.overrides, *point])
         check_dataset_use(cfg.data)  # what the job would refuse at its start, refused before it queues
-        check_run_data(cfg.data)
+        if not args.no_data_check:
+            check_run_data(cfg.data)
         objective_class(cfg.objective.name).check_config(cfg.objective)
         if len(points) > 1:  # one run dir per sweep value, under the configured one
             cfg.run.dir = str(Path(cfg.run.dir) / "_".join(o.replace("/", "-") for o in point))
@@ -183,19 +187,27 @@ def resolve_evals(args: argparse.Namespace, runs: list[Config]) -> list[EvalConf
 
 
 def check_eval_batches(evals: list[EvalConfig], processes: int, asked: str) -> None:
-    """The eval job's fits split their global batches over its processes (it asks for what pretraining asks): a
-    batch that does not split used to fail the eval only once pretraining had ended."""
+    """The eval job's fits split their global batches over its processes: a batch that does not split used to fail
+    the eval only once pretraining had ended. The probe's is refused; a baseline's is warned of, since a stored
+    result (baselines.use_stored) needs no fit, which only the eval can tell."""
     for ecfg in evals:
         b = ecfg.baselines
-        fits = {"sgd.global_batch_size": ecfg.sgd.global_batch_size if ecfg.protocol == "imagenet" else 0,
-                "baselines.alexnet_global_batch_size": b.alexnet_global_batch_size if b.alexnet_supervised else 0,
+        fits = {"sgd.global_batch_size": (ecfg.sgd.global_batch_size if ecfg.protocol == "imagenet" else 0, ""),
+                "baselines.alexnet_global_batch_size":
+                    (b.alexnet_global_batch_size if b.alexnet_supervised else 0, "baselines.alexnet_supervised"),
                 "baselines.supervised_encoder_global_batch_size":
-                    b.supervised_encoder_global_batch_size if b.supervised_encoder else 0}
-        for key, batch in fits.items():
-            if batch % processes:
-                raise SubmitError(f"--eval {asked}: {key}={batch} does not split over the job's {processes} "
-                                  f"processes; pass --eval-override {key}=<a multiple of {processes}>, or turn "
-                                  "that fit off")
+                    (b.supervised_encoder_global_batch_size if b.supervised_encoder else 0,
+                     "baselines.supervised_encoder")}
+        for key, (batch, switch) in fits.items():
+            if batch % processes == 0:
+                continue
+            fix = f"--eval-override {key}=<a multiple of {processes}>" + (f" or {switch}=false" if switch else "")
+            if not switch:
+                raise SubmitError(f"--eval {asked}: {key}={batch} does not split over the eval job's {processes} "
+                                  f"processes; pass {fix}")
+            print(f"warning: --eval {asked}: {key}={batch} does not split over the eval job's {processes} "
+                  f"processes: unless a stored result is reported, that fit will fail the eval; pass {fix}",
+                  file=sys.stderr, flush=True)
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -350,13 +362,16 @@ def submit_jobs(args: argparse.Namespace, executor: submitit.AutoExecutor, runs:
     return submitted, submit_evals(args, executor, submitted, evals, request)
 
 
+def eval_request(args: argparse.Namespace, request: JobRequest) -> JobRequest:
+    """The eval job's request: the pretraining's, on ``--eval-nodes`` for ``--eval-time``."""
+    return dataclasses.replace(request, name=f"{request.name}-eval", nodes=args.eval_nodes,
+                               timeout_min=time_limit(args, "--eval-time" if args.eval_time else "--time"))
+
+
 def eval_resources(args: argparse.Namespace, request: JobRequest) -> str:
     """The eval job's request where it differs from the pretraining's, in sbatch's words."""
-    return f"--nodes={args.eval_nodes} --ntasks-per-node={request.tasks_per_node} --time={eval_time_limit(args)}"
-
-
-def eval_time_limit(args: argparse.Namespace) -> int:
-    return time_limit(args, "--eval-time" if args.eval_time else "--time")
+    e = eval_request(args, request)
+    return f"--nodes={e.nodes} --ntasks-per-node={e.tasks_per_node} --time={e.timeout_min}"
 
 
 def submit_evals(args: argparse.Namespace, executor: submitit.AutoExecutor, submitted: list[submitit.Job],
@@ -367,8 +382,8 @@ def submit_evals(args: argparse.Namespace, executor: submitit.AutoExecutor, subm
 
     eval_jobs = []
     for job, ecfg in zip(submitted, evals):
-        executor.update_parameters(name=f"{request.name}-eval", nodes=args.eval_nodes,
-                                   timeout_min=eval_time_limit(args), **(
+        e = eval_request(args, request)
+        executor.update_parameters(name=e.name, nodes=e.nodes, timeout_min=e.timeout_min, **(
             # A failed pretraining (a lost node, a killed rank) cancels its eval instead of leaving it pending.
             {"slurm_additional_parameters": {"dependency": f"afterok:{job.job_id}", "kill_on_invalid_dep": "yes"}}
             if args.cluster == "slurm" else {}))
@@ -404,25 +419,30 @@ def print_follow_up(cluster: str, runs: list[Config], submitted: list[submitit.J
 
 
 STALE_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+SITE_SLURM_ENV = ("SLURM_CONF", "SLURM_CLUSTERS", "SLURM_TIME_FORMAT", "SLURM_DEBUG_FLAGS")  # a site's, not a job's
 
 
 @contextlib.contextmanager
 def job_environment() -> Iterator[None]:
     """While submitting: this shell's environment, which the jobs get (sbatch's --export=ALL), without what a torchrun
-    or an salloc left in it (the process group's variables, SLURM_* but SLURM_CONF, SRUN_*, SUBMITIT_*), which would
-    meet submitit's own rank set-up. Our own, not submitit's ``clean_env``: that one drops SLURM_CONF, with which
-    sbatch finds the controller on a cluster that sets it."""
-    stale = {k: os.environ.pop(k) for k in list(os.environ)
-             if k in STALE_ENV or (k.startswith(("SLURM_", "SRUN_", "SUBMITIT_")) and k != "SLURM_CONF")}
+    or an salloc left in it (the process group's variables, a job's SLURM_*, SRUN_*, SUBMITIT_*), which would meet
+    submitit's own rank set-up; restored as it was after. Our own, not submitit's ``clean_env``: that one drops
+    SLURM_CONF and SLURM_CLUSTERS, with which sbatch finds the controller and the cluster."""
+    kept = dict(os.environ)
+    for k in kept:
+        if k in STALE_ENV or (k.startswith(("SLURM_", "SRUN_", "SUBMITIT_")) and k not in SITE_SLURM_ENV):
+            del os.environ[k]
     try:
         yield
     finally:
-        os.environ.update(stale)
+        os.environ.clear()
+        os.environ.update(kept)
 
 
-def test_only(script: str) -> None:
-    """``sbatch --test-only`` on the script to be submitted: what the scheduler refuses (an unknown constraint,
-    account or QOS, more CPUs or memory than a node has) is refused here in one line, before a run dir is made."""
+def sbatch_test_only(script: str, which: str) -> None:
+    """``sbatch --test-only`` on a script to be submitted (``which``, for the message): what the scheduler refuses
+    (an unknown constraint, account or QOS, more CPUs or memory than a node has) is refused here in one line, before
+    a run dir is made."""
     import tempfile
 
     with tempfile.NamedTemporaryFile("w", suffix=".sh") as f:
@@ -434,8 +454,8 @@ def test_only(script: str) -> None:
             raise SubmitError("sbatch --test-only got no answer from the SLURM controller in 60 s") from None
     if out.returncode != 0:
         said = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1].removeprefix("sbatch: error: ")
-        raise SubmitError(f"SLURM refuses this request ({said}); change the flag it names, or see --dry-run's "
-                          "sbatch script")
+        raise SubmitError(f"SLURM refuses {which} ({said}); change the flag it names, or see "
+                          "--dry-run's sbatch script")
 
 
 def submit(args: argparse.Namespace) -> list[submitit.Job]:
@@ -446,17 +466,19 @@ def submit(args: argparse.Namespace) -> list[submitit.Job]:
     evals = resolve_evals(args, runs)
     tasks = tasks_per_node(args)
     check_eval_batches(evals, args.eval_nodes * tasks, args.eval)
-    eval_time_limit(args)  # a bad --eval-time, refused before anything is written
     check_cluster(args)
     request = job_request(args, runs, tasks, cpus_per_task(args, runs, evals))
+    eval_request(args, request)  # a bad --eval-time, refused before anything is written
     folder = log_folder(args, runs)
     if args.dry_run:
         print_dry_run(args, runs, evals, request, folder)
         return []
-    if args.cluster == "slurm":
-        test_only(request.sbatch_script(folder / "%j"))
     executor = make_executor(args.cluster, folder, args.max_requeues, request)
     with job_environment():
+        if args.cluster == "slurm":
+            sbatch_test_only(request.sbatch_script(folder / "%j"), "this request")
+            if evals:
+                sbatch_test_only(eval_request(args, request).sbatch_script(folder / "%j"), "the eval job's request")
         submitted, eval_jobs = submit_jobs(args, executor, runs, evals, request)
     print_follow_up(args.cluster, runs, submitted, eval_jobs)
     return submitted + eval_jobs

@@ -311,13 +311,14 @@ def move_aside(root: Path) -> Path | None:
     """Rename ``root`` (a checkpoints dir, TensorBoard's tb/, the export, an eval's report.md) to
     ``root.old-TIMESTAMP`` (``report.old-TIMESTAMP.md`` for a file) so a fresh start cannot prune or mix with it,
     nor be read as its; the old files stay on disk. Returns the new name, or None if there was nothing."""
-    stamp = time.strftime('%Y%m%d-%H%M%S')
-    if root.is_file():
-        target = root.with_name(f"{root.stem}.old-{stamp}{root.suffix}")
-        os.replace(root, target)
-        return target
-    if not root.is_dir() or not any(root.iterdir()):
+    if not root.is_file() and (not root.is_dir() or not any(root.iterdir())):
         return None
-    target = root.with_name(f"{root.name}.old-{stamp}")
+    stamp, n = time.strftime('%Y%m%d-%H%M%S'), 0
+    while True:  # two fresh starts within a second keep both earlier runs
+        old = f"old-{stamp}" + (f"-{n}" if n else "")
+        target = root.with_name(f"{root.stem}.{old}{root.suffix}" if root.is_file() else f"{root.name}.{old}")
+        if not target.exists():
+            break
+        n += 1
     os.replace(root, target)
     return target

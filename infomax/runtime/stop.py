@@ -12,6 +12,9 @@ from typing import Any
 
 # submitit's preemption / time-limit signal (SLURM sends it `--signal-delay` seconds before the end).
 PREEMPT_SIGNAL = signal.SIGUSR2
+# Causes the ranks agree on, in rising order: the ranks' highest is every rank's. SIGTERM may be a preemption
+# (SLURM's default) or a cancel, which the job tells apart (infomax.launch.jobs); USR2 always asks for the requeue.
+SHARED_CAUSES = ("", "SIGTERM", PREEMPT_SIGNAL.name)
 
 
 class SecondCtrlC(KeyboardInterrupt):
@@ -47,15 +50,17 @@ class StopFlag:
         return self._signalled
 
     def votes(self) -> tuple[float, float]:
-        """This rank's (stop request, preemption) for the ranks' max (``agree_max``)."""
-        return float(self.requested), float(self.signal_name == PREEMPT_SIGNAL.name)
+        """This rank's (stop request, shared cause: its place in ``SHARED_CAUSES``) for the ranks' max
+        (``agree_max``)."""
+        cause = SHARED_CAUSES.index(self.signal_name) if self.signal_name in SHARED_CAUSES else 0
+        return float(self.requested), float(cause)
 
-    def agreed(self, stop: float, preempted: float) -> bool:
-        """The ranks' maxima of :meth:`votes`: whether every rank stops now. A preemption on any rank is every
-        rank's cause, since a rank may learn of the stop from the others before its own USR2 arrives, and each
-        must then hand the job to submitit's requeue (``infomax.launch.jobs``) rather than end it."""
-        if preempted > 0:
-            self._signalled, self.signal_name = True, PREEMPT_SIGNAL.name
+    def agreed(self, stop: float, cause: float) -> bool:
+        """The ranks' maxima of :meth:`votes`: whether every rank stops now. A preemption (USR2, else SIGTERM) on
+        any rank is every rank's cause, since a rank may learn of the stop from the others before its own signal
+        arrives, and each must then hand the job to submitit's requeue (``infomax.launch.jobs``) rather than end it."""
+        if cause > 0:
+            self._signalled, self.signal_name = True, SHARED_CAUSES[int(cause)]
         return stop > 0
 
     def _handle(self, signum: int, frame: Any) -> None:

@@ -186,8 +186,8 @@ class TrainingLoop:
         self._agreed = True
         votes = self.stop.votes() if self.stop is not None else (0.0, 0.0)
         due = float(0 < self.checkpoint_every_s <= time.monotonic() - self.last_save)
-        stop, preempted, save, *agreed = agree_max(self.resumable.accelerator.device, *votes, due, *values)
-        self.stopped = self.stop.agreed(stop, preempted) if self.stop is not None else False
+        stop, cause, save, *agreed = agree_max(self.resumable.accelerator.device, *votes, due, *values)
+        self.stopped = self.stop.agreed(stop, cause) if self.stop is not None else False
         self.save_due = save > 0
         return agreed
 

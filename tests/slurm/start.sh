@@ -119,6 +119,8 @@ PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=1 GraceTime=60
 PartitionName=urgent Nodes=$HOST MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=2 PreemptMode=OFF
+# Hidden, as a site's partitions for some groups are: sbatch takes it, plain sinfo does not list it
+PartitionName=hidden Nodes=$HOST MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=1 Hidden=YES
 CONF
 export SLURM_CONF="$D/slurm.conf"
 
