@@ -202,6 +202,13 @@ def test_eval_job_waits_for_pretraining_and_writes_the_report(slurm_cluster: Pat
     assert "may run on" not in log_of(run, job), log_of(run, job)[-2000:]
     report = json.loads((run / "report.json").read_text())
     assert [r["kind"] for r in report["rows"]] == ["ours", "random_init", "raw_pixels"]
+    # the eval again, alone (a failed eval used to need the whole command, which queued the pretraining job first)
+    (run / "report.json").unlink()
+    proc, (again,) = submit(f"run.dir={run}", "run.max_steps=4", "data.num_workers=1", "--eval", str(probe),
+                            "--eval-only")
+    assert "eval of the written export" in proc.stdout and wait_done(again) == "COMPLETED"
+    assert [r["kind"] for r in json.loads((run / "report.json").read_text())["rows"]] == [
+        "ours", "random_init", "raw_pixels"]
 
 
 def test_sweep_gives_one_run_per_value(slurm_cluster: Path, tmp_path: Path) -> None:
@@ -311,7 +318,10 @@ def test_dry_run_script_is_the_script_submitit_submits(tmp_path: Path, monkeypat
     (["optim.lrr=1"], "optim.lrr"),
     (["--cluster", "local", "--gpus-per-node", "2"], "has 0"),
     (["--partition", "nope"], "is not a partition of this cluster"),
-    (["--partition", "debug,nope"], "'nope' is not a partition"),  # a list: each one is checked, a known one passes
+    (["--partition", "debug,nope"], "'nope' is not a partition"),
+    (["--eval-only"], "--eval-only needs --eval"),
+    (["--eval", str(REPO / "configs" / "probe_fmnist.yaml"), "--eval-override", "dataset=synthetic", "--eval-only"],
+     "has no usable export"),  # a list: each one is checked, a known one passes
     (["--constraint", "nosuchfeature"], "SLURM refuses this request (allocation failure: Invalid feature specification)"),
     (["data.format=ffcv", "data.path=/nowhere.beton"], "'/nowhere.beton' is not a file"),  # failed once queued
     (["--tasks-per-node", "3", "--eval", str(REPO / "configs" / "probe_fmnist.yaml"), "--eval-override",

@@ -64,6 +64,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     j.add_argument("--eval-nodes", type=int, default=1,
                    help="the eval job's nodes, each with --gpus-per-node (a linear probe needs no more than one node)")
     j.add_argument("--eval-time", default="", help="the eval job's time limit (default: --time)")
+    j.add_argument("--eval-only", action="store_true", help="submit only the eval of runs whose export is written "
+                                                            "(e.g. to rerun a failed eval), not their pretraining")
     j.add_argument("--sweep", action="append", default=[], help="key=v1,v2,...: one run per value (product of several)")
     j.add_argument("--array-parallelism", type=int, default=16, help="sweep jobs running at once")
     j.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm",
@@ -180,10 +182,21 @@ def resolve_evals(args: argparse.Namespace, runs: list[Config]) -> list[EvalConf
                          schema=EvalConfig, check=validate_eval) for cfg in runs]
     for cfg, ecfg in zip(runs, evals):
         check_submitted_eval(ecfg, cfg, f"--eval {args.eval}")
+        if args.eval_only:
+            check_export_written(Path(cfg.run.dir))
     if len(evals) > 1 and evals[0].out:  # each point's report would overwrite the last one's
         raise SubmitError(f"--eval {args.eval}: out={evals[0].out} is one directory for the {len(evals)} runs of the "
                           "sweep; leave out empty (--eval-override out=), and each report lands in its own run dir")
     return evals
+
+
+def check_export_written(run_dir: Path) -> None:
+    """``--eval-only``: the run's export is there and intact, as the eval will read it."""
+    from infomax.export.encoder import export_problem
+
+    if problem := export_problem(run_dir / "export"):
+        raise SubmitError(f"--eval-only: run dir {run_dir} has no usable export ({problem}); submit without "
+                          "--eval-only to pretrain it first")
 
 
 def check_eval_batches(evals: list[EvalConfig], processes: int, asked: str) -> None:
@@ -221,6 +234,8 @@ def check_numbers(args: argparse.Namespace) -> None:
     for flag, (value, lowest) in least.items():
         if value < lowest:
             raise SubmitError(f"{flag} must be >= {lowest}, got {value}")
+    if args.eval_only and not args.eval:
+        raise SubmitError("--eval-only needs --eval configs/probe_X.yaml, the eval to submit")
     for flag, nodes in (("--nodes", args.nodes), ("--eval-nodes", args.eval_nodes)):
         if args.cluster != "slurm" and nodes > 1:
             raise SubmitError(f"{flag} {nodes} needs SLURM: --cluster {args.cluster} runs on this machine alone; "
@@ -353,12 +368,12 @@ def submit_jobs(args: argparse.Namespace, executor: submitit.AutoExecutor, runs:
 
     for cfg in runs:  # the job's own check then knows the dir (and its slurm/ logs) as infomax's
         mark_ours(Path(cfg.run.dir))
-    jobs = [PretrainJob(to_yaml(cfg), args.max_requeues) for cfg in runs]
-    if len(jobs) > 1:
+    jobs = [] if args.eval_only else [PretrainJob(to_yaml(cfg), args.max_requeues) for cfg in runs]
+    if len(jobs) > 1:  # a sweep: one job array
         with executor.batch():
             submitted = [executor.submit(job) for job in jobs]
     else:
-        submitted = [executor.submit(jobs[0])]
+        submitted = [executor.submit(job) for job in jobs]
     return submitted, submit_evals(args, executor, submitted, evals, request)
 
 
@@ -376,18 +391,19 @@ def eval_resources(args: argparse.Namespace, request: JobRequest) -> str:
 
 def submit_evals(args: argparse.Namespace, executor: submitit.AutoExecutor, submitted: list[submitit.Job],
                  evals: list[EvalConfig], request: JobRequest) -> list[submitit.Job]:
-    """Each run's eval job, after its pretraining job (``submitted``); on local and debug, once it has ended."""
+    """Each run's eval job, after its pretraining job (``submitted``; none with ``--eval-only``); on local and
+    debug, once it has ended."""
     from infomax.config.pretrain import to_yaml
     from infomax.launch.jobs import EvalJob
 
     eval_jobs = []
-    for job, ecfg in zip(submitted, evals):
+    for job, ecfg in zip(submitted or [None] * len(evals), evals):
         e = eval_request(args, request)
         executor.update_parameters(name=e.name, nodes=e.nodes, timeout_min=e.timeout_min, **(
             # A failed pretraining (a lost node, a killed rank) cancels its eval instead of leaving it pending.
             {"slurm_additional_parameters": {"dependency": f"afterok:{job.job_id}", "kill_on_invalid_dep": "yes"}}
-            if args.cluster == "slurm" else {}))
-        if args.cluster != "slurm":
+            if args.cluster == "slurm" and job is not None else {}))
+        if args.cluster != "slurm" and job is not None:
             job.result()  # local/debug: no scheduler to hold the eval back, so wait here
         eval_jobs.append(executor.submit(EvalJob(to_yaml(ecfg), args.max_requeues)))
     if args.cluster == "debug":  # in this process: the jobs run when their results are asked for
@@ -403,17 +419,19 @@ def print_follow_up(cluster: str, runs: list[Config], submitted: list[submitit.J
         print(f"submitted {job.job_id}: run dir {cfg.run.dir}\n"
               f"  logs     {job.paths.stdout}\n           {job.paths.stderr}")
     for job in eval_jobs:
-        print(f"submitted {job.job_id}: eval after pretraining; report beside the export")
+        print(f"submitted {job.job_id}: eval {'of the written export' if not submitted else 'after pretraining'}; "
+              f"report beside the export\n  logs     {job.paths.stderr}")
     ids = ",".join(j.job_id for j in submitted + eval_jobs)
     # progress lines and errors go to stderr: the .err log is the one that moves
-    logdir, log = shlex.quote(str(runs_parent(runs))), shlex.quote(str(submitted[0].paths.stderr))
+    logdir, log = shlex.quote(str(runs_parent(runs))), shlex.quote(str((submitted or eval_jobs)[0].paths.stderr))
     if cluster == "slurm":
         print(f"follow:   squeue -j {ids}   |   sacct -j {ids} -X -o JobID,JobName,State,Elapsed\n"
               f"          tail -f {log}   |   tensorboard --logdir {logdir}\n"
               f"cancel:   scancel {ids}  (a cancelled run keeps its checkpoint: resubmit the same command to resume)")
-        if eval_jobs:
+        if eval_jobs and submitted:
             print("if pretraining fails (a lost node, a killed rank), SLURM cancels its eval: resubmit the same "
-                  "command to resume pretraining from its checkpoint and chain the eval again")
+                  "command to resume pretraining from its checkpoint and chain the eval again; if the eval alone "
+                  "fails, resubmit with --eval-only")
     else:
         print(f"follow:   tail -f {log}   |   tensorboard --logdir {logdir}")
 
