@@ -318,10 +318,10 @@ def test_dry_run_script_is_the_script_submitit_submits(tmp_path: Path, monkeypat
     (["optim.lrr=1"], "optim.lrr"),
     (["--cluster", "local", "--gpus-per-node", "2"], "has 0"),
     (["--partition", "nope"], "is not a partition of this cluster"),
-    (["--partition", "debug,nope"], "'nope' is not a partition"),
+    (["--partition", "debug,nope"], "'nope' is not a partition"),  # a list: each one is checked, a known one passes
     (["--eval-only"], "--eval-only needs --eval"),
     (["--eval", str(REPO / "configs" / "probe_fmnist.yaml"), "--eval-override", "dataset=synthetic", "--eval-only"],
-     "has no usable export"),  # a list: each one is checked, a known one passes
+     "has no usable export"),
     (["--constraint", "nosuchfeature"], "SLURM refuses this request (allocation failure: Invalid feature specification)"),
     (["data.format=ffcv", "data.path=/nowhere.beton"], "'/nowhere.beton' is not a file"),  # failed once queued
     (["--tasks-per-node", "3", "--eval", str(REPO / "configs" / "probe_fmnist.yaml"), "--eval-override",

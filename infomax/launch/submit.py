@@ -283,9 +283,10 @@ def cpus_per_task(args: argparse.Namespace, runs: list[Config], evals: list[Eval
     return cpus
 
 
-def time_limit(args: argparse.Namespace, flag: str) -> int:
-    """``--time`` (or ``--eval-time``) in minutes, checked against ``--signal-delay``."""
-    timeout = minutes(getattr(args, flag[2:].replace("-", "_")))
+def time_limit(args: argparse.Namespace, text: str, flag: str) -> int:
+    """``text``, the value of ``flag`` (``--time`` or ``--eval-time``), in minutes, checked against
+    ``--signal-delay``."""
+    timeout = minutes(text)
     if 0 < timeout * 60 <= args.signal_delay:  # each run would be told to save at once, requeued without progress
         raise SubmitError(f"--signal-delay {args.signal_delay} s is not shorter than {flag} ({timeout} min): SLURM "
                           "would signal the job to save and requeue as it starts; lower --signal-delay (default 120)")
@@ -298,7 +299,7 @@ def job_request(args: argparse.Namespace, runs: list[Config], tasks: int, cpus: 
     """What each pretraining job asks of the scheduler."""
     from infomax.launch.sbatch import JobRequest
 
-    timeout = time_limit(args, "--time")
+    timeout = time_limit(args, args.time, "--time")
     return JobRequest(name=args.job_name or f"infomax-{Path(runs[0].run.dir).name}", nodes=args.nodes,
                       tasks_per_node=tasks, cpus_per_task=cpus, timeout_min=timeout,
                       gpus_per_node=args.gpus_per_node, mem_gb=args.mem_gb, partition=args.partition,
@@ -327,7 +328,7 @@ def make_executor(cluster: str, folder: Path, max_requeues: int, request: JobReq
 
 
 def print_dry_run(args: argparse.Namespace, runs: list[Config], evals: list[EvalConfig], request: JobRequest,
-                  folder: Path) -> None:
+                  eval_job: JobRequest, folder: Path) -> None:
     """What would be submitted: the sbatch script and the resolved configs. Writes nothing.
 
     The SLURM script is rendered by infomax/launch/sbatch.py (submitit can neither show it publicly nor be
@@ -352,11 +353,12 @@ def print_dry_run(args: argparse.Namespace, runs: list[Config], evals: list[Eval
     for cfg in runs:
         print(f"# resolved config for {cfg.run.dir}\n{to_yaml(cfg)}")
     for ecfg in evals:
-        print(f"# eval job (after pretraining succeeds): {eval_resources(args, request)}\n{to_yaml(ecfg)}")
+        print(f"# eval job (after pretraining succeeds): --nodes={eval_job.nodes} --ntasks-per-node="
+              f"{eval_job.tasks_per_node} --time={eval_job.timeout_min}\n{to_yaml(ecfg)}")
 
 
 def submit_jobs(args: argparse.Namespace, executor: submitit.AutoExecutor, runs: list[Config],
-                evals: list[EvalConfig], request: JobRequest) -> tuple[list[submitit.Job], list[submitit.Job]]:
+                evals: list[EvalConfig], eval_job: JobRequest) -> tuple[list[submitit.Job], list[submitit.Job]]:
     """Submit one pretraining job per run (a job array for a sweep), then each run's eval after it.
 
     Returns the pretraining jobs and the eval jobs. On SLURM an eval waits for its pretraining
@@ -374,23 +376,17 @@ def submit_jobs(args: argparse.Namespace, executor: submitit.AutoExecutor, runs:
             submitted = [executor.submit(job) for job in jobs]
     else:
         submitted = [executor.submit(job) for job in jobs]
-    return submitted, submit_evals(args, executor, submitted, evals, request)
+    return submitted, submit_evals(args, executor, submitted, evals, eval_job)
 
 
 def eval_request(args: argparse.Namespace, request: JobRequest) -> JobRequest:
     """The eval job's request: the pretraining's, on ``--eval-nodes`` for ``--eval-time``."""
-    return dataclasses.replace(request, name=f"{request.name}-eval", nodes=args.eval_nodes,
-                               timeout_min=time_limit(args, "--eval-time" if args.eval_time else "--time"))
-
-
-def eval_resources(args: argparse.Namespace, request: JobRequest) -> str:
-    """The eval job's request where it differs from the pretraining's, in sbatch's words."""
-    e = eval_request(args, request)
-    return f"--nodes={e.nodes} --ntasks-per-node={e.tasks_per_node} --time={e.timeout_min}"
+    timeout = time_limit(args, args.eval_time, "--eval-time") if args.eval_time else request.timeout_min
+    return dataclasses.replace(request, name=f"{request.name}-eval", nodes=args.eval_nodes, timeout_min=timeout)
 
 
 def submit_evals(args: argparse.Namespace, executor: submitit.AutoExecutor, submitted: list[submitit.Job],
-                 evals: list[EvalConfig], request: JobRequest) -> list[submitit.Job]:
+                 evals: list[EvalConfig], eval_job: JobRequest) -> list[submitit.Job]:
     """Each run's eval job, after its pretraining job (``submitted``; none with ``--eval-only``); on local and
     debug, once it has ended."""
     from infomax.config.pretrain import to_yaml
@@ -398,8 +394,7 @@ def submit_evals(args: argparse.Namespace, executor: submitit.AutoExecutor, subm
 
     eval_jobs = []
     for job, ecfg in zip(submitted or [None] * len(evals), evals):
-        e = eval_request(args, request)
-        executor.update_parameters(name=e.name, nodes=e.nodes, timeout_min=e.timeout_min, **(
+        executor.update_parameters(name=eval_job.name, nodes=eval_job.nodes, timeout_min=eval_job.timeout_min, **(
             # A failed pretraining (a lost node, a killed rank) cancels its eval instead of leaving it pending.
             {"slurm_additional_parameters": {"dependency": f"afterok:{job.job_id}", "kill_on_invalid_dep": "yes"}}
             if args.cluster == "slurm" and job is not None else {}))
@@ -486,18 +481,18 @@ def submit(args: argparse.Namespace) -> list[submitit.Job]:
     check_eval_batches(evals, args.eval_nodes * tasks, args.eval)
     check_cluster(args)
     request = job_request(args, runs, tasks, cpus_per_task(args, runs, evals))
-    eval_request(args, request)  # a bad --eval-time, refused before anything is written
+    eval_job = eval_request(args, request)  # a bad --eval-time is refused here, before anything is written
     folder = log_folder(args, runs)
     if args.dry_run:
-        print_dry_run(args, runs, evals, request, folder)
+        print_dry_run(args, runs, evals, request, eval_job, folder)
         return []
     executor = make_executor(args.cluster, folder, args.max_requeues, request)
     with job_environment():
         if args.cluster == "slurm":
             sbatch_test_only(request.sbatch_script(folder / "%j"), "this request")
             if evals:
-                sbatch_test_only(eval_request(args, request).sbatch_script(folder / "%j"), "the eval job's request")
-        submitted, eval_jobs = submit_jobs(args, executor, runs, evals, request)
+                sbatch_test_only(eval_job.sbatch_script(folder / "%j"), "the eval job's request")
+        submitted, eval_jobs = submit_jobs(args, executor, runs, evals, eval_job)
     print_follow_up(args.cluster, runs, submitted, eval_jobs)
     return submitted + eval_jobs
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -311,14 +312,14 @@ def move_aside(root: Path) -> Path | None:
     """Rename ``root`` (a checkpoints dir, TensorBoard's tb/, the export, an eval's report.md) to
     ``root.old-TIMESTAMP`` (``report.old-TIMESTAMP.md`` for a file) so a fresh start cannot prune or mix with it,
     nor be read as its; the old files stay on disk. Returns the new name, or None if there was nothing."""
-    if not root.is_file() and (not root.is_dir() or not any(root.iterdir())):
+    is_file = root.is_file()
+    if not is_file and (not root.is_dir() or not any(root.iterdir())):
         return None
-    stamp, n = time.strftime('%Y%m%d-%H%M%S'), 0
-    while True:  # two fresh starts within a second keep both earlier runs
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    for n in itertools.count():  # two fresh starts within a second keep both earlier runs
         old = f"old-{stamp}" + (f"-{n}" if n else "")
-        target = root.with_name(f"{root.stem}.{old}{root.suffix}" if root.is_file() else f"{root.name}.{old}")
+        target = root.with_name(f"{root.stem}.{old}{root.suffix}" if is_file else f"{root.name}.{old}")
         if not target.exists():
             break
-        n += 1
     os.replace(root, target)
     return target
